@@ -1,0 +1,296 @@
+"""The truth: the seeds' EWC algorithms, written plainly.
+
+Everything in fastewc is tested and benchmarked against the functions in this module. They follow
+``shared/seeds/ewc-reference.md`` (sections 5-7) line for line in spirit: Python loops over
+samples, tasks and parameters, one ``backward()`` per sample. Nothing here is meant to be fast.
+
+Deliberate differences from the seed text, each a bug in the seed that the fast paths must not
+copy:
+
+* The Fisher loops put the model in ``eval()`` mode and restore every module's training flag
+  afterwards. The seed calls ``model.train()``, which makes dropout add noise to the Fisher and
+  makes BatchNorm normalise a single sample by its own statistics (or raise, for BatchNorm1d).
+* ``ReferenceOnlineEWC.register_task`` clones its inputs. The seed stores the caller's dict and
+  then adds into it in place, silently changing the caller's Fisher tensors.
+* ``ReferenceOnlineEWC`` takes the Online-EWC decay ``gamma`` (Schwarz et al. 2018,
+  ``F~ <- gamma * F~ + F_t``); ``gamma=1`` is the seed's plain accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_fisher",
+    "compute_true_fisher",
+    "compute_exact_fisher",
+    "batch_fisher_estimation",
+    "ewc_penalty_loop",
+    "ReferenceEWC",
+    "ReferenceOnlineEWC",
+    "layer_scales",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every module in eval mode; restore each module's own flag on exit (also on error)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    # named_parameters() yields a tied parameter once, under its first name, as in the seed.
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _per_sample_fisher(
+    model: nn.Module,
+    data: Iterable,
+    num_samples: int,
+    loss_fn: LossFn,
+    label_for: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Shared loop: one forward/backward per sample, accumulate squared grads, divide by count."""
+    params = _trainable(model)
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    seen = 0
+    with eval_mode(model):
+        for batch in data:
+            if seen >= num_samples:
+                break
+            inputs, targets = batch[0], (batch[1] if len(batch) > 1 else None)
+            for i in range(min(inputs.shape[0], num_samples - seen)):
+                model.zero_grad(set_to_none=True)
+                output = model(inputs[i : i + 1])
+                target = targets[i : i + 1] if targets is not None else None
+                loss = loss_fn(output, label_for(output, target))
+                loss.backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        fisher[n] += p.grad.detach().pow(2)
+                seen += 1
+    model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise ValueError("reference Fisher: the data yielded no samples")
+    return {n: f / seen for n, f in fisher.items()}
+
+
+def compute_fisher(
+    model: nn.Module, data_loader: Iterable, num_samples: int = 200, loss_fn: LossFn | None = None
+) -> dict[str, torch.Tensor]:
+    """Empirical Fisher by the seed's per-sample loop: mean over samples of ``grad(loss)^2``.
+
+    ``data_loader`` yields ``(inputs, targets)``; ``loss_fn(output[1, ...], target[1]) -> scalar``
+    defaults to cross-entropy on logits. Returns ``{name: tensor}`` shaped like the parameters,
+    for every parameter with ``requires_grad`` (tied parameters once).
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    return _per_sample_fisher(model, data_loader, num_samples, loss_fn, lambda out, y: y)
+
+
+def compute_true_fisher(
+    model: nn.Module,
+    data_loader: Iterable,
+    num_samples: int = 200,
+    loss_fn: LossFn | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """"True" (sampled) Fisher: labels drawn from the model's own predictive distribution.
+
+    For each sample in order, one label is drawn with
+    ``torch.multinomial(softmax(output[0]), 1, generator=generator)``; a fast path that draws in
+    the same order with the same generator gets the same labels.
+    """
+    loss_fn = loss_fn or F.cross_entropy
+
+    def sample(output: torch.Tensor, _target) -> torch.Tensor:
+        with torch.no_grad():
+            probs = F.softmax(output.detach()[0].double(), dim=-1)
+            return torch.multinomial(probs, 1, generator=generator)  # shape [1]
+
+    return _per_sample_fisher(model, data_loader, num_samples, loss_fn, sample)
+
+
+def compute_exact_fisher(
+    model: nn.Module, data_loader: Iterable, num_samples: int = 200
+) -> dict[str, torch.Tensor]:
+    """Exact Fisher for a classifier: ``mean_n sum_y p(y|x_n) grad(-log p(y|x_n))^2``.
+
+    One backward per (sample, class): slow by construction. ``model(x)`` must return logits
+    ``[1, C]``.
+    """
+    params = _trainable(model)
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    seen = 0
+    with eval_mode(model):
+        for batch in data_loader:
+            if seen >= num_samples:
+                break
+            inputs = batch[0]
+            for i in range(min(inputs.shape[0], num_samples - seen)):
+                with torch.no_grad():
+                    probs = F.softmax(model(inputs[i : i + 1])[0], dim=-1)
+                for y in range(probs.shape[0]):
+                    model.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(model(inputs[i : i + 1]), torch.tensor([y]))
+                    loss.backward()
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            fisher[n] += probs[y] * p.grad.detach().pow(2)
+                seen += 1
+    model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise ValueError("reference Fisher: the data yielded no samples")
+    return {n: f / seen for n, f in fisher.items()}
+
+
+def batch_fisher_estimation(
+    model: nn.Module, data_loader: Iterable, num_samples: int = 200, loss_fn: LossFn | None = None
+) -> dict[str, torch.Tensor]:
+    """The seed's batch-squared approximation (biased): ``sum_b B_b * grad(mean loss_b)^2 / N``.
+
+    Not the Fisher: the square of a batch mean is not the mean of squares. Kept because the
+    seed ships it and users compare against it. Whole batches are used (the seed stops *after*
+    the batch that crosses ``num_samples``).
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    params = _trainable(model)
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    seen = 0
+    with eval_mode(model):
+        for inputs, targets, *_ in data_loader:
+            if seen >= num_samples:
+                break
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(inputs), targets).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach().pow(2) * inputs.shape[0]
+            seen += inputs.shape[0]
+    model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise ValueError("reference Fisher: the data yielded no samples")
+    return {n: f / seen for n, f in fisher.items()}
+
+
+def layer_scales(
+    names: Iterable[str],
+    layer_lambdas: Mapping[str, float] | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> dict[str, float]:
+    """Per-parameter multiplier of ``lambda_ewc``, written plainly.
+
+    A name not matched by any ``include`` glob (when given) or matched by an ``exclude`` glob gets
+    0. Otherwise the first glob of ``layer_lambdas`` (in dict order) that matches gives the
+    multiplier, and 1 when none matches.
+    """
+    out = {}
+    for name in names:
+        if include is not None and not any(fnmatch.fnmatchcase(name, g) for g in include):
+            out[name] = 0.0
+            continue
+        if exclude is not None and any(fnmatch.fnmatchcase(name, g) for g in exclude):
+            out[name] = 0.0
+            continue
+        scale = 1.0
+        for glob, mult in (layer_lambdas or {}).items():
+            if fnmatch.fnmatchcase(name, glob):
+                scale = float(mult)
+                break
+        out[name] = scale
+    return out
+
+
+def ewc_penalty_loop(
+    model: nn.Module,
+    task_fishers: list[Mapping[str, torch.Tensor]],
+    task_params: list[Mapping[str, torch.Tensor]],
+    lambda_ewc: float,
+    scales: Mapping[str, float] | None = None,
+) -> torch.Tensor:
+    """The seed's ``EWCRegularizer.forward``: ``(lambda/2) sum_t sum_i s_i F_t,i (theta_i - theta*_t,i)^2``.
+
+    Loops over tasks and parameters; only parameters with ``requires_grad`` count (as in the
+    seed's ``nexus`` version). ``scales`` (name -> multiplier, default 1) is the per-layer lambda
+    of seed section 7. Returns a differentiable 0-dim tensor in the parameters' dtype (0. as a
+    tensor when nothing is registered).
+    """
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    loss = torch.zeros((), device=device, dtype=first.dtype if first is not None else None)
+    for task_fisher, task_param in zip(task_fishers, task_params):
+        for name, param in model.named_parameters():
+            if name in task_fisher and param.requires_grad:
+                s = 1.0 if scales is None else scales.get(name, 1.0)
+                if s == 0.0:
+                    continue
+                fisher = task_fisher[name].to(param.device)
+                optimal = task_params[name].to(param.device)
+                loss = loss + s * (fisher * (param - optimal).pow(2)).sum()
+    return (lambda_ewc / 2.0) * loss
+
+
+class ReferenceEWC(nn.Module):
+    """The seed ``EWCRegularizer``: a list of per-task dicts, looped over at every step."""
+
+    def __init__(self, lambda_ewc: float = 1000.0, scales: Mapping[str, float] | None = None):
+        super().__init__()
+        self.lambda_ewc = lambda_ewc
+        self.scales = scales
+        self.task_fishers: list[dict[str, torch.Tensor]] = []
+        self.task_params: list[dict[str, torch.Tensor]] = []
+
+    def register_task(self, fisher: Mapping[str, torch.Tensor], optimal_params: Mapping[str, torch.Tensor]):
+        self.task_fishers.append({k: v.clone() for k, v in fisher.items()})
+        self.task_params.append({k: v.clone() for k, v in optimal_params.items()})
+
+    def forward(self, model: nn.Module) -> torch.Tensor:
+        return ewc_penalty_loop(model, self.task_fishers, self.task_params, self.lambda_ewc, self.scales)
+
+
+class ReferenceOnlineEWC:
+    """The seed ``OnlineEWC`` plus the decay ``gamma``: ``F~ <- gamma F~ + F_t``, anchor <- latest.
+
+    A name absent from a later task keeps its old anchor, and its accumulated Fisher decays.
+    """
+
+    def __init__(self, lambda_ewc: float = 1000.0, gamma: float = 1.0, scales: Mapping[str, float] | None = None):
+        self.lambda_ewc = lambda_ewc
+        self.gamma = gamma
+        self.scales = scales
+        self.accumulated_fisher: dict[str, torch.Tensor] | None = None
+        self.optimal_params: dict[str, torch.Tensor] | None = None
+
+    def register_task(self, task_fisher: Mapping[str, torch.Tensor], task_params: Mapping[str, torch.Tensor]):
+        if self.accumulated_fisher is None:
+            self.accumulated_fisher = {k: v.clone() for k, v in task_fisher.items()}
+            self.optimal_params = {k: v.clone() for k, v in task_params.items()}
+            return
+        for name in self.accumulated_fisher:
+            self.accumulated_fisher[name] = self.gamma * self.accumulated_fisher[name]
+        for name, f in task_fisher.items():
+            old = self.accumulated_fisher.get(name)
+            self.accumulated_fisher[name] = f.clone() if old is None else old + f
+            self.optimal_params[name] = task_params[name].clone()
+
+    def compute_penalty(self, model: nn.Module) -> torch.Tensor:
+        if self.accumulated_fisher is None:
+            return ewc_penalty_loop(model, [], [], self.lambda_ewc)
+        return ewc_penalty_loop(
+            model, [self.accumulated_fisher], [self.optimal_params], self.lambda_ewc, self.scales
+        )
