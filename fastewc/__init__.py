@@ -2,7 +2,12 @@
 
 from . import reference
 from .errors import EWCInputError, ModelMismatchError
+from .packing import FlatPacking
+from .regularizer import EWCRegularizer, OnlineEWC
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "EWCInputError", "ModelMismatchError", "__version__"]
+__all__ = [
+    "EWCRegularizer", "OnlineEWC", "FlatPacking", "reference",
+    "EWCInputError", "ModelMismatchError", "__version__",
+]

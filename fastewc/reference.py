@@ -19,12 +19,13 @@ copy:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .selection import ParamSelection
 
 __all__ = [
     "compute_fisher",
@@ -193,27 +194,12 @@ def layer_scales(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
 ) -> dict[str, float]:
-    """Per-parameter multiplier of ``lambda_ewc``, written plainly.
+    """Per-parameter multiplier of ``lambda_ewc`` (0 = not protected); see ``ParamSelection``.
 
-    A name not matched by any ``include`` glob (when given) or matched by an ``exclude`` glob gets
-    0. Otherwise the first glob of ``layer_lambdas`` (in dict order) that matches gives the
-    multiplier, and 1 when none matches.
+    The glob rule is policy, not arithmetic, so the reference uses the library's one rule.
     """
-    out = {}
-    for name in names:
-        if include is not None and not any(fnmatch.fnmatchcase(name, g) for g in include):
-            out[name] = 0.0
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, g) for g in exclude):
-            out[name] = 0.0
-            continue
-        scale = 1.0
-        for glob, mult in (layer_lambdas or {}).items():
-            if fnmatch.fnmatchcase(name, glob):
-                scale = float(mult)
-                break
-        out[name] = scale
-    return out
+    sel = ParamSelection.build(layer_lambdas, include, exclude)
+    return {name: sel.scale(name) for name in names}
 
 
 def ewc_penalty_loop(
@@ -240,7 +226,7 @@ def ewc_penalty_loop(
                 if s == 0.0:
                     continue
                 fisher = task_fisher[name].to(param.device)
-                optimal = task_params[name].to(param.device)
+                optimal = task_param[name].to(param.device)
                 loss = loss + s * (fisher * (param - optimal).pow(2)).sum()
     return (lambda_ewc / 2.0) * loss
 

@@ -1,0 +1,502 @@
+"""``EWCRegularizer``: a drop-in for the seed class, stored collapsed and run on fused backends.
+
+Storage. However many tasks are registered, the regularizer keeps two flat buffers per
+(device, dtype) group of parameters, ``A`` (importance) and ``m`` (anchor), plus one float64
+constant per parameter:
+
+* ``mode="separate"`` (the seed's per-task EWC). With per-parameter scale ``s`` (layer lambdas,
+  include/exclude), ``sum_t s F_t (theta - theta*_t)^2 = A (theta - m)^2 + c`` where
+  ``A = s sum_t F_t``, ``m = sum_t F_t theta*_t / sum_t F_t`` and ``c = s sum_t F_t (theta*_t - m)^2``
+  (DESIGN.md). Each registration updates ``A, m, c`` in float64 with the pairwise-merge form
+  ``m' = m + F/(A+F) (theta* - m)``, ``c' = c + A F/(A+F) (m - theta*)^2``, which loses nothing
+  to cancellation; so the value *and* the gradient equal the per-task loop, at O(P) per step.
+* ``mode="online"`` (Schwarz et al. 2018): ``A <- gamma A + s F_t``, ``m <- theta*_t``, ``c = 0``.
+
+Binding. The buffers are laid out to match the model at the first ``forward``/``accumulate_grad_``
+(moving them to the parameters' devices); every later call checks, in one pass over
+``named_parameters()``, that no protected parameter was replaced, moved, reshaped, re-typed or
+(un)frozen, and rebuilds the per-group plans only when one was.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from .backends import GroupPlan, select_backend
+from .errors import EWCInputError, ModelMismatchError
+from .packing import FlatPacking
+from .selection import ParamSelection
+from .validation import (
+    BACKENDS, MODES, _names, _prefix_hint, check_choice, check_gamma, check_lambda,
+    check_storage_dtype, check_task,
+)
+
+__all__ = ["EWCRegularizer", "OnlineEWC"]
+
+_REGISTER_CHUNK = 1 << 20  # float64 elements per chunk while folding a task in (8 MB temporaries)
+_STATE_VERSION = 1
+_CONFIG_KEYS = ("ewc_lambda", "lambda_ewc", "mode", "gamma", "storage_dtype", "layer_lambdas",
+                "include", "exclude", "backend")
+
+
+class _Binding:
+    """Per-model plans: which parameters are protected, their buffer views, their backends."""
+
+    def __init__(self, model: nn.Module, key: list, plans: list[GroupPlan], backends: list,
+                 constant: float, out_dtype: torch.dtype, out_device: torch.device):
+        self.model_ref = weakref.ref(model)
+        self.key = key
+        self.plans = plans
+        self.backends = backends
+        self.constant = constant
+        self.out_dtype = out_dtype
+        self.out_device = out_device
+
+    def set_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hand the live parameters (in packing order, protected only) to the plans."""
+        i = 0
+        for plan in self.plans:
+            n = len(plan.names)
+            plan.params = params[i : i + n]
+            i += n
+        return params
+
+    def _total(self, sums: list[torch.Tensor], lam: float) -> torch.Tensor:
+        total = None
+        for s in sums:
+            s = s.to(device=self.out_device, dtype=self.out_dtype, non_blocking=True)
+            total = s if total is None else total + s
+        return (total + self.constant) * (lam / 2.0)
+
+    def value(self, lam: float) -> torch.Tensor:
+        return self._total([b.penalty_sum(p) for p, b in zip(self.plans, self.backends)], lam)
+
+    def grads(self, scale: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for plan, backend in zip(self.plans, self.backends):
+            out.extend(backend.penalty_grads(plan, scale.to(plan.device, non_blocking=True)))
+        return out
+
+    def accumulate(self, lam: float) -> torch.Tensor:
+        return self._total([b.accumulate_grad_(p, lam) for p, b in zip(self.plans, self.backends)], lam)
+
+
+class _PenaltyFunction(torch.autograd.Function):
+    """``(lambda/2)(sum A (theta - m)^2 + c)`` with the backend's gradient ``lambda A (theta - m)``.
+
+    The parameters are saved for backward only so that autograd raises if one is modified in
+    place between forward and backward (the gradient would be computed at the new values).
+    """
+
+    @staticmethod
+    def forward(ctx, binding: _Binding, lam: float, *params):
+        ctx.binding, ctx.lam = binding, lam
+        ctx.save_for_backward(*params)
+        return binding.value(lam)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        params = ctx.saved_tensors  # raises if a parameter changed in place since forward
+        binding = ctx.binding
+        binding.set_params(list(params))
+        grads = binding.grads(grad_out * ctx.lam)
+        return (None, None, *grads)
+
+
+class EWCRegularizer(nn.Module):
+    """Elastic Weight Consolidation penalty, drop-in for the seed ``EWCRegularizer``.
+
+    Args:
+        lambda_ewc: regularisation strength ``lambda`` (>= 0); may be changed at any time. The
+            seed's config-dict form ``EWCRegularizer({"ewc_lambda": 5000.0})`` is accepted too.
+        mode: ``"separate"`` (per-task EWC, the seed's sum over tasks; stored collapsed, exact)
+            or ``"online"`` (``F~ <- gamma F~ + F_t``, anchor = latest optimum).
+        gamma: Online-EWC decay in [0, 1]; only meaningful with ``mode="online"``.
+        storage_dtype: dtype of the two stored buffers: ``torch.float32`` (default),
+            ``torch.bfloat16`` / ``torch.float16`` (half the memory; about 3 / 4 significant
+            digits of Fisher and anchor) or ``torch.float64``. Arithmetic is float32 (float64
+            for float64 parameters or storage).
+        layer_lambdas: ``{glob: multiplier}`` of ``lambda_ewc`` per parameter name; the first
+            matching glob wins. Folded into the buffers at registration.
+        include, exclude: globs over parameter names; only names matching ``include`` (when
+            given) and not ``exclude`` are protected.
+        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"`` or
+            ``"triton"``. The environment variable ``FASTEWC_BACKEND`` overrides it.
+
+    A parameter is protected when it has ``requires_grad``, appears in a registered Fisher and
+    passes the globs. Tied parameters count once, under the name ``named_parameters()`` gives.
+    """
+
+    def __init__(self, lambda_ewc: float | Mapping = 1000.0, *, mode: str = "separate", gamma: float = 1.0,
+                 storage_dtype: torch.dtype = torch.float32, layer_lambdas: Mapping[str, float] | None = None,
+                 include=None, exclude=None, backend: str = "auto"):
+        super().__init__()
+        if isinstance(lambda_ewc, Mapping):  # the seed's EWCRegularizer(config) form
+            config = dict(lambda_ewc)
+            unknown = [k for k in config if k not in _CONFIG_KEYS]
+            if unknown:
+                raise EWCInputError(f"unknown config key(s) {_names(unknown)}; accepted: {', '.join(_CONFIG_KEYS)}")
+            if "ewc_lambda" in config and "lambda_ewc" in config:
+                raise EWCInputError("config gives both 'ewc_lambda' and 'lambda_ewc'; give one")
+            lambda_ewc = config.pop("ewc_lambda", config.pop("lambda_ewc", 1000.0))
+            mode = config.get("mode", mode)
+            gamma = config.get("gamma", gamma)
+            storage_dtype = config.get("storage_dtype", storage_dtype)
+            layer_lambdas = config.get("layer_lambdas", layer_lambdas)
+            include = config.get("include", include)
+            exclude = config.get("exclude", exclude)
+            backend = config.get("backend", backend)
+        self._lambda = check_lambda(lambda_ewc)
+        self._mode = check_choice(mode, MODES, "mode")
+        self._gamma = check_gamma(gamma)
+        if self._mode == "separate" and self._gamma != 1.0:
+            raise EWCInputError(f"gamma={gamma!r} only applies to mode='online'; mode='separate' keeps every task")
+        self._storage_dtype = check_storage_dtype(storage_dtype)
+        self._selection = ParamSelection.build(layer_lambdas, include, exclude)
+        self._backend = check_choice(backend, BACKENDS, "backend")
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._packing: FlatPacking | None = None
+        self._importance: list[torch.Tensor] = []
+        self._anchor: list[torch.Tensor] = []
+        self._constant: dict[str, float] = {}
+        self._param_dtypes: dict[str, torch.dtype] = {}  # recorded at the first bind
+        self._tasks_seen = 0
+        self._binding: _Binding | None = None
+        self._model_ref = None
+
+    # -- settings ------------------------------------------------------------------------------
+    @property
+    def lambda_ewc(self) -> float:
+        return self._lambda
+
+    @lambda_ewc.setter
+    def lambda_ewc(self, value: float) -> None:
+        self._lambda = check_lambda(value)  # applied at step time: no re-pack
+
+    ewc_lambda = lambda_ewc  # the seed's nexus spelling
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self._storage_dtype
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @property
+    def tasks_seen(self) -> int:
+        return self._tasks_seen
+
+    @property
+    def protected_names(self) -> list[str]:
+        """Names with stored importance (protected when the parameter has ``requires_grad``)."""
+        return self._packing.names if self._packing is not None else []
+
+    def extra_repr(self) -> str:
+        n = self._packing.numel if self._packing is not None else 0
+        return (f"lambda_ewc={self._lambda:g}, mode={self._mode!r}, gamma={self._gamma:g}, "
+                f"tasks_seen={self._tasks_seen}, params={len(self.protected_names)} ({n} elements), "
+                f"storage_dtype={self._storage_dtype}, backend={self._backend!r}")
+
+    def importance(self) -> dict[str, torch.Tensor]:
+        """The folded importance ``A`` per name (views of the flat buffer, storage dtype)."""
+        return self._packing.unpack(self._importance) if self._packing is not None else {}
+
+    def anchors(self) -> dict[str, torch.Tensor]:
+        """The anchor ``m`` per name (views of the flat buffer, storage dtype)."""
+        return self._packing.unpack(self._anchor) if self._packing is not None else {}
+
+    # -- registration --------------------------------------------------------------------------
+    @torch.no_grad()
+    def register_task(self, fisher: Mapping[str, torch.Tensor], optimal_params: Mapping[str, torch.Tensor],
+                      *, model: nn.Module | None = None) -> None:
+        """Fold one finished task into the stored buffers.
+
+        Args:
+            fisher: ``{name: F}``, the diagonal Fisher of each parameter (>= 0, finite, the
+                parameter's shape; any floating dtype and device).
+            optimal_params: ``{name: theta*}`` with the same names and shapes.
+            model: optional; when given (or when a model was already seen by ``forward``), the
+                names and shapes are checked against it before anything is stored.
+
+        Names filtered out by ``include``/``exclude`` (or a 0 layer multiplier) are ignored. On
+        any error nothing is changed.
+        """
+        if model is None and self._model_ref is not None:
+            model = self._model_ref()
+        model_params = dict(model.named_parameters(remove_duplicate=False)) if model is not None else None
+        known = {e.name: e.shape for e in self._packing.entries} if self._packing is not None else {}
+        check_task(fisher, optimal_params, known, model_params)
+
+        scales = {n: self._selection.scale(n) for n in fisher}
+        kept = [n for n in fisher if scales[n] > 0.0]
+        if not kept:
+            raise EWCInputError(
+                f"no parameter of this task is protected: include/exclude/layer_lambdas "
+                f"({self._selection.to_config()}) filter out all of {_names(list(fisher))}")
+
+        # Grow the layout for names seen for the first time (new buffers, old content copied).
+        packing, importance, anchor = self._packing, self._importance, self._anchor
+        new = [n for n in kept if packing is None or n not in packing]
+        if new:
+            specs = [(e.name, e.shape, e.dtype, e.device) for e in packing.entries] if packing is not None else []
+            for n in new:
+                ref = model_params[n] if model_params is not None else optimal_params[n]
+                specs.append((n, ref.shape, ref.dtype, ref.device))
+            grown = FlatPacking(specs)
+            importance = [b.zero_() for b in grown.empty(self._storage_dtype)]
+            anchor = [b.zero_() for b in grown.empty(self._storage_dtype)]
+            if packing is not None:
+                for e in packing.entries:
+                    grown.view(importance, e.name).copy_(packing.view(self._importance, e.name))
+                    grown.view(anchor, e.name).copy_(packing.view(self._anchor, e.name))
+            packing = grown
+
+        constant = dict(self._constant)
+        for n in kept:
+            constant[n] = constant.get(n, 0.0) + self._fold(
+                packing.view(importance, n).view(-1), packing.view(anchor, n).view(-1),
+                fisher[n].reshape(-1), optimal_params[n].reshape(-1), scales[n])
+        if self._mode == "online" and self._gamma != 1.0:
+            for e in packing.entries:
+                if e.name not in scales or scales[e.name] == 0.0:  # absent from this task: decays
+                    packing.view(importance, e.name).mul_(self._gamma)
+
+        self._packing, self._importance, self._anchor, self._constant = packing, importance, anchor, constant
+        self._tasks_seen += 1
+        self._binding = None  # buffers or constants changed: plans are rebuilt at the next step
+
+    def _fold(self, a: torch.Tensor, m: torch.Tensor, f: torch.Tensor, t: torch.Tensor, s: float) -> float:
+        """Merge one task's (F, theta*) into (A, m) in place, in float64 chunks; return dc."""
+        f64 = torch.float64
+        dc = torch.zeros((), dtype=f64, device=a.device)
+        for lo in range(0, a.numel(), _REGISTER_CHUNK):
+            hi = min(lo + _REGISTER_CHUNK, a.numel())
+            a0, m0 = a[lo:hi].to(f64), m[lo:hi].to(f64)
+            fc = f[lo:hi].to(device=a.device, dtype=f64) * s
+            tc = t[lo:hi].to(device=a.device, dtype=f64)
+            if self._mode == "online":
+                a[lo:hi].copy_(self._gamma * a0 + fc)
+                m[lo:hi].copy_(tc)
+                continue
+            a1 = a0 + fc
+            pos = a1 > 0
+            w = torch.where(pos, fc / torch.where(pos, a1, 1.0), 1.0)  # share of the new task
+            dc += (torch.where(pos, a0 * w, 0.0) * (m0 - tc).square()).sum()
+            a[lo:hi].copy_(a1)
+            m[lo:hi].copy_(m0 + w * (tc - m0))
+        return float(dc)
+
+    # -- binding to a model --------------------------------------------------------------------
+    def _walk(self, model: nn.Module):
+        """One pass over the model: a cheap fingerprint of the stored names' parameters, and them."""
+        index = self._packing.index
+        key, found = [], {}
+        for n, p in model.named_parameters():
+            if n in index:
+                key.append((n, p.data_ptr(), p.shape, p.dtype, p.device, p.requires_grad))
+                found[n] = p
+        return key, found
+
+    def _bind(self, model: nn.Module) -> tuple[_Binding, list[torch.Tensor]]:
+        """The plans for ``model`` and its protected parameters in plan order (rebuilt only when needed)."""
+        key, found = self._walk(model)
+        b = self._binding
+        if b is None or b.model_ref() is not model or b.key != key:
+            b = self._rebind(model)
+            key, found = self._walk(model)  # names may have been canonicalised
+            b.key = key
+        return b, b.set_params([found[n] for plan in b.plans for n in plan.names])
+
+    def _rebind(self, model: nn.Module) -> _Binding:
+        packing = self._packing
+        everything = dict(model.named_parameters(remove_duplicate=False))
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        resolved: dict[str, tuple[str, torch.Tensor]] = {}
+        owner: dict[str, str] = {}
+        missing, problems = [], []
+        for e in packing.entries:
+            p = everything.get(e.name)
+            if p is None:
+                missing.append(e.name)
+                continue
+            canon = canonical[id(p)]
+            if canon in owner:
+                raise ModelMismatchError(
+                    f"{owner[canon]!r} and {e.name!r} are the same (tied) parameter of the model; "
+                    f"register it once, under {canon!r}")
+            owner[canon] = e.name
+            resolved[e.name] = (canon, p)
+            if p.shape != e.shape:
+                problems.append(f"{e.name!r} has shape {tuple(p.shape)}, registered with {tuple(e.shape)}")
+            if not p.is_floating_point():
+                problems.append(f"{e.name!r} has non-floating dtype {p.dtype}")
+            was = self._param_dtypes.get(e.name)
+            if was is not None and was != p.dtype:
+                problems.append(f"{e.name!r} changed dtype from {was} to {p.dtype} since it was registered")
+        if missing:
+            raise ModelMismatchError(
+                f"the model has no parameter named {_names(missing)}{_prefix_hint(missing, everything)}")
+        if problems:
+            raise ModelMismatchError("the model no longer matches the registered parameters: " + "; ".join(problems))
+
+        # Lay the buffers out like the model (names canonical, groups by the parameters'
+        # device and dtype). Built aside and swapped in, so a failure leaves the state as it was.
+        bound = FlatPacking((resolved[e.name][0], e.shape, resolved[e.name][1].dtype, resolved[e.name][1].device)
+                            for e in packing.entries)
+        if not bound.same_layout(packing):
+            rename = {e.name: resolved[e.name][0] for e in packing.entries}
+            old_a, old_m = packing.unpack(self._importance), packing.unpack(self._anchor)
+            importance = bound.pack({rename[n]: t for n, t in old_a.items()}, self._storage_dtype)
+            anchor = bound.pack({rename[n]: t for n, t in old_m.items()}, self._storage_dtype)
+            self._constant = {rename[n]: c for n, c in self._constant.items()}
+            self._param_dtypes = {rename.get(n, n): d for n, d in self._param_dtypes.items()}
+            self._packing, self._importance, self._anchor = bound, importance, anchor
+            packing = bound
+        for e in packing.entries:
+            self._param_dtypes.setdefault(e.name, e.dtype)
+
+        named = {canon: p for canon, p in resolved.values()}
+        plans, backends, constant = [], [], []
+        for g, group in enumerate(packing.groups):
+            members = [packing.entries[i] for i in group.entries if named[packing.entries[i].name].requires_grad]
+            if not members:
+                continue
+            wide = torch.float64 in (group.dtype, self._storage_dtype)
+            plans.append(GroupPlan(
+                device=group.device, param_dtype=group.dtype,
+                compute_dtype=torch.float64 if wide else torch.float32,
+                importance=self._importance[g], anchor=self._anchor[g],
+                names=tuple(e.name for e in members), offsets=tuple(e.offset for e in members),
+                importance_views=[packing.view(self._importance, e.name) for e in members],
+                anchor_views=[packing.view(self._anchor, e.name) for e in members]))
+            backends.append(select_backend(self._backend, group.device))
+            constant.extend(self._constant.get(e.name, 0.0) for e in members)
+        out_dtype = torch.float64 if any(p.compute_dtype == torch.float64 for p in plans) else torch.float32
+        out_device = plans[0].device if plans else _model_device(model)
+        self._model_ref = weakref.ref(model)
+        self._binding = _Binding(model, None, plans, backends, math.fsum(constant), out_dtype, out_device)
+        return self._binding
+
+    # -- the penalty ---------------------------------------------------------------------------
+    def forward(self, model: nn.Module) -> torch.Tensor:
+        """The penalty ``(lambda/2) sum_t sum_i s_i F_t,i (theta_i - theta*_t,i)^2`` (or its online form).
+
+        Returns a 0-dim float32 tensor (float64 for float64 parameters/storage) on the device of
+        the first protected parameter, differentiable with respect to the parameters: add it to
+        the task loss and call ``backward()``. With nothing registered, a zero tensor on the
+        model's device. No host-device synchronisation.
+        """
+        if self._packing is None:
+            return torch.zeros((), device=_model_device(model))
+        binding, params = self._bind(model)
+        if not binding.plans:
+            return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
+        if torch.is_grad_enabled():
+            return _PenaltyFunction.apply(binding, self._lambda, *params)
+        return binding.value(self._lambda)
+
+    @torch.no_grad()
+    def accumulate_grad_(self, model: nn.Module) -> torch.Tensor:
+        """Add the penalty's gradient ``lambda * A * (theta - m)`` into every protected ``p.grad``.
+
+        Allocates ``p.grad`` where it is ``None``. Returns the penalty value (as ``forward``
+        would, detached) without a host-device sync. Use it in loops that call ``backward()`` on
+        the task loss only: it replaces ``(task_loss + ewc(model)).backward()`` at a fraction of
+        the cost.
+        """
+        if self._packing is None:
+            return torch.zeros((), device=_model_device(model))
+        binding, _ = self._bind(model)
+        if not binding.plans:
+            return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
+        return binding.accumulate(self._lambda)
+
+    # -- state ---------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        packing = self._packing
+        return {
+            "version": _STATE_VERSION,
+            "lambda_ewc": self._lambda, "mode": self._mode, "gamma": self._gamma,
+            "storage_dtype": str(self._storage_dtype).removeprefix("torch."),
+            "selection": self._selection.to_config(), "backend": self._backend,
+            "tasks_seen": self._tasks_seen,
+            "names": packing.names if packing is not None else [],
+            "dtypes": [str(e.dtype).removeprefix("torch.") for e in packing.entries] if packing is not None else [],
+            "param_dtypes": {n: str(d).removeprefix("torch.") for n, d in self._param_dtypes.items()},
+            "importance": self.importance(), "anchor": self.anchors(),
+            "constant": dict(self._constant),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise EWCInputError(f"not an EWCRegularizer state (version {_STATE_VERSION}): got {type(state).__name__}")
+        staged = EWCRegularizer(
+            state["lambda_ewc"], mode=state["mode"], gamma=state["gamma"],
+            storage_dtype=_dtype(state["storage_dtype"]), backend=state["backend"],
+            **state["selection"])
+        names = list(state["names"])
+        imp, anc = state["importance"], state["anchor"]
+        if set(imp) != set(names) or set(anc) != set(names) or set(state["constant"]) - set(names):
+            raise EWCInputError("EWCRegularizer state: importance/anchor/constant names do not match 'names'")
+        if names:
+            check_task(imp, anc, {})
+            dtypes = [_dtype(d) for d in state["dtypes"]]
+            packing = FlatPacking((n, imp[n].shape, dt, imp[n].device) for n, dt in zip(names, dtypes))
+            staged._packing = packing
+            staged._importance = packing.pack(imp, staged._storage_dtype)
+            staged._anchor = packing.pack(anc, staged._storage_dtype)
+        staged._constant = {n: float(c) for n, c in state["constant"].items()}
+        staged._param_dtypes = {n: _dtype(d) for n, d in state["param_dtypes"].items()}
+        staged._tasks_seen = int(state["tasks_seen"])
+        for k in ("_lambda", "_mode", "_gamma", "_storage_dtype", "_selection", "_backend", "_packing",
+                  "_importance", "_anchor", "_constant", "_param_dtypes", "_tasks_seen"):
+            setattr(self, k, getattr(staged, k))
+        self._binding, self._model_ref = None, None
+
+    def __getstate__(self):
+        # Bindings hold weak references and cached views: rebuilt after unpickling / deepcopy.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_binding"], state["_model_ref"] = None, None
+        return state
+
+
+class OnlineEWC(EWCRegularizer):
+    """Seed-compatible Online EWC: ``register_task(fisher, params)`` and ``compute_penalty(model)``.
+
+    ``OnlineEWC(lambda_ewc, gamma=1.0)`` is ``EWCRegularizer(lambda_ewc, mode="online", gamma=gamma)``.
+    """
+
+    def __init__(self, lambda_ewc: float = 1000.0, gamma: float = 1.0, **kwargs):
+        super().__init__(lambda_ewc, mode="online", gamma=gamma, **kwargs)
+
+    def compute_penalty(self, model: nn.Module) -> torch.Tensor:
+        return self(model)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise EWCInputError(f"unknown dtype {name!r} in EWCRegularizer state")
+    return dt
