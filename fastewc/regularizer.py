@@ -76,6 +76,18 @@ class _Binding:
     def value(self, lam: float) -> torch.Tensor:
         return self._total([b.penalty_sum(p) for p, b in zip(self.plans, self.backends)], lam)
 
+    @property
+    def eager(self) -> bool:
+        return all(getattr(b, "eager_grads", False) for b in self.backends)
+
+    def value_and_grads(self, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        sums, grads = [], []
+        for plan, backend in zip(self.plans, self.backends):
+            s, g = backend.penalty_sum_and_grads(plan, lam)
+            sums.append(s)
+            grads.extend(g)
+        return self._total(sums, lam), grads
+
     def grads(self, scale: torch.Tensor) -> list[torch.Tensor]:
         out = []
         for plan, backend in zip(self.plans, self.backends):
@@ -89,22 +101,34 @@ class _Binding:
 class _PenaltyFunction(torch.autograd.Function):
     """``(lambda/2)(sum A (theta - m)^2 + c)`` with the backend's gradient ``lambda A (theta - m)``.
 
-    The parameters are saved for backward only so that autograd raises if one is modified in
-    place between forward and backward (the gradient would be computed at the new values).
+    With an eager backend the forward pass computes the gradient together with the value and
+    backward hands it over: on the 2-core dev CPU (29M params) that took forward+backward from
+    115 ms to NN ms, because theta, A and m are read once instead of twice. Backward drops its
+    reference first, so autograd can adopt the tensor as ``p.grad`` instead of copying it. The
+    parameters are saved only so that autograd raises if one is modified in place before
+    backward; a second backward (``retain_graph=True``) recomputes from them.
     """
 
     @staticmethod
     def forward(ctx, binding: _Binding, lam: float, *params):
         ctx.binding, ctx.lam = binding, lam
         ctx.save_for_backward(*params)
+        if binding.eager:
+            value, ctx.grads = binding.value_and_grads(lam)
+            return value
+        ctx.grads = None
         return binding.value(lam)
 
     @staticmethod
     def backward(ctx, grad_out):
         params = ctx.saved_tensors  # raises if a parameter changed in place since forward
-        binding = ctx.binding
-        binding.set_params(list(params))
-        grads = binding.grads(grad_out * ctx.lam)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            ctx.binding.set_params(list(params))
+            grads = ctx.binding.grads(grad_out * ctx.lam)
+        elif not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
+            # Reading grad_out is free on the CPU (no device to wait for); elsewhere always scale.
+            torch._foreach_mul_(grads, grad_out)
         return (None, None, *grads)
 
 

@@ -10,6 +10,11 @@ plan's compute dtype (float32, or float64 for float64 parameters):
 * ``accumulate_grad_(plan, lam)``: ``p.grad += lam * A * (theta - m)`` for every parameter
   (allocating ``p.grad`` where it is ``None``), returning ``S`` as in ``penalty_sum``.
 
+A backend whose ``eager_grads`` is true also implements
+``penalty_sum_and_grads(plan, lam) -> (S, [lam * A * (theta - m)])`` in one pass; the autograd
+forward then computes the gradient with the value and hands it over in backward, instead of
+reading theta, A and m a second time.
+
 ``A`` (importance) and ``m`` (anchor) live in the storage dtype; the regularizer folds lambdas,
 per-layer scales and tasks into them, so backends know nothing of EWC beyond this quadratic.
 None of the three may synchronise the host with the device.

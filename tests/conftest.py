@@ -1,0 +1,33 @@
+import os
+
+# Triton kernels run on CPU tensors only under the interpreter, which must be chosen before
+# triton is first imported (DESIGN.md, "Testing without a GPU").
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastewc.backends as backends  # noqa: E402
+
+# Backends every regularizer test runs on: the PyTorch backend's two strategies (with a tiny block
+# so that odd sizes span several blocks) and, where it can run, Triton.
+BACKENDS = ["torch-blocked", "torch-foreach"]
+if backends.triton_status(torch.device("cpu")) is None:
+    BACKENDS.append("triton")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Constructor ``backend=`` value, with the PyTorch strategy forced where relevant."""
+    name = request.param
+    monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
+    if name.startswith("torch"):
+        monkeypatch.setattr(backends._TORCH, "strategy", name.split("-")[1])
+        monkeypatch.setattr(backends._TORCH, "block", 61)
+        return "torch"
+    return "triton"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,196 @@
+"""Every bad input gets a clear error naming the parameter, and leaves the regularizer unchanged."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastewc import EWCInputError, EWCRegularizer, ModelMismatchError
+
+from models import make_tasks, mlp
+
+
+def snapshot(ewc):
+    st = ewc.state_dict()["_extra_state"]
+    return {k: ({n: t.clone() for n, t in v.items()} if k in ("importance", "anchor") else v) for k, v in st.items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k in ("importance", "anchor"):
+            assert a[k].keys() == b[k].keys()
+            assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture
+def registered():
+    model = mlp()
+    ewc = EWCRegularizer(10.0)
+    f, a = make_tasks(model, 1)[0]
+    ewc.register_task(f, a)
+    return model, ewc
+
+
+def good(model):
+    return make_tasks(model, 1)[0]
+
+
+def bad_cases(model):
+    f, a = good(model)
+    cases = {}
+
+    def case(name, match, fisher=None, anchors=None):
+        cases[name] = (fisher if fisher is not None else dict(f), anchors if anchors is not None else dict(a), match)
+
+    case("shape", r"fisher\['0.weight'\] has shape \(17, 12\) but optimal_params\['0.weight'\] has shape \(17, 13\)",
+         fisher={**f, "0.weight": torch.rand(17, 12)})
+    case("shape vs registered", r"fisher\['0.bias'\] has shape \(3,\), but \(17,\) was registered",
+         fisher={**f, "0.bias": torch.rand(3)}, anchors={**a, "0.bias": torch.rand(3)})
+    case("int fisher", r"fisher\['2.bias'\] must have a floating dtype, got torch.int64",
+         fisher={**f, "2.bias": torch.ones(5, dtype=torch.long)})
+    case("int anchor", r"optimal_params\['2.bias'\] must have a floating dtype",
+         anchors={**a, "2.bias": torch.ones(5, dtype=torch.int32)})
+    nan = f["0.bias"].clone()
+    nan[3] = float("nan")
+    case("nan fisher", r"fisher\['0.bias'\] contains 1 NaN and 0 Inf", fisher={**f, "0.bias": nan})
+    inf = a["2.weight"].clone()
+    inf[0, 0] = float("inf")
+    case("inf anchor", r"optimal_params\['2.weight'\] contains 0 NaN and 1 Inf", anchors={**a, "2.weight": inf})
+    neg = f["2.weight"].clone()
+    neg[1, 2] = -0.5
+    case("negative", r"fisher\['2.weight'\] has negative entries \(min -0.5\)", fisher={**f, "2.weight": neg})
+    case("names differ", r"only in fisher: '2.bias'; only in optimal_params: none",
+         anchors={k: v for k, v in a.items() if k != "2.bias"})
+    case("not a dict", "fisher must be a dict", fisher=[1, 2])
+    case("not a tensor", r"fisher\['0.bias'\] must be a torch.Tensor, got list", fisher={**f, "0.bias": [0.0]})
+    case("empty", "fisher is empty", fisher={}, anchors={})
+    case("unknown name", r"the model has no parameter named 'head.weight'",
+         fisher={**f, "head.weight": torch.rand(2)}, anchors={**a, "head.weight": torch.rand(2)})
+    return cases
+
+
+@pytest.mark.parametrize("case", list(bad_cases(mlp())))
+def test_register_task_rejects_and_leaves_state_unchanged(case, registered):
+    model, ewc = registered
+    ewc(model)  # bound: the model is known, so unknown names are caught at registration
+    fisher, anchors, match = bad_cases(model)[case]
+    before = snapshot(ewc)
+    with pytest.raises(EWCInputError, match=match):
+        ewc.register_task(fisher, anchors)
+    assert_same(before, snapshot(ewc))
+    assert ewc.tasks_seen == 1
+    ewc(model)  # still usable
+
+
+def test_unknown_names_without_model_caught_at_first_step():
+    model = mlp()
+    f, a = good(model)
+    ewc = EWCRegularizer(1.0)
+    ewc.register_task({**f, "module.extra": torch.rand(3)}, {**a, "module.extra": torch.rand(3)})
+    with pytest.raises(ModelMismatchError, match=r"no parameter named 'module.extra'"):
+        ewc(model)
+
+
+def test_wrapper_prefix_hint():
+    model = mlp()
+    f, a = good(model)
+    ewc = EWCRegularizer(1.0)
+    ewc.register_task({"module." + k: v for k, v in f.items()}, {"module." + k: v for k, v in a.items()})
+    with pytest.raises(ModelMismatchError, match="was the Fisher taken on a wrapped model"):
+        ewc(model)
+    wrapped = nn.Sequential()
+    wrapped.add_module("module", mlp())
+    ewc = EWCRegularizer(1.0)
+    ewc.register_task(f, a)
+    with pytest.raises(ModelMismatchError, match="was the Fisher taken on an unwrapped model"):
+        ewc(wrapped)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "missing"])
+def test_model_changed_since_registration(change, registered):
+    model, ewc = registered
+    ewc(model)
+    before = snapshot(ewc)
+    if change == "shape":
+        model[2] = nn.Linear(17, 6)
+        match = r"'2.weight' has shape \(6, 17\), registered with \(5, 17\)"
+    elif change == "dtype":
+        model.double()
+        match = r"'0.weight' changed dtype from torch.float32 to torch.float64"
+    else:
+        model[2] = nn.Identity()
+        match = r"no parameter named '2.weight', '2.bias'"
+    with pytest.raises(ModelMismatchError, match=match):
+        ewc(model)
+    with pytest.raises(ModelMismatchError):
+        ewc.accumulate_grad_(model)
+    assert_same(before, snapshot(ewc))
+
+
+def test_tied_parameter_registered_under_both_names():
+    from models import Tied
+
+    model = Tied()
+    f, a = make_tasks(model, 1)[0]
+    f["out.weight"], a["out.weight"] = f["emb.weight"].clone(), a["emb.weight"].clone()
+    ewc = EWCRegularizer(1.0)
+    ewc.register_task(f, a)
+    with pytest.raises(ModelMismatchError, match=r"'emb.weight' and 'out.weight' are the same \(tied\) parameter"):
+        ewc(model)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lambda_ewc=-1.0), r"lambda_ewc must be a finite number >= 0, got -1.0"),
+    (dict(lambda_ewc=float("nan")), "lambda_ewc must be a finite number"),
+    (dict(lambda_ewc="big"), "lambda_ewc must be a number"),
+    (dict(mode="online", gamma=1.5), r"gamma must be in \[0, 1\], got 1.5"),
+    (dict(mode="online", gamma=-0.1), r"gamma must be in \[0, 1\]"),
+    (dict(gamma=0.5), "gamma=0.5 only applies to mode='online'"),
+    (dict(mode="sepArate"), "unknown mode 'sepArate'; expected one of 'separate', 'online'"),
+    (dict(backend="cuda"), "unknown backend 'cuda'; expected one of 'auto', 'torch', 'triton'"),
+    (dict(storage_dtype=torch.int8), "storage_dtype must be one of"),
+    (dict(layer_lambdas={"a.*": -2.0}), r"layer_lambdas\['a.\*'\] must be a finite number >= 0"),
+    (dict(layer_lambdas=[("a", 1.0)]), "layer_lambdas must be a dict"),
+    (dict(include=[3]), "include must contain glob strings"),
+    (dict(lambda_ewc={"ewc_lamda": 5.0}), r"unknown config key\(s\) 'ewc_lamda'"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(EWCInputError, match=match):
+        EWCRegularizer(**kwargs)
+
+
+def test_bad_lambda_assignment_keeps_old_value(registered):
+    _, ewc = registered
+    with pytest.raises(EWCInputError, match="lambda_ewc"):
+        ewc.lambda_ewc = -3
+    assert ewc.lambda_ewc == 10.0
+
+
+def test_filters_that_leave_nothing_are_an_error():
+    model = mlp()
+    ewc = EWCRegularizer(1.0, include="head.*")
+    with pytest.raises(EWCInputError, match="no parameter of this task is protected"):
+        ewc.register_task(*good(model))
+    assert ewc.tasks_seen == 0 and ewc.protected_names == []
+
+
+def test_env_override_and_unavailable_backend(monkeypatch, registered):
+    model, ewc = registered
+    monkeypatch.setenv("FASTEWC_BACKEND", "nope")
+    ewc._binding = None
+    with pytest.raises(EWCInputError, match="unknown FASTEWC_BACKEND 'nope'"):
+        ewc(model)
+    monkeypatch.delenv("FASTEWC_BACKEND")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    forced = EWCRegularizer(1.0, backend="triton")
+    forced.register_task(*good(model))
+    with pytest.raises(EWCInputError, match="backend 'triton' is not available"):
+        forced(model)
+
+
+def test_bad_state_dict():
+    ewc = EWCRegularizer()
+    with pytest.raises(EWCInputError, match="not an EWCRegularizer state"):
+        ewc.set_extra_state({"version": 99})

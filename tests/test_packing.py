@@ -1,0 +1,44 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from fastewc import FlatPacking, ModelMismatchError
+
+
+def test_groups_offsets_and_round_trip():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    m[1].double()
+    p = FlatPacking.from_tensors(m.named_parameters())
+    assert [(g.dtype, g.entries, g.numel) for g in p.groups] == [
+        (torch.float32, (0, 1), 16), (torch.float64, (2, 3), 10)]
+    assert [e.offset for e in p.entries] == [0, 12, 0, 8]
+    src = {n: torch.randn(t.shape) for n, t in m.named_parameters()}
+    flats = p.pack(src, torch.float32)
+    assert [f.shape for f in flats] == [(16,), (10,)]
+    out = p.unpack(flats)
+    assert list(out) == list(src) and all(torch.equal(out[n], src[n]) for n in src)
+    out["0.bias"].fill_(7.0)  # views, not copies
+    assert torch.all(flats[0][12:16] == 7.0)
+
+
+def test_detects_model_changes():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    p = FlatPacking.from_tensors(m.named_parameters())
+    p.check(dict(m.named_parameters()))
+    m[1] = nn.Linear(4, 5)
+    m[0].double()
+    with pytest.raises(ModelMismatchError) as e:
+        p.check(dict(m.named_parameters()))
+    msg = str(e.value)
+    assert "'1.weight' changed shape from (2, 4) to (5, 4)" in msg
+    assert "'0.weight' changed dtype from torch.float32 to torch.float64" in msg
+    del m[1]
+    with pytest.raises(ModelMismatchError, match=r"missing parameter\(s\) '1.weight', '1.bias'"):
+        p.check(dict(m.named_parameters()), check_dtype=False)
+
+
+def test_empty_and_duplicate():
+    p = FlatPacking([])
+    assert p.numel == 0 and p.pack({}, torch.float32) == []
+    with pytest.raises(ValueError, match="duplicate"):
+        FlatPacking([("a", (1,), torch.float32, "cpu"), ("a", (2,), torch.float32, "cpu")])
