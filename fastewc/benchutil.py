@@ -1,0 +1,93 @@
+"""Timing helpers shared by the benchmark scripts: machine description, side-by-side medians,
+copy bandwidth (the memory-traffic floor's denominator)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What the numbers were measured on: CPU model, cores, threads, GPU, library versions."""
+    device = torch.device(device)
+    info = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_slug(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(cases: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 2,
+                      device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Seconds per call of each case, measured round-robin (one call of every case per round) so
+    that machine noise hits all cases alike; ratios of medians are what to report."""
+    device = torch.device(device)
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def copy_case(numel: int, device: torch.device | str = "cpu") -> tuple[Callable[[], object], int]:
+    """A large fp32 copy and the bytes it moves (read + write): bytes / time = copy bandwidth."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 8 * numel
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
