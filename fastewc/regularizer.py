@@ -38,7 +38,7 @@ from .validation import (
 
 __all__ = ["EWCRegularizer", "OnlineEWC"]
 
-_REGISTER_CHUNK = 1 << 20  # float64 elements per chunk while folding a task in (8 MB temporaries)
+_REGISTER_CHUNK = 1 << 16  # float64 elements per merge chunk: 512 KB temporaries stay in L2
 _STATE_VERSION = 1
 _CONFIG_KEYS = ("ewc_lambda", "lambda_ewc", "mode", "gamma", "storage_dtype", "layer_lambdas",
                 "include", "exclude", "backend")
@@ -295,7 +295,7 @@ class EWCRegularizer(nn.Module):
         for n in kept:
             constant[n] = constant.get(n, 0.0) + self._fold(
                 packing.view(importance, n).view(-1), packing.view(anchor, n).view(-1),
-                fisher[n].reshape(-1), optimal_params[n].reshape(-1), scales[n])
+                fisher[n].reshape(-1), optimal_params[n].reshape(-1), scales[n], first=n in new)
         if self._mode == "online" and self._gamma != 1.0:
             for e in packing.entries:
                 if e.name not in scales or scales[e.name] == 0.0:  # absent from this task: decays
@@ -305,25 +305,38 @@ class EWCRegularizer(nn.Module):
         self._tasks_seen += 1
         self._binding = None  # buffers or constants changed: plans are rebuilt at the next step
 
-    def _fold(self, a: torch.Tensor, m: torch.Tensor, f: torch.Tensor, t: torch.Tensor, s: float) -> float:
-        """Merge one task's (F, theta*) into (A, m) in place, in float64 chunks; return dc."""
+    def _fold(self, a: torch.Tensor, m: torch.Tensor, f: torch.Tensor, t: torch.Tensor, s: float,
+              first: bool) -> float:
+        """Merge one task's (F, theta*) into (A, m) in place, in float64 chunks; return dc.
+
+        ``first``: the name has no stored importance yet, so the merge is a copy.
+        """
+        if first:
+            a.copy_(f.to(a.device) * s if s != 1.0 else f)
+            m.copy_(t)
+            return 0.0
         f64 = torch.float64
         dc = torch.zeros((), dtype=f64, device=a.device)
         for lo in range(0, a.numel(), _REGISTER_CHUNK):
             hi = min(lo + _REGISTER_CHUNK, a.numel())
-            a0, m0 = a[lo:hi].to(f64), m[lo:hi].to(f64)
-            fc = f[lo:hi].to(device=a.device, dtype=f64) * s
-            tc = t[lo:hi].to(device=a.device, dtype=f64)
+            # copy=True: the in-place ops below must never write into the caller's tensors
+            # (or our buffer) when they already are float64 on this device.
+            a0 = a[lo:hi].to(f64, copy=True)
+            fc = f[lo:hi].to(device=a.device, dtype=f64, copy=True)
+            if s != 1.0:
+                fc.mul_(s)
+            tc = t[lo:hi].to(device=a.device, dtype=f64, copy=True)
             if self._mode == "online":
-                a[lo:hi].copy_(self._gamma * a0 + fc)
+                a[lo:hi].copy_(a0.mul_(self._gamma).add_(fc))
                 m[lo:hi].copy_(tc)
                 continue
             a1 = a0 + fc
-            pos = a1 > 0
-            w = torch.where(pos, fc / torch.where(pos, a1, 1.0), 1.0)  # share of the new task
-            dc += (torch.where(pos, a0 * w, 0.0) * (m0 - tc).square()).sum()
+            # Share of the new task; where A + F = 0 both are 0: take the new anchor, add nothing.
+            w = torch.where(a1 > 0, fc.div_(a1), 1.0)
+            tc.sub_(m[lo:hi])  # theta* - m
+            dc += torch.dot(a0.mul_(w), tc.square())  # A F / (A + F) (m - theta*)^2
             a[lo:hi].copy_(a1)
-            m[lo:hi].copy_(m0 + w * (tc - m0))
+            m[lo:hi].add_(w.mul_(tc))  # m + w (theta* - m), rounded once into the storage dtype
         return float(dc)
 
     # -- binding to a model --------------------------------------------------------------------

@@ -416,3 +416,15 @@ def test_moves_to_the_models_device():
     fresh = EWCRegularizer()
     fresh.load_state_dict(ewc.state_dict())
     torch.testing.assert_close(fresh(model).detach(), v.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,gamma", [("separate", 1.0), ("online", 0.5)])
+def test_registration_never_modifies_the_callers_tensors(mode, gamma):
+    model = mlp().double()
+    tasks = make_tasks(model, 3, dtype=torch.float64)
+    copies = [({n: t.clone() for n, t in f.items()}, {n: t.clone() for n, t in a.items()}) for f, a in tasks]
+    ewc = EWCRegularizer(1.0, mode=mode, gamma=gamma, storage_dtype=torch.float64, layer_lambdas={"0.*": 2.0})
+    for f, a in tasks:
+        ewc.register_task(f, a)
+    for (f, a), (f0, a0) in zip(tasks, copies):
+        assert all(torch.equal(f[n], f0[n]) and torch.equal(a[n], a0[n]) for n in f)
