@@ -102,8 +102,9 @@ class _PenaltyFunction(torch.autograd.Function):
     """``(lambda/2)(sum A (theta - m)^2 + c)`` with the backend's gradient ``lambda A (theta - m)``.
 
     With an eager backend the forward pass computes the gradient together with the value and
-    backward hands it over: on the 2-core dev CPU (29M params) that took forward+backward from
-    115 ms to NN ms, because theta, A and m are read once instead of twice. Backward drops its
+    backward hands it over: on the 2-core dev CPU (AMD EPYC, 26M params in 99 tensors) that took
+    forward+backward from 87.8 ms to 68.4 ms (benchmarks/bench_penalty.py, its "lazy grad"
+    ablation row, same run), because theta, A and m are read once instead of twice. Backward drops its
     reference first, so autograd can adopt the tensor as ``p.grad`` instead of copying it. The
     parameters are saved only so that autograd raises if one is modified in place before
     backward; a second backward (``retain_graph=True``) recomputes from them.
