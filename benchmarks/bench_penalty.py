@@ -21,32 +21,15 @@ the copy bandwidth measured in the same run. Cases run round-robin; medians are 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
-import torch.nn as nn
 
 from fastewc import EWCRegularizer
 from fastewc import benchutil as bu
 from fastewc.backends import TorchBackend
+from fastewc.bench_models import transformer_like
 from fastewc.reference import ReferenceEWC
-
-
-def transformer_like(params: float, d_model: int = 480) -> nn.Module:
-    """Embedding + L blocks (qkv, proj, 2 MLP, 2 LayerNorm) + final norm: ~12 tensors per block."""
-    vocab = 8000
-    per_block = 12 * d_model * d_model + 13 * d_model
-    layers = max(1, round((params - vocab * d_model) / per_block))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
-            self.fc1, self.fc2 = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
-            self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-
-    return nn.Sequential(nn.Embedding(vocab, d_model), *[Block() for _ in range(layers)], nn.LayerNorm(d_model))
 
 
 def main(argv=None) -> dict:

@@ -56,22 +56,26 @@ def sync(device: torch.device) -> None:
 
 
 def time_side_by_side(cases: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 2,
-                      device: torch.device | str = "cpu") -> dict[str, list[float]]:
+                      device: torch.device | str = "cpu",
+                      on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each case, measured round-robin (one call of every case per round) so
-    that machine noise hits all cases alike; ratios of medians are what to report."""
+    that machine noise hits all cases alike; ratios of medians are what to report.
+    ``on_round(k)`` is called after round k (progress display)."""
     device = torch.device(device)
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(repeats):
+    for r in range(repeats):
         for name, fn in cases.items():
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+        if on_round is not None:
+            on_round(r)
     return times
 
 
@@ -91,3 +95,18 @@ def write_json(path: str | Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes that can still be allocated on ``device`` (host: MemAvailable; CUDA: free memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -224,6 +224,13 @@ class EWCRegularizer(nn.Module):
         return self._backend
 
     @property
+    def active_backends(self) -> tuple[str, ...]:
+        """Names of the backends that ran the last step (``("torch",)``, ``("triton",)``, ...);
+        empty before the first ``forward`` / ``accumulate_grad_`` on a model."""
+        b = self._binding
+        return tuple(sorted({backend.name for backend in b.backends})) if b is not None else ()
+
+    @property
     def tasks_seen(self) -> int:
         return self._tasks_seen
 

@@ -1,0 +1,142 @@
+"""The ``fastewc`` command (also ``python -m fastewc``): ``bench`` and ``demo``.
+
+Errors a user can fix (unknown device, no GPU, a size that does not fit, a missing optional
+dependency) print one line naming the fix and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import re
+import sys
+
+import torch
+
+from ._optional import MissingDependencyError
+from .errors import EWCInputError
+
+
+def parse_count(text: str) -> float:
+    """``"25M"``, ``"1.5e6"``, ``"1B"``, ``"512k"`` -> a number (for --params)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmMbBgG]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a count like 25M, 1.5e6 or 1B; got {text!r}")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[m.group(2).lower()]
+    return float(m.group(1)) * scale
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 100,1000,10000; got {text!r}")
+
+
+def _stamp(machine: dict) -> str:
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['cores']} cores"
+    return f"{where}, torch {machine['torch']}, {_dt.date.today().isoformat()}"
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    return lambda msg: print(f"[fastewc] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    from . import benchutil as bu
+
+    dev = bench.resolve_device(args.device)
+    say = _progress(not args.quiet)
+    out = {"machine": bu.machine_info(dev), "date": _dt.date.today().isoformat()}
+    out["penalty"] = bench.penalty_benchmark(device=dev, params=args.params, tasks=args.tasks, repeats=args.repeats,
+                                             compile_reference=args.compile, progress=say)
+    print(bench.format_penalty(out["penalty"]))
+    if args.fisher_samples > 0:
+        out["fisher"] = bench.fisher_benchmark(device=dev, samples=args.fisher_samples,
+                                               repeats=max(1, args.repeats // 5), progress=say)
+        print()
+        print(bench.format_fisher(out["fisher"]))
+    if args.json:
+        print(f"\nwrote {bu.write_json(args.json, out)}")
+    if args.plot:
+        print(f"wrote {bench.plot_bench(out, args.plot, label=_stamp(out['machine']))}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import benchutil as bu
+    from .demo.run import DemoConfig, format_report, run_demo
+
+    cfg = DemoConfig(benchmark=args.benchmark, scenario=args.scenario, num_tasks=args.tasks, hidden=args.hidden,
+                     epochs=args.epochs, lambda_ewc=args.lambda_ewc, fisher_samples=args.fisher_samples,
+                     methods=tuple(args.methods.split(",")), lambdas=args.lambdas, seed=args.seed)
+    if args.plot:  # fail before two minutes of training, not after
+        from ._optional import require
+
+        require("matplotlib", extra="demo")
+    result = run_demo(cfg, log=_progress(not args.quiet) or (lambda msg: None))
+    result["machine"] = bu.machine_info()
+    result["date"] = _dt.date.today().isoformat()
+    print(format_report(result))
+    if args.json:
+        print(f"\nwrote {bu.write_json(args.json, result)}")
+    if args.plot:
+        from .demo.plot import plot_demo
+
+        print(f"wrote {plot_demo(result, args.plot, label=_stamp(result['machine']))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastewc", description="Fast, exact Elastic Weight Consolidation for PyTorch.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="time the EWC penalty and Fisher estimation on this machine",
+                       description="Time fastewc against the naive implementations on this machine: the EWC "
+                                   "penalty step, and Fisher estimation from per-sample gradients.")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    b.add_argument("--params", type=parse_count, default=25e6, help="penalty benchmark size, e.g. 25M, 1B (default 25M)")
+    b.add_argument("--tasks", type=int, default=3, help="registered tasks (default 3)")
+    b.add_argument("--fisher-samples", type=int, default=512, help="samples per Fisher estimate; 0 skips it (default 512)")
+    b.add_argument("--repeats", type=int, default=15, help="timed rounds of the penalty benchmark (default 15)")
+    b.add_argument("--compile", action="store_true", help="also time torch.compile of the reference loop (slow to compile)")
+    b.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    b.add_argument("--plot", metavar="PATH", help="save a figure (PNG) of the results (needs fastewc[demo])")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="continual learning on handwritten digits, with and without EWC",
+                       description="Learn a sequence of tasks built from scikit-learn's bundled digits with "
+                                   "fine-tuning, EWC, online EWC and EWC with the exact and sampled Fisher; "
+                                   "print the accuracy matrices, average accuracy and forgetting.")
+    d.add_argument("--benchmark", choices=["permuted", "split"], default="permuted")
+    d.add_argument("--scenario", choices=["task", "domain"], default="task",
+                   help="split only: per-task heads (task-incremental) or one shared head (domain-incremental)")
+    d.add_argument("--tasks", type=int, default=5, help="permuted only: number of tasks (default 5)")
+    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--hidden", type=int, default=1000, help="MLP width: 64-H-H-10 (default 1000)")
+    d.add_argument("--lambda", dest="lambda_ewc", type=float, default=1e4, help="EWC lambda (default 1e4)")
+    d.add_argument("--lambdas", type=_floats, default=(), help="also sweep lambda for EWC, e.g. 100,1000,10000")
+    d.add_argument("--methods", default="finetune,ewc,online_ewc,ewc_exact,ewc_sampled")
+    d.add_argument("--fisher-samples", type=int, default=200)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    d.add_argument("--plot", metavar="PATH", help="save a figure (PNG) of the results")
+    d.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    d.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (EWCInputError, MissingDependencyError, ValueError) as e:
+        print(f"fastewc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as e:  # a size check can only estimate
+        print(f"fastewc {args.command}: error: out of GPU memory ({e}); choose a smaller size", file=sys.stderr)
+        return 2
