@@ -141,3 +141,42 @@ def format_penalty(result: dict) -> str:
         lines.append(f"| {r['method']:<36} | {r['median_ms']:>9.2f} | {r['speedup_vs_reference']:>7.1f}x | "
                      f"{r['GBps']:>6.1f} | {r['ratio_to_floor']:>6.2f}x |")
     return "\n".join(lines)
+
+
+def plot_bench(result: dict, path: str, label: str = "") -> str:
+    """Save a figure of a ``fastewc bench`` result: penalty time per method (and Fisher time per
+    model and method when present), log scale. Returns ``path``."""
+    from ._optional import require
+
+    matplotlib = require("matplotlib", extra="demo")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot", extra="demo")
+
+    panels = [k for k in ("penalty", "fisher") if k in result]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    pen = result["penalty"]
+    ax = axes[0][0]
+    names = [r["method"] for r in pen["rows"]]
+    ax.barh(names, [r["median_ms"] for r in pen["rows"]])
+    ax.axvline(pen["floor_ms"], color="k", ls="--", lw=1, label=f"memory floor {pen['floor_ms']:.1f} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("median ms per step (log)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    ax.set_title(f"penalty, {pen['params'] / 1e6:.0f}M params, {pen['tasks']} tasks", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    if "fisher" in result:
+        ax = axes[0][1]
+        rows = result["fisher"]["rows"]
+        labels = [f"{r['model']}: {r['method']}" for r in rows]
+        ax.barh(labels, [r["seconds"] for r in rows])
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per estimate (log)")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(f"Fisher diagonal, N = {result['fisher']['samples']}", fontsize=9)
+    fig.suptitle("fastewc bench" + (f": {label}" if label else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,64 @@
+"""pytest-benchmark suites: ``python -m pytest benchmarks --benchmark-enable``.
+
+The default test run collects these with ``--benchmark-disable`` (pyproject addopts): every case
+runs once, untimed, as a smoke test. Options:
+
+* ``--bench-device cpu|cuda`` (default: cuda when available);
+* ``--bench-compile``: also time ``torch.compile`` of the reference loop (long compiles);
+* ``--bench-sizes 1e6,25e6``: penalty sizes in parameters.
+
+With timing enabled and no ``--benchmark-json``, the report goes to
+``benchmarks/results/<machine>/pytest-benchmark.json``; the machine description there gains the
+torch / triton versions and the GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastewc import benchutil as bu
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("fastewc benchmarks")
+    g.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.addoption("--bench-compile", action="store_true", default=False)
+    g.addoption("--bench-sizes", default="1e6,25e6")
+
+
+def pytest_configure(config):
+    opt = config.option
+    timing = getattr(opt, "benchmark_enable", False) or not getattr(opt, "benchmark_disable", True)
+    if not timing or getattr(opt, "benchmark_json", None):
+        return
+    if not any("benchmarks" in str(a) for a in config.args):
+        return
+    dev = config.getoption("--bench-device")
+    path = Path(__file__).parent / "results" / bu.machine_slug(dev) / "pytest-benchmark.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config.option.benchmark_json = open(path, "wb")  # pytest-benchmark expects a binary file object
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastewc"] = bu.machine_info(config.getoption("--bench-device"))
+
+
+def pytest_generate_tests(metafunc):
+    if "penalty_size" in metafunc.fixturenames:
+        sizes = [float(s) for s in metafunc.config.getoption("--bench-sizes").split(",")]
+        metafunc.parametrize("penalty_size", sizes, ids=[f"{s / 1e6:g}M" for s in sizes], scope="module")
+
+
+@pytest.fixture(scope="session")
+def bench_device(pytestconfig) -> torch.device:
+    from fastewc.bench import resolve_device
+
+    return resolve_device(pytestconfig.getoption("--bench-device"))
+
+
+@pytest.fixture(scope="session")
+def bench_compile(pytestconfig) -> bool:
+    return pytestconfig.getoption("--bench-compile")
