@@ -4,6 +4,11 @@ A ``FlatPacking`` records, for an ordered list of parameters, their names, shape
 devices; it groups them by (device, dtype) and gives each an offset in its group's flat buffer.
 Per-parameter tensors (Fisher, anchors) are packed into those buffers in that order, so a fused
 kernel walks one buffer per group instead of one small tensor per parameter.
+
+Every offset is a multiple of ``ALIGN`` (16) elements, so each parameter's slice starts on a
+16-byte boundary (64 bytes in float32) whatever the dtype: the Triton kernels can then load the
+buffers with 16-byte vector loads, which unaligned offsets would forbid (up to 4x the load
+instructions). The gaps (at most 15 elements per parameter) hold zeros and belong to no parameter.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 
 from .errors import ModelMismatchError
 from .validation import _names
+
+ALIGN = 16  # elements; see the module docstring
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class Group:
-    """Parameters sharing (device, dtype). ``entries`` index into ``FlatPacking.entries``."""
+    """Parameters sharing (device, dtype). ``entries`` index into ``FlatPacking.entries``;
+    ``numel`` is the length of the group's flat buffer (alignment gaps included)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -60,6 +68,7 @@ class FlatPacking:
         for g, ((device, dtype), members) in enumerate(keys.items()):
             offset, idx = 0, []
             for name, shape in members:
+                offset = -(-offset // ALIGN) * ALIGN
                 idx.append(len(entries))
                 entries.append(Entry(name, shape, dtype, device, g, offset))
                 offset += math.prod(shape)
@@ -82,7 +91,8 @@ class FlatPacking:
 
     @property
     def numel(self) -> int:
-        return sum(g.numel for g in self.groups)
+        """Elements of all the packed tensors (alignment gaps not counted)."""
+        return sum(e.numel for e in self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -98,8 +108,9 @@ class FlatPacking:
         return [torch.empty(g.numel, dtype=dtype, device=g.device) for g in self.groups]
 
     def pack(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Copy ``tensors[name]`` (any device/dtype, the entry's shape) into new flat buffers."""
-        flats = self.empty(dtype)
+        """Copy ``tensors[name]`` (any device/dtype, the entry's shape) into new flat buffers
+        (alignment gaps zeroed)."""
+        flats = [torch.zeros(g.numel, dtype=dtype, device=g.device) for g in self.groups]
         for e in self.entries:
             t = tensors[e.name]
             if t.shape != e.shape:

@@ -10,15 +10,17 @@ def test_groups_offsets_and_round_trip():
     m[1].double()
     p = FlatPacking.from_tensors(m.named_parameters())
     assert [(g.dtype, g.entries, g.numel) for g in p.groups] == [
-        (torch.float32, (0, 1), 16), (torch.float64, (2, 3), 10)]
-    assert [e.offset for e in p.entries] == [0, 12, 0, 8]
+        (torch.float32, (0, 1), 20), (torch.float64, (2, 3), 18)]
+    assert [e.offset for e in p.entries] == [0, 16, 0, 16]  # offsets aligned to 16 elements
+    assert p.numel == 16 + 10  # parameter elements, gaps not counted
     src = {n: torch.randn(t.shape) for n, t in m.named_parameters()}
     flats = p.pack(src, torch.float32)
-    assert [f.shape for f in flats] == [(16,), (10,)]
+    assert [f.shape for f in flats] == [(20,), (18,)]
+    assert torch.all(flats[0][12:16] == 0) and torch.all(flats[1][8:16] == 0)  # gaps zeroed
     out = p.unpack(flats)
     assert list(out) == list(src) and all(torch.equal(out[n], src[n]) for n in src)
     out["0.bias"].fill_(7.0)  # views, not copies
-    assert torch.all(flats[0][12:16] == 7.0)
+    assert torch.all(flats[0][16:20] == 7.0)
 
 
 def test_detects_model_changes():

@@ -31,6 +31,9 @@ def triton_status(device: torch.device) -> str | None:
     if importlib.util.find_spec("fastewc.backends.triton_backend") is None:
         return "this build of fastewc has no Triton backend"
     if device.type == "cuda":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return ("TRITON_INTERPRET=1 is set: the Triton interpreter reads CPU tensors only, so it "
+                    "cannot run on CUDA tensors; unset TRITON_INTERPRET to use the GPU kernels")
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None
