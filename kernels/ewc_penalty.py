@@ -67,6 +67,27 @@ def tile_config(numel: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _round_to(x, DST: tl.constexpr):
+    """``x`` (float32 or float64) in ``DST``, rounded to nearest, ties to even, as torch's ``.to``.
+
+    bfloat16 is rounded with integer ops on the float32 bits instead of a cast: the interpreter
+    truncates fp32 -> bf16 casts (and mangles fp64 -> bf16), so a cast would round differently
+    under test than on the GPU; the bit trick is exact on both and costs nothing in a
+    memory-bound kernel. Half-precision results go through float32 first, as torch does.
+    """
+    if DST == tl.bfloat16:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        top = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # carries into the exponent as it should
+        top = tl.where(x != x, 0x7FC0, top)  # NaN stays a (quiet) NaN
+        return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif DST == tl.float16:
+        return x.to(tl.float32).to(tl.float16)
+    else:
+        return x.to(DST)
+
+
+@triton.jit
 def _tile(theta_p, grad_p, a_p, m_p, out_p, offs, n, scale,
           ACC: tl.constexpr, MASKED: tl.constexpr, READ_GRAD: tl.constexpr,
           GRAD_MODE: tl.constexpr):
@@ -88,7 +109,7 @@ def _tile(theta_p, grad_p, a_p, m_p, out_p, offs, n, scale,
     d = theta - m
     u = a * d
     if GRAD_MODE == 1:  # fresh flat output in the parameter dtype
-        g = (u * scale).to(out_p.dtype.element_ty)
+        g = _round_to(u * scale, out_p.dtype.element_ty)
         if MASKED:
             tl.store(out_p + offs, g, mask=mask)
         else:
@@ -99,9 +120,9 @@ def _tile(theta_p, grad_p, a_p, m_p, out_p, offs, n, scale,
                 old = tl.load(grad_p + offs, mask=mask, other=0.0).to(ACC)
             else:
                 old = tl.load(grad_p + offs).to(ACC)
-            g = (old + u * scale).to(grad_p.dtype.element_ty)
+            g = _round_to(old + u * scale, grad_p.dtype.element_ty)
         else:
-            g = (u * scale).to(grad_p.dtype.element_ty)
+            g = _round_to(u * scale, grad_p.dtype.element_ty)
         if MASKED:
             tl.store(grad_p + offs, g, mask=mask)
         else:
