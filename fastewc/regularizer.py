@@ -271,7 +271,7 @@ class EWCRegularizer(nn.Module):
         """
         if model is None and self._model_ref is not None:
             model = self._model_ref()
-        model_params = dict(model.named_parameters(remove_duplicate=False)) if model is not None else None
+        model_params = dict(unwrap_model(model).named_parameters(remove_duplicate=False)) if model is not None else None
         known = {e.name: e.shape for e in self._packing.entries} if self._packing is not None else {}
         check_task(fisher, optimal_params, known, model_params)
 
@@ -360,6 +360,7 @@ class EWCRegularizer(nn.Module):
 
     def _bind(self, model: nn.Module) -> tuple[_Binding, list[torch.Tensor]]:
         """The plans for ``model`` and its protected parameters in plan order (rebuilt only when needed)."""
+        model = unwrap_model(model)
         key, found = self._walk(model)
         b = self._binding
         if b is None or b.model_ref() is not model or b.key != key:
@@ -533,6 +534,17 @@ class OnlineEWC(EWCRegularizer):
 
     def compute_penalty(self, model: nn.Module) -> torch.Tensor:
         return self(model)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers.
+
+    The wrappers hold the very same parameter tensors under a ``module.`` prefix; the Fisher is
+    registered under the unwrapped names, and gradients reach the wrapper's reducer hooks either way.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def _model_device(model: nn.Module) -> torch.device:
