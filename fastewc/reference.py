@@ -19,6 +19,7 @@ copy:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from .selection import ParamSelection
 
 __all__ = [
+    "estimate_fisher",
     "compute_fisher",
     "compute_true_fisher",
     "compute_exact_fisher",
@@ -154,6 +156,205 @@ def compute_exact_fisher(
                             fisher[n] += probs[y] * p.grad.detach().pow(2)
                 seen += 1
     model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise ValueError("reference Fisher: the data yielded no samples")
+    return {n: f / seen for n, f in fisher.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The general Fisher estimator (issue 3): every batch format, every kind, one sample at a time.
+# ---------------------------------------------------------------------------------------------
+
+FISHER_KINDS = ("empirical", "sampled", "exact")
+
+
+def _row(x, i: int):
+    """Row ``i`` of every tensor in a (possibly nested) batch, keeping a batch dim of one."""
+    if isinstance(x, torch.Tensor):
+        return x[i : i + 1]
+    if isinstance(x, Mapping):
+        return {k: _row(v, i) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_row(v, i) for v in x)
+    return x
+
+
+def _batch_len(x) -> int | None:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    if isinstance(x, Mapping):
+        x = list(x.values())
+    if isinstance(x, (tuple, list)):
+        for v in x:
+            n = _batch_len(v)
+            if n is not None:
+                return n
+    return None
+
+
+def _logits(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None:
+        raise ValueError(f"reference Fisher: cannot find logits in a {type(output).__name__}")
+    return logits
+
+
+def default_fisher_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on logits: ``[1, C]`` with target ``[1]``, or ``[1, T, C]`` with target
+    ``[1, T]`` (token-level mean over the positions whose target is not ``-100``)."""
+    if output.dim() == 3:
+        return F.cross_entropy(output.flatten(0, 1), target.flatten(), ignore_index=-100)
+    return F.cross_entropy(output, target)
+
+
+def _select_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
+    """``params``: None (every parameter with ``requires_grad``), a name/glob, a list of
+    names/globs (``fnmatch.fnmatchcase``), or a predicate ``f(name, param) -> bool``. Only
+    parameters with ``requires_grad`` are candidates; tied parameters once (first name)."""
+    trainable = _trainable(model)
+    if params is None:
+        return trainable
+    if callable(params):
+        return {n: p for n, p in trainable.items() if params(n, p)}
+    globs = (params,) if isinstance(params, str) else tuple(params)
+    return {n: p for n, p in trainable.items() if any(fnmatch.fnmatchcase(n, g) for g in globs)}
+
+
+def _seq_mean_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over the valid positions of one sequence: logits ``[1, T, C]``,
+    labels ``[T]``, valid ``[T]`` bool or None (all)."""
+    ce = F.cross_entropy(logits[0], labels, reduction="none")
+    if valid is not None:
+        ce = ce[valid]
+    return ce.mean()
+
+
+def estimate_fisher(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    loss_fn: LossFn | None = None,
+    kind: str = "empirical",
+    num_samples: int | None = None,
+    params=None,
+    generator: torch.Generator | None = None,
+    top_k: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The truth for ``fastewc.estimate_fisher``: mean over samples of the squared per-sample
+    gradient, one forward (and one backward per label) per sample, model in eval mode.
+
+    Batches: ``(inputs, targets)``, ``(inputs,)`` (kinds ``sampled``/``exact`` only) or a dict
+    called as ``model(**batch)``. A sample is row ``i`` of every tensor of the batch; the model
+    sees a batch of one. The first ``num_samples`` samples (default: all) are used, in order.
+
+    * ``empirical``: the loss with the dataset labels: ``loss_fn(output, target)``, default
+      :func:`default_fisher_loss`; for dict batches ``output.loss`` (or ``loss_fn(output,
+      batch["labels"])``).
+    * ``sampled``: labels drawn from the model, per sample in data order, with
+      ``torch.multinomial(softmax(logits[0].double(), -1), 1, generator=generator)``: one label
+      (shape ``[1]``) for ``[1, C]`` logits, one per position (``[:, 0]``, shape ``[T]``) for
+      ``[1, T, C]`` logits, drawn at every position, also masked ones. The loss is then
+      ``loss_fn(output, labels)`` (default cross-entropy, mean over positions). Dict batches:
+      logits are ``output.logits`` and the loss is the mean cross-entropy of each position
+      against its own drawn label (no shift), over the positions with ``attention_mask != 0``
+      (all when there is no mask); ``loss_fn`` is not used.
+    * ``exact``: ``sum_c p_c g_c^2`` with ``g_c = grad CE(logits, c)`` for ``[1, C]`` logits;
+      for sequences with ``T`` valid positions ``(1/T^2) sum_t sum_c p_tc (grad CE(z_t, c))^2``
+      (the cross-position terms of the square of the mean loss vanish in expectation). ``top_k``:
+      only the ``k`` most probable classes of each position, with their raw (not renormalised)
+      probabilities: a lower bound that reaches the exact value at ``k = C``. ``loss_fn`` is not
+      used. One backward per (sample, position, class).
+
+    Returns float tensors in the parameters' dtype, for the parameters ``params`` selects.
+    """
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"reference Fisher: unknown kind {kind!r}")
+    selected = _select_params(model, params)
+    if not selected:
+        raise ValueError("reference Fisher: no parameter selected")
+    names = list(selected)
+    tensors = [selected[n] for n in names]
+    fisher = {n: torch.zeros_like(p) for n, p in selected.items()}
+    limit = float("inf") if num_samples is None else num_samples
+
+    def grads(loss: torch.Tensor, retain: bool) -> list[torch.Tensor]:
+        gs = torch.autograd.grad(loss, tensors, retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(gs, tensors)]
+
+    def accumulate(gs, weight=1.0):
+        for n, g in zip(names, gs):
+            fisher[n] += weight * g.pow(2)
+
+    seen = 0
+    with eval_mode(model):
+        for batch in data:
+            if seen >= limit:
+                break
+            is_dict = isinstance(batch, Mapping)
+            if is_dict:
+                inputs, targets = batch, batch.get("labels")
+            else:
+                inputs = batch[0]
+                targets = batch[1] if len(batch) > 1 else None
+            if kind == "empirical" and targets is None:
+                raise ValueError("reference Fisher: kind='empirical' needs labels")
+            n_rows = _batch_len(inputs)
+            for i in range(n_rows):
+                if seen >= limit:
+                    break
+                x = _row(inputs, i)
+                output = model(**x) if is_dict else model(x)
+                if kind == "empirical":
+                    target = _row(targets, i)
+                    if loss_fn is not None:
+                        loss = loss_fn(output, target)
+                    elif is_dict:
+                        loss = output.loss
+                    else:
+                        loss = default_fisher_loss(output, target)
+                    accumulate(grads(loss, False))
+                    seen += 1
+                    continue
+                logits = _logits(output)
+                valid = None
+                if is_dict and "attention_mask" in x:
+                    valid = x["attention_mask"][0] != 0
+                if kind == "sampled":
+                    with torch.no_grad():
+                        probs = F.softmax(logits.detach()[0].double(), dim=-1)
+                        drawn = torch.multinomial(probs, 1, generator=generator)
+                    if logits.dim() == 3:
+                        drawn = drawn[:, 0]
+                    if is_dict:
+                        loss = _seq_mean_ce(logits, drawn, valid)
+                    elif loss_fn is not None:
+                        loss = loss_fn(output, drawn)
+                    else:
+                        loss = default_fisher_loss(logits, drawn if logits.dim() == 2 else drawn[None])
+                    accumulate(grads(loss, False))
+                    seen += 1
+                    continue
+                # exact
+                seq = logits if logits.dim() == 3 else logits[:, None]  # [1, T, C]
+                with torch.no_grad():
+                    probs = F.softmax(seq.detach()[0], dim=-1)  # [T, C]
+                positions = range(seq.shape[1]) if valid is None else valid.nonzero()[:, 0].tolist()
+                positions = list(positions)
+                scale = 1.0 / len(positions) ** 2
+                jobs = []
+                for t in positions:
+                    classes = range(probs.shape[1])
+                    if top_k is not None:
+                        classes = torch.topk(probs[t], min(top_k, probs.shape[1])).indices.tolist()
+                    jobs += [(t, c) for c in classes]
+                for j, (t, c) in enumerate(jobs):
+                    loss = F.cross_entropy(seq[0, t : t + 1], torch.tensor([c], device=seq.device))
+                    accumulate(grads(loss, j + 1 < len(jobs)), scale * probs[t, c].item())
+                seen += 1
     if seen == 0:
         raise ValueError("reference Fisher: the data yielded no samples")
     return {n: f / seen for n, f in fisher.items()}
