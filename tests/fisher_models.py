@@ -214,3 +214,20 @@ def make_gpt2(n=6, batch_size=4, seq=8, dtype=torch.float32):
     full = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     data = [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
     return model, data
+
+
+# -- comparison --------------------------------------------------------------------------------
+
+def assert_fisher_close(got, ref, rtol=1e-6, atol_rel=1e-9):
+    """Same names, shapes; every entry within ``rtol`` (plus ``atol_rel`` x the tensor's largest
+    entry, for entries that are sums of cancelling terms)."""
+    assert set(got) == set(ref), f"names differ: extra {set(got) - set(ref)}, missing {set(ref) - set(got)}"
+    for name, r in ref.items():
+        g = got[name]
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite entries"
+        g64, r64 = g.detach().double().cpu(), r.detach().double().cpu()
+        atol = atol_rel * float(r64.abs().max()) + 1e-30
+        err = (g64 - r64).abs() - rtol * r64.abs()
+        worst = float(err.max())
+        assert worst <= atol, f"{name}: max error beyond tolerance by {worst:.3e} (atol {atol:.3e})"
