@@ -473,6 +473,14 @@ class EWCRegularizer(nn.Module):
             return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
         return binding.accumulate(self._lambda)
 
+    def consolidate(self, model: nn.Module, data, **estimate_fisher_kwargs):
+        """End of a task: estimate the Fisher on ``data`` (:func:`fastewc.estimate_fisher` with
+        these keyword arguments), snapshot the current parameters as the optimum, and register
+        both. Returns ``(fisher, optimal_params)``."""
+        from .fisher import consolidate
+
+        return consolidate(self, model, data, **estimate_fisher_kwargs)
+
     # -- state ---------------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         packing = self._packing

@@ -1,0 +1,284 @@
+"""Fisher diagonal from true per-sample gradients: :func:`estimate_fisher` and the seed-compatible
+entry points (``FisherInformation``, ``compute_fisher``, ``compute_true_fisher``).
+
+The estimate is ``F_i = (1/N) sum_n (d loss_n / d theta_i)^2``: the mean over samples of the
+squared gradient of each sample's own loss. This is not the square of a mini-batch gradient
+(``method="batched"`` computes that, biased, only when asked for by name).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from . import _per_sample as ps
+from ._batches import iter_batches
+from ._optional import require
+from .benchutil import available_memory
+from .errors import EWCInputError
+from .reference import eval_mode
+
+KINDS = ("empirical", "sampled", "exact")
+METHODS = ("auto", "vmap", "loop", "batched")
+# Default share of free memory the per-sample gradients of one chunk may take. Conservative:
+# the model's activations under vmap (chunk x activation size) come on top and are not known.
+MEMORY_FRACTION = 0.25
+# Chunk cap. Larger chunks stop paying once the per-sample gradients leave the cache; measured on
+# the 2-core dev CPU (benchmarks/bench_fisher.py models, N = 512): see CHUNK_NOTE in the benchmark.
+MAX_CHUNK = 64
+
+
+def select_parameters(model: nn.Module, params=None) -> dict[str, nn.Parameter]:
+    """The parameters to estimate, by name (tied parameters once, as ``named_parameters()`` gives).
+
+    ``params``: None (every parameter with ``requires_grad``), a list of names and/or globs
+    (``fnmatch``; a name may be frozen if named explicitly), or a predicate ``f(name, param)``.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {n: p for n, p in named.items() if p.requires_grad}
+    elif callable(params):
+        chosen = {n: p for n, p in named.items() if params(n, p)}
+    else:
+        patterns = [params] if isinstance(params, str) else list(params)
+        unknown = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in named)]
+        if unknown:
+            raise EWCInputError(f"params: nothing in the model matches {unknown} "
+                                f"(the model has {list(named)[:6]}{' ...' if len(named) > 6 else ''})")
+        chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    if not chosen:
+        raise EWCInputError("no parameters selected: the model has no parameter with requires_grad "
+                            "(or params= matched none)")
+    return chosen
+
+
+def _chunk_size(selected, kind: str, top_k, batch, chunk_size, max_memory) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    dev = next(iter(selected.values())).device
+    budget = max_memory if max_memory is not None else MEMORY_FRACTION * available_memory(dev)
+    per_sample = sum(p.numel() * p.element_size() for p in selected.values())
+    if kind == "exact":  # per-class gradients of one sample live together
+        inputs = batch.inputs
+        any_t = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+        positions = any_t.shape[1] if isinstance(inputs, dict) and any_t.dim() > 1 else 1
+        per_sample *= positions * (top_k or 16) + 1
+    return int(max(1, min(MAX_CHUNK, budget // max(1, 2 * per_sample))))
+
+
+def _locate_bad(sq: dict[str, torch.Tensor], start: int) -> str:
+    for name, t in sq.items():
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            return (f"the gradient of parameter {name!r} is NaN/Inf for sample {start + i} (counting from 0 "
+                    f"in the data's order); check that sample and the loss")
+    return "a squared gradient overflowed"
+
+
+def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | None = None, kind: str = "empirical",
+                    num_samples: int | None = None, method: str = "auto", chunk_size: int | None = None,
+                    max_memory: int | None = None, params=None, progress: bool = False,
+                    generator: torch.Generator | None = None, top_k: int | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher information: the mean over samples of squared per-sample gradients.
+
+    Args:
+        model: any ``nn.Module``. It is put in eval mode while estimating (dropout off, BatchNorm
+            on running statistics); every module's training flag is restored afterwards.
+        data: an iterable of batches (a DataLoader): ``(inputs, targets)``, ``(inputs,)`` or a
+            Hugging Face style dict (``model(**batch)``). Samples are on dim 0. The result does not
+            depend on how the data is batched.
+        loss_fn: ``loss_fn(output, target) -> scalar`` for ONE sample (``output`` and ``target``
+            keep a batch axis of size 1). Default: cross-entropy on logits (for ``[1, T, C]``
+            outputs the mean over positions whose target is not -100), or ``output.loss`` for
+            dict batches.
+        kind: ``"empirical"`` (dataset labels), ``"sampled"`` (labels drawn from the model's
+            predictive distribution, per position for sequences; reproducible with
+            ``generator``) or ``"exact"`` (``sum_y p(y|x) g_y^2`` over all classes, or the
+            ``top_k`` most probable per position: a lower bound that tends to the exact value).
+            ``sampled`` and ``exact`` use softmax cross-entropy on the logits; for dict batches
+            every position counts except where ``attention_mask`` is 0.
+        num_samples: use exactly this many samples (the first ones); default all.
+        method: ``"vmap"`` (``torch.func`` per-sample gradients in chunks), ``"loop"`` (one
+            backward per sample), ``"auto"`` (vmap; falls back to loop, with one warning naming
+            the reason, when ``torch.func`` cannot transform the model) or ``"batched"`` (the
+            seeds' square of mini-batch gradients: biased, not the Fisher; by name only).
+        chunk_size: samples per vmap call. Default: from ``max_memory`` (bytes for one chunk's
+            per-sample gradients; default a quarter of free host / device memory), at most 64.
+        params: names / globs / predicate selecting the parameters (default: all with
+            ``requires_grad``; a LoRA model gets its adapters only).
+        progress: show a tqdm progress bar (``pip install tqdm``).
+        generator: random generator for ``kind="sampled"``.
+        top_k: classes per position for ``kind="exact"`` (large vocabularies).
+
+    Returns:
+        ``{name: tensor}`` shaped like the parameters, float32 (float64 for float64
+        parameters), on the parameters' device. With ``torch.distributed`` initialised, sums and
+        sample counts are all-reduced: every rank returns the Fisher over all ranks' data.
+    """
+    if kind not in KINDS:
+        raise EWCInputError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if method not in METHODS:
+        raise EWCInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise EWCInputError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if max_memory is not None and max_memory <= 0:
+        raise EWCInputError(f"max_memory must be > 0 bytes; got {max_memory!r}")
+    if top_k is not None and (kind != "exact" or top_k < 1):
+        raise EWCInputError(f"top_k={top_k!r} applies to kind='exact' only, and must be >= 1")
+    if kind == "exact" and loss_fn is not None:
+        raise EWCInputError("kind='exact' sums softmax cross-entropy over the classes; it cannot use a custom loss_fn")
+    selected = select_parameters(model, params)
+    if method == "batched":
+        return _batched(model, data, selected, loss_fn, kind, num_samples)
+
+    frozen = {**{n: p.detach() for n, p in model.named_parameters() if n not in selected},
+              **dict(model.named_buffers())}
+    problem = ps.Problem(model, kind, loss_fn, top_k, selected, frozen)
+    device = next(iter(selected.values())).device
+    acc_dtype = {p.dtype for p in selected.values()}
+    acc_dtype = torch.float64 if torch.float64 in acc_dtype else torch.float32
+    sums = {n: torch.zeros(p.shape, dtype=acc_dtype, device=device) for n, p in selected.items()}
+    bar = require("tqdm", extra="demo").tqdm(total=num_samples, unit="sample", desc="Fisher") if progress else None
+    use = "vmap" if method in ("auto", "vmap") else "loop"
+    seen = 0
+    with eval_mode(model):
+        for batch in iter_batches(data, num_samples):
+            batch = batch.to(device)
+            if kind == "empirical" and batch.labels is None and not (batch.is_dict and loss_fn is not None):
+                raise EWCInputError("kind='empirical' needs labels: batches must be (inputs, targets), or dicts with "
+                                    "'labels'; use kind='sampled' or 'exact' for unlabelled data")
+            step = _chunk_size(selected, kind, top_k, batch, chunk_size, max_memory)
+            for i in range(0, batch.size, step):
+                part = batch.slice(i, min(i + step, batch.size))
+                labels = ps.sample_labels(problem, part, generator) if kind == "sampled" else None
+                sq = None
+                if use == "vmap":
+                    try:
+                        sq = ps.vmap_squared_grads(problem, part, labels)
+                    except EWCInputError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - any transform failure: report, then decide
+                        if method == "vmap":
+                            raise RuntimeError(f"estimate_fisher(method='vmap'): torch.func could not transform "
+                                               f"the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                               f" (method='loop' or 'auto' handles such models)") from e
+                        warnings.warn(f"estimate_fisher: torch.func could not transform the model "
+                                      f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+                                      f"falling back to method='loop' (one backward per sample, slower)",
+                                      UserWarning, stacklevel=2)
+                        use = "loop"
+                if sq is None:
+                    sq = ps.loop_squared_grads(problem, part, labels)
+                chunk_sums = {n: t.sum(0) for n, t in sq.items()}
+                ok = torch.stack([torch.isfinite(s).all() for s in chunk_sums.values()]).all()
+                if not bool(ok):  # one host sync per chunk; names the culprit when it fires
+                    raise EWCInputError(_locate_bad(sq, seen + i))
+                del sq
+                for n, s in chunk_sums.items():
+                    sums[n].add_(s)
+                if bar is not None:
+                    bar.update(part.size)
+            seen += batch.size
+    if bar is not None:
+        bar.close()
+    count = torch.tensor(float(seen), dtype=acc_dtype, device=device)
+    sums, count = _all_reduce(sums, count)
+    out_dtype = acc_dtype
+    return {n: (s / count).to(out_dtype) for n, s in sums.items()}
+
+
+def _all_reduce(sums: dict[str, torch.Tensor], count: torch.Tensor):
+    """Sum the per-rank sums and sample counts when torch.distributed is initialised (one call)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums, count
+    flat = torch.cat([s.reshape(-1) for s in sums.values()] + [count.reshape(1)])
+    dist.all_reduce(flat)
+    out, i = {}, 0
+    for n, s in sums.items():
+        out[n] = flat[i : i + s.numel()].view_as(s)
+        i += s.numel()
+    return out, flat[-1]
+
+
+def _batched(model, data, selected, loss_fn, kind, num_samples):
+    """The seeds' batch-squared approximation: ``sum_b B_b grad(mean loss_b)^2 / N`` (biased)."""
+    if kind != "empirical":
+        raise EWCInputError("method='batched' is the seeds' empirical approximation; use kind='empirical'")
+    names, plist = list(selected), list(selected.values())
+    sums = {n: torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+            for n, p in selected.items()}
+    seen = 0
+    device = plist[0].device
+    with eval_mode(model):
+        for batch in iter_batches(data, num_samples):
+            batch = batch.to(device)
+            with torch.enable_grad():
+                if batch.is_dict:
+                    out = model(**batch.inputs)
+                    loss = out.loss if loss_fn is None else loss_fn(out, batch.labels)
+                else:
+                    if batch.targets is None:
+                        raise EWCInputError("method='batched' needs (inputs, targets) batches")
+                    out = model(batch.inputs)
+                    loss = (loss_fn or ps.token_cross_entropy)(out, batch.targets) if loss_fn else \
+                        torch.nn.functional.cross_entropy(ps.logits_of(out).reshape(-1, ps.logits_of(out).shape[-1]),
+                                                          batch.targets.reshape(-1), ignore_index=-100)
+                gs = torch.autograd.grad(loss, plist, allow_unused=True)
+            for n, g in zip(names, gs):
+                if g is not None:
+                    sums[n].add_(g.to(sums[n].dtype).square() * batch.size)
+            seen += batch.size
+    return {n: s / seen for n, s in sums.items()}
+
+
+# -- seed-compatible entry points ---------------------------------------------------------------
+def compute_fisher(model: nn.Module, data_loader: Iterable, num_samples: int = 200, loss_fn=None,
+                   **kwargs) -> dict[str, torch.Tensor]:
+    """The seed's ``compute_fisher`` (empirical Fisher over ``num_samples`` samples), fast."""
+    return estimate_fisher(model, data_loader, loss_fn=loss_fn, kind="empirical", num_samples=num_samples, **kwargs)
+
+
+def compute_true_fisher(model: nn.Module, data_loader: Iterable, num_samples: int = 200, loss_fn=None,
+                        generator: torch.Generator | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    """The seed's ``compute_true_fisher`` (labels sampled from the model), fast."""
+    return estimate_fisher(model, data_loader, loss_fn=loss_fn, kind="sampled", num_samples=num_samples,
+                           generator=generator, **kwargs)
+
+
+class FisherInformation:
+    """The seed's ``FisherInformation(model, fisher_samples, empirical)``:
+    ``.compute(data_loader, criterion=None) -> (fisher, optimal_params)``."""
+
+    def __init__(self, model: nn.Module, fisher_samples: int = 200, empirical: bool = True, **estimate_kwargs):
+        self.model = model
+        self.fisher_samples = fisher_samples
+        self.empirical = empirical
+        self.estimate_kwargs = estimate_kwargs
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.optimal_params: dict[str, torch.Tensor] | None = None
+
+    def compute(self, data_loader: Iterable, criterion: Callable | None = None):
+        kind = "empirical" if self.empirical else "sampled"
+        self.fisher = estimate_fisher(self.model, data_loader, loss_fn=criterion, kind=kind,
+                                      num_samples=self.fisher_samples, **self.estimate_kwargs)
+        self.optimal_params = {n: self.model.get_parameter(n).detach().clone() for n in self.fisher}
+        return self.fisher, self.optimal_params
+
+
+def consolidate(regularizer, model: nn.Module, data: Iterable, **estimate_fisher_kwargs):
+    """Estimate the Fisher on ``data``, snapshot the current parameters as the optimum, and register
+    both with ``regularizer``. Returns ``(fisher, optimal_params)``."""
+    from .regularizer import unwrap_model
+
+    model = unwrap_model(model)
+    fisher = estimate_fisher(model, data, **estimate_fisher_kwargs)
+    optimum = {n: model.get_parameter(n).detach().clone() for n in fisher}
+    regularizer.register_task(fisher, optimum)
+    return fisher, optimum
