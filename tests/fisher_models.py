@@ -193,17 +193,22 @@ MAKERS = {
 }
 
 
-def make_gpt2(n=6, batch_size=4, seq=8, dtype=torch.float32):
+def make_gpt2(n=6, batch_size=4, seq=8, dtype=torch.float32, attn=None):
     """Tiny random GPT-2 (no download) and dict batches with input_ids / attention_mask / labels.
 
     Right padding of varying length: padded positions have ``attention_mask == 0`` and label
-    ``-100``. Needs ``transformers``.
+    ``-100``. Needs ``transformers``. ``attn``: the attention implementation (``"eager"``,
+    ``"sdpa"``; None = the library's default, sdpa, whose padding-mask code reads tensor values in
+    Python and so cannot be vmapped).
     """
     import transformers
 
     config = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                     bos_token_id=0, eos_token_id=0)
+    if attn is not None:
+        config._attn_implementation = attn
     model = transformers.GPT2LMHeadModel(config).to(dtype)
+    assert attn is None or model.config._attn_implementation == attn
     ids = torch.randint(0, 61, (n, seq))
     mask = torch.ones(n, seq, dtype=torch.long)
     for i in range(n):
