@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import sys
 import time
@@ -159,7 +158,7 @@ def run_size(params: float, storages: list[str], *, device, timer, tasks, compil
             for f, a in make_tasks(model, tasks):
                 ewc.register_task(f, a)
             record(f"{label} fwd+bwd", storage, fwd_bwd(ewc, model))
-            record(f"{label} accumulate_grad_", storage, lambda: ewc.accumulate_grad_(model))
+            record(f"{label} accumulate_grad_", storage, lambda ewc=ewc: ewc.accumulate_grad_(model))
             del ewc
             gc.collect()
     return rows

@@ -5,7 +5,9 @@ runs once, untimed, as a smoke test. Options:
 
 * ``--bench-device cpu|cuda`` (default: cuda when available);
 * ``--bench-compile``: also time ``torch.compile`` of the reference loop (long compiles);
-* ``--bench-sizes 1e6,25e6``: penalty sizes in parameters.
+* ``--bench-sizes 1e6,25e6``: penalty sizes in parameters;
+* ``--bench-fisher-samples 512``: samples per Fisher estimate (12 when untimed, to keep the smoke
+  run short).
 
 With timing enabled and no ``--benchmark-json``, the report goes to
 ``benchmarks/results/<machine>/pytest-benchmark.json``; the machine description there gains the
@@ -27,12 +29,11 @@ def pytest_addoption(parser):
     g.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.addoption("--bench-compile", action="store_true", default=False)
     g.addoption("--bench-sizes", default="1e6,25e6")
+    g.addoption("--bench-fisher-samples", type=int, default=512)
 
 
 def pytest_configure(config):
-    opt = config.option
-    timing = getattr(opt, "benchmark_enable", False) or not getattr(opt, "benchmark_disable", True)
-    if not timing or getattr(opt, "benchmark_json", None):
+    if not _timing(config) or getattr(config.option, "benchmark_json", None):
         return
     if not any("benchmarks" in str(a) for a in config.args):
         return
@@ -62,3 +63,13 @@ def bench_device(pytestconfig) -> torch.device:
 @pytest.fixture(scope="session")
 def bench_compile(pytestconfig) -> bool:
     return pytestconfig.getoption("--bench-compile")
+
+
+def _timing(config) -> bool:
+    opt = config.option
+    return bool(getattr(opt, "benchmark_enable", False) or not getattr(opt, "benchmark_disable", True))
+
+
+@pytest.fixture(scope="session")
+def fisher_samples(pytestconfig) -> int:
+    return pytestconfig.getoption("--bench-fisher-samples") if _timing(pytestconfig) else 12

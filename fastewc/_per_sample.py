@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._batches import Batch
 from .errors import EWCInputError
@@ -131,6 +132,13 @@ class Problem:
 def vmap_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """``{name: [n, *shape]}``: per-sample squared gradients (exact kind: per-sample Fisher) of the
     ``n`` samples of ``batch``, by ``vmap``. ``labels``: sampled labels (kind 'sampled') or None."""
+    # scaled_dot_product_attention's fused CPU kernels have no vmap batching rule: torch falls back
+    # to a per-sample loop (with a warning). The math backend is plain batched matmuls and softmax.
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _vmap_squared_grads(problem, batch, labels)
+
+
+def _vmap_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
     params = {k: v.detach() for k, v in problem.selected.items()}
     inputs = batch.inputs
     if problem.kind == "exact":
@@ -156,12 +164,13 @@ def vmap_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | No
 
 
 # -- loop engine --------------------------------------------------------------------------------
-def loop_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Same contract as :func:`vmap_squared_grads`, one ``autograd.grad`` per sample (and per
-    class for the exact kind)."""
+def loop_squared_sums(problem: Problem, batch: Batch, labels: torch.Tensor | None, start: int,
+                      sums: dict[str, torch.Tensor]) -> None:
+    """Add the squared gradients of ``batch``'s samples to ``sums`` in place, one ``autograd.grad``
+    per sample (and per class for the exact kind); memory is one gradient, not one per sample.
+    ``start``: index of the batch's first sample in the data, for error messages."""
     names = list(problem.selected)
     plist = [problem.selected[n] for n in names]
-    out = {n: torch.empty((batch.size, *p.shape), dtype=p.dtype, device=p.device) for n, p in problem.selected.items()}
     for i in range(batch.size):
         one = batch.slice(i, i + 1)
         x = {k: v[0] for k, v in one.inputs.items()} if one.is_dict else one.inputs[0]
@@ -170,24 +179,23 @@ def loop_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | No
             if problem.kind == "exact":
                 z = logits_of(output)
                 V, W = problem.exact_cotangents(z, x)
-                acc = [torch.zeros_like(p) for p in plist]
+                sq = [torch.zeros_like(p, dtype=sums[n].dtype) for n, p in zip(names, plist)]
                 for k in range(V.shape[0]):
                     gs = torch.autograd.grad(z, plist, grad_outputs=V[k], retain_graph=True, allow_unused=True)
-                    for a, g in zip(acc, gs):
+                    for a, g in zip(sq, gs):
                         if g is not None:
                             a.add_(W[k] * g * g)
-                for n, a in zip(names, acc):
-                    out[n][i] = a
-                continue
-            t = labels[i] if labels is not None else (one.targets[0] if one.targets is not None else None)
-            loss = problem.loss(output, x, t)
-            gs = torch.autograd.grad(loss, plist, allow_unused=True)
-        for n, g in zip(names, gs):
-            if g is None:
-                out[n][i].zero_()
             else:
-                torch.mul(g, g, out=out[n][i])
-    return out
+                t = labels[i] if labels is not None else (one.targets[0] if one.targets is not None else None)
+                gs = torch.autograd.grad(problem.loss(output, x, t), plist, allow_unused=True)
+                sq = [None if g is None else g * g for g in gs]
+        for n, q in zip(names, sq):
+            if q is None:
+                continue
+            if not bool(torch.isfinite(q).all()):
+                raise EWCInputError(f"the gradient of parameter {n!r} is NaN/Inf for sample {start + i} (counting "
+                                    f"from 0 in the data's order); check that sample and the loss")
+            sums[n].add_(q)
 
 
 @torch.no_grad()

@@ -13,9 +13,11 @@ from typing import Callable
 import torch
 
 from . import benchutil as bu
+from . import reference
 from .baselines import ForeachEWC, compiled_reference
-from .bench_models import transformer_like
+from .bench_models import FISHER_MODELS, fisher_problem, transformer_like
 from .errors import EWCInputError
+from .fisher import estimate_fisher
 from .reference import ReferenceEWC
 from .regularizer import EWCRegularizer
 
@@ -140,6 +142,56 @@ def format_penalty(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['method']:<36} | {r['median_ms']:>9.2f} | {r['speedup_vs_reference']:>7.1f}x | "
                      f"{r['GBps']:>6.1f} | {r['ratio_to_floor']:>6.2f}x |")
+    return "\n".join(lines)
+
+
+def fisher_benchmark(*, device: str | torch.device = "cpu", samples: int = 512, repeats: int = 3,
+                     models: tuple[str, ...] = FISHER_MODELS, methods: tuple[str, ...] = ("auto", "loop"),
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """Time the empirical Fisher diagonal over ``samples`` samples on the benchmark models
+    (:func:`fastewc.bench_models.fisher_problem`): the reference per-sample loop against
+    :func:`estimate_fisher` with each of ``methods``. Each case is also run once under a memory
+    probe for its extra peak memory (bytes over what was in use before it).
+
+    Returns a JSON-ready dict with one row per (model, method): ``seconds`` (median),
+    ``speedup_vs_reference``, ``peak_extra_MB`` and ``params``.
+    """
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if samples < 1 or repeats < 1:
+        raise EWCInputError(f"samples and repeats must be >= 1; got {samples}, {repeats}")
+    say = progress or (lambda msg: None)
+    rows = []
+    for name in models:
+        model, data = fisher_problem(name, n=samples)
+        model = model.to(dev)
+        data = [(x.to(dev), y.to(dev)) for x, y in data]
+        P = sum(p.numel() for p in model.parameters())
+        cases = {"reference loop": lambda: reference.compute_fisher(model, data, samples)}
+        for m in methods:
+            cases[f"fastewc {m}"] = (lambda m=m: estimate_fisher(model, data, method=m))
+        say(f"fisher: {name} ({P / 1e6:.2f}M parameters), {len(cases)} methods x {repeats} rounds")
+        times = bu.time_side_by_side(cases, repeats=repeats, warmup=1, device=dev)
+        ref_t = bu.median(times["reference loop"])
+        for method, fn in cases.items():
+            _, peak = bu.peak_extra_memory(fn, dev)
+            t = bu.median(times[method])
+            rows.append({"model": name, "method": method, "params": P, "seconds": t,
+                         "speedup_vs_reference": ref_t / t,
+                         "peak_extra_MB": None if peak is None else peak / 2**20})
+    return {"benchmark": "fisher", "device": str(dev), "machine": bu.machine_info(dev), "samples": samples,
+            "kind": "empirical", "repeats": repeats, "rows": rows}
+
+
+def format_fisher(result: dict) -> str:
+    """The Fisher result as a markdown table."""
+    lines = [f"Fisher diagonal (empirical), N = {result['samples']} samples, {result['repeats']} round-robin "
+             f"repeats, medians; peak = extra memory over the baseline", "",
+             f"| {'model':<11} | {'params':>7} | {'method':<16} | {'seconds':>8} | {'speed-up':>8} | {'peak MB':>8} |",
+             f"|{'-' * 13}|{'-' * 9}|{'-' * 18}|{'-' * 10}|{'-' * 10}|{'-' * 10}|"]
+    for r in result["rows"]:
+        peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
+        lines.append(f"| {r['model']:<11} | {r['params'] / 1e6:>6.2f}M | {r['method']:<16} | {r['seconds']:>8.3f} | "
+                     f"{r['speedup_vs_reference']:>7.2f}x | {peak:>8} |")
     return "\n".join(lines)
 
 

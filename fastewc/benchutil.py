@@ -110,3 +110,40 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int | None]:
+    """Run ``fn`` once; return ``(result, extra peak bytes)`` over the memory in use before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU (Linux): the process's resident
+    high-water mark (``VmHWM``), reset first through ``/proc/self/clear_refs``; None where the
+    reset is not possible (the figure would include earlier peaks).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        return fn(), None
+    base = _status_kb("VmRSS")
+    out = fn()
+    peak = _status_kb("VmHWM")
+    return out, None if base is None or peak is None else max(0, peak - base) * 1024

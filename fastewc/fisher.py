@@ -173,7 +173,10 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                                       UserWarning, stacklevel=2)
                         use = "loop"
                 if sq is None:
-                    sq = ps.loop_squared_grads(problem, part, labels)
+                    ps.loop_squared_sums(problem, part, labels, seen + i, sums)
+                    if bar is not None:
+                        bar.update(part.size)
+                    continue
                 chunk_sums = {n: t.sum(0) for n, t in sq.items()}
                 ok = torch.stack([torch.isfinite(s).all() for s in chunk_sums.values()]).all()
                 if not bool(ok):  # one host sync per chunk; names the culprit when it fires

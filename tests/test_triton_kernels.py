@@ -6,8 +6,6 @@ up. Small ``block`` / ``max_tiles`` values give many tiles and split launches fr
 which keeps the interpreter fast.
 """
 
-import copy
-import math
 
 import pytest
 import torch
