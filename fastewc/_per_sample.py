@@ -165,10 +165,14 @@ def _vmap_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | N
 
 # -- loop engine --------------------------------------------------------------------------------
 def loop_squared_sums(problem: Problem, batch: Batch, labels: torch.Tensor | None, start: int,
-                      sums: dict[str, torch.Tensor]) -> None:
+                      sums: dict[str, torch.Tensor], check_each: bool = False) -> None:
     """Add the squared gradients of ``batch``'s samples to ``sums`` in place, one ``autograd.grad``
     per sample (and per class for the exact kind); memory is one gradient, not one per sample.
-    ``start``: index of the batch's first sample in the data, for error messages."""
+
+    ``check_each``: test every sample's gradient for NaN/Inf and raise naming the parameter and
+    the sample (``start`` = index of the batch's first sample in the data). Off in the normal
+    pass, where the caller checks the sums once per chunk and re-runs the chunk with it on only
+    when they are not finite (a per-sample check costs a pass over P and a sync per parameter)."""
     names = list(problem.selected)
     plist = [problem.selected[n] for n in names]
     for i in range(batch.size):
@@ -188,11 +192,11 @@ def loop_squared_sums(problem: Problem, batch: Batch, labels: torch.Tensor | Non
             else:
                 t = labels[i] if labels is not None else (one.targets[0] if one.targets is not None else None)
                 gs = torch.autograd.grad(problem.loss(output, x, t), plist, allow_unused=True)
-                sq = [None if g is None else g * g for g in gs]
+                sq = [None if g is None else g.mul_(g) for g in gs]  # autograd's fresh buffers, squared in place
         for n, q in zip(names, sq):
             if q is None:
                 continue
-            if not bool(torch.isfinite(q).all()):
+            if check_each and not bool(torch.isfinite(q).all()):
                 raise EWCInputError(f"the gradient of parameter {n!r} is NaN/Inf for sample {start + i} (counting "
                                     f"from 0 in the data's order); check that sample and the loss")
             sums[n].add_(q)

@@ -179,6 +179,10 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                         use = "loop"
                 if sq is None:
                     ps.loop_squared_sums(problem, part, labels, seen + i, sums)
+                    if not bool(torch.stack([torch.isfinite(s).all() for s in sums.values()]).all()):
+                        scratch = {n: torch.zeros_like(s) for n, s in sums.items()}  # locate and raise
+                        ps.loop_squared_sums(problem, part, labels, seen + i, scratch, check_each=True)
+                        raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
                     if bar is not None:
                         bar.update(part.size)
                     continue
