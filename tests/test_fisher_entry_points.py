@@ -1,7 +1,6 @@
 """Seed-compatible entry points (issue 3): FisherInformation, compute_fisher, compute_true_fisher,
 EWCTrainer, EWCRegularizer.consolidate."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
