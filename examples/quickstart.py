@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastewc import EWCRegularizer
-from fastewc.reference import compute_fisher
+from fastewc import EWCRegularizer, estimate_fisher
 
 
 def make_task(seed: int, n: int = 2048) -> TensorDataset:
@@ -57,7 +56,7 @@ def main() -> None:
     print(f"after task A:            accuracy on A {accuracy(model, task_a):.3f}")
 
     # Fisher diagonal on A (mean squared per-sample gradient) and A's optimum, then register.
-    fisher = compute_fisher(model, DataLoader(task_a, batch_size=64), num_samples=512)
+    fisher = estimate_fisher(model, DataLoader(task_a, batch_size=64), num_samples=512)
     optimum = {n: p.detach().clone() for n, p in model.named_parameters()}
     ewc = EWCRegularizer(lambda_ewc=1e5)  # the Fisher here is ~1e-3 on average
     ewc.register_task(fisher, optimum)

@@ -32,6 +32,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     info = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
     }
     try:
         import triton
@@ -138,12 +139,38 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cp
         out = fn()
         torch.cuda.synchronize(device)
         return out, torch.cuda.max_memory_allocated(device) - base
+    libc = _glibc()
+    if libc is not None:
+        # glibc keeps freed blocks below its (dynamic, up to 32 MB) mmap threshold resident and
+        # reuses them, so a probe after earlier work would see no growth. For the probe, serve
+        # every block over 64 KB by mmap (returned to the OS on free) and trim the heap first.
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.malloc_trim(0)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            return fn(), None
+        base = _status_kb("VmRSS")
+        out = fn()
+        peak = _status_kb("VmHWM")
+        return out, None if base is None or peak is None else max(0, peak - base) * 1024
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's dynamic ceiling: timing as before
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
-        return fn(), None
-    base = _status_kb("VmRSS")
-    out = fn()
-    peak = _status_kb("VmHWM")
-    return out, None if base is None or peak is None else max(0, peak - base) * 1024
+        return None

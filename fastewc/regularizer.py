@@ -103,7 +103,7 @@ class _PenaltyFunction(torch.autograd.Function):
 
     With an eager backend the forward pass computes the gradient together with the value and
     backward hands it over: on the 2-core dev CPU (AMD EPYC, 26M params in 99 tensors) that took
-    forward+backward from 87.8 ms to 68.4 ms (benchmarks/bench_penalty.py, its "lazy grad"
+    forward+backward from 83.2 ms to 59.8 ms (benchmarks/bench_penalty.py, its "lazy grad"
     ablation row, same run), because theta, A and m are read once instead of twice. Backward drops its
     reference first, so autograd can adopt the tensor as ``p.grad`` instead of copying it. The
     parameters are saved only so that autograd raises if one is modified in place before
