@@ -1,0 +1,95 @@
+"""Rewrite the README's result tables from the JSON files under benchmarks/results/.
+
+Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` markers; this
+script regenerates what is between them, so the README shows what the commands measured, never
+figures typed by hand.
+
+    python benchmarks/update_readme.py [--machine amd-epyc-2c]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(machine: str, name: str) -> dict | None:
+    path = ROOT / "benchmarks" / "results" / machine / name
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    # Older files carry no date: the day the file was written is the day it was measured.
+    d.setdefault("date", d.get("machine", {}).get("date") or
+                 datetime.date.fromtimestamp(path.stat().st_mtime).isoformat())
+    return d
+
+
+def _where(m: dict) -> str:
+    return m.get("gpu") or f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads)"
+
+
+def penalty_table(d: dict, source: str) -> str:
+    m = d["machine"]
+    lines = [f"{d['params'] / 1e6:.1f}M float32 parameters in {d['tensors']} tensors, {d['tasks']} tasks; "
+             f"{_where(m)}, torch {m['torch']}; copy bandwidth {d['copy_bandwidth_GBps']:.1f} GB/s, floor "
+             f"{d['floor_ms']:.1f} ms; {d['repeats']} round-robin repeats, medians; {d['date']}. Source: `{source}`.", "",
+             "| method | median ms | speed-up vs loop | x floor |", "|---|---:|---:|---:|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['method']} | {r['median_ms']:.1f} | {r['speedup_vs_reference']:.1f}x | "
+                     f"{r['ratio_to_floor']:.2f}x |")
+    return "\n".join(lines)
+
+
+def fisher_table(d: dict, source: str) -> str:
+    m = d["machine"]
+    lines = [f"Empirical Fisher, N = {d['samples']} samples in batches of 64; {_where(m)}, torch {m['torch']}; "
+             f"{d['repeats']} round-robin repeats, medians; peak = extra resident memory over the start; "
+             f"{d['date']}. Source: `{source}`.", "",
+             "| model | params | method | seconds | speed-up vs loop | peak MB |", "|---|---:|---|---:|---:|---:|"]
+    for r in d["rows"]:
+        peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['method']} | {r['seconds']:.3f} | "
+                     f"{r['speedup_vs_reference']:.2f}x | {peak} |")
+    return "\n".join(lines)
+
+
+def demo_table(d: dict, source: str) -> str:
+    m = d["machine"]
+    c = d["config"]
+    lines = [f"{d['benchmark']}, {len(d['tasks'])} tasks, MLP 64-{c['hidden']}-{c['hidden']}-10, {c['epochs']} epochs "
+             f"per task, lambda {c['lambda_ewc']:g}, {c['fisher_samples']} Fisher samples, seed {c['seed']}; "
+             f"{_where(m)}, {d['date']}. Source: `{source}`.", "",
+             "| method | avg accuracy | avg forgetting | seconds |", "|---|---:|---:|---:|"]
+    for name, r in d["methods"].items():
+        lines.append(f"| {name} | {r['avg_accuracy']:.3f} | {r['avg_forgetting']:.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--machine", default="amd-epyc-2c")
+    args = ap.parse_args(argv)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    makers = {"penalty_cpu": ("penalty_cpu.json", penalty_table), "fisher_cpu": ("fisher_cpu.json", fisher_table),
+              "demo": ("demo_permuted.json", demo_table)}
+    for block, (fname, make) in makers.items():
+        d = _load(args.machine, fname)
+        if d is None:
+            continue
+        table = make(d, f"benchmarks/results/{args.machine}/{fname}")
+        pattern = re.compile(rf"(<!-- results:{block} -->\n)(?:.*?\n)?(<!-- /results:{block} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README has no <!-- results:{block} --> block")
+        text = pattern.sub(lambda mt: mt.group(1) + table + "\n" + mt.group(2), text)
+    readme.write_text(text)
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()
