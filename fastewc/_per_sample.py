@@ -18,6 +18,7 @@ positions of a sequence); the products are batched with ``vmap`` over classes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -128,13 +129,30 @@ class Problem:
         return V.reshape(T * k, *z.shape), probs.reshape(T * k)
 
 
+@contextlib.contextmanager
+def plain_attention():
+    """Attention as plain batched matmuls and softmax, which ``vmap`` and hooks can see through.
+
+    scaled_dot_product_attention's fused CPU kernels have no vmap batching rule, and PyTorch's
+    fused TransformerEncoderLayer / MultiheadAttention "fast path" (taken when the layer's own
+    parameters do not require grad, e.g. when only some parameters are differentiated) has none
+    either: torch falls back to a per-sample loop, with a warning. Measured on the benchmark
+    Transformer: the fast path made the per-sample pass for its attention weights several times
+    slower."""
+    flag = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(flag)
+
+
 # -- vmap engine --------------------------------------------------------------------------------
 def vmap_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """``{name: [n, *shape]}``: per-sample squared gradients (exact kind: per-sample Fisher) of the
     ``n`` samples of ``batch``, by ``vmap``. ``labels``: sampled labels (kind 'sampled') or None."""
-    # scaled_dot_product_attention's fused CPU kernels have no vmap batching rule: torch falls back
-    # to a per-sample loop (with a warning). The math backend is plain batched matmuls and softmax.
-    with sdpa_kernel([SDPBackend.MATH]):
+    with plain_attention():
         return _vmap_squared_grads(problem, batch, labels)
 
 

@@ -10,7 +10,7 @@ from fastewc import reference as R
 from fisher_models import MAKERS, assert_fisher_close, make_gpt2, make_mlp, rebatch
 
 D = torch.float64
-METHODS = ["vmap", "loop", "auto"]
+METHODS = ["vmap", "loop", "auto", "rules"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -31,7 +31,7 @@ def test_exact_matches_reference(name, method):
     assert_fisher_close(got, ref)
 
 
-@pytest.mark.parametrize("method", ["vmap", "loop"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_sampled_same_labels_as_reference(name, method):
     model, data = MAKERS[name](dtype=D)
