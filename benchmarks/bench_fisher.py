@@ -1,8 +1,10 @@
 """CPU/GPU benchmark of the Fisher diagonal: fastewc.estimate_fisher against the reference loop.
 
 Models (``fastewc.bench_models``): MLP 784-1000-1000-10, a small CNN with BatchNorm on 3x32x32,
-and a 2-layer Transformer encoder (d=128, 32 tokens). N = 512 samples in batches of 64, empirical
-Fisher. Cases run round-robin; medians; extra peak memory from one separate run per case.
+and a 2-layer Transformer encoder (d=128, 32 tokens). N = 512 samples in batches of 64; the
+empirical Fisher on every model, the exact Fisher on the MLP. Methods: ``auto`` (what users get),
+``rules`` (per-layer rules, uncovered parameters by vmap), ``vmap``, ``loop``. Cases run
+round-robin; medians; extra peak memory from one separate run per case.
 
     python benchmarks/bench_fisher.py [--samples 512] [--repeats 3] [--device cpu] [--json PATH]
 """
@@ -23,12 +25,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="mlp,cnn,transformer")
-    ap.add_argument("--methods", default="auto,loop", help="estimate_fisher methods to time")
+    ap.add_argument("--methods", default="auto,rules,vmap,loop", help="estimate_fisher methods to time")
+    ap.add_argument("--kinds", default="empirical,exact", help="Fisher kinds (exact only on --exact-models)")
+    ap.add_argument("--exact-models", default="mlp")
     ap.add_argument("--json", default=None, help="default: benchmarks/results/<machine>/fisher_<device>.json")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*batching rule.*")
     result = bench.fisher_benchmark(device=args.device, samples=args.samples, repeats=args.repeats,
                                     models=tuple(args.models.split(",")), methods=tuple(args.methods.split(",")),
+                                    kinds=tuple(args.kinds.split(",")), exact_models=tuple(args.exact_models.split(",")),
                                     progress=lambda m: print(m, file=sys.stderr))
     m = result["machine"]
     print(f"\n{m.get('gpu') or m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}\n")

@@ -22,7 +22,7 @@ def problem(request, fisher_samples, bench_device):
 
 
 @pytest.mark.parametrize("kind", ["empirical", "exact"])
-@pytest.mark.parametrize("method", ["reference", "vmap", "loop", "batched"])
+@pytest.mark.parametrize("method", ["reference", "auto", "rules", "vmap", "loop", "batched"])
 def test_fisher(benchmark, problem, kind, method, fisher_samples, bench_device):
     name, model, data = problem
     benchmark.group = f"fisher {name} {kind}"

@@ -47,14 +47,14 @@ def penalty_table(d: dict, source: str) -> str:
 
 def fisher_table(d: dict, source: str) -> str:
     m = d["machine"]
-    lines = [f"Empirical Fisher, N = {d['samples']} samples in batches of 64; {_where(m)}, torch {m['torch']}; "
+    lines = [f"N = {d['samples']} samples in batches of 64; {_where(m)}, torch {m['torch']}; "
              f"{d['repeats']} round-robin repeats, medians; peak = extra resident memory over the start; "
              f"{d['date']}. Source: `{source}`.", "",
-             "| model | params | method | seconds | speed-up vs loop | peak MB |", "|---|---:|---|---:|---:|---:|"]
+             "| model | params | kind | method | seconds | speed-up vs loop | peak MB |", "|---|---:|---|---|---:|---:|---:|"]
     for r in d["rows"]:
         peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['method']} | {r['seconds']:.3f} | "
-                     f"{r['speedup_vs_reference']:.2f}x | {peak} |")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r.get('kind', 'empirical')} | {r['method']} | "
+                     f"{r['seconds']:.3f} | {r['speedup_vs_reference']:.2f}x | {peak} |")
     return "\n".join(lines)
 
 

@@ -147,13 +147,16 @@ def format_penalty(result: dict) -> str:
 
 def fisher_benchmark(*, device: str | torch.device = "cpu", samples: int = 512, repeats: int = 3,
                      models: tuple[str, ...] = FISHER_MODELS, methods: tuple[str, ...] = ("auto", "loop"),
+                     kinds: tuple[str, ...] = ("empirical",), exact_models: tuple[str, ...] = ("mlp",),
                      progress: Callable[[str], None] | None = None) -> dict:
-    """Time the empirical Fisher diagonal over ``samples`` samples on the benchmark models
+    """Time the Fisher diagonal over ``samples`` samples on the benchmark models
     (:func:`fastewc.bench_models.fisher_problem`): the reference per-sample loop against
-    :func:`estimate_fisher` with each of ``methods``. Each case is also run once under a memory
-    probe for its extra peak memory (bytes over what was in use before it).
+    :func:`estimate_fisher` with each of ``methods``, for each of ``kinds`` ("exact" only on
+    ``exact_models``: its reference loop takes one backward per class and sample). Each case is
+    also run once under a memory probe for its extra peak memory (bytes over what was in use
+    before it).
 
-    Returns a JSON-ready dict with one row per (model, method): ``seconds`` (median),
+    Returns a JSON-ready dict with one row per (model, kind, method): ``seconds`` (median),
     ``speedup_vs_reference``, ``peak_extra_MB`` and ``params``.
     """
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
@@ -166,32 +169,41 @@ def fisher_benchmark(*, device: str | torch.device = "cpu", samples: int = 512, 
         model = model.to(dev)
         data = [(x.to(dev), y.to(dev)) for x, y in data]
         P = sum(p.numel() for p in model.parameters())
-        cases = {"reference loop": lambda: reference.compute_fisher(model, data, samples)}
-        for m in methods:
-            cases[f"fastewc {m}"] = (lambda m=m: estimate_fisher(model, data, method=m))
-        say(f"fisher: {name} ({P / 1e6:.2f}M parameters), {len(cases)} methods x {repeats} rounds")
-        times = bu.time_side_by_side(cases, repeats=repeats, warmup=1, device=dev)
-        ref_t = bu.median(times["reference loop"])
-        for method, fn in cases.items():
-            _, peak = bu.peak_extra_memory(fn, dev)
-            t = bu.median(times[method])
-            rows.append({"model": name, "method": method, "params": P, "seconds": t,
-                         "speedup_vs_reference": ref_t / t,
-                         "peak_extra_MB": None if peak is None else peak / 2**20})
+        for kind in kinds:
+            if kind == "exact" and name not in exact_models:
+                continue
+            if kind == "empirical":
+                cases = {"reference loop": lambda: reference.compute_fisher(model, data, samples)}
+            else:
+                cases = {"reference loop": lambda kind=kind: reference.estimate_fisher(
+                    model, data, kind=kind, generator=torch.Generator().manual_seed(0))}
+            for m in methods:
+                cases[f"fastewc {m}"] = (lambda m=m, kind=kind: estimate_fisher(
+                    model, data, method=m, kind=kind, generator=torch.Generator().manual_seed(0)))
+            say(f"fisher: {name} ({P / 1e6:.2f}M parameters), {kind}, {len(cases)} methods x {repeats} rounds")
+            times = bu.time_side_by_side(cases, repeats=repeats, warmup=1, device=dev)
+            ref_t = bu.median(times["reference loop"])
+            for method, fn in cases.items():
+                _, peak = bu.peak_extra_memory(fn, dev)
+                t = bu.median(times[method])
+                rows.append({"model": name, "kind": kind, "method": method, "params": P, "seconds": t,
+                             "speedup_vs_reference": ref_t / t,
+                             "peak_extra_MB": None if peak is None else peak / 2**20})
     return {"benchmark": "fisher", "device": str(dev), "machine": bu.machine_info(dev), "samples": samples,
-            "kind": "empirical", "repeats": repeats, "rows": rows}
+            "kinds": list(kinds), "repeats": repeats, "rows": rows}
 
 
 def format_fisher(result: dict) -> str:
     """The Fisher result as a markdown table."""
-    lines = [f"Fisher diagonal (empirical), N = {result['samples']} samples, {result['repeats']} round-robin "
+    lines = [f"Fisher diagonal, N = {result['samples']} samples, {result['repeats']} round-robin "
              f"repeats, medians; peak = extra memory over the baseline", "",
-             f"| {'model':<11} | {'params':>7} | {'method':<16} | {'seconds':>8} | {'speed-up':>8} | {'peak MB':>8} |",
-             f"|{'-' * 13}|{'-' * 9}|{'-' * 18}|{'-' * 10}|{'-' * 10}|{'-' * 10}|"]
+             f"| {'model':<11} | {'params':>7} | {'kind':<9} | {'method':<16} | {'seconds':>8} | {'speed-up':>8} "
+             f"| {'peak MB':>8} |",
+             f"|{'-' * 13}|{'-' * 9}|{'-' * 11}|{'-' * 18}|{'-' * 10}|{'-' * 10}|{'-' * 10}|"]
     for r in result["rows"]:
         peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
-        lines.append(f"| {r['model']:<11} | {r['params'] / 1e6:>6.2f}M | {r['method']:<16} | {r['seconds']:>8.3f} | "
-                     f"{r['speedup_vs_reference']:>7.2f}x | {peak:>8} |")
+        lines.append(f"| {r['model']:<11} | {r['params'] / 1e6:>6.2f}M | {r.get('kind', 'empirical'):<9} | "
+                     f"{r['method']:<16} | {r['seconds']:>8.3f} | {r['speedup_vs_reference']:>7.2f}x | {peak:>8} |")
     return "\n".join(lines)
 
 
