@@ -16,6 +16,12 @@ Binding. The buffers are laid out to match the model at the first ``forward``/``
 (moving them to the parameters' devices); every later call checks, in one pass over
 ``named_parameters()``, that no protected parameter was replaced, moved, reshaped, re-typed or
 (un)frozen, and rebuilds the per-group plans only when one was.
+
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters; ``sharding.py``). Full Fisher and
+anchor tensors are split like the parameters, locally, and only the rank's piece is stored; the
+penalty and its gradient are computed on the local pieces and the value alone is all-reduced.
+The state then holds the rank's pieces with their mesh coordinate, and is refused by a process
+whose pieces differ.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .backends import GroupPlan, select_backend
 from .errors import EWCInputError, ModelMismatchError
 from .packing import FlatPacking
 from .selection import ParamSelection
+from .sharding import ShardInfo, all_reduce_value, full, is_sharded, local, local_piece, reduce_groups
 from .validation import (
     BACKENDS, MODES, _names, _prefix_hint, check_choice, check_gamma, check_lambda,
     check_storage_dtype, check_task,
@@ -48,8 +55,9 @@ class _Binding:
     """Per-model plans: which parameters are protected, their buffer views, their backends."""
 
     def __init__(self, model: nn.Module, key: list, plans: list[GroupPlan], backends: list,
-                 constant: float, out_dtype: torch.dtype, out_device: torch.device):
+                 constant: float, out_dtype: torch.dtype, out_device: torch.device, groups: list | None = None):
         self.model_ref = weakref.ref(model)
+        self.groups = groups  # process groups to sum the value over (sharded models), else None
         self.key = key
         self.plans = plans
         self.backends = backends
@@ -192,6 +200,7 @@ class EWCRegularizer(nn.Module):
         self._anchor: list[torch.Tensor] = []
         self._constant: dict[str, float] = {}
         self._param_dtypes: dict[str, torch.dtype] = {}  # recorded at the first bind
+        self._sharding: dict[str, ShardInfo] = {}  # names stored as a rank's piece of a DTensor
         self._tasks_seen = 0
         self._binding: _Binding | None = None
         self._model_ref = None
@@ -246,11 +255,13 @@ class EWCRegularizer(nn.Module):
                 f"storage_dtype={self._storage_dtype}, backend={self._backend!r}")
 
     def importance(self) -> dict[str, torch.Tensor]:
-        """The folded importance ``A`` per name (views of the flat buffer, storage dtype)."""
+        """The folded importance ``A`` per name (views of the flat buffer, storage dtype; for a
+        sharded model, this rank's piece)."""
         return self._packing.unpack(self._importance) if self._packing is not None else {}
 
     def anchors(self) -> dict[str, torch.Tensor]:
-        """The anchor ``m`` per name (views of the flat buffer, storage dtype)."""
+        """The anchor ``m`` per name (views of the flat buffer, storage dtype; for a sharded
+        model, this rank's piece)."""
         return self._packing.unpack(self._anchor) if self._packing is not None else {}
 
     # -- registration --------------------------------------------------------------------------
@@ -268,12 +279,24 @@ class EWCRegularizer(nn.Module):
 
         Names filtered out by ``include``/``exclude`` (or a 0 layer multiplier) are ignored. On
         any error nothing is changed.
+
+        Sharded models (FSDP2): give full tensors (or DTensors, gathered first) with the
+        parameters' global shapes, and the model; every rank must call this with the same
+        dicts, and stores only its own piece.
         """
         if model is None and self._model_ref is not None:
             model = self._model_ref()
-        model_params = dict(unwrap_model(model).named_parameters(remove_duplicate=False)) if model is not None else None
-        known = {e.name: e.shape for e in self._packing.entries} if self._packing is not None else {}
-        check_task(fisher, optimal_params, known, model_params)
+        if model is not None:
+            model = unwrap_model(model)
+        model_params = dict(model.named_parameters(remove_duplicate=False)) if model is not None else None
+        if isinstance(fisher, Mapping) and isinstance(optimal_params, Mapping):
+            # DTensor inputs (e.g. a snapshot of a sharded model's parameters): validate and split
+            # the full tensors, so every rank sees the same values and raises the same errors.
+            fisher = {n: full(t) for n, t in fisher.items()}
+            optimal_params = {n: full(t) for n, t in optimal_params.items()}
+        known = {e.name: self._sharding[e.name].global_shape if e.name in self._sharding else e.shape
+                 for e in self._packing.entries} if self._packing is not None else {}
+        check_task(fisher, optimal_params, {n: torch.Size(s) for n, s in known.items()}, model_params)
 
         scales = {n: self._selection.scale(n) for n in fisher}
         kept = [n for n in fisher if scales[n] > 0.0]
@@ -282,13 +305,36 @@ class EWCRegularizer(nn.Module):
                 f"no parameter of this task is protected: include/exclude/layer_lambdas "
                 f"({self._selection.to_config()}) filter out all of {_names(list(fisher))}")
 
+        sharded = {n: model_params[n] for n in kept if model_params is not None and is_sharded(model_params[n])}
+        stale = [n for n in kept if n in self._sharding and n not in sharded]
+        if stale:
+            where = ("pass model= so that the full tensors can be split like its parameters" if model is None
+                     else "the model's parameter is a plain tensor now")
+            raise ModelMismatchError(
+                f"{_names(stale)} stored as one rank's piece of a sharded parameter "
+                f"({self._sharding[stale[0]].describe()}): {where}")
+        if sharded and self._packing is not None and any(
+                e.name in model_params and is_sharded(model_params[e.name]) and e.name not in self._sharding
+                for e in self._packing.entries):
+            self._rebind(model)  # split the full tensors stored so far like the parameters first
+        sharding = dict(self._sharding)
+        fisher, optimal_params = dict(fisher), dict(optimal_params)  # never write into the caller's dicts
+        for n, p in sharded.items():
+            info = ShardInfo.of(p)
+            if n in sharding and sharding[n] != info:
+                raise ModelMismatchError(f"{n!r} is stored as {sharding[n].describe()}, but this process holds "
+                                         f"{info.describe()}")
+            sharding[n] = info
+            fisher[n] = local_piece(fisher[n], p)
+            optimal_params[n] = local_piece(optimal_params[n], p)
+
         # Grow the layout for names seen for the first time (new buffers, old content copied).
         packing, importance, anchor = self._packing, self._importance, self._anchor
         new = [n for n in kept if packing is None or n not in packing]
         if new:
             specs = [(e.name, e.shape, e.dtype, e.device) for e in packing.entries] if packing is not None else []
             for n in new:
-                ref = model_params[n] if model_params is not None else optimal_params[n]
+                ref = local(model_params[n]) if model_params is not None else optimal_params[n]
                 specs.append((n, ref.shape, ref.dtype, ref.device))
             grown = FlatPacking(specs)
             importance = [b.zero_() for b in grown.empty(self._storage_dtype)]
@@ -310,6 +356,7 @@ class EWCRegularizer(nn.Module):
                     packing.view(importance, e.name).mul_(self._gamma)
 
         self._packing, self._importance, self._anchor, self._constant = packing, importance, anchor, constant
+        self._sharding = sharding
         self._tasks_seen += 1
         self._binding = None  # buffers or constants changed: plans are rebuilt at the next step
 
@@ -352,10 +399,12 @@ class EWCRegularizer(nn.Module):
         """One pass over the model: a cheap fingerprint of the stored names' parameters, and them."""
         index = self._packing.index
         key, found = [], {}
-        for n, p in model.named_parameters():
-            if n in index:
-                key.append((n, p.data_ptr(), p.shape, p.dtype, p.device, p.requires_grad))
-                found[n] = p
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in index:
+                    q = local(p)  # a DTensor's own data_ptr is 0: fingerprint its local piece
+                    key.append((n, q.data_ptr(), q.shape, p.shape, p.dtype, q.device, p.requires_grad))
+                    found[n] = p
         return key, found
 
     def _bind(self, model: nn.Module) -> tuple[_Binding, list[torch.Tensor]]:
@@ -367,7 +416,7 @@ class EWCRegularizer(nn.Module):
             b = self._rebind(model)
             key, found = self._walk(model)  # names may have been canonicalised
             b.key = key
-        return b, b.set_params([found[n] for plan in b.plans for n in plan.names])
+        return b, [found[n] for plan in b.plans for n in plan.names]
 
     def _rebind(self, model: nn.Module) -> _Binding:
         packing = self._packing
@@ -376,6 +425,7 @@ class EWCRegularizer(nn.Module):
         resolved: dict[str, tuple[str, torch.Tensor]] = {}
         owner: dict[str, str] = {}
         missing, problems = [], []
+        to_split: dict[str, torch.Tensor] = {}  # stored full, the parameter is sharded: split now
         for e in packing.entries:
             p = everything.get(e.name)
             if p is None:
@@ -388,7 +438,27 @@ class EWCRegularizer(nn.Module):
                     f"register it once, under {canon!r}")
             owner[canon] = e.name
             resolved[e.name] = (canon, p)
-            if p.shape != e.shape:
+            stored = self._sharding.get(e.name)
+            if is_sharded(p):
+                info = ShardInfo.of(p)
+                if stored is None:
+                    if p.shape != e.shape:
+                        problems.append(f"{e.name!r} has shape {tuple(p.shape)}, registered with {tuple(e.shape)}")
+                    else:
+                        to_split[e.name] = p
+                elif stored != info:
+                    problems.append(
+                        f"{e.name!r} is stored as {stored.describe()}, but this process holds {info.describe()}: "
+                        f"load the state that this rank saved, or register the full tensors in a fresh "
+                        f"regularizer with register_task(..., model=model)")
+                elif local(p).shape != e.shape:
+                    problems.append(f"{e.name!r} has local shape {tuple(local(p).shape)}, stored with {tuple(e.shape)}")
+            elif stored is not None:
+                problems.append(
+                    f"{e.name!r} is stored as {stored.describe()} of a sharded model, but the model's parameter is "
+                    f"a plain tensor: load the state into the sharded model (fully_shard first) on the rank that "
+                    f"saved it, or register the full tensors in a fresh regularizer")
+            elif p.shape != e.shape:
                 problems.append(f"{e.name!r} has shape {tuple(p.shape)}, registered with {tuple(e.shape)}")
             if not p.is_floating_point():
                 problems.append(f"{e.name!r} has non-floating dtype {p.dtype}")
@@ -401,23 +471,34 @@ class EWCRegularizer(nn.Module):
         if problems:
             raise ModelMismatchError("the model no longer matches the registered parameters: " + "; ".join(problems))
 
+        named = {canon: p for canon, p in resolved.values()}
+        groups = reduce_groups({n: p for n, p in named.items() if p.requires_grad})
+
         # Lay the buffers out like the model (names canonical, groups by the parameters'
-        # device and dtype). Built aside and swapped in, so a failure leaves the state as it was.
-        bound = FlatPacking((resolved[e.name][0], e.shape, resolved[e.name][1].dtype, resolved[e.name][1].device)
-                            for e in packing.entries)
-        if not bound.same_layout(packing):
+        # device and dtype; a sharded parameter's local piece). Built aside and swapped in, so a
+        # failure leaves the state as it was.
+        bound = FlatPacking((resolved[e.name][0], local(resolved[e.name][1]).shape, resolved[e.name][1].dtype,
+                             local(resolved[e.name][1]).device) for e in packing.entries)
+        if to_split or not bound.same_layout(packing):
             rename = {e.name: resolved[e.name][0] for e in packing.entries}
-            old_a, old_m = packing.unpack(self._importance), packing.unpack(self._anchor)
-            importance = bound.pack({rename[n]: t for n, t in old_a.items()}, self._storage_dtype)
-            anchor = bound.pack({rename[n]: t for n, t in old_m.items()}, self._storage_dtype)
-            self._constant = {rename[n]: c for n, c in self._constant.items()}
+
+            def relaid(buffers):
+                return {rename[n]: local_piece(t, to_split[n]) if n in to_split else t
+                        for n, t in packing.unpack(buffers).items()}
+
+            importance = bound.pack(relaid(self._importance), self._storage_dtype)
+            anchor = bound.pack(relaid(self._anchor), self._storage_dtype)
+            # A split parameter's constant is a sum over all its elements: keep it on one rank only.
+            self._constant = {rename[n]: (c if n not in to_split or ShardInfo.of(to_split[n]).keeps_constant else 0.0)
+                              for n, c in self._constant.items()}
             self._param_dtypes = {rename.get(n, n): d for n, d in self._param_dtypes.items()}
+            self._sharding = {rename.get(n, n): i for n, i in self._sharding.items()}
+            self._sharding.update({rename[n]: ShardInfo.of(p) for n, p in to_split.items()})
             self._packing, self._importance, self._anchor = bound, importance, anchor
             packing = bound
         for e in packing.entries:
             self._param_dtypes.setdefault(e.name, e.dtype)
 
-        named = {canon: p for canon, p in resolved.values()}
         plans, backends, constant = [], [], []
         for g, group in enumerate(packing.groups):
             members = [packing.entries[i] for i in group.entries if named[packing.entries[i].name].requires_grad]
@@ -436,7 +517,7 @@ class EWCRegularizer(nn.Module):
         out_dtype = torch.float64 if any(p.compute_dtype == torch.float64 for p in plans) else torch.float32
         out_device = plans[0].device if plans else _model_device(model)
         self._model_ref = weakref.ref(model)
-        self._binding = _Binding(model, None, plans, backends, math.fsum(constant), out_dtype, out_device)
+        self._binding = _Binding(model, None, plans, backends, math.fsum(constant), out_dtype, out_device, groups)
         return self._binding
 
     # -- the penalty ---------------------------------------------------------------------------
@@ -453,9 +534,14 @@ class EWCRegularizer(nn.Module):
         binding, params = self._bind(model)
         if not binding.plans:
             return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
+        if binding.groups is not None:
+            params = [local(p) for p in params]  # differentiable: the gradient lands in the DTensor's .grad
+        binding.set_params(params)
         if torch.is_grad_enabled():
-            return _PenaltyFunction.apply(binding, self._lambda, *params)
-        return binding.value(self._lambda)
+            value = _PenaltyFunction.apply(binding, self._lambda, *params)
+        else:
+            value = binding.value(self._lambda)
+        return all_reduce_value(value, binding.groups) if binding.groups else value
 
     @torch.no_grad()
     def accumulate_grad_(self, model: nn.Module) -> torch.Tensor:
@@ -468,10 +554,23 @@ class EWCRegularizer(nn.Module):
         """
         if self._packing is None:
             return torch.zeros((), device=_model_device(model))
-        binding, _ = self._bind(model)
+        binding, params = self._bind(model)
         if not binding.plans:
             return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
-        return binding.accumulate(self._lambda)
+        if binding.groups is None:
+            binding.set_params(params)
+            return binding.accumulate(self._lambda)
+        # Sharded: the backends update the local pieces of the DTensor gradients in place,
+        # through stand-ins that alias the local pieces of the parameter and of its gradient.
+        stand_ins = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            q = p.to_local().detach()
+            q.grad = p.grad.to_local()
+            stand_ins.append(q)
+        binding.set_params(stand_ins)
+        return all_reduce_value(binding.accumulate(self._lambda), binding.groups)
 
     def consolidate(self, model: nn.Module, data, **estimate_fisher_kwargs):
         """End of a task: estimate the Fisher on ``data`` (:func:`fastewc.estimate_fisher` with
@@ -495,6 +594,7 @@ class EWCRegularizer(nn.Module):
             "param_dtypes": {n: str(d).removeprefix("torch.") for n, d in self._param_dtypes.items()},
             "importance": self.importance(), "anchor": self.anchors(),
             "constant": dict(self._constant),
+            "sharding": {n: i.to_dict() for n, i in self._sharding.items()},
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -517,9 +617,16 @@ class EWCRegularizer(nn.Module):
             staged._anchor = packing.pack(anc, staged._storage_dtype)
         staged._constant = {n: float(c) for n, c in state["constant"].items()}
         staged._param_dtypes = {n: _dtype(d) for n, d in state["param_dtypes"].items()}
+        sharding = state.get("sharding", {})  # absent in states written before sharding support
+        if not isinstance(sharding, dict) or set(sharding) - set(names):
+            raise EWCInputError("EWCRegularizer state: 'sharding' must map stored names to their shard layout")
+        try:
+            staged._sharding = {n: ShardInfo.from_dict(d) for n, d in sharding.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EWCInputError(f"EWCRegularizer state: unreadable 'sharding' entry ({exc})") from None
         staged._tasks_seen = int(state["tasks_seen"])
         for k in ("_lambda", "_mode", "_gamma", "_storage_dtype", "_selection", "_backend", "_packing",
-                  "_importance", "_anchor", "_constant", "_param_dtypes", "_tasks_seen"):
+                  "_importance", "_anchor", "_constant", "_param_dtypes", "_sharding", "_tasks_seen"):
             setattr(self, k, getattr(staged, k))
         self._binding, self._model_ref = None, None
 
