@@ -23,6 +23,7 @@ from ._optional import require
 from .benchutil import available_memory
 from .errors import EWCInputError
 from .reference import eval_mode
+from .sharding import is_sharded
 
 KINDS = ("empirical", "sampled", "exact")
 METHODS = ("auto", "rules", "vmap", "loop", "batched")
@@ -119,10 +120,13 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
             ``sampled`` and ``exact`` use softmax cross-entropy on the logits; for dict batches
             every position counts except where ``attention_mask`` is 0.
         num_samples: use exactly this many samples (the first ones); default all.
-        method: ``"vmap"`` (``torch.func`` per-sample gradients in chunks), ``"loop"`` (one
-            backward per sample), ``"auto"`` (vmap; falls back to loop, with one warning naming
-            the reason, when ``torch.func`` cannot transform the model) or ``"batched"`` (the
-            seeds' square of mini-batch gradients: biased, not the Fisher; by name only).
+        method: ``"rules"`` (one batched backward with per-layer formulas, checked on a probe
+            of 3 samples; parameters no rule covers go through vmap), ``"vmap"`` (``torch.func``
+            per-sample gradients in chunks), ``"loop"`` (one backward per sample), ``"auto"``
+            (rules when they cover every parameter, else vmap; falls back to loop, with one
+            warning naming the reason, when ``torch.func`` cannot transform the model) or
+            ``"batched"`` (the seeds' square of mini-batch gradients: biased, not the Fisher; by
+            name only).
         chunk_size: samples per vmap call. Default: from ``max_memory`` (bytes for one chunk's
             per-sample gradients; default a quarter of free host / device memory), at most 64.
         params: names / globs / predicate selecting the parameters (default: all with
@@ -130,6 +134,8 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
         progress: show a tqdm progress bar (``pip install tqdm``).
         generator: random generator for ``kind="sampled"``.
         top_k: classes per position for ``kind="exact"`` (large vocabularies).
+        return_info: also return a :class:`FisherReport` (which rule computed which module,
+            which parameters went per sample, and why).
 
     Returns:
         ``{name: tensor}`` shaped like the parameters, float32 (float64 for float64
@@ -149,6 +155,12 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     if kind == "exact" and loss_fn is not None:
         raise EWCInputError("kind='exact' sums softmax cross-entropy over the classes; it cannot use a custom loss_fn")
     selected = select_parameters(model, params)
+    sharded = [n for n, p in selected.items() if is_sharded(p)]
+    if sharded:
+        raise EWCInputError(
+            f"estimate_fisher does not run on sharded (FSDP2 / DTensor) parameters, e.g. {sharded[0]!r}: estimate on "
+            f"the unsharded model (with DDP every rank estimates on its shard of the data), then register the full "
+            f"dicts on the sharded model with register_task(fisher, optimum, model=model)")
     if method == "batched":
         return _batched(model, data, selected, loss_fn, kind, num_samples)
 
@@ -173,13 +185,16 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                                     "'labels'; use kind='sampled' or 'exact' for unlabelled data")
             if plan is None and method in ("auto", "rules"):
                 plan = engine.make_plan(model, selected)
-                engine.probe_plan(problem, plan, batch)
-                if method == "auto" and plan.leftover and plan.modules:
-                    # A parameter without a rule needs a per-sample pass through the whole model,
-                    # which computes the ruled layers' per-sample gradients on the way for little
-                    # extra: rules + that pass cost more than one vmap pass over everything
-                    # (benchmark Transformer, N = 512: 0.88 s against 0.70 s).
-                    plan.drop_all("auto: other parameters need a per-sample pass through the model anyway")
+                # auto: a parameter without a rule needs a per-sample pass through the whole
+                # model, which computes the ruled layers' per-sample gradients on the way for
+                # little extra: rules + that pass cost more than one vmap pass over everything
+                # (benchmark Transformer, N = 512: 0.88 s against 0.70 s). Decided before the
+                # probe when the plan already leaves something out, after it when the probe does.
+                for stage in ("plan", "probe"):
+                    if stage == "probe" and plan.modules:
+                        engine.probe_plan(problem, plan, batch)
+                    if method == "auto" and plan.leftover and plan.modules:
+                        plan.drop_all("auto: other parameters need a per-sample pass through the model anyway")
                 left = _restrict(problem, plan.leftover)
             labels = ps.sample_labels(problem, batch, generator) if kind == "sampled" else None
             if plan is not None and plan.modules:
