@@ -272,3 +272,59 @@ def test_unreadable_sharding_entry_in_a_state_is_refused():
     old = EWCRegularizer()
     old.load_state_dict({**state, "_extra_state": extra})
     assert float(old(model).detach()) == pytest.approx(float(ewc(model).detach()), rel=1e-12)
+
+
+# -- HSDP: a 2 x 2 mesh (replicate x shard), 4 processes ---------------------------------------
+def _hsdp_worker(rank, init_file, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4)
+    seen = {}
+    try:
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        x, y = _data()
+        for style in ("loss", "accumulate"):
+            for when in ("with_model", "late"):
+                model = _model()
+                for layer in model:
+                    if isinstance(layer, nn.Linear):
+                        fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                ewc = EWCRegularizer(LAM)
+                for fisher, anchor in _tasks(_model()):
+                    ewc.register_task(fisher, anchor, **({"model": model} if when == "with_model" else {}))
+                if style == "loss":
+                    value = ewc(model)
+                    (_loss(model, x, y) + value).backward()
+                else:
+                    _loss(model, x, y).backward()
+                    value = ewc.accumulate_grad_(model)
+                seen[(style, when)] = {"value": float(value.detach()), "grads": _full_grads(model),
+                                       "placements": [repr(p.placements) for p in model.parameters()]}
+        torch.save(seen, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def hsdp_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hsdp")
+    init_file = tempfile.mktemp(dir=tmp)
+    out = os.path.join(tmp, "seen")
+    mp.spawn(_hsdp_worker, args=(init_file, out), nprocs=4, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(4)]
+
+
+@pytest.mark.parametrize("style", ["loss", "accumulate"])
+def test_hsdp_value_and_gradients_equal_unsharded(hsdp_ranks, style):
+    """Sharded along mesh dim 1, replicated along dim 0: the value is summed over dim 1 only."""
+    want_value, want_grads = _single(style)
+    for rank, seen in enumerate(hsdp_ranks):
+        for key in [k for k in seen if k[0] == style]:
+            got = seen[key]
+            assert all("Replicate" in p and "Shard" in p for p in got["placements"])
+            assert got["value"] == pytest.approx(want_value, rel=1e-12), (rank, key)
+            for n, g in want_grads.items():
+                torch.testing.assert_close(got["grads"][n], g, rtol=1e-10, atol=1e-12, msg=f"{rank} {key} {n}")
