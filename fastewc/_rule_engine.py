@@ -16,7 +16,7 @@ from torch.func import functional_call, vmap
 
 from . import _per_sample as ps
 from ._batches import Batch
-from ._rules import rule_for
+from ._rules import RULES, rule_for
 from .errors import EWCInputError
 
 # Relative tolerance of the probe that checks the rules against the per-sample loop, by dtype:
@@ -45,6 +45,15 @@ class RulePlan:
         for mname in list(self.modules):
             self.drop(mname, why)
 
+    def absorb(self, trouble: dict[str, str]) -> None:
+        """Act on what ``rules_pass`` reported: a module whose output is modified in place later
+        is recorded with a copy from now on (once); any other trouble drops the module."""
+        for mname, why in trouble.items():
+            if why == "clone" and mname not in self.clone:
+                self.clone.add(mname)
+            else:
+                self.drop(mname, why if why != "clone" else "its output is modified in place")
+
     @property
     def rule_names(self) -> dict[str, str]:
         return {mname: rname for mname, (_, rname, _, _) in self.modules.items()}
@@ -54,13 +63,10 @@ def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
     """Structural plan: a selected parameter gets a rule when exactly one module owns it and a
     rule covers that module's type and configuration."""
     owners: dict[int, list] = {}
-    names: dict[int, str] = {}
     for mname, m in model.named_modules():
         for attr, p in m._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append((mname, m, attr))
-    for n, p in model.named_parameters():
-        names.setdefault(id(p), n)
     plan = RulePlan({}, [])
     for pname, p in selected.items():
         own = owners.get(id(p), [])
@@ -72,8 +78,7 @@ def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
         found = rule_for(m)
         if found is None:
             plan.leftover.append(pname)
-            plan.reasons[pname] = f"no rule for {type(m).__name__}" + \
-                ("" if type(m).__name__ not in ("Linear", "Embedding", "Conv1d", "Conv2d") else " in this configuration")
+            plan.reasons[pname] = f"no rule for {type(m).__name__}" + (" in this configuration" if type(m) in RULES else "")
             continue
         entry = plan.modules.setdefault(mname, (m, found[0], found[1], {}))
         entry[3][attr] = pname
@@ -264,11 +269,7 @@ def probe_plan(problem: ps.Problem, plan: RulePlan, batch: Batch) -> None:
         sums, trouble = rules_pass(check, plan, part, labels)
         if not trouble:
             break
-        for mname, t in trouble.items():
-            if t == "clone" and mname not in plan.clone:
-                plan.clone.add(mname)
-            else:
-                plan.drop(mname, t if t != "clone" else "its output is modified in place")
+        plan.absorb(trouble)
     else:
         plan.drop_all("the hooks did not settle")
         return

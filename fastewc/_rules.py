@@ -14,8 +14,8 @@ parameter belongs to exactly one module, that module is of a ruled type with the
 ``forward`` and a supported configuration, it was called exactly once in the forward pass, with
 its input positional and not modified in place afterwards. Everything else goes to the vmap
 engine (only those parameters are differentiated there), so coverage is always complete. On
-top, the caller checks the whole plan once against the per-sample loop (see
-``fisher._plan_rules``).
+top, the engine checks the whole plan once against the per-sample loop
+(``_rule_engine.probe_plan``).
 
 Each rule maps ``(module, A, [G_1 .. G_K])`` to ``{attr: sum_k sum_n g_nk^2}``; K > 1 for the
 exact Fisher, where ``G_k`` is the backward of the k-th column of the factor of the output
