@@ -425,7 +425,7 @@ class EWCRegularizer(nn.Module):
         resolved: dict[str, tuple[str, torch.Tensor]] = {}
         owner: dict[str, str] = {}
         missing, problems = [], []
-        to_split: dict[str, torch.Tensor] = {}  # stored full, the parameter is sharded: split now
+        to_split: dict[str, tuple] = {}  # stored full, the parameter is sharded: (param, its ShardInfo)
         for e in packing.entries:
             p = everything.get(e.name)
             if p is None:
@@ -445,7 +445,7 @@ class EWCRegularizer(nn.Module):
                     if p.shape != e.shape:
                         problems.append(f"{e.name!r} has shape {tuple(p.shape)}, registered with {tuple(e.shape)}")
                     else:
-                        to_split[e.name] = p
+                        to_split[e.name] = (p, info)
                 elif stored != info:
                     problems.append(
                         f"{e.name!r} is stored as {stored.describe()}, but this process holds {info.describe()}: "
@@ -483,17 +483,17 @@ class EWCRegularizer(nn.Module):
             rename = {e.name: resolved[e.name][0] for e in packing.entries}
 
             def relaid(buffers):
-                return {rename[n]: local_piece(t, to_split[n]) if n in to_split else t
+                return {rename[n]: local_piece(t, to_split[n][0]) if n in to_split else t
                         for n, t in packing.unpack(buffers).items()}
 
             importance = bound.pack(relaid(self._importance), self._storage_dtype)
             anchor = bound.pack(relaid(self._anchor), self._storage_dtype)
             # A split parameter's constant is a sum over all its elements: keep it on one rank only.
-            self._constant = {rename[n]: (c if n not in to_split or ShardInfo.of(to_split[n]).keeps_constant else 0.0)
+            self._constant = {rename[n]: (c if n not in to_split or to_split[n][1].keeps_constant else 0.0)
                               for n, c in self._constant.items()}
             self._param_dtypes = {rename.get(n, n): d for n, d in self._param_dtypes.items()}
             self._sharding = {rename.get(n, n): i for n, i in self._sharding.items()}
-            self._sharding.update({rename[n]: ShardInfo.of(p) for n, p in to_split.items()})
+            self._sharding.update({rename[n]: info for n, (_, info) in to_split.items()})
             self._packing, self._importance, self._anchor = bound, importance, anchor
             packing = bound
         for e in packing.entries:
