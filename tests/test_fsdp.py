@@ -55,19 +55,27 @@ def _loss(model, x, y):
     return F.mse_loss(model(x), y)
 
 
-def _single(style):
-    """Value and gradients of one step, unsharded and in one process."""
-    model, (x, y) = _model(), _data()
-    ewc = EWCRegularizer(LAM)
-    for fisher, anchor in _tasks(model):
-        ewc.register_task(fisher, anchor)
+def _train_step(model, ewc, style):
+    """One step on ``_data()`` with the penalty in the loss or added by accumulate_grad_; its value.
+    Every rank uses the same batch: FSDP's mean of equal gradients is the single-process gradient."""
+    x, y = _data()
     if style == "loss":
         value = ewc(model)
         (_loss(model, x, y) + value).backward()
     else:
         _loss(model, x, y).backward()
         value = ewc.accumulate_grad_(model)
-    return float(value.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return float(value.detach())
+
+
+def _single(style):
+    """Value and gradients of one step, unsharded and in one process."""
+    model = _model()
+    ewc = EWCRegularizer(LAM)
+    for fisher, anchor in _tasks(model):
+        ewc.register_task(fisher, anchor)
+    value = _train_step(model, ewc, style)
+    return value, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _sharded_model(mesh):
@@ -81,8 +89,39 @@ def _sharded_model(mesh):
     return model
 
 
-def _full_grads(model):
-    return {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+def _sharded_step(mesh, backend, style, when):
+    """``_single``'s step on a model sharded over ``mesh``: what this rank saw."""
+    model = _sharded_model(mesh)
+    ewc = EWCRegularizer(LAM, backend=backend)
+    for fisher, anchor in _tasks(_model()):
+        if when == "with_model":  # split at registration
+            ewc.register_task(fisher, anchor, model=model)
+        else:  # stored full, split at the first step
+            ewc.register_task(fisher, anchor)
+    value = _train_step(model, ewc, style)
+    return {"value": value, "grads": {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()},
+            "stored": ewc._packing.numel, "local": sum(p.to_local().numel() for p in model.parameters()),
+            "backends": ewc.active_backends, "placements": [repr(p.placements) for p in model.parameters()]}
+
+
+def _spawn(worker, nprocs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ranks")
+    init_file = tempfile.mktemp(dir=tmp)
+    out = os.path.join(tmp, "seen")
+    mp.spawn(worker, args=(init_file, out), nprocs=nprocs, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(nprocs)]
+
+
+def _assert_equal_unsharded(ranks, style):
+    want_value, want_grads = _single(style)
+    cases = [k for k in ranks[0] if isinstance(k, tuple) and style in k]
+    assert cases
+    for rank, seen in enumerate(ranks):
+        for key in cases:
+            got = seen[key]
+            assert got["value"] == pytest.approx(want_value, rel=1e-12), (rank, key)
+            for n, g in want_grads.items():
+                torch.testing.assert_close(got["grads"][n], g, rtol=1e-10, atol=1e-12, msg=f"{rank} {key} {n}")
 
 
 def _worker(rank, init_file, out):
@@ -93,7 +132,7 @@ def _worker(rank, init_file, out):
     try:
         torch.set_num_threads(1)
         mesh = init_device_mesh("cpu", (WORLD,))
-        x, y = _data()  # the same batch on both ranks: FSDP's mean of equal gradients is the gradient
+        x, y = _data()
         backends = ["torch"]
         if os.environ.get("TRITON_INTERPRET") == "1":
             if importlib.util.find_spec("triton") is not None:
@@ -101,24 +140,7 @@ def _worker(rank, init_file, out):
         for backend in backends:
             for style in ("loss", "accumulate"):
                 for when in ("with_model", "late"):
-                    model = _sharded_model(mesh)
-                    ewc = EWCRegularizer(LAM, backend=backend)
-                    for fisher, anchor in _tasks(_model()):
-                        if when == "with_model":  # split at registration
-                            ewc.register_task(fisher, anchor, model=model)
-                        else:  # stored full, split at the first step
-                            ewc.register_task(fisher, anchor)
-                    if style == "loss":
-                        value = ewc(model)
-                        (_loss(model, x, y) + value).backward()
-                    else:
-                        _loss(model, x, y).backward()
-                        value = ewc.accumulate_grad_(model)
-                    seen[(backend, style, when)] = {
-                        "value": float(value), "grads": _full_grads(model),
-                        "stored": ewc._packing.numel,
-                        "local": sum(p.to_local().numel() for p in model.parameters()),
-                        "backends": ewc.active_backends}
+                    seen[(backend, style, when)] = _sharded_step(mesh, backend, style, when)
 
         # State: each rank saves its pieces; the same rank reloads them; the other rank's are refused.
         model = _sharded_model(mesh)
@@ -175,11 +197,7 @@ def _worker(rank, init_file, out):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    init_file = tempfile.mktemp(dir=tmp)
-    out = os.path.join(tmp, "seen")
-    mp.spawn(_worker, args=(init_file, out), nprocs=WORLD, join=True)
-    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+    return _spawn(_worker, WORLD, tmp_path_factory)
 
 
 def _cases(ranks):
@@ -188,16 +206,10 @@ def _cases(ranks):
 
 @pytest.mark.parametrize("style", ["loss", "accumulate"])
 def test_value_and_gradients_equal_unsharded(ranks, style):
-    want_value, want_grads = _single(style)
-    cases = [k for k in _cases(ranks) if k[1] == style]
-    assert cases
-    for rank, seen in enumerate(ranks):
-        for key in cases:
-            got = seen[key]
-            assert got["value"] == pytest.approx(want_value, rel=1e-12), (rank, key)
-            assert got["backends"] == (key[0],)
-            for n, g in want_grads.items():
-                torch.testing.assert_close(got["grads"][n], g, rtol=1e-10, atol=1e-12, msg=f"{rank} {key} {n}")
+    _assert_equal_unsharded(ranks, style)
+    for seen in ranks:
+        for key in _cases(ranks):
+            assert seen[key]["backends"] == (key[0],)
 
 
 def test_each_rank_stores_only_its_pieces(ranks):
@@ -277,32 +289,13 @@ def test_unreadable_sharding_entry_in_a_state_is_refused():
 # -- HSDP: a 2 x 2 mesh (replicate x shard), 4 processes ---------------------------------------
 def _hsdp_worker(rank, init_file, out):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4)
-    seen = {}
     try:
         torch.set_num_threads(1)
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-        x, y = _data()
-        for style in ("loss", "accumulate"):
-            for when in ("with_model", "late"):
-                model = _model()
-                for layer in model:
-                    if isinstance(layer, nn.Linear):
-                        fully_shard(layer, mesh=mesh)
-                fully_shard(model, mesh=mesh)
-                ewc = EWCRegularizer(LAM)
-                for fisher, anchor in _tasks(_model()):
-                    ewc.register_task(fisher, anchor, **({"model": model} if when == "with_model" else {}))
-                if style == "loss":
-                    value = ewc(model)
-                    (_loss(model, x, y) + value).backward()
-                else:
-                    _loss(model, x, y).backward()
-                    value = ewc.accumulate_grad_(model)
-                seen[(style, when)] = {"value": float(value.detach()), "grads": _full_grads(model),
-                                       "placements": [repr(p.placements) for p in model.parameters()]}
+        seen = {(style, when): _sharded_step(mesh, "torch", style, when)
+                for style in ("loss", "accumulate") for when in ("with_model", "late")}
         torch.save(seen, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -310,21 +303,12 @@ def _hsdp_worker(rank, init_file, out):
 
 @pytest.fixture(scope="module")
 def hsdp_ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hsdp")
-    init_file = tempfile.mktemp(dir=tmp)
-    out = os.path.join(tmp, "seen")
-    mp.spawn(_hsdp_worker, args=(init_file, out), nprocs=4, join=True)
-    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(4)]
+    return _spawn(_hsdp_worker, 4, tmp_path_factory)
 
 
 @pytest.mark.parametrize("style", ["loss", "accumulate"])
 def test_hsdp_value_and_gradients_equal_unsharded(hsdp_ranks, style):
     """Sharded along mesh dim 1, replicated along dim 0: the value is summed over dim 1 only."""
-    want_value, want_grads = _single(style)
-    for rank, seen in enumerate(hsdp_ranks):
-        for key in [k for k in seen if k[0] == style]:
-            got = seen[key]
-            assert all("Replicate" in p and "Shard" in p for p in got["placements"])
-            assert got["value"] == pytest.approx(want_value, rel=1e-12), (rank, key)
-            for n, g in want_grads.items():
-                torch.testing.assert_close(got["grads"][n], g, rtol=1e-10, atol=1e-12, msg=f"{rank} {key} {n}")
+    for seen in hsdp_ranks:
+        assert all("Replicate" in p and "Shard" in p for key in seen for p in seen[key]["placements"])
+    _assert_equal_unsharded(hsdp_ranks, style)
