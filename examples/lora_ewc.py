@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastewc import EWCRegularizer, estimate_fisher
+from fastewc import EWCRegularizer
 
 
 class LoRALinear(nn.Module):
@@ -36,9 +36,11 @@ def lora_mlp() -> nn.Module:
 
 
 def task(seed: int, n: int = 256):
+    """A synthetic 5-class task: labels from one random linear map of the inputs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 32, generator=g)
-    return [(x[i : i + 32], (x[i : i + 32] @ torch.randn(32, 5, generator=g)).argmax(1)) for i in range(0, n, 32)]
+    y = (x @ torch.randn(32, 5, generator=g)).argmax(1)
+    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]
 
 
 def train(model, data, ewc=None, epochs=20):
@@ -57,10 +59,11 @@ def main() -> None:
     model = lora_mlp()
     a, b = task(1), task(2)
     train(model, a)
-    fisher = estimate_fisher(model, a)  # adapters only: the frozen base has no requires_grad
-    print("Fisher computed for:", sorted(fisher))
     ewc = EWCRegularizer(100.0)
-    ewc.register_task(fisher, {n: model.get_parameter(n).detach().clone() for n in fisher})
+    # Fisher, optimum snapshot and registration in one call; adapters only, because the frozen
+    # base has no requires_grad.
+    fisher, _ = ewc.consolidate(model, a)
+    print("Fisher computed for:", sorted(fisher))
     n_adapter = sum(model.get_parameter(n).numel() for n in fisher)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"protected {n_adapter} of {n_all} parameters ({100 * n_adapter / n_all:.1f}%)")

@@ -158,7 +158,9 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cp
         return out, None if base is None or peak is None else max(0, peak - base) * 1024
     finally:
         if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's dynamic ceiling: timing as before
+            # glibc's dynamic threshold tops out at 32 MB in a warmed-up process; setting it pins it
+            # there (mallopt turns the dynamic adjustment off), which later timings then run under.
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
 
 
 _M_MMAP_THRESHOLD = -3
