@@ -312,6 +312,16 @@ def test_tied_weights_go_per_sample():
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
+def test_ruled_type_in_an_unsupported_configuration_goes_per_sample():
+    # scale_grad_by_freq scales by the token counts of the whole batch: no per-sample rule for it.
+    model = nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(8, 3)).to(D)
+    data = [(torch.randint(0, 7, (5, 2)), torch.randint(0, 3, (5,)))]
+    got, info = _run(model, data)
+    assert info.rules == {"2": "linear"}
+    assert info.reasons["0.weight"] == "no rule for Embedding in this configuration"
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
 def test_subclass_with_its_own_forward_gets_no_rule():
     class Scaled(nn.Linear):
         def forward(self, x):
