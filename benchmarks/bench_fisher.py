@@ -1,6 +1,6 @@
 """CPU/GPU benchmark of the Fisher diagonal: fastewc.estimate_fisher against the reference loop.
 
-Models (``fastewc.bench_models``): MLP 784-1000-1000-10, a small CNN with BatchNorm on 3x32x32,
+Models (``fastewc.bench.models``): MLP 784-1000-1000-10, a small CNN with BatchNorm on 3x32x32,
 and a 2-layer Transformer encoder (d=128, 32 tokens). N = 512 samples in batches of 64; the
 empirical Fisher on every model, the exact Fisher on the MLP (without vmap: see --exact-methods). Methods: ``auto`` (what users get),
 ``rules`` (per-layer rules, uncovered parameters by vmap), ``vmap``, ``loop``, and a floor row:
@@ -17,7 +17,7 @@ import sys
 import warnings
 
 from fastewc import bench
-from fastewc import benchutil as bu
+from fastewc.bench import timing as bu
 
 
 def main(argv=None) -> dict:

@@ -10,7 +10,7 @@ training step, and adds the penalty's gradient into it:
 * fastewc accumulate_grad_: ``EWCRegularizer.accumulate_grad_(model)``;
 * ablation "fwd+bwd, lazy grad": the same regularizer with the backend's eager gradient switched
   off (forward computes only the value, backward re-reads theta, A, m) -- the figure behind the
-  choice documented in ``fastewc.regularizer._PenaltyFunction``.
+  choice documented in ``fastewc.penalty.regularizer._PenaltyFunction``.
 
 The memory-traffic floor is 20 bytes per parameter (read theta, F, anchor, grad; write grad) over
 the copy bandwidth measured in the same run. Cases run round-robin; medians are reported.
@@ -26,9 +26,9 @@ import sys
 import torch
 
 from fastewc import EWCRegularizer
-from fastewc import benchutil as bu
-from fastewc.backends import TorchBackend
-from fastewc.bench_models import transformer_like
+from fastewc.bench import timing as bu
+from fastewc.penalty.backends import TorchBackend
+from fastewc.bench.models import transformer_like
 from fastewc.reference import ReferenceEWC
 
 

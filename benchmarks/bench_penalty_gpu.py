@@ -6,7 +6,7 @@ storage dtype (float32, bfloat16), every case adds the penalty's gradient into a
 
 * ``reference loop``: ``fastewc.reference.ReferenceEWC`` (the seed's per-task, per-parameter
   loop), ``ewc(model).backward()``;
-* ``torch._foreach``: ``fastewc.baselines.ForeachEWC``, ``ewc(model).backward()``;
+* ``torch._foreach``: ``fastewc.bench.baselines.ForeachEWC``, ``ewc(model).backward()``;
 * ``torch.compile(loop)``: ``torch.compile`` of the reference loop's forward, then backward;
 * ``torch backend fwd+bwd`` / ``torch backend accumulate_grad_``: ``EWCRegularizer(backend="torch")``;
 * ``triton fwd+bwd`` / ``triton accumulate_grad_``: ``EWCRegularizer(backend="triton")``.
@@ -42,11 +42,11 @@ from typing import Callable
 
 import torch
 
-import fastewc.backends as backends
+import fastewc.penalty.backends as backends
 from fastewc import EWCRegularizer
-from fastewc import benchutil as bu
-from fastewc.baselines import ForeachEWC, compiled_reference
-from fastewc.bench_models import transformer_like
+from fastewc.bench import timing as bu
+from fastewc.bench.baselines import ForeachEWC, compiled_reference
+from fastewc.bench.models import transformer_like
 from fastewc.reference import ReferenceEWC
 
 LAMBDA = 1000.0

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastewc import benchutil as bu
+from fastewc.bench import timing as bu
 
 
 def pytest_addoption(parser):

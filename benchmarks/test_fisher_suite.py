@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from fastewc import benchutil as bu
+from fastewc.bench import timing as bu
 from fastewc import estimate_fisher, reference
-from fastewc.bench_models import FISHER_MODELS, fisher_problem
+from fastewc.bench.models import FISHER_MODELS, fisher_problem
 
 REFERENCE = {"empirical": reference.compute_fisher, "exact": reference.compute_exact_fisher}
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fastewc import EWCRegularizer
-from fastewc import benchutil as bu
-from fastewc.backends import triton_status
-from fastewc.baselines import ForeachEWC, compiled_reference
-from fastewc.bench_models import transformer_like
+from fastewc.bench import timing as bu
+from fastewc.penalty.backends import triton_status
+from fastewc.bench.baselines import ForeachEWC, compiled_reference
+from fastewc.bench.models import transformer_like
 from fastewc.reference import ReferenceEWC
 
 TASKS = 3

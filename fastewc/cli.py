@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from ._optional import MissingDependencyError
+from ._utils import MissingDependencyError
 from .errors import EWCInputError
 
 
@@ -46,7 +46,7 @@ def _progress(enabled: bool):
 
 def cmd_bench(args) -> int:
     from . import bench
-    from . import benchutil as bu
+    from .bench import timing as bu
 
     dev = bench.resolve_device(args.device)
     say = _progress(not args.quiet)
@@ -67,14 +67,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import benchutil as bu
+    from .bench import timing as bu
     from .demo.run import DemoConfig, format_report, run_demo
 
     cfg = DemoConfig(benchmark=args.benchmark, scenario=args.scenario, num_tasks=args.tasks, hidden=args.hidden,
                      epochs=args.epochs, lambda_ewc=args.lambda_ewc, fisher_samples=args.fisher_samples,
                      methods=tuple(args.methods.split(",")), lambdas=args.lambdas, seed=args.seed)
     if args.plot:  # fail before two minutes of training, not after
-        from ._optional import require
+        from ._utils import require
 
         require("matplotlib", extra="demo")
     result = run_demo(cfg, log=_progress(not args.quiet) or (lambda msg: None))

@@ -18,7 +18,6 @@ copy:
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from typing import Callable, Iterable, Mapping
 
@@ -26,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .selection import ParamSelection
+from ._utils import eval_mode
+from .penalty.selection import ParamSelection
 
 __all__ = [
     "estimate_fisher",
@@ -41,18 +41,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every module in eval mode; restore each module's own flag on exit (also on error)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:

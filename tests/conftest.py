@@ -1,13 +1,16 @@
 import os
+import sys
 
 # Triton kernels run on CPU tensors only under the interpreter, which must be chosen before
-# triton is first imported (DESIGN.md, "Testing without a GPU").
+# triton is first imported (docs/design.md, "Testing without a GPU").
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests of every folder share one module of test models (tests/models.py).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastewc.backends as backends  # noqa: E402
+import fastewc.penalty.backends as backends  # noqa: E402
 
 # Backends every regularizer test runs on: the PyTorch backend's two strategies (with a tiny block
 # so that odd sizes span several blocks) and, where it can run, Triton.

@@ -1,22 +1,93 @@
-"""Small models with the features the tests need: odd sizes, BatchNorm, frozen and tied weights."""
+"""The test models, one module for every test folder: small models with odd sizes, BatchNorm,
+frozen and tied weights, and the data for them.
+
+Fisher tests: each ``make_*`` returns ``(model, data)`` where ``data`` is a list of batches; build in float64
+with ``dtype=torch.float64``. Models are deterministic given the seed (the autouse fixture in
+conftest seeds the global RNG).
+
+Penalty tests: ``MODELS`` (by name), ``make_tasks`` (random Fisher / anchor dicts) and
+``perturb``.
+"""
+
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+
+def batches(*tensors, batch_size):
+    """Split equally long tensors into a list of ``tuple`` batches."""
+    n = tensors[0].shape[0]
+    return [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
+
+
+def rebatch(data, batch_size):
+    """Concatenate a list of tuple/dict batches and split again with another batch size."""
+    if isinstance(data[0], dict):
+        keys = list(data[0])
+        full = {k: torch.cat([b[k] for b in data]) for k in keys}
+        n = full[keys[0]].shape[0]
+        return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
+    full = [torch.cat([b[j] for b in data]) for j in range(len(data[0]))]
+    return batches(*full, batch_size=batch_size)
+
+
+# -- models ------------------------------------------------------------------------------------
 
 def mlp():
     return nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 5))
 
 
 class CNN(nn.Module):
+    """Conv + BatchNorm (non-trivial running statistics and affine) + linear head."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4 * 5 * 5, 3)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.randn(4) * 0.5)
+            self.bn.running_var.copy_(torch.rand(4) + 0.5)
+            self.bn.weight.copy_(torch.rand(4) + 0.5)
+            self.bn.bias.copy_(torch.randn(4) * 0.1)
 
     def forward(self, x):
         return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class Encoder(nn.Module):
+    """Token embedding + TransformerEncoder (d=16, 2 heads, dropout 0.1, LayerNorm, batch_first).
+
+    ``per_token=False``: mean-pooled classification head, logits ``[N, C]``;
+    ``per_token=True``: a head per position, logits ``[N, T, C]``.
+    """
+
+    def __init__(self, vocab=13, classes=5, per_token=False):
+        super().__init__()
+        self.per_token = per_token
+        self.emb = nn.Embedding(vocab, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        h = self.enc(self.emb(x))
+        return self.head(h if self.per_token else h.mean(1))
+
+
+class Tied(nn.Module):
+    """Embedding and output head share one weight (as in language models): logits ``[N, V]``."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 6)
+        self.mid = nn.Linear(6, 6)
+        self.out = nn.Linear(6, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(self.emb(x).mean(1))))
 
 
 def frozen():
@@ -26,20 +97,152 @@ def frozen():
     return m
 
 
-class Tied(nn.Module):
-    """Embedding and output head share one weight (as in language models)."""
+class Branchy(nn.Module):
+    """Data-dependent Python control flow: ``vmap`` cannot transform it, the loop can."""
 
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(11, 6)
-        self.mid = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 11, bias=False)
-        self.out.weight = self.emb.weight
+        self.lin = nn.Linear(13, 5)
 
     def forward(self, x):
-        return self.out(torch.tanh(self.mid(self.emb(x))))
+        y = self.lin(x)
+        if x.sum() > 0:
+            return y * 2.0
+        return y
 
 
+class ItemCall(nn.Module):
+    """Calls ``.item()`` on a tensor in forward: ``vmap`` cannot transform it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(13, 5)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * (1.0 + 0.0 * float(y.abs().max().item()))
+
+
+class Mixed(nn.Module):
+    """Submodules left in mixed train/eval states, with dropout and BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(13, 8), nn.BatchNorm1d(8), nn.Dropout(0.5))
+        self.b = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    def set_mixed(self):
+        self.train()
+        self.a[1].eval()
+        self.b.eval()
+        self.b[1].train()  # a train-mode child of an eval-mode parent
+        return self
+
+    def flags(self):
+        return {n: m.training for n, m in self.named_modules()}
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def make_mlp(n=20, batch_size=7, dtype=torch.float32):
+    model = mlp().to(dtype)
+    x, y = torch.randn(n, 13, dtype=dtype), torch.randint(0, 5, (n,))
+    return model, batches(x, y, batch_size=batch_size)
+
+
+def make_cnn(n=12, batch_size=5, dtype=torch.float32):
+    model = CNN().to(dtype)
+    x, y = torch.randn(n, 3, 6, 6, dtype=dtype), torch.randint(0, 3, (n,))
+    return model, batches(x, y, batch_size=batch_size)
+
+
+def make_encoder(n=10, batch_size=4, dtype=torch.float32, seq=6):
+    model = Encoder().to(dtype)
+    x, y = torch.randint(0, 13, (n, seq)), torch.randint(0, 5, (n,))
+    return model, batches(x, y, batch_size=batch_size)
+
+
+def make_token_encoder(n=8, batch_size=3, dtype=torch.float32, seq=5):
+    """Per-token logits ``[N, T, 5]``; some targets are ``-100`` (ignored)."""
+    model = Encoder(per_token=True).to(dtype)
+    x, y = torch.randint(0, 13, (n, seq)), torch.randint(0, 5, (n, seq))
+    y[torch.rand(n, seq) < 0.3] = -100
+    y[:, 0] = torch.randint(0, 5, (n,))  # at least one real target per sample
+    return model, batches(x, y, batch_size=batch_size)
+
+
+def make_tied(n=12, batch_size=5, dtype=torch.float32):
+    model = Tied().to(dtype)
+    x, y = torch.randint(0, 11, (n, 4)), torch.randint(0, 11, (n,))
+    return model, batches(x, y, batch_size=batch_size)
+
+
+def make_frozen(n=15, batch_size=4, dtype=torch.float32):
+    model = frozen().to(dtype)
+    x, y = torch.randn(n, 13, dtype=dtype), torch.randint(0, 5, (n,))
+    return model, batches(x, y, batch_size=batch_size)
+
+
+MAKERS = {
+    "mlp": make_mlp,
+    "cnn": make_cnn,
+    "encoder": make_encoder,
+    "token_encoder": make_token_encoder,
+    "tied": make_tied,
+    "frozen": make_frozen,
+}
+
+
+def make_gpt2(n=6, batch_size=4, seq=8, dtype=torch.float32, attn=None):
+    """Tiny random GPT-2 (no download) and dict batches with input_ids / attention_mask / labels.
+
+    Right padding of varying length: padded positions have ``attention_mask == 0`` and label
+    ``-100``. Needs ``transformers``. ``attn``: the attention implementation (``"eager"``,
+    ``"sdpa"``; None = the library's default, sdpa, whose padding-mask code reads tensor values in
+    Python and so cannot be vmapped).
+    """
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                    bos_token_id=0, eos_token_id=0)
+    if attn is not None:
+        config._attn_implementation = attn
+    model = transformers.GPT2LMHeadModel(config).to(dtype)
+    assert attn is None or model.config._attn_implementation == attn
+    ids = torch.randint(0, 61, (n, seq))
+    mask = torch.ones(n, seq, dtype=torch.long)
+    for i in range(n):
+        length = seq - (i % 3)  # 0, 1 or 2 padded positions
+        mask[i, length:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    full = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    data = [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
+    return model, data
+
+
+# -- comparison --------------------------------------------------------------------------------
+
+def assert_fisher_close(got, ref, rtol=1e-6, atol_rel=1e-9):
+    """Same names, shapes; every entry within ``rtol`` (plus ``atol_rel`` x the tensor's largest
+    entry, for entries that are sums of cancelling terms)."""
+    assert set(got) == set(ref), f"names differ: extra {set(got) - set(ref)}, missing {set(ref) - set(got)}"
+    for name, r in ref.items():
+        g = got[name]
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite entries"
+        g64, r64 = g.detach().double().cpu(), r.detach().double().cpu()
+        atol = atol_rel * float(r64.abs().max()) + 1e-30
+        err = (g64 - r64).abs() - rtol * r64.abs()
+        worst = float(err.max())
+        assert worst <= atol, f"{name}: max error beyond tolerance by {worst:.3e} (atol {atol:.3e})"
+
+
+# -- penalty tests ------------------------------------------------------------------------------
 MODELS = {"mlp": mlp, "cnn": CNN, "frozen": frozen, "tied": Tied}
 
 

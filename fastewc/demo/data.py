@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._optional import require
+from .._utils import require
 
 
 @dataclass

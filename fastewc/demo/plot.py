@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._optional import require
+from .._utils import require
 
 
 def plot_demo(result: dict, path: str, label: str = "") -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..regularizer import EWCRegularizer
+from ..penalty import EWCRegularizer
 from .data import Task, permuted_digits, split_digits
 from .metrics import average_accuracy, average_forgetting
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from .._optional import require
-from ..regularizer import EWCRegularizer
+from .._utils import require
+from ..penalty import EWCRegularizer
 
 
 def _lightning():

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from .._optional import require
-from ..regularizer import EWCRegularizer
+from .._utils import require
+from ..penalty import EWCRegularizer
 
 _transformers = require("transformers", extra="hf")
 

@@ -1,0 +1,136 @@
+"""Checks on user input. Each failure raises ``EWCInputError`` naming the parameter and what was
+expected; the checks run before any state changes, so a rejected call leaves the regularizer as
+it was."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from ..errors import EWCInputError
+
+MODES = ("separate", "online")
+BACKENDS = ("auto", "torch", "triton")
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_lambda(value, what: str = "lambda_ewc") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = float(value)
+        else:
+            raise EWCInputError(f"{what} must be a number >= 0, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise EWCInputError(f"{what} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def check_gamma(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EWCInputError(f"gamma must be a number in [0, 1], got {value!r}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0):
+        raise EWCInputError(f"gamma must be in [0, 1], got {value!r}")
+    return value
+
+
+def check_choice(value, allowed, what: str) -> str:
+    if value not in allowed:
+        raise EWCInputError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def check_storage_dtype(value) -> torch.dtype:
+    if value not in STORAGE_DTYPES:
+        names = ", ".join(str(d) for d in STORAGE_DTYPES)
+        raise EWCInputError(f"storage_dtype must be one of {names}; got {value!r}")
+    return value
+
+
+def _check_tensor(name: str, t, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise EWCInputError(f"{what}[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise EWCInputError(f"{what}[{name!r}] must be a dense tensor, got layout {t.layout}")
+    if not t.is_floating_point():
+        raise EWCInputError(f"{what}[{name!r}] must have a floating dtype, got {t.dtype}")
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise EWCInputError(
+            f"{what}[{name!r}] contains {n_nan} NaN and {n_inf} Inf values (of {t.numel()}); "
+            "expected finite values")
+
+
+def check_task(
+    fisher: Mapping[str, torch.Tensor],
+    optimal_params: Mapping[str, torch.Tensor],
+    known_shapes: Mapping[str, torch.Size],
+    model_params: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Validate one task's dicts (name -> tensor) before anything is stored.
+
+    Checks: both are dicts with the same names, not empty; every value a dense floating tensor,
+    finite; Fisher >= 0; Fisher and anchor of one name have the same shape, equal to the shape
+    registered earlier for that name (``known_shapes``) and, when the model is known
+    (``model_params``: every name the model answers to, tied aliases included), to the
+    parameter's shape.
+    """
+    for what, d in (("fisher", fisher), ("optimal_params", optimal_params)):
+        if not isinstance(d, Mapping):
+            raise EWCInputError(f"{what} must be a dict mapping parameter names to tensors, got {type(d).__name__}")
+        for k in d:
+            if not isinstance(k, str):
+                raise EWCInputError(f"{what} keys must be parameter names (str), got {k!r}")
+    only_f = [n for n in fisher if n not in optimal_params]
+    only_p = [n for n in optimal_params if n not in fisher]
+    if only_f or only_p:
+        raise EWCInputError(
+            "fisher and optimal_params must name the same parameters; "
+            f"only in fisher: {_names(only_f)}; only in optimal_params: {_names(only_p)}")
+    if not fisher:
+        raise EWCInputError("fisher is empty: expected at least one parameter name -> tensor")
+    if model_params is not None:
+        unknown = [n for n in fisher if n not in model_params]
+        if unknown:
+            raise EWCInputError(f"the model has no parameter named {_names(unknown)}{_prefix_hint(unknown, model_params)}")
+    for name in fisher:
+        f, a = fisher[name], optimal_params[name]
+        _check_tensor(name, f, "fisher")
+        _check_tensor(name, a, "optimal_params")
+        if f.shape != a.shape:
+            raise EWCInputError(
+                f"fisher[{name!r}] has shape {tuple(f.shape)} but optimal_params[{name!r}] has shape {tuple(a.shape)}")
+        if name in known_shapes and known_shapes[name] != f.shape:
+            raise EWCInputError(
+                f"fisher[{name!r}] has shape {tuple(f.shape)}, but {tuple(known_shapes[name])} was registered "
+                "for it earlier")
+        if model_params is not None and model_params[name].shape != f.shape:
+            raise EWCInputError(
+                f"fisher[{name!r}] has shape {tuple(f.shape)}, but the model's parameter has shape "
+                f"{tuple(model_params[name].shape)}")
+        if f.numel() and bool((f < 0).any()):
+            raise EWCInputError(
+                f"fisher[{name!r}] has negative entries (min {float(f.min()):.3g}); a Fisher diagonal is >= 0")
+
+
+def _names(names, limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _prefix_hint(unknown, model_params) -> str:
+    """Suggest the usual cause: a wrapper prefix such as DDP's ``module.``."""
+    for n in unknown:
+        for m in model_params:
+            if m.endswith("." + n):
+                return f" (the model has {m!r}: was the Fisher taken on an unwrapped model?)"
+            if n.endswith("." + m):
+                return f" (the model has {m!r}: was the Fisher taken on a wrapped model?)"
+    return ""

@@ -1,0 +1,12 @@
+"""Package discovery (the metadata is in pyproject.toml).
+
+Every package under ``fastewc/`` is found, none listed by hand; the top-level ``kernels/`` folder
+(only ``@triton.jit`` code) installs as ``fastewc.kernels``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    packages=find_packages(include=["fastewc", "fastewc.*"]) + ["fastewc.kernels"],
+    package_dir={"fastewc.kernels": "kernels"},
+)

@@ -1,0 +1,92 @@
+"""The ``fastewc`` command: argument parsing, one-line errors with exit status 2, and a tiny
+``bench`` run that writes valid JSON and PNG. (The ``demo`` smoke test is in test_demo_cli.py.)"""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastewc import cli
+from fastewc._utils import MissingDependencyError, require
+
+
+@pytest.mark.parametrize("text,value", [("25M", 25e6), ("1.5e6", 1.5e6), ("1B", 1e9), ("512k", 512e3), ("300", 300)])
+def test_parse_count(text, value):
+    assert cli.parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "25X", "-3M", "1e"])
+def test_parse_count_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="count like"):
+        cli.parse_count(text)
+
+
+def _err(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_unknown_device(capsys):
+    code, err = _err(capsys, ["bench", "--device", "tpu"])
+    assert code == 2 and "unknown device 'tpu'" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu(capsys):
+    code, err = _err(capsys, ["bench", "--device", "cuda"])
+    assert code == 2 and "no CUDA GPU" in err
+
+
+def test_size_that_does_not_fit_is_refused_before_allocating(capsys):
+    code, err = _err(capsys, ["bench", "--params", "100000B"])
+    assert code == 2 and "GiB" in err and "smaller size" in err
+
+
+def test_bad_demo_method(capsys):
+    code, err = _err(capsys, ["demo", "--methods", "finetune,magic"])
+    assert code == 2 and "unknown method" in err and "magic" in err
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch):
+    with pytest.raises(MissingDependencyError, match=r"fastewc\[demo\]"):
+        require("definitely_not_a_module_fastewc", extra="demo")
+
+
+def test_missing_matplotlib_exits_2_before_training(capsys, monkeypatch):
+    import fastewc._utils as opt
+
+    real = opt.importlib.import_module
+
+    def fake(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(opt.importlib, "import_module", fake)
+    code, err = _err(capsys, ["demo", "--plot", "x.png", "--epochs", "1"])
+    assert code == 2 and "fastewc[demo]" in err
+
+
+def test_bench_tiny_writes_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = cli.main(["bench", "--params", "1M", "--tasks", "2", "--repeats", "2", "--fisher-samples", "0",
+                     "--json", str(js), "--plot", str(png), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "reference loop fwd+bwd" in out and "accumulate_grad_" in out
+    data = json.loads(js.read_text())
+    rows = {r["method"]: r for r in data["penalty"]["rows"]}
+    assert rows["reference loop fwd+bwd"]["speedup_vs_reference"] == pytest.approx(1.0)
+    assert all(r["median_ms"] > 0 and r["GBps"] > 0 for r in rows.values())
+    assert data["machine"]["torch"] == torch.__version__
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "fastewc", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "bench" in r.stdout and "demo" in r.stdout

@@ -1,0 +1,393 @@
+"""The per-layer rule engine (issue 6) against reference.estimate_fisher in float64: every rule on
+random shapes, weight sharing over sequences and space, mixed models, the three kinds, the probe
+that drops what a rule cannot prove, hooks and flags restored."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastewc
+from fastewc import reference as R
+
+from models import assert_fisher_close, batches, rebatch
+
+D = torch.float64
+
+
+def _run(model, data, **kw):
+    got, info = fastewc.estimate_fisher(model, data, method="rules", return_info=True, **kw)
+    return got, info
+
+
+class Head(nn.Module):
+    """``body`` then flatten and a linear head to 3 classes (so any body gives [N, 3] logits)."""
+
+    def __init__(self, body, features):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(features, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)).flatten(1))
+
+
+def _randomise_bn(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                mod.running_mean.copy_(torch.randn_like(mod.running_mean))
+                mod.running_var.copy_(torch.rand_like(mod.running_var) + 0.5)
+                mod.weight.copy_(torch.rand_like(mod.weight) + 0.5)
+                mod.bias.copy_(torch.randn_like(mod.bias))
+    return m
+
+
+# body, input shape (without N), expected rule of the body
+CASES = {
+    "linear2d": (lambda: nn.Linear(7, 5), (7,), "linear"),
+    "linear_seq": (lambda: nn.Linear(7, 5), (4, 7), "linear"),
+    "linear_nobias_4d": (lambda: nn.Linear(7, 5, bias=False), (2, 3, 7), "linear"),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3), (3, 6, 5), "conv2d"),
+    "conv2d_strided_dilated_groups": (lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), dilation=(1, 2), padding=1,
+                                                        groups=2), (4, 7, 6), "conv2d"),
+    "conv2d_same_reflect": (lambda: nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"), (2, 5, 5), "conv2d"),
+    "conv2d_circular_nobias": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular", bias=False),
+                               (2, 4, 5), "conv2d"),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2), (3, 11), "conv1d"),
+    "layernorm": (lambda: nn.LayerNorm(6), (4, 6), "layernorm"),
+    "layernorm_2d_nobias": (lambda: nn.LayerNorm((3, 4), bias=False), (3, 4), "layernorm"),
+    "batchnorm1d": (lambda: _randomise_bn(nn.BatchNorm1d(5)), (5,), "batchnorm"),
+    "batchnorm1d_seq": (lambda: _randomise_bn(nn.BatchNorm1d(5)), (5, 3), "batchnorm"),
+    "batchnorm2d": (lambda: _randomise_bn(nn.BatchNorm2d(3)), (3, 4, 2), "batchnorm"),
+    "groupnorm": (lambda: nn.GroupNorm(2, 4), (4, 3, 2), "groupnorm"),
+}
+if hasattr(nn, "RMSNorm"):
+    CASES["rmsnorm"] = (lambda: nn.RMSNorm(6), (3, 6), "rmsnorm")
+
+
+def _affine_random(m):
+    for name, p in m.named_parameters():
+        if name.endswith("weight") and p.dim() == 1 or isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            with torch.no_grad():
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_rule_matches_reference(case):
+    make, shape, rule = CASES[case]
+    body = _affine_random(make())
+    with torch.no_grad():
+        out = body.eval()(torch.randn(2, *shape))
+    model = Head(body, out[0].numel()).to(D)
+    x = torch.randn(9, *shape, dtype=D)
+    y = torch.randint(0, 3, (9,))
+    data = batches(x, y, batch_size=4)
+    got, info = _run(model, data)
+    assert info.rules["body"] == rule and info.rules["head"] == "linear", info
+    assert not info.vmap_params and not info.loop_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+def test_embedding_rule_with_padding_and_repeats():
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4, padding_idx=0)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x)).sum(1))
+
+    model = Emb().to(D)
+    x = torch.randint(0, 4, (10, 6))  # few tokens: repeats within a sample, and padding (0)
+    x[0] = 2                          # one sample of a single repeated token
+    data = batches(x, torch.randint(0, 3, (10,)), batch_size=3)
+    got, info = _run(model, data)
+    assert info.rules == {"emb": "embedding", "head": "linear"}
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+    assert float(got["emb.weight"][0].abs().max()) == 0.0  # the padding row gets no gradient
+
+
+def test_sequence_linear_does_not_take_the_2d_shortcut():
+    """Weight shared over positions: the 2-D formula (G^2)^T (A^2) would be far off; the engine
+    must form per-sample gradients and agree with the loop."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    model = nn.Sequential(lin, nn.Flatten(1), nn.Linear(4 * 5, 3)).to(D)
+    x = torch.randn(8, 5, 6, dtype=D)
+    y = torch.randint(0, 3, (8,))
+    ref = R.estimate_fisher(model, [(x, y)])
+    got, info = _run(model, [(x, y)])
+    assert info.rules["0"] == "linear"
+    assert_fisher_close(got, ref)
+    # The shortcut on the same data: what a wrong engine would report.
+    A = x.reshape(-1, 6)
+    with torch.enable_grad():
+        h = lin(x)
+        out = model[2](model[1](h))
+        G, = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), h)
+    shortcut = (G.reshape(-1, 4).square().t() @ A.square()) / 8
+    rel = float((shortcut - ref["0.weight"]).abs().sum() / ref["0.weight"].abs().sum())
+    assert rel > 0.2, rel  # it would be wrong by this much; the engine is not
+
+
+def test_conv_weight_shared_over_space_is_exact():
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(1), nn.Linear(3 * 3 * 3, 3)).to(D)
+    x, y = torch.randn(6, 2, 4, 4, dtype=D), torch.randint(0, 3, (6,))
+    got, info = _run(model, [(x, y)])
+    assert info.rules["0"] == "conv2d"
+    assert_fisher_close(got, R.estimate_fisher(model, [(x, y)]))
+
+
+class Mixed(nn.Module):
+    """Rules for the embedding, norms and linears; none for attention and a raw parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.pos = nn.Parameter(0.1 * torch.randn(5, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.ff = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos
+        h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(torch.relu(self.ff(h)).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "sampled", "exact"])
+def test_mixed_model_rules_plus_vmap(kind):
+    model = Mixed().to(D)
+    x, y = torch.randint(0, 11, (7, 5)), torch.randint(0, 4, (7,))
+    data = batches(x, y, batch_size=3)
+    gen = (lambda: torch.Generator().manual_seed(3)) if kind == "sampled" else (lambda: None)
+    got, info = _run(model, data, kind=kind, generator=gen())
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind, generator=gen()))
+    assert info.rules == {"emb": "embedding", "norm": "layernorm", "ff": "linear", "head": "linear"}
+    assert set(info.vmap_params) == {"pos", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                                     "attn.out_proj.bias"}
+    assert "no rule for Mixed" in info.reasons["pos"]
+    assert "no rule for MultiheadAttention" in info.reasons["attn.in_proj_weight"]
+
+
+def test_auto_sends_everything_to_vmap_when_some_parameter_has_no_rule():
+    model = Mixed().to(D)
+    data = [(torch.randint(0, 11, (4, 5)), torch.randint(0, 4, (4,)))]
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    assert not info.rules and set(info.vmap_params) == set(dict(model.named_parameters()))
+    assert "per-sample pass" in info.reasons["ff.weight"]
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+def test_auto_uses_rules_on_a_fully_covered_model():
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(D)
+    data = [(torch.randn(6, 5, dtype=D), torch.randint(0, 3, (6,)))]
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    assert info.rules == {"0": "linear", "2": "linear"} and not info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_exact_through_the_rules(top_k):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(1), nn.Linear(27, 5), nn.Tanh(),
+                          nn.Linear(5, 4)).to(D)
+    data = batches(torch.randn(7, 2, 4, 4, dtype=D), torch.randint(0, 4, (7,)), batch_size=4)
+    got, info = _run(model, data, kind="exact", top_k=top_k)
+    assert set(info.rules.values()) == {"conv2d", "linear"} and not info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind="exact", top_k=top_k))
+
+
+def test_sampled_same_labels_as_reference_and_batch_size_invariant():
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4)).to(D)
+    data = batches(torch.randn(11, 5, dtype=D), torch.randint(0, 4, (11,)), batch_size=4)
+    ref = R.estimate_fisher(model, data, kind="sampled", generator=torch.Generator().manual_seed(5))
+    for bs in (1, 3, 11):
+        got, _ = _run(model, rebatch(data, bs), kind="sampled", generator=torch.Generator().manual_seed(5))
+        assert_fisher_close(got, ref)
+
+
+def test_sequence_outputs_and_ignored_positions():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 6)
+            self.lin = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.emb(x)))  # [N, T, 5]
+
+    model = Tagger().to(D)
+    x, y = torch.randint(0, 9, (6, 4)), torch.randint(0, 5, (6, 4))
+    y[1, 2:] = -100
+    got, info = _run(model, batches(x, y, batch_size=4))
+    assert info.rules == {"emb": "embedding", "lin": "linear"}
+    assert_fisher_close(got, R.estimate_fisher(model, batches(x, y, batch_size=4)))
+
+
+# -- the probe drops what a rule cannot prove ----------------------------------------------------
+
+class SideUse(nn.Module):
+    """``fc.weight`` is used by fc's forward AND directly: the rule sees only the first use."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)) + x @ self.fc.weight.t() * 0.5)
+
+
+class Twice(nn.Module):
+    """One layer applied twice: its per-sample gradient is the sum of both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.fc(torch.tanh(self.fc(x))))
+
+
+class InPlace(nn.Module):
+    """ReLU(inplace=True) overwrites the Linear's output: the engine keeps the original."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BatchMixing(nn.Module):
+    """Subtracts the batch mean: samples are not independent in a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h - 0.5 * h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("cls,dropped,why", [
+    (SideUse, "fc.weight", "disagreed with the per-sample loop"),
+    (Twice, "fc.weight", "called 2 times"),
+    (BatchMixing, "fc.weight", "mixes samples"),
+])
+def test_probe_sends_unprovable_layers_per_sample(cls, dropped, why):
+    model = cls().to(D)
+    data = batches(torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,)), batch_size=4)
+    got, info = _run(model, data)
+    assert dropped in info.vmap_params and why in info.reasons[dropped], info
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+def test_inplace_activation_after_a_ruled_layer():
+    model = InPlace().to(D)
+    data = batches(torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,)), batch_size=4)
+    got, info = _run(model, data)
+    assert info.rules == {"net.0": "linear", "net.2": "linear"}, info
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+def test_tied_weights_go_per_sample():
+    from models import Tied
+
+    model = Tied().to(D)
+    data = batches(torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6,)), batch_size=3)
+    got, info = _run(model, data)
+    assert "emb.weight" in info.vmap_params and "tied" in info.reasons["emb.weight"]
+    assert info.rules == {"mid": "linear"}
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+def test_ruled_type_in_an_unsupported_configuration_goes_per_sample():
+    # scale_grad_by_freq scales by the token counts of the whole batch: no per-sample rule for it.
+    model = nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(8, 3)).to(D)
+    data = [(torch.randint(0, 7, (5, 2)), torch.randint(0, 3, (5,)))]
+    got, info = _run(model, data)
+    assert info.rules == {"2": "linear"}
+    assert info.reasons["0.weight"] == "no rule for Embedding in this configuration"
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+def test_subclass_with_its_own_forward_gets_no_rule():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    model = nn.Sequential(Scaled(4, 3)).to(D)
+    data = [(torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,)))]
+    got, info = _run(model, data)
+    assert not info.rules and "no rule for Scaled" in info.reasons["0.weight"]
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+# -- hooks, flags, errors, report ------------------------------------------------------------------
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_hooks_with_kwargs) for m in model.modules())
+
+
+def test_hooks_removed_and_flags_restored_also_on_error():
+    model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Linear(6, 3)).to(D)
+    model.train()
+    model[1].eval()
+    data = [(torch.randn(4, 5, dtype=D), torch.randint(0, 3, (4,)))]
+    fastewc.estimate_fisher(model, data, method="rules")
+    assert _hook_count(model) == 0 and model.training and model[0].training and not model[1].training
+
+    calls = []
+
+    def bad_loss(out, t):
+        calls.append(1)
+        if len(calls) > 30:  # passes the probe, fails in the main pass
+            raise ValueError("boom")
+        return F.cross_entropy(out, t)
+
+    with pytest.raises(ValueError, match="boom"):
+        fastewc.estimate_fisher(model, data * 20, method="rules", loss_fn=bad_loss)
+    assert _hook_count(model) == 0 and model.training and model[0].training and not model[1].training
+
+
+def test_nan_sample_is_named_under_the_rules():
+    model = nn.Sequential(nn.Linear(5, 3)).to(D)
+    x = torch.randn(8, 5, dtype=D)
+    x[6, 2] = float("nan")
+    with pytest.raises(fastewc.EWCInputError, match=r"'0\.weight'.*sample 6"):
+        fastewc.estimate_fisher(model, batches(x, torch.randint(0, 3, (8,)), batch_size=4), method="rules")
+
+
+def test_report_and_log_line(caplog):
+    model = Mixed().to(D)
+    data = [(torch.randint(0, 11, (4, 5)), torch.randint(0, 4, (4,)))]
+    with caplog.at_level(logging.INFO, logger="fastewc.fisher"):
+        _, info = _run(model, data)
+    line = caplog.records[-1].getMessage()
+    assert "4 samples" in line and "ff=linear" in line and "vmap: " in line and "pos (no rule" in line
+    assert repr(info).startswith("FisherReport(")
+    assert set(info.rule_params) == {"emb.weight", "norm.weight", "norm.bias", "ff.weight", "ff.bias",
+                                     "head.weight", "head.bias"}
+
+
+def test_custom_loss_fn_through_the_rules():
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).to(D)
+    x, y = torch.randn(6, 5, dtype=D), torch.randn(6, 2, dtype=D)
+
+    def mse(out, t):
+        return ((out - t) ** 2).sum()
+
+    got, info = _run(model, [(x, y)], loss_fn=mse)
+    assert info.rules == {"0": "linear", "2": "linear"}
+    assert_fisher_close(got, R.estimate_fisher(model, [(x, y)], loss_fn=mse))
