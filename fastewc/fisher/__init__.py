@@ -7,6 +7,9 @@ registry) -> :mod:`.per_sample` (vmap and the loop, for what no rule covers) -> 
 (:func:`estimate_fisher`, which strings them together).
 """
 
+from .engine import clear_plan_cache
 from .estimate import FisherReport, estimate_fisher, select_parameters
+from .rules import register_rule, unregister_rule
 
-__all__ = ["estimate_fisher", "FisherReport", "select_parameters"]
+__all__ = ["estimate_fisher", "FisherReport", "select_parameters", "register_rule", "unregister_rule",
+           "clear_plan_cache"]

@@ -57,6 +57,15 @@ class Batch:
         return Batch(self.inputs.to(device), t, self.size)
 
     @property
+    def model_inputs(self):
+        """What the batched passes call the model with: a dict batch without ``labels`` (the
+        per-sample losses are formed from the logits, so the model's batch-mean loss is not
+        needed), or the positional inputs."""
+        if self.is_dict:
+            return {k: v for k, v in self.inputs.items() if k != "labels"}
+        return self.inputs
+
+    @property
     def labels(self) -> torch.Tensor | None:
         """Dataset labels: ``targets``, or ``inputs["labels"]`` for dict batches."""
         return self.inputs.get("labels") if self.is_dict else self.targets

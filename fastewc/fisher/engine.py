@@ -1,108 +1,272 @@
-"""The rule engine: plan which parameters the per-layer rules cover, run one batched forward and
-backward with hooks, apply the rules (``_rules.py``), and prove the plan on a probe.
+"""The rule engine: one batched forward and backward with hooks gives every selected parameter's
+sum of squared per-sample gradients.
 
-``estimate_fisher`` uses it for ``method="rules"`` and ``"auto"``; the parameters it does not
-cover go to the vmap engine (or the loop) in ``fisher.py``.
+1. :func:`make_plan` finds where each selected parameter is used: a module with a per-layer rule
+   (:mod:`.rules`), any other module (the module-local rule), or operations outside any module
+   (the op-local rule, for a bare ``nn.Parameter`` used in ``forward``). A tied parameter has
+   several such sites.
+2. :func:`rules_pass` runs the batched forward with the parameters detached (so autograd computes
+   only activation gradients), recording each site's inputs and outputs, forms the per-sample
+   losses (:mod:`.problem`), sums them and takes one backward to the recorded outputs. Because
+   samples do not mix in the forward pass, each sample's slice of an output gradient is that
+   sample's own gradient; the rules turn it into per-sample parameter gradients. Where a
+   parameter has one use, its rule's fast sum of squares serves; where it has several (tied
+   weights, a module called twice), the per-sample gradients of every use are added before
+   squaring.
+3. :func:`probe_plan` proves the plan once on the first samples against the per-sample loop
+   and sends what fails (with the reason) to the per-sample engines; :func:`cached_plan`
+   remembers a proven plan per model structure and input signature.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call, vmap
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import per_sample as ps
 from .batches import Batch
-from .rules import RULES, rule_for
-from ..errors import EWCInputError
+from .problem import Problem, exact_columns, logits_of, model_head, model_loss_per_sample, plain_attention, position_mask
+from .rules import BLOCK_BYTES, chunks, rule_for, sq_sum_of
+from .rules.local import Recorded, module_blocks, op_blocks, record
 
-# Relative tolerance of the probe that checks the rules against the per-sample loop, by dtype:
-# both sides are exact up to rounding (float32: sums of ~1e3 products differ by ~1e-6 relative;
-# the 2-D shortcut on a sequence layer is off by 50-90%).
+# Relative tolerance of the probe that checks the plan against the per-sample loop, by dtype:
+# both sides are exact up to rounding (float32 sums of ~1e3 products differ by ~1e-6 relative),
+# while a wrong rule (the 2-D shortcut on a sequence layer, a missed use) is off by far more.
 PROBE_RTOL = {torch.float64: 1e-7, torch.float32: 2e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
-PROBE_SAMPLES = 3
+PROBE_SAMPLES = 2
+OPS = "<ops>"  # the site of parameters used by operations outside any module
+
+
+@dataclass
+class Site:
+    """Where selected parameters are used: a module (with a rule, or module-local) or operations."""
+
+    key: str                       # "rule:<module>", "local:<module>" or OPS
+    module_name: str
+    module: nn.Module | None
+    rule: object | None            # a rules.Rule for rule sites
+    params: dict[str, str] = field(default_factory=dict)   # attr (relative name) -> selected name
+    batch_free: bool = False       # called on inputs without a batch axis (position tables): its
+                                   # output is followed into the operations that meet the batch
+
+    @property
+    def label(self) -> str:
+        if self.rule is not None:
+            return self.rule.name
+        return "op-local" if self.key == OPS else "module-local"
 
 
 @dataclass
 class RulePlan:
-    """Which module covers which selected parameter, and why the others are not covered."""
+    """Which sites cover which selected parameters; the others go per sample, with the reason."""
 
-    modules: dict[str, tuple]                      # module name -> (module, rule name, rule, {attr: param name})
-    leftover: list[str]                            # selected parameters for the vmap engine / loop
-    reasons: dict[str, str] = field(default_factory=dict)   # leftover parameter -> why
-    clone: set = field(default_factory=set)        # modules whose output a later op modifies in place
+    sites: dict[str, Site]
+    leftover: list[str]                                      # parameters for vmap / the loop
+    reasons: dict[str, str] = field(default_factory=dict)    # leftover parameter -> why
+    notes: dict[str, str] = field(default_factory=dict)      # covered parameter -> why no hand rule
+    clone: set = field(default_factory=set)                  # sites whose output a later op modifies in place
+    probe_seconds: float = 0.0
+    root: nn.Module | None = None                            # the model
 
-    def drop(self, mname: str, why: str) -> None:
-        _, _, _, attrs = self.modules.pop(mname)
-        for pname in attrs.values():
+    def copy(self) -> "RulePlan":
+        sites = {k: Site(s.key, s.module_name, s.module, s.rule, dict(s.params), s.batch_free)
+                 for k, s in self.sites.items()}
+        return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
+                        self.probe_seconds, self.root)
+
+    @property
+    def covered(self) -> set[str]:
+        return {p for s in self.sites.values() for p in s.params.values()}
+
+    def drop_param(self, pname: str, why: str) -> None:
+        for key in list(self.sites):
+            site = self.sites[key]
+            site.params = {a: p for a, p in site.params.items() if p != pname}
+            if not site.params:
+                del self.sites[key]
+        if pname not in self.leftover:
             self.leftover.append(pname)
             self.reasons[pname] = why
 
-    def drop_all(self, why: str) -> None:
-        for mname in list(self.modules):
-            self.drop(mname, why)
+    def drop_site(self, key: str, why: str) -> None:
+        for pname in list(self.sites[key].params.values()) if key in self.sites else []:
+            self.drop_param(pname, why)
 
-    def absorb(self, trouble: dict[str, str]) -> None:
-        """Act on what ``rules_pass`` reported: a module whose output is modified in place later
-        is recorded with a copy from now on (once); any other trouble drops the module."""
-        for mname, why in trouble.items():
-            if why == "clone" and mname not in self.clone:
-                self.clone.add(mname)
+    def drop_all(self, why: str) -> None:
+        for pname in sorted(self.covered):
+            self.drop_param(pname, why)
+
+    def to_local(self, key: str, why: str) -> None:
+        """A rule site whose calls the rule cannot read (keyword arguments, several tensors) goes
+        module-local."""
+        site = self.sites.pop(key)
+        new = self.sites.setdefault("local:" + site.module_name,
+                                    Site("local:" + site.module_name, site.module_name, site.module, None))
+        new.params.update(site.params)
+        for p in site.params.values():
+            self.notes[p] = why
+
+    def to_parent(self, key: str, why: str) -> None:
+        """A module that is never called: its parent's forward uses the parameters directly
+        (MultiheadAttention's ``out_proj``, say), so the parent's module-local rule takes them;
+        under the root, the operations that use them (op-local)."""
+        site = self.sites[key]
+        if site.module_name == "":
+            self.drop_site(key, why)
+            return
+        del self.sites[key]
+        parent_name, _, child = site.module_name.rpartition(".")
+        parent = self.root.get_submodule(parent_name)
+        key2 = OPS if parent_name == "" and any(True for _ in parent.children()) else "local:" + parent_name
+        new = self.sites.setdefault(key2, Site(key2, parent_name, parent if key2 != OPS else None, None))
+        for attr, p in site.params.items():
+            new.params[p if key2 == OPS else f"{child}.{attr}"] = p
+            self.notes[p] = why
+
+    def absorb(self, trouble: dict[str, tuple[str, str]]) -> None:
+        """Act on what :func:`rules_pass` reported: ``(action, reason)`` per site key."""
+        for key, (action, why) in trouble.items():
+            if key not in self.sites:
+                continue
+            if action == "clone" and key not in self.clone:
+                self.clone.add(key)
+            elif action == "local":
+                self.to_local(key, why)
+            elif action == "parent":
+                self.to_parent(key, why)
+            elif action == "batch_free":
+                self.sites[key].batch_free = True
+                for p in self.sites[key].params.values():
+                    self.notes.setdefault(p, why)
             else:
-                self.drop(mname, why if why != "clone" else "its output is modified in place")
+                self.drop_site(key, why)
 
     @property
     def rule_names(self) -> dict[str, str]:
-        return {mname: rname for mname, (_, rname, _, _) in self.modules.items()}
+        """``{module name: rule}`` for the module sites (op-local sites under ``"<ops>"``)."""
+        return {s.module_name if s.key != OPS else OPS: s.label for s in self.sites.values()}
+
+    @property
+    def method_of(self) -> dict[str, str]:
+        """``{parameter: rule}``: ``"a+b"`` for a parameter used at several sites."""
+        out: dict[str, list] = {}
+        for s in self.sites.values():
+            for p in s.params.values():
+                out.setdefault(p, []).append(s.label)
+        return {p: "+".join(sorted(set(v))) for p, v in out.items()}
 
 
 def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
-    """Structural plan: a selected parameter gets a rule when exactly one module owns it and a
-    rule covers that module's type and configuration."""
+    """Structural plan: every use of every selected parameter gets a site."""
     owners: dict[int, list] = {}
-    for mname, m in model.named_modules():
+    for mname, m in model.named_modules(remove_duplicate=False):
         for attr, p in m._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append((mname, m, attr))
-    plan = RulePlan({}, [])
+    plan = RulePlan({}, [], root=model)
+    root_has_children = any(True for _ in model.children())
     for pname, p in selected.items():
-        own = owners.get(id(p), [])
-        if len(own) != 1:
-            plan.leftover.append(pname)
-            plan.reasons[pname] = f"shared by {len(own)} modules (tied)"
-            continue
-        mname, m, attr = own[0]
-        found = rule_for(m)
-        if found is None:
-            plan.leftover.append(pname)
-            plan.reasons[pname] = f"no rule for {type(m).__name__}" + (" in this configuration" if type(m) in RULES else "")
-            continue
-        entry = plan.modules.setdefault(mname, (m, found[0], found[1], {}))
-        entry[3][attr] = pname
+        uses = owners.get(id(p), [])
+        for mname, m, attr in uses:
+            rule, why = rule_for(m)
+            if rule is not None:
+                key = "rule:" + mname
+                site = plan.sites.setdefault(key, Site(key, mname, m, rule))
+                site.params[attr] = pname
+            elif mname == "" and root_has_children:
+                site = plan.sites.setdefault(OPS, Site(OPS, "", None, None))
+                site.params[pname] = pname
+                plan.notes[pname] = "used outside any module"
+            else:
+                key = "local:" + mname
+                site = plan.sites.setdefault(key, Site(key, mname, m, None))
+                site.params[attr] = pname
+                plan.notes[pname] = why
+        if len(uses) > 1:
+            plan.notes[pname] = f"tied: used by {len(uses)} modules (" + ", ".join(u[0] or "<root>" for u in uses) + ")"
     return plan
 
 
+# -- recording ---------------------------------------------------------------------------------
+@dataclass
+class _Call:
+    rec: Recorded
+    ok_for_rule: bool              # one positional tensor argument, a tensor output
+    versions_in: list
+    versions_out: list
+
+
+def _require_grad(outputs: list, clone: bool):
+    """Make the recorded outputs part of the graph: an output computed from nothing that
+    requires grad (the first layer's, with the parameters detached) becomes a leaf that does,
+    and the model continues with a copy so that later in-place ops do not touch the leaf. With
+    ``clone``, every output is copied (a later op modifies it in place)."""
+    replaced = {}
+    for k, t in enumerate(outputs):
+        if not t.requires_grad:
+            t.requires_grad_(True)
+            replaced[k] = t.clone()
+        elif clone:
+            replaced[k] = t.clone()
+    return replaced
+
+
 class _Recorder:
-    """Forward hooks on the planned modules: each call's input and output (kept unmodified)."""
+    """Forward hooks on the module sites and, for the op site, a torch-function mode that records
+    every operation using the watched parameters."""
 
-    def __init__(self, plan: RulePlan):
-        self.calls: dict[str, list] = {m: [] for m in plan.modules}
+    def __init__(self, plan: RulePlan, n: int, values: dict[str, torch.Tensor]):
+        self.n = n
+        self.calls: dict[str, list[_Call]] = {k: [] for k in plan.sites if k != OPS}
         self.handles = []
-        for mname, (module, *_rest) in plan.modules.items():
-            self.handles.append(module.register_forward_hook(self._hook(mname, mname in plan.clone), with_kwargs=True))
+        self.ops: list[Recorded] = []
+        ops = plan.sites.get(OPS)
+        needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
+        watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
+        self.mode = _OpRecorder(self, watched) if needs_ops else None
+        for key, site in plan.sites.items():
+            if key == OPS:
+                continue
+            hook = self._batch_free_hook(site) if site.batch_free else self._hook(key, key in plan.clone)
+            self.handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
 
-    def _hook(self, mname, clone):
+    def _hook(self, key, clone):
         def hook(module, args, kwargs, output):
-            A = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
-            ok = A is not None and isinstance(output, torch.Tensor)
-            self.calls[mname].append((A, output, A._version if ok else None, output._version if ok else None, ok))
-            if ok and clone:
-                # A later op modifies this output in place: give it a copy, keep the original for
-                # the gradient (autograd's gradient w.r.t. the original is the layer's G).
-                return output.clone()
+            rec = record(args, kwargs, output, self.n)
+            ok = (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
+                  and args[0].dim() > 0 and args[0].shape[0] == self.n and len(rec.outputs) == 1)
+            call = _Call(rec, ok, [rec.leaves[k]._version for k in rec.batched], [])
+            replaced = _require_grad(rec.outputs, clone)
+            call.versions_out = [t._version for t in rec.outputs]
+            self.calls[key].append(call)
+            if not replaced:
+                return None
+            if isinstance(output, torch.Tensor):
+                return replaced[0]
+            leaves, spec = tree_flatten(output)
+            for k, t in replaced.items():
+                leaves[rec.out_index[k]] = t
+            return tree_unflatten(leaves, spec)
+        return hook
+
+    def _batch_free_hook(self, site: Site):
+        """The module's output has no batch axis: follow it into the operations that use it,
+        rebuilding it from the parameters by calling the module again."""
+        def hook(module, args, kwargs, output):
+            leaves, _ = tree_flatten(output)
+            for k, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    def build(p, k=k):
+                        mine = {a: p[n] for a, n in site.params.items()}
+                        return tree_flatten(functional_call(module, mine, args, kwargs))[0][k]
+                    self.mode.watch(t, build, set(site.params.values()))
             return None
         return hook
 
@@ -111,200 +275,380 @@ class _Recorder:
             h.remove()
 
 
-def per_sample_ce(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[N]`` per-sample cross-entropy: ``z`` [N, C] or [N, T, C], labels [N] / [N, T] (-100 =
-    ignored), mask [N, T] or None; a sequence sample's loss is the mean over its valid positions
-    (as ``_per_sample.token_cross_entropy`` for one sample)."""
-    N, C = z.shape[0], z.shape[-1]
-    ce = F.cross_entropy(z.reshape(-1, C), labels.reshape(-1), ignore_index=-100, reduction="none").view(N, -1)
-    keep = (labels.reshape(N, -1) != -100).to(ce.dtype)
-    if mask is not None:
-        keep = keep * mask.reshape(N, -1).to(ce.dtype)
-    return (ce * keep).sum(1) / keep.sum(1).clamp_min(1)
+class _OpRecorder(TorchFunctionMode):
+    """Records the operations that use watched tensors (parameters used outside any module, and
+    tensors derived from them without a batch axis)."""
+
+    def __init__(self, recorder: _Recorder, watched: dict[int, str]):
+        super().__init__()
+        self.recorder = recorder
+        self.builders = {i: (lambda p, name=name: p[name]) for i, name in watched.items()}
+        self.sources = {i: {name} for i, name in watched.items()}
+        self.keep = []  # keeps derived tensors alive so that their ids stay unique
+        self.op_trouble: str | None = None
+
+    def watch(self, t: torch.Tensor, build, sources: set) -> None:
+        self.builders[id(t)] = build
+        self.sources[id(t)] = sources
+        self.keep.append(t)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+        slots = {k: self.builders[id(x)] for k, x in enumerate(leaves)
+                 if isinstance(x, torch.Tensor) and id(x) in self.builders}
+        if not slots or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        n = self.recorder.n
+        sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
+        batched_in = any(isinstance(x, torch.Tensor) and k not in slots and x.dim() > 0 and x.shape[0] == n
+                         for k, x in enumerate(leaves))
+        if not batched_in and not (out.dim() > 0 and out.shape[0] == n and any(
+                leaves[k].dim() > 0 and leaves[k].shape[0] == n for k in slots)):
+            # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters.
+            def build(p, func=func, leaves=list(leaves), spec=spec, slots=slots):
+                ls = list(leaves)
+                for k, b in slots.items():
+                    ls[k] = b(p)
+                a, kw = tree_unflatten(ls, spec)
+                return func(*a, **kw)
+            self.watch(out, build, sources)
+            return out
+        if out.dim() == 0 or out.shape[0] != n:
+            self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
+            return out
+        rec = Recorded(leaves, spec, [out], [0], n, slots, func)
+        rec.sources = sources
+        rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
+        replaced = _require_grad(rec.outputs, False)
+        self.recorder.ops.append(rec)
+        return replaced.get(0, out)
 
 
-def _batched_losses(problem: ps.Problem, output, batch: Batch, labels) -> torch.Tensor:
-    """``[N]`` per-sample losses from one batched forward (the same numbers the per-sample engines
-    form one sample at a time)."""
-    mask = batch.inputs.get("attention_mask") if batch.is_dict else None
-    target = labels if problem.kind == "sampled" else batch.targets
-    if problem.loss_fn is not None:
-        if not isinstance(output, torch.Tensor):
-            raise _NotApplicable("a custom loss_fn on a non-tensor model output")
-        return torch.stack([ps._check_scalar(problem.loss_fn(output[i : i + 1], target[i : i + 1]))
-                            for i in range(batch.size)])
-    return per_sample_ce(ps.logits_of(output), target, mask)
+# -- the batched pass --------------------------------------------------------------------------
+def forward_inputs(model: nn.Module, batch: Batch):
+    """``(args, kwargs)`` of the batched forward. Hugging Face models get ``use_cache=False``: a
+    key/value cache is of no use here and would be shared by every replayed call."""
+    if not batch.is_dict:
+        return (batch.inputs,), {}
+    kwargs = dict(batch.model_inputs)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        kwargs.setdefault("use_cache", False)
+    return (), kwargs
 
 
-class _NotApplicable(Exception):
-    """The rules cannot express this problem at all (e.g. an HF model's own loss)."""
-
-
-def rules_pass(problem: ps.Problem, plan: RulePlan, batch: Batch, labels) -> tuple[dict, dict]:
+def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[dict, dict]:
     """One batched forward + backward over ``batch`` with hooks.
 
-    Returns ``(sums, trouble)``: ``sums`` maps each planned parameter to the sum over the batch
-    of its squared per-sample gradients (exact kind: per-sample Fisher); ``trouble`` maps module
-    names that broke the plan's assumptions to ``"clone"`` (output modified in place later: run
-    again with a copy) or a reason (drop the module). With any trouble, ``sums`` is empty.
+    Returns ``(sums, trouble)``: ``sums`` maps each covered parameter to the sum over the batch of
+    its squared per-sample gradients (exact kind: of the per-sample Fisher); ``trouble`` maps
+    site keys that broke the plan's assumptions to ``(action, reason)`` (action ``"clone"``,
+    ``"local"`` or ``"drop"``). With any trouble, ``sums`` is empty.
     """
-    rec = _Recorder(plan)
-    params = {n: p.detach() for n, p in problem.frozen.items()}
-    for n, p in problem.selected.items():
-        params[n] = p.detach().requires_grad_(True)  # the graph must reach every planned layer's output
+    n = batch.size
+    values = {k: v.detach() for k, v in {**problem.frozen, **problem.selected}.items()}
+    rec = _Recorder(plan, n, values)
     try:
-        with torch.enable_grad(), ps.plain_attention():
-            if batch.is_dict:
-                output = functional_call(problem.model, params, (), dict(batch.inputs))
+        with torch.enable_grad():
+            args, kwargs = forward_inputs(problem.model, batch)
+            if rec.mode is not None:
+                with rec.mode:
+                    output = functional_call(problem.model, values, args, kwargs)
             else:
-                output = functional_call(problem.model, params, (batch.inputs,))
-            trouble = {}
-            for mname, calls in rec.calls.items():
-                if len(calls) != 1:
-                    trouble[mname] = f"its module is called {len(calls)} times per forward"
-                    continue
-                A, out, va, vo, ok = calls[0]
-                if not ok:
-                    trouble[mname] = "its module is called with keyword or non-tensor arguments"
-                elif A._version != va:
-                    trouble[mname] = "its module's input is modified in place after the call"
-                elif out._version != vo:
-                    trouble[mname] = "clone"
+                output = functional_call(problem.model, values, args, kwargs)
+            trouble = _check_calls(plan, rec)
             if trouble:
                 return {}, trouble
-            mods = list(plan.modules)
-            outs = [rec.calls[m][0][1] for m in mods]
+            outs, where = _outputs(plan, rec)
             if problem.kind == "exact":
-                z = ps.logits_of(output)
-                if z.dim() != 2:
-                    raise _NotApplicable("the exact Fisher of sequence outputs needs a column per position "
-                                         "and class")
-                cols = _exact_columns(z, problem.top_k)
+                z = logits_of(output)
+                cols = exact_columns(z, position_mask(z, batch.inputs), problem.top_k)
                 grads_per_col = _backward_columns(z, outs, cols)
             else:
-                total = _batched_losses(problem, output, batch, labels).sum()
-                grads_per_col = [torch.autograd.grad(total, outs, allow_unused=True)]
+                total = problem.batched_losses(output, batch, labels).sum()
+                grads_per_col = [list(torch.autograd.grad(total, outs, allow_unused=True))]
     finally:
         rec.remove()
-    sums = {}
-    with torch.no_grad():
-        for j, mname in enumerate(mods):
-            module, _, rule, attrs = plan.modules[mname]
-            A, out = rec.calls[mname][0][:2]
-            Gs = [g[j] if g[j] is not None else torch.zeros_like(out) for g in grads_per_col]
-            got = rule(module, A.detach(), [G.detach() for G in Gs])
-            for attr, pname in attrs.items():
-                sums[pname] = got[attr]
-    return sums, {}
+    grads_per_col = [[torch.zeros_like(o) if g is None else g.detach() for g, o in zip(col, outs)]
+                     for col in grads_per_col]
+    with torch.no_grad(), plain_attention():
+        return _sums(problem, plan, rec, where, grads_per_col, values), {}
 
 
-def _exact_columns(z: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """``[K, N, C]`` cotangents: column k of sample n is ``sqrt(p_c) (p - e_c)`` for its k-th class
-    c, so that ``sum_k (J^T v_k)^2 = sum_c p_c (J^T (p - e_c))^2``: the columns factor the
-    output Hessian ``diag(p) - p p^T`` of softmax cross-entropy."""
-    zt = z.detach()
-    p = torch.softmax(zt.to(torch.float64 if zt.dtype == torch.float64 else torch.float32), -1).to(zt.dtype)
-    C = p.shape[-1]
-    k = C if top_k is None else min(top_k, C)
-    if k == C:
-        probs, classes = p, torch.arange(C, device=p.device).expand_as(p)
-    else:
-        probs, classes = torch.topk(p, k, -1)
-    onehot = F.one_hot(classes, C).to(p.dtype)                    # [N, K, C]
-    V = probs.sqrt().unsqueeze(-1) * (p.unsqueeze(1) - onehot)    # [N, K, C]
-    return V.transpose(0, 1)
+def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
+    trouble = {}
+    for key, calls in rec.calls.items():
+        site = plan.sites[key]
+        if site.batch_free:
+            continue
+        if calls and all(not c.rec.batched and not c.rec.outputs for c in calls):
+            trouble[key] = ("batch_free", f"{site.module_name} is called without a batch axis: followed into "
+                                          f"the operations that use its output")
+            continue
+        if not calls:
+            trouble[key] = ("parent", f"{site.module_name or '<root>'} is never called: its parent's forward "
+                                     f"uses the parameters directly")
+            continue
+        if site.rule is not None and not all(c.ok_for_rule for c in calls):
+            trouble[key] = ("local", f"{type(site.module).__name__} is called with keyword, several or non-tensor "
+                                     f"arguments")
+            continue
+        for c in calls:
+            if any(c.rec.leaves[k]._version != v for k, v in zip(c.rec.batched, c.versions_in)):
+                trouble[key] = ("drop", "its module's input is modified in place after the call")
+                break
+            if any(t._version != v for t, v in zip(c.rec.outputs, c.versions_out)):
+                trouble[key] = ("clone", "its output is modified in place")
+                break
+    if rec.mode is not None:
+        bad = rec.mode.op_trouble
+        if bad is None and any(any(r.leaves[k]._version != v for k, v in zip(r.batched, r.versions_in))
+                               for r in rec.ops):
+            bad = "an input of an operation using it is modified in place afterwards"
+        if bad is not None:
+            for key, site in plan.sites.items():
+                if key == OPS or site.batch_free:
+                    trouble[key] = ("drop", bad)
+    return trouble
+
+
+def _outputs(plan: RulePlan, rec: _Recorder):
+    """The recorded outputs to differentiate, and where each call's outputs sit in that list."""
+    outs, where = [], {}
+    for key, calls in rec.calls.items():
+        for c, call in enumerate(calls):
+            where[(key, c)] = list(range(len(outs), len(outs) + len(call.rec.outputs)))
+            outs.extend(call.rec.outputs)
+    for c, r in enumerate(rec.ops):
+        where[(OPS, c)] = [len(outs)]
+        outs.append(r.outputs[0])
+    return outs, where
 
 
 def _backward_columns(z, outs, cols) -> list:
-    """Backward of every column; batched through autograd's vmap when it can, else one by one."""
-    try:
-        g = torch.autograd.grad(z, outs, cols, retain_graph=True, allow_unused=True, is_grads_batched=True)
-        return [[None if t is None else t[k] for t in g] for k in range(cols.shape[0])]
-    except RuntimeError:
-        return [torch.autograd.grad(z, outs, cols[k], retain_graph=True, allow_unused=True)
-                for k in range(cols.shape[0])]
-
-
-def forward_is_per_sample(problem: ps.Problem, batch: Batch) -> str | None:
-    """Check that the batched forward treats samples independently: its output equals the
-    per-sample forward under vmap. None if so, else the reason (vmap failure or mismatch)."""
-    params = {**{n: p.detach() for n, p in problem.frozen.items()},
-              **{n: p.detach() for n, p in problem.selected.items()}}
-    with torch.no_grad(), ps.plain_attention():
-        if batch.is_dict:
-            full = ps.logits_of(functional_call(problem.model, params, (), dict(batch.inputs)))
-        else:
-            full = ps.logits_of(functional_call(problem.model, params, (batch.inputs,)))
+    """Backward of every exact-Fisher column; batched through autograd's vmap when it can, in
+    groups that bound the memory, else one column at a time."""
+    out = []
+    step = 16
+    for lo in range(0, cols.shape[0], step):
+        block = cols[lo : lo + step]
         try:
-            one = vmap(lambda x: ps.logits_of(problem.call(params, x)).squeeze(0))(batch.inputs)
-        except Exception as e:  # noqa: BLE001 - any transform failure means: cannot verify
-            return f"torch.func cannot run the model per sample ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
-    rtol = PROBE_RTOL.get(full.dtype, 1e-3)
-    if full.shape != one.shape or not torch.allclose(full, one, rtol=rtol, atol=rtol * float(one.abs().max().clamp_min(1e-30))):
-        return "the model's batched output differs from its per-sample output (it mixes samples in a batch)"
+            g = torch.autograd.grad(z, outs, block, retain_graph=True, allow_unused=True, is_grads_batched=True)
+            out += [[None if t is None else t[k] for t in g] for k in range(block.shape[0])]
+        except RuntimeError:
+            out += [list(torch.autograd.grad(z, outs, block[k], retain_graph=True, allow_unused=True))
+                    for k in range(block.shape[0])]
+    return out
+
+
+def _uses(plan: RulePlan, rec: _Recorder) -> dict[str, list]:
+    """``{parameter: [(site key, call index), ...]}``: every recorded use of every covered parameter."""
+    uses: dict[str, list] = {}
+    for c, r in enumerate(rec.ops):
+        for p in r.sources:
+            uses.setdefault(p, []).append((OPS, c))
+    for key, site in plan.sites.items():
+        if key == OPS or site.batch_free:
+            continue
+        for c in range(len(rec.calls[key])):
+            for p in site.params.values():
+                uses.setdefault(p, []).append((key, c))
+    return uses
+
+
+def _blocks(plan, rec, values, key, c, grads, i, j) -> dict:
+    """Per-sample gradient blocks ``{parameter: [j - i, *shape]}`` of one use, for one column."""
+    if key == OPS:
+        r = rec.ops[c]
+        return op_blocks(r, {p: values[p] for p in r.sources}, grads, i, j)
+    site = plan.sites[key]
+    call = rec.calls[key][c]
+    if site.rule is not None:
+        A = call.rec.leaves[0]
+        got = site.rule.per_sample(site.module, A[i:j].detach(), grads[0][i:j])
+    else:
+        got = module_blocks(site.module, list(site.params), call.rec, grads, i, j)
+    return {site.params[a]: t for a, t in got.items() if a in site.params}
+
+
+def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
+    sums: dict[str, torch.Tensor] = {}
+    uses = _uses(plan, rec)
+    # One use of a rule site: the rule's own sum of squares (often without per-sample blocks).
+    for key, site in plan.sites.items():
+        if site.rule is None or site.batch_free or len(rec.calls[key]) != 1:
+            continue
+        fast = {a: p for a, p in site.params.items() if len(uses.get(p, [])) == 1}
+        if not fast:
+            continue
+        A = rec.calls[key][0].rec.leaves[0].detach()
+        got = sq_sum_of(site.rule, site.module, A, [col[where[(key, 0)][0]] for col in grads_per_col])
+        for a, p in fast.items():
+            sums[p] = got[a]
+    # Everything else: per-sample blocks of every use, added up, squared, summed.
+    rest = {p: u for p, u in uses.items() if p not in sums}
+    for p in problem.selected:
+        if p in plan.covered and p not in uses:
+            sums[p] = torch.zeros_like(problem.selected[p])  # never used in this forward: no gradient
+    if not rest:
+        return sums
+    n = rec.n
+    per = sum(problem.selected[p].numel() * problem.selected[p].element_size() for p in rest)
+    users = sorted({u for us in rest.values() for u in us}, key=str)
+    for col in grads_per_col:
+        for i, j in chunks(n, per, 4 * BLOCK_BYTES):
+            acc: dict[str, torch.Tensor] = {}
+            for key, c in users:
+                grads = [col[k] for k in where[(key, c)]]
+                for p, b in _blocks(plan, rec, values, key, c, grads, i, j).items():
+                    if p in rest:
+                        acc[p] = b if p not in acc else acc[p].add_(b)
+            for p, b in acc.items():
+                s = b.square().sum(0)
+                sums[p] = s if p not in sums else sums[p].add_(s)
+    return sums
+
+
+# -- proving the plan --------------------------------------------------------------------------
+def check_applicable(problem: Problem, batch: Batch) -> str | None:
+    """Why the rules cannot take this problem at all (None if they can)."""
+    if batch.is_dict and problem.kind == "empirical" and problem.loss_fn is None and model_head(problem.model) is None:
+        return (f"{type(problem.model).__name__}'s own loss has no per-sample form here (known heads: causal LM, "
+                f"sequence / token classification, masked LM); pass loss_fn to use the rules")
+    with torch.no_grad():
+        args, kwargs = forward_inputs(problem.model, batch.slice(0, 1))
+        out = problem.model(*args, **kwargs)
+    if problem.kind in ("sampled", "exact") or (problem.loss_fn is None and not batch.is_dict):
+        try:
+            logits_of(out)
+        except Exception:  # noqa: BLE001 - the per-sample engines raise the clear error
+            return "the model output has no logits"
     return None
 
 
-def probe_plan(problem: ps.Problem, plan: RulePlan, batch: Batch) -> None:
-    """Prove the plan on the first samples of ``batch`` and shrink it where it fails: modules that
-    break the hook assumptions or whose rule disagrees with the per-sample loop go to ``leftover``
-    with the reason. Uses the empirical loss (dataset or arg-max labels) so that no random labels
-    are drawn and no per-class loop is needed: the rules do not depend on the cotangent."""
-    why = check_applicable_output(problem, batch) or forward_is_per_sample(problem, batch.slice(0, min(16, batch.size)))
+def forward_is_per_sample(problem: Problem, batch: Batch) -> str | None:
+    """Check that the batched forward treats samples independently: each row of its output equals
+    the output of that sample alone. None if so, else the reason."""
+    with torch.no_grad():
+        args, kwargs = forward_inputs(problem.model, batch)
+        full = logits_of(problem.model(*args, **kwargs))
+        for i in range(batch.size):
+            args, kwargs = forward_inputs(problem.model, batch.slice(i, i + 1))
+            one = logits_of(problem.model(*args, **kwargs))
+            rtol = PROBE_RTOL.get(full.dtype, 1e-3)
+            if full[i : i + 1].shape != one.shape or not torch.allclose(
+                    full[i : i + 1], one, rtol=rtol, atol=rtol * float(one.abs().max().clamp_min(1e-30))):
+                return "the model's batched output differs from its per-sample output (it mixes samples in a batch)"
+    return None
+
+
+def _check_model_loss(problem: Problem, batch: Batch) -> str | None:
+    """Dict batches with the model's own loss: the per-sample losses from the batched logits must
+    equal ``model(**sample).loss`` of each sample alone."""
+    head = model_head(problem.model)
+    with torch.no_grad():
+        args, kwargs = forward_inputs(problem.model, batch)
+        mine = model_loss_per_sample(problem.model, head, logits_of(problem.model(*args, **kwargs)), batch.labels)
+        for i in range(batch.size):
+            out = problem.model(**batch.slice(i, i + 1).inputs)
+            ref = getattr(out, "loss", None)
+            if ref is None or not torch.allclose(mine[i].to(ref.dtype), ref.reshape(()), rtol=1e-4, atol=1e-6):
+                return (f"the model's own loss of one sample ({None if ref is None else float(ref):.6g}) differs from "
+                        f"its {head} loss per sample ({float(mine[i]):.6g}); pass loss_fn")
+    return None
+
+
+def probe_plan(problem: Problem, plan: RulePlan, batch: Batch) -> None:
+    """Prove the plan on the first samples of ``batch`` and shrink it where it fails: sites that
+    break the hook assumptions or whose parameters disagree with the per-sample loop go to
+    ``leftover`` with the reason. Uses the empirical loss (dataset or arg-max labels) so that no
+    random labels are drawn and no per-class loop is needed: the rules do not depend on the
+    cotangent."""
+    t0 = time.perf_counter()
+    try:
+        _probe(problem, plan, batch)
+    finally:
+        plan.probe_seconds += time.perf_counter() - t0
+
+
+def _probe(problem: Problem, plan: RulePlan, batch: Batch) -> None:
+    why = check_applicable(problem, batch) or forward_is_per_sample(problem, batch.slice(0, min(4, batch.size)))
+    part = batch.slice(0, min(PROBE_SAMPLES, batch.size))
+    if why is None and batch.is_dict and problem.kind == "empirical" and problem.loss_fn is None:
+        why = _check_model_loss(problem, part)
     if why is not None:
         plan.drop_all(why)
         return
-    part = batch.slice(0, min(PROBE_SAMPLES, batch.size))
     if problem.kind == "empirical":
         check, labels = problem, None
     else:
         with torch.no_grad():
-            out = problem.model(**part.inputs) if part.is_dict else problem.model(part.inputs)
-            labels = ps.logits_of(out).argmax(-1)
-        check = ps.Problem(problem.model, "sampled", problem.loss_fn if problem.kind == "sampled" else None,
-                           None, problem.selected, problem.frozen)
-    for _ in range(3):
-        if not plan.modules:
+            args, kwargs = forward_inputs(problem.model, part)
+            labels = logits_of(problem.model(*args, **kwargs)).argmax(-1)
+        check = Problem(problem.model, "sampled", problem.loss_fn if problem.kind == "sampled" else None,
+                        None, problem.selected, problem.frozen)
+    for _ in range(6):
+        if not plan.sites:
             return
-        sums, trouble = rules_pass(check, plan, part, labels)
+        try:
+            sums, trouble = rules_pass(check, plan, part, labels)
+        except Exception as e:  # noqa: BLE001 - any failure of the hooked pass: go per sample, say why
+            plan.drop_all(f"the batched pass with hooks failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+            return
         if not trouble:
             break
         plan.absorb(trouble)
     else:
         plan.drop_all("the hooks did not settle")
         return
-    ruled = {pname for (_, _, _, attrs) in plan.modules.values() for pname in attrs.values()}
+    covered = plan.covered
     ref = {n: torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                          device=p.device) for n, p in problem.selected.items() if n in ruled}
-    sub = ps.Problem(check.model, check.kind, check.loss_fn, None, {n: problem.selected[n] for n in ref},
-                     {**problem.frozen, **{n: p.detach() for n, p in problem.selected.items() if n not in ref}})
-    ps.loop_squared_sums(sub, part, labels, 0, ref)
-    for mname in list(plan.modules):
-        _, _, _, attrs = plan.modules[mname]
-        for pname in attrs.values():
-            a, b = sums[pname].to(ref[pname].dtype), ref[pname]
-            rtol = PROBE_RTOL.get(problem.selected[pname].dtype, 1e-3)
-            scale = float(b.abs().max()) if b.numel() else 0.0
-            if b.numel() and float((a - b).abs().max()) > rtol * scale + 1e-30:
-                plan.drop(mname, f"its rule disagreed with the per-sample loop on a probe (is {pname!r} used "
-                                 f"outside its module's forward?)")
-                break
+                          device=p.device) for n, p in problem.selected.items() if n in covered}
+    ps.loop_squared_sums(check.restrict(ref), part, labels, 0, ref)
+    for pname in sorted(ref):
+        a, b = sums[pname].to(ref[pname].dtype), ref[pname]
+        rtol = PROBE_RTOL.get(problem.selected[pname].dtype, 1e-3)
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        if b.numel() and float((a - b).abs().max()) > rtol * scale + 1e-30:
+            plan.drop_param(pname, f"its rule disagreed with the per-sample loop on a probe (is {pname!r} used "
+                                   f"outside its module's forward?)")
 
 
-def check_applicable_output(problem: ps.Problem, batch: Batch) -> str | None:
-    """Reasons, found from one forward, why the rules cannot take the problem (None if they can)."""
-    if batch.is_dict and problem.kind == "empirical":
-        return "dict batches use the model's own loss (output.loss), which is not per sample"
-    with torch.no_grad():
-        part = batch.slice(0, 1)
-        out = problem.model(**part.inputs) if part.is_dict else problem.model(part.inputs)
-    if problem.loss_fn is not None and not isinstance(out, torch.Tensor):
-        return "a custom loss_fn on a non-tensor model output"
-    if problem.kind in ("sampled", "exact") or problem.loss_fn is None:
-        try:
-            z = ps.logits_of(out)
-        except EWCInputError:
-            return None  # the per-sample engines raise the clear error
-        if problem.kind == "exact" and z.dim() != 2:
-            return "the exact Fisher of sequence outputs needs a column per position and class"
-    return None
+# -- proven plans, cached ----------------------------------------------------------------------
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _signature(problem: Problem, batch: Batch) -> tuple:
+    """What a proven plan depends on: the module tree, the selected parameters (identity, shape,
+    dtype), the kind and loss, and the input's structure (keys, dtypes, ranks; not the sizes)."""
+    model = problem.model
+    modules = tuple((n, id(m), type(m), m.training) for n, m in model.named_modules())
+    params = tuple((n, id(p), tuple(p.shape), p.dtype) for n, p in problem.selected.items())
+    inputs = batch.inputs.items() if batch.is_dict else [("", batch.inputs)]
+    sig_in = tuple((k, v.dtype, v.dim()) for k, v in inputs)
+    return modules, params, problem.kind, id(problem.loss_fn), problem.top_k, sig_in, batch.targets is None
+
+
+def cached_plan(problem: Problem, batch: Batch, probe: bool) -> tuple[RulePlan, bool]:
+    """``(plan, from_cache)``: the plan proven for this model and input signature, or a new one
+    (probed when ``probe``)."""
+    try:
+        per_model = _CACHE.setdefault(problem.model, {})
+    except TypeError:  # a model that cannot be weakly referenced: no cache
+        per_model = {}
+    sig = _signature(problem, batch)
+    if sig in per_model:
+        return per_model[sig].copy(), True
+    plan = make_plan(problem.model, problem.selected)
+    if probe and plan.sites:
+        probe_plan(problem, plan, batch)
+    per_model.clear()  # one proven plan per model: the latest structure
+    per_model[sig] = plan.copy()
+    return plan, False
+
+
+def clear_plan_cache() -> None:
+    """Forget every proven plan (the next ``estimate_fisher`` call probes again)."""
+    _CACHE.clear()

@@ -15,11 +15,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from . import per_sample as ps
-from . import engine
-from .batches import iter_batches
 from .._utils import available_memory, eval_mode, is_sharded, require
 from ..errors import EWCInputError
+from . import engine
+from . import per_sample as ps
+from .batches import iter_batches, read_batch
+from .problem import Problem, logits_of, per_sample_ce, sample_labels
 
 KINDS = ("empirical", "sampled", "exact")
 METHODS = ("auto", "rules", "vmap", "loop", "batched")
@@ -27,19 +28,15 @@ _log = logging.getLogger("fastewc.fisher")
 # Default share of free memory the per-sample gradients of one chunk may take. Conservative:
 # the model's activations under vmap (chunk x activation size) come on top and are not known.
 MEMORY_FRACTION = 0.25
-# Speed, not memory, decides the default chunk: about CHUNK_BYTES of per-sample gradients, at
-# most MAX_CHUNK samples. Measured on the 2-core EPYC dev VM, N = 512 (bench_models), seconds for
-# chunks of 16 / 32 / 64: MLP (7.2 MB of gradients per sample) 1.35 / 2.37 / 2.16; CNN (0.24 MB)
-# 0.55 / 0.47 / 0.54; Transformer (1.6 MB) 0.85 / 0.71 / 0.67. Big per-sample gradients want
-# small chunks (they stream through memory twice: written by vmap, then squared and summed);
-# small ones want the batch-level parallelism of big chunks.
+# Speed, not memory, decides the default vmap chunk: about CHUNK_BYTES of per-sample gradients,
+# at most MAX_CHUNK samples. Big per-sample gradients want small chunks (they stream through
+# memory twice: written by vmap, then squared and summed); small ones want the batch-level
+# parallelism of big chunks (chunk-size timings: benchmarks/results/).
 CHUNK_BYTES = 128 * 2**20
 MAX_CHUNK = 64
 # One parameter's per-sample gradients for a chunk are one allocation. glibc serves blocks above
-# its mmap threshold (at most 32 MB) with fresh pages, and faulting them in cost more than the
-# arithmetic: MLP 784-1000-1000-10 (4 MB per sample for the 1000x1000 weight), N = 512, seconds
-# for chunks of 4 / 8 / 16 / 32: 1.75 / 1.21 / 2.29 / 1.99 (reference loop 1.12). So a chunk keeps
-# its largest parameter's block under this size.
+# its mmap threshold (at most 32 MB) with fresh pages, and faulting them in costs more than the
+# arithmetic on a CPU: so a chunk keeps its largest parameter's block under this size.
 LARGEST_BLOCK_BYTES = 32 * 2**20
 
 
@@ -83,15 +80,6 @@ def _chunk_size(selected, kind: str, top_k, batch, chunk_size, max_memory) -> in
                           budget // max(1, 2 * per_sample))))
 
 
-def _locate_bad(sq: dict[str, torch.Tensor], start: int) -> str:
-    for name, t in sq.items():
-        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            return (f"the gradient of parameter {name!r} is NaN/Inf for sample {start + i} (counting from 0 "
-                    f"in the data's order); check that sample and the loss")
-    return "a squared gradient overflowed"
-
 
 def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | None = None, kind: str = "empirical",
                     num_samples: int | None = None, method: str = "auto", chunk_size: int | None = None,
@@ -107,31 +95,39 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
             depend on how the data is batched.
         loss_fn: ``loss_fn(output, target) -> scalar`` for ONE sample (``output`` and ``target``
             keep a batch axis of size 1). Default: cross-entropy on logits (for ``[1, T, C]``
-            outputs the mean over positions whose target is not -100), or ``output.loss`` for
-            dict batches.
+            outputs the mean over positions whose target is not -100), or the model's own loss
+            (``output.loss``) for dict batches.
         kind: ``"empirical"`` (dataset labels), ``"sampled"`` (labels drawn from the model's
             predictive distribution, per position for sequences; reproducible with
             ``generator``) or ``"exact"`` (``sum_y p(y|x) g_y^2`` over all classes, or the
             ``top_k`` most probable per position: a lower bound that tends to the exact value).
             ``sampled`` and ``exact`` use softmax cross-entropy on the logits; for dict batches
-            every position counts except where ``attention_mask`` is 0.
-        num_samples: use exactly this many samples (the first ones); default all.
-        method: ``"rules"`` (one batched backward with per-layer formulas, checked on a probe
-            of 3 samples; parameters no rule covers go through vmap), ``"vmap"`` (``torch.func``
-            per-sample gradients in chunks), ``"loop"`` (one backward per sample), ``"auto"``
-            (rules when they cover every parameter, else vmap; falls back to loop, with one
-            warning naming the reason, when ``torch.func`` cannot transform the model) or
-            ``"batched"`` (the seeds' square of mini-batch gradients: biased, not the Fisher; by
-            name only).
-        chunk_size: samples per vmap call. Default: from ``max_memory`` (bytes for one chunk's
-            per-sample gradients; default a quarter of free host / device memory), at most 64.
+            with ``[N, T, C]`` logits every position counts except where ``attention_mask`` is 0.
+        num_samples: use exactly this many samples (the first ones); default all. When the data
+            holds fewer, all of it is used, with one warning.
+        method: ``"auto"`` / ``"rules"``: one batched forward and backward; per-layer rules
+            (Linear, Conv, Embedding, the normalisation layers, HF ``Conv1D``, RMSNorm-style
+            scales, your own via :func:`fastewc.register_rule`), the module-local rule for any
+            other module, the op-local rule for parameters used outside any module, tied
+            parameters summed per sample over their uses. The plan is proven once per model and
+            input signature against the per-sample loop on the first samples; what fails it goes
+            through vmap (``"auto"`` falls back to the loop, with one warning naming the reason,
+            when ``torch.func`` cannot transform the model). ``"vmap"``: ``torch.func``
+            per-sample gradients of the whole model in chunks. ``"loop"``: one backward per
+            sample. ``"batched"``: the square of mini-batch gradients (biased, not the Fisher;
+            by name only).
+        chunk_size: samples per vmap call (default: from ``max_memory``, at most 64) and, when
+            given, samples per batched pass of the rules.
+        max_memory: bytes one vmap chunk's per-sample gradients may take (default a quarter of
+            free host / device memory).
         params: names / globs / predicate selecting the parameters (default: all with
             ``requires_grad``; a LoRA model gets its adapters only).
-        progress: show a tqdm progress bar (``pip install tqdm``).
+        progress: show a tqdm progress bar (``pip install tqdm``), with a total when the data
+            has a length.
         generator: random generator for ``kind="sampled"``.
         top_k: classes per position for ``kind="exact"`` (large vocabularies).
-        return_info: also return a :class:`FisherReport` (which rule computed which module,
-            which parameters went per sample, and why).
+        return_info: also return a :class:`FisherReport` (which rule covered which parameter,
+            which went per sample and why, the probe's cost).
 
     Returns:
         ``{name: tensor}`` shaped like the parameters, float32 (float64 for float64
@@ -162,48 +158,45 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
 
     frozen = {**{n: p.detach() for n, p in model.named_parameters() if n not in selected},
               **dict(model.named_buffers())}
-    problem = ps.Problem(model, kind, loss_fn, top_k, selected, frozen)
+    problem = Problem(model, kind, loss_fn, top_k, selected, frozen)
     device = next(iter(selected.values())).device
     acc_dtype = {p.dtype for p in selected.values()}
     acc_dtype = torch.float64 if torch.float64 in acc_dtype else torch.float32
     sums = {n: torch.zeros(p.shape, dtype=acc_dtype, device=device) for n, p in selected.items()}
-    bar = require("tqdm", extra="demo").tqdm(total=num_samples, unit="sample", desc="Fisher") if progress else None
+    bar = None
+    if progress:
+        bar = require("tqdm", extra="demo").tqdm(total=_total_samples(data, num_samples), unit="sample", desc="Fisher")
     report = FisherReport(method)
     use = "loop" if method == "loop" else "vmap"   # engine for what the rules do not cover
-    plan = None                                    # rules plan, made on the first batch
+    plan = None                                    # rules plan, made (or found proven) on the first batch
     left = problem                                 # the problem restricted to uncovered parameters
     seen = 0
-    with eval_mode(model):
-        for batch in iter_batches(data, num_samples):
-            batch = batch.to(device)
-            if kind == "empirical" and batch.labels is None and not (batch.is_dict and loss_fn is not None):
-                raise EWCInputError("kind='empirical' needs labels: batches must be (inputs, targets), or dicts with "
-                                    "'labels'; use kind='sampled' or 'exact' for unlabelled data")
-            if plan is None and method in ("auto", "rules"):
-                plan = engine.make_plan(model, selected)
-                # auto: a parameter without a rule needs a per-sample pass through the whole
-                # model, which computes the ruled layers' per-sample gradients on the way for
-                # little extra: rules + that pass cost more than one vmap pass over everything
-                # (fisher_cpu.json, Transformer, N = 512: rules 1.206 s, vmap 0.903 s). Decided
-                # before the probe when the plan already leaves something out (no probe to pay
-                # for), and again after it when the probe dropped a module.
-                _auto_policy(plan, method)
-                if plan.modules:
-                    engine.probe_plan(problem, plan, batch)
-                    _auto_policy(plan, method)
-                left = _restrict(problem, plan.leftover)
-            labels = ps.sample_labels(problem, batch, generator) if kind == "sampled" else None
-            if plan is not None and plan.modules:
-                _rules_batch(problem, plan, batch, labels, seen, sums, chunk_size)
-                if len(plan.leftover) != len(left.selected):  # a module left the plan (it only grows)
-                    left = _restrict(problem, plan.leftover)
-            if left.selected:
-                use = _per_sample_batch(left, batch, labels, seen, sums, use, method, chunk_size, max_memory)
-            if bar is not None:
-                bar.update(batch.size)
-            seen += batch.size
-    if bar is not None:
-        bar.close()
+    try:
+        with eval_mode(model):
+            for batch in iter_batches(data, num_samples):
+                batch = batch.to(device)
+                if kind == "empirical" and batch.labels is None and not (batch.is_dict and loss_fn is not None):
+                    raise EWCInputError("kind='empirical' needs labels: batches must be (inputs, targets), or dicts "
+                                        "with 'labels'; use kind='sampled' or 'exact' for unlabelled data")
+                if plan is None and method in ("auto", "rules"):
+                    plan, report.plan_cached = engine.cached_plan(problem, batch, probe=True)
+                    left = problem.restrict(plan.leftover)
+                labels = sample_labels(problem, batch, generator) if kind == "sampled" else None
+                if plan is not None and plan.sites:
+                    _rules_batch(problem, plan, batch, labels, seen, sums, chunk_size)
+                    if set(plan.leftover) != set(left.selected):  # a site left the plan (it only shrinks)
+                        left = problem.restrict(plan.leftover)
+                if left.selected:
+                    use = _per_sample_batch(left, batch, labels, seen, sums, use, method, chunk_size, max_memory)
+                if bar is not None:
+                    bar.update(batch.size)
+                seen += batch.size
+    finally:
+        if bar is not None:
+            bar.close()
+    if num_samples is not None and seen < num_samples:
+        warnings.warn(f"estimate_fisher: num_samples={num_samples} but the data holds {seen} samples; "
+                      f"the Fisher is the mean over those {seen}", UserWarning, stacklevel=2)
     count = torch.tensor(float(seen), dtype=acc_dtype, device=device)
     sums, count = _all_reduce(sums, count)
     report.finish(plan, left, use, seen)
@@ -212,17 +205,21 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     return (fisher, report) if return_info else fisher
 
 
-def _auto_policy(plan, method: str) -> None:
-    if method == "auto" and plan.leftover and plan.modules:
-        plan.drop_all("auto: other parameters need a per-sample pass through the model anyway")
-
-
-def _restrict(problem: ps.Problem, names) -> ps.Problem:
-    """The same per-sample problem, differentiating only ``names`` (the rest held fixed)."""
-    names = [n for n in problem.selected if n in set(names)]
-    keep = {n: problem.selected[n] for n in names}
-    fixed = {**problem.frozen, **{n: p.detach() for n, p in problem.selected.items() if n not in keep}}
-    return ps.Problem(problem.model, problem.kind, problem.loss_fn, problem.top_k, keep, fixed)
+def _total_samples(data, num_samples: int | None) -> int | None:
+    """How many samples the progress bar will count, when the data says (a DataLoader's dataset,
+    or a list of batches); None when only iterating would tell."""
+    total = None
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        total = len(dataset)
+    elif isinstance(data, (list, tuple)):
+        try:
+            total = sum(read_batch(b, i).size for i, b in enumerate(data))
+        except EWCInputError:
+            total = None
+    if num_samples is not None:
+        total = num_samples if total is None else min(total, num_samples)
+    return total
 
 
 def _rules_batch(problem, plan, batch, labels, start, sums, chunk_size) -> None:
@@ -231,20 +228,21 @@ def _rules_batch(problem, plan, batch, labels, start, sums, chunk_size) -> None:
     for i in range(0, batch.size, step):
         part = batch.slice(i, min(i + step, batch.size))
         lab = None if labels is None else labels[i : i + part.size]
-        for _ in range(3):
+        for _ in range(6):
             got, trouble = engine.rules_pass(problem, plan, part, lab)
             if not trouble:
                 break
-            # Data-dependent structure (a module skipped or called twice on this batch): what the
-            # rules summed on earlier batches stays valid; from here the module goes per sample.
+            # Data-dependent structure (a module skipped or called differently on this batch): what
+            # the rules summed on earlier batches stays valid; from here the site adapts or goes
+            # per sample.
             plan.absorb(trouble)
-            if not plan.modules:
+            if not plan.sites:
                 return
         else:
             raise RuntimeError("estimate_fisher: the rule engine's hooks did not settle; use method='vmap'")
         if not _all_finite(got.values()):  # locate the sample and parameter, then raise
             bad = {n: torch.zeros_like(sums[n]) for n in got}
-            ps.loop_squared_sums(_restrict(problem, list(got)), part, lab, start + i, bad, check_each=True)
+            ps.loop_squared_sums(problem.restrict(got), part, lab, start + i, bad, check_each=True)
             raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
         for n, t in got.items():
             sums[n].add_(t.to(sums[n].dtype))
@@ -264,14 +262,14 @@ def _per_sample_batch(problem, batch, labels, start, sums, use, method, chunk_si
             except EWCInputError:
                 raise
             except Exception as e:  # noqa: BLE001 - any transform failure: report, then decide
+                first = (str(e).splitlines() or [""])[0]
                 if method == "vmap":
                     raise RuntimeError(f"estimate_fisher(method='vmap'): torch.func could not transform "
-                                       f"the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                                       f" (method='loop' or 'auto' handles such models)") from e
-                warnings.warn(f"estimate_fisher: torch.func could not transform the model "
-                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
-                              f"falling back to method='loop' (one backward per sample, slower)",
-                              UserWarning, stacklevel=3)
+                                       f"the model: {type(e).__name__}: {first} (method='loop' or 'auto' "
+                                       f"handles such models)") from e
+                warnings.warn(f"estimate_fisher: torch.func could not transform the model ({type(e).__name__}: "
+                              f"{first}); falling back to method='loop' (one backward per sample, slower) for "
+                              f"{len(problem.selected)} parameter(s)", UserWarning, stacklevel=3)
                 use = "loop"
         if sq is None:
             ps.loop_squared_sums(problem, part, lab, start + i, sums)
@@ -282,42 +280,59 @@ def _per_sample_batch(problem, batch, labels, start, sums, use, method, chunk_si
             continue
         chunk_sums = {n: t.sum(0) for n, t in sq.items()}
         if not _all_finite(chunk_sums.values()):  # one host sync per chunk; names the culprit when it fires
-            raise EWCInputError(_locate_bad(sq, start + i))
+            _raise_first_bad(sq, start + i)
         del sq
         for n, s in chunk_sums.items():
             sums[n].add_(s)
     return use
 
 
+def _raise_first_bad(sq: dict[str, torch.Tensor], start: int) -> None:
+    for name, t in sq.items():
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            raise ps.bad_gradient(name, start + int(bad.nonzero()[0, 0]))
+    raise EWCInputError("a squared gradient overflowed")
+
+
 def _all_finite(squares) -> bool:
     """Whether every element of these non-negative tensors is finite, from one sum per tensor:
-    a NaN or Inf makes its tensor's sum non-finite. Measured on the MLP (N = 512): ``isfinite``
-    + ``all`` on every chunk's sums took 16% of the rule engine's time, the sums 4%."""
+    a NaN or Inf makes its tensor's sum non-finite (cheaper than ``isfinite().all()`` on each)."""
     return bool(torch.isfinite(torch.stack([t.sum() for t in squares]).sum()))
 
 
 class FisherReport:
     """What ``estimate_fisher(..., return_info=True)`` computed how.
 
-    Attributes: ``method`` (as asked), ``rules`` ({module name: rule}), ``rule_params`` (parameter
-    names the rules covered), ``vmap_params`` / ``loop_params`` (parameters computed per sample,
-    by vmap or by the loop), ``reasons`` ({parameter: why no rule covered it}), ``samples``.
+    Attributes: ``method`` (as asked); ``rules`` ({module name: rule}, op-local uses under
+    ``"<ops>"``); ``methods`` ({parameter: rule that covered it}); ``rule_params`` (parameters
+    covered in the batched pass); ``vmap_params`` / ``loop_params`` (computed per sample, by
+    vmap or the loop); ``reasons`` ({parameter: why it went per sample}); ``notes``
+    ({parameter: why no hand-written rule covered it}); ``samples``; ``probe_seconds`` (time
+    spent proving the plan in this call: 0 when the proven plan was cached); ``plan_cached``.
     """
 
     def __init__(self, method: str):
         self.method = method
         self.rules: dict[str, str] = {}
+        self.methods: dict[str, str] = {}
         self.rule_params: list[str] = []
         self.vmap_params: list[str] = []
         self.loop_params: list[str] = []
         self.reasons: dict[str, str] = {}
+        self.notes: dict[str, str] = {}
         self.samples = 0
+        self.probe_seconds = 0.0
+        self.plan_cached = False
 
     def finish(self, plan, left, use, samples) -> None:
         if plan is not None:
             self.rules = plan.rule_names
-            self.rule_params = [p for (_, _, _, attrs) in plan.modules.values() for p in attrs.values()]
+            self.methods = plan.method_of
+            self.rule_params = sorted(plan.covered)
             self.reasons = {n: plan.reasons[n] for n in left.selected if n in plan.reasons}
+            self.notes = {n: w for n, w in plan.notes.items() if n in plan.covered}
+            self.probe_seconds = 0.0 if self.plan_cached else plan.probe_seconds
         per_sample = list(left.selected)
         if use == "loop":
             self.loop_params = per_sample
@@ -326,17 +341,32 @@ class FisherReport:
         self.samples = samples
 
     def summary(self) -> str:
+        """One line per (method, reason): counts and a few names; full texts in ``reasons``."""
         parts = [f"{self.samples} samples"]
-        if self.rules:
-            parts.append("rules: " + ", ".join(f"{m or '<root>'}={r}" for m, r in self.rules.items()))
+        by_rule: dict[str, list] = {}
+        for p, r in self.methods.items():
+            by_rule.setdefault(r, []).append(p)
+        for r, names in sorted(by_rule.items()):
+            parts.append(f"{r}: {_few(names)}")
         for what, names in (("vmap", self.vmap_params), ("loop", self.loop_params)):
-            if names:
-                why = "; ".join(f"{n} ({self.reasons[n]})" if n in self.reasons else n for n in names)
-                parts.append(f"{what}: {why}")
+            by_reason: dict[str, list] = {}
+            for n in names:
+                by_reason.setdefault(self.reasons.get(n, "not covered by the rules"), []).append(n)
+            for why, ns in by_reason.items():
+                parts.append(f"{what}: {_few(ns)} ({why})")
+        if self.probe_seconds:
+            parts.append(f"probe {self.probe_seconds * 1e3:.0f} ms")
+        elif self.plan_cached:
+            parts.append("plan cached")
         return " | ".join(parts)
 
     def __repr__(self) -> str:
         return f"FisherReport({self.summary()})"
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    shown = ", ".join(names[:k])
+    return f"{len(names)} param{'s' if len(names) != 1 else ''} ({shown}{', ...' if len(names) > k else ''})"
 
 
 def _all_reduce(sums: dict[str, torch.Tensor], count: torch.Tensor):
@@ -355,9 +385,9 @@ def _all_reduce(sums: dict[str, torch.Tensor], count: torch.Tensor):
 
 
 def _batched(model, data, selected, loss_fn, kind, num_samples):
-    """The seeds' batch-squared approximation: ``sum_b B_b grad(mean loss_b)^2 / N`` (biased)."""
+    """The square-of-batch-gradients approximation: ``sum_b B_b grad(mean loss_b)^2 / N`` (biased)."""
     if kind != "empirical":
-        raise EWCInputError("method='batched' is the seeds' empirical approximation; use kind='empirical'")
+        raise EWCInputError("method='batched' is the empirical batch-gradient approximation; use kind='empirical'")
     names, plist = list(selected), list(selected.values())
     sums = {n: torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
             for n, p in selected.items()}
@@ -374,9 +404,7 @@ def _batched(model, data, selected, loss_fn, kind, num_samples):
                     if batch.targets is None:
                         raise EWCInputError("method='batched' needs (inputs, targets) batches")
                     out = model(batch.inputs)
-                    loss = (loss_fn or ps.token_cross_entropy)(out, batch.targets) if loss_fn else \
-                        torch.nn.functional.cross_entropy(ps.logits_of(out).reshape(-1, ps.logits_of(out).shape[-1]),
-                                                          batch.targets.reshape(-1), ignore_index=-100)
+                    loss = loss_fn(out, batch.targets) if loss_fn else per_sample_ce(logits_of(out), batch.targets).mean()
                 gs = torch.autograd.grad(loss, plist, allow_unused=True)
             for n, g in zip(names, gs):
                 if g is not None:

@@ -1,7 +1,8 @@
-"""Per-sample losses and gradients: the vmap engine and the plain loop behind ``estimate_fisher``.
+"""Per-sample gradients for what no rule covers: the vmap engine and the plain loop.
 
-Both engines see the same per-sample problem: the model is called on a batch of one sample, a
-scalar loss is formed, and the squared gradient w.r.t. the selected parameters is accumulated.
+Both engines see the same per-sample problem (:mod:`.problem`): the model is called on a batch
+of one sample, a scalar loss is formed, and the squared gradient w.r.t. the selected parameters
+is accumulated.
 
 * ``vmap``: ``torch.func.vmap(grad(loss))`` over a chunk of samples, through ``functional_call``
   (buffers passed along, so BatchNorm's running statistics are used). The chunk's per-sample
@@ -10,142 +11,24 @@ scalar loss is formed, and the squared gradient w.r.t. the selected parameters i
 * ``loop``: one forward and ``autograd.grad`` per sample, for models ``torch.func`` cannot
   transform (in-place ops on inputs, ``.item()``, data-dependent control flow).
 
-For ``kind="exact"`` the per-sample Fisher ``sum_c p_c g_c^2`` is formed from one forward: the
-gradient of cross-entropy with label ``c`` w.r.t. the logits is ``p - e_c``, so each ``g_c`` is a
-vector-Jacobian product of the same forward with the cotangent ``(p - e_c) / T`` (T valid
-positions of a sequence); the products are batched with ``vmap`` over classes.
+For ``kind="exact"`` the per-sample Fisher is formed from one forward: each column of
+:func:`.problem.exact_columns` is a vector-Jacobian product of the same forward.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import grad, vjp, vmap
 
-from .batches import Batch
 from ..errors import EWCInputError
-
-LossFn = Callable[[object, torch.Tensor], torch.Tensor]
-
-
-def logits_of(output) -> torch.Tensor:
-    """The logits in a model output: the tensor itself, or ``output.logits`` (Hugging Face)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    z = getattr(output, "logits", None)
-    if z is None and isinstance(output, dict):
-        z = output.get("logits")
-    if not isinstance(z, torch.Tensor):
-        raise EWCInputError(f"the model returned {type(output).__name__} without logits; kinds 'sampled' and "
-                            f"'exact' need logits (a tensor, or an output with .logits)")
-    return z
+from .batches import Batch
+from .problem import Problem, _batched, exact_columns, logits_of, plain_attention, position_mask
 
 
-def token_cross_entropy(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy over positions: ``z`` [1, C] or [1, T, C] logits, ``labels`` [1] / [1, T]
-    (-100 = ignored), ``mask`` [1, T] (0 = padding, excluded) or None."""
-    C = z.shape[-1]
-    ce = F.cross_entropy(z.reshape(-1, C), labels.reshape(-1), ignore_index=-100, reduction="none")
-    keep = (labels.reshape(-1) != -100).to(ce.dtype)
-    if mask is not None:
-        keep = keep * mask.reshape(-1).to(ce.dtype)
-    return (ce * keep).sum() / keep.sum().clamp_min(1)
-
-
-def _check_scalar(loss) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise EWCInputError(f"the loss of one sample must be a scalar; loss_fn returned {shape}. "
-                            f"loss_fn(output, target) receives a batch of one sample: reduce over it "
-                            f"(e.g. reduction='mean' or 'sum')")
-    return loss.reshape(())
-
-
-@dataclass
-class Problem:
-    """What one per-sample loss is: the model, the kind, the loss and the selected parameters."""
-
-    model: torch.nn.Module
-    kind: str                      # "empirical" | "sampled" | "exact"
-    loss_fn: LossFn | None         # user loss (empirical / sampled), or None for the default
-    top_k: int | None
-    selected: dict[str, torch.Tensor]  # name -> parameter (differentiated)
-    frozen: dict[str, torch.Tensor]    # the model's other parameters and buffers
-
-    # -- the model on one sample ----------------------------------------------------------------
-    def call(self, params: dict, inputs, functional: bool = True):
-        """Model output for one sample (``inputs`` without the batch axis; one is added)."""
-        if isinstance(inputs, dict):
-            args, kwargs = (), {k: v.unsqueeze(0) for k, v in inputs.items()}
-        else:
-            args, kwargs = (inputs.unsqueeze(0),), {}
-        if functional:
-            return functional_call(self.model, {**self.frozen, **params}, args, kwargs)
-        return self.model(*args, **kwargs)
-
-    def loss(self, output, inputs, target) -> torch.Tensor:
-        """Scalar loss of one sample; ``target`` without the batch axis (sampled labels for
-        kind 'sampled'), or None for dict batches (the model's ``output.loss``)."""
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-        if self.kind == "sampled":
-            if self.loss_fn is not None:
-                return _check_scalar(self.loss_fn(output, target.unsqueeze(0)))
-            return token_cross_entropy(logits_of(output), target.unsqueeze(0), None if mask is None else mask.unsqueeze(0))
-        if self.loss_fn is not None:
-            t = target.unsqueeze(0) if target is not None else (inputs.get("labels").unsqueeze(0) if isinstance(inputs, dict) and "labels" in inputs else None)
-            return _check_scalar(self.loss_fn(output, t))
-        if isinstance(inputs, dict):
-            loss = getattr(output, "loss", None)
-            if loss is None and isinstance(output, dict):
-                loss = output.get("loss")
-            if loss is None:
-                raise EWCInputError("dict batch: the model output has no .loss (pass 'labels' in the batch, "
-                                    "or give loss_fn)")
-            return _check_scalar(loss)
-        return token_cross_entropy(logits_of(output), target.unsqueeze(0))
-
-    def exact_cotangents(self, z: torch.Tensor, inputs):
-        """For logits ``z`` [1, C] / [1, T, C] of one sample: cotangents ``V`` [K, *z.shape] and
-        weights ``W`` [K] such that the sample's exact Fisher is ``sum_k W_k (J^T V_k)^2``."""
-        C = z.shape[-1]
-        zt = z.detach().reshape(-1, C)                        # [T, C]
-        T = zt.shape[0]
-        p = torch.softmax(zt.to(torch.float64 if zt.dtype == torch.float64 else torch.float32), -1).to(zt.dtype)
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-        w = torch.ones(T, dtype=zt.dtype, device=zt.device) if mask is None else mask.reshape(-1).to(zt.dtype)
-        w = w / w.sum().clamp_min(1)                          # 1/T per valid position
-        k = C if self.top_k is None else min(self.top_k, C)
-        probs, classes = (p, torch.arange(C, device=zt.device).expand(T, C)) if k == C else torch.topk(p, k, -1)
-        # V[t, j] = w_t (p_t - e_{c_tj}) placed at position t, zeros elsewhere.
-        onehot = F.one_hot(classes, C).to(zt.dtype)           # [T, k, C]
-        rows = (p.unsqueeze(1) - onehot) * w.view(T, 1, 1)    # [T, k, C]
-        eye = torch.eye(T, dtype=zt.dtype, device=zt.device)  # position t -> row t
-        V = eye.view(T, 1, T, 1) * rows.unsqueeze(2)          # [T, k, T, C]
-        return V.reshape(T * k, *z.shape), probs.reshape(T * k)
-
-
-@contextlib.contextmanager
-def plain_attention():
-    """Attention as plain batched matmuls and softmax, which ``vmap`` and hooks can see through.
-
-    scaled_dot_product_attention's fused CPU kernels have no vmap batching rule, and PyTorch's
-    fused TransformerEncoderLayer / MultiheadAttention "fast path" (taken when the layer's own
-    parameters do not require grad, e.g. when only some parameters are differentiated) has none
-    either: torch falls back to a per-sample loop, with a warning. Measured on the benchmark
-    Transformer: the fast path made the per-sample pass for its attention weights several times
-    slower."""
-    flag = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(flag)
+def bad_gradient(name: str, sample: int) -> EWCInputError:
+    """The error for a NaN/Inf per-sample gradient, naming the parameter and the sample."""
+    return EWCInputError(f"the gradient of parameter {name!r} is NaN/Inf for sample {sample} (counting from 0 "
+                         f"in the data's order); check that sample and the loss")
 
 
 # -- vmap engine --------------------------------------------------------------------------------
@@ -162,9 +45,8 @@ def _vmap_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | N
     if problem.kind == "exact":
         def one(params, x):
             z, pullback = vjp(lambda p: logits_of(problem.call(p, x)), params)
-            V, W = problem.exact_cotangents(z, x)
-            (g,) = vmap(pullback)(V)
-            return {n: torch.einsum("k,k...->...", W, t * t) for n, t in g.items()}
+            (g,) = vmap(pullback)(exact_columns(z, position_mask(z, _batched(x)), problem.top_k))
+            return {n: (t * t).sum(0) for n, t in g.items()}
         return vmap(one, in_dims=(None, 0))(params, inputs)
 
     target = labels if labels is not None else batch.targets
@@ -200,13 +82,13 @@ def loop_squared_sums(problem: Problem, batch: Batch, labels: torch.Tensor | Non
             output = problem.call({}, x, functional=False)
             if problem.kind == "exact":
                 z = logits_of(output)
-                V, W = problem.exact_cotangents(z, x)
+                V = exact_columns(z, position_mask(z, one.inputs), problem.top_k)
                 sq = [torch.zeros_like(p, dtype=sums[n].dtype) for n, p in zip(names, plist)]
                 for k in range(V.shape[0]):
                     gs = torch.autograd.grad(z, plist, grad_outputs=V[k], retain_graph=True, allow_unused=True)
                     for a, g in zip(sq, gs):
                         if g is not None:
-                            a.add_(W[k] * g * g)
+                            a.addcmul_(g, g)
             else:
                 t = labels[i] if labels is not None else (one.targets[0] if one.targets is not None else None)
                 gs = torch.autograd.grad(problem.loss(output, x, t), plist, allow_unused=True)
@@ -215,23 +97,5 @@ def loop_squared_sums(problem: Problem, batch: Batch, labels: torch.Tensor | Non
             if q is None:
                 continue
             if check_each and not bool(torch.isfinite(q).all()):
-                raise EWCInputError(f"the gradient of parameter {n!r} is NaN/Inf for sample {start + i} (counting "
-                                    f"from 0 in the data's order); check that sample and the loss")
+                raise bad_gradient(n, start + i)
             sums[n].add_(q)
-
-
-@torch.no_grad()
-def sample_labels(problem: Problem, batch: Batch, generator: torch.Generator | None) -> torch.Tensor:
-    """Labels drawn from the model's predictive distribution, one per sample (one per position for
-    sequence outputs), in data order: ``multinomial(softmax(logits.double()), 1, generator)`` per
-    sample, as the reference loop draws them."""
-    if batch.is_dict:
-        output = problem.model(**batch.inputs)
-    else:
-        output = problem.model(batch.inputs)
-    z = logits_of(output).double()
-    labels = []
-    for i in range(batch.size):
-        p = torch.softmax(z[i], -1)  # [C], or [T, C] for a sequence: one draw per row
-        labels.append(torch.multinomial(p, 1, generator=generator)[..., 0])
-    return torch.stack(labels)

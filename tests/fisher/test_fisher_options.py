@@ -25,8 +25,10 @@ def _count_calls(model):
 
 # -- auto fallback ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls", [Branchy, ItemCall])
+@pytest.mark.parametrize("cls", [Branchy])
 def test_auto_falls_back_to_loop_with_one_warning(cls):
+    # Branchy's batched forward mixes samples (a branch on the batch's sum): the rules refuse it
+    # and vmap cannot transform it, so auto ends in the loop.
     model = cls().double()
     x, y = torch.randn(11, 13, dtype=D), torch.randint(0, 5, (11,))
     x[::2] = -x[::2].abs()  # both branches of Branchy taken
@@ -41,6 +43,17 @@ def test_auto_falls_back_to_loop_with_one_warning(cls):
     assert len(str(fallbacks[0].message)) > len("falling back to method='loop'") + 10  # gives a reason
     loop = fastewc.estimate_fisher(model, data, method="loop")
     assert_fisher_close(got, loop, rtol=0, atol_rel=0)
+    assert_fisher_close(got, R.estimate_fisher(model, data))
+
+
+def test_item_call_needs_no_fallback_under_the_rules():
+    # .item() stops vmap, but the batched pass of the rules never transforms the model.
+    model = ItemCall().double()
+    data = batches(torch.randn(11, 13, dtype=D), torch.randint(0, 5, (11,)), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, info = fastewc.estimate_fisher(model, data, method="auto", return_info=True)
+    assert info.rules == {"lin": "linear"} and not info.vmap_params and not info.loop_params
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 

@@ -162,26 +162,28 @@ class Mixed(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["empirical", "sampled", "exact"])
-def test_mixed_model_rules_plus_vmap(kind):
+def test_mixed_model_rules_module_local_and_op_local(kind):
     model = Mixed().to(D)
     x, y = torch.randint(0, 11, (7, 5)), torch.randint(0, 4, (7,))
     data = batches(x, y, batch_size=3)
     gen = (lambda: torch.Generator().manual_seed(3)) if kind == "sampled" else (lambda: None)
     got, info = _run(model, data, kind=kind, generator=gen())
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind, generator=gen()))
-    assert info.rules == {"emb": "embedding", "norm": "layernorm", "ff": "linear", "head": "linear"}
-    assert set(info.vmap_params) == {"pos", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-                                     "attn.out_proj.bias"}
-    assert "no rule for Mixed" in info.reasons["pos"]
-    assert "no rule for MultiheadAttention" in info.reasons["attn.in_proj_weight"]
+    # nn.MultiheadAttention (its out_proj used by its forward without a call) by the module-local
+    # rule; the bare positional parameter by the op-local rule; nothing per sample.
+    assert info.rules == {"emb": "embedding", "norm": "layernorm", "ff": "linear", "head": "linear",
+                          "attn": "module-local", "<ops>": "op-local"}
+    assert not info.vmap_params and not info.loop_params
+    assert info.methods["pos"] == "op-local" and info.methods["attn.out_proj.weight"] == "module-local"
+    assert "outside any module" in info.notes["pos"]
+    assert "no rule for MultiheadAttention" in info.notes["attn.in_proj_weight"]
 
 
-def test_auto_sends_everything_to_vmap_when_some_parameter_has_no_rule():
+def test_auto_covers_attention_and_bare_parameters_without_vmap():
     model = Mixed().to(D)
     data = [(torch.randint(0, 11, (4, 5)), torch.randint(0, 4, (4,)))]
     got, info = fastewc.estimate_fisher(model, data, return_info=True)
-    assert not info.rules and set(info.vmap_params) == set(dict(model.named_parameters()))
-    assert "per-sample pass" in info.reasons["ff.weight"]
+    assert set(info.rule_params) == set(dict(model.named_parameters())) and not info.vmap_params
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
@@ -282,7 +284,6 @@ class BatchMixing(nn.Module):
 
 @pytest.mark.parametrize("cls,dropped,why", [
     (SideUse, "fc.weight", "disagreed with the per-sample loop"),
-    (Twice, "fc.weight", "called 2 times"),
     (BatchMixing, "fc.weight", "mixes samples"),
 ])
 def test_probe_sends_unprovable_layers_per_sample(cls, dropped, why):
@@ -293,6 +294,14 @@ def test_probe_sends_unprovable_layers_per_sample(cls, dropped, why):
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
+def test_module_called_twice_sums_both_uses_per_sample():
+    model = Twice().to(D)
+    data = batches(torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,)), batch_size=4)
+    got, info = _run(model, data)
+    assert info.rules == {"fc": "linear", "head": "linear"} and not info.vmap_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
 def test_inplace_activation_after_a_ruled_layer():
     model = InPlace().to(D)
     data = batches(torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,)), batch_size=4)
@@ -301,24 +310,25 @@ def test_inplace_activation_after_a_ruled_layer():
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
-def test_tied_weights_go_per_sample():
+def test_tied_weights_sum_both_uses_before_squaring():
     from models import Tied
 
     model = Tied().to(D)
     data = batches(torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6,)), batch_size=3)
     got, info = _run(model, data)
-    assert "emb.weight" in info.vmap_params and "tied" in info.reasons["emb.weight"]
-    assert info.rules == {"mid": "linear"}
-    assert_fisher_close(got, R.estimate_fisher(model, data))
+    assert info.methods["emb.weight"] == "embedding+linear" and "tied" in info.notes["emb.weight"]
+    assert info.rules == {"emb": "embedding", "mid": "linear", "out": "linear"} and not info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
 
 
-def test_ruled_type_in_an_unsupported_configuration_goes_per_sample():
-    # scale_grad_by_freq scales by the token counts of the whole batch: no per-sample rule for it.
+def test_ruled_type_in_an_unsupported_configuration_goes_module_local():
+    # scale_grad_by_freq scales by the token counts of the whole batch: no batched formula, but
+    # the module-local rule replays each sample alone.
     model = nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(8, 3)).to(D)
     data = [(torch.randint(0, 7, (5, 2)), torch.randint(0, 3, (5,)))]
     got, info = _run(model, data)
-    assert info.rules == {"2": "linear"}
-    assert info.reasons["0.weight"] == "no rule for Embedding in this configuration"
+    assert info.rules == {"0": "module-local", "2": "linear"} and not info.vmap_params
+    assert info.notes["0.weight"] == "no rule for Embedding in this configuration"
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
@@ -330,7 +340,7 @@ def test_subclass_with_its_own_forward_gets_no_rule():
     model = nn.Sequential(Scaled(4, 3)).to(D)
     data = [(torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,)))]
     got, info = _run(model, data)
-    assert not info.rules and "no rule for Scaled" in info.reasons["0.weight"]
+    assert info.rules == {"0": "module-local"} and "no rule for Scaled" in info.notes["0.weight"]
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
@@ -375,10 +385,26 @@ def test_report_and_log_line(caplog):
     with caplog.at_level(logging.INFO, logger="fastewc.fisher"):
         _, info = _run(model, data)
     line = caplog.records[-1].getMessage()
-    assert "4 samples" in line and "ff=linear" in line and "vmap: " in line and "pos (no rule" in line
+    assert "4 samples" in line and "linear: 4 params (ff.weight, ff.bias, head.weight, ...)" in line
+    assert "module-local: 4 params" in line and "op-local: 1 param (pos)" in line and "probe " in line
     assert repr(info).startswith("FisherReport(")
-    assert set(info.rule_params) == {"emb.weight", "norm.weight", "norm.bias", "ff.weight", "ff.bias",
-                                     "head.weight", "head.bias"}
+    assert set(info.rule_params) == set(dict(model.named_parameters())) and info.probe_seconds > 0
+
+
+def test_report_groups_parameters_by_method_and_reason():
+    # Every parameter of a sample-mixing model goes per sample for the same reason: one line
+    # for all of them, the full reason per parameter in report.reasons.
+    class Center(nn.Module):
+        def forward(self, h):
+            return h - 0.5 * h.mean(0, keepdim=True)
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)], Center()).to(D)
+    data = [(torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,)))]
+    got, info = _run(model, data)
+    assert len(info.vmap_params) == 12 and len(set(info.reasons.values())) == 1
+    assert "mixes samples" in info.reasons["0.weight"]
+    assert info.summary().count("mixes samples") == 1 and "vmap: 12 params (0.weight, 0.bias, 1.weight, ...)" in info.summary()
+    assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
 def test_custom_loss_fn_through_the_rules():

@@ -1,0 +1,288 @@
+"""What one sample's loss is, written once for every engine.
+
+Every engine of :func:`~fastewc.estimate_fisher` (the rules' one batched pass, vmap, the loop)
+differentiates the same per-sample loss, so the definitions live here:
+
+* the logits of a model output, and the positions of a sequence that count (``-100`` labels
+  ignored; for the sampled and exact kinds, ``attention_mask`` zeros excluded);
+* per-sample cross-entropy from a batch of logits (a sequence sample's loss is the mean over its
+  valid positions);
+* the model's own loss for Hugging Face style dict batches, per sample
+  (:func:`model_loss_per_sample`: causal LM shift, sequence classification by
+  ``config.problem_type``, token classification, masked LM), equal to ``model(**one_sample).loss``;
+* the exact Fisher's cotangent columns (:func:`exact_columns`);
+* labels drawn from the model (kind ``"sampled"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..errors import EWCInputError
+from .batches import Batch
+
+LossFn = Callable[[object, torch.Tensor], torch.Tensor]
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits in a model output: the tensor itself, or ``output.logits`` (Hugging Face)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    z = getattr(output, "logits", None)
+    if z is None and isinstance(output, dict):
+        z = output.get("logits")
+    if not isinstance(z, torch.Tensor):
+        raise EWCInputError(f"the model returned {type(output).__name__} without logits; kinds 'sampled' and "
+                            f"'exact' need logits (a tensor, or an output with .logits)")
+    return z
+
+
+def position_mask(z: torch.Tensor, inputs) -> torch.Tensor | None:
+    """``attention_mask`` of a dict batch when the logits ``z`` ``[N, T, C]`` have one position per
+    mask entry; None otherwise (``[N, C]`` logits of a sequence classifier have no positions: its
+    mask concerns the input tokens only)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is None or z.dim() != 3 or mask.dim() != 2 or mask.shape[1] != z.shape[1]:
+        return None
+    return mask
+
+
+def per_sample_ce(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N]`` per-sample cross-entropy: ``z`` [N, C] or [N, T, C], labels [N] / [N, T] (-100 =
+    ignored), mask [N, T] or None (0 = excluded). A sequence sample's loss is the mean over its
+    valid positions (0 when it has none)."""
+    N, C = z.shape[0], z.shape[-1]
+    ce = F.cross_entropy(z.reshape(-1, C), labels.reshape(-1), ignore_index=-100, reduction="none").view(N, -1)
+    keep = (labels.reshape(N, -1) != -100).to(ce.dtype)
+    if mask is not None:
+        keep = keep * mask.reshape(N, -1).to(ce.dtype)
+    return (ce * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def check_scalar(loss) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise EWCInputError(f"the loss of one sample must be a scalar; loss_fn returned {shape}. "
+                            f"loss_fn(output, target) receives a batch of one sample: reduce over it "
+                            f"(e.g. reduction='mean' or 'sum')")
+    return loss.reshape(())
+
+
+def output_rows(output, i: int, j: int, n: int):
+    """Samples ``i..j`` of a model output (a tensor, a dict or a Hugging Face ``ModelOutput``):
+    every tensor field whose dim 0 is the batch (``n``) is sliced, other fields kept."""
+    if isinstance(output, torch.Tensor):
+        return output[i:j]
+    if isinstance(output, dict):
+        fields = {k: (v[i:j] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v)
+                  for k, v in output.items()}
+        try:
+            return type(output)(**fields)
+        except TypeError:
+            return fields
+    raise EWCInputError(f"loss_fn needs the model output per sample, but the model returned "
+                        f"{type(output).__name__} (expected a tensor, a dict or a ModelOutput)")
+
+
+# -- the model's own loss of dict batches (Hugging Face heads) ----------------------------------
+HEADS = ("causal_lm", "sequence_classification", "token_classification", "masked_lm")
+
+
+def model_head(model) -> str | None:
+    """Which Hugging Face loss the model computes from ``labels``, from its class name; None when
+    unknown (then the per-sample engines call the model on each sample and use ``output.loss``)."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if name.endswith("ForTokenClassification"):
+        return "token_classification"
+    if name.endswith("ForMaskedLM"):
+        return "masked_lm"
+    return None
+
+
+def model_loss_per_sample(model, head: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[N]``: what ``model(**sample).loss`` is for each sample alone, from batched logits.
+
+    As the Hugging Face heads compute it: logits upcast with ``.float()``; causal LM: position t
+    predicts label t+1, ``-100`` ignored, mean over the sample's counted tokens; token
+    classification and masked LM: the same without the shift; sequence classification by
+    ``config.problem_type`` (or inferred as the model does: 1 label -> regression (MSE), integer
+    labels -> single-label cross-entropy, else multi-label BCE with logits), mean over the
+    sample's elements."""
+    z = logits.float()
+    N = z.shape[0]
+    if head == "causal_lm":
+        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        return per_sample_ce(z, shifted)
+    if head in ("token_classification", "masked_lm"):
+        return per_sample_ce(z, labels)
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", z.shape[-1])
+    kind = getattr(config, "problem_type", None)
+    if kind is None:
+        if num_labels == 1:
+            kind = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            kind = "single_label_classification"
+        else:
+            kind = "multi_label_classification"
+    if kind == "regression":
+        diff = (z.reshape(N, -1) - labels.to(z.dtype).reshape(N, -1)).square()
+        return diff.mean(1)
+    if kind == "single_label_classification":
+        return per_sample_ce(z.reshape(N, num_labels), labels.reshape(N))
+    bce = F.binary_cross_entropy_with_logits(z, labels.to(z.dtype), reduction="none")
+    return bce.reshape(N, -1).mean(1)
+
+
+# -- the exact Fisher ---------------------------------------------------------------------------
+def exact_columns(z: torch.Tensor, mask: torch.Tensor | None, top_k: int | None) -> torch.Tensor:
+    """``[K, *z.shape]`` cotangents whose vector-Jacobian products give the exact Fisher:
+    ``sum_k (J^T V_k)^2`` per sample.
+
+    ``z``: logits ``[N, C]`` or ``[N, T, C]``; ``mask``: ``[N, T]`` (0 = position excluded) or
+    None. Column ``(t, j)`` of sample ``n`` is ``w_t sqrt(p_c) (p_t - e_c)`` at position ``t``
+    (zeros elsewhere), ``c`` the ``j``-th class of that position (all classes, or the ``top_k``
+    most probable), ``w_t = 1 / (valid positions)``: the columns factor the output Hessian
+    ``diag(p) - p p^T`` of softmax cross-entropy, and the terms of two positions vanish in
+    expectation, so the sample's Fisher of its mean loss is ``sum_t sum_c w_t^2 p_c g_tc^2``
+    (docs/design.md). Columns are shared by all samples, so one batched backward serves all.
+    """
+    zt = z.detach()
+    seq = zt if zt.dim() == 3 else zt.unsqueeze(1)                        # [N, T, C]
+    N, T, C = seq.shape
+    p = torch.softmax(seq.to(torch.float64 if seq.dtype == torch.float64 else torch.float32), -1).to(seq.dtype)
+    w = torch.ones(N, T, dtype=seq.dtype, device=seq.device) if mask is None else mask.to(seq.dtype)
+    w = w / w.sum(1, keepdim=True).clamp_min(1)                           # 1/T per valid position
+    k = C if top_k is None else min(top_k, C)
+    if k == C:
+        probs, classes = p, torch.arange(C, device=p.device).expand(N, T, C)
+    else:
+        probs, classes = torch.topk(p, k, -1)                             # [N, T, k]
+    onehot = F.one_hot(classes, C).to(p.dtype)                            # [N, T, k, C]
+    rows = (p.unsqueeze(2) - onehot) * (probs.sqrt() * w.unsqueeze(2)).unsqueeze(-1)   # [N, T, k, C]
+    eye = torch.eye(T, dtype=p.dtype, device=p.device)                    # column t lives at position t
+    V = eye.view(1, T, 1, T, 1) * rows.unsqueeze(3)                       # [N, Tcol, k, T, C]
+    V = V.reshape(N, T * k, T, C).transpose(0, 1)                         # [K, N, T, C]
+    return V.reshape(T * k, *z.shape)
+
+
+@dataclass
+class Problem:
+    """What one per-sample loss is: the model, the kind, the loss and the selected parameters."""
+
+    model: torch.nn.Module
+    kind: str                      # "empirical" | "sampled" | "exact"
+    loss_fn: LossFn | None         # user loss (empirical / sampled), or None for the default
+    top_k: int | None
+    selected: dict[str, torch.Tensor]  # name -> parameter (differentiated)
+    frozen: dict[str, torch.Tensor]    # the model's other parameters and buffers
+
+    def restrict(self, names) -> "Problem":
+        """The same problem differentiating only ``names`` (the other selected parameters fixed)."""
+        keep = {n: p for n, p in self.selected.items() if n in set(names)}
+        fixed = {**self.frozen, **{n: p.detach() for n, p in self.selected.items() if n not in keep}}
+        return Problem(self.model, self.kind, self.loss_fn, self.top_k, keep, fixed)
+
+    # -- the model on one sample ----------------------------------------------------------------
+    def call(self, params: dict, inputs, functional: bool = True):
+        """Model output for one sample (``inputs`` without the batch axis; one is added)."""
+        if isinstance(inputs, dict):
+            args, kwargs = (), {k: v.unsqueeze(0) for k, v in inputs.items()}
+        else:
+            args, kwargs = (inputs.unsqueeze(0),), {}
+        if functional:
+            return functional_call(self.model, {**self.frozen, **params}, args, kwargs)
+        return self.model(*args, **kwargs)
+
+    def loss(self, output, inputs, target) -> torch.Tensor:
+        """Scalar loss of one sample; ``target`` without the batch axis (sampled labels for
+        kind 'sampled'), or None for dict batches (the model's ``output.loss``)."""
+        if self.kind == "sampled":
+            if self.loss_fn is not None:
+                return check_scalar(self.loss_fn(output, target.unsqueeze(0)))
+            z = logits_of(output)
+            return per_sample_ce(z, target.unsqueeze(0), position_mask(z, _batched(inputs)))[0]
+        if self.loss_fn is not None:
+            if target is None and isinstance(inputs, dict):
+                target = inputs.get("labels")
+            return check_scalar(self.loss_fn(output, None if target is None else target.unsqueeze(0)))
+        if isinstance(inputs, dict):
+            loss = getattr(output, "loss", None)
+            if loss is None and isinstance(output, dict):
+                loss = output.get("loss")
+            if loss is None:
+                raise EWCInputError("dict batch: the model output has no .loss (pass 'labels' in the batch, "
+                                    "or give loss_fn)")
+            return check_scalar(loss)
+        return per_sample_ce(logits_of(output), target.unsqueeze(0))[0]
+
+    # -- a batch at once ------------------------------------------------------------------------
+    def batched_losses(self, output, batch: Batch, labels: torch.Tensor | None) -> torch.Tensor:
+        """``[N]`` per-sample losses from one batched forward: the same numbers :meth:`loss` gives
+        one sample at a time. ``labels``: the sampled labels for kind 'sampled', else None."""
+        n = batch.size
+        if self.kind == "sampled":
+            if self.loss_fn is not None:
+                return torch.stack([check_scalar(self.loss_fn(output_rows(output, i, i + 1, n), labels[i : i + 1]))
+                                    for i in range(n)])
+            z = logits_of(output)
+            return per_sample_ce(z, labels, position_mask(z, batch.inputs))
+        target = batch.labels
+        if self.loss_fn is not None:
+            return torch.stack([check_scalar(self.loss_fn(output_rows(output, i, i + 1, n),
+                                                          None if target is None else target[i : i + 1]))
+                                for i in range(n)])
+        if batch.is_dict:
+            head = model_head(self.model)
+            if head is None:
+                raise EWCInputError("no per-sample form of this model's own loss")  # callers check first
+            return model_loss_per_sample(self.model, head, logits_of(output), target)
+        return per_sample_ce(logits_of(output), target)
+
+
+def _batched(inputs):
+    """One sample's inputs with the batch axis back (dict batches), as the model sees them."""
+    return {k: v.unsqueeze(0) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs
+
+
+@contextlib.contextmanager
+def plain_attention():
+    """Attention as plain batched matmuls and softmax, which ``vmap`` and hooks can see through.
+
+    scaled_dot_product_attention's fused CPU kernels have no vmap batching rule, and PyTorch's
+    fused TransformerEncoderLayer / MultiheadAttention "fast path" (taken when the layer's own
+    parameters do not require grad, e.g. when only some parameters are differentiated) has none
+    either: torch then falls back to a slow per-sample loop, with a warning."""
+    flag = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(flag)
+
+
+@torch.no_grad()
+def sample_labels(problem: Problem, batch: Batch, generator: torch.Generator | None) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution, one per sample (one per position for
+    sequence outputs), in data order: ``multinomial(softmax(logits.double()), 1, generator)`` per
+    sample, as the reference loop draws them."""
+    inputs = batch.model_inputs if batch.is_dict else batch.inputs
+    output = problem.model(**inputs) if batch.is_dict else problem.model(inputs)
+    z = logits_of(output).double()
+    labels = []
+    for i in range(batch.size):
+        p = torch.softmax(z[i], -1)  # [C], or [T, C] for a sequence: one draw per row
+        labels.append(torch.multinomial(p, 1, generator=generator)[..., 0])
+    return torch.stack(labels)

@@ -1,0 +1,61 @@
+"""``nn.Conv1d`` / ``nn.Conv2d``: the weight is shared over positions, so per-sample gradients are
+formed from the unfolded input (``im2col``) chunk by chunk: ``g_n = G_n U_n^T`` per group."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import chunks, register_rule
+
+
+def _conv_input(m: nn.Module, A: torch.Tensor):
+    """Input padded as the module pads it, as 4-D, with the 2-D geometry for ``unfold``."""
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        A = F.pad(A, m._reversed_padding_repeated_twice, mode=mode)
+        pad = (0,) * len(m.kernel_size)
+    else:
+        pad = m.padding
+    if isinstance(m, nn.Conv1d):
+        return A.unsqueeze(2), (1, m.kernel_size[0]), (1, m.dilation[0]), (0, pad[0]), (1, m.stride[0])
+    return A, m.kernel_size, m.dilation, pad, m.stride
+
+
+def conv_per_sample(m: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict:
+    n, g = A.shape[0], m.groups
+    A4, k, d, p, s = _conv_input(m, A)
+    cout = m.out_channels
+    cols = m.weight.numel() // cout                                  # (C_in / groups) * prod(kernel)
+    U = F.unfold(A4, k, dilation=d, padding=p, stride=s)             # [n, C_in*K, L]
+    U = U.view(n, g, cols, U.shape[-1])
+    Gb = G.reshape(n, g, cout // g, -1)                              # [n, g, C_out/g, L]
+    out = {"weight": torch.einsum("bgol,bgil->bgoi", Gb, U).reshape(n, *m.weight.shape)}
+    if m.bias is not None:
+        out["bias"] = G.reshape(n, cout, -1).sum(2)
+    return out
+
+
+def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
+    n, cout = A.shape[0], m.out_channels
+    L = Gs[0][0].numel() // cout                                     # output positions per sample
+    per = (m.weight.numel() + m.weight.numel() // cout * m.groups * L) * A.element_size()
+    w = None
+    for G in Gs:
+        for i, j in chunks(n, per):
+            b = conv_per_sample(m, A[i:j], G[i:j])["weight"]
+            s = b.mul_(b).sum(0)
+            w = s if w is None else w.add_(s)
+    out = {"weight": w}
+    if m.bias is not None:
+        out["bias"] = sum(G.reshape(n, cout, -1).sum(2).square().sum(0) for G in Gs)
+    return out
+
+
+def conv_applies(m: nn.Module) -> bool:
+    return m.padding_mode in ("zeros", "reflect", "replicate", "circular")
+
+
+register_rule(nn.Conv1d, conv_per_sample, name="conv1d", sq_sum=conv_sq_sum, applies=conv_applies)
+register_rule(nn.Conv2d, conv_per_sample, name="conv2d", sq_sum=conv_sq_sum, applies=conv_applies)

@@ -1,0 +1,53 @@
+"""``nn.Embedding``: sample n's gradient adds its output-gradient rows into the rows of the tokens
+it holds (the padding row gets none)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .registry import register_rule
+
+
+def _rows(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor):
+    n = A.shape[0]
+    idx = A.reshape(n, -1)
+    Gf = G.reshape(n, -1, m.embedding_dim)
+    if m.padding_idx is not None:
+        Gf = Gf * (idx != m.padding_idx).unsqueeze(-1).to(Gf.dtype)
+    return n, idx, Gf
+
+
+def embedding_per_sample(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor) -> dict:
+    n, idx, Gf = _rows(m, A, G)
+    V = m.num_embeddings
+    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+    table = torch.zeros(n * V, m.embedding_dim, dtype=Gf.dtype, device=Gf.device)
+    return {"weight": table.index_add_(0, keys, Gf.reshape(-1, m.embedding_dim)).view(n, V, m.embedding_dim)}
+
+
+def embedding_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list) -> dict:
+    """Group the (sample, token) pairs, sum their rows, square, and add into the table: memory
+    O(tokens x dim), never O(N x V)."""
+    n, V = A.shape[0], m.num_embeddings
+    idx = A.reshape(n, -1)
+    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    rows = uniq % V
+    table = torch.zeros_like(m.weight, dtype=Gs[0].dtype)
+    for G in Gs:
+        _, _, Gf = _rows(m, A, G)
+        Gf = Gf.reshape(-1, m.embedding_dim)
+        per_pair = torch.zeros(uniq.numel(), m.embedding_dim, dtype=Gf.dtype, device=Gf.device).index_add_(0, inv, Gf)
+        table.index_add_(0, rows, per_pair.square_())
+    return {"weight": table}
+
+
+def embedding_applies(m: nn.Embedding) -> bool:
+    # max_norm renormalises the table in place during forward; scale_grad_by_freq scales by the
+    # token counts of the whole batch, not of one sample: neither has a per-sample formula here.
+    return m.max_norm is None and not m.scale_grad_by_freq
+
+
+register_rule(nn.Embedding, embedding_per_sample, name="embedding", sq_sum=embedding_sq_sum,
+              applies=embedding_applies)

@@ -1,0 +1,102 @@
+"""The module-local and op-local rules: per-sample gradients of one module's (or one operation's)
+parameters with ``torch.func`` over that module alone, from what the batched pass recorded.
+
+Any module without a hand-written rule is covered this way: the batched forward records all its
+inputs (positional and keyword, tensors anywhere in tuples and dicts) and outputs, the batched
+backward gives the gradient of every output, and ``vmap`` over the samples of ``vjp`` of the
+module's own ``forward`` (each sample as a batch of one) gives each sample's gradient of the
+module's parameters. The rest of the model is never run per sample. Parameters used outside any
+module (a bare ``nn.Parameter`` added in the model's ``forward``) get the same treatment at the
+level of the operations that use them.
+
+A tensor argument counts as per-sample when its first dimension is the batch size; anything
+else (a broadcast mask, rotary tables, flags) is passed to every sample unchanged. The probe
+checks the result against the per-sample loop like any rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+@dataclass
+class Recorded:
+    """One call of a module or operation in the batched pass, ready to be replayed per sample."""
+
+    leaves: list                   # flattened (args, kwargs)
+    spec: object                   # their pytree structure
+    outputs: list                  # the batched output tensors whose gradients are needed
+    out_index: list                # their positions among the flattened outputs
+    n: int                         # batch size
+    param_slots: dict = field(default_factory=dict)   # op-local: leaf position -> f(params) giving that leaf
+    func: Callable | None = None   # op-local: the operation
+
+    @property
+    def batched(self) -> list[int]:
+        return [k for k, x in enumerate(self.leaves)
+                if k not in self.param_slots and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == self.n]
+
+
+def batched_outputs(output, n: int) -> tuple[list, list]:
+    """The per-sample tensors in a module output (tensor, tuple, dict or ``ModelOutput``) and
+    their positions among its flattened leaves."""
+    leaves, _ = tree_flatten(output)
+    idx = [k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
+           and x.is_floating_point()]
+    return [leaves[k] for k in idx], idx
+
+
+def record(args, kwargs, output, n: int) -> Recorded:
+    leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+    outs, idx = batched_outputs(output, n)
+    return Recorded(leaves, spec, outs, idx, n)
+
+
+def _per_sample_vjp(fn, params: dict, rec: Recorded, grads: list, i: int, j: int) -> dict:
+    """``{name: [j - i, *shape]}``: ``vmap`` over samples ``i..j`` of the vjp of ``fn(params, args,
+    kwargs)`` with each sample's output gradients."""
+    batched = rec.batched
+
+    def one(p, xs, gs):
+        leaves = list(rec.leaves)
+        for k, x in zip(batched, xs):
+            leaves[k] = x.unsqueeze(0)
+        args, kwargs = tree_unflatten(leaves, rec.spec)
+
+        def f(p):
+            out_leaves, _ = tree_flatten(fn(p, args, kwargs))
+            return [out_leaves[k] for k in rec.out_index]
+
+        _, pull = vjp(f, p)
+        return pull([g.unsqueeze(0) for g in gs])[0]
+
+    xs = [rec.leaves[k][i:j] for k in batched]
+    gs = [g[i:j] for g in grads]
+    return vmap(one, in_dims=(None, 0, 0))(params, xs, gs)
+
+
+def module_blocks(module: torch.nn.Module, attrs: list[str], rec: Recorded, grads: list, i: int, j: int) -> dict:
+    """Per-sample gradients ``{attr: [j - i, *shape]}`` of ``module``'s parameters ``attrs`` (names
+    relative to the module) for one recorded call; ``grads``: the gradient of each recorded output."""
+    params = {a: module.get_parameter(a).detach() for a in attrs}
+    return _per_sample_vjp(lambda p, a, kw: functional_call(module, p, a, kw), params, rec, grads, i, j)
+
+
+def op_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: int, j: int) -> dict:
+    """Per-sample gradients ``{name: [j - i, *shape]}`` of the parameters an operation used
+    (``values``: name -> the parameter tensor the model saw). Each slot of ``rec.param_slots``
+    rebuilds its argument from the parameters: the parameter itself, or a chain of operations
+    without a batch axis applied to it (``pos[:T]``, ``scale * 2``)."""
+    def call(p, args, kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        for k, build in rec.param_slots.items():
+            leaves[k] = build(p)
+        a, kw = tree_unflatten(leaves, spec)
+        return rec.func(*a, **kw)
+
+    return _per_sample_vjp(call, {n: v.detach() for n, v in values.items()}, rec, grads, i, j)

@@ -1,0 +1,134 @@
+"""The registry of per-layer Fisher rules, and :func:`register_rule` to add one.
+
+A rule turns what one batched forward and backward recorded for a module, its input ``A``
+(``[N, ...]``, the first positional argument) and the gradient ``G`` of the summed per-sample
+losses w.r.t. its output (``[N, ...]``), into the per-sample gradients of the module's own
+parameters. This is exact because ``G[n]`` is the gradient of sample ``n``'s loss alone: in eval
+mode a sample's loss depends on that sample only (the engine checks it on a probe).
+
+* ``per_sample(module, A, G) -> {attr: [n, *param.shape]}`` (required): the per-sample
+  gradients of a chunk of samples. The engine picks the chunk so that the blocks stay small,
+  squares and sums them, and adds up the blocks of every use of a shared or tied parameter
+  before squaring.
+* ``sq_sum(module, A, [G_1, ..., G_K]) -> {attr: sum_k sum_n g_nk^2}`` (optional): a faster
+  route to the sum of squares when the parameter has no other use (``K > 1`` for the exact
+  Fisher's columns). A Linear layer without a sequence axis, for example, needs no per-sample
+  gradient at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+PerSample = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict]
+SqSum = Callable[[nn.Module, torch.Tensor, list], dict]
+
+# A rule that forms per-sample gradients keeps one chunk's block under this many bytes: blocks of
+# a few tens of MB stay cheap to allocate and to stream through twice (written, then squared and
+# summed); see benchmarks/results/ for the Fisher timings by chunk size.
+BLOCK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A per-layer rule: see the module docstring for ``per_sample`` and ``sq_sum``."""
+
+    name: str
+    per_sample: PerSample
+    sq_sum: SqSum | None = None
+    applies: Callable[[nn.Module], bool] | None = None   # configuration check (None: always)
+
+
+_BY_TYPE: dict[type, Rule] = {}
+_BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+
+
+def register_rule(module_type, per_sample: PerSample | None = None, *, name: str | None = None,
+                  sq_sum: SqSum | None = None, applies: Callable[[nn.Module], bool] | None = None):
+    """Register a Fisher rule for a module type (or for every module a predicate accepts).
+
+    Use as a decorator on the per-sample function, or call with it::
+
+        @fastewc.register_rule(MyScale)
+        def my_scale(module, A, G):          # A: input [n, ..., d]; G: output gradient, same shape
+            return {"weight": (G * A).reshape(A.shape[0], -1, A.shape[-1]).sum(1)}   # [n, d]
+
+    Args:
+        module_type: an ``nn.Module`` subclass (its subclasses are covered too, unless they
+            override ``forward``), or a predicate ``f(module) -> bool``.
+        per_sample: ``f(module, A, G) -> {attr: tensor [n, *param.shape]}`` for a chunk of ``n``
+            samples; ``attr`` is the parameter's name in the module (``"weight"``).
+        name: the rule's name in reports (default: the function's name).
+        sq_sum: optional ``f(module, A, [G_1..G_K]) -> {attr: sum over samples and columns of
+            the squared per-sample gradients}``.
+        applies: optional ``f(module) -> bool``: configurations the rule covers (others get
+            the module-local rule).
+
+    Later registrations take precedence. The rule is proven against the per-sample loop on a
+    probe of the first samples before it is used, like the built-in ones.
+    """
+    if per_sample is None:
+        return lambda fn: register_rule(module_type, fn, name=name, sq_sum=sq_sum, applies=applies) or fn
+    if not callable(per_sample):
+        raise TypeError(f"register_rule: per_sample must be callable, got {type(per_sample).__name__}")
+    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies)
+    if isinstance(module_type, type):
+        if not issubclass(module_type, nn.Module):
+            raise TypeError(f"register_rule: {module_type.__name__} is not an nn.Module subclass")
+        _BY_TYPE[module_type] = rule
+    elif callable(module_type):
+        _BY_PREDICATE.insert(0, (module_type, rule))
+    else:
+        raise TypeError(f"register_rule: expected an nn.Module subclass or a predicate, got {module_type!r}")
+    return None
+
+
+def unregister_rule(module_type) -> None:
+    """Remove what :func:`register_rule` registered for ``module_type`` (a type or the same predicate)."""
+    if isinstance(module_type, type):
+        _BY_TYPE.pop(module_type, None)
+    else:
+        _BY_PREDICATE[:] = [(p, r) for p, r in _BY_PREDICATE if p is not module_type]
+
+
+def rule_for(m: nn.Module) -> tuple[Rule | None, str]:
+    """``(rule, "")`` for module ``m``, or ``(None, why not)``."""
+    for pred, rule in _BY_PREDICATE:
+        if pred(m) and (rule.applies is None or rule.applies(m)):
+            return rule, ""
+    for cls in type(m).__mro__:
+        rule = _BY_TYPE.get(cls)
+        if rule is None:
+            continue
+        if type(m).forward is not cls.forward:  # a subclass that computes something else
+            return None, f"no rule for {type(m).__name__}"
+        if rule.applies is not None and not rule.applies(m):
+            return None, f"no rule for {type(m).__name__} in this configuration"
+        return rule, ""
+    return None, f"no rule for {type(m).__name__}"
+
+
+def chunks(n: int, per_sample_bytes: int, budget: int = BLOCK_BYTES) -> list[tuple[int, int]]:
+    """``[(i, j), ...]`` covering ``0..n`` in chunks whose blocks stay under ``budget`` bytes."""
+    step = max(1, budget // max(1, per_sample_bytes))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def sq_sum_of(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
+    """``{attr: sum_k sum_n g^2}``: the rule's ``sq_sum``, or its per-sample blocks squared and
+    summed chunk by chunk."""
+    if rule.sq_sum is not None:
+        return rule.sq_sum(m, A, Gs)
+    n = A.shape[0]
+    per = sum(p.numel() for p in m.parameters(recurse=False)) * A.element_size()
+    out: dict = {}
+    for G in Gs:
+        for i, j in chunks(n, per):
+            for attr, b in rule.per_sample(m, A[i:j], G[i:j]).items():
+                s = b.square().sum(0)
+                out[attr] = s if attr not in out else out[attr].add_(s)
+    return out
