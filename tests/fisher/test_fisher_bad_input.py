@@ -1,4 +1,4 @@
-"""estimate_fisher bad input (issue 3): each case raises EWCInputError naming the problem."""
+"""estimate_fisher bad input: each case raises EWCInputError naming the problem."""
 
 import re
 

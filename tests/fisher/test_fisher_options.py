@@ -1,4 +1,4 @@
-"""estimate_fisher options (issue 3): auto fallback, training flags, params, chunking, memory
+"""estimate_fisher options: auto fallback, training flags, params, chunking, memory
 bound, progress bar."""
 
 import math
