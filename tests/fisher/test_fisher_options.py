@@ -47,7 +47,7 @@ def test_auto_falls_back_to_loop_with_one_warning(cls):
 def test_vmap_on_untransformable_model_raises():
     model = Branchy().double()
     data = batches(torch.randn(4, 13, dtype=D), torch.randint(0, 5, (4,)), batch_size=4)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match=r"method='vmap'.*torch.func could not transform the model"):
         fastewc.estimate_fisher(model, data, method="vmap")
 
 
