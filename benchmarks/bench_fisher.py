@@ -29,9 +29,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default="auto,rules,vmap,loop", help="estimate_fisher methods to time")
     ap.add_argument("--kinds", default="empirical,exact", help="Fisher kinds (exact only on --exact-models)")
     ap.add_argument("--exact-models", default="mlp")
-    # vmap's exact Fisher takes C per-sample-gradient passes: 8.4 s per 64 MLP samples here
-    # (reference loop 4.2 s, rules 0.03 s steady state), so it is left out of the default run.
-    # fastewc's loop takes as long as the reference loop (24.8 s against 24.7 s here): left out too.
+    # vmap's exact Fisher takes one per-sample-gradient pass per class, slower than the reference
+    # loop on a CPU, and fastewc's loop takes as long as the reference loop: both are left out of
+    # the default exact-kind run (the rules form all classes in one backward pass).
     ap.add_argument("--exact-methods", default="auto,rules", help="methods timed for the exact kind")
     ap.add_argument("--json", default=None, help="default: benchmarks/results/<machine>/fisher_<device>.json")
     args = ap.parse_args(argv)

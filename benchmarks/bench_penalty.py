@@ -1,11 +1,11 @@
-"""CPU benchmark of the EWC penalty: fastewc against the seed's reference loop.
+"""CPU benchmark of the EWC penalty: fastewc against the reference loop.
 
 A transformer-shaped parameter set (about 25M parameters in about 100 tensors), 3 registered
 tasks, float32. Every case starts with ``.grad`` already holding the task gradient, as in a
 training step, and adds the penalty's gradient into it:
 
-* reference loop, forward+backward: ``fastewc.reference.ReferenceEWC`` (the seed's per-task,
-  per-parameter loop), ``ewc(model).backward()``;
+* reference loop, forward+backward: ``fastewc.reference.ReferenceEWC`` (the original code's
+  per-task, per-parameter loop), ``ewc(model).backward()``;
 * fastewc forward+backward: ``EWCRegularizer(model).backward()``;
 * fastewc accumulate_grad_: ``EWCRegularizer.accumulate_grad_(model)``;
 * ablation "fwd+bwd, lazy grad": the same regularizer with the backend's eager gradient switched

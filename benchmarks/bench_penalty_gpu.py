@@ -4,22 +4,22 @@ For each size P (transformer-shaped parameter sets, float32 parameters, 3 regist
 storage dtype (float32, bfloat16), every case adds the penalty's gradient into an existing
 ``.grad`` (as in a training step):
 
-* ``reference loop``: ``fastewc.reference.ReferenceEWC`` (the seed's per-task, per-parameter
-  loop), ``ewc(model).backward()``;
+* ``reference loop``: ``fastewc.reference.ReferenceEWC`` (the original code's per-task,
+  per-parameter loop), ``ewc(model).backward()``;
 * ``torch._foreach``: ``fastewc.bench.baselines.ForeachEWC``, ``ewc(model).backward()``;
 * ``torch.compile(loop)``: ``torch.compile`` of the reference loop's forward, then backward;
 * ``torch backend fwd+bwd`` / ``torch backend accumulate_grad_``: ``EWCRegularizer(backend="torch")``;
 * ``triton fwd+bwd`` / ``triton accumulate_grad_``: ``EWCRegularizer(backend="triton")``.
 
-The baselines keep per-task float32 copies like the seed, so they run only with float32 storage.
+The baselines keep per-task float32 copies like the original code, so they run only with float32 storage.
 
-Timing (the device tool's METHOD.md): CUDA events around each call, warm-up calls first (they
+Timing: CUDA events around each call, warm-up calls first (they
 also compile), the L2 cache flushed before every timed call by writing a 512 MiB buffer, median
 of ``--repeats``. ``GB/s`` is the floor traffic of the step -- read theta, A, m and grad, write
 grad: 4 + 2 * storage bytes + 8 bytes per parameter (20 B with float32 storage) -- over the
 median time, the same byte count for every case, so it reads as "effective bandwidth".
 ``% copy`` divides it by the device-to-device copy bandwidth measured in the same run (a 1 GiB
-copy, read + write bytes). Targets (issue 4): ``triton accumulate_grad_`` >= 85% of copy at
+copy, read + write bytes). Targets: ``triton accumulate_grad_`` >= 85% of copy at
 P >= 100M, >= 1.5x faster than ``torch.compile(loop)``, >= 30x faster than the loop.
 
     python benchmarks/bench_penalty_gpu.py [--sizes 10e6,100e6,1e9] [--repeats 20] [--no-compile]
@@ -132,7 +132,7 @@ def run_size(params: float, storages: list[str], *, device, timer, tasks, compil
         log(f"  P={P / 1e6:.0f}M {storage:8s} {case:28s} "
             + (f"{row['seconds'] * 1e3:9.3f} ms" if "seconds" in row else row["error"]))
 
-    if "float32" in storages:  # the seed-style baselines store per-task float32 copies
+    if "float32" in storages:  # the per-task baselines store float32 copies
         ref = ReferenceEWC(LAMBDA)
         for f, a in make_tasks(model, tasks):
             ref.register_task(f, a)

@@ -43,7 +43,7 @@ def _synced(fn, device):
 def _reference(problem):
     ref = ReferenceEWC(1000.0)
     for f, a in problem[1]:
-        ref.task_fishers.append(f)  # shared, not cloned: the seed's clone would double memory
+        ref.task_fishers.append(f)  # shared, not cloned: register_task's clone would double memory
         ref.task_params.append(a)
     return ref
 

@@ -54,21 +54,30 @@ def train(model, data, ewc=None, epochs=20):
             opt.step()
 
 
-def main() -> None:
-    torch.manual_seed(0)
+def run(seed: int = 0) -> dict:
+    """Train task A, consolidate the adapters, train task B with the penalty; return what happened."""
+    torch.manual_seed(seed)
     model = lora_mlp()
     a, b = task(1), task(2)
     train(model, a)
     ewc = EWCRegularizer(100.0)
     # Fisher, optimum snapshot and registration in one call; adapters only, because the frozen
     # base has no requires_grad.
-    fisher, _ = ewc.consolidate(model, a)
+    fisher, optimum = ewc.consolidate(model, a)
+    train(model, b, ewc)
+    with torch.no_grad():
+        penalty = float(ewc(model))
+    return {"model": model, "ewc": ewc, "fisher": fisher, "optimum": optimum, "penalty": penalty}
+
+
+def main() -> None:
+    out = run()
+    model, fisher = out["model"], out["fisher"]
     print("Fisher computed for:", sorted(fisher))
     n_adapter = sum(model.get_parameter(n).numel() for n in fisher)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"protected {n_adapter} of {n_all} parameters ({100 * n_adapter / n_all:.1f}%)")
-    train(model, b, ewc)
-    print(f"penalty after task B: {ewc(model).item():.4f}")
+    print(f"penalty after task B: {out['penalty']:.4f}")
 
 
 if __name__ == "__main__":

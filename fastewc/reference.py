@@ -1,19 +1,21 @@
-"""The truth: the seeds' EWC algorithms, written plainly.
+"""The truth: the EWC algorithms of the original reference code, written plainly.
 
-Everything in fastewc is tested and benchmarked against the functions in this module. They follow
-``shared/seeds/ewc-reference.md`` (sections 5-7) line for line in spirit: Python loops over
-samples, tasks and parameters, one ``backward()`` per sample. Nothing here is meant to be fast.
+fastewc is a drop-in for a plain-PyTorch reference implementation of EWC (its names and
+arguments are described in :mod:`fastewc.compat`). Everything in fastewc is tested and
+benchmarked against the functions in this module, which do what that reference code does, in
+the same way: Python loops over samples, tasks and parameters, one ``backward()`` per sample.
+Nothing here is meant to be fast. The maths is written up in ``docs/design.md``.
 
-Deliberate differences from the seed text, each a bug in the seed that the fast paths must not
+Deliberate differences from the original code, each a bug there that the fast paths must not
 copy:
 
 * The Fisher loops put the model in ``eval()`` mode and restore every module's training flag
-  afterwards. The seed calls ``model.train()``, which makes dropout add noise to the Fisher and
-  makes BatchNorm normalise a single sample by its own statistics (or raise, for BatchNorm1d).
-* ``ReferenceOnlineEWC.register_task`` clones its inputs. The seed stores the caller's dict and
-  then adds into it in place, silently changing the caller's Fisher tensors.
+  afterwards. The original calls ``model.train()``, which makes dropout add noise to the Fisher
+  and makes BatchNorm normalise a single sample by its own statistics (or raise, for BatchNorm1d).
+* ``ReferenceOnlineEWC.register_task`` clones its inputs. The original stores the caller's dict
+  and then adds into it in place, silently changing the caller's Fisher tensors.
 * ``ReferenceOnlineEWC`` takes the Online-EWC decay ``gamma`` (Schwarz et al. 2018,
-  ``F~ <- gamma * F~ + F_t``); ``gamma=1`` is the seed's plain accumulation.
+  ``F~ <- gamma * F~ + F_t``); ``gamma=1`` is the original's plain accumulation.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    # named_parameters() yields a tied parameter once, under its first name, as in the seed.
+    # named_parameters() yields a tied parameter once, under its first name, as in the original.
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -83,7 +85,7 @@ def _per_sample_fisher(
 def compute_fisher(
     model: nn.Module, data_loader: Iterable, num_samples: int = 200, loss_fn: LossFn | None = None
 ) -> dict[str, torch.Tensor]:
-    """Empirical Fisher by the seed's per-sample loop: mean over samples of ``grad(loss)^2``.
+    """Empirical Fisher by the original per-sample loop: mean over samples of ``grad(loss)^2``.
 
     ``data_loader`` yields ``(inputs, targets)``; ``loss_fn(output[1, ...], target[1]) -> scalar``
     defaults to cross-entropy on logits. Returns ``{name: tensor}`` shaped like the parameters,
@@ -150,7 +152,7 @@ def compute_exact_fisher(
 
 
 # ---------------------------------------------------------------------------------------------
-# The general Fisher estimator (issue 3): every batch format, every kind, one sample at a time.
+# The general Fisher estimator: every batch format, every kind, one sample at a time.
 # ---------------------------------------------------------------------------------------------
 
 FISHER_KINDS = ("empirical", "sampled", "exact")
@@ -351,11 +353,11 @@ def estimate_fisher(
 def batch_fisher_estimation(
     model: nn.Module, data_loader: Iterable, num_samples: int = 200, loss_fn: LossFn | None = None
 ) -> dict[str, torch.Tensor]:
-    """The seed's batch-squared approximation (biased): ``sum_b B_b * grad(mean loss_b)^2 / N``.
+    """The original code's batch-squared approximation (biased): ``sum_b B_b * grad(mean loss_b)^2 / N``.
 
     Not the Fisher: the square of a batch mean is not the mean of squares. Kept because the
-    seed ships it and users compare against it. Whole batches are used (the seed stops *after*
-    the batch that crosses ``num_samples``).
+    original code ships it and users compare against it. Whole batches are used (the original
+    stops *after* the batch that crosses ``num_samples``).
     """
     loss_fn = loss_fn or F.cross_entropy
     params = _trainable(model)
@@ -398,12 +400,13 @@ def ewc_penalty_loop(
     lambda_ewc: float,
     scales: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
-    """The seed's ``EWCRegularizer.forward``: ``(lambda/2) sum_t sum_i s_i F_t,i (theta_i - theta*_t,i)^2``.
+    """The original ``EWCRegularizer.forward``: ``(lambda/2) sum_t sum_i s_i F_t,i (theta_i - theta*_t,i)^2``.
 
     Loops over tasks and parameters; only parameters with ``requires_grad`` count (as in the
-    seed's ``nexus`` version). ``scales`` (name -> multiplier, default 1) is the per-layer lambda
-    of seed section 7. Returns a differentiable 0-dim tensor in the parameters' dtype (0. as a
-    tensor when nothing is registered).
+    original code's forward). ``scales`` (name -> multiplier, default 1) is the per-layer
+    lambda (``layer_lambdas``, ``include`` / ``exclude``; see ``docs/design.md``). Returns a
+    differentiable 0-dim tensor in the parameters' dtype (0. as a tensor when nothing is
+    registered).
     """
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -421,7 +424,7 @@ def ewc_penalty_loop(
 
 
 class ReferenceEWC(nn.Module):
-    """The seed ``EWCRegularizer``: a list of per-task dicts, looped over at every step."""
+    """The original ``EWCRegularizer``: a list of per-task dicts, looped over at every step."""
 
     def __init__(self, lambda_ewc: float = 1000.0, scales: Mapping[str, float] | None = None):
         super().__init__()
@@ -439,7 +442,7 @@ class ReferenceEWC(nn.Module):
 
 
 class ReferenceOnlineEWC:
-    """The seed ``OnlineEWC`` plus the decay ``gamma``: ``F~ <- gamma F~ + F_t``, anchor <- latest.
+    """The original ``OnlineEWC`` plus the decay ``gamma``: ``F~ <- gamma F~ + F_t``, anchor <- latest.
 
     A name absent from a later task keeps its old anchor, and its accumulated Fisher decays.
     """

@@ -6,7 +6,7 @@ importance ``A`` and anchor ``m`` are two flat buffers in the storage dtype. The
 already folded lambdas, per-layer scales and tasks into ``A`` and ``m``, so the kernels compute
 only the quadratic.
 
-Tables (built and cached by ``fastewc.backends.triton_backend``):
+Tables (built and cached by ``fastewc.penalty.backends.triton_backend``):
 
 * tile table, int64 ``[n_tiles, 4]``, one row per tile of at most ``BLOCK`` elements of one
   parameter: ``(tensor index, start // BLOCK, flat offset // FLAT_ALIGN, element count)``. It

@@ -3,7 +3,7 @@
 Neither is used by the library itself; they exist so that benchmarks compare fastewc against the
 best obvious alternatives, not only against the per-parameter loop in :mod:`fastewc.reference`:
 
-* :class:`ForeachEWC`: the seed's per-task sum with ``torch._foreach_*`` multi-tensor ops (a few
+* :class:`ForeachEWC`: the reference code's per-task sum with ``torch._foreach_*`` multi-tensor ops (a few
   launches per task instead of ~5 per parameter per task), differentiable through autograd.
 * :func:`compiled_reference`: ``torch.compile`` of the reference loop (opt-in in benchmarks: it
   compiles for a long time on large models).
@@ -22,7 +22,7 @@ from ..reference import ReferenceEWC
 class ForeachEWC(nn.Module):
     """``(lambda/2) sum_t sum_i F_t,i (theta_i - theta*_t,i)^2`` with one foreach op chain per task.
 
-    Stores every task's Fisher and anchor like the seed (memory 2P per task); parameters named in
+    Stores every task's Fisher and anchor like the reference code (memory 2P per task); parameters named in
     the first task's Fisher and requiring grad are protected.
     """
 

@@ -25,7 +25,7 @@ def transformer_like(params: float, d_model: int = 480, vocab: int = 8000) -> nn
     return nn.Sequential(nn.Embedding(vocab, d_model), *[Block() for _ in range(layers)], nn.LayerNorm(d_model))
 
 
-# -- Fisher benchmark models (N = 512 samples; the issue's anchors were measured on these shapes) --
+# -- Fisher benchmark models (N = 512 samples; the README's Fisher table is measured on these) ----
 def fisher_mlp() -> nn.Module:
     """MLP 784-1000-1000-10 (1.79M parameters), inputs [N, 784]."""
     return nn.Sequential(nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 10))

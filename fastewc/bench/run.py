@@ -1,9 +1,10 @@
 """Benchmarks behind ``fastewc bench``: the penalty against its baselines, and Fisher estimation
 against the per-sample loop, on the user's own hardware.
 
-Every table comes from cases timed round-robin in one process (:func:`benchutil.time_side_by_side`),
-so ratios are measured side by side. The penalty's memory-traffic floor is 20 bytes per parameter
-(read theta, F, anchor and grad, write grad) over the copy bandwidth measured in the same run.
+Every table comes from cases timed round-robin in one process
+(:func:`fastewc.bench.timing.time_side_by_side`), so ratios are measured side by side. The
+penalty's memory-traffic floor is 20 bytes per parameter (read theta, F, anchor and grad, write
+grad) over the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def penalty_benchmark(*, device: str | torch.device = "cpu", params: float = 25e
     for _ in range(tasks):
         fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
         anchor = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
-        ref.task_fishers.append(fisher)  # not register_task: the seed's clone would double memory
+        ref.task_fishers.append(fisher)  # not register_task: its clone would double memory
         ref.task_params.append(anchor)
         fe.tasks.append((fisher, anchor))  # the same tensors
         for reg in (ewc, ewc_torch):
@@ -154,7 +155,7 @@ def fisher_benchmark(*, device: str | torch.device = "cpu", samples: int = 512, 
                      exact_methods: tuple[str, ...] | None = None, floor: bool = True,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Time the Fisher diagonal over ``samples`` samples on the benchmark models
-    (:func:`fastewc.bench_models.fisher_problem`): the reference per-sample loop against
+    (:func:`fastewc.bench.models.fisher_problem`): the reference per-sample loop against
     :func:`estimate_fisher` with each of ``methods``, for each of ``kinds`` ("exact" only on
     ``exact_models``, with ``exact_methods`` (default ``methods``): its reference loop takes one
     backward per class and sample). Each case is

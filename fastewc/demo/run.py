@@ -150,8 +150,8 @@ def train_sequence(cfg: DemoConfig, tasks: list[Task], method: str, lambda_ewc: 
 
 
 def sweep_score(matrix: list[list[float]]) -> float:
-    """The seeds' ``find_optimal_lambda`` criterion: final accuracy on the newest task plus the mean
-    final accuracy on the older ones."""
+    """The lambda-sweep criterion of the original reference code (its ``find_optimal_lambda``):
+    final accuracy on the newest task plus the mean final accuracy on the older ones."""
     last = matrix[-1]
     return last[-1] + (sum(last[:-1]) / (len(last) - 1) if len(last) > 1 else 0.0)
 
@@ -186,5 +186,5 @@ def format_report(result: dict) -> str:
         sw = result["lambda_sweep"]
         lines += ["", "lambda sweep (ewc): " + ", ".join(
             f"{k}: acc {v['avg_accuracy']:.3f} / forgetting {v['avg_forgetting']:.3f}" for k, v in sw["runs"].items()),
-            f"best lambda by the seeds' criterion ({sw['criterion']}): {sw['best_lambda']:g}"]
+            f"best lambda by the sweep criterion ({sw['criterion']}): {sw['best_lambda']:g}"]
     return "\n".join(lines)

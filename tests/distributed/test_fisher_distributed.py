@@ -1,6 +1,6 @@
 """estimate_fisher under torch.distributed (gloo, 2 CPU processes): each rank estimates on its
 half of the data; sums and counts are all-reduced, so every rank holds the Fisher of all the
-data, equal to a single-process estimate (issue 3)."""
+data, equal to a single-process estimate."""
 
 import os
 import tempfile

@@ -1,5 +1,5 @@
-"""Seed-compatible entry points (issue 3): FisherInformation, compute_fisher, compute_true_fisher,
-EWCTrainer, EWCRegularizer.consolidate."""
+"""Seed-compatible entry points (the original reference API; see fastewc.compat): FisherInformation,
+compute_fisher, compute_true_fisher, EWCTrainer, EWCRegularizer.consolidate."""
 
 import torch
 import torch.nn.functional as F

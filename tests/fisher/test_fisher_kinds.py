@@ -1,5 +1,5 @@
 """estimate_fisher vs reference.estimate_fisher (float64): every kind on every model, GPT-2 dict
-batches, batch-size invariance, exact num_samples, the batched approximation (issue 3)."""
+batches, batch-size invariance, exact num_samples, the batched approximation."""
 
 import pytest
 import torch

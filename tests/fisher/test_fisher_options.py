@@ -1,4 +1,4 @@
-"""estimate_fisher options (issue 3): auto fallback, training flags, params, chunking, memory
+"""estimate_fisher options: auto fallback, training flags, params, chunking, memory
 bound, progress bar."""
 
 import math
@@ -60,7 +60,7 @@ def test_item_call_needs_no_fallback_under_the_rules():
 def test_vmap_on_untransformable_model_raises():
     model = Branchy().double()
     data = batches(torch.randn(4, 13, dtype=D), torch.randint(0, 5, (4,)), batch_size=4)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match=r"method='vmap'.*torch.func could not transform the model"):
         fastewc.estimate_fisher(model, data, method="vmap")
 
 

@@ -1,4 +1,4 @@
-"""The per-layer rule engine (issue 6) against reference.estimate_fisher in float64: every rule on
+"""The per-layer rule engine against reference.estimate_fisher in float64: every rule on
 random shapes, weight sharing over sequences and space, mixed models, the three kinds, the probe
 that drops what a rule cannot prove, hooks and flags restored."""
 

@@ -4,7 +4,7 @@ repeats (races only show on hardware), no host-device sync, CUDA-graph capture.
 Skipped without CUDA. conftest sets TRITON_INTERPRET=1 unless it is already set, and the
 interpreter cannot read CUDA tensors, so run these with the compiler:
 
-    TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/test_triton_gpu.py
+    TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_triton_gpu.py
 """
 
 import pytest

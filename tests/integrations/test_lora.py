@@ -1,5 +1,6 @@
 """LoRA-style models: Fisher, stored buffers and penalty cover only the trainable adapters."""
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from fastewc import EWCRegularizer, estimate_fisher
 from fastewc import reference as R
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from lora_ewc import lora_mlp, task  # noqa: E402
+from lora_ewc import lora_mlp, run, task  # noqa: E402
 
 
 def test_fisher_and_penalty_cover_adapters_only():
@@ -56,4 +57,23 @@ def test_peft_model_if_installed():
 
 def test_example_runs(capsys):
     runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "lora_ewc.py"), run_name="__main__")
-    assert "protected" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Fisher computed for: ['0.lora_A', '0.lora_B', '2.lora_A', '2.lora_B']" in out
+    assert re.search(r"protected 660 of 3097 parameters", out), out
+    penalty = float(re.search(r"penalty after task B: ([0-9.eE+-]+)", out).group(1))
+    assert penalty > 0.0  # task B moved the adapters away from task A's optimum
+
+
+def test_example_protects_exactly_the_adapters():
+    out = run()
+    model, ewc, fisher = out["model"], out["ewc"], out["fisher"]
+    adapters = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters == {"0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"}
+    assert set(fisher) == set(ewc.protected_names) == adapters
+    assert all(float(f.sum()) > 0.0 for f in fisher.values())
+    assert set(out["optimum"]) == adapters
+    # After task B the adapters have moved: the penalty is positive and equals the reference loop.
+    assert out["penalty"] > 0.0
+    with torch.no_grad():
+        expected = float(R.ewc_penalty_loop(model, [fisher], [out["optimum"]], 100.0))
+    assert out["penalty"] == pytest.approx(expected, rel=1e-4)

@@ -29,7 +29,7 @@ def test_detects_model_changes():
     p.check(dict(m.named_parameters()))
     m[1] = nn.Linear(4, 5)
     m[0].double()
-    with pytest.raises(ModelMismatchError) as e:
+    with pytest.raises(ModelMismatchError, match=r"'1.weight' changed shape") as e:
         p.check(dict(m.named_parameters()))
     msg = str(e.value)
     assert "'1.weight' changed shape from (2, 4) to (5, 4)" in msg
