@@ -311,7 +311,8 @@ def estimate_fisher(
                     continue
                 logits = _logits(output)
                 valid = None
-                if is_dict and "attention_mask" in x:
+                if is_dict and "attention_mask" in x and logits.dim() == 3 and x["attention_mask"].shape[-1] == logits.shape[1]:
+                    # the mask marks positions of the logits only when they have one per token
                     valid = x["attention_mask"][0] != 0
                 if kind == "sampled":
                     with torch.no_grad():
@@ -319,8 +320,10 @@ def estimate_fisher(
                         drawn = torch.multinomial(probs, 1, generator=generator)
                     if logits.dim() == 3:
                         drawn = drawn[:, 0]
-                    if is_dict:
+                    if is_dict and logits.dim() == 3:
                         loss = _seq_mean_ce(logits, drawn, valid)
+                    elif is_dict:
+                        loss = F.cross_entropy(logits, drawn)
                     elif loss_fn is not None:
                         loss = loss_fn(output, drawn)
                     else:

@@ -267,3 +267,52 @@ def perturb(model, scale=0.3):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
+
+
+def hf_batches(n, seq, vocab, labels, *, batch_size, num_labels=3, seed=0):
+    """Right-padded dict batches (input_ids, attention_mask, labels) of varying lengths.
+
+    ``labels``: ``"lm"`` (the input ids, -100 on padding), ``"cls"`` (one class per sequence),
+    ``"multi"`` (float multi-label targets), ``"reg"`` (one float per sequence), ``"tok"`` (a
+    class per position, -100 on padding) or None."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    lengths = seq - torch.arange(n) % 3                     # 0, 1 or 2 padded positions
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    full = {"input_ids": ids, "attention_mask": mask}
+    if labels == "lm":
+        full["labels"] = ids.masked_fill(mask == 0, -100)
+    elif labels == "cls":
+        full["labels"] = torch.randint(0, num_labels, (n,), generator=g)
+    elif labels == "multi":
+        full["labels"] = (torch.rand(n, num_labels, generator=g) > 0.5).float()
+    elif labels == "reg":
+        full["labels"] = torch.randn(n, generator=g)
+    elif labels == "tok":
+        full["labels"] = torch.randint(0, num_labels, (n, seq), generator=g).masked_fill(mask == 0, -100)
+    return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
+
+
+def hf_model(name, dtype=torch.float64, **overrides):
+    """Tiny Hugging Face models built from config (no download), default attention."""
+    import transformers as T
+
+    if name.startswith("bert"):
+        cfg = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                   max_position_embeddings=16, num_labels=3)
+        cfg.update(overrides)
+        cls = {"bert": T.BertForSequenceClassification, "bert_tok": T.BertForTokenClassification,
+               "bert_mlm": T.BertForMaskedLM}[name]
+        model = cls(T.BertConfig(**cfg))
+    elif name == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                               bos_token_id=0, eos_token_id=0, **overrides))
+    elif name == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                                                 pad_token_id=0, **overrides))
+    else:
+        raise ValueError(name)
+    return model.to(dtype).eval()

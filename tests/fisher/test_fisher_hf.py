@@ -1,0 +1,126 @@
+"""Hugging Face models built from config, default attention, padded dict batches: every
+parameter covered in the one batched pass (no vmap, no loop), the value equal to the per-sample
+loop over ``model(**one_sample).loss``; all three kinds."""
+
+import pytest
+import torch
+
+import fastewc
+from fastewc import reference as R
+
+from models import assert_fisher_close, hf_batches, hf_model
+
+pytest.importorskip("transformers")
+
+D = torch.float64
+# A Hugging Face head computes its loss from logits.float(): float64 models agree with the
+# per-sample loop to float32 rounding for the empirical kind; the other kinds use fastewc's
+# own cross-entropy in the model's dtype.
+RTOL = {"empirical": 1e-5, "sampled": 1e-9, "exact": 1e-9}
+CASES = {
+    "bert": ("cls", {}),
+    "bert_multi": ("multi", {"problem_type": "multi_label_classification"}),
+    "bert_reg": ("reg", {"num_labels": 1}),
+    "bert_tok": ("tok", {}),
+    "bert_mlm": ("lm", {}),
+    "gpt2": ("lm", {}),
+    "llama": ("lm", {}),
+}
+
+
+def _model(case):
+    labels, overrides = CASES[case]
+    name = case if case in ("bert_tok", "bert_mlm", "gpt2", "llama") else "bert"
+    return hf_model(name, **overrides), hf_batches(7, 8, 40, labels, batch_size=4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_empirical_covers_every_parameter_by_rules(case):
+    model, data = _model(case)
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    assert not info.vmap_params and not info.loop_params, info
+    assert set(info.rule_params) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=RTOL["empirical"], atol_rel=1e-7)
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["sampled", "exact"])
+def test_sampled_and_exact_by_rules(case, kind):
+    model, data = _model(case)
+    kw = {"top_k": 3} if kind == "exact" and case != "bert" else {}
+    gen = (lambda: torch.Generator().manual_seed(5)) if kind == "sampled" else (lambda: None)
+    got, info = fastewc.estimate_fisher(model, data, kind=kind, generator=gen(), return_info=True, **kw)
+    assert not info.vmap_params and not info.loop_params, info
+    # Llama normalises in float32 inside a float64 model: its per-sample gradients carry
+    # float32 rounding whatever the method.
+    rtol = 1e-6 if case == "llama" else RTOL[kind]
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind, generator=gen(), **kw), rtol=rtol,
+                        atol_rel=1e-8)
+
+
+def test_gpt2_tied_embedding_and_head_sum_per_sample():
+    model, data = _model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    got, info = fastewc.estimate_fisher(model, data, kind="sampled", generator=torch.Generator().manual_seed(1),
+                                        return_info=True)
+    assert info.methods["transformer.wte.weight"] == "embedding+linear"
+    assert info.methods["transformer.h.0.attn.c_attn.weight"] == "hf_conv1d"
+    ref = R.estimate_fisher(model, data, kind="sampled", generator=torch.Generator().manual_seed(1))
+    assert_fisher_close(got, ref, rtol=1e-10)
+
+
+def test_llama_rmsnorm_by_the_rmsnorm_style_rule():
+    model, data = _model("llama")
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    assert info.methods["model.norm.weight"] == "rmsnorm_style"
+    assert info.methods["model.layers.0.self_attn.k_proj.weight"] == "linear"
+
+
+def test_exact_on_a_classifier_with_attention_mask():
+    # [N, C] logits with an [N, T] attention mask: the mask concerns the tokens, not the logits.
+    model, data = _model("bert")
+    got = fastewc.estimate_fisher(model, data, kind="exact", method="loop")
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind="exact"), rtol=1e-9, atol_rel=1e-9)
+    rules = fastewc.estimate_fisher(model, data, kind="exact", method="rules")
+    assert_fisher_close(rules, got, rtol=1e-9, atol_rel=1e-9)
+
+
+def test_batch_size_invariant_and_frozen_embeddings():
+    model, data = _model("bert")
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    one = fastewc.estimate_fisher(model, data)
+    regrouped = hf_batches(7, 8, 40, "cls", batch_size=3)
+    assert "bert.embeddings.word_embeddings.weight" not in one
+    assert_fisher_close(fastewc.estimate_fisher(model, regrouped), one, rtol=1e-5, atol_rel=1e-7)
+
+
+def test_unknown_head_without_loss_fn_goes_per_sample_with_the_reason():
+    import transformers as T
+
+    model = T.BertForQuestionAnswering(T.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=24,
+                                                    max_position_embeddings=16)).to(D).eval()
+    data = hf_batches(4, 8, 40, None, batch_size=4)
+    data[0]["start_positions"] = torch.tensor([1, 2, 3, 0])
+    data[0]["end_positions"] = torch.tensor([2, 3, 5, 1])
+    got, info = fastewc.estimate_fisher(model, data, kind="empirical", loss_fn=lambda out, _: out.start_logits.sum(),
+                                        return_info=True)
+    assert not info.vmap_params and not info.loop_params  # a loss_fn makes the rules usable
+    with pytest.warns(UserWarning, match="falling back to method='loop'"):
+        _, info = fastewc.estimate_fisher(model, [dict(data[0], labels=torch.zeros(4, dtype=torch.long))],
+                                          return_info=True)
+    assert "own loss has no per-sample form" in next(iter(info.reasons.values()))
+
+
+def test_second_call_reuses_the_proven_plan():
+    model, data = _model("gpt2")
+    fastewc.fisher.clear_plan_cache()
+    _, first = fastewc.estimate_fisher(model, data, return_info=True)
+    _, second = fastewc.estimate_fisher(model, data, return_info=True)
+    assert not first.plan_cached and first.probe_seconds > 0
+    assert second.plan_cached and second.probe_seconds == 0 and "plan cached" in second.summary()
+    with torch.no_grad():  # training changes values, not the structure: still cached
+        model.lm_head.weight.mul_(1.01)
+    assert fastewc.estimate_fisher(model, data, return_info=True)[1].plan_cached
+    model.transformer.h[0].mlp.c_fc = type(model.transformer.h[0].mlp.c_fc)(64, 16).to(D)  # new module
+    assert not fastewc.estimate_fisher(model, data, return_info=True)[1].plan_cached

@@ -1,0 +1,224 @@
+"""Module-local and op-local rules, shared and tied parameters, batch-free modules and the public
+rule registry, each against the per-sample reference loop in float64."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastewc
+from fastewc import reference as R
+
+from models import assert_fisher_close, batches
+
+D = torch.float64
+
+
+def _run(model, data, **kw):
+    return fastewc.estimate_fisher(model, data, method="rules", return_info=True, **kw)
+
+
+class KwargsBlock(nn.Module):
+    """No rule: keyword tensor arguments, a tuple output, its own parameters and a child Linear."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, x, *, gate=None, offset=0.0):
+        h = torch.tanh(self.mix(x) * self.scale + offset)
+        if gate is not None:
+            h = h * gate
+        return h, h.square().mean(-1)
+
+
+class WithBlock(nn.Module):
+    def __init__(self, d=5, seq=4):
+        super().__init__()
+        self.emb = nn.Linear(3, d)
+        self.pos = nn.Parameter(0.3 * torch.randn(seq + 2, d))     # sliced before it meets the batch
+        self.block = KwargsBlock(d)
+        self.head = nn.Linear(d + 1, 3)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos[: x.shape[1]] * 2.0
+        gate = torch.sigmoid(h.sum(-1, keepdim=True))
+        h, energy = self.block(h, gate=gate, offset=0.1)
+        return self.head(torch.cat([h.mean(1), energy.mean(1, keepdim=True)], -1))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "sampled", "exact"])
+def test_module_local_with_keywords_and_op_local_through_a_slice(kind):
+    torch.manual_seed(3)
+    model = WithBlock().to(D)
+    data = batches(torch.randn(7, 4, 3, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
+    gen = (lambda: torch.Generator().manual_seed(2)) if kind == "sampled" else (lambda: None)
+    got, info = _run(model, data, kind=kind, generator=gen())
+    assert info.methods["block.scale"] == "module-local" and info.methods["pos"] == "op-local"
+    assert info.methods["block.mix.weight"] == "linear"
+    assert not info.vmap_params and not info.loop_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind, generator=gen()), rtol=1e-10)
+
+
+class ThreeUses(nn.Module):
+    """One weight used by two modules (tied) and once more directly by an operation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+        self.w2 = nn.Parameter(torch.randn(4, 3) * 0.5)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.head(h @ self.w2 + x[..., :3])
+
+
+def test_tied_weight_and_a_bare_parameter_sum_every_use_per_sample():
+    torch.manual_seed(4)
+    model = ThreeUses().to(D)
+    data = batches(torch.randn(9, 4, dtype=D), torch.randint(0, 2, (9,)), batch_size=4)
+    got, info = _run(model, data)
+    assert info.methods["a.weight"] == "linear" and "tied" in info.notes["a.weight"]
+    assert info.methods["w2"] == "op-local"
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+class PositionTable(nn.Module):
+    """A learned position table called on positions only (no batch axis), broadcast-added."""
+
+    def __init__(self, vocab=9, d=6, seq=5):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.posemb = nn.Embedding(seq, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)        # [1, T]: no batch axis
+        h = self.norm(self.tok(ids) + self.posemb(positions))
+        return self.head(h.mean(1))
+
+
+def test_batch_free_module_is_followed_into_the_operation_that_meets_the_batch():
+    model = PositionTable().to(D)
+    data = batches(torch.randint(0, 9, (7, 5)), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = _run(model, data)
+    assert info.methods["posemb.weight"] == "embedding" and "without a batch axis" in info.notes["posemb.weight"]
+    assert not info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)])
+def test_hf_conv1d_rule_on_random_shapes(shape):
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(5)
+    model = nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(3, 7)).to(D)
+    head = nn.Sequential(model, nn.Flatten(1), nn.LazyLinear(4)).to(D)
+    head(torch.randn(1, *shape, dtype=D))
+    data = batches(torch.randn(6, *shape, dtype=D), torch.randint(0, 4, (6,)), batch_size=4)
+    got, info = _run(head, data)
+    assert info.rules["0.0"] == "hf_conv1d" and info.rules["0.2"] == "hf_conv1d" and not info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(head, data), rtol=1e-10)
+    assert transformers is not None
+
+
+class MyRMSNorm(nn.Module):
+    """An RMSNorm-style scale as other libraries write it (float32 inside, cast back)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+
+def test_rmsnorm_style_rule_matches_in_float32():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 6), MyRMSNorm(6), nn.Linear(6, 3))
+    data = batches(torch.randn(8, 4, 5), torch.randint(0, 3, (8, 4)), batch_size=3)
+    got, info = _run(model, data)
+    assert info.rules["1"] == "rmsnorm_style"
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=2e-5, atol_rel=1e-6)
+
+
+class Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_register_rule_is_used_and_proven():
+    calls = []
+
+    @fastewc.register_rule(Scale)
+    def scale_rule(module, A, G):
+        calls.append(A.shape[0])
+        return {"weight": (G * A).reshape(A.shape[0], -1, A.shape[-1]).sum(1)}
+
+    try:
+        model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+        data = batches(torch.randn(7, 2, 4, dtype=D), torch.randint(0, 3, (7, 2)), batch_size=4)
+        fastewc.fisher.clear_plan_cache()
+        got, info = _run(model, data)
+        assert info.rules["1"] == "scale_rule" and calls
+        assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+    finally:
+        fastewc.fisher.unregister_rule(Scale)
+
+
+def test_a_wrong_registered_rule_is_caught_by_the_probe():
+    fastewc.register_rule(Scale, lambda module, A, G: {"weight": (G * A).reshape(A.shape[0], -1, A.shape[-1]).sum(1) * 2})
+    try:
+        model = nn.Sequential(Scale(4), nn.Linear(4, 3)).to(D)
+        data = batches(torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,)), batch_size=3)
+        fastewc.fisher.clear_plan_cache()
+        got, info = _run(model, data)
+        assert "0.weight" in info.vmap_params and "disagreed" in info.reasons["0.weight"]
+        assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+    finally:
+        fastewc.fisher.unregister_rule(Scale)
+
+
+def test_register_rule_rejects_what_is_not_a_module_type():
+    with pytest.raises(TypeError, match="not an nn.Module subclass"):
+        fastewc.register_rule(int, lambda m, A, G: {})
+    with pytest.raises(TypeError, match="per_sample must be callable"):
+        fastewc.register_rule(Scale, 3)
+
+
+def test_multihead_attention_with_padding_mask_module_local():
+    torch.manual_seed(7)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            pad = ids == 0
+            h, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
+            return self.head(F.relu(h).mean(1))
+
+    model = Attn().to(D)
+    ids = torch.randint(1, 11, (7, 5))
+    ids[::2, -2:] = 0
+    data = batches(ids, torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = _run(model, data)
+    assert info.rules["attn"] == "module-local" and not info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
