@@ -76,3 +76,52 @@ def fisher_problem(name: str, n: int = 512, batch_size: int = 64, seed: int = 0)
 
 
 FISHER_MODELS = ("mlp", "cnn", "transformer")
+HF_MODELS = ("bert", "gpt2", "llama")
+HF_SAMPLES = 128  # the Hugging Face rows run on fewer samples than the small models (N = 512)
+
+
+def hf_problem(name: str, n: int = HF_SAMPLES, batch_size: int = 32, seq: int = 64, seed: int = 0):
+    """``(model, list of dict batches)``: a Hugging Face model built from config (no download,
+    the library's default attention) and right-padded batches of ``seq`` tokens (lengths from
+    ``seq / 2`` to ``seq``) with ``attention_mask`` and ``labels``.
+
+    * ``bert``: BertForSequenceClassification with the MiniLM shape (6 layers, hidden 384, 12
+      heads, intermediate 1536, vocabulary 30522), 2 classes; 22.7M parameters.
+    * ``gpt2``: GPT2LMHeadModel, 4 layers, 256 wide, 8 heads, vocabulary 8192 (the embedding
+      tied to the LM head); causal-LM labels (-100 on padding).
+    * ``llama``: LlamaForCausalLM, 4 layers, 256 wide, 8 query and 2 key/value heads (grouped),
+      intermediate 688, vocabulary 8192; causal-LM labels.
+    The vocabularies of the two LMs are cut to 8192 so that the per-sample loop over N = 128
+    sequences stays within minutes on a 2-core CPU.
+    """
+    import torch
+
+    from .._utils import require
+
+    T = require("transformers", extra="hf")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "bert":
+        vocab = 30522
+        model = T.BertForSequenceClassification(T.BertConfig(
+            vocab_size=vocab, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+            max_position_embeddings=512, num_labels=2))
+    elif name == "gpt2":
+        vocab = 8192
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_embd=256, n_layer=4, n_head=8, n_positions=seq,
+                                               bos_token_id=0, eos_token_id=0))
+    elif name == "llama":
+        vocab = 8192
+        model = T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=seq, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    else:
+        raise ValueError(f"unknown Hugging Face benchmark model {name!r}; expected one of {', '.join(HF_MODELS)}")
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    lengths = torch.randint(seq // 2, seq + 1, (n,), generator=g)
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = torch.randint(0, 2, (n,), generator=g) if name == "bert" else ids.masked_fill(mask == 0, -100)
+    full = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    model.eval()
+    return model, [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]

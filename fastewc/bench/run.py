@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from . import timing as bu
 from .. import reference
 from .baselines import ForeachEWC, compiled_reference
-from .models import FISHER_MODELS, fisher_problem, transformer_like
+from .models import FISHER_MODELS, HF_MODELS, HF_SAMPLES, fisher_problem, hf_problem, transformer_like
 from .._utils import available_memory
 from ..errors import EWCInputError
-from ..fisher import estimate_fisher
+from ..fisher import clear_plan_cache, estimate_fisher
 from ..reference import ReferenceEWC
 from ..penalty import EWCRegularizer
 
@@ -152,55 +152,128 @@ def format_penalty(result: dict) -> str:
 def fisher_benchmark(*, device: str | torch.device = "cpu", samples: int = 512, repeats: int = 3,
                      models: tuple[str, ...] = FISHER_MODELS, methods: tuple[str, ...] = ("auto", "loop"),
                      kinds: tuple[str, ...] = ("empirical",), exact_models: tuple[str, ...] = ("mlp",),
-                     exact_methods: tuple[str, ...] | None = None, floor: bool = True,
-                     progress: Callable[[str], None] | None = None) -> dict:
-    """Time the Fisher diagonal over ``samples`` samples on the benchmark models
-    (:func:`fastewc.bench.models.fisher_problem`): the reference per-sample loop against
+                     exact_methods: tuple[str, ...] | None = None, floor: bool = True, anchors: bool = True,
+                     hf_samples: int = HF_SAMPLES, progress: Callable[[str], None] | None = None) -> dict:
+    """Time the Fisher diagonal on the benchmark models: the reference per-sample loop against
     :func:`estimate_fisher` with each of ``methods``, for each of ``kinds`` ("exact" only on
     ``exact_models``, with ``exact_methods`` (default ``methods``): its reference loop takes one
-    backward per class and sample). Each case is
-    also run once under a memory probe for its extra peak memory (bytes over what was in use
-    before it). With ``floor``, a row times one plain batched forward + backward over the same
-    batches (eval mode, mean cross-entropy, parameter gradients): the cost of a training pass,
-    which a Fisher computed "at backward-pass cost" is measured against.
+    backward per class and sample).
+
+    Models: ``mlp``, ``cnn``, ``transformer`` (:func:`fastewc.bench.models.fisher_problem`,
+    ``samples`` samples) and the Hugging Face models ``bert``, ``gpt2``, ``llama``
+    (:func:`fastewc.bench.models.hf_problem`, ``hf_samples`` padded sequences; the reference is
+    the per-sample loop over ``model(**one_sample).loss``; methods other than ``auto``/``rules``
+    are left out there: vmap cannot run their default attention with a padding mask).
+
+    Each case is also run once under a memory probe for its extra peak memory (bytes over what
+    was in use before it). With ``floor``, a row times one plain batched forward + backward over
+    the same batches (eval mode, mean loss, parameter gradients): the cost of a training pass,
+    which a Fisher computed "at backward-pass cost" is measured against. With ``anchors``, rows
+    for BackPACK (``SumGradSquared`` for the empirical kind, ``DiagGGNMC`` for the sampled one,
+    ``DiagGGNExact`` for the exact one) where it is installed and supports the model; a row says
+    why when it is skipped.
 
     Returns a JSON-ready dict with one row per (model, kind, method): ``seconds`` (median),
-    ``speedup_vs_reference``, ``peak_extra_MB`` and ``params``.
+    ``speedup_vs_reference``, ``vs_floor``, ``peak_extra_MB`` and ``params``.
     """
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if samples < 1 or repeats < 1:
         raise EWCInputError(f"samples and repeats must be >= 1; got {samples}, {repeats}")
     say = progress or (lambda msg: None)
-    rows = []
+    rows, skipped = [], []
     for name in models:
-        model, data = fisher_problem(name, n=samples)
+        hf = name in HF_MODELS
+        model, data = hf_problem(name, n=hf_samples) if hf else fisher_problem(name, n=samples)
         model = model.to(dev)
-        data = [(x.to(dev), y.to(dev)) for x, y in data]
+        data = [({k: v.to(dev) for k, v in b.items()} if hf else (b[0].to(dev), b[1].to(dev))) for b in data]
+        n = hf_samples if hf else samples
         P = sum(p.numel() for p in model.parameters())
         for kind in kinds:
             if kind == "exact" and name not in exact_models:
                 continue
-            if kind == "empirical":
-                cases = {"reference loop": lambda: reference.compute_fisher(model, data, samples)}
-            else:
-                cases = {"reference loop": lambda kind=kind: reference.estimate_fisher(
-                    model, data, kind=kind, generator=torch.Generator().manual_seed(0))}
-            for m in (methods if kind != "exact" or exact_methods is None else exact_methods):
+            gen = (lambda: torch.Generator().manual_seed(0))
+            cases = {"reference loop": lambda kind=kind: reference.estimate_fisher(model, data, kind=kind,
+                                                                                      generator=gen())}
+            use = methods if kind != "exact" or exact_methods is None else exact_methods
+            for m in use:
+                if hf and m not in ("auto", "rules"):
+                    continue
                 cases[f"fastewc {m}"] = (lambda m=m, kind=kind: estimate_fisher(
-                    model, data, method=m, kind=kind, generator=torch.Generator().manual_seed(0)))
+                    model, data, method=m, kind=kind, generator=gen()))
+            if anchors and not hf:
+                fn, why = _backpack_case(model, data, kind)
+                if fn is not None:
+                    cases[f"BackPACK {_BACKPACK[kind]}"] = fn
+                else:
+                    skipped.append({"model": name, "kind": kind, "method": f"BackPACK {_BACKPACK[kind]}",
+                                    "reason": why})
             if floor and kind == "empirical":
                 cases["floor: fwd+bwd, no Fisher"] = lambda: _train_pass(model, data)
             say(f"fisher: {name} ({P / 1e6:.2f}M parameters), {kind}, {len(cases)} methods x {repeats} rounds")
             times = bu.time_side_by_side(cases, repeats=repeats, warmup=1, device=dev)
             ref_t = bu.median(times["reference loop"])
+            floor_t = bu.median(times["floor: fwd+bwd, no Fisher"]) if "floor: fwd+bwd, no Fisher" in times else None
+            extra = {}
+            if "fastewc auto" in cases:
+                # What auto covered how, and the probe's cost on a first call (the timed calls
+                # above reuse the proven plan, as a user's second call does).
+                clear_plan_cache()
+                _, info = estimate_fisher(model, data, kind=kind, generator=gen(), return_info=True)
+                extra = {"coverage": info.summary(), "probe_seconds": info.probe_seconds,
+                         "per_sample_params": len(info.vmap_params) + len(info.loop_params)}
             for method, fn in cases.items():
                 _, peak = bu.peak_extra_memory(fn, dev)
                 t = bu.median(times[method])
-                rows.append({"model": name, "kind": kind, "method": method, "params": P, "seconds": t,
-                             "speedup_vs_reference": ref_t / t,
-                             "peak_extra_MB": None if peak is None else peak / 2**20})
+                rows.append({"model": name, "kind": kind, "method": method, "params": P, "samples": n,
+                             "seconds": t, "speedup_vs_reference": ref_t / t,
+                             "vs_floor": None if floor_t is None else t / floor_t,
+                             "peak_extra_MB": None if peak is None else peak / 2**20,
+                             **(extra if method == "fastewc auto" else {})})
     return {"benchmark": "fisher", "device": str(dev), "machine": bu.machine_info(dev), "samples": samples,
-            "kinds": list(kinds), "repeats": repeats, "rows": rows}
+            "hf_samples": hf_samples, "kinds": list(kinds), "repeats": repeats, "rows": rows, "skipped": skipped}
+
+
+_BACKPACK = {"empirical": "SumGradSquared", "sampled": "DiagGGNMC", "exact": "DiagGGNExact"}
+
+
+def _backpack_case(model: nn.Module, data, kind: str):
+    """``(fn, None)`` timing BackPACK's diagonal of ``kind`` on a copy of ``model`` (sum reduction,
+    summed over the batches, divided by N), or ``(None, why)`` when it cannot run."""
+    import copy
+    import importlib
+    import warnings
+
+    try:
+        bp = importlib.import_module("backpack")
+        ext = importlib.import_module("backpack.extensions")
+    except ImportError:
+        return None, "backpack-for-pytorch is not installed (pip install --no-deps backpack-for-pytorch einops unfoldNd)"
+    extension, attr = {"empirical": (ext.SumGradSquared, "sum_grad_squared"),
+                       "sampled": (ext.DiagGGNMC, "diag_ggn_mc"),
+                       "exact": (ext.DiagGGNExact, "diag_ggn_exact")}[kind]
+    try:
+        net = bp.extend(copy.deepcopy(model).eval(), use_converter=False)
+        loss_fn = bp.extend(nn.CrossEntropyLoss(reduction="sum"))
+    except Exception as e:  # noqa: BLE001 - report why the anchor is missing
+        return None, f"BackPACK cannot extend the model ({type(e).__name__}: {e})"
+
+    def run():
+        n, sums = 0, None
+        for x, y in data:
+            net.zero_grad(set_to_none=True)
+            with warnings.catch_warnings(), bp.backpack(extension()):
+                warnings.simplefilter("ignore")
+                loss_fn(net(x), y).backward()
+            got = [getattr(p, attr) for p in net.parameters()]
+            sums = got if sums is None else [a + b for a, b in zip(sums, got)]
+            n += x.shape[0]
+        return [s / n for s in sums]
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - unsupported layers: the anchor is skipped with the reason
+        return None, f"BackPACK does not support this model ({type(e).__name__}: {str(e)[:120]})"
+    return run, None
 
 
 def _train_pass(model: nn.Module, data) -> None:
@@ -208,24 +281,33 @@ def _train_pass(model: nn.Module, data) -> None:
     was = model.training
     model.eval()
     try:
-        for x, y in data:
-            F.cross_entropy(model(x), y).backward()
+        for b in data:
+            if isinstance(b, dict):
+                model(**b).loss.backward()
+            else:
+                x, y = b
+                F.cross_entropy(model(x), y).backward()
     finally:
         model.train(was)
         model.zero_grad(set_to_none=True)
 
 
 def format_fisher(result: dict) -> str:
-    """The Fisher result as a markdown table."""
-    lines = [f"Fisher diagonal, N = {result['samples']} samples, {result['repeats']} round-robin "
-             f"repeats, medians; peak = extra memory over the baseline", "",
-             f"| {'model':<11} | {'params':>7} | {'kind':<9} | {'method':<25} | {'seconds':>8} | {'speed-up':>8} "
-             f"| {'peak MB':>8} |",
-             f"|{'-' * 13}|{'-' * 9}|{'-' * 11}|{'-' * 27}|{'-' * 10}|{'-' * 10}|{'-' * 10}|"]
+    """The Fisher result as a markdown table (and the anchors that were skipped, with why)."""
+    lines = [f"Fisher diagonal, N = {result['samples']} samples (Hugging Face models: "
+             f"{result.get('hf_samples', HF_SAMPLES)}), {result['repeats']} round-robin repeats, medians; "
+             f"x floor = time / one plain training pass; peak = extra memory over the baseline", "",
+             f"| {'model':<11} | {'params':>7} | {'kind':<9} | {'method':<25} | {'seconds':>8} | {'vs loop':>8} "
+             f"| {'x floor':>7} | {'peak MB':>8} |",
+             f"|{'-' * 13}|{'-' * 9}|{'-' * 11}|{'-' * 27}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|"]
     for r in result["rows"]:
         peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
+        floor = "" if r.get("vs_floor") is None else f"{r['vs_floor']:.2f}"
         lines.append(f"| {r['model']:<11} | {r['params'] / 1e6:>6.2f}M | {r.get('kind', 'empirical'):<9} | "
-                     f"{r['method']:<25} | {r['seconds']:>8.3f} | {r['speedup_vs_reference']:>7.2f}x | {peak:>8} |")
+                     f"{r['method']:<25} | {r['seconds']:>8.3f} | {r['speedup_vs_reference']:>7.2f}x | {floor:>7} "
+                     f"| {peak:>8} |")
+    for r in result.get("skipped", []):
+        lines.append(f"\n{r['method']} on {r['model']} ({r['kind']}): skipped, {r['reason']}")
     return "\n".join(lines)
 
 

@@ -41,14 +41,19 @@ def _sq_sum(A, Gs: list, bias: bool, transposed: bool, weight_numel: int) -> dic
         if bias:
             out["bias"] = G2.sum(0)
         return out
-    n = A.shape[0]
+    # One sample at a time into a reused buffer, squared into the sum while it is still in cache:
+    # a [chunk, out, in] block would be written to memory and read back twice.
     total = None
+    buf = None
     for G in Gs:
         A3, G3 = _as_3d(A, G)
-        for i, j in chunks(n, weight_numel * A.element_size()):
-            b = torch.bmm(A3[i:j].transpose(1, 2), G3[i:j]) if transposed else torch.bmm(G3[i:j].transpose(1, 2), A3[i:j])
-            s = b.mul_(b).sum(0)
-            total = s if total is None else total.add_(s)
+        left, right = (A3.transpose(1, 2), G3) if transposed else (G3.transpose(1, 2), A3)
+        for i in range(A.shape[0]):
+            buf = torch.mm(left[i], right[i], out=buf)
+            if total is None:
+                total = buf.square()
+            else:
+                total.addcmul_(buf, buf)
     out["weight"] = total
     if bias:
         out["bias"] = sum(_as_3d(A, G)[1].sum(1).square().sum(0) for G in Gs)

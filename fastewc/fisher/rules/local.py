@@ -51,7 +51,14 @@ def batched_outputs(output, n: int) -> tuple[list, list]:
     return [leaves[k] for k in idx], idx
 
 
+_ONE_TENSOR_SPEC = tree_flatten(((torch.zeros(()),), {}))[1]
+
+
 def record(args, kwargs, output, n: int) -> Recorded:
+    if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        # The common call (one tensor in, one out): no pytree walk.
+        per = output.dim() > 0 and output.shape[0] == n and output.is_floating_point()
+        return Recorded([args[0]], _ONE_TENSOR_SPEC, [output] if per else [], [0] if per else [], n)
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
     outs, idx = batched_outputs(output, n)
     return Recorded(leaves, spec, outs, idx, n)
