@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .registry import chunks, register_rule
+from .registry import register_rule
 
 
 def _as_3d(A: torch.Tensor, G: torch.Tensor):
