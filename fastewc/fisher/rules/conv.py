@@ -23,28 +23,38 @@ def _conv_input(m: nn.Module, A: torch.Tensor):
     return A, m.kernel_size, m.dilation, pad, m.stride
 
 
-def conv_per_sample(m: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict:
+def _unfolded(m: nn.Module, A: torch.Tensor):
     n, g = A.shape[0], m.groups
     A4, k, d, p, s = _conv_input(m, A)
-    cout = m.out_channels
-    cols = m.weight.numel() // cout                                  # (C_in / groups) * prod(kernel)
+    cols = m.weight.numel() // m.out_channels                        # (C_in / groups) * prod(kernel)
     U = F.unfold(A4, k, dilation=d, padding=p, stride=s)             # [n, C_in*K, L]
-    U = U.view(n, g, cols, U.shape[-1])
-    Gb = G.reshape(n, g, cout // g, -1)                              # [n, g, C_out/g, L]
-    out = {"weight": torch.einsum("bgol,bgil->bgoi", Gb, U).reshape(n, *m.weight.shape)}
+    return U.view(n, g, cols, U.shape[-1])
+
+
+def _weight_grads(m: nn.Module, U: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    n, g = U.shape[0], m.groups
+    Gb = G.reshape(n, g, m.out_channels // g, -1)                    # [n, g, C_out/g, L]
+    return torch.einsum("bgol,bgil->bgoi", Gb, U).reshape(n, *m.weight.shape)
+
+
+def conv_per_sample(m: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict:
+    out = {"weight": _weight_grads(m, _unfolded(m, A), G)}
     if m.bias is not None:
-        out["bias"] = G.reshape(n, cout, -1).sum(2)
+        out["bias"] = G.reshape(A.shape[0], m.out_channels, -1).sum(2)
     return out
 
 
 def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
+    """The input is unfolded once per chunk and shared by every output gradient (the exact
+    Fisher's columns)."""
     n, cout = A.shape[0], m.out_channels
     L = Gs[0][0].numel() // cout                                     # output positions per sample
     per = (m.weight.numel() + m.weight.numel() // cout * m.groups * L) * A.element_size()
     w = None
-    for G in Gs:
-        for i, j in chunks(n, per):
-            b = conv_per_sample(m, A[i:j], G[i:j])["weight"]
+    for i, j in chunks(n, per):
+        U = _unfolded(m, A[i:j])
+        for G in Gs:
+            b = _weight_grads(m, U, G[i:j])
             s = b.mul_(b).sum(0)
             w = s if w is None else w.add_(s)
     out = {"weight": w}

@@ -16,34 +16,44 @@ import torch.nn.functional as F
 from .registry import register_rule
 
 
-def _affine(xhat: torch.Tensor, G: torch.Tensor, shape, bias: bool, channel_dim: bool) -> dict:
-    n = xhat.shape[0]
-
-    def reduce(t):
-        if not channel_dim:  # the parameter covers the trailing dims
-            return t.reshape(n, -1, *shape).sum(1)
-        return t.reshape(n, shape[0], -1).sum(2)  # per channel (dim 1)
-
-    out = {"weight": reduce(G * xhat)}
-    if bias:
-        out["bias"] = reduce(G)
-    return out
+def _reduce(t: torch.Tensor, n: int, shape, channel_dim: bool) -> torch.Tensor:
+    if not channel_dim:  # the parameter covers the trailing dims
+        return t.reshape(n, -1, *shape).sum(1)
+    return t.reshape(n, shape[0], -1).sum(2)  # per channel (dim 1)
 
 
-def layer_norm_per_sample(m: nn.LayerNorm, A, G) -> dict:
-    xhat = F.layer_norm(A, m.normalized_shape, None, None, m.eps)
-    return _affine(xhat, G, m.normalized_shape, m.bias is not None, False)
+def _affine_rule(name, xhat_of, shape_of, bias_of, channel_dim: bool):
+    """Register the per-sample and sum-of-squares forms of an elementwise affine layer; ``xhat``
+    is formed once and shared by every output gradient."""
+    def per_sample(m, A, G):
+        xhat, n, shape = xhat_of(m, A), A.shape[0], shape_of(m)
+        out = {"weight": _reduce(G * xhat, n, shape, channel_dim)}
+        if bias_of(m):
+            out["bias"] = _reduce(G, n, shape, channel_dim)
+        return out
+
+    def sq_sum(m, A, Gs):
+        xhat, n, shape = xhat_of(m, A), A.shape[0], shape_of(m)
+        out = {"weight": sum(_reduce(G * xhat, n, shape, channel_dim).square().sum(0) for G in Gs)}
+        if bias_of(m):
+            out["bias"] = sum(_reduce(G, n, shape, channel_dim).square().sum(0) for G in Gs)
+        return out
+
+    per_sample.__name__ = sq_sum.__name__ = name
+    return per_sample, sq_sum
 
 
-def rms_norm_per_sample(m, A, G) -> dict:
-    xhat = F.rms_norm(A, m.normalized_shape, None, m.eps)
-    return _affine(xhat, G, m.normalized_shape, False, False)
+def _layer_norm_xhat(m, A):
+    return F.layer_norm(A, m.normalized_shape, None, None, m.eps)
 
 
-def batch_norm_per_sample(m: nn.modules.batchnorm._BatchNorm, A, G) -> dict:
+def _rms_norm_xhat(m, A):
+    return F.rms_norm(A, m.normalized_shape, None, m.eps)
+
+
+def _batch_norm_xhat(m, A):
     shape = [1, -1] + [1] * (A.dim() - 2)
-    xhat = (A - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-    return _affine(xhat, G, (m.num_features,), m.bias is not None, True)
+    return (A - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
 
 
 def batch_norm_applies(m) -> bool:
@@ -52,17 +62,24 @@ def batch_norm_applies(m) -> bool:
     return m.affine and not m.training and m.running_mean is not None and m.running_var is not None
 
 
-def group_norm_per_sample(m: nn.GroupNorm, A, G) -> dict:
-    xhat = F.group_norm(A, m.num_groups, None, None, m.eps)
-    return _affine(xhat, G, (m.num_channels,), True, True)
+def _group_norm_xhat(m, A):
+    return F.group_norm(A, m.num_groups, None, None, m.eps)
 
 
-register_rule(nn.LayerNorm, layer_norm_per_sample, name="layernorm", applies=lambda m: m.elementwise_affine)
-register_rule(nn.GroupNorm, group_norm_per_sample, name="groupnorm", applies=lambda m: m.affine)
+_LAYER_NORM = _affine_rule("layernorm", _layer_norm_xhat, lambda m: m.normalized_shape, lambda m: m.bias is not None,
+                           False)
+_GROUP_NORM = _affine_rule("groupnorm", _group_norm_xhat, lambda m: (m.num_channels,), lambda m: True, True)
+_BATCH_NORM = _affine_rule("batchnorm", _batch_norm_xhat, lambda m: (m.num_features,), lambda m: m.bias is not None,
+                           True)
+_RMS_NORM = _affine_rule("rmsnorm", _rms_norm_xhat, lambda m: m.normalized_shape, lambda m: False, False)
+
+register_rule(nn.LayerNorm, _LAYER_NORM[0], name="layernorm", sq_sum=_LAYER_NORM[1],
+              applies=lambda m: m.elementwise_affine)
+register_rule(nn.GroupNorm, _GROUP_NORM[0], name="groupnorm", sq_sum=_GROUP_NORM[1], applies=lambda m: m.affine)
 for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-    register_rule(_bn, batch_norm_per_sample, name="batchnorm", applies=batch_norm_applies)
+    register_rule(_bn, _BATCH_NORM[0], name="batchnorm", sq_sum=_BATCH_NORM[1], applies=batch_norm_applies)
 if hasattr(nn, "RMSNorm"):
-    register_rule(nn.RMSNorm, rms_norm_per_sample, name="rmsnorm", applies=lambda m: m.elementwise_affine)
+    register_rule(nn.RMSNorm, _RMS_NORM[0], name="rmsnorm", sq_sum=_RMS_NORM[1], applies=lambda m: m.elementwise_affine)
 
 
 # -- RMSNorm-style modules of other libraries ----------------------------------------------------
