@@ -310,9 +310,23 @@ class _OpRecorder(TorchFunctionMode):
         self.sources[id(t)] = sources
         self.keep.append(t)
 
+    def _touches_watched(self, args, kwargs) -> bool:
+        """Whether a watched tensor is among the arguments (one level of lists and tuples deep,
+        as torch's operations take them): every operation of the forward passes through here."""
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, torch.Tensor):
+                if id(x) in self.builders:
+                    return True
+            elif isinstance(x, (list, tuple)):
+                if any(isinstance(y, torch.Tensor) and id(y) in self.builders for y in x):
+                    return True
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not self._touches_watched(args, kwargs):
+            return out
         leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
         slots = {k: self.builders[id(x)] for k, x in enumerate(leaves)
                  if isinstance(x, torch.Tensor) and id(x) in self.builders}
