@@ -45,8 +45,11 @@ def _progress(enabled: bool):
 
 
 def cmd_bench(args) -> int:
+    import importlib.util
+
     from . import bench
     from .bench import timing as bu
+    from .bench.models import FISHER_MODELS, HF_MODELS
 
     dev = bench.resolve_device(args.device)
     say = _progress(not args.quiet)
@@ -55,8 +58,17 @@ def cmd_bench(args) -> int:
                                              compile_reference=args.compile, progress=say)
     print(bench.format_penalty(out["penalty"]))
     if args.fisher_samples > 0:
-        out["fisher"] = bench.fisher_benchmark(device=dev, samples=args.fisher_samples,
-                                               repeats=max(1, args.repeats // 5), progress=say)
+        models = tuple(m for m in args.fisher_models.split(",") if m)
+        unknown = [m for m in models if m not in FISHER_MODELS + HF_MODELS]
+        if unknown:
+            raise EWCInputError(f"--fisher-models: unknown {unknown}; choose from {', '.join(FISHER_MODELS + HF_MODELS)}")
+        if any(m in HF_MODELS for m in models) and importlib.util.find_spec("transformers") is None:
+            print("[fastewc] transformers is not installed (pip install 'fastewc[hf]'): the Hugging Face models "
+                  "are skipped", file=sys.stderr)
+            models = tuple(m for m in models if m not in HF_MODELS)
+        out["fisher"] = bench.fisher_benchmark(device=dev, samples=args.fisher_samples, models=models,
+                                               hf_samples=args.hf_samples, repeats=max(1, args.repeats // 5),
+                                               progress=say)
         print()
         print(bench.format_fisher(out["fisher"]))
     if args.json:
@@ -101,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--params", type=parse_count, default=25e6, help="penalty benchmark size, e.g. 25M, 1B (default 25M)")
     b.add_argument("--tasks", type=int, default=3, help="registered tasks (default 3)")
     b.add_argument("--fisher-samples", type=int, default=512, help="samples per Fisher estimate; 0 skips it (default 512)")
+    b.add_argument("--fisher-models", default="mlp,cnn,transformer,bert,gpt2,llama",
+                   help="Fisher benchmark models (default: all; the Hugging Face ones need fastewc[hf])")
+    b.add_argument("--hf-samples", type=int, default=128, help="padded sequences per Hugging Face model (default 128)")
     b.add_argument("--repeats", type=int, default=15, help="timed rounds of the penalty benchmark (default 15)")
     b.add_argument("--compile", action="store_true", help="also time torch.compile of the reference loop (slow to compile)")
     b.add_argument("--json", metavar="PATH", help="write the results as JSON")

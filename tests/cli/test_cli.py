@@ -90,3 +90,24 @@ def test_bench_tiny_writes_json_and_png(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "fastewc", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "bench" in r.stdout and "demo" in r.stdout
+
+
+def test_bench_fisher_rows_with_a_hugging_face_model(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    js = tmp_path / "f.json"
+    code = cli.main(["bench", "--params", "1M", "--tasks", "1", "--repeats", "1", "--fisher-samples", "8",
+                     "--hf-samples", "4", "--fisher-models", "mlp,gpt2", "--json", str(js), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "x floor" in out
+    rows = json.loads(js.read_text())["fisher"]["rows"]
+    got = {(r["model"], r["method"]) for r in rows}
+    assert {("gpt2", "reference loop"), ("gpt2", "fastewc auto"), ("gpt2", "floor: fwd+bwd, no Fisher"),
+            ("mlp", "fastewc auto")} <= got
+    auto = next(r for r in rows if r["model"] == "gpt2" and r["method"] == "fastewc auto")
+    assert auto["per_sample_params"] == 0 and auto["samples"] == 4 and auto["vs_floor"] > 0
+    assert "embedding+linear" in auto["coverage"] and auto["probe_seconds"] > 0
+
+
+def test_bench_unknown_fisher_model(capsys):
+    code, err = _err(capsys, ["bench", "--params", "1M", "--fisher-models", "resnet", "--repeats", "1"])
+    assert code == 2 and "unknown ['resnet']" in err
