@@ -34,6 +34,7 @@ from . import per_sample as ps
 from .batches import Batch
 from .problem import Problem, exact_columns, logits_of, model_head, model_loss_per_sample, plain_attention, position_mask
 from .rules import BLOCK_BYTES, chunks, rule_for, sq_sum_of
+from .rules.attention import LOCAL_REPLAYS
 from .rules.local import Recorded, module_blocks, op_blocks, record
 
 # Relative tolerance of the probe that checks the plan against the per-sample loop, by dtype:
@@ -493,7 +494,10 @@ def _blocks(plan, rec, values, key, c, grads, i, j) -> dict:
         A = call.rec.leaves[0]
         got = site.rule.per_sample(site.module, A[i:j].detach(), grads[0][i:j])
     else:
-        got = module_blocks(site.module, list(site.params), call.rec, grads, i, j)
+        replay = LOCAL_REPLAYS.get(type(site.module))
+        got = replay(site.module, list(site.params), call.rec, grads, i, j) if replay is not None else None
+        if got is None:
+            got = module_blocks(site.module, list(site.params), call.rec, grads, i, j)
     return {site.params[a]: t for a, t in got.items() if a in site.params}
 
 

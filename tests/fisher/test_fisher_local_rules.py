@@ -222,3 +222,49 @@ def test_multihead_attention_with_padding_mask_module_local():
     got, info = _run(model, data)
     assert info.rules["attn"] == "module-local" and not info.vmap_params
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float", "causal", "none"])
+def test_multihead_attention_batched_replay_matches_the_loop(mask):
+    from fastewc.fisher.rules import attention
+
+    torch.manual_seed(8)
+    calls = []
+    real = attention.mha_blocks
+
+    def spy(*a):
+        got = real(*a)
+        calls.append(got is not None)
+        return got
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            kw = {}
+            if mask == "bool":
+                kw["key_padding_mask"] = ids == 0
+            elif mask == "float":
+                kw["key_padding_mask"] = (ids == 0).to(h.dtype) * -1e4
+            elif mask == "causal":
+                kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=h.dtype)
+                kw["is_causal"] = True
+            return self.head(self.attn(h, h, h, **kw)[0].mean(1))
+
+    model = Attn().to(D)
+    ids = torch.randint(1, 11, (7, 5))
+    ids[::2, -2:] = 0
+    data = batches(ids, torch.randint(0, 3, (7,)), batch_size=4)
+    attention.LOCAL_REPLAYS[nn.MultiheadAttention] = spy
+    try:
+        got, info = _run(model, data)
+    finally:
+        attention.LOCAL_REPLAYS[nn.MultiheadAttention] = real
+    assert calls and all(calls), "the batched replay declined the configuration"
+    assert info.rules["attn"] == "module-local" and not info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
