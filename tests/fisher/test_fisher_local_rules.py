@@ -199,31 +199,6 @@ def test_register_rule_rejects_what_is_not_a_module_type():
         fastewc.register_rule(Scale, 3)
 
 
-def test_multihead_attention_with_padding_mask_module_local():
-    torch.manual_seed(7)
-
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(11, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, ids):
-            h = self.emb(ids)
-            pad = ids == 0
-            h, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
-            return self.head(F.relu(h).mean(1))
-
-    model = Attn().to(D)
-    ids = torch.randint(1, 11, (7, 5))
-    ids[::2, -2:] = 0
-    data = batches(ids, torch.randint(0, 3, (7,)), batch_size=4)
-    got, info = _run(model, data)
-    assert info.rules["attn"] == "module-local" and not info.vmap_params
-    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
-
-
 @pytest.mark.parametrize("mask", ["bool", "float", "causal", "none"])
 def test_multihead_attention_batched_replay_matches_the_loop(mask):
     from fastewc.fisher.rules import attention
