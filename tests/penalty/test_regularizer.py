@@ -52,7 +52,8 @@ def setup(name, n_tasks, *, mode="separate", gamma=1.0, storage=torch.float64, m
     ewc = EWCRegularizer(123.0, mode=mode, gamma=gamma, storage_dtype=storage, backend=backend, **kw)
     for f, a in tasks:
         ref.register_task(f, a)
-        ewc.register_task(f, a)
+        # model=: the parameters' dtype is recorded (the tasks are float64 whatever the model)
+        ewc.register_task(f, a, model=model)
     return model, model64, ref, ewc
 
 
@@ -118,7 +119,7 @@ def test_half_precision_parameters(param_dtype, backend):
     ewc = EWCRegularizer(123.0, backend=backend)
     ref = R.ReferenceEWC(123.0)
     for f, a in tasks:
-        ewc.register_task(f, a)
+        ewc.register_task(f, a, model=model)
         ref.register_task(f, a)
     model64 = copy.deepcopy(model).double()
     want_v, want_g = ref_value_and_grads(model64, ref)
@@ -137,7 +138,7 @@ def test_mixed_dtype_model_uses_one_group_per_dtype(backend):
     ewc = EWCRegularizer(5.0, storage_dtype=torch.float64, backend=backend)
     ref = R.ReferenceEWC(5.0)
     for f, a in tasks:
-        ewc.register_task(f, a)
+        ewc.register_task(f, a, model=model)
         ref.register_task(f, a)
     v = ewc(model)
     assert len(ewc._binding.plans) == 2
@@ -411,7 +412,7 @@ def test_moves_to_the_models_device():
     v_cpu = ewc(model).detach()
     model.cuda()
     v = ewc(model)
-    assert v.device.type == "cuda" and ewc._importance[0].device.type == "cuda"
+    assert v.device.type == "cuda" and ewc._store.importance[0].device.type == "cuda"
     torch.testing.assert_close(v.detach().cpu(), v_cpu, rtol=1e-5, atol=0)
     fresh = EWCRegularizer()
     fresh.load_state_dict(ewc.state_dict())
