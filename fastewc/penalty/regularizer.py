@@ -380,7 +380,8 @@ class OnlineEWC(EWCRegularizer):
 def _raise_if_not_finite(value: torch.Tensor, binding: Binding, params: list[torch.Tensor]) -> None:
     """``check_finite``: one host sync to read ``value``; only when it is NaN/Inf, find the first
     protected parameter (in plan order) that holds a non-finite value and name it."""
-    if bool(torch.isfinite(value.detach())):
+    value = value.detach()
+    if bool(torch.isfinite(value)):
         return
     for name, p in zip(binding.names, params):
         q = local(p).detach()
