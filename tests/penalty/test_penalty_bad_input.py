@@ -124,7 +124,7 @@ def test_model_changed_since_registration(change, registered):
         match = r"no parameter named '2.weight', '2.bias'"
     with pytest.raises(ModelMismatchError, match=match):
         ewc(model)
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(ModelMismatchError, match=match):
         ewc.accumulate_grad_(model)
     assert_same(before, snapshot(ewc))
 

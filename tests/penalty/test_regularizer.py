@@ -174,7 +174,7 @@ def test_lambda_change_needs_no_repack(backend):
     torch.testing.assert_close(v2, 2 * v1, rtol=1e-12, atol=0)
     ref.lambda_ewc = 246.0
     torch.testing.assert_close(v2, ref_value_and_grads(model64, ref)[0], rtol=1e-10, atol=0)
-    assert ewc.ewc_lambda == 246.0  # the seed's nexus spelling
+    assert ewc.ewc_lambda == 246.0  # the original API's other spelling
 
 
 def test_nothing_registered_returns_zero_on_model_device():
