@@ -17,7 +17,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..errors import ModelMismatchError
+from ..errors import EWCInputError, ModelMismatchError
 from .backends import GroupPlan, select_backend
 from .packing import FlatPacking
 from .sharding import check_piece, local, local_piece, reduce_groups
@@ -116,6 +116,27 @@ class Binding:
 
     def accumulate(self, lam: float) -> torch.Tensor:
         return self._total([b.accumulate_grad_(p, lam) for p, b in zip(self.plans, self.backends)], lam)
+
+    def check_finite(self, value: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Raise ``EWCInputError`` when the penalty ``value`` is NaN/Inf, naming the first
+        protected parameter (in plan order) that holds a non-finite value, and whether NaN or
+        Inf. ``params``: the live parameters in plan order. One host sync (reading ``value``);
+        the parameters are searched only when the value is not finite."""
+        value = value.detach()
+        if bool(torch.isfinite(value)):
+            return
+        for name, p in zip(self.names, params):
+            q = local(p).detach()
+            bad = ~torch.isfinite(q)
+            if bool(bad.any()):
+                n_nan = int(torch.isnan(q).sum())
+                kind = "NaN" if n_nan else "Inf"
+                raise EWCInputError(
+                    f"protected parameter {name!r} holds {kind} values ({n_nan} NaN and {int(bad.sum()) - n_nan} "
+                    f"Inf of {q.numel()}); the EWC penalty is {float(value):g} (check_finite=True)")
+        why = ("every protected parameter on this rank is finite: the non-finite value is in another rank's piece"
+               if self.groups else "every protected parameter is finite: A (theta - m)^2 overflowed the compute dtype")
+        raise EWCInputError(f"the EWC penalty is {float(value):g}; {why} (check_finite=True)")
 
 
 class PenaltyFunction(torch.autograd.Function):

@@ -26,15 +26,13 @@ from .binding import Binding, PenaltyFunction, bind, model_device, walk
 from .selection import ParamSelection
 from .sharding import all_reduce_value, full, local, split_task, stored_full_but_sharded
 from .store import PenaltyStore
-from .validation import BACKENDS, _names, check_choice, check_lambda, check_task
+from .validation import BACKENDS, _names, check_choice, check_lambda, check_task, settings_from_config
 
 __all__ = ["EWCRegularizer", "OnlineEWC"]
 
 # Format of get_extra_state(). 1: first format; 2: adds "check_finite", and "storage_dtype" may
 # be None (follow the parameters). Older formats stay loadable.
 STATE_VERSION = 2
-_CONFIG_KEYS = ("ewc_lambda", "lambda_ewc", "mode", "gamma", "storage_dtype", "layer_lambdas",
-                "include", "exclude", "backend", "check_finite")
 
 
 class EWCRegularizer(nn.Module):
@@ -77,21 +75,13 @@ class EWCRegularizer(nn.Module):
                  include=None, exclude=None, backend: str = "auto", check_finite: bool = False):
         super().__init__()
         if isinstance(lambda_ewc, Mapping):  # the original API's EWCRegularizer(config) form
-            config = dict(lambda_ewc)
-            unknown = [k for k in config if k not in _CONFIG_KEYS]
-            if unknown:
-                raise EWCInputError(f"unknown config key(s) {_names(unknown)}; accepted: {', '.join(_CONFIG_KEYS)}")
-            if "ewc_lambda" in config and "lambda_ewc" in config:
-                raise EWCInputError("config gives both 'ewc_lambda' and 'lambda_ewc'; give one")
-            lambda_ewc = config.pop("ewc_lambda", config.pop("lambda_ewc", 1000.0))
-            mode = config.get("mode", mode)
-            gamma = config.get("gamma", gamma)
-            storage_dtype = config.get("storage_dtype", storage_dtype)
-            layer_lambdas = config.get("layer_lambdas", layer_lambdas)
-            include = config.get("include", include)
-            exclude = config.get("exclude", exclude)
-            backend = config.get("backend", backend)
-            check_finite = config.get("check_finite", check_finite)
+            settings = settings_from_config(lambda_ewc, dict(
+                mode=mode, gamma=gamma, storage_dtype=storage_dtype, layer_lambdas=layer_lambdas, include=include,
+                exclude=exclude, backend=backend, check_finite=check_finite))
+            lambda_ewc, mode, gamma = settings["lambda_ewc"], settings["mode"], settings["gamma"]
+            storage_dtype, layer_lambdas = settings["storage_dtype"], settings["layer_lambdas"]
+            include, exclude, backend = settings["include"], settings["exclude"], settings["backend"]
+            check_finite = settings["check_finite"]
         self._lambda = check_lambda(lambda_ewc)
         self._store = PenaltyStore(mode, gamma, storage_dtype)
         self._selection = ParamSelection.build(layer_lambdas, include, exclude)
@@ -278,7 +268,7 @@ class EWCRegularizer(nn.Module):
         if binding.groups:
             value = all_reduce_value(value, binding.groups)
         if self._check_finite:
-            _raise_if_not_finite(value, binding, params)
+            binding.check_finite(value, params)
         return value
 
     @torch.no_grad()
@@ -311,7 +301,7 @@ class EWCRegularizer(nn.Module):
             binding.set_params(stand_ins)
             value = all_reduce_value(binding.accumulate(self._lambda), binding.groups)
         if self._check_finite:
-            _raise_if_not_finite(value, binding, params)
+            binding.check_finite(value, params)
         return value
 
     # -- state ---------------------------------------------------------------------------------
@@ -375,23 +365,3 @@ class OnlineEWC(EWCRegularizer):
 
     def compute_penalty(self, model: nn.Module) -> torch.Tensor:
         return self(model)
-
-
-def _raise_if_not_finite(value: torch.Tensor, binding: Binding, params: list[torch.Tensor]) -> None:
-    """``check_finite``: one host sync to read ``value``; only when it is NaN/Inf, find the first
-    protected parameter (in plan order) that holds a non-finite value and name it."""
-    value = value.detach()
-    if bool(torch.isfinite(value)):
-        return
-    for name, p in zip(binding.names, params):
-        q = local(p).detach()
-        bad = ~torch.isfinite(q)
-        if bool(bad.any()):
-            n_nan = int(torch.isnan(q).sum())
-            kind = "NaN" if n_nan else "Inf"
-            raise EWCInputError(
-                f"protected parameter {name!r} holds {kind} values ({n_nan} NaN and {int(bad.sum()) - n_nan} "
-                f"Inf of {q.numel()}); the EWC penalty is {float(value):g} (check_finite=True)")
-    why = ("every protected parameter on this rank is finite: the non-finite value is in another rank's piece"
-           if binding.groups else "every protected parameter is finite: A (theta - m)^2 overflowed the compute dtype")
-    raise EWCInputError(f"the EWC penalty is {float(value):g}; {why} (check_finite=True)")

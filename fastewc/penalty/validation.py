@@ -14,6 +14,22 @@ from ..errors import EWCInputError
 MODES = ("separate", "online")
 BACKENDS = ("auto", "torch", "triton")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+CONFIG_KEYS = ("ewc_lambda", "lambda_ewc", "mode", "gamma", "storage_dtype", "layer_lambdas",
+               "include", "exclude", "backend", "check_finite")
+
+
+def settings_from_config(config: Mapping, defaults: dict) -> dict:
+    """The constructor's settings from the original API's config dict (``{"ewc_lambda": 5000.0,
+    ...}``; ``"lambda_ewc"`` is accepted too): ``defaults`` (the keyword arguments) updated by the
+    dict, plus ``"lambda_ewc"`` (1000.0 when absent). Unknown keys are an ``EWCInputError``."""
+    config = dict(config)
+    unknown = [k for k in config if k not in CONFIG_KEYS]
+    if unknown:
+        raise EWCInputError(f"unknown config key(s) {_names(unknown)}; accepted: {', '.join(CONFIG_KEYS)}")
+    if "ewc_lambda" in config and "lambda_ewc" in config:
+        raise EWCInputError("config gives both 'ewc_lambda' and 'lambda_ewc'; give one")
+    lam = config.pop("ewc_lambda", config.pop("lambda_ewc", 1000.0))
+    return {**defaults, **config, "lambda_ewc": lam}
 
 
 def check_lambda(value, what: str = "lambda_ewc") -> float:

@@ -364,11 +364,13 @@ def test_online_ewc_seed_interface(backend):
                                rtol=1e-10, atol=0)
 
 
-def test_seed_config_dict_form():
+def test_config_dict_form():
     ewc = EWCRegularizer({"ewc_lambda": 5000.0})
     assert ewc.lambda_ewc == 5000.0 and ewc.mode == "separate"
     ewc = EWCRegularizer({"lambda_ewc": 7.0, "mode": "online", "gamma": 0.9})
     assert (ewc.lambda_ewc, ewc.mode, ewc.gamma) == (7.0, "online", 0.9)
+    ewc = EWCRegularizer({"check_finite": True, "storage_dtype": torch.bfloat16}, backend="torch")
+    assert (ewc.lambda_ewc, ewc.check_finite, ewc.storage_dtype, ewc.backend) == (1000.0, True, torch.bfloat16, "torch")
 
 
 @pytest.mark.parametrize("mode,gamma", [("separate", 1.0), ("online", 0.5)])
