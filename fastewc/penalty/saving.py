@@ -43,6 +43,8 @@ def _write_atomically(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -60,6 +62,16 @@ def _write_atomically(path: Path, write) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _file_mode(path: Path) -> int:
+    """The permission bits of the existing ``path``, else those of a new file under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def save_regularizer(regularizer: EWCRegularizer, path: str | Path) -> Path:

@@ -147,6 +147,22 @@ def test_save_replaces_without_leaving_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ewc.pt"]
 
 
+def test_saved_file_gets_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    _, reg = _registered()
+    umask = os.umask(0o022)
+    try:
+        path = save_regularizer(reg, tmp_path / "new.pt")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # not the temporary file's private 0600
+        os.chmod(path, 0o640)
+        save_regularizer(reg, path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # an existing file keeps its mode
+    finally:
+        os.umask(umask)
+
+
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     model, reg = _registered()
     path = tmp_path / "ewc.pt"
