@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 
-from ..errors import ModelMismatchError
 from .validation import _names
 
 ALIGN = 16  # elements; see the module docstring
+Dtypes = Union[torch.dtype, Sequence[torch.dtype]]
 
 
 @dataclass(frozen=True)
@@ -103,14 +103,23 @@ class FlatPacking:
     def entry(self, name: str) -> Entry:
         return self.entries[self.index[name]]
 
-    def empty(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Uninitialised flat buffers, one per group, on the group's device."""
-        return [torch.empty(g.numel, dtype=dtype, device=g.device) for g in self.groups]
+    def _dtypes(self, dtype: "Dtypes") -> list[torch.dtype]:
+        if isinstance(dtype, torch.dtype):
+            return [dtype] * len(self.groups)
+        dtypes = list(dtype)
+        if len(dtypes) != len(self.groups):
+            raise ValueError(f"{len(dtypes)} dtypes given for {len(self.groups)} groups")
+        return dtypes
 
-    def pack(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    def empty(self, dtype: "Dtypes") -> list[torch.Tensor]:
+        """Uninitialised flat buffers ``[group.numel]``, one per group, on the group's device;
+        ``dtype``: one dtype for all groups, or a sequence with one per group."""
+        return [torch.empty(g.numel, dtype=dt, device=g.device) for g, dt in zip(self.groups, self._dtypes(dtype))]
+
+    def pack(self, tensors: Mapping[str, torch.Tensor], dtype: "Dtypes") -> list[torch.Tensor]:
         """Copy ``tensors[name]`` (any device/dtype, the entry's shape) into new flat buffers
-        (alignment gaps zeroed)."""
-        flats = [torch.zeros(g.numel, dtype=dtype, device=g.device) for g in self.groups]
+        ``[group.numel]`` (alignment gaps zeroed); ``dtype`` as in ``empty``."""
+        flats = [torch.zeros(g.numel, dtype=dt, device=g.device) for g, dt in zip(self.groups, self._dtypes(dtype))]
         for e in self.entries:
             t = tensors[e.name]
             if t.shape != e.shape:
@@ -128,29 +137,5 @@ class FlatPacking:
         return {e.name: self.view(flats, e.name) for e in self.entries}
 
     def same_layout(self, other: "FlatPacking") -> bool:
+        """Same names, shapes, dtypes, devices and offsets, in the same order."""
         return self.entries == other.entries
-
-    def mismatches(self, named: Mapping[str, torch.Tensor], *, check_dtype: bool = True,
-                   check_device: bool = False) -> list[str]:
-        """Human-readable differences between this packing and ``named`` (e.g. a model's params)."""
-        out = []
-        missing = [e.name for e in self.entries if e.name not in named]
-        if missing:
-            out.append(f"missing parameter(s) {_names(missing)}")
-        for e in self.entries:
-            t = named.get(e.name)
-            if t is None:
-                continue
-            if t.shape != e.shape:
-                out.append(f"{e.name!r} changed shape from {tuple(e.shape)} to {tuple(t.shape)}")
-            if check_dtype and t.dtype != e.dtype:
-                out.append(f"{e.name!r} changed dtype from {e.dtype} to {t.dtype}")
-            if check_device and t.device != e.device:
-                out.append(f"{e.name!r} moved from {e.device} to {t.device}")
-        return out
-
-    def check(self, named: Mapping[str, torch.Tensor], **kw) -> None:
-        """Raise ``ModelMismatchError`` listing every difference from ``named``."""
-        problems = self.mismatches(named, **kw)
-        if problems:
-            raise ModelMismatchError("the model no longer matches the packed parameters: " + "; ".join(problems))

@@ -7,11 +7,19 @@ Two formats, chosen by the file name:
   tasks seen, constants) as JSON in the metadata key ``"fastewc"``. No pickle: safe to load from
   an untrusted source.
 * anything else: ``torch.save`` of ``state_dict()`` (loaded with ``weights_only=True``).
+
+Saving is crash-safe: the file is written under a temporary name in the same folder
+(``.<name>.<random>.tmp``), flushed to disk, then renamed over ``path`` in one step, so a crash or
+a kill mid-save leaves the previous file as it was (and at worst a stray ``.tmp`` file, which
+nothing loads). Loading checks the whole file before it builds anything, and every failure is an
+``EWCInputError`` that names the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,18 +35,62 @@ def _is_safetensors(path) -> bool:
     return Path(path).suffix == ".safetensors"
 
 
+def _write_atomically(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary file next to ``path``, fsync it, rename it to ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (not possible on every platform / file system)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _file_mode(path: Path) -> int:
+    """The permission bits of the existing ``path``, else those of a new file under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def save_regularizer(regularizer: EWCRegularizer, path: str | Path) -> Path:
-    """Write ``regularizer`` (everything ``state_dict()`` holds) to ``path``; returns the path."""
+    """Write ``regularizer`` (everything ``state_dict()`` holds) to ``path``; returns the path.
+
+    The format follows the suffix (see the module docstring). The previous content of ``path``
+    is replaced in one step, never left half written.
+    """
     path = Path(path)
-    state = regularizer.get_extra_state()
     if not _is_safetensors(path):
-        torch.save(regularizer.state_dict(), path)
+        state_dict = regularizer.state_dict()
+        _write_atomically(path, lambda tmp: torch.save(state_dict, tmp))
         return path
     st = require("safetensors.torch", extra="safetensors", package="safetensors")
+    state = regularizer.get_extra_state()
     # safetensors refuses tensors that share storage: the per-name views of the flat buffers do.
     tensors = {f"importance/{n}": t.detach().contiguous().clone() for n, t in state.pop("importance").items()}
     tensors.update({f"anchor/{n}": t.detach().contiguous().clone() for n, t in state.pop("anchor").items()})
-    st.save_file(tensors, str(path), metadata={"fastewc": json.dumps(state)})
+    _write_atomically(path, lambda tmp: st.save_file(tensors, tmp, metadata={"fastewc": json.dumps(state)}))
     return path
 
 
@@ -46,29 +98,63 @@ def load_regularizer(path: str | Path, map_location: str | torch.device = "cpu")
     """A fresh ``EWCRegularizer`` holding what :func:`save_regularizer` wrote to ``path``.
 
     Buffers are loaded onto ``map_location``; at the first step they follow the model's device.
+    Raises ``EWCInputError`` naming the file when it is missing, truncated, corrupted, not a
+    regularizer, or from a newer fastewc.
     """
     path = Path(path)
     if not path.exists():
         raise EWCInputError(f"no such file: {path}")
     reg = EWCRegularizer()
-    if not _is_safetensors(path):
-        sd = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(sd, dict) or _EXTRA_KEY not in sd:
-            raise EWCInputError(f"{path} does not hold an EWCRegularizer state_dict (no {_EXTRA_KEY!r} entry)")
-        reg.load_state_dict(sd)
-        return reg
-    safe_open = require("safetensors", extra="safetensors").safe_open
-    with safe_open(str(path), framework="pt", device=str(torch.device(map_location))) as f:
-        meta = (f.metadata() or {}).get("fastewc")
-        if meta is None:
-            raise EWCInputError(f"{path} is a safetensors file without fastewc metadata; "
-                                f"was it written by fastewc.save_regularizer?")
-        state = json.loads(meta)
-        state["importance"], state["anchor"] = {}, {}
-        for key in f.keys():
-            kind, _, name = key.partition("/")
-            if kind not in ("importance", "anchor"):
-                raise EWCInputError(f"{path}: unexpected tensor {key!r}")
-            state[kind][name] = f.get_tensor(key)
-    reg.set_extra_state(state)
+    try:
+        if _is_safetensors(path):
+            reg.set_extra_state(_read_safetensors(path, map_location))
+        else:
+            reg.load_state_dict(_read_torch(path, map_location))
+    except EWCInputError as exc:
+        msg = str(exc)
+        raise EWCInputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     return reg
+
+
+def _read_torch(path: Path, map_location) -> dict:
+    try:
+        sd = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for damaged files
+        raise EWCInputError(f"{path} is not a readable torch.save file (truncated or corrupted?): "
+                            f"{type(exc).__name__}: {_short(exc)}") from None
+    if not isinstance(sd, dict) or _EXTRA_KEY not in sd:
+        raise EWCInputError(f"{path} does not hold an EWCRegularizer state_dict (no {_EXTRA_KEY!r} entry)")
+    return sd
+
+
+def _read_safetensors(path: Path, map_location) -> dict:
+    safe_open = require("safetensors", extra="safetensors").safe_open
+    try:
+        with safe_open(str(path), framework="pt", device=str(torch.device(map_location))) as f:
+            meta = (f.metadata() or {}).get("fastewc")
+            if meta is None:
+                raise EWCInputError(f"{path} is a safetensors file without fastewc metadata; "
+                                    f"was it written by fastewc.save_regularizer?")
+            try:
+                state = json.loads(meta)
+            except ValueError as exc:
+                raise EWCInputError(f"{path}: the fastewc metadata is not valid JSON ({exc})") from None
+            if not isinstance(state, dict):
+                raise EWCInputError(f"{path}: the fastewc metadata is not a JSON object")
+            state["importance"], state["anchor"] = {}, {}
+            for key in f.keys():
+                kind, _, name = key.partition("/")
+                if kind not in ("importance", "anchor"):
+                    raise EWCInputError(f"{path}: unexpected tensor {key!r}")
+                state[kind][name] = f.get_tensor(key)
+    except EWCInputError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type (and OSError) for damaged files
+        raise EWCInputError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
+                            f"{type(exc).__name__}: {_short(exc)}") from None
+    return state
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if len(text) <= limit else text[:limit] + "..."

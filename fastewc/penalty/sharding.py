@@ -131,3 +131,81 @@ def all_reduce_value(value: torch.Tensor, groups: list) -> torch.Tensor:
     if not value.requires_grad:
         return total
     return value + (total - value.detach())
+
+
+# -- what the regularizer does with sharded parameters ------------------------------------------
+# Registration takes full tensors and stores the rank's piece; binding checks that each stored
+# piece is the piece this process holds, and splits names stored in full whose parameter is now
+# sharded. Both use these functions, so the rules live in one place.
+
+def split_task(fisher: dict, anchors: dict, kept: list[str], model_params: dict | None,
+               stored: dict[str, ShardInfo]) -> tuple[dict, dict, dict[str, ShardInfo]]:
+    """This rank's pieces of one task's full tensors, for the sharded parameters among ``kept``.
+
+    Args:
+        fisher, anchors: ``{name: full tensor}`` (validated, the parameters' global shapes).
+        kept: the names the task protects.
+        model_params: ``{name: parameter}`` of the model, or None when no model is known.
+        stored: ``{name: ShardInfo}`` of the names already stored as pieces.
+
+    Returns new ``fisher`` and ``anchors`` dicts (the caller's are never written) with the
+    pieces in place of the full tensors, and the ``{name: ShardInfo}`` after this task. Raises
+    ``ModelMismatchError`` when a name is stored as a piece but the parameter is no longer
+    sharded the same way (or no model is given to split like).
+    """
+    sharded = {n: model_params[n] for n in kept if model_params is not None and is_sharded(model_params[n])}
+    stale = [n for n in kept if n in stored and n not in sharded]
+    if stale:
+        where = ("pass model= so that the full tensors can be split like its parameters" if model_params is None
+                 else "the model's parameter is a plain tensor now")
+        names = ", ".join(repr(n) for n in stale[:8])
+        raise ModelMismatchError(
+            f"{names} stored as one rank's piece of a sharded parameter ({stored[stale[0]].describe()}): {where}")
+    sharding = dict(stored)
+    fisher, anchors = dict(fisher), dict(anchors)
+    for n, p in sharded.items():
+        info = ShardInfo.of(p)
+        if n in sharding and sharding[n] != info:
+            raise ModelMismatchError(f"{n!r} is stored as {sharding[n].describe()}, but this process holds "
+                                     f"{info.describe()}")
+        sharding[n] = info
+        fisher[n] = local_piece(fisher[n], p)
+        anchors[n] = local_piece(anchors[n], p)
+    return fisher, anchors, sharding
+
+
+def stored_full_but_sharded(names, model_params: dict | None, stored: dict[str, ShardInfo]) -> bool:
+    """Whether a stored name is held in full while the model's parameter is sharded (the store
+    must then be split like the model before more pieces are merged into it)."""
+    return model_params is not None and any(
+        n in model_params and is_sharded(model_params[n]) and n not in stored for n in names)
+
+
+def check_piece(name: str, p, stored: ShardInfo | None, shape: torch.Size) -> tuple[str | None, ShardInfo | None]:
+    """Compare a stored name with the model's parameter ``p``.
+
+    ``stored``: the name's ShardInfo when it is stored as a piece, else None; ``shape``: the
+    stored shape. Returns ``(problem, split)``: ``problem`` a sentence when they do not fit (or
+    None), ``split`` the parameter's ShardInfo when the name is stored in full and must be split
+    like ``p`` (or None).
+    """
+    if is_sharded(p):
+        info = ShardInfo.of(p)
+        if stored is None:
+            if p.shape != shape:
+                return f"{name!r} has shape {tuple(p.shape)}, registered with {tuple(shape)}", None
+            return None, info
+        if stored != info:
+            return (f"{name!r} is stored as {stored.describe()}, but this process holds {info.describe()}: "
+                    f"load the state that this rank saved, or register the full tensors in a fresh "
+                    f"regularizer with register_task(..., model=model)"), None
+        if local(p).shape != shape:
+            return f"{name!r} has local shape {tuple(local(p).shape)}, stored with {tuple(shape)}", None
+        return None, None
+    if stored is not None:
+        return (f"{name!r} is stored as {stored.describe()} of a sharded model, but the model's parameter is "
+                f"a plain tensor: load the state into the sharded model (fully_shard first) on the rank that "
+                f"saved it, or register the full tensors in a fresh regularizer"), None
+    if p.shape != shape:
+        return f"{name!r} has shape {tuple(p.shape)}, registered with {tuple(shape)}", None
+    return None, None

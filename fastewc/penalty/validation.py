@@ -14,6 +14,22 @@ from ..errors import EWCInputError
 MODES = ("separate", "online")
 BACKENDS = ("auto", "torch", "triton")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+CONFIG_KEYS = ("ewc_lambda", "lambda_ewc", "mode", "gamma", "storage_dtype", "layer_lambdas",
+               "include", "exclude", "backend", "check_finite")
+
+
+def settings_from_config(config: Mapping, defaults: dict) -> dict:
+    """The constructor's settings from the original API's config dict (``{"ewc_lambda": 5000.0,
+    ...}``; ``"lambda_ewc"`` is accepted too): ``defaults`` (the keyword arguments) updated by the
+    dict, plus ``"lambda_ewc"`` (1000.0 when absent). Unknown keys are an ``EWCInputError``."""
+    config = dict(config)
+    unknown = [k for k in config if k not in CONFIG_KEYS]
+    if unknown:
+        raise EWCInputError(f"unknown config key(s) {_names(unknown)}; accepted: {', '.join(CONFIG_KEYS)}")
+    if "ewc_lambda" in config and "lambda_ewc" in config:
+        raise EWCInputError("config gives both 'ewc_lambda' and 'lambda_ewc'; give one")
+    lam = config.pop("ewc_lambda", config.pop("lambda_ewc", 1000.0))
+    return {**defaults, **config, "lambda_ewc": lam}
 
 
 def check_lambda(value, what: str = "lambda_ewc") -> float:
@@ -53,6 +69,9 @@ def check_storage_dtype(value) -> torch.dtype:
 def _check_tensor(name: str, t, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise EWCInputError(f"{what}[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise EWCInputError(f"{what}[{name!r}] is a meta tensor (a shape without data); expected a tensor "
+                            "with values, e.g. the parameter after the model was materialised")
     if t.layout != torch.strided:
         raise EWCInputError(f"{what}[{name!r}] must be a dense tensor, got layout {t.layout}")
     if not t.is_floating_point():
@@ -74,11 +93,14 @@ def check_task(
 ) -> None:
     """Validate one task's dicts (name -> tensor) before anything is stored.
 
-    Checks: both are dicts with the same names, not empty; every value a dense floating tensor,
-    finite; Fisher >= 0; Fisher and anchor of one name have the same shape, equal to the shape
-    registered earlier for that name (``known_shapes``) and, when the model is known
+    Checks: both are dicts keyed by str, the Fisher not empty; every Fisher name has an anchor
+    (``optimal_params`` may name more parameters, e.g. frozen ones the Fisher leaves out: those
+    anchors are checked and then ignored); every value a dense floating tensor with data (not
+    meta), finite; Fisher >= 0; Fisher and anchor of one name have the same shape, equal to the
+    shape registered earlier for that name (``known_shapes``) and, when the model is known
     (``model_params``: every name the model answers to, tied aliases included), to the
-    parameter's shape.
+    parameter's shape. An extra anchor is checked against the model's shape where the model has
+    the name.
     """
     for what, d in (("fisher", fisher), ("optimal_params", optimal_params)):
         if not isinstance(d, Mapping):
@@ -87,11 +109,9 @@ def check_task(
             if not isinstance(k, str):
                 raise EWCInputError(f"{what} keys must be parameter names (str), got {k!r}")
     only_f = [n for n in fisher if n not in optimal_params]
-    only_p = [n for n in optimal_params if n not in fisher]
-    if only_f or only_p:
+    if only_f:
         raise EWCInputError(
-            "fisher and optimal_params must name the same parameters; "
-            f"only in fisher: {_names(only_f)}; only in optimal_params: {_names(only_p)}")
+            f"every parameter in fisher needs an anchor in optimal_params; missing for {_names(only_f)}")
     if not fisher:
         raise EWCInputError("fisher is empty: expected at least one parameter name -> tensor")
     if model_params is not None:
@@ -116,6 +136,15 @@ def check_task(
         if f.numel() and bool((f < 0).any()):
             raise EWCInputError(
                 f"fisher[{name!r}] has negative entries (min {float(f.min()):.3g}); a Fisher diagonal is >= 0")
+    for name, a in optimal_params.items():
+        if name in fisher:
+            continue
+        # Not stored (the Fisher does not cover it), but a bad value here is a bug upstream.
+        _check_tensor(name, a, "optimal_params")
+        if model_params is not None and name in model_params and model_params[name].shape != a.shape:
+            raise EWCInputError(
+                f"optimal_params[{name!r}] has shape {tuple(a.shape)}, but the model's parameter has shape "
+                f"{tuple(model_params[name].shape)}")
 
 
 def _names(names, limit: int = 8) -> str:

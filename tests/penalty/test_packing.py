@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastewc import FlatPacking, ModelMismatchError
+from fastewc import FlatPacking
 
 
 def test_groups_offsets_and_round_trip():
@@ -23,20 +23,17 @@ def test_groups_offsets_and_round_trip():
     assert torch.all(flats[0][16:20] == 7.0)
 
 
-def test_detects_model_changes():
+def test_pack_with_one_dtype_per_group():
     m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    m[1].double()
     p = FlatPacking.from_tensors(m.named_parameters())
-    p.check(dict(m.named_parameters()))
-    m[1] = nn.Linear(4, 5)
-    m[0].double()
-    with pytest.raises(ModelMismatchError, match=r"'1.weight' changed shape") as e:
-        p.check(dict(m.named_parameters()))
-    msg = str(e.value)
-    assert "'1.weight' changed shape from (2, 4) to (5, 4)" in msg
-    assert "'0.weight' changed dtype from torch.float32 to torch.float64" in msg
-    del m[1]
-    with pytest.raises(ModelMismatchError, match=r"missing parameter\(s\) '1.weight', '1.bias'"):
-        p.check(dict(m.named_parameters()), check_dtype=False)
+    src = {n: torch.randn(t.shape, dtype=torch.float64) for n, t in m.named_parameters()}
+    flats = p.pack(src, [torch.float32, torch.float64])
+    assert [f.dtype for f in flats] == [torch.float32, torch.float64]
+    assert torch.equal(p.unpack(flats)["1.weight"], src["1.weight"])  # float64 group kept exactly
+    assert [f.dtype for f in p.empty([torch.bfloat16, torch.float32])] == [torch.bfloat16, torch.float32]
+    with pytest.raises(ValueError, match="1 dtypes given for 2 groups"):
+        p.pack(src, [torch.float32])
 
 
 def test_empty_and_duplicate():

@@ -61,7 +61,7 @@ def bad_cases(model):
     neg = f["2.weight"].clone()
     neg[1, 2] = -0.5
     case("negative", r"fisher\['2.weight'\] has negative entries \(min -0.5\)", fisher={**f, "2.weight": neg})
-    case("names differ", r"only in fisher: '2.bias'; only in optimal_params: none",
+    case("anchor missing", r"every parameter in fisher needs an anchor in optimal_params; missing for '2.bias'",
          anchors={k: v for k, v in a.items() if k != "2.bias"})
     case("not a dict", "fisher must be a dict", fisher=[1, 2])
     case("not a tensor", r"fisher\['0.bias'\] must be a torch.Tensor, got list", fisher={**f, "0.bias": [0.0]})
@@ -192,5 +192,7 @@ def test_env_override_and_unavailable_backend(monkeypatch, registered):
 
 def test_bad_state_dict():
     ewc = EWCRegularizer()
-    with pytest.raises(EWCInputError, match="not an EWCRegularizer state"):
-        ewc.set_extra_state({"version": 99})
+    with pytest.raises(EWCInputError, match="not an EWCRegularizer state: expected a dict"):
+        ewc.set_extra_state([1])
+    with pytest.raises(EWCInputError, match=r"no valid format version \(got None\)"):
+        ewc.set_extra_state({"lambda_ewc": 1.0})

@@ -52,7 +52,8 @@ def setup(name, n_tasks, *, mode="separate", gamma=1.0, storage=torch.float64, m
     ewc = EWCRegularizer(123.0, mode=mode, gamma=gamma, storage_dtype=storage, backend=backend, **kw)
     for f, a in tasks:
         ref.register_task(f, a)
-        ewc.register_task(f, a)
+        # model=: the parameters' dtype is recorded (the tasks are float64 whatever the model)
+        ewc.register_task(f, a, model=model)
     return model, model64, ref, ewc
 
 
@@ -118,7 +119,7 @@ def test_half_precision_parameters(param_dtype, backend):
     ewc = EWCRegularizer(123.0, backend=backend)
     ref = R.ReferenceEWC(123.0)
     for f, a in tasks:
-        ewc.register_task(f, a)
+        ewc.register_task(f, a, model=model)
         ref.register_task(f, a)
     model64 = copy.deepcopy(model).double()
     want_v, want_g = ref_value_and_grads(model64, ref)
@@ -137,7 +138,7 @@ def test_mixed_dtype_model_uses_one_group_per_dtype(backend):
     ewc = EWCRegularizer(5.0, storage_dtype=torch.float64, backend=backend)
     ref = R.ReferenceEWC(5.0)
     for f, a in tasks:
-        ewc.register_task(f, a)
+        ewc.register_task(f, a, model=model)
         ref.register_task(f, a)
     v = ewc(model)
     assert len(ewc._binding.plans) == 2
@@ -173,7 +174,7 @@ def test_lambda_change_needs_no_repack(backend):
     torch.testing.assert_close(v2, 2 * v1, rtol=1e-12, atol=0)
     ref.lambda_ewc = 246.0
     torch.testing.assert_close(v2, ref_value_and_grads(model64, ref)[0], rtol=1e-10, atol=0)
-    assert ewc.ewc_lambda == 246.0  # the original reference code's spelling
+    assert ewc.ewc_lambda == 246.0  # the original API's other spelling
 
 
 def test_nothing_registered_returns_zero_on_model_device():
@@ -363,11 +364,13 @@ def test_online_ewc_seed_interface(backend):
                                rtol=1e-10, atol=0)
 
 
-def test_seed_config_dict_form():
+def test_config_dict_form():
     ewc = EWCRegularizer({"ewc_lambda": 5000.0})
     assert ewc.lambda_ewc == 5000.0 and ewc.mode == "separate"
     ewc = EWCRegularizer({"lambda_ewc": 7.0, "mode": "online", "gamma": 0.9})
     assert (ewc.lambda_ewc, ewc.mode, ewc.gamma) == (7.0, "online", 0.9)
+    ewc = EWCRegularizer({"check_finite": True, "storage_dtype": torch.bfloat16}, backend="torch")
+    assert (ewc.lambda_ewc, ewc.check_finite, ewc.storage_dtype, ewc.backend) == (1000.0, True, torch.bfloat16, "torch")
 
 
 @pytest.mark.parametrize("mode,gamma", [("separate", 1.0), ("online", 0.5)])
@@ -411,7 +414,7 @@ def test_moves_to_the_models_device():
     v_cpu = ewc(model).detach()
     model.cuda()
     v = ewc(model)
-    assert v.device.type == "cuda" and ewc._importance[0].device.type == "cuda"
+    assert v.device.type == "cuda" and ewc._store.importance[0].device.type == "cuda"
     torch.testing.assert_close(v.detach().cpu(), v_cpu, rtol=1e-5, atol=0)
     fresh = EWCRegularizer()
     fresh.load_state_dict(ewc.state_dict())

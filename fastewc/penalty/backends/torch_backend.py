@@ -4,10 +4,10 @@ Two strategies, chosen by device:
 
 * ``blocked`` (CPU): walk every parameter in blocks of ``BLOCK`` elements and run all the ops of
   one block before the next, so the temporaries (``theta - m``, ``A * (theta - m)``) stay in cache
-  and memory sees only the unavoidable reads and writes. Measured on the 2-core Xeon dev box,
-  29M parameters in 99 tensors, ``accumulate_grad_``: 61 ms with whole-tensor ops, 48 / 41 / 47 ms
-  with 64K / 256K / 1M-element blocks, against a 33 ms memory-traffic floor (20 B/param at the
-  copy bandwidth). 256K fp32 temporaries (1 MB each) fit the 2 MB per-core L2.
+  and memory sees only the unavoidable reads and writes. ``BLOCK`` = 256K elements (1 MB float32
+  temporaries, within a typical per-core L2) was the fastest of 64K / 256K / 1M when it was chosen;
+  whole-tensor ops were slower than any of them. ``benchmarks/bench_penalty.py`` measures this
+  backend against the memory-traffic floor (results in ``benchmarks/results/``).
 * ``foreach`` (CUDA and others): ``torch._foreach_*`` multi-tensor ops, a handful of launches per
   group whatever the number of tensors. Temporaries are whole-group, which costs memory traffic
   that only a fused kernel (the Triton backend) avoids.
@@ -21,7 +21,7 @@ import torch
 
 from .base import GroupPlan
 
-BLOCK = 1 << 18  # elements per block; see the module docstring for the measurement
+BLOCK = 1 << 18  # elements per block; see the module docstring
 
 
 def _strategy(plan: GroupPlan, forced: str | None) -> str:

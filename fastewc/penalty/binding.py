@@ -1,0 +1,254 @@
+"""Binding a :class:`~fastewc.penalty.store.PenaltyStore` to a model, and the autograd Function.
+
+``bind(store, model, backend)`` lays the stored buffers out like the model's parameters (their
+canonical names, devices and dtypes; a sharded parameter's local piece), checks that the model
+still matches what was registered, and builds one ``GroupPlan`` per (device, dtype) group of
+protected parameters with the backend that runs it. The result, a :class:`Binding`, is cached by
+the regularizer with a fingerprint of the parameters (``walk``): every later step compares
+fingerprints in one pass over ``named_parameters()`` and binds again only when a protected
+parameter was replaced, moved, reshaped, re-typed or (un)frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn as nn
+
+from ..errors import EWCInputError, ModelMismatchError
+from .backends import GroupPlan, select_backend
+from .packing import FlatPacking
+from .sharding import check_piece, local, local_piece, reduce_groups
+from .store import PenaltyStore
+from .validation import _names, _prefix_hint
+
+__all__ = ["Binding", "PenaltyFunction", "bind", "walk", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def walk(names, model: nn.Module) -> tuple[list, dict[str, torch.Tensor]]:
+    """One pass over ``model.named_parameters()``: a cheap fingerprint of the parameters named in
+    ``names`` (a set or dict), and ``{name: parameter}`` for them."""
+    key, found = [], {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in names:
+                q = local(p)  # a DTensor's own data_ptr is 0: fingerprint its local piece
+                key.append((n, q.data_ptr(), q.shape, p.shape, p.dtype, q.device, p.requires_grad))
+                found[n] = p
+    return key, found
+
+
+class Binding:
+    """The plans for one model: its protected parameters, their buffer views and backends.
+
+    Args:
+        model: the model (held by weak reference).
+        key: the fingerprint ``walk`` gave for it; the binding serves while it is unchanged.
+        plans: one ``GroupPlan`` per group with protected parameters.
+        backends: the backend object of each plan.
+        constant: the sum of the protected names' constants ``c``.
+        out_dtype, out_device: of the returned penalty value.
+        groups: process groups to sum the value over (sharded models), else None.
+    """
+
+    def __init__(self, model: nn.Module, key: list, plans: list[GroupPlan], backends: list, constant: float,
+                 out_dtype: torch.dtype, out_device: torch.device, groups: list | None = None):
+        self.model_ref = weakref.ref(model)
+        self.key = key
+        self.plans = plans
+        self.backends = backends
+        self.constant = constant
+        self.out_dtype = out_dtype
+        self.out_device = out_device
+        self.groups = groups
+
+    def serves(self, model: nn.Module, key: list) -> bool:
+        return self.model_ref() is model and self.key == key
+
+    @property
+    def names(self) -> list[str]:
+        """Protected names in plan order."""
+        return [n for plan in self.plans for n in plan.names]
+
+    def set_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hand the live parameters (in plan order, protected only) to the plans."""
+        i = 0
+        for plan in self.plans:
+            n = len(plan.names)
+            plan.params = params[i : i + n]
+            i += n
+        return params
+
+    def _total(self, sums: list[torch.Tensor], lam: float) -> torch.Tensor:
+        total = None
+        for s in sums:
+            s = s.to(device=self.out_device, dtype=self.out_dtype, non_blocking=True)
+            total = s if total is None else total + s
+        return (total + self.constant) * (lam / 2.0)
+
+    def value(self, lam: float) -> torch.Tensor:
+        return self._total([b.penalty_sum(p) for p, b in zip(self.plans, self.backends)], lam)
+
+    @property
+    def eager(self) -> bool:
+        return all(getattr(b, "eager_grads", False) for b in self.backends)
+
+    def value_and_grads(self, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        sums, grads = [], []
+        for plan, backend in zip(self.plans, self.backends):
+            s, g = backend.penalty_sum_and_grads(plan, lam)
+            sums.append(s)
+            grads.extend(g)
+        return self._total(sums, lam), grads
+
+    def grads(self, scale: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for plan, backend in zip(self.plans, self.backends):
+            out.extend(backend.penalty_grads(plan, scale.to(plan.device, non_blocking=True)))
+        return out
+
+    def accumulate(self, lam: float) -> torch.Tensor:
+        return self._total([b.accumulate_grad_(p, lam) for p, b in zip(self.plans, self.backends)], lam)
+
+    def check_finite(self, value: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Raise ``EWCInputError`` when the penalty ``value`` is NaN/Inf, naming the first
+        protected parameter (in plan order) that holds a non-finite value, and whether NaN or
+        Inf. ``params``: the live parameters in plan order. One host sync (reading ``value``);
+        the parameters are searched only when the value is not finite."""
+        value = value.detach()
+        if bool(torch.isfinite(value)):
+            return
+        for name, p in zip(self.names, params):
+            q = local(p).detach()
+            bad = ~torch.isfinite(q)
+            if bool(bad.any()):
+                n_nan = int(torch.isnan(q).sum())
+                kind = "NaN" if n_nan else "Inf"
+                raise EWCInputError(
+                    f"protected parameter {name!r} holds {kind} values ({n_nan} NaN and {int(bad.sum()) - n_nan} "
+                    f"Inf of {q.numel()}); the EWC penalty is {float(value):g} (check_finite=True)")
+        why = ("every protected parameter on this rank is finite: the non-finite value is in another rank's piece"
+               if self.groups else "every protected parameter is finite: A (theta - m)^2 overflowed the compute dtype")
+        raise EWCInputError(f"the EWC penalty is {float(value):g}; {why} (check_finite=True)")
+
+
+class PenaltyFunction(torch.autograd.Function):
+    """``(lambda/2)(sum A (theta - m)^2 + c)`` with the backend's gradient ``lambda A (theta - m)``.
+
+    With an eager backend the forward pass computes the gradient together with the value, and
+    backward hands it over: theta, A and m are read once instead of twice (the "lazy grad" row
+    of benchmarks/bench_penalty.py measures the difference; results in benchmarks/results/).
+    Backward drops its reference first, so autograd can adopt the tensor as ``p.grad`` instead
+    of copying it. The parameters are saved only so that autograd raises if one is modified in
+    place before backward; a second backward (``retain_graph=True``) recomputes from them.
+    """
+
+    @staticmethod
+    def forward(ctx, binding: Binding, lam: float, *params):
+        ctx.binding, ctx.lam = binding, lam
+        ctx.save_for_backward(*params)
+        if binding.eager:
+            value, ctx.grads = binding.value_and_grads(lam)
+            return value
+        ctx.grads = None
+        return binding.value(lam)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        params = ctx.saved_tensors  # raises if a parameter changed in place since forward
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            ctx.binding.set_params(list(params))
+            grads = ctx.binding.grads(grad_out * ctx.lam)
+        elif not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
+            # Reading grad_out is free on the CPU (no device to wait for); elsewhere always scale.
+            torch._foreach_mul_(grads, grad_out)
+        return (None, None, *grads)
+
+
+def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltyStore, Binding, dict]:
+    """Bind ``store`` (with something stored) to ``model`` (already unwrapped).
+
+    Returns ``(store, binding, found)``: the store laid out like the model (``store`` itself
+    when its layout already fits; otherwise a new one, ``store`` left as it was), the binding,
+    and ``{name: parameter}`` of the stored names. Raises ``ModelMismatchError`` naming every
+    parameter that is missing or no longer matches what was registered.
+    """
+    packing = store.packing
+    everything = dict(model.named_parameters(remove_duplicate=False))
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    resolved: dict[str, tuple[str, torch.Tensor]] = {}
+    owner: dict[str, str] = {}
+    missing, problems = [], []
+    to_split: dict[str, tuple] = {}  # stored full, the parameter is sharded: (param, its ShardInfo)
+    for e in packing.entries:
+        p = everything.get(e.name)
+        if p is None:
+            missing.append(e.name)
+            continue
+        canon = canonical[id(p)]
+        if canon in owner:
+            raise ModelMismatchError(
+                f"{owner[canon]!r} and {e.name!r} are the same (tied) parameter of the model; "
+                f"register it once, under {canon!r}")
+        owner[canon] = e.name
+        resolved[e.name] = (canon, p)
+        problem, split = check_piece(e.name, p, store.sharding.get(e.name), e.shape)
+        if problem is not None:
+            problems.append(problem)
+        elif split is not None:
+            to_split[e.name] = (p, split)
+        if not p.is_floating_point():
+            problems.append(f"{e.name!r} has non-floating dtype {p.dtype}")
+        was = store.param_dtypes.get(e.name)
+        if was is not None and was != p.dtype:
+            problems.append(f"{e.name!r} changed dtype from {was} to {p.dtype} since it was registered")
+    if missing:
+        raise ModelMismatchError(
+            f"the model has no parameter named {_names(missing)}{_prefix_hint(missing, everything)}")
+    if problems:
+        raise ModelMismatchError("the model no longer matches the registered parameters: " + "; ".join(problems))
+
+    named = {canon: p for canon, p in resolved.values()}
+    groups = reduce_groups({n: p for n, p in named.items() if p.requires_grad})
+
+    # Lay the buffers out like the model (canonical names, groups by the parameters' device and
+    # dtype, a sharded parameter's local piece): a new store, so a failure leaves the old one.
+    laid = FlatPacking((resolved[e.name][0], local(resolved[e.name][1]).shape, resolved[e.name][1].dtype,
+                        local(resolved[e.name][1]).device) for e in packing.entries)
+    if to_split or not laid.same_layout(packing):
+        store = store.relaid(
+            laid, rename={e.name: resolved[e.name][0] for e in packing.entries},
+            pieces={n: (lambda t, p=p: local_piece(t, p)) for n, (p, _) in to_split.items()},
+            keeps_constant={n: info.keeps_constant for n, (_, info) in to_split.items()},
+            new_sharding={n: info for n, (_, info) in to_split.items()})
+        packing = laid
+    if any(e.name not in store.param_dtypes for e in packing.entries):  # states that did not record them
+        store = store.replace(param_dtypes={**{e.name: e.dtype for e in packing.entries}, **store.param_dtypes})
+
+    plans, backends, constant = [], [], []
+    for g, group in enumerate(packing.groups):
+        members = [packing.entries[i] for i in group.entries if named[packing.entries[i].name].requires_grad]
+        if not members:
+            continue
+        wide = torch.float64 in (group.dtype, store.importance[g].dtype)
+        plans.append(GroupPlan(
+            device=group.device, param_dtype=group.dtype,
+            compute_dtype=torch.float64 if wide else torch.float32,
+            importance=store.importance[g], anchor=store.anchor[g],
+            names=tuple(e.name for e in members), offsets=tuple(e.offset for e in members),
+            importance_views=[packing.view(store.importance, e.name) for e in members],
+            anchor_views=[packing.view(store.anchor, e.name) for e in members]))
+        backends.append(select_backend(backend, group.device))
+        constant.extend(store.constant.get(e.name, 0.0) for e in members)
+    out_dtype = torch.float64 if any(p.compute_dtype == torch.float64 for p in plans) else torch.float32
+    out_device = plans[0].device if plans else model_device(model)
+    key, found = walk(packing.index, model)  # after the layout: names are canonical now
+    return store, Binding(model, key, plans, backends, math.fsum(constant), out_dtype, out_device, groups), found
