@@ -10,7 +10,7 @@ training step, and adds the penalty's gradient into it:
 * fastewc accumulate_grad_: ``EWCRegularizer.accumulate_grad_(model)``;
 * ablation "fwd+bwd, lazy grad": the same regularizer with the backend's eager gradient switched
   off (forward computes only the value, backward re-reads theta, A, m) -- the figure behind the
-  choice documented in ``fastewc.penalty.regularizer._PenaltyFunction``.
+  choice documented in ``fastewc.penalty.binding.PenaltyFunction``.
 
 The memory-traffic floor is 20 bytes per parameter (read theta, F, anchor, grad; write grad) over
 the copy bandwidth measured in the same run. Cases run round-robin; medians are reported.

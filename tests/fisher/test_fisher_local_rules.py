@@ -4,7 +4,6 @@ rule registry, each against the per-sample reference loop in float64."""
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fastewc
 from fastewc import reference as R
