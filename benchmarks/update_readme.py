@@ -4,7 +4,7 @@ Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
 script regenerates what is between them, so the README shows what the commands measured, never
 figures typed by hand.
 
-    python benchmarks/update_readme.py [--machine amd-epyc-2c]
+    python benchmarks/update_readme.py [--machine FOLDER]
 """
 
 from __future__ import annotations
@@ -16,6 +16,19 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _latest(name: str, machine: str | None) -> str | None:
+    """The machine folder holding the newest ``name`` (by the date it records, then by file time),
+    or ``machine`` when given."""
+    if machine is not None:
+        return machine
+    found = []
+    for path in (ROOT / "benchmarks" / "results").glob(f"*/{name}"):
+        d = json.loads(path.read_text())
+        date = d.get("date") or d.get("machine", {}).get("date") or ""
+        found.append((date, path.stat().st_mtime, path.parent.name))
+    return max(found)[2] if found else None
 
 
 def _load(machine: str, name: str) -> dict | None:
@@ -47,14 +60,23 @@ def penalty_table(d: dict, source: str) -> str:
 
 def fisher_table(d: dict, source: str) -> str:
     m = d["machine"]
-    lines = [f"N = {d['samples']} samples in batches of 64; {_where(m)}, torch {m['torch']}; "
-             f"{d['repeats']} round-robin repeats, medians; peak = extra resident memory over the start; "
-             f"{d['date']}. Source: `{source}`.", "",
-             "| model | params | kind | method | seconds | speed-up vs loop | peak MB |", "|---|---:|---|---|---:|---:|---:|"]
+    hf = f" (Hugging Face models: {d['hf_samples']} padded sequences in batches of 32)" if "hf_samples" in d else ""
+    lines = [f"N = {d['samples']} samples in batches of 64{hf}; {_where(m)}, torch {m['torch']}; "
+             f"{d['repeats']} round-robin repeats, medians; x floor = time / one plain training pass over the same "
+             f"samples; peak = extra resident memory over the start; {d['date']}. Source: `{source}`.", "",
+             "| model | params | kind | method | seconds | speed-up vs loop | x floor | peak MB |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in d["rows"]:
         peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
+        floor = "" if r.get("vs_floor") is None else f"{r['vs_floor']:.2f}"
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r.get('kind', 'empirical')} | {r['method']} | "
-                     f"{r['seconds']:.3f} | {r['speedup_vs_reference']:.2f}x | {peak} |")
+                     f"{r['seconds']:.3f} | {r['speedup_vs_reference']:.2f}x | {floor} | {peak} |")
+    for r in d.get("skipped", []):
+        lines.append(f"\n{r['method']} on {r['model']} ({r['kind']}): not timed, {r['reason']}.")
+    probes = [f"{r['model']} {r['probe_seconds'] * 1e3:.0f} ms" for r in d["rows"]
+              if r.get("probe_seconds") and r.get("kind") == "empirical"]
+    if probes:
+        lines.append(f"\nFirst-call probe (proving the plan; later calls reuse it): {', '.join(probes)}.")
     return "\n".join(lines)
 
 
@@ -72,17 +94,19 @@ def demo_table(d: dict, source: str) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--machine", default="amd-epyc-2c")
+    ap.add_argument("--machine", default=None,
+                    help="results folder to read (default: for each table, the folder with its newest file)")
     args = ap.parse_args(argv)
     readme = ROOT / "README.md"
     text = readme.read_text()
     makers = {"penalty_cpu": ("penalty_cpu.json", penalty_table), "fisher_cpu": ("fisher_cpu.json", fisher_table),
               "demo": ("demo_permuted.json", demo_table)}
     for block, (fname, make) in makers.items():
-        d = _load(args.machine, fname)
+        machine = _latest(fname, args.machine)
+        d = _load(machine, fname) if machine is not None else None
         if d is None:
             continue
-        table = make(d, f"benchmarks/results/{args.machine}/{fname}")
+        table = make(d, f"benchmarks/results/{machine}/{fname}")
         pattern = re.compile(rf"(<!-- results:{block} -->\n)(?:.*?\n)?(<!-- /results:{block} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README has no <!-- results:{block} --> block")
