@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from typing import Callable
 
@@ -73,16 +74,39 @@ def resident_bytes() -> int | None:
 
 
 def _timed_peak(fn: Callable[[], object]) -> tuple[float, int | None]:
-    """Seconds of one call of ``fn`` and its extra peak resident memory (bytes or None)."""
-    t = [0.0]
+    """Seconds of one call of ``fn`` and its extra peak resident memory (bytes or None): the
+    resident high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident memory
+    after a collection and a heap trim. Unlike :func:`fastewc.bench.timing.peak_extra_memory` this
+    leaves glibc's mmap threshold alone, so the time is that of an ordinary call (served by mmap,
+    every chunk-sized temporary would fault its pages in again)."""
+    base = resident_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        base = None
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    hwm = bu._status_kb("VmHWM")
+    return seconds, None if base is None or hwm is None else max(0, hwm * 1024 - base)
 
-    def run():
-        t0 = time.perf_counter()
-        fn()
-        t[0] = time.perf_counter() - t0
 
-    _, peak = bu.peak_extra_memory(run)
-    return t[0], peak
+def _minor_faults() -> int | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return None
+
+
+def _load() -> float | None:
+    """The 1-minute load average (other processes competing for the cores), where known."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _gb(x: int | float | None) -> float | None:
@@ -204,7 +228,10 @@ def penalty_point(params: float, param_dtype: torch.dtype, storage_dtype: torch.
              "accumulate_grad_": lambda: ewc.accumulate_grad_(model),
              "fwd+bwd": lambda: ewc(model).backward()}
     say(f"scale: penalty {P / 1e6:.1f}M: timing, {repeats} rounds")
+    out["load_average_before"], faults = _load(), _minor_faults()
     times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
+    out["load_average_after"] = _load()
+    out["minor_page_faults_while_timing"] = None if faults is None else _minor_faults() - faults
     med = {k: bu.median(v) for k, v in times.items()}
     bandwidth = copy_bytes / med.pop("copy (bandwidth probe)")
     floor = fb * P / bandwidth
@@ -263,6 +290,7 @@ def task_curve(params: float = 1e7, tasks=TASK_COUNTS, *, repeats: int = 15,
         cases[f"T={T} accumulate_grad_"] = lambda reg=reg: reg.accumulate_grad_(model)
         cases[f"T={T} fwd+bwd"] = lambda reg=reg: reg(model).backward()
     say(f"scale: tasks, timing {len(cases) - 1} cases, {repeats} rounds")
+    load = _load()
     times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
     med = {k: bu.median(v) for k, v in times.items()}
     bandwidth = copy_bytes / med.pop("copy (bandwidth probe)")
@@ -275,7 +303,8 @@ def task_curve(params: float = 1e7, tasks=TASK_COUNTS, *, repeats: int = 15,
                      "fwd_bwd_vs_T1": fwd / med[f"T={tasks[0]} fwd+bwd"],
                      "accumulate_ratio_to_floor": acc / floor, "register_s_per_task": reg_seconds[T] / T})
     return {"params": P, "storage_dtype": "torch.float32", "repeats": repeats, "copy_bandwidth_GBps": bandwidth / 1e9,
-            "floor_ms": 1e3 * floor, "rows": rows, "raw_seconds": times}
+            "floor_ms": 1e3 * floor, "load_average_before": load, "load_average_after": _load(), "rows": rows,
+            "raw_seconds": times}
 
 
 # -- Fisher against N and width -------------------------------------------------------------------
@@ -379,6 +408,9 @@ def summarize(result: dict) -> dict:
         entry = {"largest_params": big["params"], "reference_params": ref["params"], "skipped": skipped}
         for m in ("accumulate_grad_", "fwd+bwd"):
             entry[f"{m} ns_per_param largest/reference"] = (_row(big, m)["ns_per_param"] / _row(ref, m)["ns_per_param"])
+            # the same ratio with each point's time over its own floor: a machine-wide slowdown
+            # (other processes on a shared machine) between the two points cancels out
+            entry[f"{m} x_floor largest/reference"] = (_row(big, m)["ratio_to_floor"] / _row(ref, m)["ratio_to_floor"])
         entry["accumulate_grad_ worst ratio_to_floor"] = max(_row(p, "accumulate_grad_")["ratio_to_floor"] for p in pts)
         entry["largest regularizer_peak_GB"] = big["register"]["regularizer_peak_GB"]
         s["series"][name] = entry
