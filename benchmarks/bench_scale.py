@@ -6,7 +6,7 @@ against N and model width. What each curve measures is described in ``fastewc.be
 Prints the tables, writes the JSON and the figure:
 
     python benchmarks/bench_scale.py [--quick] [--sizes 1e6,1e7,1e8,1e9] [--memory-budget-gb 13]
-        [--json PATH] [--plot PATH]
+        [--threads N] [--json PATH] [--plot PATH]
 
 Defaults: ``benchmarks/results/<machine>/scale_cpu.json`` and ``docs/scale_cpu.png``. Points that
 would not fit the memory budget (default: 90% of the memory available at the start) are
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 
 from fastewc.bench import scale
 from fastewc.bench import timing as bu
@@ -35,7 +37,12 @@ def main(argv=None) -> dict:
                     help="skip penalty points needing more than this (default: 90%% of available memory)")
     ap.add_argument("--json", default=None, help="default: benchmarks/results/<machine>/scale_cpu.json")
     ap.add_argument("--plot", default=None, help="default: docs/scale_cpu.png (not written with --quick)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice). On a machine shared with other jobs, 1 keeps "
+                         "a parallel region from waiting for a thread that another process has descheduled")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     result = scale.scale_benchmark(
         quick=args.quick, sizes=args.sizes,

@@ -33,6 +33,17 @@ LONG_BOUND = 10 * MB
 NOISE_FLOOR = 2 * MB
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a machine shared with other jobs, every parallel region of a small
+    step can wait for a second thread that another process has descheduled, which turns seconds
+    into many minutes. The figures here are memory, which the thread count does not change."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
 def _libc():
     if platform.libc_ver()[0] != "glibc":
         return None
