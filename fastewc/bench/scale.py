@@ -23,8 +23,14 @@ step, registration and Fisher estimation grow with the work.
   ``in-W-W-10``, ``method="rules"`` and ``"vmap"``, with a fixed ``max_memory``; seconds per
   sample and extra peak resident memory for each point.
 
-Peak memory is the resident high-water mark over what was in use before the call
-(:func:`fastewc.bench.timing.peak_extra_memory`; None where the kernel does not allow resetting it).
+Peak memory is the resident high-water mark (VmHWM, reset through /proc/self/clear_refs) over
+the resident memory before the call: for the penalty points with glibc's allocator left as it
+is (the registration is timed in the same call), for the Fisher points through
+:func:`fastewc.bench.timing.peak_extra_memory`; None where the kernel does not allow the reset.
+
+On a machine shared with other jobs, run with one torch thread (``torch.set_num_threads(1)``,
+``bench_scale.py --threads 1``): with more, a parallel region waits for any thread another
+process has descheduled, and the many small regions of a blocked step multiply that wait.
 """
 
 from __future__ import annotations
@@ -77,8 +83,8 @@ def _timed_peak(fn: Callable[[], object]) -> tuple[float, int | None]:
     """Seconds of one call of ``fn`` and its extra peak resident memory (bytes or None): the
     resident high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident memory
     after a collection and a heap trim. Unlike :func:`fastewc.bench.timing.peak_extra_memory` this
-    leaves glibc's mmap threshold alone, so the time is that of an ordinary call (served by mmap,
-    every chunk-sized temporary would fault its pages in again)."""
+    leaves glibc's mmap threshold alone, so the time is that of an ordinary call, not one whose
+    every chunk-sized temporary is a fresh mapping."""
     base = resident_bytes()
     try:
         with open("/proc/self/clear_refs", "w") as f:
