@@ -11,11 +11,23 @@ from fastewc import cli
 from fastewc.bench import scale
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared machine, two make the many small parallel regions wait for a
+    descheduled thread; the test checks structure, which the thread count does not change."""
+    import torch
+
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_quick_scale_writes_json_with_every_field(tmp_path, capsys):
+def test_quick_scale_writes_json_with_every_field(tmp_path, capsys, one_thread):
     path = tmp_path / "scale.json"
     assert cli.main(["bench", "--scale", "--quick", "--quiet", "--json", str(path)]) == 0
     out = capsys.readouterr().out
