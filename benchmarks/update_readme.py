@@ -92,6 +92,79 @@ def demo_table(d: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def _gbf(x: float) -> str:
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}"
+
+
+def _pen_rows(d: dict) -> list[str]:
+    lines = ["| series | params | accumulate_grad_ ns/param | x floor | fwd+bwd ns/param | x floor | floor ns/param "
+             "(copy GB/s) | register s, 1st / merge | regularizer peak GB (2 buffers) | fwd+bwd extra GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in d["penalty"]:
+        if "skipped" in p:
+            lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:,.0f}M | not run: {p['skipped']} | | | | | | | |")
+            continue
+        rows = {r["method"]: r for r in p["rows"]}
+        a, f, g = rows["accumulate_grad_"], rows["fwd+bwd"], p["register"]
+        peak = "n/a" if g["regularizer_peak_GB"] is None else _gbf(g["regularizer_peak_GB"])
+        fb = "n/a" if g["fwd_bwd_peak_extra_GB"] is None else _gbf(g["fwd_bwd_peak_extra_GB"])
+        lines.append(f"| {p['series']} | {p['params'] / 1e6:,.1f}M | {a['ns_per_param']:.2f} | {a['ratio_to_floor']:.2f}x | "
+                     f"{f['ns_per_param']:.2f} | {f['ratio_to_floor']:.2f}x | {p['floor_ns_per_param']:.2f} "
+                     f"({p['copy_bandwidth_GBps']:.1f}) | {g['first_s']:.2f} / {g['merge_s']:.2f} | {peak} "
+                     f"({_gbf(g['buffers_GB'])}) | {fb} |")
+    return lines
+
+
+def _scale_targets(d: dict) -> list[str]:
+    """The ratios the scale targets are stated in, from the JSON's summary."""
+    s, out = d["summary"], []
+    for name, e in s["series"].items():
+        if "largest_params" not in e:
+            out.append(f"* {name}: no point fitted")
+            continue
+        big, ref = e["largest_params"] / 1e6, e["reference_params"] / 1e6
+        out.append(f"* {name}, time per parameter at {big:,.0f}M over {ref:,.0f}M: accumulate_grad_ "
+                   f"{e['accumulate_grad_ ns_per_param largest/reference']:.2f}x, fwd+bwd "
+                   f"{e['fwd+bwd ns_per_param largest/reference']:.2f}x (target <= 1.2x); accumulate_grad_ worst "
+                   f"ratio to the floor {e['accumulate_grad_ worst ratio_to_floor']:.2f}x (target <= 2x); regularizer "
+                   f"peak at {big:,.0f}M {e['largest regularizer_peak_GB']:.2f} GB")
+    out.append(f"* T = {d['tasks']['rows'][-1]['tasks']} over T = {d['tasks']['rows'][0]['tasks']}: accumulate_grad_ "
+               f"{s['tasks accumulate largest/smallest']:.2f}x, fwd+bwd {s['tasks fwd+bwd largest/smallest']:.2f}x "
+               f"(target <= 1.15x)")
+    for m in ("rules", "vmap"):
+        k = f"fisher {m} us_per_sample largest/smallest N"
+        if k in s:
+            out.append(f"* Fisher {m}, time per sample at the largest N over the smallest: {s[k]:.2f}x; largest "
+                       f"extra peak over N {s[f'fisher {m} peak_extra_MB max over N']:.0f} MB")
+    return out
+
+
+def scale_table(d: dict, source: str) -> str:
+    m = d["machine"]
+    t, fz = d["tasks"], d["fisher"]
+    lines = [f"{_where(m)}, torch {m['torch']}; {d['date']}. Source: `{source}`.", "",
+             "Penalty step against P (2 tasks registered, `.grad` already holding a gradient; medians of "
+             "round-robin repeats; floor = bytes the step must move (fp32: 20 B/param, bf16: 10 B/param) over "
+             "the bandwidth of a copy measured in the same run):", ""]
+    lines += _pen_rows(d)
+    lines += [""] + _scale_targets(d)
+    lines += ["", f"Penalty step against registered tasks T (`mode=\"separate\"`, {t['params'] / 1e6:.1f}M fp32 "
+              f"parameters, {t['repeats']} round-robin repeats, floor {t['floor_ms']:.1f} ms):", "",
+              "| T | accumulate_grad_ ms | vs T=1 | fwd+bwd ms | vs T=1 | register_task s/task |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for r in t["rows"]:
+        lines.append(f"| {r['tasks']} | {r['accumulate_ms']:.1f} | {r['accumulate_vs_T1']:.2f}x | {r['fwd_bwd_ms']:.1f} | "
+                     f"{r['fwd_bwd_vs_T1']:.2f}x | {r['register_s_per_task']:.3f} |")
+    lines += ["", f"Fisher diagonal ({fz['model']}; `max_memory` {fz['max_memory_MB']:.0f} MB; {fz['repeats']} "
+              f"round-robin repeats; peak = extra resident memory over the start of the call):", "",
+              "| width | params | N | method | seconds | us/sample | peak MB |", "|---:|---:|---:|---|---:|---:|---:|"]
+    for r in fz["by_samples"] + fz["by_width"]:
+        peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
+        lines.append(f"| {r['width']} | {r['params'] / 1e6:.2f}M | {r['samples']} | {r['method']} | {r['seconds']:.3f} | "
+                     f"{r['us_per_sample']:.0f} | {peak} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--machine", default=None,
@@ -100,7 +173,7 @@ def main(argv=None) -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     makers = {"penalty_cpu": ("penalty_cpu.json", penalty_table), "fisher_cpu": ("fisher_cpu.json", fisher_table),
-              "demo": ("demo_permuted.json", demo_table)}
+              "demo": ("demo_permuted.json", demo_table), "scale": ("scale_cpu.json", scale_table)}
     for block, (fname, make) in makers.items():
         machine = _latest(fname, args.machine)
         d = _load(machine, fname) if machine is not None else None

@@ -53,6 +53,10 @@ def cmd_bench(args) -> int:
 
     dev = bench.resolve_device(args.device)
     say = _progress(not args.quiet)
+    if args.scale:
+        return _bench_scale(args, dev, say)
+    if args.quick:
+        raise EWCInputError("--quick applies to --scale only")
     out = {"machine": bu.machine_info(dev), "date": _dt.date.today().isoformat()}
     out["penalty"] = bench.penalty_benchmark(device=dev, params=args.params, tasks=args.tasks, repeats=args.repeats,
                                              compile_reference=args.compile, progress=say)
@@ -75,6 +79,29 @@ def cmd_bench(args) -> int:
         print(f"\nwrote {bu.write_json(args.json, out)}")
     if args.plot:
         print(f"wrote {bench.plot_bench(out, args.plot, label=_stamp(out['machine']))}")
+    return 0
+
+
+def _bench_scale(args, dev, say) -> int:
+    from .bench import scale
+    from .bench import timing as bu
+
+    if dev.type != "cpu":
+        raise EWCInputError(f"--scale measures the CPU; got --device {args.device!r}")
+    if args.plot:  # fail before minutes of measuring, not after
+        from ._utils import require
+
+        require("matplotlib", extra="demo")
+    sizes = None
+    if not args.quick:
+        sizes = tuple(p for p in scale.PENALTY_SIZES if p <= args.max_params) or (args.max_params,)
+    result = scale.scale_benchmark(quick=args.quick, sizes=sizes, progress=say)
+    result["date"] = _dt.date.today().isoformat()
+    print(scale.format_scale(result))
+    if args.json:
+        print(f"\nwrote {bu.write_json(args.json, result)}")
+    if args.plot:
+        print(f"wrote {scale.plot_scale(result, args.plot, label=_stamp(result['machine']))}")
     return 0
 
 
@@ -118,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-samples", type=int, default=128, help="padded sequences per Hugging Face model (default 128)")
     b.add_argument("--repeats", type=int, default=15, help="timed rounds of the penalty benchmark (default 15)")
     b.add_argument("--compile", action="store_true", help="also time torch.compile of the reference loop (slow to compile)")
+    b.add_argument("--scale", action="store_true",
+                   help="cost curves instead: penalty step against parameters (1M..1B) and tasks, registration "
+                        "memory, Fisher against samples and width (CPU; points that do not fit are skipped)")
+    b.add_argument("--quick", action="store_true", help="with --scale: small sizes, a few seconds")
+    b.add_argument("--max-params", type=parse_count, default=1e9,
+                   help="with --scale: largest penalty size (default 1B)")
     b.add_argument("--json", metavar="PATH", help="write the results as JSON")
     b.add_argument("--plot", metavar="PATH", help="save a figure (PNG) of the results (needs fastewc[demo])")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -1,0 +1,67 @@
+"""Cost curves on the CPU: the EWC penalty step against P (1M to 1B parameters) and against the
+number of registered tasks, registration time and memory against P, and Fisher estimation
+against N and model width. What each curve measures is described in ``fastewc.bench.scale``;
+``fastewc bench --scale`` runs the same code.
+
+Prints the tables, writes the JSON and the figure:
+
+    python benchmarks/bench_scale.py [--quick] [--sizes 1e6,1e7,1e8,1e9] [--memory-budget-gb 13]
+        [--threads N] [--json PATH] [--plot PATH]
+
+Defaults: ``benchmarks/results/<machine>/scale_cpu.json`` and ``docs/scale_cpu.png``. Points that
+would not fit the memory budget (default: 90% of the memory available at the start) are
+recorded as skipped, with the memory they would need. The largest points take minutes and
+gigabytes: run them once, on an otherwise quiet machine if you can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from fastewc.bench import scale
+from fastewc.bench import timing as bu
+
+
+def _sizes(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
+    ap.add_argument("--sizes", type=_sizes, default=None, help="penalty sizes in parameters, e.g. 1e6,1e7")
+    ap.add_argument("--memory-budget-gb", type=float, default=None,
+                    help="skip penalty points needing more than this (default: 90%% of available memory)")
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/<machine>/scale_cpu.json")
+    ap.add_argument("--plot", default=None, help="default: docs/scale_cpu.png (not written with --quick)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice). On a machine shared with other jobs, 1 keeps "
+                         "a parallel region from waiting for a thread that another process has descheduled")
+    args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    result = scale.scale_benchmark(
+        quick=args.quick, sizes=args.sizes,
+        memory_budget=None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9,
+        progress=lambda msg: print(f"[bench_scale] {msg}", file=sys.stderr, flush=True))
+    print(scale.format_scale(result))
+    print()
+    for k, v in result["summary"].items():
+        print(f"{k}: {v}")
+    path = args.json or (None if args.quick else f"benchmarks/results/{bu.machine_slug()}/scale_cpu.json")
+    if path:
+        print(f"\nwrote {bu.write_json(path, result)}")
+    plot = args.plot or (None if args.quick else "docs/scale_cpu.png")
+    if plot:
+        m = result["machine"]
+        label = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}"
+        print(f"wrote {scale.plot_scale(result, plot, label=label)}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,119 @@
+"""``fastewc bench --scale --quick``: the cost-curve benchmark runs in seconds and writes JSON with
+every field the README table and the figure are made from. Structure only: the figures
+themselves are the benchmark's business, not a test's."""
+
+import json
+import math
+
+import pytest
+
+from fastewc import cli
+from fastewc.bench import scale
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared machine, two make the many small parallel regions wait for a
+    descheduled thread; the test checks structure, which the thread count does not change."""
+    import torch
+
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_quick_scale_writes_json_with_every_field(tmp_path, capsys, one_thread):
+    path = tmp_path / "scale.json"
+    assert cli.main(["bench", "--scale", "--quick", "--quiet", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Penalty step against P" in out and "registered tasks T" in out and "Fisher diagonal" in out
+    d = json.loads(path.read_text())
+    assert d["benchmark"] == "scale" and d["quick"] is True
+    assert {"cpu", "cores", "torch"} <= set(d["machine"])
+
+    series = {p["series"] for p in d["penalty"]}
+    assert series == {"fp32", "bf16"}
+    for p in d["penalty"]:
+        assert "skipped" not in p
+        assert p["floor_bytes_per_param"] == (20 if p["series"] == "fp32" else 10)
+        for k in ("params", "copy_bandwidth_GBps", "floor_ms", "floor_ns_per_param", "probe_bytes"):
+            assert _finite(p[k]) and p[k] > 0, k
+        assert {r["method"] for r in p["rows"]} == {"accumulate_grad_", "fwd+bwd"}
+        for r in p["rows"]:
+            assert all(_finite(r[k]) and r[k] > 0 for k in ("median_ms", "ns_per_param", "ratio_to_floor"))
+        reg = p["register"]
+        assert _finite(reg["first_s"]) and _finite(reg["merge_s"])
+        assert reg["buffers_GB"] == pytest.approx(2 * p["params"] * (4 if p["series"] == "fp32" else 2) / 1e9)
+        for k in ("first_peak_extra_GB", "merge_peak_extra_GB", "held_GB", "bind_peak_extra_GB",
+                  "fwd_bwd_peak_extra_GB", "regularizer_peak_GB"):
+            assert k in reg and (reg[k] is None or _finite(reg[k]))
+
+    t = d["tasks"]
+    assert [r["tasks"] for r in t["rows"]] == [1, 4]
+    assert t["rows"][0]["accumulate_vs_T1"] == 1.0 and t["rows"][0]["fwd_bwd_vs_T1"] == 1.0
+    for r in t["rows"]:
+        assert all(_finite(r[k]) and r[k] > 0 for k in ("accumulate_ms", "fwd_bwd_ms", "register_s_per_task"))
+
+    f = d["fisher"]
+    assert {(r["samples"], r["method"]) for r in f["by_samples"]} == {(n, m) for n in (64, 128) for m in ("rules", "vmap")}
+    assert {r["width"] for r in f["by_width"]} == {32, 64}
+    for r in f["by_samples"] + f["by_width"]:
+        assert _finite(r["seconds"]) and _finite(r["us_per_sample"]) and r["max_memory_MB"] == 64
+        assert r["peak_extra_MB"] is None or _finite(r["peak_extra_MB"])
+
+    s = d["summary"]
+    assert set(s["series"]) == {"fp32", "bf16"}
+    assert all(_finite(v) for v in s["series"]["fp32"].values() if not isinstance(v, list))
+    assert _finite(s["tasks accumulate largest/smallest"])
+    assert _finite(s["fisher rules us_per_sample largest/smallest N"])
+
+
+def test_points_over_the_memory_budget_are_recorded_as_skipped():
+    rows = scale.penalty_curve((1e9,), memory_budget=1e9)
+    assert [r["series"] for r in rows] == ["fp32", "bf16"]
+    for r in rows:
+        assert "rows" not in r and "GB budget" in r["skipped"] and r["params_requested"] == 10**9
+    fake = {"machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "torch": "t"}, "penalty": rows,
+            "tasks": {"params": 1, "floor_ms": 1.0, "rows": [{"tasks": 1, "accumulate_ms": 1.0, "accumulate_vs_T1": 1.0,
+                                                              "fwd_bwd_ms": 1.0, "fwd_bwd_vs_T1": 1.0,
+                                                              "register_s_per_task": 0.1}]},
+            "fisher": {"model": "m", "max_memory_MB": 64, "by_samples": [], "by_width": []}}
+    assert "skipped: needs about" in scale.format_scale(fake)
+    assert scale.summarize(fake)["series"]["bf16"] == {"skipped": [10**9]}
+
+
+def test_quick_needs_scale(capsys):
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "--quick applies to --scale only" in capsys.readouterr().err
+
+
+def test_scale_is_cpu_only(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr("fastewc.bench.resolve_device", lambda d: torch.device("cuda"))
+    assert cli.main(["bench", "--scale", "--device", "cuda"]) == 2
+    assert "--scale measures the CPU" in capsys.readouterr().err
+
+
+def test_floor_bytes():
+    import torch
+
+    assert scale.floor_bytes_per_param(torch.float32, torch.float32) == 20
+    assert scale.floor_bytes_per_param(torch.float32, torch.bfloat16) == 16
+    assert scale.floor_bytes_per_param(torch.bfloat16, torch.bfloat16) == 10
+
+
+def test_scale_model_has_the_size_and_dtype_asked_for():
+    import torch
+
+    for n in (1e5, 1e6):
+        m = scale.scale_model(n, torch.bfloat16)
+        P = sum(p.numel() for p in m.parameters())
+        assert 0.75 * n < P < 1.25 * n
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+        assert all(bool(p.abs().max() <= 0.05) for p in m.parameters())
