@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import per_sample as ps
 from .batches import Batch
-from .problem import Problem, exact_columns, logits_of, model_head, model_loss_per_sample, plain_attention, position_mask
+from .problem import Problem, SampledLabels, exact_columns, logits_of, model_head, model_loss_per_sample, plain_attention, position_mask
 from .rules import BLOCK_BYTES, chunks, rule_for, sq_sum_of
 from .rules.attention import LOCAL_REPLAYS
 from .rules.local import Recorded, module_blocks, op_blocks, record
@@ -375,6 +375,9 @@ def forward_inputs(model: nn.Module, batch: Batch):
 def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[dict, dict]:
     """One batched forward + backward over ``batch`` with hooks.
 
+    ``labels``: for kind 'sampled', the drawn labels or a :class:`SampledLabels` that draws them
+    from this pass's own logits; else None.
+
     Returns ``(sums, trouble)``: ``sums`` maps each covered parameter to the sum over the batch of
     its squared per-sample gradients (exact kind: of the per-sample Fisher); ``trouble`` maps
     site keys that broke the plan's assumptions to ``(action, reason)`` (action ``"clone"``,
@@ -391,6 +394,8 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[
                     output = functional_call(problem.model, values, args, kwargs)
             else:
                 output = functional_call(problem.model, values, args, kwargs)
+            if isinstance(labels, SampledLabels):
+                labels = labels.of(output)  # drawn once, kept for a retry after trouble
             trouble = _check_calls(plan, rec)
             if trouble:
                 return {}, trouble

@@ -20,7 +20,7 @@ from ..errors import EWCInputError
 from . import engine
 from . import per_sample as ps
 from .batches import iter_batches, read_batch
-from .problem import Problem, logits_of, per_sample_ce, sample_labels
+from .problem import Problem, SampledLabels, logits_of, per_sample_ce, sample_labels
 
 KINDS = ("empirical", "sampled", "exact")
 METHODS = ("auto", "rules", "vmap", "loop", "batched")
@@ -181,11 +181,17 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                 if plan is None and method in ("auto", "rules"):
                     plan, report.plan_cached = engine.cached_plan(problem, batch, probe=True)
                     left = problem.restrict(plan.leftover)
-                labels = sample_labels(problem, batch, generator) if kind == "sampled" else None
+                labels = None
                 if plan is not None and plan.sites:
-                    _rules_batch(problem, plan, batch, labels, seen, sums, chunk_size)
+                    # kind 'sampled': the labels are drawn from the rules pass's own logits
+                    labels = _rules_batch(problem, plan, batch, generator, seen, sums, chunk_size)
                     if set(plan.leftover) != set(left.selected):  # a site left the plan (it only shrinks)
                         left = problem.restrict(plan.leftover)
+                if kind == "sampled" and (labels is None or labels.shape[0] < batch.size):
+                    # no rules pass drew them (or the plan emptied mid-batch): draw the rest, in order
+                    done = 0 if labels is None else labels.shape[0]
+                    rest = sample_labels(problem, batch.slice(done, batch.size), generator)
+                    labels = rest if labels is None else torch.cat([labels, rest])
                 if left.selected:
                     use = _per_sample_batch(left, batch, labels, seen, sums, use, method, chunk_size, max_memory)
                 if bar is not None:
@@ -222,12 +228,14 @@ def _total_samples(data, num_samples: int | None) -> int | None:
     return total
 
 
-def _rules_batch(problem, plan, batch, labels, start, sums, chunk_size) -> None:
-    """Add the rules' squared-gradient sums of ``batch`` (in chunks of ``chunk_size`` if given)."""
+def _rules_batch(problem, plan, batch, generator, start, sums, chunk_size) -> torch.Tensor | None:
+    """Add the rules' squared-gradient sums of ``batch`` (in chunks of ``chunk_size`` if given).
+    Returns the labels drawn for kind 'sampled' (from the pass's own logits), else None."""
     step = chunk_size or batch.size
+    drawn = []
     for i in range(0, batch.size, step):
         part = batch.slice(i, min(i + step, batch.size))
-        lab = None if labels is None else labels[i : i + part.size]
+        lab = SampledLabels(generator) if problem.kind == "sampled" else None
         for _ in range(6):
             got, trouble = engine.rules_pass(problem, plan, part, lab)
             if not trouble:
@@ -237,15 +245,19 @@ def _rules_batch(problem, plan, batch, labels, start, sums, chunk_size) -> None:
             # per sample.
             plan.absorb(trouble)
             if not plan.sites:
-                return
+                return None if lab is None or lab.labels is None else torch.cat(drawn + [lab.labels])
         else:
             raise RuntimeError("estimate_fisher: the rule engine's hooks did not settle; use method='vmap'")
+        labels = None if lab is None else lab.labels
+        if labels is not None:
+            drawn.append(labels)
         if not _all_finite(got.values()):  # locate the sample and parameter, then raise
             bad = {n: torch.zeros_like(sums[n]) for n in got}
-            ps.loop_squared_sums(problem.restrict(got), part, lab, start + i, bad, check_each=True)
+            ps.loop_squared_sums(problem.restrict(got), part, labels, start + i, bad, check_each=True)
             raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
         for n, t in got.items():
             sums[n].add_(t.to(sums[n].dtype))
+    return torch.cat(drawn) if drawn else None
 
 
 def _per_sample_batch(problem, batch, labels, start, sums, use, method, chunk_size, max_memory) -> str:

@@ -274,15 +274,31 @@ def plain_attention():
 
 
 @torch.no_grad()
+def draw_labels(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Labels drawn from logits ``z`` ``[N, C]`` / ``[N, T, C]``, one per sample (one per position),
+    in data order: ``multinomial(softmax(z[n].double()), 1, generator)`` per sample, as the
+    reference loop draws them (the same generator gives the same labels)."""
+    return torch.stack([torch.multinomial(torch.softmax(z[i].detach().double(), -1), 1, generator=generator)[..., 0]
+                        for i in range(z.shape[0])])
+
+
+class SampledLabels:
+    """Labels for kind 'sampled', drawn once from the logits of the first forward pass that needs
+    them (the rules' own batched forward: no extra forward), then reused."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
+        self.labels: torch.Tensor | None = None
+
+    def of(self, output) -> torch.Tensor:
+        if self.labels is None:
+            self.labels = draw_labels(logits_of(output), self.generator)
+        return self.labels
+
+
+@torch.no_grad()
 def sample_labels(problem: Problem, batch: Batch, generator: torch.Generator | None) -> torch.Tensor:
-    """Labels drawn from the model's predictive distribution, one per sample (one per position for
-    sequence outputs), in data order: ``multinomial(softmax(logits.double()), 1, generator)`` per
-    sample, as the reference loop draws them."""
+    """Labels drawn from the model's predictive distribution for ``batch`` (one forward pass)."""
     inputs = batch.model_inputs if batch.is_dict else batch.inputs
     output = problem.model(**inputs) if batch.is_dict else problem.model(inputs)
-    z = logits_of(output).double()
-    labels = []
-    for i in range(batch.size):
-        p = torch.softmax(z[i], -1)  # [C], or [T, C] for a sequence: one draw per row
-        labels.append(torch.multinomial(p, 1, generator=generator)[..., 0])
-    return torch.stack(labels)
+    return draw_labels(logits_of(output), generator)
