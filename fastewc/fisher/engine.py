@@ -34,7 +34,7 @@ from . import per_sample as ps
 from .batches import Batch
 from .problem import Problem, SampledLabels, exact_columns, logits_of, model_head, model_loss_per_sample, plain_attention, position_mask
 from .rules import BLOCK_BYTES, chunks, rule_for, sq_sum_of
-from .rules.attention import LOCAL_REPLAYS
+from .rules.attention import LOCAL_REPLAYS, RecordingAttention
 from .rules.local import Recorded, module_blocks, op_blocks, record
 
 # Relative tolerance of the probe that checks the plan against the per-sample loop, by dtype:
@@ -250,11 +250,15 @@ class _Recorder:
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
         watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
         self.mode = _OpRecorder(self, watched) if needs_ops else None
+        self.attention: dict[str, RecordingAttention] = {}
         for key, site in plan.sites.items():
             if key == OPS:
                 continue
             hook = self._batch_free_hook(site) if site.batch_free else self._hook(key, key in plan.clone)
             self.handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            if site.rule is None and not site.batch_free and type(site.module) is nn.MultiheadAttention:
+                self.attention[key] = RecordingAttention(site.module)
+                site.module.forward = self.attention[key].forward  # this instance, for this pass only
 
     def _hook(self, key, clone):
         def hook(module, args, kwargs, output):
@@ -292,6 +296,8 @@ class _Recorder:
     def remove(self):
         for h in self.handles:
             h.remove()
+        for att in self.attention.values():
+            del att.m.forward  # back to the class's forward
 
 
 class _OpRecorder(TorchFunctionMode):
@@ -456,9 +462,13 @@ def _outputs(plan: RulePlan, rec: _Recorder):
     """The recorded outputs to differentiate, and where each call's outputs sit in that list."""
     outs, where = [], {}
     for key, calls in rec.calls.items():
+        att = rec.attention.get(key)
         for c, call in enumerate(calls):
-            where[(key, c)] = list(range(len(outs), len(outs) + len(call.rec.outputs)))
+            # attention computed in the open: its projections' outputs follow its own outputs
+            extra = att.calls[c]["P"] if att is not None and c < len(att.calls) and att.calls[c] else []
+            where[(key, c)] = list(range(len(outs), len(outs) + len(call.rec.outputs) + len(extra)))
             outs.extend(call.rec.outputs)
+            outs.extend(extra)
     for c, r in enumerate(rec.ops):
         where[(OPS, c)] = [len(outs)]
         outs.append(r.outputs[0])
@@ -499,10 +509,14 @@ def _blocks(plan, rec, values, key, c, grads, i, j) -> dict:
         A = call.rec.leaves[0]
         got = site.rule.per_sample(site.module, A[i:j].detach(), grads[0][i:j])
     else:
-        replay = LOCAL_REPLAYS.get(type(site.module))
-        got = replay(site.module, list(site.params), call.rec, grads, i, j) if replay is not None else None
+        n_out = len(call.rec.outputs)
+        att = rec.attention.get(key)
+        got = att.blocks(c, list(site.params), grads[0], grads[n_out:], i, j) if att is not None else None
         if got is None:
-            got = module_blocks(site.module, list(site.params), call.rec, grads, i, j)
+            replay = LOCAL_REPLAYS.get(type(site.module))
+            got = replay(site.module, list(site.params), call.rec, grads[:n_out], i, j) if replay else None
+        if got is None:
+            got = module_blocks(site.module, list(site.params), call.rec, grads[:n_out], i, j)
     return {site.params[a]: t for a, t in got.items() if a in site.params}
 
 
