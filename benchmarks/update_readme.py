@@ -15,7 +15,10 @@ import json
 import re
 from pathlib import Path
 
+from fastewc.bench.scale import fisher_table as scale_fisher_table, task_table
+
 ROOT = Path(__file__).resolve().parents[1]
+
 
 
 def _latest(name: str, machine: str | None) -> str | None:
@@ -149,19 +152,11 @@ def scale_table(d: dict, source: str) -> str:
     lines += _pen_rows(d)
     lines += [""] + _scale_targets(d)
     lines += ["", f"Penalty step against registered tasks T (`mode=\"separate\"`, {t['params'] / 1e6:.1f}M fp32 "
-              f"parameters, {t['repeats']} round-robin repeats, floor {t['floor_ms']:.1f} ms):", "",
-              "| T | accumulate_grad_ ms | vs T=1 | fwd+bwd ms | vs T=1 | register_task s/task |",
-              "|---:|---:|---:|---:|---:|---:|"]
-    for r in t["rows"]:
-        lines.append(f"| {r['tasks']} | {r['accumulate_ms']:.1f} | {r['accumulate_vs_T1']:.2f}x | {r['fwd_bwd_ms']:.1f} | "
-                     f"{r['fwd_bwd_vs_T1']:.2f}x | {r['register_s_per_task']:.3f} |")
+              f"parameters, {t['repeats']} round-robin repeats, floor {t['floor_ms']:.1f} ms):", ""]
+    lines += task_table(t)
     lines += ["", f"Fisher diagonal ({fz['model']}; `max_memory` {fz['max_memory_MB']:.0f} MB; {fz['repeats']} "
-              f"round-robin repeats; peak = extra resident memory over the start of the call):", "",
-              "| width | params | N | method | seconds | us/sample | peak MB |", "|---:|---:|---:|---|---:|---:|---:|"]
-    for r in fz["by_samples"] + fz["by_width"]:
-        peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
-        lines.append(f"| {r['width']} | {r['params'] / 1e6:.2f}M | {r['samples']} | {r['method']} | {r['seconds']:.3f} | "
-                     f"{r['us_per_sample']:.0f} | {peak} |")
+              f"round-robin repeats; peak = extra resident memory over the start of the call):", ""]
+    lines += scale_fisher_table(fz)
     return "\n".join(lines)
 
 

@@ -458,19 +458,30 @@ def format_scale(result: dict) -> str:
                      f"{r['first_s']:.2f} / {r['merge_s']:.2f} | {peak} | {r['buffers_GB']:.3f} |")
     t = result["tasks"]
     lines += ["", f"Penalty step against registered tasks T (separate mode, {t['params'] / 1e6:.1f}M fp32 "
-              f"parameters, floor {t['floor_ms']:.2f} ms)", "",
-              "| T | accumulate_grad_ ms | vs T=1 | fwd+bwd ms | vs T=1 | register s/task |", "|---:|---:|---:|---:|---:|---:|"]
-    for r in t["rows"]:
-        lines.append(f"| {r['tasks']} | {r['accumulate_ms']:.2f} | {r['accumulate_vs_T1']:.2f}x | "
-                     f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_vs_T1']:.2f}x | {r['register_s_per_task']:.3f} |")
+              f"parameters, floor {t['floor_ms']:.2f} ms)", ""] + task_table(t)
     fz = result["fisher"]
-    lines += ["", f"Fisher diagonal ({fz['model']}, max_memory {fz['max_memory_MB']:.0f} MB)", "",
-              "| width | params | N | method | seconds | us/sample | peak MB |", "|---:|---:|---:|---|---:|---:|---:|"]
+    lines += ["", f"Fisher diagonal ({fz['model']}, max_memory {fz['max_memory_MB']:.0f} MB)", ""] + fisher_table(fz)
+    return "\n".join(lines)
+
+
+def task_table(t: dict) -> list[str]:
+    """The step-against-tasks table (markdown lines) of a result's ``"tasks"`` part."""
+    lines = ["| T | accumulate_grad_ ms | vs T=1 | fwd+bwd ms | vs T=1 | register_task s/task |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in t["rows"]:
+        lines.append(f"| {r['tasks']} | {r['accumulate_ms']:.1f} | {r['accumulate_vs_T1']:.2f}x | "
+                     f"{r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_vs_T1']:.2f}x | {r['register_s_per_task']:.3f} |")
+    return lines
+
+
+def fisher_table(fz: dict) -> list[str]:
+    """The Fisher-against-N-and-width table (markdown lines) of a result's ``"fisher"`` part."""
+    lines = ["| width | params | N | method | seconds | us/sample | peak MB |", "|---:|---:|---:|---|---:|---:|---:|"]
     for r in fz["by_samples"] + fz["by_width"]:
         peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
         lines.append(f"| {r['width']} | {r['params'] / 1e6:.2f}M | {r['samples']} | {r['method']} | "
-                     f"{r['seconds']:.3f} | {r['us_per_sample']:.1f} | {peak} |")
-    return "\n".join(lines)
+                     f"{r['seconds']:.3f} | {r['us_per_sample']:.0f} | {peak} |")
+    return lines
 
 
 def plot_scale(result: dict, path: str, label: str = "") -> str:
