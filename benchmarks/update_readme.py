@@ -20,7 +20,6 @@ from fastewc.bench.scale import fisher_table as scale_fisher_table, task_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def _latest(name: str, machine: str | None) -> str | None:
     """The machine folder holding the newest ``name`` (by the date it records, then by file time),
     or ``machine`` when given."""
