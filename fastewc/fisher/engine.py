@@ -357,8 +357,7 @@ class _OpRecorder(TorchFunctionMode):
         if out.dim() == 0 or out.shape[0] != n:
             self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
             return out
-        rec = Recorded(leaves, spec, [out], [0], n, slots, func)
-        rec.sources = sources
+        rec = Recorded(leaves, spec, [out], [0], n, slots, func, sources)
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
         self.recorder.ops.append(rec)

@@ -35,6 +35,8 @@ class Recorded:
     n: int                         # batch size
     param_slots: dict = field(default_factory=dict)   # op-local: leaf position -> f(params) giving that leaf
     func: Callable | None = None   # op-local: the operation
+    sources: set = field(default_factory=set)         # op-local: the parameters it depends on
+    versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
 
     @property
     def batched(self) -> list[int]:
