@@ -181,19 +181,21 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                 if plan is None and method in ("auto", "rules"):
                     plan, report.plan_cached = engine.cached_plan(problem, batch, probe=True)
                     left = problem.restrict(plan.leftover)
-                labels = None
-                if plan is not None and plan.sites:
-                    # kind 'sampled': the labels are drawn from the rules pass's own logits
-                    labels = _rules_batch(problem, plan, batch, generator, seen, sums, chunk_size)
-                    if set(plan.leftover) != set(left.selected):  # a site left the plan (it only shrinks)
-                        left = problem.restrict(plan.leftover)
-                if kind == "sampled" and (labels is None or labels.shape[0] < batch.size):
-                    # no rules pass drew them (or the plan emptied mid-batch): draw the rest, in order
-                    done = 0 if labels is None else labels.shape[0]
-                    rest = sample_labels(problem, batch.slice(done, batch.size), generator)
-                    labels = rest if labels is None else torch.cat([labels, rest])
-                if left.selected:
-                    use = _per_sample_batch(left, batch, labels, seen, sums, use, method, chunk_size, max_memory)
+                # Part by part (chunk_size, else the whole batch): a site the rules drop on one
+                # part goes per sample from that part on, and no part is counted twice.
+                step = chunk_size or batch.size
+                for i in range(0, batch.size, step):
+                    part = batch.slice(i, min(i + step, batch.size))
+                    labels = None
+                    if plan is not None and plan.sites:
+                        # kind 'sampled': the labels are drawn from the rules pass's own logits
+                        labels = _rules_part(problem, plan, part, generator, seen + i, sums)
+                        if set(plan.leftover) != set(left.selected):  # a site left the plan (it only shrinks)
+                            left = problem.restrict(plan.leftover)
+                    if kind == "sampled" and labels is None:
+                        labels = sample_labels(problem, part, generator)
+                    if left.selected:
+                        use = _per_sample_batch(left, part, labels, seen + i, sums, use, method, chunk_size, max_memory)
                 if bar is not None:
                     bar.update(batch.size)
                 seen += batch.size
@@ -228,36 +230,29 @@ def _total_samples(data, num_samples: int | None) -> int | None:
     return total
 
 
-def _rules_batch(problem, plan, batch, generator, start, sums, chunk_size) -> torch.Tensor | None:
-    """Add the rules' squared-gradient sums of ``batch`` (in chunks of ``chunk_size`` if given).
-    Returns the labels drawn for kind 'sampled' (from the pass's own logits), else None."""
-    step = chunk_size or batch.size
-    drawn = []
-    for i in range(0, batch.size, step):
-        part = batch.slice(i, min(i + step, batch.size))
-        lab = SampledLabels(generator) if problem.kind == "sampled" else None
-        for _ in range(6):
-            got, trouble = engine.rules_pass(problem, plan, part, lab)
-            if not trouble:
-                break
-            # Data-dependent structure (a module skipped or called differently on this batch): what
-            # the rules summed on earlier batches stays valid; from here the site adapts or goes
-            # per sample.
-            plan.absorb(trouble)
-            if not plan.sites:
-                return None if lab is None or lab.labels is None else torch.cat(drawn + [lab.labels])
-        else:
-            raise RuntimeError("estimate_fisher: the rule engine's hooks did not settle; use method='vmap'")
-        labels = None if lab is None else lab.labels
-        if labels is not None:
-            drawn.append(labels)
-        if not _all_finite(got.values()):  # locate the sample and parameter, then raise
-            bad = {n: torch.zeros_like(sums[n]) for n in got}
-            ps.loop_squared_sums(problem.restrict(got), part, labels, start + i, bad, check_each=True)
-            raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
-        for n, t in got.items():
-            sums[n].add_(t.to(sums[n].dtype))
-    return torch.cat(drawn) if drawn else None
+def _rules_part(problem, plan, part, generator, start, sums) -> torch.Tensor | None:
+    """Add the rules' squared-gradient sums of ``part`` (samples ``start...`` of the data) to
+    ``sums``. Returns the labels drawn for kind 'sampled' (from the pass's own logits), else None."""
+    lab = SampledLabels(generator) if problem.kind == "sampled" else None
+    for _ in range(6):
+        got, trouble = engine.rules_pass(problem, plan, part, lab)
+        if not trouble:
+            break
+        # Data-dependent structure (a module skipped or called differently on this part): what the
+        # rules summed on earlier parts stays valid; from here the site adapts or goes per sample.
+        plan.absorb(trouble)
+        if not plan.sites:
+            return None if lab is None else lab.labels
+    else:
+        raise RuntimeError("estimate_fisher: the rule engine's hooks did not settle; use method='vmap'")
+    labels = None if lab is None else lab.labels
+    if not _all_finite(got.values()):  # locate the sample and parameter, then raise
+        bad = {n: torch.zeros_like(sums[n]) for n in got}
+        ps.loop_squared_sums(problem.restrict(got), part, labels, start, bad, check_each=True)
+        raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
+    for n, t in got.items():
+        sums[n].add_(t.to(sums[n].dtype))
+    return labels
 
 
 def _per_sample_batch(problem, batch, labels, start, sums, use, method, chunk_size, max_memory) -> str:

@@ -417,3 +417,28 @@ def test_custom_loss_fn_through_the_rules():
     got, info = _run(model, [(x, y)], loss_fn=mse)
     assert info.rules == {"0": "linear", "2": "linear"}
     assert_fisher_close(got, R.estimate_fisher(model, [(x, y)], loss_fn=mse))
+
+
+class LateTrouble(nn.Module):
+    """On batches of 3 samples only, the input of ``fc`` is modified in place after the call (by
+    x1, so the values stay): the rules drop ``fc`` mid-batch, from that chunk on."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        z = x * 1.0
+        h = torch.tanh(self.fc(z))
+        if z.shape[0] == 3:
+            z.mul_(1.0)
+        return self.head(h + z)
+
+
+def test_a_site_dropped_mid_batch_is_not_counted_twice():
+    model = LateTrouble().to(D)
+    data = batches(torch.randn(7, 5, dtype=D), torch.randint(0, 3, (7,)), batch_size=7)
+    got, info = _run(model, data, chunk_size=4)  # chunks of 4 and 3: fc drops in the second
+    assert "fc.weight" in info.vmap_params and "modified in place" in info.reasons["fc.weight"]
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
