@@ -559,59 +559,55 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
 
 
 # -- proving the plan --------------------------------------------------------------------------
-def check_applicable(problem: Problem, batch: Batch) -> str | None:
-    """Why the rules cannot take this problem at all (None if they can)."""
-    if batch.is_dict and problem.kind == "empirical" and problem.loss_fn is None and model_head(problem.model) is None:
-        return (f"{type(problem.model).__name__}'s own loss has no per-sample form here (known heads: causal LM, "
-                f"sequence / token classification, masked LM); pass loss_fn to use the rules")
-    with torch.no_grad():
-        args, kwargs = forward_inputs(problem.model, batch.slice(0, 1))
-        out = problem.model(*args, **kwargs)
-    if problem.kind in ("sampled", "exact") or (problem.loss_fn is None and not batch.is_dict):
-        try:
-            logits_of(out)
-        except Exception:  # noqa: BLE001 - the per-sample engines raise the clear error
-            return "the model output has no logits"
-    return None
+def check_forward(problem: Problem, batch: Batch) -> tuple[str | None, torch.Tensor | None]:
+    """One batched forward over ``batch`` and one forward per sample: why the rules cannot take
+    the problem (None if they can), and the batched logits (None without logits).
 
+    The rules need a batched forward that treats samples independently (each row of every
+    per-sample output equals that sample's output alone), logits for the sampled and exact
+    kinds, and, for a dict batch with the model's own loss, per-sample losses from the batched
+    logits equal to ``model(**sample).loss`` of each sample alone."""
+    model, n = problem.model, batch.size
+    own_loss = batch.is_dict and problem.kind == "empirical" and problem.loss_fn is None
+    head = model_head(model) if own_loss else None
+    if own_loss and head is None:
+        return (f"{type(model).__name__}'s own loss has no per-sample form here (known heads: causal LM, "
+                f"sequence / token classification, masked LM); pass loss_fn to use the rules"), None
 
-def forward_is_per_sample(problem: Problem, batch: Batch) -> str | None:
-    """Check that the batched forward treats samples independently: each row of every per-sample
-    output (logits, start/end logits, hidden states) equals that sample's output alone. None if
-    so, else the reason."""
-    def rows(out, n):
+    def rows(out, size):
         leaves, _ = tree_flatten(out)
         return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
-                and t.shape[0] == n]
+                and t.shape[0] == size]
 
     with torch.no_grad():
-        args, kwargs = forward_inputs(problem.model, batch)
-        full = rows(problem.model(*args, **kwargs), batch.size)
-        for i in range(batch.size):
-            args, kwargs = forward_inputs(problem.model, batch.slice(i, i + 1))
-            one = rows(problem.model(*args, **kwargs), 1)
-            for f, o in zip(full, one):
+        args, kwargs = forward_inputs(model, batch)
+        out = model(*args, **kwargs)
+        try:
+            z = logits_of(out)
+        except Exception:  # noqa: BLE001 - the per-sample engines raise the clear error where logits are needed
+            z = None
+        if z is None and (problem.kind != "empirical" or not batch.is_dict):
+            return "the model output has no logits", None
+        full = rows(out, n)
+        mine = model_loss_per_sample(model, head, z, batch.labels) if own_loss else None
+        for i in range(n):
+            one = batch.slice(i, i + 1)
+            args, kwargs = forward_inputs(model, one)
+            if own_loss:
+                kwargs["labels"] = one.labels  # the model's own loss of this sample alone
+            out1 = model(*args, **kwargs)
+            alone = rows(out1, 1)
+            for f, o in zip(full, alone):
                 rtol = PROBE_RTOL.get(f.dtype, 1e-3)
                 if f[i : i + 1].shape != o.shape or not torch.allclose(
                         f[i : i + 1], o, rtol=rtol, atol=rtol * float(o.abs().max().clamp_min(1e-30))):
-                    return "the model's batched output differs from its per-sample output (it mixes samples in a batch)"
-    return None
-
-
-def _check_model_loss(problem: Problem, batch: Batch) -> str | None:
-    """Dict batches with the model's own loss: the per-sample losses from the batched logits must
-    equal ``model(**sample).loss`` of each sample alone."""
-    head = model_head(problem.model)
-    with torch.no_grad():
-        args, kwargs = forward_inputs(problem.model, batch)
-        mine = model_loss_per_sample(problem.model, head, logits_of(problem.model(*args, **kwargs)), batch.labels)
-        for i in range(batch.size):
-            out = problem.model(**batch.slice(i, i + 1).inputs)
-            ref = getattr(out, "loss", None)
-            if ref is None or not torch.allclose(mine[i].to(ref.dtype), ref.reshape(()), rtol=1e-4, atol=1e-6):
-                return (f"the model's own loss of one sample ({None if ref is None else float(ref):.6g}) differs from "
-                        f"its {head} loss per sample ({float(mine[i]):.6g}); pass loss_fn")
-    return None
+                    return "the model's batched output differs from its per-sample output (it mixes samples in a batch)", z
+            if own_loss:
+                ref = getattr(out1, "loss", None)
+                if ref is None or not torch.allclose(mine[i].to(ref.dtype), ref.reshape(()), rtol=1e-4, atol=1e-6):
+                    return (f"the model's own loss of one sample ({None if ref is None else float(ref):.6g}) differs "
+                            f"from its {head} loss per sample ({float(mine[i]):.6g}); pass loss_fn"), z
+    return None, z
 
 
 def probe_plan(problem: Problem, plan: RulePlan, batch: Batch) -> None:
@@ -628,19 +624,15 @@ def probe_plan(problem: Problem, plan: RulePlan, batch: Batch) -> None:
 
 
 def _probe(problem: Problem, plan: RulePlan, batch: Batch) -> None:
-    why = check_applicable(problem, batch) or forward_is_per_sample(problem, batch.slice(0, min(4, batch.size)))
-    part = batch.slice(0, min(PROBE_SAMPLES, batch.size))
-    if why is None and batch.is_dict and problem.kind == "empirical" and problem.loss_fn is None:
-        why = _check_model_loss(problem, part)
+    why, z = check_forward(problem, batch.slice(0, min(4, batch.size)))
     if why is not None:
         plan.drop_all(why)
         return
+    part = batch.slice(0, min(PROBE_SAMPLES, batch.size))
     if problem.kind == "empirical":
         check, labels = problem, None
     else:
-        with torch.no_grad():
-            args, kwargs = forward_inputs(problem.model, part)
-            labels = logits_of(problem.model(*args, **kwargs)).argmax(-1)
+        labels = z[: part.size].argmax(-1)
         check = Problem(problem.model, "sampled", problem.loss_fn if problem.kind == "sampled" else None,
                         None, problem.selected, problem.frozen)
     for _ in range(6):
