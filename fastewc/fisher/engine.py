@@ -205,8 +205,8 @@ def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
 class _Call:
     rec: Recorded
     ok_for_rule: bool              # one positional tensor argument, a tensor output
-    versions_in: list
-    versions_out: list
+    versions_in: list              # of the per-sample inputs, at the call
+    versions_out: list             # of the outputs differentiated, at the call
 
 
 def _prepare_outputs(outputs: list, clone: bool) -> tuple[list, dict]:
@@ -265,10 +265,9 @@ class _Recorder:
             rec = record(args, kwargs, output, self.n)
             ok = (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
                   and args[0].dim() > 0 and args[0].shape[0] == self.n and len(rec.outputs) == 1)
-            call = _Call(rec, ok, [rec.leaves[k]._version for k in rec.batched], [])
+            versions_in = [rec.leaves[k]._version for k in rec.batched]
             rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
-            call.versions_out = [t._version for t in rec.outputs]
-            self.calls[key].append(call)
+            self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs]))
             if not replaced:
                 return None
             if isinstance(output, torch.Tensor):
@@ -385,8 +384,9 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[
 
     Returns ``(sums, trouble)``: ``sums`` maps each covered parameter to the sum over the batch of
     its squared per-sample gradients (exact kind: of the per-sample Fisher); ``trouble`` maps
-    site keys that broke the plan's assumptions to ``(action, reason)`` (action ``"clone"``,
-    ``"local"`` or ``"drop"``). With any trouble, ``sums`` is empty.
+    site keys that broke the plan's assumptions to ``(action, reason)``, an action of
+    :meth:`RulePlan.absorb` (``"clone"``, ``"local"``, ``"parent"``, ``"batch_free"`` or
+    ``"drop"``). With any trouble, ``sums`` is empty.
     """
     n = batch.size
     values = {k: v.detach() for k, v in {**problem.frozen, **problem.selected}.items()}
@@ -535,9 +535,8 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
             sums[p] = got[a]
     # Everything else: per-sample blocks of every use, added up, squared, summed.
     rest = {p: u for p, u in uses.items() if p not in sums}
-    for p in problem.selected:
-        if p in plan.covered and p not in uses:
-            sums[p] = torch.zeros_like(problem.selected[p])  # never used in this forward: no gradient
+    for p in plan.covered - uses.keys():
+        sums[p] = torch.zeros_like(problem.selected[p])  # never used in this forward: no gradient
     if not rest:
         return sums
     n = rec.n
