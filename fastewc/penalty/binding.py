@@ -68,14 +68,10 @@ class Binding:
         self.out_dtype = out_dtype
         self.out_device = out_device
         self.groups = groups
+        self.names = [n for plan in plans for n in plan.names]  # protected names in plan order
 
     def serves(self, model: nn.Module, key: list) -> bool:
         return self.model_ref() is model and self.key == key
-
-    @property
-    def names(self) -> list[str]:
-        """Protected names in plan order."""
-        return [n for plan in self.plans for n in plan.names]
 
     def set_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Hand the live parameters (in plan order, protected only) to the plans."""
