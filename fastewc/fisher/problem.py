@@ -92,9 +92,6 @@ def output_rows(output, i: int, j: int, n: int):
 
 
 # -- the model's own loss of dict batches (Hugging Face heads) ----------------------------------
-HEADS = ("causal_lm", "sequence_classification", "token_classification", "masked_lm")
-
-
 def model_head(model) -> str | None:
     """Which Hugging Face loss the model computes from ``labels``, from its class name; None when
     unknown (then the per-sample engines call the model on each sample and use ``output.loss``)."""
