@@ -35,7 +35,7 @@ from .batches import Batch
 from .problem import Problem, SampledLabels, exact_columns, logits_of, model_head, model_loss_per_sample, plain_attention, position_mask
 from .rules import BLOCK_BYTES, chunks, rule_for, sq_sum_of
 from .rules.attention import LOCAL_REPLAYS, RecordingAttention
-from .rules.local import Recorded, module_blocks, op_blocks, record
+from .rules.local import ParamLeaf, Recorded, module_blocks, op_blocks, record
 
 # Relative tolerance of the probe that checks the plan against the per-sample loop, by dtype:
 # both sides are exact up to rounding (float32 sums of ~1e3 products differ by ~1e-6 relative;
@@ -306,7 +306,7 @@ class _OpRecorder(TorchFunctionMode):
     def __init__(self, recorder: _Recorder, watched: dict[int, str]):
         super().__init__()
         self.recorder = recorder
-        self.builders = {i: (lambda p, name=name: p[name]) for i, name in watched.items()}
+        self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
         self.sources = {i: {name} for i, name in watched.items()}
         self.keep = []  # keeps derived tensors alive so that their ids stay unique
         self.op_trouble: str | None = None
@@ -533,6 +533,19 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
         got = sq_sum_of(site.rule, site.module, A, [col[where[(key, 0)][0]] for col in grads_per_col])
         for a, p in fast.items():
             sums[p] = got[a]
+    # One use of attention computed in the open, every parameter used there only: its
+    # projections summed like Linear layers.
+    for key, att in rec.attention.items():
+        site = plan.sites[key]
+        if len(rec.calls[key]) != 1 or any(len(uses.get(p, [])) != 1 for p in site.params.values()):
+            continue
+        idx = where[(key, 0)]
+        n_out = len(rec.calls[key][0].rec.outputs)
+        got = att.sq_sums(0, list(site.params), [col[idx[0]] for col in grads_per_col],
+                          [[col[k] for k in idx[n_out:]] for col in grads_per_col])
+        if got is not None:
+            for a, p in site.params.items():
+                sums[p] = got[a]
     # Everything else: per-sample blocks of every use, added up, squared, summed.
     rest = {p: u for p, u in uses.items() if p not in sums}
     for p in plan.covered - uses.keys():

@@ -86,6 +86,52 @@ def test_tied_weight_and_a_bare_parameter_sum_every_use_per_sample():
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
 
 
+class Offsets(nn.Module):
+    """Bare parameters added or subtracted with broadcasting, on either side, through a
+    batch-free chain (``table[:T] * 0.5``) and twice (``shift``)."""
+
+    def __init__(self, d=5, seq=4):
+        super().__init__()
+        self.lin = nn.Linear(3, d)
+        self.pos = nn.Parameter(0.3 * torch.randn(seq, d))
+        self.row = nn.Parameter(0.3 * torch.randn(1, seq, 1))
+        self.shift = nn.Parameter(0.3 * torch.randn(d))
+        self.gap = nn.Parameter(0.3 * torch.randn(d))
+        self.table = nn.Parameter(0.3 * torch.randn(seq + 2, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.lin(x) + self.pos
+        h = self.row + torch.tanh(h)
+        h = torch.sub(h, self.shift)
+        h = self.gap - torch.tanh(h)
+        h = torch.tanh(h) - self.table[: x.shape[1]] * 0.5
+        h = torch.tanh(h).add(self.shift)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_broadcast_additions_of_bare_parameters_in_closed_form(kind, monkeypatch):
+    from fastewc.fisher.rules import local
+
+    taken = []
+    real = local._additive_blocks
+
+    def spy(*a):
+        got = real(*a)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(local, "_additive_blocks", spy)
+    torch.manual_seed(5)
+    model = Offsets().to(D)
+    data = batches(torch.randn(7, 4, 3, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
+    got, info = _run(model, data, kind=kind)
+    assert all(info.methods[p] == "op-local" for p in ("pos", "row", "shift", "gap", "table")), info.methods
+    assert taken and all(taken), taken  # no operation went to the vmap replay
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
 class PositionTable(nn.Module):
     """A learned position table called on positions only (no batch axis), broadcast-added."""
 
@@ -198,44 +244,47 @@ def test_register_rule_rejects_what_is_not_a_module_type():
         fastewc.register_rule(Scale, 3)
 
 
-@pytest.mark.parametrize("path", ["in-graph", "replay"])
+@pytest.mark.parametrize("inputs", ["self", "cross"])
+@pytest.mark.parametrize("path", ["sums", "in-graph", "replay"])
 @pytest.mark.parametrize("mask", ["bool", "float", "causal", "none"])
-def test_multihead_attention_without_per_sample_replay(mask, path, monkeypatch):
-    # "in-graph": the module runs in the open during the batched pass; "replay": that path is
-    # refused, and one batched replay with the projections as leaves takes over.
+def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monkeypatch):
+    # "sums": the module runs in the open during the batched pass and its projections are summed
+    # like Linear layers (parameters used there only); "in-graph": the same pass, per-sample
+    # blocks (as for a shared parameter); "replay": the open path is refused, and one batched
+    # replay with the projections as leaves takes over. "cross": query and key/value differ.
     from fastewc.fisher.rules import attention
 
     torch.manual_seed(8)
     calls = []
-    if path == "in-graph":
-        real = attention.RecordingAttention.blocks
 
-        def spy(self, *a):
-            got = real(self, *a)
-            calls.append(got is not None)
-            return got
-
-        monkeypatch.setattr(attention.RecordingAttention, "blocks", spy)
-    else:
-        real = attention.mha_blocks
-
+    def spying(real):
         def spy(*a):
             got = real(*a)
             calls.append(got is not None)
             return got
+        return spy
 
+    if path == "sums":
+        monkeypatch.setattr(attention.RecordingAttention, "sq_sums", spying(attention.RecordingAttention.sq_sums))
+    elif path == "in-graph":
+        monkeypatch.setattr(attention.RecordingAttention, "sq_sums", lambda self, *a: None)
+        monkeypatch.setattr(attention.RecordingAttention, "blocks", spying(attention.RecordingAttention.blocks))
+    else:
+        monkeypatch.setattr(attention.RecordingAttention, "sq_sums", lambda self, *a: None)
         monkeypatch.setattr(attention.RecordingAttention, "blocks", lambda self, *a: None)
-        monkeypatch.setitem(attention.LOCAL_REPLAYS, nn.MultiheadAttention, spy)
+        monkeypatch.setitem(attention.LOCAL_REPLAYS, nn.MultiheadAttention, spying(attention.mha_blocks))
 
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(11, 8)
+            self.memory = nn.Linear(8, 8)
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
             self.head = nn.Linear(8, 3)
 
         def forward(self, ids):
             h = self.emb(ids)
+            kv = self.memory(h).tanh() if inputs == "cross" else h
             kw = {}
             if mask == "bool":
                 kw["key_padding_mask"] = ids == 0
@@ -244,9 +293,12 @@ def test_multihead_attention_without_per_sample_replay(mask, path, monkeypatch):
             elif mask == "causal":
                 kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=h.dtype)
                 kw["is_causal"] = True
-            out, weights = self.attn(h, h, h, **kw)
-            if path == "replay":  # the replay covers losses that ignore the attention weights
+            # the weights used by the loss (computed in the open) or not (the fused attention);
+            # the replay covers losses without the weights
+            if path == "replay" or (path == "sums" and mask in ("float", "none")):
+                out, _ = self.attn(h, kv, kv, need_weights=False, **kw)
                 return self.head(out.mean(1))
+            out, weights = self.attn(h, kv, kv, **kw)
             return self.head(out.mean(1)) + 0.1 * weights.square().sum(-1).mean(1, keepdim=True)
 
     model = Attn().to(D)

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_unflatten
 
+from .linear import sq_sum_linear
+
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
@@ -63,40 +65,60 @@ def mha_blocks(m: nn.MultiheadAttention, attrs: list[str], rec, grads: list, i: 
         return None
     G = grads[0][i:j]
     with torch.enable_grad():
-        P, weights, Vh, _ = _project(m, q, k, v, kpm, attn_mask, a["is_causal"], leaves=True)
+        inputs = _inputs(q, k, v)
+        P, (Qh, Kh, Vh) = _project(m, inputs, leaves=True)
+        weights = _weights(Qh, Kh, _mask(q.shape[0], q.shape[1], k.shape[1], kpm, attn_mask, a["is_causal"],
+                                         q.dtype, q.device))
         C = _combine(weights, Vh).detach().requires_grad_(True)
         out = _out_proj(m, C)
         gC = torch.autograd.grad(out, C, G)[0]
-        gQ, gK, gV = torch.autograd.grad(_combine(weights, Vh), P, gC)
-    return _blocks_from(m, attrs, (q, k, v), C.detach(), G, (gQ, gK, gV))
+        gP = torch.autograd.grad(_combine(weights, Vh), P, gC)
+    return _blocks_from(m, attrs, inputs, C.detach(), G, gP)
 
 
-def _project(m, q, k, v, kpm, attn_mask, is_causal, leaves: bool):
-    """The q/k/v projections ``P`` (autograd leaves when ``leaves``), the attention weights
-    ``[b, H, T, S]`` and the value heads, as ``F.multi_head_attention_forward`` computes them."""
-    b, T, E = q.shape
-    S, H = k.shape[1], m.num_heads
-    d = E // H
-    dtype = q.dtype
-    mask = torch.zeros(b, 1, T, S, dtype=dtype, device=q.device)
-    if is_causal and attn_mask is None:
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
-    if attn_mask is not None:
-        mask = mask + _additive(attn_mask, dtype).view(1, 1, T, S)
-    if kpm is not None:
-        mask = mask + _additive(kpm, dtype).view(b, 1, 1, S)
+def _inputs(q, k, v) -> tuple:
+    """The projections' distinct inputs: ``(q,)`` for self-attention, where the three
+    projections are one Linear map of width 3E (``in_proj_weight`` as a whole), else ``(q, k, v)``."""
+    return (q,) if q is k and k is v else (q, k, v)
+
+
+def _project(m, inputs: tuple, leaves: bool):
+    """The projections' outputs ``P`` (one ``[b, T, 3E]`` for one input, else q, k and v;
+    autograd leaves when ``leaves``) and the q/k/v heads ``[b, H, T or S, d]``, as
+    ``F.multi_head_attention_forward`` computes them."""
+    b, H = inputs[0].shape[0], m.num_heads
+    d = inputs[0].shape[-1] // H
     W = m.in_proj_weight.detach() if leaves else m.in_proj_weight
     bias = m.in_proj_bias
     if bias is not None and leaves:
         bias = bias.detach()
-    Wq, Wk, Wv = W.chunk(3)
-    bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
-    P = [torch.nn.functional.linear(x, w, c) for x, w, c in ((q, Wq, bq), (k, Wk, bk), (v, Wv, bv))]
+    if len(inputs) == 1:
+        P = [torch.nn.functional.linear(inputs[0], W, bias)]
+    else:
+        bs = bias.chunk(3) if bias is not None else (None, None, None)
+        P = [torch.nn.functional.linear(x, w, c) for x, w, c in zip(inputs, W.chunk(3), bs)]
     if leaves:
         P = [t.detach().requires_grad_(True) for t in P]
-    Qh, Kh, Vh = (t.view(b, -1, H, d).transpose(1, 2) for t in P)
-    weights = torch.softmax(Qh @ Kh.transpose(-1, -2) / math.sqrt(d) + mask, -1)
-    return P, weights, Vh, mask
+    qkv = P[0].chunk(3, -1) if len(P) == 1 else P
+    return P, [t.reshape(b, -1, H, d).transpose(1, 2) for t in qkv]
+
+
+def _mask(b, T, S, kpm, attn_mask, is_causal, dtype, device) -> torch.Tensor | None:
+    """The additive mask ``[b or 1, 1, T, S]`` of the key padding, attention and causal masks, or None."""
+    mask = None
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=device).triu(1)
+    if attn_mask is not None:
+        mask = _additive(attn_mask, dtype).view(1, 1, T, S)
+    if kpm is not None:
+        pad = _additive(kpm, dtype).view(b, 1, 1, S)
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
+def _weights(Qh, Kh, mask):
+    scores = Qh @ Kh.transpose(-1, -2) / math.sqrt(Qh.shape[-1])
+    return torch.softmax(scores if mask is None else scores + mask, -1)
 
 
 def _combine(weights, Vh):
@@ -112,7 +134,7 @@ def _out_proj(m, C, detach: bool = True):
 
 
 def _blocks_from(m, attrs, inputs, C, G, gP) -> dict | None:
-    """Per-sample blocks from the projections' inputs and output gradients."""
+    """Per-sample blocks from the projections' inputs and output gradients (see :func:`_project`)."""
     result = {}
     if "in_proj_weight" in attrs:
         result["in_proj_weight"] = torch.cat([torch.bmm(g.transpose(1, 2), x) for g, x in zip(gP, inputs)], 1)
@@ -145,13 +167,49 @@ class RecordingAttention:
             return type(m).forward(m, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
-        P, weights, Vh, _ = _project(m, query, key, value, key_padding_mask, attn_mask, is_causal, leaves=False)
-        C = _combine(weights, Vh)
+        inputs = _inputs(query, key, value)
+        P, (Qh, Kh, Vh) = _project(m, inputs, leaves=False)
+        mask = _mask(query.shape[0], query.shape[1], key.shape[1], key_padding_mask, attn_mask, is_causal,
+                     query.dtype, query.device)
+        if need_weights:
+            weights = _weights(Qh, Kh, mask)
+            C = _combine(weights, Vh)
+        else:  # the fused kernel the module itself would use: same maths, no weights kept
+            heads = torch.nn.functional.scaled_dot_product_attention(Qh, Kh, Vh, attn_mask=mask)
+            C = heads.transpose(1, 2).reshape(Qh.shape[0], Qh.shape[2], -1)
         out = _out_proj(m, C, detach=False)
-        self.calls.append({"inputs": (query, key, value), "C": C, "P": P})
+        self.calls.append({"inputs": inputs, "C": C, "P": P})
         if not need_weights:
             return out, None
         return out, weights.mean(1) if average_attn_weights else weights
+
+    def sq_sums(self, c: int, attrs: list[str], Gs: list, gPs: list) -> dict | None:
+        """``{attr: sum over samples and columns of the squared per-sample gradient}`` without
+        forming ``[n, 3E, E]`` blocks: the four projections are Linear maps, summed like Linear
+        layers over a sequence. ``Gs``: the output gradient per column; ``gPs``: the
+        projections' output gradients per column. Only for parameters with no other use."""
+        entry = self.calls[c]
+        if entry is None:
+            return None
+        m = self.m
+        result = {}
+        want_w, want_b = "in_proj_weight" in attrs, "in_proj_bias" in attrs and m.in_proj_bias is not None
+        if want_w or want_b:
+            # rows of in_proj_weight per input (all of them at once for self-attention)
+            parts = [sq_sum_linear(x.detach(), [g[r] for g in gPs], want_b) for r, x in enumerate(entry["inputs"])]
+            got = {a: torch.cat([p[a] for p in parts]) for a in parts[0]}
+            if want_w:
+                result["in_proj_weight"] = got["weight"]
+            if want_b:
+                result["in_proj_bias"] = got["bias"]
+        want_w, want_b = "out_proj.weight" in attrs, "out_proj.bias" in attrs and m.out_proj.bias is not None
+        if want_w or want_b:
+            got = sq_sum_linear(entry["C"].detach(), Gs, want_b)
+            if want_w:
+                result["out_proj.weight"] = got["weight"]
+            if want_b:
+                result["out_proj.bias"] = got["bias"]
+        return result if set(result) == set(attrs) else None
 
     def blocks(self, c: int, attrs: list[str], G, gP, i: int, j: int) -> dict | None:
         entry = self.calls[c]

@@ -16,6 +16,12 @@ import torch.nn as nn
 from .registry import register_rule
 
 
+# Per-sample weight gradients up to this size are formed a chunk at a time, in chunks of about
+# _CHUNK_BYTES (a size that stays in a core's L2 cache); larger ones one sample at a time.
+_SMALL_BLOCK_BYTES = 256 * 2**10
+_CHUNK_BYTES = 2 * 2**20
+
+
 def _as_3d(A: torch.Tensor, G: torch.Tensor):
     n = A.shape[0]
     return A.reshape(n, -1, A.shape[-1]), G.reshape(n, -1, G.shape[-1])
@@ -30,7 +36,11 @@ def _per_sample(A, G, bias: bool, transposed: bool) -> dict:
     return out
 
 
-def _sq_sum(A, Gs: list, bias: bool, transposed: bool, weight_numel: int) -> dict:
+def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = False) -> dict:
+    """``{"weight": [out, in] (or [in, out] when ``transposed``), "bias": [out]}``: sum over the
+    samples and the columns ``Gs`` of the squared per-sample gradients of a linear map applied
+    to input ``A`` ``[n, ..., in]`` with output gradients ``Gs[k]`` ``[n, ..., out]`` (same
+    dtype as ``A``)."""
     out = {}
     if A.dim() == 2:
         # The K columns of the exact Fisher share A: their G^2 add up before the one product.
@@ -41,18 +51,35 @@ def _sq_sum(A, Gs: list, bias: bool, transposed: bool, weight_numel: int) -> dic
         if bias:
             out["bias"] = G2.sum(0)
         return out
-    # One sample at a time into a reused buffer, squared into the sum while it is still in cache:
-    # a [chunk, out, in] block would be written to memory and read back twice.
-    total = None
-    buf = None
-    for G in Gs:
-        A3, G3 = _as_3d(A, G)
-        left, right = (A3.transpose(1, 2), G3) if transposed else (G3.transpose(1, 2), A3)
-        for i in range(A.shape[0]):
-            buf = torch.mm(left[i], right[i], out=buf)
-            if total is None:
-                total = buf.square()
-            else:
+    n = A.shape[0]
+    w_shape = (A.shape[-1], Gs[0].shape[-1]) if transposed else (Gs[0].shape[-1], A.shape[-1])
+    block = w_shape[0] * w_shape[1] * A.element_size()
+    total = torch.zeros(w_shape, dtype=A.dtype, device=A.device)
+    if block <= _SMALL_BLOCK_BYTES:
+        # Small per-sample gradients: a product per sample would be dominated by its call
+        # overhead. A chunk's gradients at once into a buffer that stays in cache, squared in
+        # place and summed over the chunk by one matrix-vector product.
+        step = max(1, _CHUNK_BYTES // block)
+        buf = torch.empty((min(step, n), *w_shape), dtype=A.dtype, device=A.device)
+        ones = torch.ones(min(step, n), dtype=A.dtype, device=A.device)
+        flat = total.view(-1)
+        for G in Gs:
+            A3, G3 = _as_3d(A, G)
+            left, right = (A3.transpose(1, 2), G3) if transposed else (G3.transpose(1, 2), A3)
+            for i in range(0, n, step):
+                j = min(n, i + step)
+                b = torch.bmm(left[i:j], right[i:j], out=buf[: j - i])
+                b.square_()
+                flat.addmv_(b.view(j - i, -1).t(), ones[: j - i])
+    else:
+        # One sample at a time into a reused buffer, squared into the sum while it is still in
+        # cache: a [chunk, out, in] block of large gradients would go to memory and back.
+        buf = None
+        for G in Gs:
+            A3, G3 = _as_3d(A, G)
+            left, right = (A3.transpose(1, 2), G3) if transposed else (G3.transpose(1, 2), A3)
+            for lt, rt in zip(left.unbind(0), right.unbind(0)):
+                buf = torch.mm(lt, rt, out=buf)
                 total.addcmul_(buf, buf)
     out["weight"] = total
     if bias:
@@ -65,7 +92,7 @@ def linear_per_sample(m: nn.Linear, A: torch.Tensor, G: torch.Tensor) -> dict:
 
 
 def linear_sq_sum(m: nn.Linear, A: torch.Tensor, Gs: list) -> dict:
-    return _sq_sum(A, Gs, m.bias is not None, False, m.weight.numel())
+    return sq_sum_linear(A, Gs, m.bias is not None)
 
 
 register_rule(nn.Linear, linear_per_sample, name="linear", sq_sum=linear_sq_sum)
@@ -82,7 +109,7 @@ def conv1d_hf_per_sample(m, A: torch.Tensor, G: torch.Tensor) -> dict:
 
 
 def conv1d_hf_sq_sum(m, A: torch.Tensor, Gs: list) -> dict:
-    return _sq_sum(A, Gs, m.bias is not None, True, m.weight.numel())
+    return sq_sum_linear(A, Gs, m.bias is not None, transposed=True)
 
 
 # Matched by name: transformers is optional and never imported here.

@@ -96,11 +96,67 @@ def module_blocks(module: torch.nn.Module, attrs: list[str], rec: Recorded, grad
     return _per_sample_vjp(lambda p, a, kw: functional_call(module, p, a, kw), params, rec, grads, i, j)
 
 
+@dataclass(frozen=True)
+class ParamLeaf:
+    """An operation's argument that is the parameter ``name`` itself (``p[name]``)."""
+
+    name: str
+
+    def __call__(self, p: dict) -> torch.Tensor:
+        return p[self.name]
+
+
+# Operations whose gradient w.r.t. a broadcast argument is the output gradient summed over the
+# broadcast axes, times a sign per argument position: ``x + pos``, ``pos + x``, ``x - bias``.
+_ADDITIVE = {torch.add: (1, 1), torch.Tensor.add: (1, 1), torch.Tensor.__add__: (1, 1),
+             torch.Tensor.__radd__: (1, 1), torch.sub: (1, -1), torch.Tensor.sub: (1, -1),
+             torch.Tensor.__sub__: (1, -1), torch.Tensor.__rsub__: (-1, 1)}
+
+
+def _additive_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: int, j: int) -> dict | None:
+    """The per-sample gradients of ``a + b`` / ``a - b`` in closed form: for an argument ``b``
+    without a batch axis, sample ``n``'s gradient is ``G[n]`` summed over the axes ``b`` is
+    broadcast along; then back through the batch-free chain that built ``b`` from the
+    parameters (one ``vjp``, its pull-back mapped over the samples). None where it does not
+    apply (keyword arguments, another operation, an argument with a batch axis)."""
+    signs = _ADDITIVE.get(rec.func)
+    if signs is None or len(rec.leaves) != 2 or rec.spec != _TWO_ARGS_SPEC or len(grads) != 1:
+        return None
+    out_shape = rec.outputs[0].shape
+    G = grads[0][i:j]
+    result: dict[str, torch.Tensor] = {}
+    for k, build in rec.param_slots.items():
+        b = rec.leaves[k]
+        shape = (1,) * (len(out_shape) - b.dim()) + tuple(b.shape)
+        if len(shape) != len(out_shape) or shape[0] != 1:
+            return None  # the argument is wider than the output, or spans the batch axis
+        axes = [d for d in range(1, len(shape)) if shape[d] == 1 and out_shape[d] != 1]
+        g = G.sum(axes, keepdim=True) if axes else G
+        g = g.reshape(G.shape[0], *b.shape).to(b.dtype)
+        if signs[k] < 0:
+            g = -g
+        if isinstance(build, ParamLeaf):
+            got = {build.name: g}
+        else:
+            srcs = {name: values[name] for name in rec.sources}
+            _, pull = vjp(build, srcs)
+            got = vmap(pull)(g)[0]
+        for name, t in got.items():
+            result[name] = t if name not in result else result[name] + t
+    return result
+
+
+_TWO_ARGS_SPEC = tree_flatten(((torch.zeros(()), torch.zeros(())), {}))[1]
+
+
 def op_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: int, j: int) -> dict:
     """Per-sample gradients ``{name: [j - i, *shape]}`` of the parameters an operation used
     (``values``: name -> the parameter tensor the model saw). Each slot of ``rec.param_slots``
     rebuilds its argument from the parameters: the parameter itself, or a chain of operations
     without a batch axis applied to it (``pos[:T]``, ``scale * 2``)."""
+    got = _additive_blocks(rec, values, grads, i, j)
+    if got is not None:
+        return got
     def call(p, args, kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         for k, build in rec.param_slots.items():
