@@ -135,6 +135,29 @@ def test_sequence_linear_does_not_take_the_2d_shortcut():
     assert rel > 0.2, rel  # it would be wrong by this much; the engine is not
 
 
+@pytest.mark.parametrize("path", ["chunked", "per-sample"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_linear_sums_of_squares_both_paths(path, transposed, n, monkeypatch):
+    """Both routes of the sequence Linear sum (small gradients a chunk at a time, with a short
+    last chunk; large ones one sample at a time), several exact-Fisher columns, HF's transposed
+    layout and an empty chunk, against per-sample gradients formed one by one."""
+    from fastewc.fisher.rules import linear
+
+    if path == "chunked":  # 3 samples per chunk: 7 = 3 + 3 + 1
+        monkeypatch.setattr(linear, "_CHUNK_BYTES", 3 * 5 * 4 * 8)
+    else:
+        monkeypatch.setattr(linear, "_SMALL_BLOCK_BYTES", 0)
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, 6, 4, dtype=D, generator=g)
+    Gs = [torch.randn(n, 6, 5, dtype=D, generator=g) for _ in range(3)]
+    got = linear.sq_sum_linear(A, Gs, bias=True, transposed=transposed)
+    w = sum((torch.einsum("nto,nti->noi", G, A) ** 2).sum(0) for G in Gs)
+    b = sum((G.sum(1) ** 2).sum(0) for G in Gs)
+    torch.testing.assert_close(got["weight"], w.t() if transposed else w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["bias"], b if n else torch.zeros(5, dtype=D), rtol=1e-12, atol=1e-12)
+
+
 def test_conv_weight_shared_over_space_is_exact():
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(1), nn.Linear(3 * 3 * 3, 3)).to(D)
     x, y = torch.randn(6, 2, 4, 4, dtype=D), torch.randint(0, 3, (6,))

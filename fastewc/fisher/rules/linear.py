@@ -10,6 +10,8 @@ formed chunk by chunk (``bmm``), squared and summed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -23,8 +25,9 @@ _CHUNK_BYTES = 2 * 2**20
 
 
 def _as_3d(A: torch.Tensor, G: torch.Tensor):
-    n = A.shape[0]
-    return A.reshape(n, -1, A.shape[-1]), G.reshape(n, -1, G.shape[-1])
+    """``[n, T, in]`` and ``[n, T, out]``, T the product of the positional axes (also for n = 0)."""
+    n, T = A.shape[0], math.prod(A.shape[1:-1])
+    return A.reshape(n, T, A.shape[-1]), G.reshape(n, T, G.shape[-1])
 
 
 def _per_sample(A, G, bias: bool, transposed: bool) -> dict:
