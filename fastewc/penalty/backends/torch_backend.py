@@ -4,10 +4,16 @@ Two strategies, chosen by device:
 
 * ``blocked`` (CPU): walk every parameter in blocks of ``BLOCK`` elements and run all the ops of
   one block before the next, so the temporaries (``theta - m``, ``A * (theta - m)``) stay in cache
-  and memory sees only the unavoidable reads and writes. ``BLOCK`` = 256K elements (1 MB float32
-  temporaries, within a typical per-core L2) was the fastest of 64K / 256K / 1M when it was chosen;
-  whole-tensor ops were slower than any of them. ``benchmarks/bench_penalty.py`` measures this
-  backend against the memory-traffic floor (results in ``benchmarks/results/``).
+  and memory sees only the unavoidable reads and writes. Consecutive small parameters are walked
+  as one block (a *run*: gathered by one ``cat``, updated by one multi-tensor op), so that a model
+  of many small tensors does not pay several op launches per tensor. Operands stored in another
+  dtype than the compute dtype (bfloat16 parameters or storage) are converted by copies into
+  scratch blocks: ops that mix dtypes take torch's per-element casting loop. ``BLOCK`` = 64K
+  elements per torch thread (three 256 KB float32 temporaries per core, within its L2 cache;
+  torch splits each op among its threads) was the fastest of 16K / 32K / 64K / 128K / 256K on
+  the machine of the latest results, whole-tensor ops slower than any of them;
+  ``benchmarks/bench_penalty.py`` and ``benchmarks/bench_scale.py`` measure this backend against
+  the memory-traffic floor (results in ``benchmarks/results/``).
 * ``foreach`` (CUDA and others): ``torch._foreach_*`` multi-tensor ops, a handful of launches per
   group whatever the number of tensors. Temporaries are whole-group, which costs memory traffic
   that only a fused kernel (the Triton backend) avoids.
@@ -19,9 +25,14 @@ from __future__ import annotations
 
 import torch
 
+from ..packing import ALIGN
 from .base import GroupPlan
 
-BLOCK = 1 << 18  # elements per block; see the module docstring
+BLOCK = 1 << 16  # elements per block and per torch thread; see the module docstring
+# Parameters up to this many elements are walked in runs of consecutive ones, a run at most one
+# block long: each op then covers a run instead of one small tensor, whose per-op overhead would
+# cost more than its memory traffic.
+SMALL = 1 << 16
 
 
 def _strategy(plan: GroupPlan, forced: str | None) -> str:
@@ -36,80 +47,169 @@ class TorchBackend:
     name = "torch"
     eager_grads = True  # forward computes the gradient in its pass over memory (see base.py)
 
-    def __init__(self, strategy: str | None = None, block: int = BLOCK):
+    def __init__(self, strategy: str | None = None, block: int | None = None, small: int = SMALL):
+        """``block``: elements per block (default ``BLOCK`` times torch's thread count when a
+        group is first bound); ``small``: parameters up to this size are walked in runs."""
         if strategy not in (None, "blocked", "foreach"):
             raise ValueError(f"unknown torch-backend strategy {strategy!r}")
+        if block is not None and block < 1 or small < 0:
+            raise ValueError(f"block ({block}) must be positive and small ({small}) not negative")
         self.strategy = strategy
         self.block = block
+        self.small = small
 
     # -- blocked (CPU) ------------------------------------------------------------------------
+    def _block(self, plan: GroupPlan) -> int:
+        """Elements per block for this plan, fixed when first asked."""
+        block = plan.cache.get("block")
+        if block is None:
+            block = plan.cache["block"] = self.block or BLOCK * max(1, torch.get_num_threads())
+        return block
+
     def _blocks(self, plan: GroupPlan):
         """Per parameter: (flat block views of A, flat block views of m), cached on the plan."""
         blocks = plan.cache.get("blocks")
         if blocks is None:
+            b = self._block(plan)
             blocks = plan.cache["blocks"] = [
-                (a.reshape(-1).split(self.block), m.reshape(-1).split(self.block))
+                (a.reshape(-1).split(b), m.reshape(-1).split(b))
                 for a, m in zip(plan.importance_views, plan.anchor_views)
             ]
         return blocks
 
     def _scratch(self, plan: GroupPlan):
+        """Three compute-dtype scratch blocks and, for runs of parameters of another dtype, one
+        in the parameters' dtype; cached on the plan."""
         s = plan.cache.get("scratch")
         if s is None:
-            n = min(self.block, max(plan.numels, default=0))
-            s = plan.cache["scratch"] = (torch.empty(n, dtype=plan.compute_dtype, device=plan.device),
-                                         torch.empty(n, dtype=plan.compute_dtype, device=plan.device))
+            runs = any(isinstance(u, _Run) for u in self._units(plan))
+            block = self._block(plan)
+            n = block if runs else min(block, max(plan.numels, default=0))
+            s = tuple(torch.empty(n, dtype=plan.compute_dtype, device=plan.device) for _ in range(3))
+            if runs and plan.param_dtype != plan.compute_dtype:
+                s += (torch.empty(n, dtype=plan.param_dtype, device=plan.device),)
+            plan.cache["scratch"] = s
         return s
 
+    def _units(self, plan: GroupPlan) -> list:
+        """The walk over a group, cached on the plan: a parameter index on its own, or a
+        :class:`_Run` of consecutive small parameters handled as one block."""
+        units = plan.cache.get("units")
+        if units is None:
+            units, run = [], []
+            block = self._block(plan)
+            small = min(self.small, block)
+            bounds = [(o, o + n) for o, n in zip(plan.offsets, plan.numels)]
+
+            def close():
+                if len(run) > 1:
+                    units.append(_Run(plan, run, bounds))
+                else:
+                    units.extend(run)
+                run.clear()
+
+            for i, (start, end) in enumerate(bounds):
+                if end - start > small:
+                    close()
+                    units.append(i)
+                    continue
+                if run and (end - bounds[run[0]][0] > block or not 0 <= start - bounds[run[-1]][1] < ALIGN):
+                    # A gap of ALIGN or more holds a parameter outside this group's plan (a frozen
+                    # one), whose A and m are not zero: a run covers alignment gaps only.
+                    close()
+                run.append(i)
+            close()
+            plan.cache["units"] = units
+        return units
+
     @staticmethod
-    def _diff(p_blk, m_blk, out):
-        # theta - m in the compute dtype. When theta is already in it, one op; otherwise upcast
-        # first (sub on two bf16 operands would round the difference to bf16).
-        if p_blk.dtype == out.dtype:
-            torch.sub(p_blk, m_blk, out=out)
-        else:
-            out.copy_(p_blk)
-            out.sub_(m_blk)
-        return out
+    def _diff(p_blk, m_blk, out, spare):
+        # theta - m in the compute dtype. Operands of another dtype are converted by a copy
+        # first: an op mixing dtypes takes torch's per-element casting loop, several times
+        # slower than a conversion copy and a same-dtype op (sub on two bf16 operands would also
+        # round the difference to bf16).
+        if p_blk.dtype == out.dtype and m_blk.dtype == out.dtype:
+            return torch.sub(p_blk, m_blk, out=out)
+        out.copy_(p_blk)
+        if m_blk.dtype != out.dtype:
+            m_blk = spare.copy_(m_blk)
+        return out.sub_(m_blk)
+
+    @staticmethod
+    def _times_importance(d, a_blk, out):
+        """``d * A`` into ``out`` (A converted by a copy first when stored in another dtype)."""
+        if a_blk.dtype == out.dtype:
+            return torch.mul(d, a_blk, out=out)
+        return out.copy_(a_blk).mul_(d)
 
     def _blocked(self, plan: GroupPlan, mode: str, lam=None, scale=None):
-        t1, t2 = self._scratch(plan)
-        cd = plan.compute_dtype
+        scratch = self._scratch(plan)
         sums, grads = [], []
-        for i, (param, (a_blks, m_blks)) in enumerate(zip(plan.params, self._blocks(plan))):
-            p = param.detach()
-            g, fresh = None, False
-            if mode in ("grads", "sum_grads") or (mode == "accumulate" and param.grad is None):
-                g, fresh = torch.empty_like(p, memory_format=torch.contiguous_format), True
-            elif mode == "accumulate":
-                g = param.grad
-            if not p.is_contiguous() or (g is not None and not g.is_contiguous()):
-                # Rare (channels_last parameters or grads): whole-tensor ops on shaped views.
-                s = self._whole(p, plan.importance_views[i], plan.anchor_views[i], g, fresh, mode, lam, scale, cd)
-                if s is not None:
-                    sums.append(s)
+        blocks = self._blocks(plan)
+        for unit in self._units(plan):
+            if isinstance(unit, _Run):
+                got = unit.run(plan, mode, lam, scratch, sums) if mode != "grads" else None
+                if got is not None:
+                    grads.extend(got)
+                    continue
+                members = unit.members
             else:
-                g_blks = g.view(-1).split(self.block) if g is not None else a_blks
-                for pb, ab, mb, gb in zip(p.view(-1).split(self.block), a_blks, m_blks, g_blks):
-                    n = pb.numel()
-                    d = self._diff(pb, mb, t1[:n])
-                    if mode == "grads":
-                        d.mul_(scale)
-                        torch.mul(d, ab, out=gb)
-                        continue
-                    u = torch.mul(d, ab, out=t2[:n])
-                    sums.append(torch.dot(d, u))
-                    if fresh:
-                        torch.mul(u, lam, out=gb)
-                    elif mode == "accumulate":
-                        gb.add_(u, alpha=lam)
-            if mode in ("grads", "sum_grads"):
-                grads.append(g)
-            elif mode == "accumulate" and fresh:
-                param.grad = g
+                members = (unit,)
+            for i in members:
+                g = self._one(plan, i, blocks[i], mode, lam, scale, scratch, sums)
+                if g is not None:
+                    grads.append(g)
         if mode == "grads":
             return grads
         return (_total(sums, plan), grads) if mode == "sum_grads" else _total(sums, plan)
+
+    def _one(self, plan, i, blocks, mode, lam, scale, scratch, sums):
+        """One parameter, block by block; returns its new gradient in the grads modes."""
+        t1, t2, t3 = scratch[:3]
+        param = plan.params[i]
+        p = param.detach()
+        g, fresh = None, False
+        if mode in ("grads", "sum_grads") or (mode == "accumulate" and param.grad is None):
+            g, fresh = torch.empty_like(p, memory_format=torch.contiguous_format), True
+        elif mode == "accumulate":
+            g = param.grad
+        if not p.is_contiguous() or (g is not None and not g.is_contiguous()):
+            # Rare (channels_last parameters or grads): whole-tensor ops on shaped views.
+            s = self._whole(p, plan.importance_views[i], plan.anchor_views[i], g, fresh, mode, lam, scale,
+                            plan.compute_dtype)
+            if s is not None:
+                sums.append(s)
+        else:
+            a_blks, m_blks = blocks
+            b = self._block(plan)
+            g_blks = g.view(-1).split(b) if g is not None else a_blks
+            for pb, ab, mb, gb in zip(p.view(-1).split(b), a_blks, m_blks, g_blks):
+                n = pb.numel()
+                d = self._diff(pb, mb, t1[:n], t2[:n])
+                if mode == "grads":
+                    d.mul_(scale)
+                    if ab.dtype == d.dtype and gb.dtype == d.dtype:
+                        torch.mul(d, ab, out=gb)
+                    else:
+                        gb.copy_(self._times_importance(d, ab, t2[:n]))
+                    continue
+                u = self._times_importance(d, ab, t2[:n])
+                sums.append(torch.dot(d, u))
+                if fresh:
+                    if gb.dtype == u.dtype:
+                        torch.mul(u, lam, out=gb)
+                    else:
+                        gb.copy_(torch.mul(u, lam, out=t3[:n]))
+                elif mode == "accumulate":
+                    if gb.dtype == u.dtype:
+                        gb.add_(u, alpha=lam)
+                    else:  # accumulate in the compute dtype, round once
+                        gb.copy_(t3[:n].copy_(gb).add_(u, alpha=lam))
+        if mode in ("grads", "sum_grads"):
+            return g
+        if mode == "accumulate" and fresh:
+            param.grad = g
+        return None
 
     @staticmethod
     def _whole(p, a, m, g, fresh, mode, lam, scale, cd):
@@ -180,6 +280,76 @@ class TorchBackend:
     def accumulate_grad_(self, plan: GroupPlan, lam: float) -> torch.Tensor:
         with torch.no_grad():
             return self._run(plan, "accumulate", lam=lam)
+
+
+class _Run:
+    """Consecutive small parameters of a group, one block of the flat buffers (alignment gaps
+    included): theta gathered into the block by one ``cat`` (zeros in the gaps, where A and m are
+    zero too), one op per step of the quadratic, and the gradients updated by one multi-tensor op."""
+
+    def __init__(self, plan: GroupPlan, members: list[int], bounds: list[tuple[int, int]]):
+        self.members = tuple(members)
+        self.start, self.end = bounds[members[0]][0], bounds[members[-1]][1]
+        self.pieces = []  # (member index, or None for a gap; length)
+        at = self.start
+        for i in members:
+            s, e = bounds[i]
+            if s > at:
+                self.pieces.append((None, s - at))
+            self.pieces.append((i, e - s))
+            at = e
+        gap = max((n for i, n in self.pieces if i is None), default=0)
+        self.zeros = torch.zeros(gap, dtype=plan.param_dtype, device=plan.device)
+        self.views = None  # per member, shaped views of a scratch block (set on first use)
+
+    def _member_view(self, plan: GroupPlan, block: torch.Tensor, i: int) -> torch.Tensor:
+        start = plan.offsets[i] - self.start
+        return block[start:start + plan.numels[i]].view(plan.importance_views[i].shape)
+
+    def _flat(self, tensors: dict) -> list:
+        return [self.zeros[:n] if i is None else tensors[i].view(-1) for i, n in self.pieces]
+
+    def run(self, plan: GroupPlan, mode: str, lam, scratch, sums: list) -> list | None:
+        """``sum``, ``accumulate`` or ``sum_grads`` for the run: appends the run's sum to ``sums``
+        and returns the members' new gradients (``sum_grads``; else an empty list). None, with
+        nothing done, where a member or its gradient is not contiguous or a gradient to
+        accumulate into is missing: the caller then walks the members one by one."""
+        params = {i: plan.params[i].detach() for i in self.members}
+        grads = {i: plan.params[i].grad for i in self.members} if mode == "accumulate" else {}
+        if not all(t.is_contiguous() for t in params.values()) or not all(
+                g is not None and g.is_contiguous() and g.dtype == plan.param_dtype for g in grads.values()):
+            return None
+        t1, t2, t3 = scratch[:3]
+        n = self.end - self.start
+        theta, u, spare = t1[:n], t2[:n], t3[:n]
+        # Gathered in the parameters' dtype, then converted by one copy: a cat that converts
+        # copies its inputs one by one.
+        same = plan.param_dtype == theta.dtype
+        gathered = theta if same else scratch[3][:n]
+        torch.cat(self._flat(params), out=gathered)
+        if not same:
+            theta.copy_(gathered)
+        m, a = plan.anchor[self.start:self.end], plan.importance[self.start:self.end]
+        d = theta.sub_(m if m.dtype == theta.dtype else spare.copy_(m))
+        u = torch.mul(d, a, out=u) if a.dtype == u.dtype else u.copy_(a).mul_(d)
+        sums.append(torch.dot(d, u))
+        if mode == "sum":
+            return []
+        if self.views is None:  # per member: views of u, or of the parameters'-dtype block
+            self.views = [self._member_view(plan, t2 if same else scratch[3], i) for i in self.members]
+        if mode == "sum_grads":
+            if same:
+                return torch._foreach_mul(self.views, lam)
+            gathered.copy_(torch.mul(u, lam, out=spare))
+            return [v.clone(memory_format=torch.contiguous_format) for v in self.views]
+        targets = [grads[i] for i in self.members]
+        if same:
+            torch._foreach_add_(targets, self.views, alpha=lam)
+        else:  # accumulate in the compute dtype, round once
+            torch.cat(self._flat(grads), out=gathered)
+            gathered.copy_(spare.copy_(gathered).add_(u, alpha=lam))
+            torch._foreach_copy_(targets, self.views)
+        return []
 
 
 def _total(sums: list[torch.Tensor], plan: GroupPlan) -> torch.Tensor:
