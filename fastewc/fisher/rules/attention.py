@@ -6,7 +6,12 @@ parameters, though, are only used by four linear maps: the q/k/v projections (ro
 any Linear, given the gradients ``G`` of the projections' outputs. During the batched pass the
 module runs through :class:`RecordingAttention` (the same maths in the open), so the one backward
 gives those gradients; where that cannot run, one batched replay of the module with the
-projections as autograd leaves (:func:`mha_blocks`) gives them for all samples at once.
+projections as autograd leaves (:func:`mha_blocks`) gives them for all samples at once. For
+self-attention (one input) the three projections are one Linear map of width 3E. When the
+parameters have no other use, their sums of squares are formed like a Linear layer's over a
+sequence (:func:`~fastewc.fisher.rules.linear.sq_sum_linear`), without ``[n, 3E, E]`` blocks;
+a call that does not ask for the attention weights runs the fused
+``scaled_dot_product_attention``, as the module itself would.
 
 Covers the configuration most models use (``batch_first=True``, equal q/k/v widths, no
 ``bias_k``/``bias_v``, no ``add_zero_attn``, in eval mode, ``key_padding_mask`` and a 2-D
