@@ -325,8 +325,8 @@ def _asdl_case(model: nn.Module, data, kind: str):
 
     def run():
         with warnings.catch_warnings():
-            # ASDL's module hooks raise deprecation warnings on every call, and it warns (then
-            # skips) for layers it does not support: the coverage check below reports those.
+            # ASDL's module hooks trigger PyTorch's deprecation warning on every call, and ASDL
+            # warns (then skips) for layers it does not support: the coverage check reports those.
             warnings.simplefilter("ignore")
             for i, (x, y) in enumerate(data):
                 out = maker.setup_model_call(net, x)
