@@ -1,5 +1,6 @@
 """CPU/GPU benchmark of the Fisher diagonal: fastewc.estimate_fisher against the per-sample
-reference loop, a plain training pass (the floor) and BackPACK where it runs.
+reference loop, a plain training pass (the floor) and the anchors (BackPACK, ASDL, nngeometry) where
+they run.
 
 Models (``fastewc.bench.models``): MLP 784-1000-1000-10, a small CNN with BatchNorm on 3x32x32 and
 a 2-layer Transformer encoder (d=128, 32 tokens), N = 512 samples in batches of 64; and Hugging
@@ -8,11 +9,14 @@ N = 128 sequences in batches of 32: a 6-layer BERT classifier (hidden 384, 12 he
 shape), GPT-2 (4 layers, 256 wide) and Llama (4 layers, 256 wide, grouped key/value heads).
 Kinds: empirical everywhere, sampled everywhere, exact on the MLP and the CNN. Methods: ``auto``
 (what users get), ``rules``, ``vmap``, ``loop`` (vmap and loop only on the small models), the
-floor row (one batched forward + backward over the same batches) and BackPACK's
-SumGradSquared / DiagGGNMC / DiagGGNExact (install with ``pip install --no-deps
-backpack-for-pytorch einops unfoldNd``; its rows are skipped, with the reason, where it is
-missing or does not support the model). Cases run round-robin; medians; extra peak memory from
-one separate run per case; the first call's probe cost and what auto covered are in the JSON.
+floor row (one batched forward + backward over the same batches) and, on the small models, the
+anchors' diagonal Fisher over the same samples (divided by N): BackPACK's SumGradSquared /
+DiagGGNMC / DiagGGNExact (install with ``pip install --no-deps backpack-for-pytorch einops
+unfoldNd``), ASDL's fisher_emp / fisher_mc / fisher_exact and nngeometry's PMatDiag from its
+Jacobian backend at the labels / FIM_MonteCarlo / FIM (both with ``pip install --no-deps
+asdfghjkl nngeometry``); an anchor's rows are skipped, with the reason, where it is missing or
+does not support the model. Cases run round-robin; medians; extra peak memory from one separate
+run per case; the first call's probe cost and what auto covered are in the JSON.
 
     python benchmarks/bench_fisher.py [--samples 512] [--hf-samples 128] [--repeats 3] [--device cpu]
 """
@@ -34,7 +38,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="mlp,cnn,transformer,bert,gpt2,llama")
     ap.add_argument("--hf-samples", type=int, default=128, help="padded sequences for bert, gpt2, llama")
-    ap.add_argument("--no-anchors", action="store_true", help="skip the BackPACK rows")
+    ap.add_argument("--no-anchors", action="store_true", help="skip the BackPACK, ASDL and nngeometry rows")
     ap.add_argument("--methods", default="auto,rules,vmap,loop", help="estimate_fisher methods to time")
     ap.add_argument("--kinds", default="empirical,sampled,exact", help="Fisher kinds (exact only on --exact-models)")
     ap.add_argument("--exact-models", default="mlp,cnn")

@@ -168,10 +168,15 @@ def fisher_benchmark(*, device: str | torch.device = "cpu", samples: int = 512, 
     Each case is also run once under a memory probe for its extra peak memory (bytes over what
     was in use before it). With ``floor``, a row times one plain batched forward + backward over
     the same batches (eval mode, mean loss, parameter gradients): the cost of a training pass,
-    which a Fisher computed "at backward-pass cost" is measured against. With ``anchors``, rows
-    for BackPACK (``SumGradSquared`` for the empirical kind, ``DiagGGNMC`` for the sampled one,
-    ``DiagGGNExact`` for the exact one) where it is installed and supports the model; a row says
-    why when it is skipped.
+    which a Fisher computed "at backward-pass cost" is measured against. With ``anchors`` (small
+    models only), rows for other libraries' diagonal Fisher where they are installed and support
+    the model, each over the same N samples and divided by N: BackPACK (``SumGradSquared`` for the
+    empirical kind, ``DiagGGNMC`` for the sampled one, ``DiagGGNExact`` for the exact one), ASDL
+    (``fisher_emp`` / ``fisher_mc`` with one sample / ``fisher_exact``, shape ``diag``) and
+    nngeometry (a ``PMatDiag`` from its Jacobian backend at the dataset labels /
+    ``FIM_MonteCarlo`` / ``FIM``); a skipped row says why (``pip install --no-deps
+    backpack-for-pytorch einops unfoldNd`` and ``pip install --no-deps asdfghjkl nngeometry``
+    install them).
 
     Returns a JSON-ready dict with one row per (model, kind, method): ``seconds`` (median),
     ``speedup_vs_reference``, ``vs_floor``, ``peak_extra_MB`` and ``params``.
@@ -201,12 +206,13 @@ def fisher_benchmark(*, device: str | torch.device = "cpu", samples: int = 512, 
                 cases[f"fastewc {m}"] = (lambda m=m, kind=kind: estimate_fisher(
                     model, data, method=m, kind=kind, generator=gen()))
             if anchors and not hf:
-                fn, why = _backpack_case(model, data, kind)
-                if fn is not None:
-                    cases[f"BackPACK {_BACKPACK[kind]}"] = fn
-                else:
-                    skipped.append({"model": name, "kind": kind, "method": f"BackPACK {_BACKPACK[kind]}",
-                                    "reason": why})
+                for label, method_names, case in _ANCHORS:
+                    fn, why = case(model, data, kind)
+                    method = f"{label} {method_names[kind]}"
+                    if fn is not None:
+                        cases[method] = fn
+                    else:
+                        skipped.append({"model": name, "kind": kind, "method": method, "reason": why})
             if floor and kind == "empirical":
                 cases["floor: fwd+bwd, no Fisher"] = lambda: _train_pass(model, data)
             say(f"fisher: {name} ({P / 1e6:.2f}M parameters), {kind}, {len(cases)} methods x {repeats} rounds")
@@ -238,7 +244,8 @@ _BACKPACK = {"empirical": "SumGradSquared", "sampled": "DiagGGNMC", "exact": "Di
 
 def _backpack_case(model: nn.Module, data, kind: str):
     """``(fn, None)`` timing BackPACK's diagonal of ``kind`` on a copy of ``model`` (sum reduction,
-    summed over the batches, divided by N), or ``(None, why)`` when it cannot run."""
+    summed over the batches, divided by N; ``fn()`` returns ``{name: diagonal}``), or
+    ``(None, why)`` when it cannot run."""
     import copy
     import importlib
     import warnings
@@ -267,13 +274,153 @@ def _backpack_case(model: nn.Module, data, kind: str):
             got = [getattr(p, attr) for p in net.parameters()]
             sums = got if sums is None else [a + b for a, b in zip(sums, got)]
             n += x.shape[0]
-        return [s / n for s in sums]
+        return {name: s / n for (name, _), s in zip(net.named_parameters(), sums)}
 
     try:
         run()
     except Exception as e:  # noqa: BLE001 - unsupported layers: the anchor is skipped with the reason
         return None, f"BackPACK does not support this model ({type(e).__name__}: {str(e)[:120]})"
     return run, None
+
+
+ANCHOR_INSTALL = "pip install --no-deps asdfghjkl nngeometry"
+# ASDL's fisher types; nngeometry's functions (it has no empirical-Fisher helper: that row runs its
+# Jacobian backend on log p(y|x) at the dataset labels, the construction FIM_MonteCarlo uses with
+# drawn labels, stored the same way in a PMatDiag).
+_ASDL = {"empirical": "fisher_emp", "sampled": "fisher_mc", "exact": "fisher_exact"}
+_NNGEOMETRY = {"empirical": "PMatDiag, labels", "sampled": "FIM_MonteCarlo PMatDiag", "exact": "FIM PMatDiag"}
+
+
+def _missing_names(net: nn.Module, got: dict) -> list[str]:
+    """Trainable parameters of ``net`` that an anchor gave no diagonal for (layers it skips)."""
+    return [n for n, p in net.named_parameters() if p.requires_grad and n not in got]
+
+
+def _asdl_case(model: nn.Module, data, kind: str):
+    """``(fn, None)`` timing ASDL's diagonal Fisher (``asdl.FisherConfig`` with ``fisher_type``
+    ``fisher_emp`` / ``fisher_mc`` with one sample / ``fisher_exact`` for ``kind``, shape
+    ``diag``) on a copy of ``model``; ``fn()`` returns ``{name: diagonal}``. Or ``(None, why)``
+    when ASDL is missing or leaves parameters without a Fisher (layers it does not support).
+
+    ASDL takes the cross-entropy with ``reduction="sum"`` and scales each batch's squared
+    per-sample gradients by ``1 / data_size``: with ``data_size = N`` and the batches accumulated,
+    the result is the mean over the N samples. Its exact Fisher backpropagates
+    ``sqrt(p_c) * CE(z, c)`` per class, whose squared per-sample gradient is ``p_c g_c^2``: the
+    same ``sum_c p_c g_c^2`` as fastewc's.
+    """
+    import copy
+    import importlib
+    import warnings
+
+    try:
+        asdl = importlib.import_module("asdl")
+    except ImportError:
+        return None, f"ASDL (asdfghjkl) is not installed ({ANCHOR_INSTALL})"
+    n_total = sum(x.shape[0] for x, _ in data)
+    net = copy.deepcopy(model).eval()
+    fisher_type = {"empirical": asdl.FISHER_EMP, "sampled": asdl.FISHER_MC, "exact": asdl.FISHER_EXACT}[kind]
+    config = asdl.FisherConfig(fisher_type=fisher_type, fisher_shapes=[asdl.SHAPE_DIAG],
+                               loss_type=asdl.LOSS_CROSS_ENTROPY, n_mc_samples=1, data_size=n_total)
+    maker = asdl.get_fisher_maker(net, config)
+
+    def run():
+        with warnings.catch_warnings():
+            # ASDL's module hooks trigger PyTorch's deprecation warning on every call, and ASDL
+            # warns (then skips) for layers it does not support: the coverage check reports those.
+            warnings.simplefilter("ignore")
+            for i, (x, y) in enumerate(data):
+                out = maker.setup_model_call(net, x)
+                maker.setup_loss_call(F.cross_entropy, out, y)
+                # The first batch starts a new Fisher; the others add into it.
+                maker.forward_and_backward(accumulate=i > 0)
+        got = {}
+        for mname, module in net.named_modules():
+            diag = getattr(getattr(module, config.fisher_attr, None), "diag", None)
+            for pname in ("weight", "bias"):
+                value = getattr(diag, pname, None) if diag is not None else None
+                if value is not None:
+                    got[f"{mname}.{pname}" if mname else pname] = value
+        missing = _missing_names(net, got)
+        if missing:
+            raise NotImplementedError(f"no Fisher for {len(missing)} parameters ({', '.join(missing[:3])}"
+                                      f"{', ...' if len(missing) > 3 else ''}): layers ASDL does not support")
+        return {n: got[n] for n, p in net.named_parameters() if p.requires_grad}
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - unsupported layers: the anchor is skipped with the reason
+        return None, f"ASDL does not support this model ({type(e).__name__}: {str(e)[:160]})"
+    return run, None
+
+
+def _nngeometry_case(model: nn.Module, data, kind: str):
+    """``(fn, None)`` timing nngeometry's diagonal Fisher (a ``PMatDiag``) for ``kind`` on a copy
+    of ``model``: ``FIM(variant="classif_logits")`` for ``exact``, ``FIM_MonteCarlo(trials=1)``
+    for ``sampled``, and for ``empirical`` (no helper in nngeometry) its
+    ``TorchHooksJacobianBackend`` on ``log softmax(z)[y]`` at the dataset labels. ``fn()`` returns
+    ``{name: diagonal}``. Or ``(None, why)`` when nngeometry is missing or does not support a
+    layer of the model.
+
+    nngeometry squares per-sample Jacobians of the function it is given and divides by the number
+    of examples of its DataLoader (N): the mean over samples. The batches are handed to it as one
+    DataLoader over the same samples, in the same batches, built once outside the timed call.
+    Its exact Fisher factors the multinomial covariance ``diag(p) - p p^T`` (Tanabe and Sagae)
+    into ``C - 1`` outputs, whose squared Jacobians sum to ``sum_c p_c g_c^2`` as fastewc's.
+    """
+    import copy
+    import importlib
+
+    try:
+        nng = importlib.import_module("nngeometry")
+        pmat = importlib.import_module("nngeometry.object")
+        backend = importlib.import_module("nngeometry.backend")
+        layers = importlib.import_module("nngeometry.layercollection")
+    except ImportError:
+        return None, f"nngeometry is not installed ({ANCHOR_INSTALL})"
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net = copy.deepcopy(model).eval()
+    try:
+        lc = layers.LayerCollection.from_model(net)
+    except Exception as e:  # noqa: BLE001 - it raises a bare Exception for unknown layers
+        return None, f"nngeometry does not support this model ({type(e).__name__}: {str(e)[:160]})"
+    device = next(net.parameters()).device
+    loader = DataLoader(TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])),
+                        batch_size=data[0][0].shape[0])
+
+    def label_log_prob(x, y):
+        """log p(y | x) at the dataset labels: its squared gradient is the empirical Fisher's."""
+        return torch.log_softmax(net(x.to(device)), dim=1).gather(1, y.to(device)[:, None])
+
+    def run():
+        if kind == "exact":
+            mat = nng.FIM(net, loader, pmat.PMatDiag, variant="classif_logits", device=device, layer_collection=lc)
+        elif kind == "sampled":
+            mat = nng.FIM_MonteCarlo(net, loader, pmat.PMatDiag, variant="classif_logits", trials=1,
+                                     device=device, layer_collection=lc)
+        else:
+            gen = backend.TorchHooksJacobianBackend(net, function=label_log_prob, layer_collection=lc)
+            mat = pmat.PMatDiag(generator=gen, examples=loader)
+        got = {}
+        for layer_id, parts in pmat.PVector(lc, vector_repr=mat.get_diag()).to_dict().items():
+            for pname, value in zip(("weight", "bias"), parts):
+                got[f"{layer_id}.{pname}" if layer_id else pname] = value
+        missing = _missing_names(net, got)
+        if missing:
+            raise NotImplementedError(f"no Fisher for {len(missing)} parameters ({', '.join(missing[:3])}"
+                                      f"{', ...' if len(missing) > 3 else ''}): outside nngeometry's layers")
+        return {n: got[n] for n, p in net.named_parameters() if p.requires_grad}
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - unsupported layers: the anchor is skipped with the reason
+        return None, f"nngeometry does not support this model ({type(e).__name__}: {str(e)[:160]})"
+    return run, None
+
+
+# (row label, method name per kind, case): the anchors timed beside fastewc.
+_ANCHORS = (("BackPACK", _BACKPACK, _backpack_case), ("ASDL", _ASDL, _asdl_case),
+            ("nngeometry", _NNGEOMETRY, _nngeometry_case))
 
 
 def _train_pass(model: nn.Module, data) -> None:
@@ -297,14 +444,14 @@ def format_fisher(result: dict) -> str:
     lines = [f"Fisher diagonal, N = {result['samples']} samples (Hugging Face models: "
              f"{result.get('hf_samples', HF_SAMPLES)}), {result['repeats']} round-robin repeats, medians; "
              f"x floor = time / one plain training pass; peak = extra memory over the baseline", "",
-             f"| {'model':<11} | {'params':>7} | {'kind':<9} | {'method':<25} | {'seconds':>8} | {'vs loop':>8} "
+             f"| {'model':<11} | {'params':>7} | {'kind':<9} | {'method':<34} | {'seconds':>8} | {'vs loop':>8} "
              f"| {'x floor':>7} | {'peak MB':>8} |",
-             f"|{'-' * 13}|{'-' * 9}|{'-' * 11}|{'-' * 27}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|"]
+             f"|{'-' * 13}|{'-' * 9}|{'-' * 11}|{'-' * 36}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|"]
     for r in result["rows"]:
         peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
         floor = "" if r.get("vs_floor") is None else f"{r['vs_floor']:.2f}"
         lines.append(f"| {r['model']:<11} | {r['params'] / 1e6:>6.2f}M | {r.get('kind', 'empirical'):<9} | "
-                     f"{r['method']:<25} | {r['seconds']:>8.3f} | {r['speedup_vs_reference']:>7.2f}x | {floor:>7} "
+                     f"{r['method']:<34} | {r['seconds']:>8.3f} | {r['speedup_vs_reference']:>7.2f}x | {floor:>7} "
                      f"| {peak:>8} |")
     for r in result.get("skipped", []):
         lines.append(f"\n{r['method']} on {r['model']} ({r['kind']}): skipped, {r['reason']}")
