@@ -270,13 +270,27 @@ def plain_attention():
         torch.backends.mha.set_fastpath_enabled(flag)
 
 
+# Labels are drawn this many bytes of float64 probabilities at a time (an LM's [N, T, vocab]
+# would not fit at once).
+_DRAW_BYTES = 32 * 2**20
+
+
 @torch.no_grad()
 def draw_labels(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Labels drawn from logits ``z`` ``[N, C]`` / ``[N, T, C]``, one per sample (one per position),
-    in data order: ``multinomial(softmax(z[n].double()), 1, generator)`` per sample, as the
-    reference loop draws them (the same generator gives the same labels)."""
-    return torch.stack([torch.multinomial(torch.softmax(z[i].detach().double(), -1), 1, generator=generator)[..., 0]
-                        for i in range(z.shape[0])])
+    in data order, as ``torch.multinomial(softmax(z[n].double()), 1, generator)`` draws them one
+    sample at a time (the reference loop's draw), but for many samples at once: that call is the
+    race ``argmax(p / q)`` with ``q ~ Exp(1)`` drawn for every class, and on the CPU a generator
+    gives the same stream whether it fills one sample's ``q`` at a time or many. So on the CPU the
+    same generator gives the reference loop's labels (tested); elsewhere the same distribution."""
+    n = z.shape[0]
+    step = max(1, _DRAW_BYTES // max(1, 8 * z[0].numel())) if n else 1
+    out = []
+    for i in range(0, n, step):
+        p = torch.softmax(z[i : i + step].detach().double(), -1)
+        q = torch.empty_like(p).exponential_(1, generator=generator)
+        out.append(p.div_(q).argmax(-1))
+    return torch.cat(out) if out else torch.empty(z.shape[:-1], dtype=torch.long, device=z.device)
 
 
 class SampledLabels:

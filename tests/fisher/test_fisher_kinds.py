@@ -1,6 +1,8 @@
 """estimate_fisher vs reference.estimate_fisher (float64): every kind on every model, GPT-2 dict
 batches, batch-size invariance, exact num_samples, the batched approximation."""
 
+import math
+
 import pytest
 import torch
 
@@ -191,3 +193,19 @@ def test_batched_is_seed_batch_fisher(name):
     assert_fisher_close(fastewc.estimate_fisher(model, data, method="batched"), ref)
     exact = R.estimate_fisher(model, data)
     assert any(not torch.allclose(ref[k], exact[k]) for k in ref)  # biased: not the Fisher
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (6, 4, 9), (0, 3), (1, 1)])
+def test_labels_drawn_at_once_equal_one_sample_at_a_time(shape, monkeypatch):
+    """The batched draw gives torch.multinomial's per-sample labels and leaves the generator where
+    the per-sample draws leave it, also across chunks (here one or two samples per chunk)."""
+    from fastewc.fisher import problem
+
+    monkeypatch.setattr(problem, "_DRAW_BYTES", 8 * max(1, math.prod(shape[1:])) * 2 - 1)
+    z = torch.randn(shape) * 3
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    want = [torch.multinomial(torch.softmax(z[i].double(), -1), 1, generator=g1)[..., 0] for i in range(shape[0])]
+    want = torch.stack(want) if want else torch.empty(shape[:-1], dtype=torch.long)
+    got = problem.draw_labels(z, g2)
+    assert got.dtype == torch.long and torch.equal(got, want)
+    assert torch.equal(g1.get_state(), g2.get_state())
