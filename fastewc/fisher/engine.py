@@ -554,20 +554,47 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
         return sums
     n = rec.n
     per = sum(problem.selected[p].numel() * problem.selected[p].element_size() for p in rest)
-    users = sorted({u for us in rest.values() for u in us}, key=str)
+    # Uses whose rule can add into another use's block come last, when that block exists.
+    users = sorted({u for us in rest.values() for u in us}, key=lambda u: (_adds_into(plan, u[0]), str(u)))
     for col in grads_per_col:
         # Small chunks: a few samples' blocks stay in cache between being added up and squared.
         for i, j in chunks(n, per, BLOCK_BYTES // 4):
             acc: dict[str, torch.Tensor] = {}
             for key, c in users:
                 grads = [col[k] for k in where[(key, c)]]
+                if _add_into(plan, rec, key, c, grads, i, j, acc, rest):
+                    continue
                 for p, b in _blocks(plan, rec, values, key, c, grads, i, j).items():
                     if p in rest:
                         acc[p] = b if p not in acc else acc[p].add_(b)
             for p, b in acc.items():
-                s = b.square().sum(0)
-                sums[p] = s if p not in sums else sums[p].add_(s)
+                total = sums.get(p)
+                if total is None:
+                    total = sums[p] = torch.zeros(b.shape[1:], dtype=b.dtype, device=b.device)
+                if b.shape[0] <= 4:  # large blocks, few samples: no squared copy of the block
+                    for one in b.unbind(0):
+                        total.addcmul_(one, one)
+                else:
+                    total.add_(b.square().sum(0))
     return sums
+
+
+def _adds_into(plan: RulePlan, key: str) -> bool:
+    site = plan.sites.get(key) if key != OPS else None
+    return site is not None and site.rule is not None and site.rule.add_into is not None
+
+
+def _add_into(plan, rec, key, c, grads, i, j, acc, rest) -> bool:
+    """Add one use's per-sample gradients into the blocks already formed for every parameter it
+    uses (rules with ``add_into``); False when it cannot, and the caller forms its blocks."""
+    if not _adds_into(plan, key):
+        return False
+    site = plan.sites[key]
+    mine = {a: p for a, p in site.params.items() if p in rest}
+    if not mine or any(p not in acc for p in mine.values()):
+        return False
+    A = rec.calls[key][c].rec.leaves[0]
+    return bool(site.rule.add_into(site.module, A[i:j].detach(), grads[0][i:j], {a: acc[p] for a, p in mine.items()}))
 
 
 # -- proving the plan --------------------------------------------------------------------------

@@ -333,12 +333,33 @@ def test_inplace_activation_after_a_ruled_layer():
     assert_fisher_close(got, R.estimate_fisher(model, data))
 
 
-def test_tied_weights_sum_both_uses_before_squaring():
+@pytest.mark.parametrize("chunk", ["two samples", "whole batch"])
+@pytest.mark.parametrize("add_into", [True, False])
+def test_tied_weights_sum_both_uses_before_squaring(add_into, chunk, monkeypatch):
+    # add_into: the embedding adds its rows into the tied Linear's dense block in place; without
+    # it, each use forms its own block and they are added. Chunks of two samples (the last one
+    # short) are squared sample by sample, a whole batch of six at once.
+    import dataclasses
+
+    from fastewc.fisher import engine
+    from fastewc.fisher.rules import registry
     from models import Tied
 
+    added = []
+    rule = registry.rule_for(nn.Embedding(3, 2))[0]
+
+    def spy(*a):
+        added.append(rule.add_into(*a))
+        return added[-1]
+
+    monkeypatch.setitem(registry._BY_TYPE, nn.Embedding, dataclasses.replace(rule, add_into=spy if add_into else None))
+    if chunk == "two samples":  # the tied table is 11 x 6 float64 per sample
+        monkeypatch.setattr(engine, "BLOCK_BYTES", 4 * 2 * 11 * 6 * 8)
     model = Tied().to(D)
-    data = batches(torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6,)), batch_size=3)
+    data = batches(torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6,)),
+                   batch_size=3 if chunk == "two samples" else 6)
     got, info = _run(model, data)
+    assert bool(added) == add_into and all(added)
     assert info.methods["emb.weight"] == "embedding+linear" and "tied" in info.notes["emb.weight"]
     assert info.rules == {"emb": "embedding", "mid": "linear", "out": "linear"} and not info.vmap_params
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)

@@ -26,6 +26,19 @@ def embedding_per_sample(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor) -> d
     return {"weight": table.index_add_(0, keys, Gf.reshape(-1, m.embedding_dim)).view(n, V, m.embedding_dim)}
 
 
+def embedding_add_into(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, into: dict) -> bool:
+    """Add each sample's rows into its block ``into["weight"]`` ``[n, V, dim]`` (a tied weight's
+    dense block from another use): no dense block of zeros for the embedding's own use."""
+    W = into.get("weight")
+    if W is None or not W.is_contiguous() or W.dtype != G.dtype:
+        return False
+    n, idx, Gf = _rows(m, A, G)
+    V = m.num_embeddings
+    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+    W.view(n * V, m.embedding_dim).index_add_(0, keys, Gf.reshape(-1, m.embedding_dim))
+    return True
+
+
 def embedding_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list) -> dict:
     """Group the (sample, token) pairs, sum their rows, square, and add into the table: memory
     O(tokens x dim), never O(N x V)."""
@@ -50,4 +63,4 @@ def embedding_applies(m: nn.Embedding) -> bool:
 
 
 register_rule(nn.Embedding, embedding_per_sample, name="embedding", sq_sum=embedding_sq_sum,
-              applies=embedding_applies)
+              applies=embedding_applies, add_into=embedding_add_into)

@@ -14,6 +14,10 @@ mode a sample's loss depends on that sample only (the engine checks it on a prob
   route to the sum of squares when the parameter has no other use (``K > 1`` for the exact
   Fisher's columns). A Linear layer without a sequence axis, for example, needs no per-sample
   gradient at all.
+* ``add_into(module, A, G, {attr: block [n, *param.shape]}) -> bool`` (optional): add this use's
+  per-sample gradients into the blocks another use of a shared parameter formed, in place
+  (True when it did). For gradients that are mostly zeros (an embedding's rows of the tokens a
+  sample holds, added into a tied LM head's dense block) this avoids a dense block of zeros.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn as nn
 
 PerSample = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict]
 SqSum = Callable[[nn.Module, torch.Tensor, list], dict]
+AddInto = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict], bool]
 
 # A rule that forms per-sample gradients keeps one chunk's block under this many bytes: blocks of
 # a few tens of MB stay cheap to allocate and to stream through twice (written, then squared and
@@ -41,6 +46,7 @@ class Rule:
     per_sample: PerSample
     sq_sum: SqSum | None = None
     applies: Callable[[nn.Module], bool] | None = None   # configuration check (None: always)
+    add_into: AddInto | None = None
 
 
 _BY_TYPE: dict[type, Rule] = {}
@@ -48,7 +54,8 @@ _BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], Rule]] = []
 
 
 def register_rule(module_type, per_sample: PerSample | None = None, *, name: str | None = None,
-                  sq_sum: SqSum | None = None, applies: Callable[[nn.Module], bool] | None = None):
+                  sq_sum: SqSum | None = None, applies: Callable[[nn.Module], bool] | None = None,
+                  add_into: AddInto | None = None):
     """Register a Fisher rule for a module type (or for every module a predicate accepts).
 
     Use as a decorator on the per-sample function, or call with it::
@@ -67,15 +74,18 @@ def register_rule(module_type, per_sample: PerSample | None = None, *, name: str
             the squared per-sample gradients}``.
         applies: optional ``f(module) -> bool``: configurations the rule covers (others get
             the module-local rule).
+        add_into: optional ``f(module, A, G, {attr: block}) -> bool``: add the per-sample
+            gradients into existing blocks ``[n, *param.shape]`` of a shared parameter in place.
 
     Later registrations take precedence. The rule is proven against the per-sample loop on a
     probe of the first samples before it is used, like the built-in ones.
     """
     if per_sample is None:
-        return lambda fn: register_rule(module_type, fn, name=name, sq_sum=sq_sum, applies=applies) or fn
+        return lambda fn: register_rule(module_type, fn, name=name, sq_sum=sq_sum, applies=applies,
+                                        add_into=add_into) or fn
     if not callable(per_sample):
         raise TypeError(f"register_rule: per_sample must be callable, got {type(per_sample).__name__}")
-    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies)
+    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies, add_into)
     if isinstance(module_type, type):
         if not issubclass(module_type, nn.Module):
             raise TypeError(f"register_rule: {module_type.__name__} is not an nn.Module subclass")
