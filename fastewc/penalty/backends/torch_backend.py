@@ -301,6 +301,8 @@ class _Run:
         gap = max((n for i, n in self.pieces if i is None), default=0)
         self.zeros = torch.zeros(gap, dtype=plan.param_dtype, device=plan.device)
         self.views = None  # per member, shaped views of a scratch block (set on first use)
+        self.slices = None  # the run's slices of the scratch blocks and flat buffers (first use)
+        self.theta = None  # (members' parameters, their data pointers, the pieces to gather)
 
     def _member_view(self, plan: GroupPlan, block: torch.Tensor, i: int) -> torch.Tensor:
         start = plan.offsets[i] - self.start
@@ -309,44 +311,61 @@ class _Run:
     def _flat(self, tensors: dict) -> list:
         return [self.zeros[:n] if i is None else tensors[i].view(-1) for i, n in self.pieces]
 
+    def _theta_pieces(self, plan: GroupPlan) -> list | None:
+        """The pieces ``cat`` gathers theta from, rebuilt only when a member's parameter or its
+        storage changed since the last step (flat views cost more than the check; the binding
+        also builds a new plan then, as it fingerprints every parameter's storage); None when a
+        member is not contiguous."""
+        params = [plan.params[i] for i in self.members]
+        ptrs = [p.data_ptr() for p in params]
+        cached = self.theta
+        if cached is not None and cached[1] == ptrs and all(a is b for a, b in zip(cached[0], params)):
+            return cached[2]
+        if not all(p.is_contiguous() for p in params):
+            return None
+        pieces = self._flat(dict(zip(self.members, params)))
+        self.theta = (params, ptrs, pieces)
+        return pieces
+
     def run(self, plan: GroupPlan, mode: str, lam, scratch, sums: list) -> list | None:
         """``sum``, ``accumulate`` or ``sum_grads`` for the run: appends the run's sum to ``sums``
         and returns the members' new gradients (``sum_grads``; else an empty list). None, with
         nothing done, where a member or its gradient is not contiguous or a gradient to
-        accumulate into is missing: the caller then walks the members one by one."""
-        params = {i: plan.params[i].detach() for i in self.members}
-        grads = {i: plan.params[i].grad for i in self.members} if mode == "accumulate" else {}
-        if not all(t.is_contiguous() for t in params.values()) or not all(
-                g is not None and g.is_contiguous() and g.dtype == plan.param_dtype for g in grads.values()):
+        accumulate into is missing: the caller then walks the members one by one. Runs under
+        ``torch.no_grad`` (the backend's entry points)."""
+        pieces = self._theta_pieces(plan)
+        if pieces is None:
             return None
-        t1, t2, t3 = scratch[:3]
-        n = self.end - self.start
-        theta, u, spare = t1[:n], t2[:n], t3[:n]
+        targets = [plan.params[i].grad for i in self.members] if mode == "accumulate" else []
+        if not all(g is not None and g.is_contiguous() and g.dtype == plan.param_dtype for g in targets):
+            return None
+        same = plan.param_dtype == plan.compute_dtype
+        if self.slices is None:
+            n = self.end - self.start
+            self.slices = (scratch[0][:n], scratch[1][:n], scratch[2][:n], scratch[0][:n] if same else scratch[3][:n],
+                           plan.anchor[self.start:self.end], plan.importance[self.start:self.end])
+            # per member: views of u, or of the parameters'-dtype block
+            self.views = [self._member_view(plan, scratch[1] if same else scratch[3], i) for i in self.members]
+        theta, u, spare, gathered, m, a = self.slices
         # Gathered in the parameters' dtype, then converted by one copy: a cat that converts
         # copies its inputs one by one.
-        same = plan.param_dtype == theta.dtype
-        gathered = theta if same else scratch[3][:n]
-        torch.cat(self._flat(params), out=gathered)
+        torch.cat(pieces, out=gathered)
         if not same:
             theta.copy_(gathered)
-        m, a = plan.anchor[self.start:self.end], plan.importance[self.start:self.end]
         d = theta.sub_(m if m.dtype == theta.dtype else spare.copy_(m))
         u = torch.mul(d, a, out=u) if a.dtype == u.dtype else u.copy_(a).mul_(d)
         sums.append(torch.dot(d, u))
         if mode == "sum":
             return []
-        if self.views is None:  # per member: views of u, or of the parameters'-dtype block
-            self.views = [self._member_view(plan, t2 if same else scratch[3], i) for i in self.members]
         if mode == "sum_grads":
             if same:
                 return torch._foreach_mul(self.views, lam)
             gathered.copy_(torch.mul(u, lam, out=spare))
             return [v.clone(memory_format=torch.contiguous_format) for v in self.views]
-        targets = [grads[i] for i in self.members]
         if same:
             torch._foreach_add_(targets, self.views, alpha=lam)
         else:  # accumulate in the compute dtype, round once
-            torch.cat(self._flat(grads), out=gathered)
+            torch.cat(self._flat(dict(zip(self.members, targets))), out=gathered)
             gathered.copy_(spare.copy_(gathered).add_(u, alpha=lam))
             torch._foreach_copy_(targets, self.views)
         return []
