@@ -566,7 +566,10 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
                     continue
                 for p, b in _blocks(plan, rec, values, key, c, grads, i, j).items():
                     if p in rest:
-                        acc[p] = b if p not in acc else acc[p].add_(b)
+                        if p in acc:
+                            acc[p].add_(b)
+                        else:  # later uses add into it in place: not into a view of a recorded gradient
+                            acc[p] = b.clone() if b._is_view() else b
             for p, b in acc.items():
                 total = sums.get(p)
                 if total is None:
