@@ -291,9 +291,14 @@ _ASDL = {"empirical": "fisher_emp", "sampled": "fisher_mc", "exact": "fisher_exa
 _NNGEOMETRY = {"empirical": "PMatDiag, labels", "sampled": "FIM_MonteCarlo PMatDiag", "exact": "FIM PMatDiag"}
 
 
-def _missing_names(net: nn.Module, got: dict) -> list[str]:
-    """Trainable parameters of ``net`` that an anchor gave no diagonal for (layers it skips)."""
-    return [n for n, p in net.named_parameters() if p.requires_grad and n not in got]
+def _every_parameter(net: nn.Module, got: dict, why: str) -> dict:
+    """``{name: diagonal}`` for every trainable parameter of ``net``, in order; NotImplementedError
+    (the anchor is then skipped) naming those an anchor gave no diagonal for and ``why``."""
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and n not in got]
+    if missing:
+        raise NotImplementedError(f"no Fisher for {len(missing)} parameters ({', '.join(missing[:3])}"
+                                  f"{', ...' if len(missing) > 3 else ''}): {why}")
+    return {n: got[n] for n, p in net.named_parameters() if p.requires_grad}
 
 
 def _asdl_case(model: nn.Module, data, kind: str):
@@ -340,11 +345,7 @@ def _asdl_case(model: nn.Module, data, kind: str):
                 value = getattr(diag, pname, None) if diag is not None else None
                 if value is not None:
                     got[f"{mname}.{pname}" if mname else pname] = value
-        missing = _missing_names(net, got)
-        if missing:
-            raise NotImplementedError(f"no Fisher for {len(missing)} parameters ({', '.join(missing[:3])}"
-                                      f"{', ...' if len(missing) > 3 else ''}): layers ASDL does not support")
-        return {n: got[n] for n, p in net.named_parameters() if p.requires_grad}
+        return _every_parameter(net, got, "layers ASDL does not support")
 
     try:
         run()
@@ -405,11 +406,7 @@ def _nngeometry_case(model: nn.Module, data, kind: str):
         for layer_id, parts in pmat.PVector(lc, vector_repr=mat.get_diag()).to_dict().items():
             for pname, value in zip(("weight", "bias"), parts):
                 got[f"{layer_id}.{pname}" if layer_id else pname] = value
-        missing = _missing_names(net, got)
-        if missing:
-            raise NotImplementedError(f"no Fisher for {len(missing)} parameters ({', '.join(missing[:3])}"
-                                      f"{', ...' if len(missing) > 3 else ''}): outside nngeometry's layers")
-        return {n: got[n] for n, p in net.named_parameters() if p.requires_grad}
+        return _every_parameter(net, got, "outside nngeometry's layers")
 
     try:
         run()
