@@ -309,3 +309,41 @@ def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monke
     assert info.rules["attn"] == "module-local" and not info.vmap_params
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
     assert calls and all(calls), calls
+
+
+def test_attention_sums_with_part_of_its_parameters_frozen(monkeypatch):
+    """Only the selected attention parameters are summed (``in_proj_weight`` and ``out_proj.bias``
+    frozen), through the Linear-style sums, against the loop."""
+    from fastewc.fisher.rules import attention
+
+    got_attrs = []
+    real = attention.RecordingAttention.sq_sums
+
+    def spy(self, c, attrs, *a):
+        got = real(self, c, attrs, *a)
+        got_attrs.append(None if got is None else sorted(got))
+        return got
+
+    monkeypatch.setattr(attention.RecordingAttention, "sq_sums", spy)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            out, _ = self.attn(h, h, h, need_weights=False)
+            return self.head(out.mean(1))
+
+    torch.manual_seed(9)
+    model = Attn().to(D)
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.out_proj.bias.requires_grad_(False)
+    data = batches(torch.randint(0, 11, (9, 5)), torch.randint(0, 3, (9,)), batch_size=5)
+    got, info = _run(model, data)
+    assert "attn.in_proj_weight" not in got and "attn.out_proj.bias" not in got
+    assert got_attrs and all(a == ["in_proj_bias", "out_proj.weight"] for a in got_attrs), got_attrs
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
