@@ -276,11 +276,7 @@ def _backpack_case(model: nn.Module, data, kind: str):
             n += x.shape[0]
         return {name: s / n for (name, _), s in zip(net.named_parameters(), sums)}
 
-    try:
-        run()
-    except Exception as e:  # noqa: BLE001 - unsupported layers: the anchor is skipped with the reason
-        return None, f"BackPACK does not support this model ({type(e).__name__}: {str(e)[:120]})"
-    return run, None
+    return _tried(run, "BackPACK")
 
 
 ANCHOR_INSTALL = "pip install --no-deps asdfghjkl nngeometry"
@@ -289,6 +285,16 @@ ANCHOR_INSTALL = "pip install --no-deps asdfghjkl nngeometry"
 # drawn labels, stored the same way in a PMatDiag).
 _ASDL = {"empirical": "fisher_emp", "sampled": "fisher_mc", "exact": "fisher_exact"}
 _NNGEOMETRY = {"empirical": "PMatDiag, labels", "sampled": "FIM_MonteCarlo PMatDiag", "exact": "FIM PMatDiag"}
+
+
+def _tried(run, who: str):
+    """``(run, None)`` when one call of ``run`` succeeds, else ``(None, why)``: the anchor is then
+    skipped with the reason (unsupported layers raise anything from anywhere inside it)."""
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - reported as the reason the row is skipped
+        return None, f"{who} does not support this model ({type(e).__name__}: {str(e)[:160]})"
+    return run, None
 
 
 def _every_parameter(net: nn.Module, got: dict, why: str) -> dict:
@@ -347,11 +353,7 @@ def _asdl_case(model: nn.Module, data, kind: str):
                     got[f"{mname}.{pname}" if mname else pname] = value
         return _every_parameter(net, got, "layers ASDL does not support")
 
-    try:
-        run()
-    except Exception as e:  # noqa: BLE001 - unsupported layers: the anchor is skipped with the reason
-        return None, f"ASDL does not support this model ({type(e).__name__}: {str(e)[:160]})"
-    return run, None
+    return _tried(run, "ASDL")
 
 
 def _nngeometry_case(model: nn.Module, data, kind: str):
@@ -408,11 +410,7 @@ def _nngeometry_case(model: nn.Module, data, kind: str):
                 got[f"{layer_id}.{pname}" if layer_id else pname] = value
         return _every_parameter(net, got, "outside nngeometry's layers")
 
-    try:
-        run()
-    except Exception as e:  # noqa: BLE001 - unsupported layers: the anchor is skipped with the reason
-        return None, f"nngeometry does not support this model ({type(e).__name__}: {str(e)[:160]})"
-    return run, None
+    return _tried(run, "nngeometry")
 
 
 # (row label, method name per kind, case): the anchors timed beside fastewc.
