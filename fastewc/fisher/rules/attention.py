@@ -138,13 +138,18 @@ def _out_proj(m, C, detach: bool = True):
     return torch.nn.functional.linear(C, w, b)
 
 
+def _rows(parts: list, dim: int) -> torch.Tensor:
+    """The rows of ``in_proj_*`` from each input's projection (no copy for the one of self-attention)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def _blocks_from(m, attrs, inputs, C, G, gP) -> dict | None:
     """Per-sample blocks from the projections' inputs and output gradients (see :func:`_project`)."""
     result = {}
     if "in_proj_weight" in attrs:
-        result["in_proj_weight"] = torch.cat([torch.bmm(g.transpose(1, 2), x) for g, x in zip(gP, inputs)], 1)
+        result["in_proj_weight"] = _rows([torch.bmm(g.transpose(1, 2), x) for g, x in zip(gP, inputs)], 1)
     if "in_proj_bias" in attrs and m.in_proj_bias is not None:
-        result["in_proj_bias"] = torch.cat([g.sum(1) for g in gP], 1)
+        result["in_proj_bias"] = _rows([g.sum(1) for g in gP], 1)
     if "out_proj.weight" in attrs:
         result["out_proj.weight"] = torch.bmm(G.transpose(1, 2), C)
     if "out_proj.bias" in attrs and m.out_proj.bias is not None:
@@ -202,7 +207,7 @@ class RecordingAttention:
         if want_w or want_b:
             # rows of in_proj_weight per input (all of them at once for self-attention)
             parts = [sq_sum_linear(x.detach(), [g[r] for g in gPs], want_b) for r, x in enumerate(entry["inputs"])]
-            got = {a: torch.cat([p[a] for p in parts]) for a in parts[0]}
+            got = {a: _rows([p[a] for p in parts], 0) for a in parts[0]}
             if want_w:
                 result["in_proj_weight"] = got["weight"]
             if want_b:

@@ -18,12 +18,18 @@ def _rows(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor):
     return n, idx, Gf
 
 
-def embedding_per_sample(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor) -> dict:
+def _add_rows(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Add each sample's output-gradient rows into the rows of its tokens in ``W`` ``[n, V, dim]``
+    (contiguous), in place."""
     n, idx, Gf = _rows(m, A, G)
-    V = m.num_embeddings
-    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
-    table = torch.zeros(n * V, m.embedding_dim, dtype=Gf.dtype, device=Gf.device)
-    return {"weight": table.index_add_(0, keys, Gf.reshape(-1, m.embedding_dim)).view(n, V, m.embedding_dim)}
+    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * m.num_embeddings + idx).reshape(-1)
+    W.view(-1, m.embedding_dim).index_add_(0, keys, Gf.reshape(-1, m.embedding_dim))
+    return W
+
+
+def embedding_per_sample(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor) -> dict:
+    table = torch.zeros(A.shape[0], m.num_embeddings, m.embedding_dim, dtype=G.dtype, device=G.device)
+    return {"weight": _add_rows(m, A, G, table)}
 
 
 def embedding_add_into(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, into: dict) -> bool:
@@ -32,10 +38,7 @@ def embedding_add_into(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, into: 
     W = into.get("weight")
     if W is None or not W.is_contiguous() or W.dtype != G.dtype:
         return False
-    n, idx, Gf = _rows(m, A, G)
-    V = m.num_embeddings
-    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
-    W.view(n * V, m.embedding_dim).index_add_(0, keys, Gf.reshape(-1, m.embedding_dim))
+    _add_rows(m, A, G, W)
     return True
 
 

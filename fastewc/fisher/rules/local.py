@@ -131,7 +131,7 @@ def _additive_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list
         if len(shape) != len(out_shape) or shape[0] != 1:
             return None  # the argument is wider than the output, or spans the batch axis
         axes = [d for d in range(1, len(shape)) if shape[d] == 1 and out_shape[d] != 1]
-        g = G.sum(axes, keepdim=True) if axes else G.clone()  # blocks get added into: never a view of G
+        g = G.sum(axes, keepdim=True) if axes else G
         g = g.reshape(G.shape[0], *b.shape).to(b.dtype)
         if signs[k] < 0:
             g = -g
@@ -157,6 +157,7 @@ def op_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: in
     got = _additive_blocks(rec, values, grads, i, j)
     if got is not None:
         return got
+
     def call(p, args, kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         for k, build in rec.param_slots.items():
