@@ -312,17 +312,17 @@ class _Run:
         return [self.zeros[:n] if i is None else tensors[i].view(-1) for i, n in self.pieces]
 
     def _theta_pieces(self, plan: GroupPlan) -> list | None:
-        """The pieces ``cat`` gathers theta from, rebuilt only when a member's parameter or its
-        storage changed since the last step (flat views cost more than the check; the binding
-        also builds a new plan then, as it fingerprints every parameter's storage); None when a
-        member is not contiguous."""
+        """The pieces ``cat`` gathers theta from: flat views of the members, kept while every
+        member is the same contiguous tensor on the same storage (the views cost more than the
+        check; ``p.data = ...`` may swap the storage, or the layout of a square matrix, under
+        the same Parameter and shape); None when a member is not contiguous."""
         params = [plan.params[i] for i in self.members]
+        if not all(p.is_contiguous() for p in params):
+            return None
         ptrs = [p.data_ptr() for p in params]
         cached = self.theta
         if cached is not None and cached[1] == ptrs and all(a is b for a, b in zip(cached[0], params)):
             return cached[2]
-        if not all(p.is_contiguous() for p in params):
-            return None
         pieces = self._flat(dict(zip(self.members, params)))
         self.theta = (params, ptrs, pieces)
         return pieces
