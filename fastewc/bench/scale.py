@@ -50,6 +50,7 @@ from .._utils import available_memory
 from ..errors import EWCInputError
 from ..fisher import estimate_fisher
 from ..penalty import EWCRegularizer
+from ..penalty.backends import TorchBackend
 
 PENALTY_SIZES = (1e6, 1e7, 1e8, 1e9)
 QUICK_SIZES = (1e5, 3e5)
@@ -186,6 +187,20 @@ def _speed_rows(med: dict[str, float], P: int, floor: float) -> list[dict]:
             for k, t in med.items()]
 
 
+def _on_torch_backend(ewc: EWCRegularizer, step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` run with the PyTorch backend in place of the bound ones, on the same buffers (a
+    second regularizer would hold a second copy of them: 4 GB more at 1B parameters in bf16)."""
+    def run():
+        binding = ewc._binding
+        chosen = binding.backends
+        binding.backends = [TorchBackend()] * len(chosen)
+        try:
+            return step()
+        finally:
+            binding.backends = chosen
+    return run
+
+
 # -- penalty against P ----------------------------------------------------------------------------
 def penalty_point(params: float, param_dtype: torch.dtype, storage_dtype: torch.dtype, *, repeats: int,
                   say: Callable[[str], None]) -> dict:
@@ -233,6 +248,9 @@ def penalty_point(params: float, param_dtype: torch.dtype, storage_dtype: torch.
     cases = {"copy (bandwidth probe)": copy,
              "accumulate_grad_": lambda: ewc.accumulate_grad_(model),
              "fwd+bwd": lambda: ewc(model).backward()}
+    if ewc.active_backends != ("torch",):  # the PyTorch backend beside the one "auto" chose
+        cases["accumulate_grad_ [torch]"] = _on_torch_backend(ewc, lambda: ewc.accumulate_grad_(model))
+        cases["fwd+bwd [torch]"] = _on_torch_backend(ewc, lambda: ewc(model).backward())
     say(f"scale: penalty {P / 1e6:.1f}M: timing, {repeats} rounds")
     out["load_average_before"], faults = _load(), _minor_faults()
     times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
@@ -442,18 +460,21 @@ def format_scale(result: dict) -> str:
     m = result["machine"]
     lines = [f"Scale, CPU: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads), torch {m['torch']}", "",
              "Penalty step against P (2 tasks registered; floor = bytes moved / copy bandwidth, same run)", "",
-             "| series | params | ns/param accumulate_grad_ | x floor | ns/param fwd+bwd | x floor | floor ns/param "
+             "| series | params | backend | ns/param accumulate_grad_ | x floor | ns/param fwd+bwd | x floor "
+             "| PyTorch backend x floor (accumulate / fwd+bwd) | floor ns/param "
              "| copy GB/s | register s (1st / merge) | regularizer peak GB | buffers GB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["penalty"]:
         if "skipped" in p:
             lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:.0f}M | skipped: {p['skipped']} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         a, f, r = _row(p, "accumulate_grad_"), _row(p, "fwd+bwd"), p["register"]
         peak = "n/a" if r["regularizer_peak_GB"] is None else f"{r['regularizer_peak_GB']:.3f}"
-        lines.append(f"| {p['series']} | {p['params'] / 1e6:.1f}M | {a['ns_per_param']:.3f} | "
-                     f"{a['ratio_to_floor']:.2f}x | {f['ns_per_param']:.3f} | {f['ratio_to_floor']:.2f}x | "
+        ta, tf = _row(p, "accumulate_grad_ [torch]"), _row(p, "fwd+bwd [torch]")
+        torch_rows = f"{ta['ratio_to_floor']:.2f}x / {tf['ratio_to_floor']:.2f}x" if ta and tf else "(chosen)"
+        lines.append(f"| {p['series']} | {p['params'] / 1e6:.1f}M | {p.get('backend', '?')} | {a['ns_per_param']:.3f} | "
+                     f"{a['ratio_to_floor']:.2f}x | {f['ns_per_param']:.3f} | {f['ratio_to_floor']:.2f}x | {torch_rows} | "
                      f"{p['floor_ns_per_param']:.3f} | {p['copy_bandwidth_GBps']:.1f} | "
                      f"{r['first_s']:.2f} / {r['merge_s']:.2f} | {peak} | {r['buffers_GB']:.3f} |")
     t = result["tasks"]

@@ -55,8 +55,9 @@ class EWCRegularizer(nn.Module):
             matching glob wins. Folded into the buffers at registration.
         include, exclude: globs over parameter names; only names matching ``include`` (when
             given) and not ``exclude`` are protected.
-        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"`` or
-            ``"triton"``. The environment variable ``FASTEWC_BACKEND`` overrides it.
+        backend: ``"auto"`` (Triton on CUDA when available; on CPU the fused C kernel when a C
+            compiler is found to build it, once per machine; else PyTorch), ``"torch"``,
+            ``"triton"`` or ``"cpu"``. The environment variable ``FASTEWC_BACKEND`` overrides it.
         check_finite: after every ``forward`` / ``accumulate_grad_``, raise ``EWCInputError``
             naming the first protected parameter that holds NaN or Inf. Costs one host-device
             synchronisation per step (it reads the penalty value).

@@ -12,7 +12,7 @@ import torch
 from ..errors import EWCInputError
 
 MODES = ("separate", "online")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CONFIG_KEYS = ("ewc_lambda", "lambda_ewc", "mode", "gamma", "storage_dtype", "layer_lambdas",
                "include", "exclude", "backend", "check_finite")

@@ -110,7 +110,8 @@ def test_wheel_holds_every_source_file(installed):
         names = set(z.namelist())
     want = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastewc").rglob("*.py") if "__pycache__" not in p.parts}
     want |= {f"fastewc/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
-    assert "fastewc/kernels/__init__.py" in want and "fastewc/integrations/__init__.py" in want
+    want |= {f"fastewc/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.c")}
+    assert "fastewc/kernels/__init__.py" in want and "fastewc/kernels/quadratic_cpu.c" in want and "fastewc/integrations/__init__.py" in want
     missing = sorted(want - names)
     assert not missing, f"the wheel lacks {missing}"
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names), sorted(names)
@@ -125,3 +126,29 @@ def test_public_module_imports_from_the_wheel(installed, module):
     assert "error" not in got, f"import {module} from the installed wheel: {got['error']}"
     where = Path(got["file"]).resolve()
     assert where.is_relative_to(site.resolve()), f"{module} was imported from {where}, not from the venv {venv}"
+
+
+_CPU_PROBE = textwrap.dedent("""
+    import torch
+    from fastewc import EWCRegularizer
+    from fastewc.penalty.backends.cpu_backend import source_path
+    model = torch.nn.Linear(5, 3)
+    ewc = EWCRegularizer(2.0, backend="cpu")
+    ewc.register_task({n: torch.ones_like(p) for n, p in model.named_parameters()},
+                      {n: p.detach() - 1 for n, p in model.named_parameters()})
+    print(source_path(), float(ewc(model)), ewc.active_backends)
+""")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler to build the CPU kernel")
+def test_cpu_kernel_builds_from_the_wheel(installed, tmp_path):
+    # The C source must ship in the wheel and build from there (into an empty cache folder).
+    _, venv, site, _ = installed
+    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "FASTEWC_BACKEND")}
+    env["FASTEWC_CACHE_DIR"] = str(tmp_path / "cache")
+    out = _run([str(py), "-c", _CPU_PROBE], cwd=tmp_path, env=env).stdout.split()
+    assert Path(out[0]).resolve().is_relative_to(site.resolve()), out
+    assert float(out[1]) == pytest.approx(18.0)  # (2 / 2) * 18 parameters * 1 * 1^2
+    assert "cpu" in out[2]
+    assert list((tmp_path / "cache").glob("quadratic_cpu-*.so"))

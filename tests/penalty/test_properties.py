@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import fastewc.penalty.backends as backends
+from conftest import split_cpu_backend
 from fastewc import EWCRegularizer, load_regularizer, save_regularizer
 from fastewc import reference as R
 
@@ -99,13 +100,15 @@ def test_random_history_matches_reference(seed, tmp_path, monkeypatch):
     mode = rnd.choice(["separate", "online"])
     gamma = rnd.choice([1.0, 0.5, 0.9]) if mode == "online" else 1.0
     lam = rnd.choice([1.0, 37.5])
-    backend = rnd.choice(["blocked", "foreach", "triton"] if "triton" in _available() else ["blocked", "foreach"])
-    if backend != "triton":
+    backend = rnd.choice(["blocked", "foreach", *_available()])
+    if backend in ("blocked", "foreach"):
         monkeypatch.setattr(backends._TORCH, "strategy", backend)
         monkeypatch.setattr(backends._TORCH, "block", rnd.choice([61, 1 << 18]))
+    elif backend == "cpu":
+        split_cpu_backend(monkeypatch, threads=rnd.choice([1, 2, 3]))
 
     ewc = EWCRegularizer(lam, mode=mode, gamma=gamma, storage_dtype=storage,
-                         backend="triton" if backend == "triton" else "torch")
+                         backend=backend if backend in ("triton", "cpu") else "torch")
     ref = R.ReferenceEWC(lam) if mode == "separate" else R.ReferenceOnlineEWC(lam, gamma=gamma)
     names = [n for n, _ in model.named_parameters()]
     last = None
@@ -145,7 +148,9 @@ def test_random_history_matches_reference(seed, tmp_path, monkeypatch):
 
 
 def _available():
-    return ["triton"] if backends.triton_status(torch.device("cpu")) is None else []
+    cpu = torch.device("cpu")
+    return ([name for name, why in (("triton", backends.triton_status(cpu)), ("cpu", backends.cpu_backend_status(cpu)))
+             if why is None])
 
 
 def _has_safetensors():

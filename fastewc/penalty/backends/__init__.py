@@ -1,10 +1,11 @@
 """Backend choice: one function, decided by capability, never by catching a fast-path error.
 
 ``select_backend(requested, device)`` returns the backend object for one parameter group:
-``"auto"`` takes Triton for CUDA tensors when Triton and fastewc's Triton backend import, and
-PyTorch otherwise; ``"torch"`` and ``"triton"`` force one (Triton on CPU tensors only under
-``TRITON_INTERPRET=1``, for tests). The environment variable ``FASTEWC_BACKEND`` overrides the
-requested name.
+``"auto"`` takes Triton for CUDA tensors when Triton and fastewc's Triton backend import, the
+fused C kernel (``"cpu"``) for CPU tensors when it builds on this machine (a C compiler is
+found), and PyTorch otherwise; ``"torch"``, ``"triton"`` and ``"cpu"`` force one (Triton on CPU
+tensors only under ``TRITON_INTERPRET=1``, for tests; ``"cpu"`` on CPU tensors only). The
+environment variable ``FASTEWC_BACKEND`` overrides the requested name.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import torch
 
 from ...errors import EWCInputError
 from .base import GroupPlan
+from .cpu_backend import CpuBackend, cpu_kernel_status
 from .torch_backend import TorchBackend
 
-__all__ = ["GroupPlan", "TorchBackend", "select_backend", "triton_status"]
+__all__ = ["CpuBackend", "GroupPlan", "TorchBackend", "cpu_backend_status", "select_backend", "triton_status"]
 
+NAMES = ("auto", "torch", "triton", "cpu")
 _TORCH = TorchBackend()
 _TRITON = None
+_CPU = None
 
 
 def triton_status(device: torch.device) -> str | None:
@@ -41,23 +45,43 @@ def triton_status(device: torch.device) -> str | None:
             f"the parameters are on {device}")
 
 
+def cpu_backend_status(device: torch.device) -> str | None:
+    """None when the fused CPU kernel can run on ``device``; otherwise the reason it cannot (the
+    first call in a process on a CPU device builds the kernel, about a second, then cached)."""
+    if device.type != "cpu":
+        return f"the fused CPU kernel runs on CPU tensors; the parameters are on {device}"
+    return cpu_kernel_status()
+
+
 def requested_backend(requested: str) -> str:
     env = os.environ.get("FASTEWC_BACKEND")
     name = env if env else requested
-    if name not in ("auto", "torch", "triton"):
+    if name not in NAMES:
         src = "FASTEWC_BACKEND" if env else "backend"
-        raise EWCInputError(f"unknown {src} {name!r}; expected 'auto', 'torch' or 'triton'")
+        raise EWCInputError(f"unknown {src} {name!r}; expected 'auto', 'torch', 'triton' or 'cpu'")
     return name
 
 
 def select_backend(requested: str, device: torch.device):
     """The backend object to run a group on ``device`` with (see the module docstring)."""
-    global _TRITON
+    global _TRITON, _CPU
     name = requested_backend(requested)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_status(device) is None else "torch"
+        if device.type == "cuda" and triton_status(device) is None:
+            name = "triton"
+        elif device.type == "cpu" and cpu_backend_status(device) is None:
+            name = "cpu"
+        else:
+            name = "torch"
     if name == "torch":
         return _TORCH
+    if name == "cpu":
+        why = cpu_backend_status(device)
+        if why is not None:
+            raise EWCInputError(f"backend 'cpu' is not available: {why}")
+        if _CPU is None:
+            _CPU = CpuBackend()
+        return _CPU
     why = triton_status(device)
     if why is not None:
         raise EWCInputError(f"backend 'triton' is not available: {why}")

@@ -1,0 +1,385 @@
+"""CPU backend: the fused C kernel ``kernels/quadratic_cpu.c``, built on first use and run by threads.
+
+Host side of the C twin of the Triton kernels. The kernel source ships with the package; the
+first time a process asks for it, it is compiled with the system C compiler (``$CC``, else
+``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-O3 -march=native``, about a second) and
+the shared library is cached under ``$FASTEWC_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fastewc``
+or ``~/.cache/fastewc``), named by a hash of the source, the compiler, the flags and the CPU's
+instruction sets, so a cache shared between different machines never loads a library built for
+another CPU. Concurrent processes (DDP ranks) may build at once: each writes its own temporary
+file and renames it into place. Without a working compiler the backend reports why
+(``cpu_kernel_status``) and ``backend="auto"`` takes the PyTorch backend instead.
+
+Per step, per (device, dtype) group: one table of segments (each protected parameter's
+address, its gradient's address, its place in the flat buffers, and whether its gradient is
+read, written or not touched), rebuilt only when an address changes; then the flat range of the
+group is split among ``torch.get_num_threads()`` threads, each calling the kernel on its share
+(ctypes releases the GIL during the call) and returning its partial sum; the partials are
+added in a fixed order, so the value is the same from run to run on the same thread count.
+
+Dtypes: parameters and storage float32 or bfloat16. Any other pair sends the whole group to the
+PyTorch backend; a parameter that is not contiguous, or whose existing ``.grad`` is not (or has
+another dtype), is computed with torch ops (``TorchBackend._whole``) and added after the
+kernel's sum. Fresh gradients (the forward's eager gradient, ``penalty_grads``) are views of one
+flat buffer per group, as on the Triton backend; when that buffer spans 32 MB or more, its pages
+are advised to be transparent huge pages before the kernel writes it, which saves the page
+faults of a fresh allocation (one per 4 KB otherwise) on large models.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import GroupPlan
+from .torch_backend import TorchBackend
+
+SOURCE_NAME = "quadratic_cpu.c"
+FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno")
+NATIVE = "-march=native"
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_TORCH = TorchBackend()  # the whole-group fallback for dtypes the kernel does not take
+# Groups under this many flat elements run on the calling thread: handing work to a pool costs
+# tens of microseconds, more than the kernel spends on a group this small.
+PARALLEL_FROM = 1 << 18
+# Threads' shares of the flat range start at multiples of this many elements (whole cache lines
+# of every dtype, so no two threads write the same line of a gradient).
+SHARE_ALIGN = 1024
+# Fresh gradient buffers of at least this many bytes are advised to use huge pages.
+HUGE_FROM = 32 << 20
+
+_lock = threading.Lock()
+_built: tuple[ctypes.CDLL | None, str | None] | None = None
+
+
+def source_path() -> Path:
+    """The C source shipped in the installed package (``fastewc/kernels/quadratic_cpu.c``)."""
+    spec = importlib.util.find_spec("fastewc.kernels")  # does not run the package's __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package fastewc.kernels is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / SOURCE_NAME
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$FASTEWC_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastewc``,
+    else ``~/.cache/fastewc``."""
+    env = os.environ.get("FASTEWC_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fastewc"
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shlex.split(cc)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    return None
+
+
+def _cpu_features() -> str:
+    """The CPU's instruction-set flags (what ``-march=native`` depends on), for the cache key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(cc: list[str], src: Path, out: Path, native: bool) -> str | None:
+    """Build ``out`` from ``src``; None on success, else the compiler's complaint."""
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    cmd = [*cc, *FLAGS, *([NATIVE] if native else []), str(src), "-o", str(tmp)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{shlex.join(cmd)} failed: {e}"
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        return f"{shlex.join(cmd)} exited with {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}"
+    os.replace(tmp, out)  # atomic: a concurrent build of the same key replaces it with the same bytes
+    return None
+
+
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None), or (None, why it cannot be had)."""
+    if platform.system() == "Windows":
+        return None, "the fused CPU kernel is built with a Unix C compiler; not supported on Windows"
+    try:
+        src = source_path()
+        code = src.read_bytes()
+    except OSError as e:
+        return None, f"the kernel source {SOURCE_NAME} is missing from this installation ({e})"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install cc, gcc or clang)"
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"the C compiler {shlex.join(cc)} does not run: {e}"
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return None, f"cannot create the kernel cache folder {folder} ({e}); set FASTEWC_CACHE_DIR"
+    errors = []
+    for native in (True, False):  # some compilers (or CPUs) have no -march=native
+        key = hashlib.sha256(b"\0".join([
+            code, version.encode(), " ".join((*FLAGS, NATIVE if native else "")).encode(),
+            platform.machine().encode(), _cpu_features().encode() if native else b""])).hexdigest()[:20]
+        lib_path = folder / f"quadratic_cpu-{key}.so"
+        if not lib_path.exists():
+            why = _compile(cc, src, lib_path, native)
+            if why is not None:
+                errors.append(why)
+                continue
+        try:
+            lib = ctypes.CDLL(str(lib_path))
+        except OSError as e:
+            errors.append(f"cannot load {lib_path}: {e}")
+            continue
+        _declare(lib)
+        return lib, None
+    return None, "the fused CPU kernel could not be built: " + " | ".join(errors)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for p in _SUFFIX.values():
+        for s in _SUFFIX.values():
+            fn = getattr(lib, f"ewc_quadratic_{p}_{s}")
+            fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
+            fn.restype = None
+    lib.ewc_advise_huge_pages.argtypes = [i64, i64]
+    lib.ewc_advise_huge_pages.restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built on the first call in a process), or None."""
+    global _built
+    with _lock:
+        if _built is None:
+            _built = _build()
+    return _built[0]
+
+
+def cpu_kernel_status() -> str | None:
+    """None when the fused CPU kernel is available; otherwise the reason it is not (building it
+    on the first call of a process if needed)."""
+    library()
+    return _built[1]
+
+
+@dataclass
+class _Segments:
+    """The kernel's segment table for one set of addresses (see the module docstring)."""
+
+    key: tuple
+    arrays: tuple[np.ndarray, ...]  # theta addresses, grad addresses, offsets, numels, modes
+    skipped: tuple[int, ...]        # parameter indices computed with torch ops
+    end: int                        # flat element just past the last segment
+
+
+class _Pool:
+    """Worker threads for the kernel calls, as many as torch's intra-op threads (less one: the
+    calling thread takes a share too); rebuilt when that number changes."""
+
+    def __init__(self):
+        self.key = None  # (process id, workers) the executor was made for
+        self.executor: ThreadPoolExecutor | None = None
+        self.lock = threading.Lock()
+
+    def get(self, workers: int) -> ThreadPoolExecutor:
+        # A forked child (DataLoader workers, multiprocessing) inherits the executor without its
+        # threads, which would never run a task: it gets a fresh one.
+        key = (os.getpid(), workers)
+        with self.lock:
+            if self.key != key:
+                if self.executor is not None and self.key[0] == key[0]:
+                    self.executor.shutdown(wait=False)
+                self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastewc-cpu")
+                self.key = key
+            return self.executor
+
+
+_POOL = _Pool()
+
+
+class CpuBackend:
+    """The fused C kernel over a group's flat buffers, on CPU tensors.
+
+    Args:
+        threads: threads per group; None uses ``torch.get_num_threads()`` (groups under
+            ``PARALLEL_FROM`` elements always run on the calling thread).
+        poison: fill every buffer this backend allocates (new gradients) with NaN first, so that
+            an element the kernel fails to write shows up. For tests.
+    """
+
+    name = "cpu"
+    eager_grads = True  # forward computes the gradient in its pass over memory (see base.py)
+
+    def __init__(self, threads: int | None = None, poison: bool = False):
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        lib = library()
+        if lib is None:
+            raise RuntimeError(f"the fused CPU kernel is not available: {cpu_kernel_status()}")
+        self._lib = lib
+        self.threads = threads
+        self.poison = poison
+        self.table_builds = 0  # segment tables built (tests check that caching works)
+
+    @staticmethod
+    def takes(plan: GroupPlan) -> bool:
+        """Whether the kernel runs this group (else the PyTorch backend does, whole)."""
+        return (plan.device.type == "cpu" and plan.param_dtype in _SUFFIX and plan.importance.dtype in _SUFFIX
+                and plan.anchor.dtype == plan.importance.dtype)
+
+    # -- tables --------------------------------------------------------------------------------
+    def _segments(self, plan: GroupPlan, grads: list, modes: list[int]) -> _Segments:
+        """The segment table for the live parameters, ``grads`` (tensor or None per parameter)
+        and ``modes`` (0 / 1 / 2 per parameter); cached while the addresses stay the same."""
+        rows, skipped = [], []
+        for i, p in enumerate(plan.params):
+            g = grads[i]
+            if not p.is_contiguous() or (g is not None and (not g.is_contiguous() or g.dtype != p.dtype)):
+                skipped.append(i)
+                rows.append(None)
+            else:
+                rows.append((p.data_ptr(), g.data_ptr() if g is not None else 0, modes[i]))
+        key = tuple(rows)
+        seg = plan.cache.get("cpu-segments")
+        if seg is not None and seg.key == key:
+            return seg
+        keep = [i for i, r in enumerate(rows) if r is not None and plan.numels[i] > 0]
+        theta = np.array([rows[i][0] for i in keep], dtype=np.int64)
+        grad = np.array([rows[i][1] for i in keep], dtype=np.int64)
+        offset = np.array([plan.offsets[i] for i in keep], dtype=np.int64)
+        numel = np.array([plan.numels[i] for i in keep], dtype=np.int64)
+        mode = np.array([rows[i][2] for i in keep], dtype=np.int8)
+        end = int(offset[-1] + numel[-1]) if keep else 0
+        seg = plan.cache["cpu-segments"] = _Segments(key, (theta, grad, offset, numel, mode), tuple(skipped), end)
+        self.table_builds += 1
+        return seg
+
+    # -- one pass ------------------------------------------------------------------------------
+    def _pass(self, plan: GroupPlan, grads: list, modes: list[int], lam: float) -> tuple[float, _Segments]:
+        """Run the kernel over the group; (sum over the kernel's segments, the table used)."""
+        seg = self._segments(plan, grads, modes)
+        n = len(seg.arrays[0])
+        if n == 0:
+            return 0.0, seg
+        fn = getattr(self._lib, f"ewc_quadratic_{_SUFFIX[plan.param_dtype]}_{_SUFFIX[plan.importance.dtype]}")
+        theta, grad, offset, numel, mode = (a.ctypes.data for a in seg.arrays)
+        a_ptr, m_ptr = plan.importance.data_ptr(), plan.anchor.data_ptr()
+        threads = self.threads or max(1, torch.get_num_threads())
+        share = -(-seg.end // threads)
+        share = -(-share // SHARE_ALIGN) * SHARE_ALIGN
+        if threads == 1 or seg.end < PARALLEL_FROM or share >= seg.end:
+            out = ctypes.c_double()
+            fn(n, theta, grad, offset, numel, mode, a_ptr, m_ptr, 0, seg.end, lam, ctypes.byref(out))
+            return out.value, seg
+        bounds = [(lo, min(lo + share, seg.end)) for lo in range(0, seg.end, share)]
+        outs = (ctypes.c_double * len(bounds))()
+        base = ctypes.addressof(outs)
+
+        def call(k: int) -> None:
+            lo, hi = bounds[k]
+            fn(n, theta, grad, offset, numel, mode, a_ptr, m_ptr, lo, hi, lam, base + 8 * k)
+
+        pending = [_POOL.get(threads - 1).submit(call, k) for k in range(1, len(bounds))]
+        call(0)
+        for f in pending:
+            f.result()
+        total = 0.0
+        for v in outs:  # fixed order: the same value from run to run
+            total += v
+        return total, seg
+
+    def _fresh_flat(self, plan: GroupPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A fresh gradient buffer with A's layout and its per-parameter views (handed to
+        autograd, which adopts them as ``.grad``: one allocation per group and step)."""
+        flat = torch.empty(plan.importance.numel(), dtype=plan.param_dtype)
+        if self.poison:
+            flat.fill_(float("nan"))
+        if flat.numel() * flat.element_size() >= HUGE_FROM:
+            self._lib.ewc_advise_huge_pages(flat.data_ptr(), flat.numel() * flat.element_size())
+        views = [flat[o:o + v.numel()].view(v.shape) for o, v in zip(plan.offsets, plan.importance_views)]
+        return flat, views
+
+    def _total(self, plan: GroupPlan, kernel_sum: float, extra: list[torch.Tensor]) -> torch.Tensor:
+        total = torch.tensor(kernel_sum, dtype=plan.compute_dtype)
+        for s in extra:  # fixed order: deterministic
+            total = total + s
+        return total
+
+    @staticmethod
+    def _fallback(plan: GroupPlan, i: int, g, fresh: bool, mode: str, lam=None, scale=None):
+        p = plan.params[i].detach()
+        return TorchBackend._whole(p, plan.importance_views[i], plan.anchor_views[i], g, fresh, mode, lam, scale,
+                                   plan.compute_dtype)
+
+    # -- the backend interface (base.py) -------------------------------------------------------
+    def penalty_sum(self, plan: GroupPlan) -> torch.Tensor:
+        if not self.takes(plan):
+            return _TORCH.penalty_sum(plan)
+        none = [None] * len(plan.params)
+        s, seg = self._pass(plan, none, [0] * len(none), 0.0)
+        return self._total(plan, s, [self._fallback(plan, i, None, False, "sum") for i in seg.skipped])
+
+    def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``penalty_sum`` and ``[lam * A * (theta - m)]`` in one pass: reads theta, A, m once."""
+        if not self.takes(plan):
+            return _TORCH.penalty_sum_and_grads(plan, lam)
+        with torch.no_grad():
+            _, views = self._fresh_flat(plan)
+            s, seg = self._pass(plan, views, [1] * len(views), lam)
+            extra = [self._fallback(plan, i, views[i], True, "sum_grads", lam=lam) for i in seg.skipped]
+            return self._total(plan, s, extra), views
+
+    def penalty_grads(self, plan: GroupPlan, scale: torch.Tensor) -> list[torch.Tensor]:
+        if not self.takes(plan):
+            return _TORCH.penalty_grads(plan, scale)
+        with torch.no_grad():
+            _, views = self._fresh_flat(plan)
+            factor = scale.to(dtype=plan.compute_dtype)
+            _, seg = self._pass(plan, views, [1] * len(views), float(factor))
+            for i in seg.skipped:
+                self._fallback(plan, i, views[i], True, "grads", scale=factor)
+            return views
+
+    def accumulate_grad_(self, plan: GroupPlan, lam: float) -> torch.Tensor:
+        if not self.takes(plan):
+            return _TORCH.accumulate_grad_(plan, lam)
+        with torch.no_grad():
+            grads, modes = [], []
+            for p in plan.params:
+                if p.grad is None:  # allocated here, written (not read) by the kernel
+                    g = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    p.grad = g.fill_(float("nan")) if self.poison else g
+                    modes.append(1)
+                else:
+                    modes.append(2)
+                grads.append(p.grad)
+            s, seg = self._pass(plan, grads, modes, lam)
+            extra = [self._fallback(plan, i, grads[i], modes[i] == 1, "accumulate", lam=lam) for i in seg.skipped]
+            return self._total(plan, s, extra)

@@ -1,0 +1,65 @@
+"""Group plans for the penalty backends' own tests (Triton, fused CPU): a ``GroupPlan`` over fresh
+parameters, the float64 reference of every backend operation, and the tolerances to compare
+with."""
+
+import torch
+import torch.nn as nn
+
+from fastewc import FlatPacking
+from fastewc.penalty.backends import GroupPlan
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Relative tolerance of one gradient element written in this dtype: float32 arithmetic rounds
+# three times (theta - m, A * d, * lam), i.e. up to ~4 float32 ulps; half-precision outputs round
+# once more, at most half a unit in their last place (the bounds below are one unit).
+GRAD_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+SHAPES = [(5, 7), (0,), (1,), (33,), (3, 4, 5), (16,), (2, 0, 3)]
+
+
+def make_plan(shapes, param_dtype, storage, *, seed=0, params=None):
+    """A GroupPlan over fresh parameters of ``shapes`` (A >= 0 with some zeros, m near theta)."""
+    g = torch.Generator().manual_seed(seed)
+    if params is None:
+        params = [nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(param_dtype)) for s in shapes]
+    packing = FlatPacking.from_tensors((f"p{i}", p) for i, p in enumerate(params))
+    if not params:
+        e = torch.empty(0, dtype=storage)
+        return GroupPlan(torch.device("cpu"), param_dtype, torch.float32, e, e, (), (), [], [], params=[])
+    a = {f"p{i}": torch.rand(p.shape, generator=g, dtype=torch.float64) * (torch.rand(p.shape, generator=g) > 0.1)
+         for i, p in enumerate(params)}
+    m = {f"p{i}": p.detach().double() + torch.randn(p.shape, generator=g, dtype=torch.float64)
+         for i, p in enumerate(params)}
+    (a_flat,), (m_flat,) = packing.pack(a, storage), packing.pack(m, storage)
+    compute = torch.float64 if torch.float64 in (param_dtype, storage) else torch.float32
+    names = packing.names
+    return GroupPlan(
+        device=torch.device("cpu"), param_dtype=param_dtype, compute_dtype=compute,
+        importance=a_flat, anchor=m_flat, names=tuple(names), offsets=tuple(e.offset for e in packing.entries),
+        importance_views=[packing.view([a_flat], n) for n in names],
+        anchor_views=[packing.view([m_flat], n) for n in names], params=list(params))
+
+
+def reference(plan, lam):
+    """float64 ``(sum A (theta - m)^2, [lam A (theta - m)])`` from the stored (rounded) A and m."""
+    total, grads = torch.zeros((), dtype=torch.float64), []
+    for p, a, m in zip(plan.params, plan.importance_views, plan.anchor_views):
+        d = p.detach().double() - m.double()
+        u = a.double() * d
+        total += (u * d).sum()
+        grads.append(lam * u)
+    return total, grads
+
+
+def value_rtol(plan):
+    return 1e-12 if plan.compute_dtype == torch.float64 else 1e-5
+
+
+def assert_grads(got, want, dtype, plan):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == dtype and g.shape == w.shape, (i, g.dtype, g.shape)
+        assert not g.isnan().any(), f"tensor {i}: unwritten (NaN) elements"
+        scale = float(w.abs().max()) if w.numel() else 1.0
+        # atol: one unit of the tensor's largest element (absorbs cancellation in grad + lam*u)
+        torch.testing.assert_close(g.double(), w, rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * scale,
+                                   msg=lambda s: f"tensor {i} {tuple(w.shape)}: {s}")
