@@ -1,3 +1,4 @@
-"""Triton kernels of fastewc (installed as ``fastewc.kernels``): only ``@triton.jit`` code and
-its launch heuristics live here; the launchers and the backend choice live in
+"""Kernels of fastewc (installed as ``fastewc.kernels``): the ``@triton.jit`` code and its launch
+heuristics (``ewc_penalty.py``), and the C source of the fused CPU kernel (``quadratic_cpu.c``,
+compiled on the user's machine at first use). The launchers and the backend choice live in
 ``fastewc.penalty.backends`` (see ``docs/design.md``, "One op, four layers")."""

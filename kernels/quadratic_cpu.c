@@ -18,9 +18,13 @@
  *
  * Arguments (all element counts and offsets in elements, addresses as int64):
  *   nseg                number of segments (parameters), sorted by flat offset, not overlapping;
- *   theta[s], grad[s]   addresses of segment s's parameter and gradient (grad unused in mode 0);
+ *   theta[s], grad[s]   addresses of segment s's parameter and gradient (grad unused in mode 0),
+ *                       the gradient's relative to grad_base;
  *   offset[s], numel[s] where segment s lies in the flat buffers, and its length;
  *   mode[s]             0: value only; 1: write grad = lam * A (theta - m); 2: grad += the same;
+ *   grad_base           added to every grad[s]: 0 for absolute addresses, or a fresh flat
+ *                       gradient buffer's address when grad[s] are byte offsets into it (the
+ *                       table then stays the same from one fresh buffer to the next);
  *   importance, anchor  the flat buffers;
  *   lo, hi              the flat range this call covers (a thread's share of the group);
  *   lam                 the gradient's factor;
@@ -103,8 +107,8 @@ static inline uint16_t to_bf16(float f) {
 /* The exported entry point for one dtype pair: the segments' parts inside [lo, hi). */
 #define DEFINE_ENTRY(NAME, PIECE, P_T, S_T)                                                       \
     void NAME(int64_t nseg, const int64_t *theta, const int64_t *grad, const int64_t *offset,     \
-              const int64_t *numel, const int8_t *mode, const S_T *importance, const S_T *anchor, \
-              int64_t lo, int64_t hi, float lam, double *total) {                                 \
+              const int64_t *numel, const int8_t *mode, int64_t grad_base, const S_T *importance,  \
+              const S_T *anchor, int64_t lo, int64_t hi, float lam, double *total) {              \
         double sum = 0.0;                                                                         \
         int64_t first = 0, last = nseg;                                                           \
         while (first < last) { /* the first segment that ends after lo */                        \
@@ -121,7 +125,7 @@ static inline uint16_t to_bf16(float f) {
                 continue;                                                                         \
             int64_t k = start - offset[s];                                                        \
             const P_T *t = (const P_T *)(intptr_t)theta[s] + k;                                   \
-            P_T *g = mode[s] ? (P_T *)(intptr_t)grad[s] + k : 0;                                  \
+            P_T *g = mode[s] ? (P_T *)(intptr_t)(grad_base + grad[s]) + k : 0;                    \
             PIECE(t, importance + start, anchor + start, g, end - start, mode[s], lam, &sum);     \
         }                                                                                         \
         *total = sum;                                                                             \

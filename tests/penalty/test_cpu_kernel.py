@@ -195,6 +195,16 @@ def test_segment_table_cached_and_rebuilt_when_addresses_change():
     be.accumulate_grad_(plan, 1.0)
     assert be.table_builds == 5
     assert_grads([p.grad for p in plan.params], reference(plan, 1.0)[1], torch.float32, plan)
+    # Each kind keeps its own table, and the fresh gradients' table does not depend on the new
+    # buffer of each step: a training loop alternating them builds none after the first steps.
+    be.penalty_sum_and_grads(plan, 1.0)
+    assert be.table_builds == 6
+    for _ in range(3):
+        _, g = be.penalty_sum_and_grads(plan, 1.0)
+        be.accumulate_grad_(plan, 1.0)
+        be.penalty_sum(plan)
+    assert be.table_builds == 6
+    assert_grads(g, reference(plan, 1.0)[1], torch.float32, plan)
 
 
 def test_large_fresh_gradients_are_advised_huge_pages_and_correct(monkeypatch):

@@ -167,7 +167,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for p in _SUFFIX.values():
         for s in _SUFFIX.values():
             fn = getattr(lib, f"ewc_quadratic_{p}_{s}")
-            fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
+            fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr]
             fn.restype = None
     lib.ewc_advise_huge_pages.argtypes = [i64, i64]
     lib.ewc_advise_huge_pages.restype = None
@@ -255,39 +255,51 @@ class CpuBackend:
                 and plan.anchor.dtype == plan.importance.dtype)
 
     # -- tables --------------------------------------------------------------------------------
-    def _segments(self, plan: GroupPlan, grads: list, modes: list[int]) -> _Segments:
-        """The segment table for the live parameters, ``grads`` (tensor or None per parameter)
-        and ``modes`` (0 / 1 / 2 per parameter); cached while the addresses stay the same."""
+    def _segments(self, plan: GroupPlan, kind: str, grads: list | None = None, modes: list[int] | None = None
+                  ) -> _Segments:
+        """The segment table for the live parameters, cached per ``kind`` while no address it
+        holds changes. ``kind``: "sum" (value only), "fresh" (write each gradient at its byte
+        offset into a fresh flat buffer, given to the kernel as ``grad_base``: the table does
+        not depend on the buffer), "accumulate" (``grads``: one tensor per parameter; ``modes``:
+        1 where it was just allocated and is written, 2 where it is added to)."""
+        item = torch.empty((), dtype=plan.param_dtype).element_size()
         rows, skipped = [], []
         for i, p in enumerate(plan.params):
-            g = grads[i]
+            g = grads[i] if kind == "accumulate" else None
             if not p.is_contiguous() or (g is not None and (not g.is_contiguous() or g.dtype != p.dtype)):
                 skipped.append(i)
                 rows.append(None)
+            elif kind == "accumulate":
+                rows.append((p.data_ptr(), g.data_ptr(), modes[i]))
             else:
-                rows.append((p.data_ptr(), g.data_ptr() if g is not None else 0, modes[i]))
+                rows.append((p.data_ptr(), plan.offsets[i] * item if kind == "fresh" else 0, int(kind == "fresh")))
         key = tuple(rows)
-        seg = plan.cache.get("cpu-segments")
+        seg = plan.cache.get(("cpu-segments", kind))
         if seg is not None and seg.key == key:
             return seg
-        keep = [i for i, r in enumerate(rows) if r is not None and plan.numels[i] > 0]
+        numels = plan.numels  # a property that walks every view: read once
+        keep = [i for i, r in enumerate(rows) if r is not None and numels[i] > 0]
         theta = np.array([rows[i][0] for i in keep], dtype=np.int64)
         grad = np.array([rows[i][1] for i in keep], dtype=np.int64)
         offset = np.array([plan.offsets[i] for i in keep], dtype=np.int64)
-        numel = np.array([plan.numels[i] for i in keep], dtype=np.int64)
+        numel = np.array([numels[i] for i in keep], dtype=np.int64)
         mode = np.array([rows[i][2] for i in keep], dtype=np.int8)
         end = int(offset[-1] + numel[-1]) if keep else 0
-        seg = plan.cache["cpu-segments"] = _Segments(key, (theta, grad, offset, numel, mode), tuple(skipped), end)
+        seg = plan.cache[("cpu-segments", kind)] = _Segments(key, (theta, grad, offset, numel, mode), tuple(skipped),
+                                                             end)
         self.table_builds += 1
         return seg
 
     # -- one pass ------------------------------------------------------------------------------
-    def _pass(self, plan: GroupPlan, grads: list, modes: list[int], lam: float) -> tuple[float, _Segments]:
-        """Run the kernel over the group; (sum over the kernel's segments, the table used)."""
-        seg = self._segments(plan, grads, modes)
+    def _pass(self, plan: GroupPlan, kind: str, lam: float, *, grads: list | None = None,
+              modes: list[int] | None = None, flat: torch.Tensor | None = None) -> tuple[float, _Segments]:
+        """Run the kernel over the group (``kind`` and the rest as in ``_segments``; ``flat``:
+        the fresh gradient buffer of kind "fresh"); (sum over the kernel's segments, the table)."""
+        seg = self._segments(plan, kind, grads, modes)
         n = len(seg.arrays[0])
         if n == 0:
             return 0.0, seg
+        grad_base = flat.data_ptr() if kind == "fresh" else 0
         fn = getattr(self._lib, f"ewc_quadratic_{_SUFFIX[plan.param_dtype]}_{_SUFFIX[plan.importance.dtype]}")
         theta, grad, offset, numel, mode = (a.ctypes.data for a in seg.arrays)
         a_ptr, m_ptr = plan.importance.data_ptr(), plan.anchor.data_ptr()
@@ -296,7 +308,7 @@ class CpuBackend:
         share = -(-share // SHARE_ALIGN) * SHARE_ALIGN
         if threads == 1 or seg.end < PARALLEL_FROM or share >= seg.end:
             out = ctypes.c_double()
-            fn(n, theta, grad, offset, numel, mode, a_ptr, m_ptr, 0, seg.end, lam, ctypes.byref(out))
+            fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, 0, seg.end, lam, ctypes.byref(out))
             return out.value, seg
         bounds = [(lo, min(lo + share, seg.end)) for lo in range(0, seg.end, share)]
         outs = (ctypes.c_double * len(bounds))()
@@ -304,7 +316,7 @@ class CpuBackend:
 
         def call(k: int) -> None:
             lo, hi = bounds[k]
-            fn(n, theta, grad, offset, numel, mode, a_ptr, m_ptr, lo, hi, lam, base + 8 * k)
+            fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, lo, hi, lam, base + 8 * k)
 
         pending = [_POOL.get(threads - 1).submit(call, k) for k in range(1, len(bounds))]
         call(0)
@@ -342,8 +354,7 @@ class CpuBackend:
     def penalty_sum(self, plan: GroupPlan) -> torch.Tensor:
         if not self.takes(plan):
             return _TORCH.penalty_sum(plan)
-        none = [None] * len(plan.params)
-        s, seg = self._pass(plan, none, [0] * len(none), 0.0)
+        s, seg = self._pass(plan, "sum", 0.0)
         return self._total(plan, s, [self._fallback(plan, i, None, False, "sum") for i in seg.skipped])
 
     def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -351,8 +362,8 @@ class CpuBackend:
         if not self.takes(plan):
             return _TORCH.penalty_sum_and_grads(plan, lam)
         with torch.no_grad():
-            _, views = self._fresh_flat(plan)
-            s, seg = self._pass(plan, views, [1] * len(views), lam)
+            flat, views = self._fresh_flat(plan)
+            s, seg = self._pass(plan, "fresh", lam, flat=flat)
             extra = [self._fallback(plan, i, views[i], True, "sum_grads", lam=lam) for i in seg.skipped]
             return self._total(plan, s, extra), views
 
@@ -360,9 +371,9 @@ class CpuBackend:
         if not self.takes(plan):
             return _TORCH.penalty_grads(plan, scale)
         with torch.no_grad():
-            _, views = self._fresh_flat(plan)
+            flat, views = self._fresh_flat(plan)
             factor = scale.to(dtype=plan.compute_dtype)
-            _, seg = self._pass(plan, views, [1] * len(views), float(factor))
+            _, seg = self._pass(plan, "fresh", float(factor), flat=flat)
             for i in seg.skipped:
                 self._fallback(plan, i, views[i], True, "grads", scale=factor)
             return views
@@ -380,6 +391,6 @@ class CpuBackend:
                 else:
                     modes.append(2)
                 grads.append(p.grad)
-            s, seg = self._pass(plan, grads, modes, lam)
+            s, seg = self._pass(plan, "accumulate", lam, grads=grads, modes=modes)
             extra = [self._fallback(plan, i, grads[i], modes[i] == 1, "accumulate", lam=lam) for i in seg.skipped]
             return self._total(plan, s, extra)
