@@ -8,7 +8,9 @@ training step, and adds the penalty's gradient into it:
   per-task, per-parameter loop), ``ewc(model).backward()``;
 * fastewc forward+backward: ``EWCRegularizer(model).backward()``;
 * fastewc accumulate_grad_: ``EWCRegularizer.accumulate_grad_(model)``;
-* ablation "fwd+bwd, lazy grad": the same regularizer with the backend's eager gradient switched
+* the same two with ``backend="torch"`` where ``"auto"`` chose another backend (on a CPU: the
+  fused C kernel), the stock-ops twin;
+* ablation "fwd+bwd, lazy grad": the same regularizer and backend with the eager gradient switched
   off (forward computes only the value, backward re-reads theta, A, m) -- the figure behind the
   choice documented in ``fastewc.penalty.binding.PenaltyFunction``.
 
@@ -27,7 +29,6 @@ import torch
 
 from fastewc import EWCRegularizer
 from fastewc.bench import timing as bu
-from fastewc.penalty.backends import TorchBackend
 from fastewc.bench.models import transformer_like
 from fastewc.reference import ReferenceEWC
 
@@ -44,32 +45,38 @@ def main(argv=None) -> dict:
     model = transformer_like(args.params)
     P = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
-    ref, ewc = ReferenceEWC(1000.0), EWCRegularizer(1000.0)
+    ref, ewc, on_torch = ReferenceEWC(1000.0), EWCRegularizer(1000.0), EWCRegularizer(1000.0, backend="torch")
     for _ in range(args.tasks):
         fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
         anchor = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
         ref.register_task(fisher, anchor)
         ewc.register_task(fisher, anchor)
+        on_torch.register_task(fisher, anchor)
     lazy = EWCRegularizer(1000.0)
     lazy.load_state_dict(ewc.state_dict())
     del fisher, anchor
     for p in model.parameters():
         p.grad = torch.randn_like(p)  # the task gradient the penalty's gradient is added to
 
-    lazy(model)  # bind, then give this instance private backends with the eager gradient off
-    lazy._binding.backends = [TorchBackend() for _ in lazy._binding.backends]
-    for backend in lazy._binding.backends:
-        backend.eager_grads = False
-    assert not lazy._binding.eager and ewc(model) is not None and ewc._binding.eager
+    ewc(model)  # bind, to name the backend "auto" chose
+    backend = "+".join(ewc.active_backends)
+    lazy(model)  # bind, then give this instance private backends of the same kind, eager gradient off
+    lazy._binding.backends = [type(b)() for b in ewc._binding.backends]
+    for b in lazy._binding.backends:
+        b.eager_grads = False
+    assert not lazy._binding.eager and ewc._binding.eager
 
     copy, copy_bytes = bu.copy_case(P)
     cases = {
         "copy (bandwidth probe)": copy,
         "reference loop fwd+bwd": lambda: ref(model).backward(),
-        "fastewc fwd+bwd": lambda: ewc(model).backward(),
-        "fastewc accumulate_grad_": lambda: ewc.accumulate_grad_(model),
-        "ablation: fwd+bwd, lazy grad": lambda: lazy(model).backward(),
+        f"fastewc fwd+bwd [{backend}]": lambda: ewc(model).backward(),
+        f"fastewc accumulate_grad_ [{backend}]": lambda: ewc.accumulate_grad_(model),
     }
+    if backend != "torch":
+        cases["fastewc fwd+bwd [torch]"] = lambda: on_torch(model).backward()
+        cases["fastewc accumulate_grad_ [torch]"] = lambda: on_torch.accumulate_grad_(model)
+    cases[f"ablation: fwd+bwd, lazy grad [{backend}]"] = lambda: lazy(model).backward()
     times = bu.time_side_by_side(cases, repeats=args.repeats)
     med = {k: bu.median(v) for k, v in times.items()}
     bandwidth = copy_bytes / med.pop("copy (bandwidth probe)")
@@ -84,10 +91,10 @@ def main(argv=None) -> dict:
     print(f"{bu.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor (20 B/param) {1e3 * floor:.1f} ms; "
           f"{args.repeats} round-robin repeats, medians\n")
-    print(f"| {'method':<28} | {'median ms':>9} | {'speed-up vs loop':>16} | {'x floor':>7} |")
-    print(f"|{'-' * 30}|{'-' * 11}|{'-' * 18}|{'-' * 9}|")
+    print(f"| {'method':<36} | {'median ms':>9} | {'speed-up vs loop':>16} | {'x floor':>7} |")
+    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 18}|{'-' * 9}|")
     for r in rows:
-        print(f"| {r['method']:<28} | {r['median_ms']:>9.1f} | {r['speedup_vs_reference']:>15.1f}x | "
+        print(f"| {r['method']:<36} | {r['median_ms']:>9.1f} | {r['speedup_vs_reference']:>15.1f}x | "
               f"{r['ratio_to_floor']:>6.2f}x |")
     payload = {
         "benchmark": "penalty_cpu", "machine": bu.machine_info(), "params": P, "tensors": n_tensors,

@@ -99,19 +99,24 @@ def _gbf(x: float) -> str:
 
 
 def _pen_rows(d: dict) -> list[str]:
-    lines = ["| series | params | accumulate_grad_ ns/param | x floor | fwd+bwd ns/param | x floor | floor ns/param "
+    lines = ["| series | params | backend | accumulate_grad_ ns/param | x floor | fwd+bwd ns/param | x floor "
+             "| PyTorch backend x floor, accumulate / fwd+bwd | floor ns/param "
              "(copy GB/s) | register s, 1st / merge | regularizer peak GB (2 buffers) | fwd+bwd extra GB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in d["penalty"]:
         if "skipped" in p:
-            lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:,.0f}M | not run: {p['skipped']} | | | | | | | |")
+            lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:,.0f}M | not run: {p['skipped']} "
+                         "| | | | | | | | | |")
             continue
         rows = {r["method"]: r for r in p["rows"]}
         a, f, g = rows["accumulate_grad_"], rows["fwd+bwd"], p["register"]
+        ta, tf = rows.get("accumulate_grad_ [torch]"), rows.get("fwd+bwd [torch]")
+        on_torch = f"{ta['ratio_to_floor']:.2f}x / {tf['ratio_to_floor']:.2f}x" if ta and tf else "(the backend)"
         peak = "n/a" if g["regularizer_peak_GB"] is None else _gbf(g["regularizer_peak_GB"])
         fb = "n/a" if g["fwd_bwd_peak_extra_GB"] is None else _gbf(g["fwd_bwd_peak_extra_GB"])
-        lines.append(f"| {p['series']} | {p['params'] / 1e6:,.1f}M | {a['ns_per_param']:.2f} | {a['ratio_to_floor']:.2f}x | "
-                     f"{f['ns_per_param']:.2f} | {f['ratio_to_floor']:.2f}x | {p['floor_ns_per_param']:.2f} "
+        lines.append(f"| {p['series']} | {p['params'] / 1e6:,.1f}M | {p.get('backend', 'torch')} | {a['ns_per_param']:.2f} "
+                     f"| {a['ratio_to_floor']:.2f}x | "
+                     f"{f['ns_per_param']:.2f} | {f['ratio_to_floor']:.2f}x | {on_torch} | {p['floor_ns_per_param']:.2f} "
                      f"({p['copy_bandwidth_GBps']:.1f}) | {g['first_s']:.2f} / {g['merge_s']:.2f} | {peak} "
                      f"({_gbf(g['buffers_GB'])}) | {fb} |")
     return lines

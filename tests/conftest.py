@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastewc.penalty.backends as backends  # noqa: E402
+from plans import split_cpu_backend  # noqa: E402
 
 # Backends every regularizer test runs on: the PyTorch backend's two strategies (with a tiny block
 # so that odd sizes span several blocks) and, where they can run, Triton and the fused C kernel.
@@ -19,17 +20,6 @@ if backends.triton_status(torch.device("cpu")) is None:
     BACKENDS.append("triton")
 if backends.cpu_backend_status(torch.device("cpu")) is None:
     BACKENDS.append("cpu")
-
-
-def split_cpu_backend(monkeypatch, threads: int = 3) -> None:
-    """Make the fused CPU backend split even tiny groups among ``threads`` threads, at shares
-    that cut through parameters, and fill the gradients it allocates with NaN first (so an
-    element it fails to write shows up)."""
-    from fastewc.penalty.backends import cpu_backend
-
-    monkeypatch.setattr(cpu_backend, "PARALLEL_FROM", 0)
-    monkeypatch.setattr(cpu_backend, "SHARE_ALIGN", 16)
-    monkeypatch.setattr(backends, "_CPU", cpu_backend.CpuBackend(threads=threads, poison=True))
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,10 +1,11 @@
 """Group plans for the penalty backends' own tests (Triton, fused CPU): a ``GroupPlan`` over fresh
-parameters, the float64 reference of every backend operation, and the tolerances to compare
-with."""
+parameters, the float64 reference of every backend operation, the tolerances to compare with,
+and the test settings of the fused CPU backend."""
 
 import torch
 import torch.nn as nn
 
+import fastewc.penalty.backends as backends
 from fastewc import FlatPacking
 from fastewc.penalty.backends import GroupPlan
 
@@ -63,3 +64,14 @@ def assert_grads(got, want, dtype, plan):
         # atol: one unit of the tensor's largest element (absorbs cancellation in grad + lam*u)
         torch.testing.assert_close(g.double(), w, rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * scale,
                                    msg=lambda s: f"tensor {i} {tuple(w.shape)}: {s}")
+
+
+def split_cpu_backend(monkeypatch, threads: int = 3) -> None:
+    """Make the fused CPU backend split even tiny groups among ``threads`` threads, at shares
+    that cut through parameters, and fill the gradients it allocates with NaN first (so an
+    element it fails to write shows up)."""
+    from fastewc.penalty.backends import cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(cpu_backend, "SHARE_ALIGN", 16)
+    monkeypatch.setattr(backends, "_CPU", cpu_backend.CpuBackend(threads=threads, poison=True))

@@ -248,9 +248,14 @@ def penalty_point(params: float, param_dtype: torch.dtype, storage_dtype: torch.
     cases = {"copy (bandwidth probe)": copy,
              "accumulate_grad_": lambda: ewc.accumulate_grad_(model),
              "fwd+bwd": lambda: ewc(model).backward()}
-    if ewc.active_backends != ("torch",):  # the PyTorch backend beside the one "auto" chose
-        cases["accumulate_grad_ [torch]"] = _on_torch_backend(ewc, lambda: ewc.accumulate_grad_(model))
-        cases["fwd+bwd [torch]"] = _on_torch_backend(ewc, lambda: ewc(model).backward())
+    # The PyTorch backend beside the one "auto" chose, timed in a round-robin of its own after
+    # the main one (with its own copy probe): interleaved, its many fresh per-tensor gradients
+    # would change how the allocator and the kernel's page cache serve the chosen backend's.
+    torch_cases = {}
+    if ewc.active_backends != ("torch",):
+        torch_cases = {"copy (bandwidth probe)": copy,
+                       "accumulate_grad_ [torch]": _on_torch_backend(ewc, lambda: ewc.accumulate_grad_(model)),
+                       "fwd+bwd [torch]": _on_torch_backend(ewc, lambda: ewc(model).backward())}
     say(f"scale: penalty {P / 1e6:.1f}M: timing, {repeats} rounds")
     out["load_average_before"], faults = _load(), _minor_faults()
     times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
@@ -262,6 +267,14 @@ def penalty_point(params: float, param_dtype: torch.dtype, storage_dtype: torch.
     out.update({"backend": "+".join(ewc.active_backends), "probe_bytes": copy_bytes,
                 "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": 1e3 * floor,
                 "floor_ns_per_param": 1e9 * floor / P, "rows": _speed_rows(med, P, floor), "raw_seconds": times})
+    if torch_cases:
+        say(f"scale: penalty {P / 1e6:.1f}M: timing the PyTorch backend, {repeats} rounds")
+        times = bu.time_side_by_side(torch_cases, repeats=repeats, warmup=1)
+        med = {k: bu.median(v) for k, v in times.items()}
+        floor_torch = fb * P / (copy_bytes / med.pop("copy (bandwidth probe)"))  # this round's own floor
+        out["rows"] += _speed_rows(med, P, floor_torch)
+        out["torch_backend_floor_ms"] = 1e3 * floor_torch
+        out["raw_seconds_torch_backend"] = times
     return out  # the model, the regularizer and the probe go with this frame
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import fastewc.penalty.backends as backends
-from conftest import split_cpu_backend
+from plans import split_cpu_backend
 from fastewc import EWCRegularizer, load_regularizer, save_regularizer
 from fastewc import reference as R
 
