@@ -58,6 +58,12 @@ def bad_cases(model):
     inf = a["2.weight"].clone()
     inf[0, 0] = float("inf")
     case("inf anchor", r"optimal_params\['2.weight'\] contains 0 NaN and 1 Inf", anchors={**a, "2.weight": inf})
+    both = a["0.bias"].clone()
+    both[[1, 5]] = torch.tensor([float("inf"), -float("inf")])  # they cancel to NaN in a sum
+    case("inf and -inf anchor", r"optimal_params\['0.bias'\] contains 0 NaN and 2 Inf", anchors={**a, "0.bias": both})
+    half = f["0.bias"].to(torch.bfloat16)
+    half[0] = float("nan")
+    case("nan bf16 fisher", r"fisher\['0.bias'\] contains 1 NaN and 0 Inf", fisher={**f, "0.bias": half})
     neg = f["2.weight"].clone()
     neg[1, 2] = -0.5
     case("negative", r"fisher\['2.weight'\] has negative entries \(min -0.5\)", fisher={**f, "2.weight": neg})
@@ -196,3 +202,14 @@ def test_bad_state_dict():
         ewc.set_extra_state([1])
     with pytest.raises(EWCInputError, match=r"no valid format version \(got None\)"):
         ewc.set_extra_state({"lambda_ewc": 1.0})
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    # The finiteness check sums first; a sum that overflows float32 must not pass for an Inf.
+    model = mlp()
+    f, a = good(model)
+    f["0.weight"] = torch.full_like(f["0.weight"], 3e38)
+    ewc = EWCRegularizer(1.0)
+    ewc.register_task(f, a)
+    assert ewc.tasks_seen == 1
+
