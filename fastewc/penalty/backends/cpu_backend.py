@@ -197,6 +197,11 @@ class _Segments:
     arrays: tuple[np.ndarray, ...]  # theta addresses, grad addresses, offsets, numels, modes
     skipped: tuple[int, ...]        # parameter indices computed with torch ops
     end: int                        # flat element just past the last segment
+    addresses: tuple[int, ...] = ()  # the arrays' own addresses (reading them costs microseconds)
+    kernel: object = None            # the kernel function for the plan's dtypes
+
+    def __post_init__(self):
+        self.addresses = tuple(a.ctypes.data for a in self.arrays)
 
 
 class _Pool:
@@ -262,17 +267,23 @@ class CpuBackend:
         offset into a fresh flat buffer, given to the kernel as ``grad_base``: the table does
         not depend on the buffer), "accumulate" (``grads``: one tensor per parameter; ``modes``:
         1 where it was just allocated and is written, 2 where it is added to)."""
-        item = torch.empty((), dtype=plan.param_dtype).element_size()
         rows, skipped = [], []
-        for i, p in enumerate(plan.params):
-            g = grads[i] if kind == "accumulate" else None
-            if not p.is_contiguous() or (g is not None and (not g.is_contiguous() or g.dtype != p.dtype)):
-                skipped.append(i)
-                rows.append(None)
-            elif kind == "accumulate":
-                rows.append((p.data_ptr(), g.data_ptr(), modes[i]))
-            else:
-                rows.append((p.data_ptr(), plan.offsets[i] * item if kind == "fresh" else 0, int(kind == "fresh")))
+        if kind == "accumulate":
+            dtype = plan.param_dtype
+            for i, (p, g) in enumerate(zip(plan.params, grads)):
+                if p.is_contiguous() and g.is_contiguous() and g.dtype == dtype:
+                    rows.append((p.data_ptr(), g.data_ptr(), modes[i]))
+                else:
+                    skipped.append(i)
+                    rows.append(None)
+        else:
+            item = plan.importance.new_empty((), dtype=plan.param_dtype).element_size()
+            for i, (p, offset) in enumerate(zip(plan.params, plan.offsets)):
+                if p.is_contiguous():
+                    rows.append((p.data_ptr(), offset * item, 1) if kind == "fresh" else (p.data_ptr(), 0, 0))
+                else:
+                    skipped.append(i)
+                    rows.append(None)
         key = tuple(rows)
         seg = plan.cache.get(("cpu-segments", kind))
         if seg is not None and seg.key == key:
@@ -285,8 +296,9 @@ class CpuBackend:
         numel = np.array([numels[i] for i in keep], dtype=np.int64)
         mode = np.array([rows[i][2] for i in keep], dtype=np.int8)
         end = int(offset[-1] + numel[-1]) if keep else 0
+        kernel = getattr(self._lib, f"ewc_quadratic_{_SUFFIX[plan.param_dtype]}_{_SUFFIX[plan.importance.dtype]}")
         seg = plan.cache[("cpu-segments", kind)] = _Segments(key, (theta, grad, offset, numel, mode), tuple(skipped),
-                                                             end)
+                                                             end, kernel=kernel)
         self.table_builds += 1
         return seg
 
@@ -300,8 +312,8 @@ class CpuBackend:
         if n == 0:
             return 0.0, seg
         grad_base = flat.data_ptr() if kind == "fresh" else 0
-        fn = getattr(self._lib, f"ewc_quadratic_{_SUFFIX[plan.param_dtype]}_{_SUFFIX[plan.importance.dtype]}")
-        theta, grad, offset, numel, mode = (a.ctypes.data for a in seg.arrays)
+        fn = seg.kernel
+        theta, grad, offset, numel, mode = seg.addresses
         a_ptr, m_ptr = plan.importance.data_ptr(), plan.anchor.data_ptr()
         threads = self.threads or max(1, torch.get_num_threads())
         share = -(-seg.end // threads)
@@ -382,15 +394,14 @@ class CpuBackend:
         if not self.takes(plan):
             return _TORCH.accumulate_grad_(plan, lam)
         with torch.no_grad():
-            grads, modes = [], []
-            for p in plan.params:
-                if p.grad is None:  # allocated here, written (not read) by the kernel
+            grads = [p.grad for p in plan.params]
+            modes = [2] * len(grads)  # added to
+            for i, g in enumerate(grads):
+                if g is None:  # allocated here, written (not read) by the kernel
+                    p = plan.params[i]
                     g = torch.empty_like(p, memory_format=torch.contiguous_format)
-                    p.grad = g.fill_(float("nan")) if self.poison else g
-                    modes.append(1)
-                else:
-                    modes.append(2)
-                grads.append(p.grad)
+                    p.grad = grads[i] = g.fill_(float("nan")) if self.poison else g
+                    modes[i] = 1
             s, seg = self._pass(plan, "accumulate", lam, grads=grads, modes=modes)
             extra = [self._fallback(plan, i, grads[i], modes[i] == 1, "accumulate", lam=lam) for i in seg.skipped]
             return self._total(plan, s, extra)
