@@ -34,7 +34,6 @@
 
 #include <stdint.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #define LANES 16   /* independent float32 partial sums: enough for the compiler to vectorise */
 #define CHUNK 2048 /* elements summed in float32 before the chunk's sum goes into a double */
@@ -140,18 +139,3 @@ DEFINE_ENTRY(ewc_quadratic_f32_f32, piece_f32_f32, float, float)
 DEFINE_ENTRY(ewc_quadratic_f32_bf16, piece_f32_bf16, float, uint16_t)
 DEFINE_ENTRY(ewc_quadratic_bf16_f32, piece_bf16_f32, uint16_t, float)
 DEFINE_ENTRY(ewc_quadratic_bf16_bf16, piece_bf16_bf16, uint16_t, uint16_t)
-
-/* Ask the kernel to back [addr, addr + nbytes) with transparent huge pages, for a fresh buffer
- * the step is about to write whole: one fault per 2 MB instead of one per 4 KB page. Only whole
- * 2 MB pages inside the range are advised; a hint, so its result is ignored. */
-void ewc_advise_huge_pages(int64_t addr, int64_t nbytes) {
-#ifdef MADV_HUGEPAGE
-    const int64_t huge = 2 << 20;
-    int64_t start = (addr + huge - 1) / huge * huge, end = (addr + nbytes) / huge * huge;
-    if (end > start)
-        madvise((void *)(intptr_t)start, (size_t)(end - start), MADV_HUGEPAGE);
-#else
-    (void)addr;
-    (void)nbytes;
-#endif
-}

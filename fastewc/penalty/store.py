@@ -159,10 +159,10 @@ class PenaltyStore:
         if new:
             entries = [(e.name, e.shape, e.dtype, e.device) for e in packing.entries] if packing is not None else []
             grown = FlatPacking(entries + [(n, *specs[n]) for n in new])
-            importance = [torch.zeros(g.numel, dtype=dt, device=g.device)
-                          for g, dt in zip(grown.groups, self.buffer_dtypes(grown))]
-            anchor = [torch.zeros(g.numel, dtype=dt, device=g.device)
-                      for g, dt in zip(grown.groups, self.buffer_dtypes(grown))]
+            # Every entry is written below (old ones copied, new ones folded in as a copy), so
+            # only the alignment gaps need zeros.
+            importance = grown.empty_with_zero_gaps(self.buffer_dtypes(grown))
+            anchor = grown.empty_with_zero_gaps(self.buffer_dtypes(grown))
             if packing is not None:
                 for e in packing.entries:
                     grown.view(importance, e.name).copy_(packing.view(self.importance, e.name))

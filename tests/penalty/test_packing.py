@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -41,3 +43,75 @@ def test_empty_and_duplicate():
     assert p.numel == 0 and p.pack({}, torch.float32) == []
     with pytest.raises(ValueError, match="duplicate"):
         FlatPacking([("a", (1,), torch.float32, "cpu"), ("a", (2,), torch.float32, "cpu")])
+
+
+@pytest.fixture
+def dirty_empty(monkeypatch):
+    """``FlatPacking.empty`` returns NaN-filled buffers, as reused memory may hold anything."""
+    real = FlatPacking.empty
+    monkeypatch.setattr(FlatPacking, "empty", lambda self, dtype: [f.fill_(float("nan")) for f in real(self, dtype)])
+
+
+def _gaps(packing, flats):
+    """The elements of ``flats`` no entry covers."""
+    out = []
+    for g, flat in zip(packing.groups, flats):
+        covered = torch.zeros(g.numel, dtype=torch.bool)
+        for i in g.entries:
+            e = packing.entries[i]
+            covered[e.offset:e.offset + e.numel] = True
+        out.append(flat[~covered])
+    return torch.cat(out)
+
+
+def test_gaps_are_zeroed_without_zeroing_whole_buffers(dirty_empty):
+    m = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 7), nn.Linear(7, 1))
+    p = FlatPacking.from_tensors(m.named_parameters())
+    gapped = p.empty_with_zero_gaps(torch.float32)
+    gaps = _gaps(p, gapped)
+    assert gaps.numel() > 10 and torch.equal(gaps, torch.zeros_like(gaps))
+    flats = p.pack(dict(m.named_parameters()), torch.bfloat16)
+    assert not any(f.isnan().any() for f in flats)  # every entry written, every gap zeroed
+
+
+def test_growing_registrations_leave_no_stale_memory(dirty_empty):
+    # New names grow the layout into fresh buffers: every entry must be written and every gap
+    # zero (the PyTorch backend's runs read across gaps, the value must not see stale memory).
+    from fastewc import EWCRegularizer
+    from fastewc import reference as R
+
+    m = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 7), nn.Linear(7, 1))
+    names = [n for n, _ in m.named_parameters()]
+    ewc, ref = EWCRegularizer(2.0, backend="torch"), R.ReferenceEWC(2.0)
+    for chosen in (names[:2], names[1:5], names):  # each task adds names
+        fisher = {n: torch.rand_like(p) for n, p in m.named_parameters() if n in chosen}
+        anchors = {n: p.detach() + torch.randn_like(p) for n, p in m.named_parameters() if n in chosen}
+        ewc.register_task(fisher, anchors)
+        ref.register_task(fisher, anchors)
+        store = ewc._store
+        for flats in (store.importance, store.anchor):
+            gaps = _gaps(store.packing, flats)
+            assert torch.equal(gaps, torch.zeros_like(gaps))
+            assert not any(f.isnan().any() for f in flats)
+        torch.testing.assert_close(ewc(m), ref(m).float(), rtol=1e-5, atol=1e-6)
+
+
+def _thp_mode():
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def test_fresh_large_buffers_are_advised_huge_pages_and_keep_their_values():
+    from fastewc._utils import HUGE_PAGES_FROM, advise_huge_pages
+
+    big = torch.empty(HUGE_PAGES_FROM // 4 + (4 << 20), dtype=torch.float32)
+    advised = advise_huge_pages(big)
+    assert advised == (sys.platform.startswith("linux") and _thp_mode() in ("always", "madvise"))
+    big.copy_(torch.arange(big.numel(), dtype=torch.float32))
+    assert big[-1] == big.numel() - 1 and big[12345] == 12345
+    assert not advise_huge_pages(torch.empty(1000))            # small: not worth a system call
+    assert not advise_huge_pages(big.view(-1, 2)[:, 0])       # not contiguous
+    assert not advise_huge_pages(torch.empty(HUGE_PAGES_FROM, dtype=torch.uint8, device="meta"))  # not on the CPU

@@ -22,8 +22,9 @@ PyTorch backend; a parameter that is not contiguous, or whose existing ``.grad``
 another dtype), is computed with torch ops (``TorchBackend._whole``) and added after the
 kernel's sum. Fresh gradients (the forward's eager gradient, ``penalty_grads``) are views of one
 flat buffer per group, as on the Triton backend; when that buffer spans 32 MB or more, its pages
-are advised to be transparent huge pages before the kernel writes it, which saves the page
-faults of a fresh allocation (one per 4 KB otherwise) on large models.
+are advised to be transparent huge pages before the kernel writes it
+(``fastewc._utils.advise_huge_pages``), which saves the page faults of a fresh allocation (one
+per 4 KB otherwise) on large models.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..._utils import advise_huge_pages
 from .base import GroupPlan
 from .torch_backend import TorchBackend
 
@@ -58,8 +60,6 @@ PARALLEL_FROM = 1 << 18
 # Threads' shares of the flat range start at multiples of this many elements (whole cache lines
 # of every dtype, so no two threads write the same line of a gradient).
 SHARE_ALIGN = 1024
-# Fresh gradient buffers of at least this many bytes are advised to use huge pages.
-HUGE_FROM = 32 << 20
 
 _lock = threading.Lock()
 _built: tuple[ctypes.CDLL | None, str | None] | None = None
@@ -169,8 +169,6 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn = getattr(lib, f"ewc_quadratic_{p}_{s}")
             fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr]
             fn.restype = None
-    lib.ewc_advise_huge_pages.argtypes = [i64, i64]
-    lib.ewc_advise_huge_pages.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -343,10 +341,9 @@ class CpuBackend:
         """A fresh gradient buffer with A's layout and its per-parameter views (handed to
         autograd, which adopts them as ``.grad``: one allocation per group and step)."""
         flat = torch.empty(plan.importance.numel(), dtype=plan.param_dtype)
+        advise_huge_pages(flat)  # before the first write: see the module docstring
         if self.poison:
             flat.fill_(float("nan"))
-        if flat.numel() * flat.element_size() >= HUGE_FROM:
-            self._lib.ewc_advise_huge_pages(flat.data_ptr(), flat.numel() * flat.element_size())
         views = [flat[o:o + v.numel()].view(v.shape) for o, v in zip(plan.offsets, plan.importance_views)]
         return flat, views
 
