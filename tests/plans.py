@@ -75,3 +75,30 @@ def split_cpu_backend(monkeypatch, threads: int = 3) -> None:
     monkeypatch.setattr(cpu_backend, "PARALLEL_FROM", 0)
     monkeypatch.setattr(cpu_backend, "SHARE_ALIGN", 16)
     monkeypatch.setattr(backends, "_CPU", cpu_backend.CpuBackend(threads=threads, poison=True))
+
+
+def check_all_ops(be, plan, lam=0.7):
+    want_v, want_g = reference(plan, lam)
+    rtol = value_rtol(plan)
+    v = be.penalty_sum(plan)
+    assert v.shape == () and v.dtype == plan.compute_dtype
+    torch.testing.assert_close(v.double(), want_v, rtol=rtol, atol=0)
+
+    v2, g2 = be.penalty_sum_and_grads(plan, lam)
+    torch.testing.assert_close(v2.double(), want_v, rtol=rtol, atol=0)
+    assert_grads(g2, want_g, plan.param_dtype, plan)
+
+    g3 = be.penalty_grads(plan, torch.tensor(lam * 3.0, dtype=plan.compute_dtype))
+    assert_grads(g3, [3.0 * w for w in want_g], plan.param_dtype, plan)
+
+    # Fused update: some grads exist (added to), some are None (allocated, written).
+    before = {}
+    for i, p in enumerate(plan.params):
+        p.grad = None
+        if i % 2 == 0:
+            p.grad = torch.randn(p.shape, dtype=torch.float64).to(plan.param_dtype)
+            before[i] = p.grad.clone()
+    v4 = be.accumulate_grad_(plan, lam)
+    torch.testing.assert_close(v4.double(), want_v, rtol=rtol, atol=0)
+    expect = [w + before[i].double() if i in before else w for i, w in enumerate(want_g)]
+    assert_grads([p.grad for p in plan.params], expect, plan.param_dtype, plan)
