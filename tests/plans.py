@@ -74,7 +74,7 @@ def split_cpu_backend(monkeypatch, threads: int = 3) -> None:
 
     monkeypatch.setattr(cpu_backend, "PARALLEL_FROM", 0)
     monkeypatch.setattr(cpu_backend, "SHARE_ALIGN", 16)
-    monkeypatch.setattr(backends, "_CPU", cpu_backend.CpuBackend(threads=threads, poison=True))
+    monkeypatch.setitem(backends._FUSED, "cpu", cpu_backend.CpuBackend(threads=threads, poison=True))
 
 
 def check_all_ops(be, plan, lam=0.7):

@@ -24,8 +24,7 @@ __all__ = ["CpuBackend", "GroupPlan", "TorchBackend", "cpu_backend_status", "sel
 
 NAMES = ("auto", "torch", "triton", "cpu")
 _TORCH = TorchBackend()
-_TRITON = None
-_CPU = None
+_FUSED: dict = {}  # "triton" / "cpu" -> the backend object, made on first use
 
 
 def triton_status(device: torch.device) -> str | None:
@@ -64,7 +63,6 @@ def requested_backend(requested: str) -> str:
 
 def select_backend(requested: str, device: torch.device):
     """The backend object to run a group on ``device`` with (see the module docstring)."""
-    global _TRITON, _CPU
     name = requested_backend(requested)
     if name == "auto":
         if device.type == "cuda" and triton_status(device) is None:
@@ -75,18 +73,14 @@ def select_backend(requested: str, device: torch.device):
             name = "torch"
     if name == "torch":
         return _TORCH
-    if name == "cpu":
-        why = cpu_backend_status(device)
-        if why is not None:
-            raise EWCInputError(f"backend 'cpu' is not available: {why}")
-        if _CPU is None:
-            _CPU = CpuBackend()
-        return _CPU
-    why = triton_status(device)
+    why = (cpu_backend_status if name == "cpu" else triton_status)(device)
     if why is not None:
-        raise EWCInputError(f"backend 'triton' is not available: {why}")
-    if _TRITON is None:
-        from .triton_backend import TritonBackend
+        raise EWCInputError(f"backend {name!r} is not available: {why}")
+    if name not in _FUSED:
+        if name == "cpu":
+            _FUSED[name] = CpuBackend()
+        else:
+            from .triton_backend import TritonBackend
 
-        _TRITON = TritonBackend()
-    return _TRITON
+            _FUSED[name] = TritonBackend()
+    return _FUSED[name]
