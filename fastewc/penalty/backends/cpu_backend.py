@@ -275,7 +275,7 @@ class CpuBackend:
                     skipped.append(i)
                     rows.append(None)
         else:
-            item = plan.importance.new_empty((), dtype=plan.param_dtype).element_size()
+            item = torch.finfo(plan.param_dtype).bits // 8  # bytes per gradient element
             for i, (p, offset) in enumerate(zip(plan.params, plan.offsets)):
                 if p.is_contiguous():
                     rows.append((p.data_ptr(), offset * item, 1) if kind == "fresh" else (p.data_ptr(), 0, 0))
