@@ -210,13 +210,16 @@ class PenaltyStore:
                 a[lo:hi].copy_(a0.mul_(self.gamma).add_(fc))
                 m[lo:hi].copy_(tc)
                 continue
+            # m converted by a copy first: ops that mix float64 with the storage dtype take
+            # torch's per-element casting loop.
+            m0 = m[lo:hi].to(f64, copy=True)
             a1 = a0 + fc
             # Share of the new task; where A + F = 0 both are 0: take the new anchor, add nothing.
             w = torch.where(a1 > 0, fc.div_(a1), 1.0)
-            tc.sub_(m[lo:hi])  # theta* - m
+            tc.sub_(m0)  # theta* - m
             dc += torch.dot(a0.mul_(w), tc.square())  # A F / (A + F) (m - theta*)^2
             a[lo:hi].copy_(a1)
-            m[lo:hi].add_(w.mul_(tc))  # m + w (theta* - m), rounded once into the storage dtype
+            m[lo:hi].copy_(m0.add_(w.mul_(tc)))  # m + w (theta* - m), rounded once into the storage dtype
         return float(dc)
 
     # -- layout --------------------------------------------------------------------------------
