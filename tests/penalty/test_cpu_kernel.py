@@ -9,6 +9,7 @@ threads whose shares cut through parameters, chunks and alignment gaps.
 
 import multiprocessing
 import os
+import warnings
 
 import pytest
 import torch
@@ -157,8 +158,14 @@ def test_build_is_cached_per_cpu(monkeypatch, tmp_path):
 def test_auto_falls_back_and_forcing_says_why(monkeypatch):
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
     monkeypatch.setattr(C, "_built", (None, "no C compiler found (set CC, or install cc, gcc or clang)"))
+    monkeypatch.setattr(backends, "_TOLD_NO_CPU_KERNEL", False)
     cpu = torch.device("cpu")
-    assert backends.select_backend("auto", cpu).name == "torch"
+    with pytest.warns(RuntimeWarning, match=r"fused CPU kernel is not available \(no C compiler found.*PyTorch backend"):
+        assert backends.select_backend("auto", cpu).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        assert backends.select_backend("auto", cpu).name == "torch"
+        assert backends.select_backend("torch", cpu).name == "torch"
     with pytest.raises(EWCInputError, match=r"backend 'cpu' is not available: no C compiler found"):
         backends.select_backend("cpu", cpu)
     why = backends.cpu_backend_status(torch.device("cuda"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -25,6 +26,7 @@ __all__ = ["CpuBackend", "GroupPlan", "TorchBackend", "cpu_backend_status", "sel
 NAMES = ("auto", "torch", "triton", "cpu")
 _TORCH = TorchBackend()
 _FUSED: dict = {}  # "triton" / "cpu" -> the backend object, made on first use
+_TOLD_NO_CPU_KERNEL = False  # the fallback on CPU tensors is announced once per process
 
 
 def triton_status(device: torch.device) -> str | None:
@@ -61,6 +63,16 @@ def requested_backend(requested: str) -> str:
     return name
 
 
+def _tell_no_cpu_kernel(why: str) -> None:
+    """Say once per process that CPU tensors run on the slower stock-ops backend, and why."""
+    global _TOLD_NO_CPU_KERNEL
+    if not _TOLD_NO_CPU_KERNEL:
+        _TOLD_NO_CPU_KERNEL = True
+        warnings.warn(f"fastewc: the fused CPU kernel is not available ({why}); the penalty runs on the "
+                      "PyTorch backend instead, which is correct but slower. Set FASTEWC_BACKEND=torch to "
+                      "choose it explicitly and silence this.", RuntimeWarning, stacklevel=3)
+
+
 def select_backend(requested: str, device: torch.device):
     """The backend object to run a group on ``device`` with (see the module docstring)."""
     name = requested_backend(requested)
@@ -71,6 +83,8 @@ def select_backend(requested: str, device: torch.device):
             name = "cpu"
         else:
             name = "torch"
+            if device.type == "cpu":
+                _tell_no_cpu_kernel(cpu_backend_status(device))
     if name == "torch":
         return _TORCH
     why = (cpu_backend_status if name == "cpu" else triton_status)(device)
