@@ -1,4 +1,4 @@
-"""The ``fastewc`` command (also ``python -m fastewc``): ``bench`` and ``demo``.
+"""The ``fastewc`` command (also ``python -m fastewc``): ``bench``, ``demo`` and ``info``.
 
 Errors a user can fix (unknown device, no GPU, a size that does not fit, a missing optional
 dependency) print one line naming the fix and exit with status 2.
@@ -129,6 +129,34 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    """What this installation runs the penalty with, per device, and why a fast backend is not used."""
+    import os
+    import platform
+
+    from . import __version__
+    from .penalty.backends import cpu_backend, cpu_backend_status, triton_status
+
+    cpu = torch.device("cpu")
+    print(f"fastewc {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.system()} {platform.machine()}")
+    why_cpu = cpu_backend_status(cpu)  # builds the C kernel if this machine has not yet
+    if why_cpu is None:
+        print(f"CPU tensors:  backend 'cpu' (fused C kernel) available: {cpu_backend.library_path()}")
+    else:
+        print(f"CPU tensors:  backend 'cpu' (fused C kernel) not available: {why_cpu}; 'auto' takes 'torch'")
+    if torch.cuda.is_available():
+        why_gpu = triton_status(torch.device("cuda"))
+        state = "available" if why_gpu is None else f"not available: {why_gpu}; 'auto' takes 'torch'"
+        print(f"CUDA tensors: backend 'triton' {state} ({torch.cuda.device_count()} device(s))")
+    else:
+        print("CUDA tensors: no CUDA device visible")
+    print("backend 'torch' (stock PyTorch ops) runs everywhere")
+    print(f"FASTEWC_BACKEND: {os.environ.get('FASTEWC_BACKEND') or '(unset)'}; "
+          f"kernel cache: {cpu_backend.cache_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastewc", description="Fast, exact Elastic Weight Consolidation for PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -175,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", metavar="PATH", help="save a figure (PNG) of the results")
     d.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="which penalty backend runs on this machine, and why",
+                       description="Print the penalty backends this installation can run, per device, and why a "
+                                   "fast one is not available; builds the fused CPU kernel if it is not built yet "
+                                   "(e.g. in a container image, ahead of training).")
+    i.set_defaults(func=cmd_info)
     return ap
 
 

@@ -111,3 +111,24 @@ def test_bench_fisher_rows_with_a_hugging_face_model(tmp_path, capsys):
 def test_bench_unknown_fisher_model(capsys):
     code, err = _err(capsys, ["bench", "--params", "1M", "--fisher-models", "resnet", "--repeats", "1"])
     assert code == 2 and "unknown ['resnet']" in err
+
+
+def test_info_names_the_backend_per_device(capsys, monkeypatch):
+    import fastewc.penalty.backends as backends
+    from fastewc.penalty.backends import cpu_backend
+
+    monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fastewc ") and f"torch {torch.__version__}" in out
+    why = backends.cpu_backend_status(torch.device("cpu"))
+    if why is None:
+        assert f"backend 'cpu' (fused C kernel) available: {cpu_backend.library_path()}" in out
+    assert "FASTEWC_BACKEND: (unset)" in out and f"kernel cache: {cpu_backend.cache_dir()}" in out
+    # Where the kernel cannot be built, the reason is printed and what 'auto' takes instead.
+    monkeypatch.setattr(cpu_backend, "_built", (None, "no C compiler found (set CC, or install cc, gcc or clang)"))
+    monkeypatch.setenv("FASTEWC_BACKEND", "torch")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "not available: no C compiler found (set CC, or install cc, gcc or clang); 'auto' takes 'torch'" in out
+    assert "FASTEWC_BACKEND: torch" in out

@@ -180,6 +180,12 @@ def library() -> ctypes.CDLL | None:
     return _built[0]
 
 
+def library_path() -> Path | None:
+    """The file of the loaded kernel library (built first if needed), or None."""
+    lib = library()
+    return Path(lib._name) if lib is not None else None
+
+
 def cpu_kernel_status() -> str | None:
     """None when the fused CPU kernel is available; otherwise the reason it is not (building it
     on the first call of a process if needed)."""
