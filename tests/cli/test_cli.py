@@ -126,7 +126,7 @@ def test_info_names_the_backend_per_device(capsys, monkeypatch):
         assert f"backend 'cpu' (fused C kernel) available: {cpu_backend.library_path()}" in out
     assert "FASTEWC_BACKEND: (unset)" in out and f"kernel cache: {cpu_backend.cache_dir()}" in out
     # Where the kernel cannot be built, the reason is printed and what 'auto' takes instead.
-    monkeypatch.setattr(cpu_backend, "_built", (None, "no C compiler found (set CC, or install cc, gcc or clang)"))
+    monkeypatch.setattr(cpu_backend, "_built", (None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
     monkeypatch.setenv("FASTEWC_BACKEND", "torch")
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out

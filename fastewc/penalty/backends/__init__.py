@@ -17,13 +17,13 @@ import warnings
 import torch
 
 from ...errors import EWCInputError
+from ..validation import BACKENDS
 from .base import GroupPlan
 from .cpu_backend import CpuBackend, cpu_kernel_status
 from .torch_backend import TorchBackend
 
 __all__ = ["CpuBackend", "GroupPlan", "TorchBackend", "cpu_backend_status", "select_backend", "triton_status"]
 
-NAMES = ("auto", "torch", "triton", "cpu")
 _TORCH = TorchBackend()
 _FUSED: dict = {}  # "triton" / "cpu" -> the backend object, made on first use
 _TOLD_NO_CPU_KERNEL = False  # the fallback on CPU tensors is announced once per process
@@ -57,9 +57,10 @@ def cpu_backend_status(device: torch.device) -> str | None:
 def requested_backend(requested: str) -> str:
     env = os.environ.get("FASTEWC_BACKEND")
     name = env if env else requested
-    if name not in NAMES:
+    if name not in BACKENDS:
         src = "FASTEWC_BACKEND" if env else "backend"
-        raise EWCInputError(f"unknown {src} {name!r}; expected 'auto', 'torch', 'triton' or 'cpu'")
+        expected = ", ".join(repr(b) for b in BACKENDS[:-1]) + f" or {BACKENDS[-1]!r}"
+        raise EWCInputError(f"unknown {src} {name!r}; expected {expected}")
     return name
 
 

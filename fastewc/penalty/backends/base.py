@@ -44,3 +44,7 @@ class GroupPlan:
     @property
     def numels(self) -> tuple[int, ...]:
         return tuple(v.numel() for v in self.importance_views)
+
+    def views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per parameter, the view of ``flat`` (a buffer laid out like ``importance``) shaped like it."""
+        return [flat[o : o + v.numel()].view(v.shape) for o, v in zip(self.offsets, self.importance_views)]

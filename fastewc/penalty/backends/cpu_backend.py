@@ -19,7 +19,7 @@ added in a fixed order, so the value is the same from run to run on the same thr
 
 Dtypes: parameters and storage float32 or bfloat16. Any other pair sends the whole group to the
 PyTorch backend; a parameter that is not contiguous, or whose existing ``.grad`` is not (or has
-another dtype), is computed with torch ops (``TorchBackend._whole``) and added after the
+another dtype), is computed with torch ops (``TorchBackend.whole_tensor``) and added after the
 kernel's sum. Fresh gradients (the forward's eager gradient, ``penalty_grads``) are views of one
 flat buffer per group, as on the Triton backend; when that buffer spans 32 MB or more, its pages
 are advised to be transparent huge pages before the kernel writes it
@@ -62,7 +62,7 @@ PARALLEL_FROM = 1 << 18
 SHARE_ALIGN = 1024
 
 _lock = threading.Lock()
-_built: tuple[ctypes.CDLL | None, str | None] | None = None
+_built: tuple[ctypes.CDLL | None, str | None, Path | None] | None = None  # (library, why not, its file)
 
 
 def source_path() -> Path:
@@ -120,27 +120,27 @@ def _compile(cc: list[str], src: Path, out: Path, native: bool) -> str | None:
     return None
 
 
-def _build() -> tuple[ctypes.CDLL | None, str | None]:
-    """(library, None), or (None, why it cannot be had)."""
+def _build() -> tuple[ctypes.CDLL | None, str | None, Path | None]:
+    """(library, None, its file), or (None, why it cannot be had, None)."""
     if platform.system() == "Windows":
-        return None, "the fused CPU kernel is built with a Unix C compiler; not supported on Windows"
+        return None, "the fused CPU kernel is built with a Unix C compiler; not supported on Windows", None
     try:
         src = source_path()
         code = src.read_bytes()
     except OSError as e:
-        return None, f"the kernel source {SOURCE_NAME} is missing from this installation ({e})"
+        return None, f"the kernel source {SOURCE_NAME} is missing from this installation ({e})", None
     cc = _compiler()
     if cc is None:
-        return None, "no C compiler found (set CC, or install cc, gcc or clang)"
+        return None, "no C compiler found (set CC, or install cc, gcc or clang)", None
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"the C compiler {shlex.join(cc)} does not run: {e}"
+        return None, f"the C compiler {shlex.join(cc)} does not run: {e}", None
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return None, f"cannot create the kernel cache folder {folder} ({e}); set FASTEWC_CACHE_DIR"
+        return None, f"cannot create the kernel cache folder {folder} ({e}); set FASTEWC_CACHE_DIR", None
     errors = []
     for native in (True, False):  # some compilers (or CPUs) have no -march=native
         key = hashlib.sha256(b"\0".join([
@@ -158,8 +158,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             errors.append(f"cannot load {lib_path}: {e}")
             continue
         _declare(lib)
-        return lib, None
-    return None, "the fused CPU kernel could not be built: " + " | ".join(errors)
+        return lib, None, lib_path
+    return None, "the fused CPU kernel could not be built: " + " | ".join(errors), None
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -182,8 +182,8 @@ def library() -> ctypes.CDLL | None:
 
 def library_path() -> Path | None:
     """The file of the loaded kernel library (built first if needed), or None."""
-    lib = library()
-    return Path(lib._name) if lib is not None else None
+    library()
+    return _built[2]
 
 
 def cpu_kernel_status() -> str | None:
@@ -350,8 +350,7 @@ class CpuBackend:
         advise_huge_pages(flat)  # before the first write: see the module docstring
         if self.poison:
             flat.fill_(float("nan"))
-        views = [flat[o:o + v.numel()].view(v.shape) for o, v in zip(plan.offsets, plan.importance_views)]
-        return flat, views
+        return flat, plan.views_of(flat)
 
     def _total(self, plan: GroupPlan, kernel_sum: float, extra: list[torch.Tensor]) -> torch.Tensor:
         total = torch.tensor(kernel_sum, dtype=plan.compute_dtype)
@@ -359,18 +358,12 @@ class CpuBackend:
             total = total + s
         return total
 
-    @staticmethod
-    def _fallback(plan: GroupPlan, i: int, g, fresh: bool, mode: str, lam=None, scale=None):
-        p = plan.params[i].detach()
-        return TorchBackend._whole(p, plan.importance_views[i], plan.anchor_views[i], g, fresh, mode, lam, scale,
-                                   plan.compute_dtype)
-
     # -- the backend interface (base.py) -------------------------------------------------------
     def penalty_sum(self, plan: GroupPlan) -> torch.Tensor:
         if not self.takes(plan):
             return _TORCH.penalty_sum(plan)
         s, seg = self._pass(plan, "sum", 0.0)
-        return self._total(plan, s, [self._fallback(plan, i, None, False, "sum") for i in seg.skipped])
+        return self._total(plan, s, [TorchBackend.whole_tensor(plan, i, None, False, "sum") for i in seg.skipped])
 
     def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``penalty_sum`` and ``[lam * A * (theta - m)]`` in one pass: reads theta, A, m once."""
@@ -379,7 +372,7 @@ class CpuBackend:
         with torch.no_grad():
             flat, views = self._fresh_flat(plan)
             s, seg = self._pass(plan, "fresh", lam, flat=flat)
-            extra = [self._fallback(plan, i, views[i], True, "sum_grads", lam=lam) for i in seg.skipped]
+            extra = [TorchBackend.whole_tensor(plan, i, views[i], True, "sum_grads", lam=lam) for i in seg.skipped]
             return self._total(plan, s, extra), views
 
     def penalty_grads(self, plan: GroupPlan, scale: torch.Tensor) -> list[torch.Tensor]:
@@ -390,7 +383,7 @@ class CpuBackend:
             factor = scale.to(dtype=plan.compute_dtype)
             _, seg = self._pass(plan, "fresh", float(factor), flat=flat)
             for i in seg.skipped:
-                self._fallback(plan, i, views[i], True, "grads", scale=factor)
+                TorchBackend.whole_tensor(plan, i, views[i], True, "grads", scale=factor)
             return views
 
     def accumulate_grad_(self, plan: GroupPlan, lam: float) -> torch.Tensor:
@@ -406,5 +399,5 @@ class CpuBackend:
                     p.grad = grads[i] = g.fill_(float("nan")) if self.poison else g
                     modes[i] = 1
             s, seg = self._pass(plan, "accumulate", lam, grads=grads, modes=modes)
-            extra = [self._fallback(plan, i, grads[i], modes[i] == 1, "accumulate", lam=lam) for i in seg.skipped]
+            extra = [TorchBackend.whole_tensor(plan, i, grads[i], modes[i] == 1, "accumulate", lam=lam) for i in seg.skipped]
             return self._total(plan, s, extra)

@@ -175,8 +175,7 @@ class TorchBackend:
             g = param.grad
         if not p.is_contiguous() or (g is not None and not g.is_contiguous()):
             # Rare (channels_last parameters or grads): whole-tensor ops on shaped views.
-            s = self._whole(p, plan.importance_views[i], plan.anchor_views[i], g, fresh, mode, lam, scale,
-                            plan.compute_dtype)
+            s = self.whole_tensor(plan, i, g, fresh, mode, lam, scale)
             if s is not None:
                 sums.append(s)
         else:
@@ -212,9 +211,13 @@ class TorchBackend:
         return None
 
     @staticmethod
-    def _whole(p, a, m, g, fresh, mode, lam, scale, cd):
-        d = p.to(cd) - m
-        u = d * a
+    def whole_tensor(plan: GroupPlan, i: int, g, fresh: bool, mode: str, lam=None, scale=None):
+        """Parameter ``i`` of ``plan`` with whole-tensor ops on its shaped views (any layout):
+        the ``mode``'s update of ``g`` (``fresh``: ``g`` is new, written not read) and, except
+        in "grads" mode, its sum ``A (theta - m)^2``. The fused backends' fallback for tensors
+        their kernels do not take (not contiguous, or a gradient of another dtype)."""
+        d = plan.params[i].detach().to(plan.compute_dtype) - plan.anchor_views[i]
+        u = d * plan.importance_views[i]
         if mode == "grads":
             g.copy_(u * scale)
             return None

@@ -23,7 +23,7 @@ backend.
 
 Fallback per tensor: a parameter that is not contiguous (e.g. ``channels_last`` convolution
 weights), or whose existing ``.grad`` is not contiguous, is flagged "skip" in the pointer table
-and computed with torch ops (``TorchBackend._whole``); the value still comes out of the same
+and computed with torch ops (``TorchBackend.whole_tensor``); the value still comes out of the same
 fixed-order sum plus those tensors' sums, in a fixed order.
 
 No host-device synchronisation: tables are copied with ``non_blocking=True`` from pinned memory,
@@ -180,14 +180,7 @@ class TritonBackend:
         group and step instead of one per tensor; the layout keeps them 16-byte aligned).
         """
         flat = self._empty(plan.importance.numel(), dtype=plan.param_dtype, device=plan.device)
-        views = [flat[o : o + v.numel()].view(v.shape) for o, v in zip(plan.offsets, plan.importance_views)]
-        return flat, views
-
-    @staticmethod
-    def _fallback(plan: GroupPlan, i: int, g, fresh: bool, mode: str, lam=None, scale=None):
-        p = plan.params[i].detach()
-        return TorchBackend._whole(p, plan.importance_views[i], plan.anchor_views[i], g, fresh, mode, lam, scale,
-                                   plan.compute_dtype)
+        return flat, plan.views_of(flat)
 
     @staticmethod
     def _plus(total: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
@@ -201,7 +194,7 @@ class TritonBackend:
             return _TORCH.penalty_sum(plan)
         with torch.no_grad():
             total, ptrs = self._run(plan, write_sum=True, grad_mode=0, scale=plan.importance)
-            return self._plus(total, [self._fallback(plan, i, None, False, "sum") for i in ptrs.skipped])
+            return self._plus(total, [TorchBackend.whole_tensor(plan, i, None, False, "sum") for i in ptrs.skipped])
 
     def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``penalty_sum`` and ``[lam * A * (theta - m)]`` in one pass: reads theta, A, m once."""
@@ -210,7 +203,7 @@ class TritonBackend:
         with torch.no_grad():
             flat, views = self._flat_grads(plan)
             total, ptrs = self._run(plan, write_sum=True, grad_mode=1, scale=self._scale(plan, lam), out=flat)
-            extra = [self._fallback(plan, i, views[i], True, "sum_grads", lam=lam) for i in ptrs.skipped]
+            extra = [TorchBackend.whole_tensor(plan, i, views[i], True, "sum_grads", lam=lam) for i in ptrs.skipped]
             return self._plus(total, extra), views
 
     def penalty_grads(self, plan: GroupPlan, scale: torch.Tensor) -> list[torch.Tensor]:
@@ -221,7 +214,7 @@ class TritonBackend:
             scale = scale.to(device=plan.device, dtype=plan.compute_dtype)
             _, ptrs = self._run(plan, write_sum=False, grad_mode=1, scale=scale, out=flat)
             for i in ptrs.skipped:
-                self._fallback(plan, i, views[i], True, "grads", scale=scale)
+                TorchBackend.whole_tensor(plan, i, views[i], True, "grads", scale=scale)
             return views
 
     def accumulate_grad_(self, plan: GroupPlan, lam: float) -> torch.Tensor:
@@ -236,7 +229,7 @@ class TritonBackend:
                 grads.append(p.grad)
             total, ptrs = self._run(plan, write_sum=True, grad_mode=2, scale=self._scale(plan, lam),
                                     grads=grads, fresh=fresh)
-            extra = [self._fallback(plan, i, grads[i], i in fresh, "accumulate", lam=lam) for i in ptrs.skipped]
+            extra = [TorchBackend.whole_tensor(plan, i, grads[i], i in fresh, "accumulate", lam=lam) for i in ptrs.skipped]
             return self._plus(total, extra)
 
 
