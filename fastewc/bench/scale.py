@@ -190,10 +190,12 @@ def _speed_rows(med: dict[str, float], P: int, floor: float) -> list[dict]:
 def _on_torch_backend(ewc: EWCRegularizer, step: Callable[[], object]) -> Callable[[], object]:
     """``step`` run with the PyTorch backend in place of the bound ones, on the same buffers (a
     second regularizer would hold a second copy of them: 4 GB more at 1B parameters in bf16)."""
+    torch_backend = TorchBackend()
+
     def run():
         binding = ewc._binding
         chosen = binding.backends
-        binding.backends = [TorchBackend()] * len(chosen)
+        binding.backends = [torch_backend] * len(chosen)
         try:
             return step()
         finally:

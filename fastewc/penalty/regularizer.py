@@ -57,8 +57,8 @@ class EWCRegularizer(nn.Module):
             given) and not ``exclude`` are protected.
         backend: ``"auto"`` (Triton on CUDA when available; on CPU the fused C kernel when a C
             compiler is found to build it, once per machine; else PyTorch, with a one-time
-            warning on CPU saying why), ``"torch"``,
-            ``"triton"`` or ``"cpu"``. The environment variable ``FASTEWC_BACKEND`` overrides it.
+            warning on CPU saying why), ``"torch"``, ``"triton"`` or ``"cpu"``. The environment
+            variable ``FASTEWC_BACKEND`` overrides it.
         check_finite: after every ``forward`` / ``accumulate_grad_``, raise ``EWCInputError``
             naming the first protected parameter that holds NaN or Inf. Costs one host-device
             synchronisation per step (it reads the penalty value).
