@@ -4,9 +4,11 @@
 canonical names, devices and dtypes; a sharded parameter's local piece), checks that the model
 still matches what was registered, and builds one ``GroupPlan`` per (device, dtype) group of
 protected parameters with the backend that runs it. The result, a :class:`Binding`, is cached by
-the regularizer with a fingerprint of the parameters (``walk``): every later step compares
-fingerprints in one pass over ``named_parameters()`` and binds again only when a protected
-parameter was replaced, moved, reshaped, re-typed or (un)frozen.
+the regularizer with a fingerprint of the parameters: every later step re-finds the protected
+parameters through their module paths (a ``ParamLocator``: one dict lookup per module on those
+paths and one per parameter, where ``named_parameters()`` would visit every module and hash every
+parameter), compares fingerprints, and binds again only when a protected parameter was replaced,
+moved, reshaped, re-typed, re-laid out or (un)frozen, or a module on its path was replaced.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import torch.nn as nn
 from ..errors import EWCInputError, ModelMismatchError
 from .backends import GroupPlan, select_backend
 from .packing import FlatPacking
+from .._utils import is_sharded
 from .sharding import check_piece, local, local_piece, reduce_groups
 from .store import PenaltyStore
 from .validation import _names, _prefix_hint
 
-__all__ = ["Binding", "PenaltyFunction", "bind", "walk", "model_device"]
+__all__ = ["Binding", "ParamLocator", "PenaltyFunction", "bind", "fingerprint", "walk", "model_device"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -32,17 +35,76 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def walk(names, model: nn.Module) -> tuple[list, dict[str, torch.Tensor]]:
-    """One pass over ``model.named_parameters()``: a cheap fingerprint of the parameters named in
-    ``names`` (a set or dict), and ``{name: parameter}`` for them."""
-    key, found = [], {}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in names:
-                q = local(p)  # a DTensor's own data_ptr is 0: fingerprint its local piece
-                key.append((n, q.data_ptr(), q.shape, p.shape, p.dtype, q.device, p.requires_grad))
-                found[n] = p
-    return key, found
+def fingerprint(params: list, sharded: bool) -> list | None:
+    """Per parameter, what a binding depends on: address, shape, dtype, whether it is trained and
+    whether it is contiguous; None if one is missing.
+
+    The address also stands for the device and the class: a parameter moved to another device
+    is copied while the old storage is alive, and host and device allocations never share
+    addresses (unified virtual addressing), so it gets a new address; a parameter that becomes
+    a DTensor reports address 0. ``sharded``: fingerprint each DTensor's local piece (and keep
+    the global shape), for bindings made with DTensors.
+    """
+    for p in params:
+        if p is None:  # not `None in params`: that calls Tensor.__eq__ on every parameter
+            return None
+    if sharded:
+        with torch.no_grad():  # to_local() is differentiable: no graph for a fingerprint
+            return [(q.data_ptr(), q.shape, p.shape, p.dtype, q.device, p.requires_grad, q.is_contiguous())
+                    for p, q in ((p, local(p)) for p in params)]
+    return [(p.data_ptr(), p.shape, p.dtype, p.requires_grad, p.is_contiguous()) for p in params]
+
+
+class ParamLocator:
+    """Re-finds named parameters of one model the way ``named_parameters()`` reached them, without
+    visiting the rest of the module tree.
+
+    Holds every (parent's ``_modules`` dict, child name, child module) edge on the parameters'
+    paths and, per parameter, its owning module's ``_parameters`` dict and attribute (the dicts
+    themselves: torch replaces entries in them, never the dicts). ``find()`` checks that each
+    edge still leads to the same child and returns the parameters now registered under the
+    names (None for one that is gone), or None when a module on a path was replaced or removed.
+    What is found under a name is whatever that module holds now: the caller fingerprints it.
+
+    Args:
+        model: the module the names are relative to.
+        names: parameter names as ``named_parameters()`` gives them.
+
+    Raises:
+        LookupError: a name that is not a ``_modules`` / ``_parameters`` path from ``model`` (a
+            module that overrides ``named_parameters``); the caller then walks the tree instead.
+    """
+
+    def __init__(self, model: nn.Module, names):
+        self.names = list(names)
+        edges: dict[str, tuple[dict, str, nn.Module]] = {}
+        self.slots: list[tuple[dict, str]] = []
+        for name in self.names:
+            *path, attr = name.split(".")
+            module, prefix = model, ""
+            for part in path:
+                child = module._modules.get(part)
+                if child is None:
+                    raise LookupError(name)
+                prefix += part + "."
+                edges.setdefault(prefix, (module._modules, part, child))
+                module = child
+            if module._parameters.get(attr) is None:
+                raise LookupError(name)
+            self.slots.append((module._parameters, attr))
+        self.edges = list(edges.values())
+
+    def find(self) -> list | None:
+        for children, part, child in self.edges:
+            if children.get(part) is not child:
+                return None
+        return [params.get(attr) for params, attr in self.slots]
+
+
+def walk(names, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: parameter}`` for the parameters of ``model`` named in ``names`` (a set or dict),
+    by one pass over ``model.named_parameters()`` (canonical names: a tied parameter once)."""
+    return {n: p for n, p in model.named_parameters() if n in names}
 
 
 class Binding:
@@ -50,7 +112,8 @@ class Binding:
 
     Args:
         model: the model (held by weak reference).
-        key: the fingerprint ``walk`` gave for it; the binding serves while it is unchanged.
+        found: ``{name: parameter}`` for every stored name (canonical names), trained or frozen;
+            the binding serves while their fingerprint is unchanged.
         plans: one ``GroupPlan`` per group with protected parameters.
         backends: the backend object of each plan.
         constant: the sum of the protected names' constants ``c``.
@@ -58,10 +121,17 @@ class Binding:
         groups: process groups to sum the value over (sharded models), else None.
     """
 
-    def __init__(self, model: nn.Module, key: list, plans: list[GroupPlan], backends: list, constant: float,
-                 out_dtype: torch.dtype, out_device: torch.device, groups: list | None = None):
+    def __init__(self, model: nn.Module, found: dict[str, torch.Tensor], plans: list[GroupPlan], backends: list,
+                 constant: float, out_dtype: torch.dtype, out_device: torch.device, groups: list | None = None):
         self.model_ref = weakref.ref(model)
-        self.key = key
+        names = list(found)
+        self.sharded = any(is_sharded(p) for p in found.values())
+        try:
+            self.locator: ParamLocator | None = ParamLocator(model, names)
+        except LookupError:
+            self.locator = None  # found by walking the module tree at every step instead
+        self.key_names, self.stored_names = names, set(names)
+        self.key = fingerprint(list(found.values()), self.sharded)
         self.plans = plans
         self.backends = backends
         self.constant = constant
@@ -69,25 +139,55 @@ class Binding:
         self.out_device = out_device
         self.groups = groups
         self.names = [n for plan in plans for n in plan.names]  # protected names in plan order
+        position = {n: i for i, n in enumerate(names)}
+        self.order = [position[n] for n in self.names]
+        # Handed to the plans with parameters this binding found unchanged: backends may keep
+        # what they derived from the parameters (addresses, layouts) while it stays the same.
+        self.token = object()
 
-    def serves(self, model: nn.Module, key: list) -> bool:
-        return self.model_ref() is model and self.key == key
+    def current(self, model: nn.Module) -> list[torch.Tensor] | None:
+        """The protected parameters of ``model`` in plan order if this binding still serves it
+        (same model, every stored parameter with the same fingerprint), else None."""
+        if self.model_ref() is not model:
+            return None
+        if self.locator is not None:
+            found = self.locator.find()
+            if found is None:
+                return None
+        else:
+            named = walk(self.stored_names, model)
+            found = [named.get(n) for n in self.key_names]
+        if fingerprint(found, self.sharded) != self.key:
+            return None
+        return [found[i] for i in self.order]
 
-    def set_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Hand the live parameters (in plan order, protected only) to the plans."""
+    def set_params(self, params: list[torch.Tensor], verified: bool = False) -> list[torch.Tensor]:
+        """Hand the live parameters (in plan order, protected only) to the plans. ``verified``:
+        they are what ``current`` returned, so the plans get this binding's token."""
+        token = self.token if verified else None
         i = 0
         for plan in self.plans:
             n = len(plan.names)
             plan.params = params[i : i + n]
+            plan.params_token = token
             i += n
         return params
 
-    def _total(self, sums: list[torch.Tensor], lam: float) -> torch.Tensor:
+    def _total(self, sums: list, lam: float) -> torch.Tensor:
+        """``(lam / 2)(sum of sums + constant)`` as one tensor of ``out_dtype`` on ``out_device``.
+        ``sums``: 0-dim tensors, or floats from host backends (``host_sums``), which are folded
+        in double precision with one tensor made at the end: after a pass over memory, every
+        torch operation costs tens of microseconds (its code and data have left the caches)."""
+        half = lam / 2.0
+        if all(type(s) is float for s in sums):
+            return torch.tensor((math.fsum(sums) + self.constant) * half, dtype=self.out_dtype, device=self.out_device)
         total = None
         for s in sums:
+            if type(s) is float:
+                s = torch.tensor(s, dtype=self.out_dtype)
             s = s.to(device=self.out_device, dtype=self.out_dtype, non_blocking=True)
             total = s if total is None else total + s
-        return (total + self.constant) * (lam / 2.0)
+        return (total + self.constant) * half
 
     def value(self, lam: float) -> torch.Tensor:
         return self._total([b.penalty_sum(p) for p, b in zip(self.plans, self.backends)], lam)
@@ -246,5 +346,5 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
         constant.extend(store.constant.get(e.name, 0.0) for e in members)
     out_dtype = torch.float64 if any(p.compute_dtype == torch.float64 for p in plans) else torch.float32
     out_device = plans[0].device if plans else model_device(model)
-    key, found = walk(packing.index, model)  # after the layout: names are canonical now
-    return store, Binding(model, key, plans, backends, math.fsum(constant), out_dtype, out_device, groups), found
+    found = walk(packing.index, model)  # after the layout: names are canonical now
+    return store, Binding(model, found, plans, backends, math.fsum(constant), out_dtype, out_device, groups), found

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .._utils import unwrap_model
 from ..errors import EWCInputError
-from .binding import Binding, PenaltyFunction, bind, model_device, walk
+from .binding import Binding, PenaltyFunction, bind, model_device
 from .selection import ParamSelection
 from .sharding import all_reduce_value, full, local, split_task, stored_full_but_sharded
 from .store import PenaltyStore
@@ -234,11 +234,12 @@ class EWCRegularizer(nn.Module):
         """The binding for ``model`` and its protected parameters in plan order (rebuilt only
         when a protected parameter changed since the last step)."""
         model = unwrap_model(model)
-        key, found = walk(self._store.packing.index, model)
         b = self._binding
-        if b is None or not b.serves(model, key):
+        params = b.current(model) if b is not None else None
+        if params is None:
             b, found = self._rebind(model)
-        return b, [found[n] for n in b.names]
+            params = [found[n] for n in b.names]
+        return b, params
 
     def _rebind(self, model: nn.Module) -> tuple[Binding, dict[str, torch.Tensor]]:
         """Bind the store to ``model`` anew; returns the binding and ``{name: parameter}``."""
@@ -262,7 +263,7 @@ class EWCRegularizer(nn.Module):
             return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
         if binding.groups is not None:
             params = [local(p) for p in params]  # differentiable: the gradient lands in the DTensor's .grad
-        binding.set_params(params)
+        binding.set_params(params, verified=True)
         if torch.is_grad_enabled():
             value = PenaltyFunction.apply(binding, self._lambda, *params)
         else:
@@ -273,7 +274,6 @@ class EWCRegularizer(nn.Module):
             binding.check_finite(value, params)
         return value
 
-    @torch.no_grad()
     def accumulate_grad_(self, model: nn.Module) -> torch.Tensor:
         """Add the penalty's gradient ``lambda * A * (theta - m)`` into every protected ``p.grad``.
 
@@ -288,20 +288,21 @@ class EWCRegularizer(nn.Module):
         if not binding.plans:
             return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
         if binding.groups is None:
-            binding.set_params(params)
+            binding.set_params(params, verified=True)
             value = binding.accumulate(self._lambda)
         else:
             # Sharded: the backends update the local pieces of the DTensor gradients in place,
             # through stand-ins that alias the local pieces of the parameter and of its gradient.
             stand_ins = []
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                q = p.to_local().detach()
-                q.grad = p.grad.to_local()
-                stand_ins.append(q)
-            binding.set_params(stand_ins)
-            value = all_reduce_value(binding.accumulate(self._lambda), binding.groups)
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    q = p.to_local().detach()
+                    q.grad = p.grad.to_local()
+                    stand_ins.append(q)
+                binding.set_params(stand_ins, verified=True)  # the local pieces the fingerprint covers
+                value = all_reduce_value(binding.accumulate(self._lambda), binding.groups)
         if self._check_finite:
             binding.check_finite(value, params)
         return value

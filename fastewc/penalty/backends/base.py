@@ -15,6 +15,9 @@ A backend whose ``eager_grads`` is true also implements
 forward then computes the gradient with the value and hands it over in backward, instead of
 reading theta, A and m a second time.
 
+A backend that sums on the host (``host_sums`` true: the CPU kernel) may return ``S`` as a Python
+float (double precision) instead of a tensor; the binding folds such sums on the host.
+
 ``A`` (importance) and ``m`` (anchor) live in the storage dtype; the regularizer folds lambdas,
 per-layer scales and tasks into them, so backends know nothing of EWC beyond this quadratic.
 None of the three may synchronise the host with the device.
@@ -39,6 +42,10 @@ class GroupPlan:
     importance_views: list[torch.Tensor]  # per parameter, shaped like it (views)
     anchor_views: list[torch.Tensor]
     params: list[torch.Tensor] = field(default_factory=list)  # the live parameters, set every step
+    # Set with ``params``: an object that is the same between two steps only when ``params`` are
+    # the same tensors at the same addresses, shapes and layouts (the binding checked them), so
+    # a backend may reuse what it derived from them without looking; None: unchecked.
+    params_token: object = None
     cache: dict = field(default_factory=dict)  # backend-private; lives as long as the binding
 
     @property

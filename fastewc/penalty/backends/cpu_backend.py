@@ -201,11 +201,40 @@ class _Segments:
     arrays: tuple[np.ndarray, ...]  # theta addresses, grad addresses, offsets, numels, modes
     skipped: tuple[int, ...]        # parameter indices computed with torch ops
     end: int                        # flat element just past the last segment
-    addresses: tuple[int, ...] = ()  # the arrays' own addresses (reading them costs microseconds)
     kernel: object = None            # the kernel function for the plan's dtypes
+    keep: list[int] | None = None    # parameter index of each row (None: every parameter, in order)
+    token: object = None             # the plan's params_token when built (see GroupPlan)
+    addresses: tuple[int, ...] = ()  # the arrays' own addresses (reading them costs microseconds)
+    grad_column: list | None = None  # what the grad and mode columns hold now (accumulate tables)
+    mode_column: list | None = None
+    buffers: tuple[int, int] = (0, 0)  # addresses of the plan's importance and anchor buffers
+    out: object = None               # where a single-threaded call writes its sum, and its address
+    out_address: int = 0
 
     def __post_init__(self):
         self.addresses = tuple(a.ctypes.data for a in self.arrays)
+        self.out = ctypes.c_double()
+        self.out_address = ctypes.addressof(self.out)
+
+    def set_grads(self, grads: list[torch.Tensor], modes: list[int] | None, dtype: torch.dtype) -> bool:
+        """Point an accumulate table at this step's gradients, in place (the parameters' columns
+        are known to hold): False, changing nothing, if a gradient needs the torch-op fallback
+        (not contiguous, or of another dtype) or the table has fallbacks of its own."""
+        if self.skipped:
+            return False
+        ptrs = [g.data_ptr() if g.dtype is dtype and g.is_contiguous() else -1 for g in grads]
+        if -1 in ptrs:
+            return False
+        if self.keep is not None:
+            ptrs = [ptrs[i] for i in self.keep]
+            modes = [modes[i] for i in self.keep] if modes is not None else None
+        if ptrs != self.grad_column:
+            self.arrays[1][:] = ptrs
+            self.grad_column = ptrs
+        if modes != self.mode_column:
+            self.arrays[4][:] = 2 if modes is None else modes
+            self.mode_column = modes
+        return True
 
 
 class _Pool:
@@ -245,6 +274,7 @@ class CpuBackend:
 
     name = "cpu"
     eager_grads = True  # forward computes the gradient in its pass over memory (see base.py)
+    host_sums = True  # sums come back as floats (see base.py)
 
     def __init__(self, threads: int | None = None, poison: bool = False):
         if threads is not None and threads < 1:
@@ -270,13 +300,22 @@ class CpuBackend:
         holds changes. ``kind``: "sum" (value only), "fresh" (write each gradient at its byte
         offset into a fresh flat buffer, given to the kernel as ``grad_base``: the table does
         not depend on the buffer), "accumulate" (``grads``: one tensor per parameter; ``modes``:
-        1 where it was just allocated and is written, 2 where it is added to)."""
+        1 where it was just allocated and is written, 2 where it is added to; None: all 2).
+
+        While the plan's ``params_token`` is the one the table was built with, the parameters'
+        columns are reused without looking at the parameters; an accumulate table then only
+        has its gradient columns rewritten."""
+        seg = plan.cache.get(("cpu-segments", kind))
+        token = plan.params_token
+        if seg is not None and token is not None and seg.token is token:
+            if kind != "accumulate" or seg.set_grads(grads, modes, plan.param_dtype):
+                return seg
         rows, skipped = [], []
         if kind == "accumulate":
             dtype = plan.param_dtype
             for i, (p, g) in enumerate(zip(plan.params, grads)):
                 if p.is_contiguous() and g.is_contiguous() and g.dtype == dtype:
-                    rows.append((p.data_ptr(), g.data_ptr(), modes[i]))
+                    rows.append((p.data_ptr(), g.data_ptr(), 2 if modes is None else modes[i]))
                 else:
                     skipped.append(i)
                     rows.append(None)
@@ -289,8 +328,8 @@ class CpuBackend:
                     skipped.append(i)
                     rows.append(None)
         key = tuple(rows)
-        seg = plan.cache.get(("cpu-segments", kind))
         if seg is not None and seg.key == key:
+            seg.token = token
             return seg
         numels = plan.numels  # a property that walks every view: read once
         keep = [i for i, r in enumerate(rows) if r is not None and numels[i] > 0]
@@ -301,8 +340,12 @@ class CpuBackend:
         mode = np.array([rows[i][2] for i in keep], dtype=np.int8)
         end = int(offset[-1] + numel[-1]) if keep else 0
         kernel = getattr(self._lib, f"ewc_quadratic_{_SUFFIX[plan.param_dtype]}_{_SUFFIX[plan.importance.dtype]}")
-        seg = plan.cache[("cpu-segments", kind)] = _Segments(key, (theta, grad, offset, numel, mode), tuple(skipped),
-                                                             end, kernel=kernel)
+        seg = plan.cache[("cpu-segments", kind)] = _Segments(
+            key, (theta, grad, offset, numel, mode), tuple(skipped), end, kernel=kernel,
+            keep=None if len(keep) == len(rows) else keep, token=token,
+            buffers=(plan.importance.data_ptr(), plan.anchor.data_ptr()))
+        if kind == "accumulate":
+            seg.grad_column, seg.mode_column = grad.tolist(), mode.tolist() if modes is not None else None
         self.table_builds += 1
         return seg
 
@@ -318,14 +361,13 @@ class CpuBackend:
         grad_base = flat.data_ptr() if kind == "fresh" else 0
         fn = seg.kernel
         theta, grad, offset, numel, mode = seg.addresses
-        a_ptr, m_ptr = plan.importance.data_ptr(), plan.anchor.data_ptr()
+        a_ptr, m_ptr = seg.buffers
         threads = self.threads or max(1, torch.get_num_threads())
         share = -(-seg.end // threads)
         share = -(-share // SHARE_ALIGN) * SHARE_ALIGN
         if threads == 1 or seg.end < PARALLEL_FROM or share >= seg.end:
-            out = ctypes.c_double()
-            fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, 0, seg.end, lam, ctypes.byref(out))
-            return out.value, seg
+            fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, 0, seg.end, lam, seg.out_address)
+            return seg.out.value, seg
         bounds = [(lo, min(lo + share, seg.end)) for lo in range(0, seg.end, share)]
         outs = (ctypes.c_double * len(bounds))()
         base = ctypes.addressof(outs)
@@ -352,52 +394,67 @@ class CpuBackend:
             flat.fill_(float("nan"))
         return flat, plan.views_of(flat)
 
-    def _total(self, plan: GroupPlan, kernel_sum: float, extra: list[torch.Tensor]) -> torch.Tensor:
-        total = torch.tensor(kernel_sum, dtype=plan.compute_dtype)
-        for s in extra:  # fixed order: deterministic
-            total = total + s
-        return total
+    @staticmethod
+    def _total(kernel_sum: float, extra: list[torch.Tensor]) -> float:
+        """The group's sum as a float (``host_sums``): the kernel's, plus the fallbacks' in a
+        fixed order (deterministic)."""
+        for s in extra:
+            kernel_sum += s.item()  # a host tensor: no sync
+        return kernel_sum
+
+    def _fallbacks(self, seg: _Segments, run) -> list:
+        """``run(i)`` for each parameter the table skipped, under ``torch.no_grad`` (the kernel's
+        own path needs no autograd mode: it makes no tensors from parameters)."""
+        if not seg.skipped:
+            return []
+        with torch.no_grad():
+            return [run(i) for i in seg.skipped]
+
+    def _takes(self, plan: GroupPlan) -> bool:
+        takes = plan.cache.get("cpu-takes")
+        if takes is None:
+            takes = plan.cache["cpu-takes"] = self.takes(plan)
+        return takes
 
     # -- the backend interface (base.py) -------------------------------------------------------
-    def penalty_sum(self, plan: GroupPlan) -> torch.Tensor:
-        if not self.takes(plan):
+    def penalty_sum(self, plan: GroupPlan) -> float | torch.Tensor:
+        if not self._takes(plan):
             return _TORCH.penalty_sum(plan)
         s, seg = self._pass(plan, "sum", 0.0)
-        return self._total(plan, s, [TorchBackend.whole_tensor(plan, i, None, False, "sum") for i in seg.skipped])
+        return self._total(s, self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(plan, i, None, False, "sum")))
 
-    def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
         """``penalty_sum`` and ``[lam * A * (theta - m)]`` in one pass: reads theta, A, m once."""
-        if not self.takes(plan):
+        if not self._takes(plan):
             return _TORCH.penalty_sum_and_grads(plan, lam)
-        with torch.no_grad():
-            flat, views = self._fresh_flat(plan)
-            s, seg = self._pass(plan, "fresh", lam, flat=flat)
-            extra = [TorchBackend.whole_tensor(plan, i, views[i], True, "sum_grads", lam=lam) for i in seg.skipped]
-            return self._total(plan, s, extra), views
+        flat, views = self._fresh_flat(plan)
+        s, seg = self._pass(plan, "fresh", lam, flat=flat)
+        extra = self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(plan, i, views[i], True, "sum_grads", lam=lam))
+        return self._total(s, extra), views
 
     def penalty_grads(self, plan: GroupPlan, scale: torch.Tensor) -> list[torch.Tensor]:
-        if not self.takes(plan):
+        if not self._takes(plan):
             return _TORCH.penalty_grads(plan, scale)
-        with torch.no_grad():
-            flat, views = self._fresh_flat(plan)
-            factor = scale.to(dtype=plan.compute_dtype)
-            _, seg = self._pass(plan, "fresh", float(factor), flat=flat)
-            for i in seg.skipped:
-                TorchBackend.whole_tensor(plan, i, views[i], True, "grads", scale=factor)
-            return views
+        flat, views = self._fresh_flat(plan)
+        factor = scale.detach().to(dtype=plan.compute_dtype)
+        _, seg = self._pass(plan, "fresh", float(factor), flat=flat)
+        self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(plan, i, views[i], True, "grads", scale=factor))
+        return views
 
-    def accumulate_grad_(self, plan: GroupPlan, lam: float) -> torch.Tensor:
-        if not self.takes(plan):
+    def accumulate_grad_(self, plan: GroupPlan, lam: float) -> float | torch.Tensor:
+        if not self._takes(plan):
             return _TORCH.accumulate_grad_(plan, lam)
-        with torch.no_grad():
-            grads = [p.grad for p in plan.params]
-            modes = [2] * len(grads)  # added to
-            for i, g in enumerate(grads):
-                if g is None:  # allocated here, written (not read) by the kernel
-                    p = plan.params[i]
-                    g = torch.empty_like(p, memory_format=torch.contiguous_format)
-                    p.grad = grads[i] = g.fill_(float("nan")) if self.poison else g
-                    modes[i] = 1
-            s, seg = self._pass(plan, "accumulate", lam, grads=grads, modes=modes)
-            extra = [TorchBackend.whole_tensor(plan, i, grads[i], modes[i] == 1, "accumulate", lam=lam) for i in seg.skipped]
-            return self._total(plan, s, extra)
+        grads = [p.grad for p in plan.params]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        modes = None  # every gradient added to
+        if missing:
+            modes = [2] * len(grads)
+            for i in missing:  # allocated here, written (not read) by the kernel
+                p = plan.params[i]
+                g = torch.empty_like(p, memory_format=torch.contiguous_format)
+                p.grad = grads[i] = g.fill_(float("nan")) if self.poison else g
+                modes[i] = 1
+        s, seg = self._pass(plan, "accumulate", lam, grads=grads, modes=modes)
+        extra = self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(
+            plan, i, grads[i], modes is not None and modes[i] == 1, "accumulate", lam=lam))
+        return self._total(s, extra)
