@@ -132,6 +132,35 @@ def test_table_cached_and_rebuilt_when_addresses_change(fused):
     assert_grads([p.grad for p in plan.params], reference(plan, 1.0)[1], torch.float32, plan)
 
 
+def test_params_token_reuses_the_parameter_columns_and_always_reads_the_gradients(fused):
+    # The binding hands the plan a token that stays the same only while the parameters do: the
+    # backend may then skip looking at them, but never at the gradients.
+    plan = make_plan([(40,), (3, 7), (0,)], torch.float32, torch.float32)
+    be = fused[1]()
+    plan.params_token = object()
+    be.penalty_sum(plan)
+    builds = be.table_builds
+    be.penalty_sum(plan)
+    assert be.table_builds == builds
+    plan.params = [nn.Parameter(p.detach() + 1.0) for p in plan.params]
+    plan.params_token = object()  # new parameters come with a new token: checked again
+    v = be.penalty_sum(plan)
+    assert be.table_builds == builds + 1
+    want_v, want_g = reference(plan, 1.0)
+    torch.testing.assert_close(value_of(be, plan, v), want_v, rtol=1e-5, atol=0)
+    kept = []
+    for start in (0.0, 1.0, 2.0):
+        for p in plan.params:
+            p.grad = torch.full_like(p, start)  # new tensors at new addresses (the old are kept)
+            kept.append(p.grad)
+        torch.testing.assert_close(value_of(be, plan, be.accumulate_grad_(plan, 1.0)), want_v, rtol=1e-5, atol=0)
+        assert_grads([p.grad for p in plan.params], [w + start for w in want_g], torch.float32, plan)
+    for p in plan.params:
+        p.grad = None  # allocated and written by the backend
+    be.accumulate_grad_(plan, 1.0)
+    assert_grads([p.grad for p in plan.params], want_g, torch.float32, plan)
+
+
 def test_unsupported_param_dtype_runs_on_torch_twin(fused):
     plan = make_plan([(9,), (4, 4)], torch.float8_e5m2, torch.float32)
     be = fused[1]()

@@ -68,6 +68,7 @@ class _Pointers:
     table: torch.Tensor  # int64 [n_tensors, 3] on the device
     ptr_align: int
     skipped: tuple[int, ...]  # indices handled by torch ops
+    token: object = None  # the plan's params_token the parameters-only table was checked with
 
 
 class TritonBackend:
@@ -118,7 +119,14 @@ class TritonBackend:
 
     def _pointers(self, plan: GroupPlan, grads: list[torch.Tensor | None] | None,
                   fresh: set[int] = frozenset()) -> _Pointers:
-        """The pointer table for the live parameters (and ``grads`` for the fused update)."""
+        """The pointer table for the live parameters (and ``grads`` for the fused update). A
+        parameters-only table is reused without looking at the parameters while the plan's
+        ``params_token`` is the one it was checked with (see GroupPlan)."""
+        cache_key = "triton-ptrs-grad" if grads is not None else "triton-ptrs"
+        ptrs = plan.cache.get(cache_key)
+        token = plan.params_token if grads is None else None
+        if token is not None and ptrs is not None and ptrs.token is token:
+            return ptrs
         rows = []
         for i, p in enumerate(plan.params):
             g = grads[i] if grads is not None else None
@@ -126,16 +134,15 @@ class TritonBackend:
             flags = (K.SKIP if skip else 0) | (K.FRESH if i in fresh else 0)
             rows.append((p.data_ptr(), g.data_ptr() if g is not None else 0, flags))
         key = tuple(rows)
-        cache_key = "triton-ptrs-grad" if grads is not None else "triton-ptrs"
-        ptrs = plan.cache.get(cache_key)
         if ptrs is not None and ptrs.key == key:
+            ptrs.token = token
             return ptrs
         skipped = tuple(i for i, r in enumerate(rows) if r[2] & K.SKIP)
         live = [a for r in rows if not r[2] & K.SKIP for a in r[:2] if a]
         align = _ALIGN if all(a % _ALIGN == 0 for a in live) else 1
         table = torch.tensor([(0, 0, f) if f & K.SKIP else (p // align, g // align, f) for p, g, f in rows],
                              dtype=torch.int64).reshape(len(rows), 3)
-        ptrs = plan.cache[cache_key] = _Pointers(key, _to_device(table, plan.device), align, skipped)
+        ptrs = plan.cache[cache_key] = _Pointers(key, _to_device(table, plan.device), align, skipped, token)
         self.table_builds += 1
         return ptrs
 
