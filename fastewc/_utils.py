@@ -1,6 +1,6 @@
-"""Small helpers both halves of the library share: unwrapping wrapped models, eval mode, free
-memory, huge pages for fresh buffers, and lazy imports of optional dependencies. Imports nothing
-from the rest of fastewc."""
+"""Small helpers both halves of the library share: unwrapping wrapped models (and their parameter
+names), eval mode, free memory, huge pages for fresh buffers, and lazy imports of optional
+dependencies. Imports nothing from the rest of fastewc."""
 
 from __future__ import annotations
 
@@ -35,15 +35,51 @@ def require(module: str, *, extra: str, package: str | None = None):
         ) from e
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers.
+# What wrappers put before the names of the module they wrap: DistributedDataParallel and
+# DataParallel ("module."), torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-    The wrappers hold the very same parameter tensors under a ``module.`` prefix; the Fisher is
-    registered under the unwrapped names, and gradients reach the wrapper's reducer hooks either way.
+
+def _compiled_inner(model: nn.Module) -> nn.Module | None:
+    """The module inside ``torch.compile(module)`` (an ``OptimizedModule``), else None. Checked
+    by name so that torch._dynamo (slow to import) is not imported for it."""
+    if type(model).__name__ == "OptimizedModule" and type(model).__module__.startswith("torch._dynamo"):
+        inner = model.__dict__.get("_orig_mod", model._modules.get("_orig_mod"))
+        return inner if isinstance(inner, nn.Module) else None
+    return None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``
+    wrappers (any nesting).
+
+    The wrappers hold the very same parameter tensors under a prefix (``WRAPPER_PREFIXES``); the
+    penalty binds to the unwrapped module, and gradients reach the wrapper's reducer hooks either
+    way. A compiled model's Fisher is estimated on its original module too (``consolidate``).
     """
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        inner = _compiled_inner(model)
+        if inner is None:
+            return model
+        model = inner
+
+
+def unwrapped_name(name: str, names) -> str:
+    """``name`` as the unwrapped model calls it: wrapper prefixes (``WRAPPER_PREFIXES``) taken
+    off the front while ``name`` is not in ``names`` (a dict or set of the unwrapped model's
+    parameter names) and a shorter name is; ``name`` itself when none is found."""
+    n = name
+    while n not in names:
+        for prefix in WRAPPER_PREFIXES:
+            if n.startswith(prefix):
+                n = n[len(prefix):]
+                break
+        else:
+            return name
+    return n
 
 
 @contextlib.contextmanager

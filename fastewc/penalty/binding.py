@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..errors import EWCInputError, ModelMismatchError
 from .backends import GroupPlan, select_backend
 from .packing import FlatPacking
-from .._utils import is_sharded
+from .._utils import is_sharded, unwrapped_name
 from .sharding import check_piece, local, local_piece, reduce_groups
 from .store import PenaltyStore
 from .validation import _names, _prefix_hint
@@ -285,7 +285,11 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
     missing, problems = [], []
     to_split: dict[str, tuple] = {}  # stored full, the parameter is sharded: (param, its ShardInfo)
     for e in packing.entries:
+        # A name taken on the wrapped model (DDP's "module.", torch.compile's "_orig_mod.")
+        # finds its parameter too, and is renamed to the canonical name below.
         p = everything.get(e.name)
+        if p is None:
+            p = everything.get(unwrapped_name(e.name, everything))
         if p is None:
             missing.append(e.name)
             continue

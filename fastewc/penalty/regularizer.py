@@ -20,13 +20,14 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .._utils import unwrap_model
+from .._utils import unwrap_model, unwrapped_name
 from ..errors import EWCInputError
 from .binding import Binding, PenaltyFunction, bind, model_device
 from .selection import ParamSelection
 from .sharding import all_reduce_value, full, local, split_task, stored_full_but_sharded
 from .store import PenaltyStore
-from .validation import BACKENDS, _names, check_choice, check_lambda, check_task, settings_from_config
+from .validation import (BACKENDS, _names, check_choice, check_lambda, check_task, settings_from_config,
+                         unwrap_names)
 
 __all__ = ["EWCRegularizer", "OnlineEWC"]
 
@@ -197,6 +198,11 @@ class EWCRegularizer(nn.Module):
         if model is not None:
             model = unwrap_model(model)
         model_params = dict(model.named_parameters(remove_duplicate=False)) if model is not None else None
+        if model_params is not None:
+            fisher = unwrap_names(fisher, model_params, "fisher")
+            optimal_params = unwrap_names(optimal_params, model_params, "optimal_params")
+            if any(n not in model_params and unwrapped_name(n, model_params) in model_params for n in self._store.names):
+                self._rebind(model)  # stored names taken on a wrapper become the model's own first
         if isinstance(fisher, Mapping) and isinstance(optimal_params, Mapping):
             # DTensor inputs (e.g. a snapshot of a sharded model's parameters): validate and split
             # the full tensors, so every rank sees the same values and raises the same errors.

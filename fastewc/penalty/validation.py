@@ -9,6 +9,7 @@ from typing import Mapping
 
 import torch
 
+from .._utils import unwrapped_name
 from ..errors import EWCInputError
 
 MODES = ("separate", "online")
@@ -90,6 +91,23 @@ def _check_tensor(name: str, t, what: str) -> torch.Tensor | None:
             f"{what}[{name!r}] contains {n_nan} NaN and {n_inf} Inf values (of {t.numel()}); "
             "expected finite values")
     return low
+
+
+def unwrap_names(d, model_params: Mapping[str, torch.Tensor], what: str):
+    """``d`` (a task's dict) with names taken on a wrapped model (DDP's ``module.``,
+    ``torch.compile``'s ``_orig_mod.``) renamed as the unwrapped model (``model_params``: its
+    names) calls them. Anything but a dict keyed by str is returned as it is (``check_task``
+    reports it). Raises ``EWCInputError`` when two names of ``d`` land on one."""
+    if not isinstance(d, Mapping) or all(not isinstance(k, str) or k in model_params for k in d):
+        return d
+    out, came_from = {}, {}
+    for k, v in d.items():
+        n = unwrapped_name(k, model_params) if isinstance(k, str) else k
+        if n in out:
+            raise EWCInputError(f"{what} names parameter {n!r} twice: as {came_from[n]!r} and as {k!r} "
+                                f"(a name taken on the wrapped model and one on the model itself)")
+        out[n], came_from[n] = v, k
+    return out
 
 
 def check_task(
