@@ -19,10 +19,10 @@ import weakref
 import torch
 import torch.nn as nn
 
+from .._utils import is_sharded, unwrapped_name
 from ..errors import EWCInputError, ModelMismatchError
 from .backends import GroupPlan, select_backend
 from .packing import FlatPacking
-from .._utils import is_sharded, unwrapped_name
 from .sharding import check_piece, local, local_piece, reduce_groups
 from .store import PenaltyStore
 from .validation import _names, _prefix_hint

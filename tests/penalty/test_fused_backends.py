@@ -159,6 +159,13 @@ def test_params_token_reuses_the_parameter_columns_and_always_reads_the_gradient
         p.grad = None  # allocated and written by the backend
     be.accumulate_grad_(plan, 1.0)
     assert_grads([p.grad for p in plan.params], want_g, torch.float32, plan)
+    # Without a token, the same plan is checked in full: gradients back at the addresses the
+    # table was first built with must not meet a table that was since pointed elsewhere.
+    plan.params_token = None
+    for p, g in zip(plan.params, kept[: len(plan.params)]):
+        p.grad = g.zero_()
+    be.accumulate_grad_(plan, 1.0)
+    assert_grads([p.grad for p in plan.params], want_g, torch.float32, plan)
 
 
 def test_unsupported_param_dtype_runs_on_torch_twin(fused):

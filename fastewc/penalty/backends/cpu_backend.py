@@ -228,12 +228,11 @@ class _Segments:
         if self.keep is not None:
             ptrs = [ptrs[i] for i in self.keep]
             modes = [modes[i] for i in self.keep] if modes is not None else None
-        if ptrs != self.grad_column:
+        if ptrs != self.grad_column or modes != self.mode_column:
             self.arrays[1][:] = ptrs
-            self.grad_column = ptrs
-        if modes != self.mode_column:
             self.arrays[4][:] = 2 if modes is None else modes
-            self.mode_column = modes
+            self.grad_column, self.mode_column = ptrs, modes
+            self.key = None  # no longer what the rows were built from: a full check rebuilds
         return True
 
 
