@@ -115,3 +115,37 @@ def test_fresh_large_buffers_are_advised_huge_pages_and_keep_their_values():
     assert not advise_huge_pages(torch.empty(1000))            # small: not worth a system call
     assert not advise_huge_pages(big.view(-1, 2)[:, 0])       # not contiguous
     assert not advise_huge_pages(torch.empty(HUGE_PAGES_FROM, dtype=torch.uint8, device="meta"))  # not on the CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shapes", [
+    [(5, 7), (0,), (1,), (33,), (3, 4, 5), (2, 0, 3), (16,)],  # gaps, empties between and at the start
+    [(0, 4), (3,)],
+    [(8,), (4, 2)],                                               # no gaps at all
+    [],
+])
+def test_plan_views_of_a_flat_buffer_match_slicing(shapes, dtype):
+    # GroupPlan.views_of makes every view in one C++ call over cached templates; the slicing
+    # loop is its twin (and what runs where torch lacks the call).
+    from plans import make_plan
+    import fastewc.penalty.backends.base as base
+
+    plan = make_plan(shapes, dtype, dtype)
+    flat = torch.arange(plan.importance.numel(), dtype=torch.float64).to(dtype)
+    want = [flat[o : o + v.numel()].view(v.shape) for o, v in zip(plan.offsets, plan.importance_views)]
+    for _ in range(2):  # built, then from the cache
+        got = plan.views_of(flat)
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == dtype and torch.equal(g, w)
+            if w.numel():
+                assert g.data_ptr() == w.data_ptr() and g.stride() == w.stride() and g._base is flat
+    if any(o != sum(v.numel() for v in plan.importance_views[:i]) for i, o in enumerate(plan.offsets)
+           if plan.importance_views[i].numel()):
+        assert plan.cache["flat-views"][1] is not None  # gaps were skipped over
+    original = base._UNFLATTEN
+    try:
+        base._UNFLATTEN = None
+        assert all(torch.equal(g, w) and g.shape == w.shape for g, w in zip(plan.views_of(flat), want))
+    finally:
+        base._UNFLATTEN = original

@@ -53,5 +53,41 @@ class GroupPlan:
         return tuple(v.numel() for v in self.importance_views)
 
     def views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per parameter, the view of ``flat`` (a buffer laid out like ``importance``) shaped like it."""
-        return [flat[o : o + v.numel()].view(v.shape) for o, v in zip(self.offsets, self.importance_views)]
+        """Per parameter, the view of ``flat`` (a buffer laid out like ``importance``) shaped like it.
+
+        Made by one call into torch's C++ (the helper distributed data parallel uses to unflatten
+        buckets) over templates of the parameters and of the alignment gaps between them,
+        cached on the plan: slicing and reshaping tensor by tensor from Python costs a few
+        microseconds per parameter, every step (fresh gradients are new views each step)."""
+        if _UNFLATTEN is None:
+            return [flat[o : o + v.numel()].view(v.shape) for o, v in zip(self.offsets, self.importance_views)]
+        layout = self.cache.get("flat-views")
+        if layout is None:
+            layout = self.cache["flat-views"] = _view_layout(self)
+        templates, picks, empties = layout
+        views = list(_UNFLATTEN(flat, templates))
+        for i in empties:  # some torch versions hand back shape (0,) for an empty template
+            views[i] = flat[:0].view(templates[i].shape)
+        return views if picks is None else [views[i] for i in picks]
+
+
+# torch's C++ unflatten (a list of shaped views of consecutive pieces of a flat tensor); the
+# Python loop above where a build lacks it.
+_UNFLATTEN = getattr(getattr(torch._C, "_nn", None), "unflatten_dense_tensors", None)
+
+
+def _view_layout(plan: GroupPlan) -> tuple[list[torch.Tensor], list[int] | None, list[int]]:
+    """Templates for ``_UNFLATTEN`` (each parameter's importance view, and a 1-D piece for each
+    alignment gap before one), where the parameters' views land in its output (None: in order,
+    no gaps), and which of those are empty."""
+    templates, picks, pos = [], [], 0
+    for offset, view in zip(plan.offsets, plan.importance_views):
+        if view.numel() == 0:
+            offset = pos  # an empty view takes no room; where it "starts" does not matter
+        if offset > pos:
+            templates.append(plan.importance[pos:offset])
+        picks.append(len(templates))
+        templates.append(view)
+        pos = offset + view.numel()
+    empties = [i for i in picks if templates[i].numel() == 0]
+    return templates, (None if len(picks) == len(templates) else picks), empties
