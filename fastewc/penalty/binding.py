@@ -141,6 +141,8 @@ class Binding:
         self.names = [n for plan in plans for n in plan.names]  # protected names in plan order
         position = {n: i for i, n in enumerate(names)}
         self.order = [position[n] for n in self.names]
+        if self.order == list(range(len(names))):
+            self.order = None  # plan order is the model's, every stored parameter trained
         # Handed to the plans with parameters this binding found unchanged: backends may keep
         # what they derived from the parameters (addresses, layouts) while it stays the same.
         self.token = object()
@@ -159,7 +161,7 @@ class Binding:
             found = [named.get(n) for n in self.key_names]
         if fingerprint(found, self.sharded) != self.key:
             return None
-        return [found[i] for i in self.order]
+        return found if self.order is None else [found[i] for i in self.order]
 
     def set_params(self, params: list[torch.Tensor], verified: bool = False) -> list[torch.Tensor]:
         """Hand the live parameters (in plan order, protected only) to the plans. ``verified``:
@@ -180,7 +182,9 @@ class Binding:
         torch operation costs tens of microseconds (its code and data have left the caches)."""
         half = lam / 2.0
         if all(type(s) is float for s in sums):
-            return torch.tensor((math.fsum(sums) + self.constant) * half, dtype=self.out_dtype, device=self.out_device)
+            # scalar_tensor: the lightest way to a 0-dim tensor (torch.tensor parses its argument)
+            return torch.scalar_tensor((math.fsum(sums) + self.constant) * half, dtype=self.out_dtype,
+                                       device=self.out_device)
         total = None
         for s in sums:
             if type(s) is float:
