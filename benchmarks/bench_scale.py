@@ -48,10 +48,9 @@ def main(argv=None) -> dict:
         quick=args.quick, sizes=args.sizes,
         memory_budget=None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9,
         progress=lambda msg: print(f"[bench_scale] {msg}", file=sys.stderr, flush=True))
+    m = result["machine"]
+    print(f"Scale, CPU: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads), torch {m['torch']}\n")
     print(scale.format_scale(result))
-    print()
-    for k, v in result["summary"].items():
-        print(f"{k}: {v}")
     path = args.json or (None if args.quick else f"benchmarks/results/{bu.machine_slug()}/scale_cpu.json")
     if path:
         print(f"\nwrote {bu.write_json(path, result)}")

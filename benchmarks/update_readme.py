@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from fastewc.bench.scale import fisher_table as scale_fisher_table, task_table
+from fastewc.bench.scale import format_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,74 +94,9 @@ def demo_table(d: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def _gbf(x: float) -> str:
-    return f"{x:.3f}" if x < 1 else f"{x:.2f}"
-
-
-def _pen_rows(d: dict) -> list[str]:
-    lines = ["| series | params | backend | accumulate_grad_ ns/param | x floor | fwd+bwd ns/param | x floor "
-             "| PyTorch backend x floor, accumulate / fwd+bwd | floor ns/param "
-             "(copy GB/s) | register s, 1st / merge | regularizer peak GB (2 buffers) | fwd+bwd extra GB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in d["penalty"]:
-        if "skipped" in p:
-            lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:,.0f}M | not run: {p['skipped']} "
-                         "| | | | | | | | | |")
-            continue
-        rows = {r["method"]: r for r in p["rows"]}
-        a, f, g = rows["accumulate_grad_"], rows["fwd+bwd"], p["register"]
-        ta, tf = rows.get("accumulate_grad_ [torch]"), rows.get("fwd+bwd [torch]")
-        on_torch = f"{ta['ratio_to_floor']:.2f}x / {tf['ratio_to_floor']:.2f}x" if ta and tf else "(the backend)"
-        peak = "n/a" if g["regularizer_peak_GB"] is None else _gbf(g["regularizer_peak_GB"])
-        fb = "n/a" if g["fwd_bwd_peak_extra_GB"] is None else _gbf(g["fwd_bwd_peak_extra_GB"])
-        lines.append(f"| {p['series']} | {p['params'] / 1e6:,.1f}M | {p.get('backend', 'torch')} | {a['ns_per_param']:.2f} "
-                     f"| {a['ratio_to_floor']:.2f}x | "
-                     f"{f['ns_per_param']:.2f} | {f['ratio_to_floor']:.2f}x | {on_torch} | {p['floor_ns_per_param']:.2f} "
-                     f"({p['copy_bandwidth_GBps']:.1f}) | {g['first_s']:.2f} / {g['merge_s']:.2f} | {peak} "
-                     f"({_gbf(g['buffers_GB'])}) | {fb} |")
-    return lines
-
-
-def _scale_targets(d: dict) -> list[str]:
-    """The ratios the scale targets are stated in, from the JSON's summary."""
-    s, out = d["summary"], []
-    for name, e in s["series"].items():
-        if "largest_params" not in e:
-            out.append(f"* {name}: no point fitted")
-            continue
-        big, ref = e["largest_params"] / 1e6, e["reference_params"] / 1e6
-        out.append(f"* {name}, time per parameter at {big:,.0f}M over {ref:,.0f}M: accumulate_grad_ "
-                   f"{e['accumulate_grad_ ns_per_param largest/reference']:.2f}x, fwd+bwd "
-                   f"{e['fwd+bwd ns_per_param largest/reference']:.2f}x (target <= 1.2x); accumulate_grad_ worst "
-                   f"ratio to the floor {e['accumulate_grad_ worst ratio_to_floor']:.2f}x (target <= 2x); regularizer "
-                   f"peak at {big:,.0f}M {e['largest regularizer_peak_GB']:.2f} GB")
-    out.append(f"* T = {d['tasks']['rows'][-1]['tasks']} over T = {d['tasks']['rows'][0]['tasks']}: accumulate_grad_ "
-               f"{s['tasks accumulate largest/smallest']:.2f}x, fwd+bwd {s['tasks fwd+bwd largest/smallest']:.2f}x "
-               f"(target <= 1.15x)")
-    for m in ("rules", "vmap"):
-        k = f"fisher {m} us_per_sample largest/smallest N"
-        if k in s:
-            out.append(f"* Fisher {m}, time per sample at the largest N over the smallest: {s[k]:.2f}x; largest "
-                       f"extra peak over N {s[f'fisher {m} peak_extra_MB max over N']:.0f} MB")
-    return out
-
-
 def scale_table(d: dict, source: str) -> str:
     m = d["machine"]
-    t, fz = d["tasks"], d["fisher"]
-    lines = [f"{_where(m)}, torch {m['torch']}; {d['date']}. Source: `{source}`.", "",
-             "Penalty step against P (2 tasks registered, `.grad` already holding a gradient; medians of "
-             "round-robin repeats; floor = bytes the step must move (fp32: 20 B/param, bf16: 10 B/param) over "
-             "the bandwidth of a copy measured in the same run):", ""]
-    lines += _pen_rows(d)
-    lines += [""] + _scale_targets(d)
-    lines += ["", f"Penalty step against registered tasks T (`mode=\"separate\"`, {t['params'] / 1e6:.1f}M fp32 "
-              f"parameters, {t['repeats']} round-robin repeats, floor {t['floor_ms']:.1f} ms):", ""]
-    lines += task_table(t)
-    lines += ["", f"Fisher diagonal ({fz['model']}; `max_memory` {fz['max_memory_MB']:.0f} MB; {fz['repeats']} "
-              f"round-robin repeats; peak = extra resident memory over the start of the call):", ""]
-    lines += scale_fisher_table(fz)
-    return "\n".join(lines)
+    return f"{_where(m)}, torch {m['torch']}; {d['date']}. Source: `{source}`.\n\n" + format_scale(d)
 
 
 def main(argv=None) -> None:

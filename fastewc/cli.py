@@ -97,6 +97,7 @@ def _bench_scale(args, dev, say) -> int:
         sizes = tuple(p for p in scale.PENALTY_SIZES if p <= args.max_params) or (args.max_params,)
     result = scale.scale_benchmark(quick=args.quick, sizes=sizes, progress=say)
     result["date"] = _dt.date.today().isoformat()
+    print(f"Scale, CPU: {_stamp(result['machine'])}\n")
     print(scale.format_scale(result))
     if args.json:
         print(f"\nwrote {bu.write_json(args.json, result)}")

@@ -470,33 +470,82 @@ def _dt(name: str) -> str:
     return name.replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
 
 
-def format_scale(result: dict) -> str:
-    """Markdown tables of a :func:`scale_benchmark` result."""
-    m = result["machine"]
-    lines = [f"Scale, CPU: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads), torch {m['torch']}", "",
-             "Penalty step against P (2 tasks registered; floor = bytes moved / copy bandwidth, same run)", "",
-             "| series | params | backend | ns/param accumulate_grad_ | x floor | ns/param fwd+bwd | x floor "
-             "| PyTorch backend x floor (accumulate / fwd+bwd) | floor ns/param "
-             "| copy GB/s | register s (1st / merge) | regularizer peak GB | buffers GB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _gb_text(x: float) -> str:
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M"
+
+
+def penalty_table(result: dict) -> list[str]:
+    """The step-against-P table (markdown lines) of a result's ``"penalty"`` part."""
+    lines = ["| series | params | backend | accumulate_grad_ ns/param | x floor | fwd+bwd ns/param | x floor "
+             "| PyTorch backend x floor, accumulate / fwd+bwd | floor ns/param "
+             "(copy GB/s) | register s, 1st / merge | regularizer peak GB (2 buffers) | fwd+bwd extra GB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["penalty"]:
         if "skipped" in p:
-            lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:.0f}M | skipped: {p['skipped']} "
-                         "| | | | | | | | | | |")
+            lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:,.0f}M | not run: {p['skipped']} "
+                         "| | | | | | | | | |")
             continue
-        a, f, r = _row(p, "accumulate_grad_"), _row(p, "fwd+bwd"), p["register"]
-        peak = "n/a" if r["regularizer_peak_GB"] is None else f"{r['regularizer_peak_GB']:.3f}"
+        a, f, g = _row(p, "accumulate_grad_"), _row(p, "fwd+bwd"), p["register"]
         ta, tf = _row(p, "accumulate_grad_ [torch]"), _row(p, "fwd+bwd [torch]")
-        torch_rows = f"{ta['ratio_to_floor']:.2f}x / {tf['ratio_to_floor']:.2f}x" if ta and tf else "(chosen)"
-        lines.append(f"| {p['series']} | {p['params'] / 1e6:.1f}M | {p.get('backend', '?')} | {a['ns_per_param']:.3f} | "
-                     f"{a['ratio_to_floor']:.2f}x | {f['ns_per_param']:.3f} | {f['ratio_to_floor']:.2f}x | {torch_rows} | "
-                     f"{p['floor_ns_per_param']:.3f} | {p['copy_bandwidth_GBps']:.1f} | "
-                     f"{r['first_s']:.2f} / {r['merge_s']:.2f} | {peak} | {r['buffers_GB']:.3f} |")
-    t = result["tasks"]
-    lines += ["", f"Penalty step against registered tasks T (separate mode, {t['params'] / 1e6:.1f}M fp32 "
-              f"parameters, floor {t['floor_ms']:.2f} ms)", ""] + task_table(t)
-    fz = result["fisher"]
-    lines += ["", f"Fisher diagonal ({fz['model']}, max_memory {fz['max_memory_MB']:.0f} MB)", ""] + fisher_table(fz)
+        on_torch = f"{ta['ratio_to_floor']:.2f}x / {tf['ratio_to_floor']:.2f}x" if ta and tf else "(the backend)"
+        peak = "n/a" if g["regularizer_peak_GB"] is None else _gb_text(g["regularizer_peak_GB"])
+        fb = "n/a" if g["fwd_bwd_peak_extra_GB"] is None else _gb_text(g["fwd_bwd_peak_extra_GB"])
+        lines.append(f"| {p['series']} | {p['params'] / 1e6:,.1f}M | {p.get('backend', 'torch')} | "
+                     f"{a['ns_per_param']:.2f} | {a['ratio_to_floor']:.2f}x | {f['ns_per_param']:.2f} | "
+                     f"{f['ratio_to_floor']:.2f}x | {on_torch} | {p['floor_ns_per_param']:.2f} "
+                     f"({p['copy_bandwidth_GBps']:.1f}) | {g['first_s']:.2f} / {g['merge_s']:.2f} | {peak} "
+                     f"({_gb_text(g['buffers_GB'])}) | {fb} |")
+    return lines
+
+
+def target_lines(result: dict) -> list[str]:
+    """The ratios the scale targets are stated in (markdown bullets), from the result's summary
+    (computed by :func:`summarize` when the result has none)."""
+    s, out = result.get("summary") or summarize(result), []
+    for name, e in s["series"].items():
+        if "largest_params" not in e:
+            out.append(f"* {name}: no point fitted")
+            continue
+        big, ref = _millions(e["largest_params"]), _millions(e["reference_params"])
+        out.append(f"* {name}, time per parameter at {big} over {ref}: accumulate_grad_ "
+                   f"{e['accumulate_grad_ ns_per_param largest/reference']:.2f}x, fwd+bwd "
+                   f"{e['fwd+bwd ns_per_param largest/reference']:.2f}x (target <= 1.2x); accumulate_grad_ worst "
+                   f"ratio to the floor {e['accumulate_grad_ worst ratio_to_floor']:.2f}x (target <= 2x); regularizer "
+                   f"peak at {big} {_gb_text(e['largest regularizer_peak_GB'])} GB")
+    rows = result["tasks"]["rows"]
+    out.append(f"* T = {rows[-1]['tasks']} over T = {rows[0]['tasks']}: accumulate_grad_ "
+               f"{s['tasks accumulate largest/smallest']:.2f}x, fwd+bwd {s['tasks fwd+bwd largest/smallest']:.2f}x "
+               f"(target <= 1.15x)")
+    for m in ("rules", "vmap"):
+        k = f"fisher {m} us_per_sample largest/smallest N"
+        if k in s:
+            peak = s[f"fisher {m} peak_extra_MB max over N"]
+            out.append(f"* Fisher {m}, time per sample at the largest N over the smallest: {s[k]:.2f}x; largest "
+                       f"extra peak over N {'n/a' if peak is None else f'{peak:.0f} MB'}")
+    return out
+
+
+def format_scale(result: dict) -> str:
+    """Markdown of a :func:`scale_benchmark` result: the three tables and the target ratios (what
+    the README shows, without its first line)."""
+    t, fz = result["tasks"], result["fisher"]
+    repeats = f", {t['repeats']} round-robin repeats" if "repeats" in t else ""
+    lines = ["Penalty step against P (2 tasks registered, `.grad` already holding a gradient; medians of "
+             "round-robin repeats; floor = bytes the step must move (fp32: 20 B/param, bf16: 10 B/param) over "
+             "the bandwidth of a copy measured in the same run):", ""]
+    lines += penalty_table(result)
+    lines += [""] + target_lines(result)
+    lines += ["", f"Penalty step against registered tasks T (`mode=\"separate\"`, {t['params'] / 1e6:.1f}M fp32 "
+              f"parameters{repeats}, floor {t['floor_ms']:.1f} ms):", ""]
+    lines += task_table(t)
+    fz_repeats = f"; {fz['repeats']} round-robin repeats" if "repeats" in fz else ""
+    lines += ["", f"Fisher diagonal ({fz['model']}; `max_memory` {fz['max_memory_MB']:.0f} MB{fz_repeats}; peak = "
+              f"extra resident memory over the start of the call):", ""]
+    lines += fisher_table(fz)
     return "\n".join(lines)
 
 

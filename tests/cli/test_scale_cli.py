@@ -84,7 +84,7 @@ def test_points_over_the_memory_budget_are_recorded_as_skipped():
                                                               "fwd_bwd_ms": 1.0, "fwd_bwd_vs_T1": 1.0,
                                                               "register_s_per_task": 0.1}]},
             "fisher": {"model": "m", "max_memory_MB": 64, "by_samples": [], "by_width": []}}
-    assert "skipped: needs about" in scale.format_scale(fake)
+    assert "not run: needs about" in scale.format_scale(fake)
     assert scale.summarize(fake)["series"]["bf16"] == {"skipped": [10**9]}
 
 
