@@ -5,8 +5,8 @@ Fisher tests: each ``make_*`` returns ``(model, data)`` where ``data`` is a list
 with ``dtype=torch.float64``. Models are deterministic given the seed (the autouse fixture in
 conftest seeds the global RNG).
 
-Penalty tests: ``MODELS`` (by name), ``make_tasks`` (random Fisher / anchor dicts) and
-``perturb``.
+Penalty tests: ``MODELS`` (by name), ``make_tasks`` (random Fisher / anchor dicts),
+``perturb`` and ``assert_penalty_steps`` (a regularizer's steps against the reference loop).
 """
 
 from __future__ import annotations
@@ -261,6 +261,33 @@ def make_tasks(model, n_tasks, *, spread=1.0, names=None, dtype=None):
             anchors[n] = (p.detach().to(dtype or p.dtype) + spread * torch.randn(p.shape, dtype=dtype or p.dtype))
         tasks.append((fisher, anchors))
     return tasks
+
+
+def assert_penalty_steps(ewc, model, ref, *, handed=None, rtol=2e-5):
+    """``ewc``'s forward+backward and ``accumulate_grad_`` on ``handed`` (default ``model``; e.g. a
+    wrapper around it) give the value and gradients of the float64 ``ref`` (a reference-loop
+    regularizer) on a float64 copy of ``model`` as it is now; a frozen parameter gets none."""
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    model64.zero_grad(set_to_none=True)
+    want = ref(model64)
+    want.backward()
+    for use_accumulate in (False, True):
+        model.zero_grad(set_to_none=True)
+        if use_accumulate:
+            v = ewc.accumulate_grad_(handed if handed is not None else model)
+        else:
+            v = ewc(handed if handed is not None else model)
+            v.backward()
+        torch.testing.assert_close(v.detach().double(), want.detach(), rtol=rtol, atol=0)
+        for (n, p), q in zip(model.named_parameters(), model64.parameters()):
+            if not p.requires_grad:
+                assert p.grad is None, f"{n} is frozen but got a gradient"
+                continue
+            scale = float(q.grad.abs().max())
+            torch.testing.assert_close(p.grad.double(), q.grad, rtol=rtol, atol=rtol * scale,
+                                       msg=lambda m: f"{n}: {m}")
 
 
 def perturb(model, scale=0.3):
