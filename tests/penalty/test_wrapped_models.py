@@ -129,3 +129,29 @@ def test_consolidate_estimates_on_the_original_module():
     assert list(fisher) == list(want) == [n for n, _ in model.named_parameters()]
     for n in want:
         torch.testing.assert_close(fisher[n], want[n])
+
+
+def test_penalty_inside_a_compiled_training_step():
+    # torch.compile over a step that adds ewc(model) to the loss: dynamo runs the regularizer
+    # eagerly (the kernel is a foreign call), and loss and gradients are those of the eager step.
+    model = net()
+    ewc = EWCRegularizer(5.0)
+    ewc.register_task(*make_tasks(model, 1)[0])
+    perturb(model)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+
+    def step(x, y):
+        return nn.functional.cross_entropy(model(x), y) + ewc(model)
+
+    model.zero_grad(set_to_none=True)
+    want = step(x, y)
+    want.backward()
+    want_g = [p.grad.clone() for p in model.parameters()]
+    compiled = torch.compile(step)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        got = compiled(x, y)
+        got.backward()
+        torch.testing.assert_close(got.detach(), want.detach())
+        for p, g in zip(model.parameters(), want_g):
+            torch.testing.assert_close(p.grad, g)
