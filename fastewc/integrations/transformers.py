@@ -29,18 +29,23 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import require
+from .._utils import require, unwrap_model
 from ..penalty import EWCRegularizer
 
 _transformers = require("transformers", extra="hf")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / DataParallel / accelerate wrappers keep the user's module in .module; parameter
-    # names inside it are the ones the Fisher was registered under.
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+    # DDP / DataParallel / accelerate / DeepSpeed wrappers keep the user's module in .module,
+    # torch.compile (Trainer's torch_compile=True) in ._orig_mod: parameter names inside are the
+    # ones the Fisher was registered under.
+    while True:
+        inner = unwrap_model(model)
+        if inner is model and isinstance(getattr(model, "module", None), torch.nn.Module):
+            inner = model.module
+        if inner is model:
+            return model
+        model = inner
 
 
 class EWCTrainerMixin:

@@ -109,3 +109,21 @@ def test_training_with_ewc_stays_closer_to_the_anchor(tmp_path):
 def test_bad_ewc_argument(tmp_path):
     with pytest.raises(TypeError, match="EWCRegularizer"):
         make_trainer(tmp_path, tiny_gpt2(), dataset(1), ewc={"lambda": 3})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_wrappers_around_the_model_are_taken_off():
+    # What the Trainer may hand compute_loss: DDP/DeepSpeed-like ".module" wrappers and
+    # torch.compile (torch_compile=True), in any nesting.
+    from fastewc.integrations.transformers import _unwrap
+
+    class Engine(torch.nn.Module):  # an accelerate / DeepSpeed style wrapper
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny_gpt2()
+    for wrapped in (Engine(model), torch.compile(model), Engine(torch.compile(Engine(model))),
+                    torch.nn.DataParallel(torch.compile(model))):
+        assert _unwrap(wrapped) is model
+    assert _unwrap(model) is model
