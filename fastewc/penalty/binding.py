@@ -76,10 +76,9 @@ class ParamLocator:
     """
 
     def __init__(self, model: nn.Module, names):
-        self.names = list(names)
         edges: dict[str, tuple[dict, str, nn.Module]] = {}
         self.slots: list[tuple[dict, str]] = []
-        for name in self.names:
+        for name in names:
             *path, attr = name.split(".")
             module, prefix = model, ""
             for part in path:

@@ -177,3 +177,26 @@ def test_block_and_small_are_checked():
         TB.TorchBackend(block=0)
     with pytest.raises(ValueError, match="small .* not negative"):
         TB.TorchBackend(small=-1)
+
+
+def test_a_run_trusts_the_plans_token_and_checks_without_one(monkeypatch):
+    # While the binding vouches for the parameters (the plan's params_token), a run reuses its
+    # flat views of them without looking; without a token, or under a new one, it looks again.
+    model, ewc, f64, a64 = _setup(torch.float32, monkeypatch)
+    ewc.accumulate_grad_(model)
+    plan = ewc._binding.plans[0]
+    run = next(u for u in plan.cache["units"] if isinstance(u, TB._Run))
+    token = plan.params_token
+    assert token is not None
+    pieces = run._theta_pieces(plan)
+    i = run.members[0]
+    for new_token in (token, None, object()):
+        plan.params[i] = nn.Parameter(plan.params[i].detach() + 1.0)  # new storage
+        plan.params_token = new_token
+        got = run._theta_pieces(plan)
+        if new_token is token:  # what a binding would never let by: trusted, not looked at
+            assert got is pieces
+        else:
+            assert got is not pieces and got[0].data_ptr() == plan.params[i].data_ptr()
+        pieces = got
+    assert run._theta_pieces(plan) is pieces  # looked at again under the new token: unchanged

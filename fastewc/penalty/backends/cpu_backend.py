@@ -12,7 +12,10 @@ file and renames it into place. Without a working compiler the backend reports w
 
 Per step, per (device, dtype) group: one table of segments (each protected parameter's
 address, its gradient's address, its place in the flat buffers, and whether its gradient is
-read, written or not touched), rebuilt only when an address changes; then the flat range of the
+read, written or not touched). While the binding vouches for the parameters (the plan's
+``params_token``) the table's parameter columns stand and only its gradient columns are
+rewritten, in place; otherwise every address is read and the table rebuilt when one changed.
+Then the flat range of the
 group is split among ``torch.get_num_threads()`` threads, each calling the kernel on its share
 (ctypes releases the GIL during the call) and returning its partial sum; the partials are
 added in a fixed order, so the value is the same from run to run on the same thread count.
@@ -39,7 +42,7 @@ import shutil
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -204,12 +207,14 @@ class _Segments:
     kernel: object = None            # the kernel function for the plan's dtypes
     keep: list[int] | None = None    # parameter index of each row (None: every parameter, in order)
     token: object = None             # the plan's params_token when built (see GroupPlan)
-    addresses: tuple[int, ...] = ()  # the arrays' own addresses (reading them costs microseconds)
-    grad_column: list | None = None  # what the grad and mode columns hold now (accumulate tables)
-    mode_column: list | None = None
     buffers: tuple[int, int] = (0, 0)  # addresses of the plan's importance and anchor buffers
-    out: object = None               # where a single-threaded call writes its sum, and its address
-    out_address: int = 0
+    grad_column: list | None = None  # what the grad and mode columns hold now (accumulate tables),
+    mode_column: list | None = None  # as lists: comparing them costs less than reading the arrays
+    # Derived: the arrays' own addresses (reading them costs microseconds), and where a
+    # single-threaded call writes its sum.
+    addresses: tuple[int, ...] = field(init=False)
+    out: ctypes.c_double = field(init=False)
+    out_address: int = field(init=False)
 
     def __post_init__(self):
         self.addresses = tuple(a.ctypes.data for a in self.arrays)
