@@ -7,6 +7,11 @@ Prints the tables, writes the JSON and the figure:
 
     python benchmarks/bench_scale.py [--quick] [--sizes 1e6,1e7,1e8,1e9] [--memory-budget-gb 13]
         [--threads N] [--json PATH] [--plot PATH]
+    python benchmarks/bench_scale.py --spread 10 [--sizes 1e6] [--threads N] [--json PATH]
+
+``--spread R`` measures only the penalty points of ``--sizes`` (default 1M), R times each, and
+reports the spread of ``accumulate_grad_``'s ratio to the floor over the runs (default JSON:
+``benchmarks/results/<machine>/scale_spread_cpu.json``).
 
 Defaults: ``benchmarks/results/<machine>/scale_cpu.json`` and ``docs/scale_cpu.png``. Points that
 would not fit the memory budget (default: 90% of the memory available at the start) are
@@ -40,9 +45,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice). On a machine shared with other jobs, 1 keeps "
                          "a parallel region from waiting for a thread that another process has descheduled")
+    ap.add_argument("--spread", type=int, default=None, metavar="R",
+                    help="only the penalty points of --sizes (default 1M), R runs each: the spread of the ratio")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.spread is not None:
+        spread = scale.penalty_spread(args.sizes or (1e6,), runs=args.spread,
+                                      say=lambda msg: print(f"[bench_scale] {msg}", file=sys.stderr, flush=True))
+        print(scale.format_spread(spread))
+        print(f"\nwrote {bu.write_json(args.json or f'benchmarks/results/{bu.machine_slug()}/scale_spread_cpu.json', spread)}")
+        return spread
 
     result = scale.scale_benchmark(
         quick=args.quick, sizes=args.sizes,

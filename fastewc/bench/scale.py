@@ -38,6 +38,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import statistics
 import time
 from typing import Callable
 
@@ -299,6 +300,41 @@ def penalty_curve(sizes=PENALTY_SIZES, series=SERIES, *, quick: bool = False, me
                 resident_bytes()  # collect and trim before the next point
             points.append(row)
     return points
+
+
+def penalty_spread(sizes=(1e6,), series=SERIES, *, runs: int = 10,
+                   say: Callable[[str], None] = lambda m: None) -> dict:
+    """The penalty points of ``sizes`` measured ``runs`` times over, each run a fresh
+    :func:`penalty_point` with its own floor: how far one run's ratio to the floor can be
+    trusted on this machine (at small P the floor itself moves from run to run). Returns the
+    runs' ratios per (series, P) and their minimum, median, maximum and the count under 2x."""
+    points = []
+    for name, pdt, sdt in series:
+        for P in sizes:
+            ratios, floors = [], []
+            for r in range(runs):
+                say(f"scale spread: {name} {P / 1e6:g}M, run {r + 1} of {runs}")
+                pt = penalty_point(P, pdt, sdt, repeats=_repeats_for(P, False), say=lambda m: None)
+                ratios.append(_row(pt, "accumulate_grad_")["ratio_to_floor"])
+                floors.append(pt["floor_ms"])
+                resident_bytes()
+            ordered = sorted(ratios)
+            points.append({"series": name, "params": pt["params"], "tensors": pt["tensors"], "runs": runs,
+                           "accumulate_ratio_to_floor": ratios, "floor_ms": floors,
+                           "min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1],
+                           "under_2x": sum(x <= 2.0 for x in ratios)})
+    return {"benchmark": "scale-spread", "device": "cpu", "machine": bu.machine_info("cpu"), "points": points}
+
+
+def format_spread(result: dict) -> str:
+    """Markdown table of a :func:`penalty_spread` result."""
+    lines = ["| series | params | tensors | runs | accumulate_grad_ x floor: min / median / max | runs under 2x "
+             "| floor ms: min / max |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for p in result["points"]:
+        lines.append(f"| {p['series']} | {_millions(p['params'])} | {p['tensors']} | {p['runs']} | "
+                     f"{p['min']:.2f}x / {p['median']:.2f}x / {p['max']:.2f}x | {p['under_2x']} | "
+                     f"{min(p['floor_ms']):.3f} / {max(p['floor_ms']):.3f} |")
+    return "\n".join(lines)
 
 
 # -- penalty against T ----------------------------------------------------------------------------

@@ -118,3 +118,14 @@ def test_scale_model_has_the_size_and_dtype_asked_for():
         assert 0.75 * n < P < 1.25 * n
         assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
         assert all(bool(p.abs().max() <= 0.05) for p in m.parameters())
+
+
+def test_spread_repeats_points_and_summarises_their_ratios():
+    result = scale.penalty_spread((2e4,), runs=3)
+    assert [p["series"] for p in result["points"]] == ["fp32", "bf16"]
+    for p in result["points"]:
+        r = p["accumulate_ratio_to_floor"]
+        assert len(r) == len(p["floor_ms"]) == p["runs"] == 3 and all(_finite(x) and x > 0 for x in r)
+        assert p["min"] == min(r) <= p["median"] <= p["max"] == max(r)
+        assert p["under_2x"] == sum(x <= 2.0 for x in r)
+    assert "runs under 2x" in scale.format_spread(result)
