@@ -10,5 +10,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["fastewc", "fastewc.*"]) + ["fastewc.kernels"],
     package_dir={"fastewc.kernels": "kernels"},
-    package_data={"fastewc.kernels": ["*.c"]},
+    package_data={"fastewc.kernels": ["*.c", "*.cpp"]},
 )

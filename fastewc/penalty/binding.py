@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .._utils import is_sharded, unwrapped_name
 from ..errors import EWCInputError, ModelMismatchError
-from .backends import GroupPlan, select_backend
+from .backends import GroupPlan, host, select_backend
 from .packing import FlatPacking
 from .sharding import check_piece, local, local_piece, reduce_groups
 from .store import PenaltyStore
@@ -131,6 +131,12 @@ class Binding:
             self.locator = None  # found by walking the module tree at every step instead
         self.key_names, self.stored_names = names, set(names)
         self.key = fingerprint(list(found.values()), self.sharded)
+        # The same fingerprint as a C++ record (backends/host.py), made at the first check the
+        # Python fingerprint passes once the helpers are loaded; None: compare ``key``.
+        self.record: bytes | None = None
+        self.matches = None  # the helpers' comparison, kept with the record it compares against
+        self.record_tried = self.sharded  # a DTensor's local piece is read in Python only
+        host.helpers()  # starts their build in this process if none was started
         self.plans = plans
         self.backends = backends
         self.constant = constant
@@ -158,8 +164,17 @@ class Binding:
         else:
             named = walk(self.stored_names, model)
             found = [named.get(n) for n in self.key_names]
-        if fingerprint(found, self.sharded) != self.key:
-            return None
+        helpers = host.loaded()
+        if self.record is not None and helpers is not None:
+            if not self.matches(found, self.record):
+                return None
+        else:
+            if fingerprint(found, self.sharded) != self.key:
+                return None
+            if helpers is not None and not self.record_tried:
+                self.record_tried = True
+                self.record = helpers.record(found)  # these are the parameters ``key`` describes
+                self.matches = helpers.matches
         return found if self.order is None else [found[i] for i in self.order]
 
     def set_params(self, params: list[torch.Tensor], verified: bool = False) -> list[torch.Tensor]:

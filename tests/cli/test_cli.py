@@ -132,3 +132,14 @@ def test_info_names_the_backend_per_device(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "not available: no C compiler found (set CC, or install cc, gcc or clang); 'auto' takes 'torch'" in out
     assert "FASTEWC_BACKEND: torch" in out
+    # The per-step host helpers: in use, or why not.
+    from fastewc.penalty.backends import host
+
+    assert cli.main(["info"]) == 0
+    want = "in use" if host.build() is not None else f"not in use ({host.host_helpers_status()})"
+    assert f"per-step checks: C++ host helpers {want}" in capsys.readouterr().out
+    monkeypatch.setenv("FASTEWC_HOST_HELPERS", "off")
+    monkeypatch.setattr(host, "_module", None)  # as in a process that has not loaded them
+    assert cli.main(["info"]) == 0
+    assert ("per-step checks: C++ host helpers not in use (disabled by FASTEWC_HOST_HELPERS=off); the Python twins "
+            "run instead") in capsys.readouterr().out

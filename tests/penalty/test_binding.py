@@ -15,6 +15,9 @@ from fastewc.penalty.binding import ParamLocator
 
 from models import assert_penalty_steps, make_tasks, perturb
 
+# Every test twice: the per-step check in Python, and in the C++ host helpers (backends/host.py).
+pytestmark = pytest.mark.usefixtures("host_helpers")
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -46,11 +49,13 @@ def check_step(model, ewc, ref):
     assert_penalty_steps(ewc, model, ref)
 
 
-def test_unchanged_model_keeps_its_binding_and_cpu_tables(backend):
+def test_unchanged_model_keeps_its_binding_and_cpu_tables(backend, host_helpers):
     # A training loop (fresh gradients every step, kept alive so that they get new addresses)
     # rebinds nothing and builds no table after the first steps.
     model, ewc, ref = bound(backend)
     b = ewc._binding
+    ewc(model)
+    assert (b.record is not None) == (host_helpers == "c++")  # the check runs where it is meant to
     kept = []
     for _ in range(4):
         model.zero_grad(set_to_none=True)
@@ -100,10 +105,11 @@ def test_data_swapped_for_a_transposed_view_of_the_same_memory(backend):
     check_step(model, ewc, ref)
 
 
-def test_data_swapped_for_another_shape_at_the_same_address_is_refused(backend):
+@pytest.mark.parametrize("shape", [(-1,), (6, 9)], ids=["flattened", "same ndim"])
+def test_data_swapped_for_another_shape_at_the_same_address_is_refused(backend, shape):
     model, ewc, ref = bound(backend)
     w = model.body[2].weight
-    w.data = w.data.view(-1)
+    w.data = w.data.view(*shape)
     with pytest.raises(ModelMismatchError, match=r"body\.2\.weight"):
         ewc.accumulate_grad_(model)
     w.data = w.data.view(9, 6)

@@ -38,7 +38,6 @@ import importlib.util
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +48,11 @@ import numpy as np
 import torch
 
 from ..._utils import advise_huge_pages
+from . import host
 from .base import GroupPlan
+from .native import c_compiler as _compiler
+from .native import cache_dir, compile_into, compiler_version
+from .native import cpu_features as _cpu_features
 from .torch_backend import TorchBackend
 
 SOURCE_NAME = "quadratic_cpu.c"
@@ -76,53 +79,6 @@ def source_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SOURCE_NAME
 
 
-def cache_dir() -> Path:
-    """Where built libraries are kept: ``$FASTEWC_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastewc``,
-    else ``~/.cache/fastewc``."""
-    env = os.environ.get("FASTEWC_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fastewc"
-
-
-def _compiler() -> list[str] | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shlex.split(cc)
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    return None
-
-
-def _cpu_features() -> str:
-    """The CPU's instruction-set flags (what ``-march=native`` depends on), for the cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compile(cc: list[str], src: Path, out: Path, native: bool) -> str | None:
-    """Build ``out`` from ``src``; None on success, else the compiler's complaint."""
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [*cc, *FLAGS, *([NATIVE] if native else []), str(src), "-o", str(tmp)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{shlex.join(cmd)} failed: {e}"
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        return f"{shlex.join(cmd)} exited with {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}"
-    os.replace(tmp, out)  # atomic: a concurrent build of the same key replaces it with the same bytes
-    return None
-
-
 def _build() -> tuple[ctypes.CDLL | None, str | None, Path | None]:
     """(library, None, its file), or (None, why it cannot be had, None)."""
     if platform.system() == "Windows":
@@ -136,7 +92,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None, Path | None]:
     if cc is None:
         return None, "no C compiler found (set CC, or install cc, gcc or clang)", None
     try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        version = compiler_version(cc)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"the C compiler {shlex.join(cc)} does not run: {e}", None
     folder = cache_dir()
@@ -151,7 +107,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None, Path | None]:
             platform.machine().encode(), _cpu_features().encode() if native else b""])).hexdigest()[:20]
         lib_path = folder / f"quadratic_cpu-{key}.so"
         if not lib_path.exists():
-            why = _compile(cc, src, lib_path, native)
+            why = compile_into([*cc, *FLAGS, *([NATIVE] if native else []), str(src)], lib_path)
             if why is not None:
                 errors.append(why)
                 continue
@@ -196,6 +152,9 @@ def cpu_kernel_status() -> str | None:
     return _built[1]
 
 
+_UNKNOWN = object()  # a column's content that no list of addresses equals
+
+
 @dataclass
 class _Segments:
     """The kernel's segment table for one set of addresses (see the module docstring)."""
@@ -236,9 +195,20 @@ class _Segments:
         if ptrs != self.grad_column or modes != self.mode_column:
             self.arrays[1][:] = ptrs
             self.arrays[4][:] = 2 if modes is None else modes
+            self.columns_rewritten()
             self.grad_column, self.mode_column = ptrs, modes
-            self.key = None  # no longer what the rows were built from: a full check rebuilds
         return True
+
+    def gathers(self, token: object) -> bool:
+        """Whether the host helpers' ``gather_grads`` may fill this table's gradient columns:
+        an accumulate table with one row per parameter, no fallbacks, built for ``token``."""
+        return token is not None and self.token is token and self.keep is None and not self.skipped
+
+    def columns_rewritten(self) -> None:
+        """The gradient and mode columns were written: the lists no longer say what they hold,
+        and the rows are no longer what ``key`` was built from (a full check rebuilds)."""
+        self.grad_column = self.mode_column = _UNKNOWN
+        self.key = None
 
 
 class _Pool:
@@ -359,10 +329,13 @@ class CpuBackend:
         """Run the kernel over the group (``kind`` and the rest as in ``_segments``; ``flat``:
         the fresh gradient buffer of kind "fresh"); (sum over the kernel's segments, the table)."""
         seg = self._segments(plan, kind, grads, modes)
+        return self._run(seg, lam, flat.data_ptr() if kind == "fresh" else 0), seg
+
+    def _run(self, seg: _Segments, lam: float, grad_base: int = 0) -> float:
+        """Call the kernel on the table's segments, split among threads; their sum."""
         n = len(seg.arrays[0])
         if n == 0:
-            return 0.0, seg
-        grad_base = flat.data_ptr() if kind == "fresh" else 0
+            return 0.0
         fn = seg.kernel
         theta, grad, offset, numel, mode = seg.addresses
         a_ptr, m_ptr = seg.buffers
@@ -371,7 +344,7 @@ class CpuBackend:
         share = -(-share // SHARE_ALIGN) * SHARE_ALIGN
         if threads == 1 or seg.end < PARALLEL_FROM or share >= seg.end:
             fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, 0, seg.end, lam, seg.out_address)
-            return seg.out.value, seg
+            return seg.out.value
         bounds = [(lo, min(lo + share, seg.end)) for lo in range(0, seg.end, share)]
         outs = (ctypes.c_double * len(bounds))()
         base = ctypes.addressof(outs)
@@ -387,7 +360,7 @@ class CpuBackend:
         total = 0.0
         for v in outs:  # fixed order: the same value from run to run
             total += v
-        return total, seg
+        return total
 
     def _fresh_flat(self, plan: GroupPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A fresh gradient buffer with A's layout and its per-parameter views (handed to
@@ -448,6 +421,16 @@ class CpuBackend:
     def accumulate_grad_(self, plan: GroupPlan, lam: float) -> float | torch.Tensor:
         if not self._takes(plan):
             return _TORCH.accumulate_grad_(plan, lam)
+        seg = plan.cache.get(("cpu-segments", "accumulate"))
+        if seg is not None and seg.gathers(plan.params_token):
+            helpers = host.loaded()
+            if helpers is not None:
+                # The C++ twin of set_grads (backends/host.py): on False a gradient needs the
+                # path below, and the columns it wrote in part are stale either way.
+                done = helpers.gather_grads(plan.params, seg.addresses[1], seg.addresses[4])
+                seg.columns_rewritten()
+                if done:
+                    return self._run(seg, lam)
         grads = [p.grad for p in plan.params]
         missing = [i for i, g in enumerate(grads) if g is None]
         modes = None  # every gradient added to

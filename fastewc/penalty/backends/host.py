@@ -1,0 +1,241 @@
+"""Per-step host helpers in C++ (``kernels/host_cpu.cpp``), built against the running torch.
+
+What they do: the two pieces of per-step bookkeeping that cost more than the kernel on models
+with many small tensors (a few million parameters in hundreds of tensors), done as plain loads
+from the tensors' C++ objects instead of Python attribute reads:
+
+- ``record(params) -> bytes | None`` and ``matches(params, record) -> bool``: the twin of
+  ``binding.fingerprint`` (a bound regularizer's check that the protected parameters are the
+  ones it was bound to: address, shape, dtype, contiguity, requires_grad; the record also holds
+  each parameter's Python class). ``record`` returns None for a tensor it cannot read (no
+  storage, not strided); the binding then keeps the Python fingerprint.
+- ``gather_grads(params, grad_column, mode_column) -> bool``: the twin of the CPU backend's
+  ``_Segments.set_grads`` for the common case (every gradient present, contiguous, of its
+  parameter's dtype): writes the gradients' addresses into the segment table.
+
+Both twins give the same answers (``tests/penalty/test_host_helpers.py`` compares them on every
+kind of change the binding tests make); the helpers only save time. They are compiled with the
+system C++ compiler (``$CXX``, else c++, g++ or clang++) against torch's headers and libraries,
+on Linux, once per torch build, Python version and compiler (about 15 s), and cached beside the
+CPU kernel (``native.cache_dir()``). Because they read torch's C++ objects, a freshly loaded
+build must pass a self-test against the Python twins before it is used.
+
+When they are built is set by ``FASTEWC_HOST_HELPERS``:
+
+- unset or ``background``: the first binding starts the build on a background thread; steps
+  use the Python twins until it is ready (no step waits for a compiler);
+- ``wait``: the first binding builds (or loads) them before it returns;
+- ``off`` (or ``0``): never; the Python twins always.
+
+The variable is read when a binding is made; helpers already loaded in the process stay in use.
+
+``build()`` builds them now and waits (``fastewc info`` and the benchmarks call it), and
+``host_helpers_status()`` says why they are not in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ...errors import EWCInputError
+from .native import cache_dir, compile_into, compiler_version, cxx_compiler
+
+__all__ = ["build", "helpers", "host_helpers_status", "loaded", "SOURCE_NAME", "ENV"]
+
+SOURCE_NAME = "host_cpu.cpp"
+ENV = "FASTEWC_HOST_HELPERS"
+FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-fvisibility=hidden", "-w")
+_MODES = {"": "background", "background": "background", "wait": "wait", "off": "off", "0": "off"}
+
+_lock = threading.Lock()
+_module: ModuleType | None = None  # the loaded helpers; read without the lock on every step
+_why: str | None = "not built yet"  # why _module is None
+_thread: threading.Thread | None = None  # a build running in the background
+_started_in: int | None = None  # the process that started a build (a forked child starts its own)
+
+
+def mode() -> str:
+    """``background``, ``wait`` or ``off``, from ``FASTEWC_HOST_HELPERS``."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value not in _MODES:
+        raise EWCInputError(f"unknown {ENV} {os.environ.get(ENV)!r}; expected 'background', 'wait' or 'off'")
+    return _MODES[value]
+
+
+def loaded() -> ModuleType | None:
+    """The helpers if they are loaded, else None; None as well while torch.compile traces (it
+    cannot trace a foreign function and would warn; the Python twins break its graph quietly).
+    Never builds: the per-step call."""
+    if _module is None or torch.compiler.is_compiling():
+        return None
+    return _module
+
+
+def helpers() -> ModuleType | None:
+    """The helpers, starting their build if none was started in this process (see the module
+    docstring for when it waits); None while they are not available."""
+    if _module is not None or mode() == "off":
+        return _module
+    if _started_in != os.getpid():
+        if mode() == "wait":
+            return build()
+        _start()
+    return _module
+
+
+def build() -> ModuleType | None:
+    """Build (or load from the cache) the helpers now and wait for them; None if they cannot be
+    had (``host_helpers_status()`` says why)."""
+    global _started_in
+    if _module is not None or mode() == "off":
+        return _module
+    thread = None
+    with _lock:
+        if _thread is not None and _started_in == os.getpid() and _thread.is_alive():
+            thread = _thread
+        elif _module is None:
+            _started_in = os.getpid()
+            _set(*_build())
+    if thread is not None:
+        thread.join()
+    return _module
+
+
+def host_helpers_status() -> str | None:
+    """None when the helpers are in use; otherwise why not (disabled, still building, or the
+    build's failure)."""
+    if _module is not None:
+        return None
+    if mode() == "off":
+        return f"disabled by {ENV}={os.environ.get(ENV)}"
+    if _thread is not None and _thread.is_alive():
+        return "still building in the background (build() waits for it)"
+    return _why
+
+
+def _start() -> None:
+    global _thread, _started_in
+    with _lock:
+        if _started_in == os.getpid() or _module is not None:
+            return
+        _started_in = os.getpid()
+        _thread = threading.Thread(target=lambda: _set(*_build()), name="fastewc-host-build", daemon=True)
+        _thread.start()
+
+
+def _set(module: ModuleType | None, why: str | None) -> None:
+    global _module, _why
+    _module, _why = module, why
+
+
+def source_path() -> Path:
+    spec = importlib.util.find_spec("fastewc.kernels")  # does not run the package's __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package fastewc.kernels is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / SOURCE_NAME
+
+
+def _build() -> tuple[ModuleType | None, str | None]:
+    """(the loaded, self-tested module, None) or (None, why not)."""
+    if platform.system() != "Linux":
+        return None, f"the host helpers are built on Linux only (this is {platform.system()})"
+    try:
+        code = source_path().read_bytes()
+    except OSError as e:
+        return None, f"the source {SOURCE_NAME} is missing from this installation ({e})"
+    cxx = cxx_compiler()
+    if cxx is None:
+        return None, "no C++ compiler found (set CXX, or install c++, g++ or clang++)"
+    try:
+        version = compiler_version(cxx)
+    except Exception as e:  # OSError, TimeoutExpired
+        return None, f"the C++ compiler {' '.join(cxx)} does not run: {e}"
+    try:
+        from torch.utils.cpp_extension import include_paths, library_paths
+
+        includes, libraries = include_paths(), library_paths()
+    except Exception as e:  # an installation without torch's headers
+        return None, f"torch's C++ headers are not available ({type(e).__name__}: {e})"
+    python_include = sysconfig.get_paths().get("include", "")
+    if not Path(includes[0], "torch", "csrc", "autograd", "python_variable.h").exists():
+        return None, f"torch's C++ headers are not installed (looked in {includes[0]})"
+    if not Path(python_include, "Python.h").exists():
+        return None, f"Python's C headers are not installed (no Python.h in {python_include})"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in [
+        code, version, " ".join(FLAGS), abi, torch.__version__, str(torch.version.git_version),
+        sys.implementation.cache_tag, platform.machine(), *includes])).hexdigest()[:20]
+    name = f"fastewc_host_{key}"
+    folder = cache_dir()
+    path = folder / f"{name}.so"
+    if not path.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return None, f"cannot create the cache folder {folder} ({e}); set FASTEWC_CACHE_DIR"
+        cmd = [*cxx, *FLAGS, abi, f"-DTORCH_EXTENSION_NAME={name}", *(f"-I{p}" for p in includes),
+               f"-I{python_include}", str(source_path()), *(f"-L{p}" for p in libraries),
+               *(f"-Wl,-rpath,{p}" for p in libraries), "-lc10", "-ltorch_cpu", "-ltorch_python"]
+        why = compile_into(cmd, path, timeout=600)
+        if why is not None:
+            return None, f"the host helpers could not be built: {why}"
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:  # ImportError, OSError: a library that does not load here
+        return None, f"cannot load {path}: {e}"
+    try:
+        why = self_test(module)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+    if why is not None:
+        return None, f"{path} failed its self-test ({why}); the Python twins are used"
+    return module, None
+
+
+def self_test(module: ModuleType) -> str | None:
+    """None when ``module`` answers like the Python twins on a few tensors, else what differs."""
+    import numpy as np
+
+    a = torch.nn.Parameter(torch.zeros(3, 5))
+    b = torch.zeros(7, dtype=torch.bfloat16, requires_grad=True)
+    params = [a, b]
+    rec = module.record(params)
+    if rec is None or not module.matches(params, rec):
+        return "a record does not match its own tensors"
+    changes = [lambda: a.requires_grad_(False), lambda: setattr(a, "data", a.data.t()),
+               lambda: setattr(a, "data", a.data.view(5, 3)),
+               lambda: setattr(a, "data", torch.zeros(5, 3)), lambda: setattr(b, "data", b.data.float())]
+    for change in changes:
+        saved = (a.data, a.requires_grad, b.data)
+        change()
+        if module.matches(params, rec):
+            return "a changed tensor still matches"
+        a.data, b.data = saved[0], saved[2]
+        a.requires_grad_(saved[1])
+    if not module.matches(params, rec) or module.matches([a], rec) or module.matches([b, a], rec):
+        return "matches() compares the wrong entries"
+    a.grad, b.grad = torch.ones(3, 5), torch.ones(7, dtype=torch.bfloat16)
+    grads, modes = np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int8)
+    if not module.gather_grads(params, grads.ctypes.data, modes.ctypes.data):
+        return "gather_grads() refuses plain gradients"
+    if grads.tolist() != [a.grad.data_ptr(), b.grad.data_ptr()] or modes.tolist() != [2, 2]:
+        return "gather_grads() writes other addresses than Tensor.data_ptr()"
+    b.grad = torch.ones(14, dtype=torch.bfloat16)[::2]
+    if module.gather_grads(params, grads.ctypes.data, modes.ctypes.data):
+        return "gather_grads() accepts a gradient that is not contiguous"
+    b.grad = None
+    if module.gather_grads(params, grads.ctypes.data, modes.ctypes.data):
+        return "gather_grads() accepts a missing gradient"
+    return None
