@@ -96,7 +96,8 @@ def demo_table(d: dict, source: str) -> str:
 
 def scale_table(d: dict, source: str) -> str:
     m = d["machine"]
-    return f"{_where(m)}, torch {m['torch']}; {d['date']}. Source: `{source}`.\n\n" + format_scale(d)
+    helpers = f"; C++ host helpers {m['host_helpers']}" if "host_helpers" in m else ""
+    return f"{_where(m)}, torch {m['torch']}{helpers}; {d['date']}. Source: `{source}`.\n\n" + format_scale(d)
 
 
 def main(argv=None) -> None:
