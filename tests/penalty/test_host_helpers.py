@@ -246,3 +246,36 @@ def test_background_build_serves_steps_meanwhile_and_then_is_used(helpers, monke
     assert_penalty_steps(ewc, model, ref)
     assert_penalty_steps(ewc, model, ref)
     assert ewc._binding.record is not None
+
+
+def test_one_process_builds_and_the_others_wait_for_it(tmp_path):
+    # Another process holds the lock and its library appears a little later: this one waits
+    # and does not run its compiler (``false`` would fail if it did).
+    import threading
+    import time
+
+    out = tmp_path / "helpers.so"
+    lock = tmp_path / "helpers.so.lock"
+    lock.touch()
+
+    def other_process_finishes():
+        time.sleep(0.3)
+        out.write_bytes(b"built")
+        lock.unlink()
+
+    t = threading.Thread(target=other_process_finishes)
+    t.start()
+    assert host.build_once(["false"], out, poll=0.05) is None
+    t.join()
+    assert out.read_bytes() == b"built" and not lock.exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "helpers.so"
+    lock = tmp_path / "helpers.so.lock"
+    lock.touch()
+    old = lock.stat().st_mtime - 3600
+    os.utime(lock, (old, old))
+    why = host.build_once(["false"], out, stale_after=60, poll=0.05)
+    assert why is not None and "exited with 1" in why  # it ran its own compiler
+    assert not lock.exists() and not out.exists() and not list(tmp_path.glob("*.tmp"))

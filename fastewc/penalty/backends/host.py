@@ -17,7 +17,8 @@ Both twins give the same answers (``tests/penalty/test_host_helpers.py`` compare
 kind of change the binding tests make); the helpers only save time. They are compiled with the
 system C++ compiler (``$CXX``, else c++, g++ or clang++) against torch's headers and libraries,
 on Linux, once per torch build, Python version and compiler (about 15 s), and cached beside the
-CPU kernel (``native.cache_dir()``). Because they read torch's C++ objects, a freshly loaded
+CPU kernel (``native.cache_dir()``); when several processes want them at once (the ranks of a
+distributed job), one builds and the others wait for its library (``build_once``). Because they read torch's C++ objects, a freshly loaded
 build must pass a self-test against the Python twins before it is used.
 
 When they are built is set by ``FASTEWC_HOST_HELPERS``:
@@ -42,6 +43,7 @@ import platform
 import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -55,6 +57,7 @@ __all__ = ["build", "helpers", "host_helpers_status", "loaded", "SOURCE_NAME", "
 SOURCE_NAME = "host_cpu.cpp"
 ENV = "FASTEWC_HOST_HELPERS"
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-fvisibility=hidden", "-w")
+BUILD_TIMEOUT = 600  # seconds a compiler run may take (and the age of a lock left by a dead process)
 _MODES = {"": "background", "background": "background", "wait": "wait", "off": "off", "0": "off"}
 
 _lock = threading.Lock()
@@ -186,7 +189,7 @@ def _build() -> tuple[ModuleType | None, str | None]:
         cmd = [*cxx, *FLAGS, abi, f"-DTORCH_EXTENSION_NAME={name}", *(f"-I{p}" for p in includes),
                f"-I{python_include}", str(source_path()), *(f"-L{p}" for p in libraries),
                *(f"-Wl,-rpath,{p}" for p in libraries), "-lc10", "-ltorch_cpu", "-ltorch_python"]
-        why = compile_into(cmd, path, timeout=600)
+        why = build_once(cmd, path)
         if why is not None:
             return None, f"the host helpers could not be built: {why}"
     try:
@@ -202,6 +205,34 @@ def _build() -> tuple[ModuleType | None, str | None]:
     if why is not None:
         return None, f"{path} failed its self-test ({why}); the Python twins are used"
     return module, None
+
+
+def build_once(cmd: list[str], path: Path, stale_after: float = BUILD_TIMEOUT, poll: float = 0.5) -> str | None:
+    """Build ``path`` unless another process is building it already: the ranks of a distributed
+    job start at once, and each compiler run takes seconds of CPU and hundreds of MB. The first
+    to create ``<path>.lock`` builds; the others wait for the library to appear (or for the lock
+    to go, then build themselves: that build failed or its process died). A lock older than
+    ``stale_after`` seconds is taken to be left by a dead process. None on success, else why not."""
+    lock = path.with_name(path.name + ".lock")
+    while not path.exists():
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > stale_after:
+                    lock.unlink(missing_ok=True)
+            except OSError:
+                pass  # gone meanwhile
+            time.sleep(poll)
+            continue
+        except OSError as e:
+            return f"cannot create {lock} ({e}); set FASTEWC_CACHE_DIR"
+        os.close(fd)
+        try:
+            return None if path.exists() else compile_into(cmd, path, timeout=BUILD_TIMEOUT)
+        finally:
+            lock.unlink(missing_ok=True)
+    return None
 
 
 def self_test(module: ModuleType) -> str | None:
