@@ -9,6 +9,8 @@ parameters through their module paths (a ``ParamLocator``: one dict lookup per m
 paths and one per parameter, where ``named_parameters()`` would visit every module and hash every
 parameter), compares fingerprints, and binds again only when a protected parameter was replaced,
 moved, reshaped, re-typed, re-laid out or (un)frozen, or a module on its path was replaced.
+Where the C++ host helpers are loaded (``backends/host.py``) the fingerprint is compared by
+their ``matches`` against a record they made, with the Python fingerprint as its twin.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ Per step, per (device, dtype) group: one table of segments (each protected param
 address, its gradient's address, its place in the flat buffers, and whether its gradient is
 read, written or not touched). While the binding vouches for the parameters (the plan's
 ``params_token``) the table's parameter columns stand and only its gradient columns are
-rewritten, in place; otherwise every address is read and the table rebuilt when one changed.
+rewritten, in place (by the C++ host helpers' ``gather_grads`` where they are loaded and every
+parameter has a row, see ``host.py``; else in Python); otherwise every address is read and the
+table rebuilt when one changed.
 Then the flat range of the
 group is split among ``torch.get_num_threads()`` threads, each calling the kernel on its share
 (ctypes releases the GIL during the call) and returning its partial sum; the partials are
