@@ -155,7 +155,7 @@ def cmd_info(args) -> int:
     print("backend 'torch' (stock PyTorch ops) runs everywhere")
     from .penalty.backends import host
 
-    host.build()  # builds them if this machine has not yet (about 15 s, then cached)
+    host.build()  # builds them if this machine has not yet (about 20 s, then cached)
     why_host = host.host_helpers_status()
     print("per-step checks: C++ host helpers " + ("in use" if why_host is None else f"not in use ({why_host}); "
                                                  "the Python twins run instead"))

@@ -4,6 +4,8 @@ the tests that need them skip, saying why; the tests of how a build fails run ev
 
 import os
 import platform
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch.nn as nn
 
 from fastewc import EWCInputError, EWCRegularizer
 from fastewc import reference as R
-from fastewc.penalty.backends import cpu_backend, host
+from fastewc.penalty.backends import cpu_backend, host, native
 from fastewc.penalty.binding import fingerprint
 from models import assert_penalty_steps, make_tasks, perturb
 from plans import make_plan, reference, value_of
@@ -279,3 +281,20 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     why = host.build_once(["false"], out, stale_after=60, poll=0.05)
     assert why is not None and "exited with 1" in why  # it ran its own compiler
     assert not lock.exists() and not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_new_library_is_checked_in_a_child_before_it_is_cached(helpers, tmp_path):
+    # The cached library passes; a file that is no library for this torch fails in the child
+    # (where a crash would not take the user's process with it) and never enters the cache.
+    assert host.check_in_child(Path(helpers.__file__), helpers.__name__) is None
+    bad = tmp_path / "not-a-library.so"
+    bad.write_bytes(b"\x7fELF garbage")
+    why = host.check_in_child(bad, helpers.__name__)
+    assert why.startswith("the library built fails its self-test in a child process (exit status 1: ")
+    assert why.endswith("; it is not cached")
+    out = tmp_path / "cache" / "helpers.so"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'wb').write(b'built')"]
+    assert native.compile_into(cmd, out, check=lambda built: f"{built.name} is no good") is not None
+    assert not out.exists() and not list(out.parent.iterdir())
+    assert native.compile_into(cmd, out, check=lambda built: None) is None and out.read_bytes() == b"built"

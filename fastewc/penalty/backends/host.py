@@ -16,10 +16,12 @@ from the tensors' C++ objects instead of Python attribute reads:
 Both twins give the same answers (``tests/penalty/test_host_helpers.py`` compares them on every
 kind of change the binding tests make); the helpers only save time. They are compiled with the
 system C++ compiler (``$CXX``, else c++, g++ or clang++) against torch's headers and libraries,
-on Linux, once per torch build, Python version and compiler (about 15 s), and cached beside the
+on Linux, once per torch build, Python version and compiler (about 20 s), and cached beside the
 CPU kernel (``native.cache_dir()``); when several processes want them at once (the ranks of a
-distributed job), one builds and the others wait for its library (``build_once``). Because they read torch's C++ objects, a freshly loaded
-build must pass a self-test against the Python twins before it is used.
+distributed job), one builds and the others wait for its library (``build_once``). Because
+they read torch's C++ objects, a new build must pass a self-test against the Python twins in a
+child process before it enters the cache (a build that does not fit this torch would crash the
+process that loads it), and again in each process that loads it.
 
 When they are built is set by ``FASTEWC_HOST_HELPERS``:
 
@@ -37,13 +39,16 @@ The variable is read when a binding is made; helpers already loaded in the proce
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
 import platform
+import subprocess
 import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -189,13 +194,11 @@ def _build() -> tuple[ModuleType | None, str | None]:
         cmd = [*cxx, *FLAGS, abi, f"-DTORCH_EXTENSION_NAME={name}", *(f"-I{p}" for p in includes),
                f"-I{python_include}", str(source_path()), *(f"-L{p}" for p in libraries),
                *(f"-Wl,-rpath,{p}" for p in libraries), "-lc10", "-ltorch_cpu", "-ltorch_python"]
-        why = build_once(cmd, path)
+        why = build_once(cmd, path, check=lambda built: check_in_child(built, name))
         if why is not None:
             return None, f"the host helpers could not be built: {why}"
     try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load(path, name)
     except Exception as e:  # ImportError, OSError: a library that does not load here
         return None, f"cannot load {path}: {e}"
     try:
@@ -207,12 +210,53 @@ def _build() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
-def build_once(cmd: list[str], path: Path, stale_after: float = BUILD_TIMEOUT, poll: float = 0.5) -> str | None:
+def load(path: Path, name: str) -> ModuleType:
+    """Import the built library at ``path`` (any file name) as the module ``name``."""
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+_CHILD_CHECK = """
+import sys
+from fastewc.penalty.backends import host
+why = host.self_test(host.load(sys.argv[1], sys.argv[2]))
+print(why or "ok")
+"""
+
+
+def check_in_child(path: Path, name: str) -> str | None:
+    """Load a freshly built library in a child Python and run ``self_test`` there, before it
+    enters the cache: a library that does not fit this torch would crash the process that loads
+    it, and that must not be the user's. None when the child answers "ok", else what went wrong."""
+    if not sys.executable:
+        return None  # an embedded interpreter: the in-process self-test after loading still runs
+    import fastewc
+
+    roots = [str(Path(fastewc.__file__).resolve().parent.parent), str(Path(torch.__file__).resolve().parent.parent)]
+    env = {**os.environ, ENV: "off", "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD_CHECK, str(path), name], capture_output=True,
+                              text=True, timeout=BUILD_TIMEOUT, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"its self-test in a child process did not run ({e})"
+    answer = done.stdout.strip().splitlines()[-1:] or [""]
+    if done.returncode == 0 and answer == ["ok"]:
+        return None
+    detail = answer[0] if done.returncode == 0 else f"exit status {done.returncode}: {done.stderr.strip()[-300:]}"
+    return f"the library built fails its self-test in a child process ({detail}); it is not cached"
+
+
+def build_once(cmd: list[str], path: Path, stale_after: float = BUILD_TIMEOUT, poll: float = 0.5,
+               check: Callable[[Path], str | None] | None = None) -> str | None:
     """Build ``path`` unless another process is building it already: the ranks of a distributed
     job start at once, and each compiler run takes seconds of CPU and hundreds of MB. The first
     to create ``<path>.lock`` builds; the others wait for the library to appear (or for the lock
     to go, then build themselves: that build failed or its process died). A lock older than
-    ``stale_after`` seconds is taken to be left by a dead process. None on success, else why not."""
+    ``stale_after`` seconds is taken to be left by a dead process. ``check``: as in
+    ``native.compile_into``. None on success, else why not."""
     lock = path.with_name(path.name + ".lock")
     while not path.exists():
         try:
@@ -229,7 +273,7 @@ def build_once(cmd: list[str], path: Path, stale_after: float = BUILD_TIMEOUT, p
             return f"cannot create {lock} ({e}); set FASTEWC_CACHE_DIR"
         os.close(fd)
         try:
-            return None if path.exists() else compile_into(cmd, path, timeout=BUILD_TIMEOUT)
+            return None if path.exists() else compile_into(cmd, path, timeout=BUILD_TIMEOUT, check=check)
         finally:
             lock.unlink(missing_ok=True)
     return None

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["cache_dir", "c_compiler", "compile_into", "compiler_version", "cpu_features", "cxx_compiler"]
@@ -68,11 +69,13 @@ def cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def compile_into(cmd: list[str], out: Path, timeout: float = 300) -> str | None:
+def compile_into(cmd: list[str], out: Path, timeout: float = 300,
+                 check: Callable[[Path], str | None] | None = None) -> str | None:
     """Run ``cmd -o <temporary file>`` and rename the result to ``out``; None on success, else
     the command and the compiler's complaint. Concurrent builds of the same ``out`` (DDP ranks,
     threads) each write their own temporary file; the rename is atomic, so a reader never sees
-    a half-written library."""
+    a half-written library. ``check(temporary file)``, if given, runs before the rename: what it
+    returns (None: fine) keeps a library that fails it out of the cache."""
     tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     full = [*cmd, "-o", str(tmp)]
     try:
@@ -83,5 +86,9 @@ def compile_into(cmd: list[str], out: Path, timeout: float = 300) -> str | None:
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         return f"{shlex.join(full)} exited with {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}"
+    why = check(tmp) if check is not None else None
+    if why is not None:
+        tmp.unlink(missing_ok=True)
+        return why
     os.replace(tmp, out)
     return None
