@@ -1,17 +1,21 @@
 // Per-step host work of the penalty, for models with many small parameters.
 //
-// Every step, a bound regularizer checks that the protected parameters are the ones it was
-// bound to (same Python class, address, dtype, shape, contiguity, requires_grad) and the CPU
-// backend reads each gradient's address into its segment table. In Python that is five to six
-// attribute reads per parameter, each going through the interpreter and a fresh Python object
-// (a torch.Size, an int); after a pass over memory these run from cold caches and cost more
-// than the kernel on models of a few million parameters. Here the same reads are plain loads
-// from the tensors' C++ objects.
+// Every step, a bound regularizer re-finds the protected parameters through their modules'
+// dicts, checks that they are the ones it was bound to (same Python class, address, dtype,
+// shape, contiguity, requires_grad) and the CPU backend reads each gradient's address into its
+// segment table. In Python that is five to six attribute reads per parameter, each going
+// through the interpreter and a fresh Python object (a torch.Size, an int); after a pass over
+// memory these run from cold caches and cost more than the kernel on models of a few million
+// parameters. Here the same reads are plain loads from the tensors' C++ objects.
 //
-// The functions below are the twins of ``fastewc.penalty.binding.fingerprint`` (the record and
-// its comparison) and of ``_Segments.set_grads`` (the gradient column); fastewc.penalty.host
-// builds this file against the running torch and falls back to the Python twins when it cannot.
-// Nothing here keeps a reference to a tensor, and no C++ exception leaves a function.
+// The functions below are the twins of ``fastewc.penalty.binding.ParamLocator.find``
+// (locate), of ``fastewc.penalty.binding.fingerprint`` (the record and its comparison) and of
+// ``_Segments.set_grads`` in the CPU backend (the gradient column);
+// fastewc/penalty/backends/host.py builds this file against the running torch and falls back
+// to the Python twins when it cannot.
+//
+// Nothing here keeps a reference to a tensor beyond the list it returns, and no C++
+// exception leaves a function.
 
 #include <Python.h>
 
@@ -148,11 +152,60 @@ PyObject* gather_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
 }
 
+// locate(edges: list[tuple[dict, str, object]], slots: list[tuple[dict, str]]) -> list | None
+//
+// The twin of ``ParamLocator.find``: None if some ``edge[0][edge[1]] is not edge[2]``, else
+// ``[slot[0].get(slot[1]) for slot in slots]``. Every dict must be a plain dict (the caller
+// checks once): a dict subclass could answer ``get`` differently from the table read here.
+PyObject* locate(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "locate() takes a list of edges and a list of slots");
+    return nullptr;
+  }
+  PyObject* edges = args[0];
+  PyObject* slots = args[1];
+  Py_ssize_t n_edges = PyList_GET_SIZE(edges);
+  for (Py_ssize_t i = 0; i < n_edges; i++) {
+    PyObject* edge = PyList_GET_ITEM(edges, i);
+    if (!PyTuple_Check(edge) || PyTuple_GET_SIZE(edge) != 3 || !PyDict_CheckExact(PyTuple_GET_ITEM(edge, 0))) {
+      PyErr_SetString(PyExc_TypeError, "locate(): an edge is not a (dict, name, child) tuple");
+      return nullptr;
+    }
+    PyObject* child = PyDict_GetItemWithError(PyTuple_GET_ITEM(edge, 0), PyTuple_GET_ITEM(edge, 1));
+    if (child == nullptr && PyErr_Occurred()) return nullptr;
+    if (child != PyTuple_GET_ITEM(edge, 2)) Py_RETURN_NONE;
+  }
+  Py_ssize_t n = PyList_GET_SIZE(slots);
+  PyObject* found = PyList_New(n);
+  if (found == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    PyObject* slot = PyList_GET_ITEM(slots, i);
+    if (!PyTuple_Check(slot) || PyTuple_GET_SIZE(slot) != 2 || !PyDict_CheckExact(PyTuple_GET_ITEM(slot, 0))) {
+      Py_DECREF(found);
+      PyErr_SetString(PyExc_TypeError, "locate(): a slot is not a (dict, name) tuple");
+      return nullptr;
+    }
+    PyObject* item = PyDict_GetItemWithError(PyTuple_GET_ITEM(slot, 0), PyTuple_GET_ITEM(slot, 1));
+    if (item == nullptr) {
+      if (PyErr_Occurred()) {
+        Py_DECREF(found);
+        return nullptr;
+      }
+      item = Py_None;
+    }
+    Py_INCREF(item);
+    PyList_SET_ITEM(found, i, item);
+  }
+  return found;
+}
+
 PyMethodDef methods[] = {
     {"record", reinterpret_cast<PyCFunction>(record), METH_O,
      "record(params) -> bytes or None: what matches() compares against."},
     {"matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(matches)), METH_FASTCALL,
      "matches(params, record) -> bool: every parameter still fits its record."},
+    {"locate", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(locate)), METH_FASTCALL,
+     "locate(edges, slots) -> list or None: the parameters now under the slots if every edge holds."},
     {"gather_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(gather_grads)), METH_FASTCALL,
      "gather_grads(params, grad_column, mode_column) -> bool: write the gradients' addresses."},
     {nullptr, nullptr, 0, nullptr}};

@@ -94,8 +94,14 @@ class ParamLocator:
                 raise LookupError(name)
             self.slots.append((module._parameters, attr))
         self.edges = list(edges.values())
+        # The C++ twin (host helpers' ``locate``) reads plain dicts only: a dict subclass could
+        # answer ``get`` its own way.
+        self.plain = all(type(e[0]) is dict for e in self.edges) and all(type(s[0]) is dict for s in self.slots)
 
     def find(self) -> list | None:
+        helpers = host.loaded()
+        if helpers is not None and self.plain:
+            return helpers.locate(self.edges, self.slots)
         for children, part, child in self.edges:
             if children.get(part) is not child:
                 return None

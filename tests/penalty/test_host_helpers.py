@@ -298,3 +298,40 @@ def test_a_new_library_is_checked_in_a_child_before_it_is_cached(helpers, tmp_pa
     assert native.compile_into(cmd, out, check=lambda built: f"{built.name} is no good") is not None
     assert not out.exists() and not list(out.parent.iterdir())
     assert native.compile_into(cmd, out, check=lambda built: None) is None and out.read_bytes() == b"built"
+
+
+def test_locate_answers_like_the_python_locator(helpers, monkeypatch):
+    from collections import OrderedDict
+
+    from fastewc.penalty.binding import ParamLocator
+
+    def both(loc):
+        got = helpers.locate(loc.edges, loc.slots)
+        with monkeypatch.context() as m:
+            m.setattr(host, "_module", None)
+            want = loc.find()
+        assert (got is None) == (want is None) and (got is None or all(a is b for a, b in zip(got, want)))
+        assert got is None or len(got) == len(want)
+        return got
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), nn.Linear(4, 2)))
+    names = [n for n, _ in model.named_parameters()]
+    loc = ParamLocator(model, names)
+    assert loc.plain and both(loc) == list(model.parameters())
+    model[1][1]._parameters["bias"] = other = nn.Parameter(torch.zeros(2))  # written directly
+    assert both(loc)[-1] is other
+    del model[0]._parameters["weight"]
+    assert both(loc)[0] is None
+    model[1] = nn.Sequential(nn.Tanh(), nn.Linear(4, 2))  # a module on a path replaced
+    assert both(loc) is None
+    with pytest.raises(TypeError, match=r"locate\(\): a slot is not a \(dict, name\) tuple"):
+        helpers.locate([], [(OrderedDict(), "weight")])
+    with pytest.raises(TypeError, match=r"locate\(\): an edge is not a \(dict, name, child\) tuple"):
+        helpers.locate([({}, "0")], [])
+    with pytest.raises(TypeError, match=r"locate\(\) takes a list of edges and a list of slots"):
+        helpers.locate((), [])
+    # A module whose parameters live in a dict subclass is located in Python.
+    odd = nn.Linear(2, 2)
+    odd._parameters = OrderedDict(odd._parameters)
+    loc = ParamLocator(odd, ["weight", "bias"])
+    assert not loc.plain and loc.find() == [odd.weight, odd.bias]

@@ -1,6 +1,6 @@
 """Per-step host helpers in C++ (``kernels/host_cpu.cpp``), built against the running torch.
 
-What they do: the two pieces of per-step bookkeeping that cost more than the kernel on models
+What they do: the per-step bookkeeping that costs more than the kernel on models
 with many small tensors (a few million parameters in hundreds of tensors), done as plain loads
 from the tensors' C++ objects instead of Python attribute reads:
 
@@ -9,6 +9,9 @@ from the tensors' C++ objects instead of Python attribute reads:
   ones it was bound to: address, shape, dtype, contiguity, requires_grad; the record also holds
   each parameter's Python class). ``record`` returns None for a tensor it cannot read (no
   storage, not strided); the binding then keeps the Python fingerprint.
+- ``locate(edges, slots) -> list | None``: the twin of ``binding.ParamLocator.find`` (re-finding
+  the protected parameters through their module paths), for modules whose ``_modules`` and
+  ``_parameters`` are plain dicts.
 - ``gather_grads(params, grad_column, mode_column) -> bool``: the twin of the CPU backend's
   ``_Segments.set_grads`` for the common case (every gradient present, contiguous, of its
   parameter's dtype): writes the gradients' addresses into the segment table.
@@ -313,4 +316,11 @@ def self_test(module: ModuleType) -> str | None:
     b.grad = None
     if module.gather_grads(params, grads.ctypes.data, modes.ctypes.data):
         return "gather_grads() accepts a missing gradient"
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    slots = [(net[0]._parameters, "weight"), (net[0]._parameters, "nothing")]
+    found = module.locate([(net._modules, "0", net[0])], slots)
+    if found is None or found[0] is not net[0].weight or found[1] is not None:
+        return "locate() finds other parameters than dict.get"
+    if module.locate([(net._modules, "0", net)], slots) is not None:
+        return "locate() misses a replaced module"
     return None
