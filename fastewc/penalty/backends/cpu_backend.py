@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.util
 import os
 import platform
 import shlex
@@ -53,7 +52,7 @@ from ..._utils import advise_huge_pages
 from . import host
 from .base import GroupPlan
 from .native import c_compiler as _compiler
-from .native import cache_dir, compile_into, compiler_version
+from .native import cache_dir, compile_into, compiler_version, kernel_source
 from .native import cpu_features as _cpu_features
 from .torch_backend import TorchBackend
 
@@ -75,10 +74,7 @@ _built: tuple[ctypes.CDLL | None, str | None, Path | None] | None = None  # (lib
 
 def source_path() -> Path:
     """The C source shipped in the installed package (``fastewc/kernels/quadratic_cpu.c``)."""
-    spec = importlib.util.find_spec("fastewc.kernels")  # does not run the package's __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the package fastewc.kernels is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / SOURCE_NAME
+    return kernel_source(SOURCE_NAME)
 
 
 def _build() -> tuple[ctypes.CDLL | None, str | None, Path | None]:

@@ -58,7 +58,7 @@ from types import ModuleType
 import torch
 
 from ...errors import EWCInputError
-from .native import cache_dir, compile_into, compiler_version, cxx_compiler
+from .native import cache_dir, compile_into, compiler_version, cxx_compiler, kernel_source
 
 __all__ = ["build", "helpers", "host_helpers_status", "loaded", "SOURCE_NAME", "ENV"]
 
@@ -150,10 +150,8 @@ def _set(module: ModuleType | None, why: str | None) -> None:
 
 
 def source_path() -> Path:
-    spec = importlib.util.find_spec("fastewc.kernels")  # does not run the package's __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the package fastewc.kernels is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / SOURCE_NAME
+    """The C++ source shipped in the installed package (``fastewc/kernels/host_cpu.cpp``)."""
+    return kernel_source(SOURCE_NAME)
 
 
 def _build() -> tuple[ModuleType | None, str | None]:

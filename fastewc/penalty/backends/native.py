@@ -9,6 +9,7 @@ installations never loads a binary built for another.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shlex
@@ -18,7 +19,17 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cache_dir", "c_compiler", "compile_into", "compiler_version", "cpu_features", "cxx_compiler"]
+__all__ = ["cache_dir", "c_compiler", "compile_into", "compiler_version", "cpu_features", "cxx_compiler",
+           "kernel_source"]
+
+
+def kernel_source(name: str) -> Path:
+    """A source file shipped in the installed package ``fastewc.kernels`` (found without
+    importing that package). Raises ``FileNotFoundError`` when the package is not installed."""
+    spec = importlib.util.find_spec("fastewc.kernels")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package fastewc.kernels is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / name
 
 
 def cache_dir() -> Path:
