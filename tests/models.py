@@ -290,6 +290,18 @@ def assert_penalty_steps(ewc, model, ref, *, handed=None, rtol=2e-5):
                                        msg=lambda m: f"{n}: {m}")
 
 
+def register_both(ewc, ref, tasks, model=None):
+    """Register every ``(fisher, anchor)`` of ``tasks`` on ``ewc`` (with ``model=`` when given) and
+    on the reference-loop regularizer ``ref``; returns ``(ewc, ref)``."""
+    for f, a in tasks:
+        if model is None:
+            ewc.register_task(f, a)
+        else:
+            ewc.register_task(f, a, model=model)
+        ref.register_task(f, a)
+    return ewc, ref
+
+
 def perturb(model, scale=0.3):
     with torch.no_grad():
         for p in model.parameters():

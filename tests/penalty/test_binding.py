@@ -13,7 +13,7 @@ from fastewc import EWCRegularizer, ModelMismatchError
 from fastewc import reference as R
 from fastewc.penalty.binding import ParamLocator
 
-from models import assert_penalty_steps, make_tasks, perturb
+from models import assert_penalty_steps, make_tasks, perturb, register_both
 
 # Every test twice: the per-step check in Python, and in the C++ host helpers (backends/host.py).
 pytestmark = pytest.mark.usefixtures("host_helpers")
@@ -36,9 +36,7 @@ def bound(backend, dtype=torch.float32):
     tasks = make_tasks(model, 2, dtype=torch.float64)
     ewc = EWCRegularizer(7.0, storage_dtype=torch.float32, backend=backend)
     ref = R.ReferenceEWC(7.0)
-    for f, a in tasks:
-        ewc.register_task(f, a, model=model)
-        ref.register_task(f, a)
+    register_both(ewc, ref, tasks, model=model)
     perturb(model)
     ewc(model)
     assert ewc._binding is not None

@@ -12,7 +12,7 @@ import torch.nn as nn
 from fastewc import EWCInputError, EWCRegularizer, ModelMismatchError
 from fastewc import reference as R
 
-from models import frozen, make_tasks, mlp, perturb
+from models import frozen, make_tasks, mlp, perturb, register_both
 
 
 def trainable_fisher(model, dtype=None):
@@ -122,9 +122,7 @@ def test_float64_model_with_default_settings_matches_float64_loop(mode, gamma, b
     ewc = EWCRegularizer(41.0, mode=mode, gamma=gamma, backend=backend)
     assert ewc.storage_dtype is None
     ref = R.ReferenceEWC(41.0) if mode == "separate" else R.ReferenceOnlineEWC(41.0, gamma=gamma)
-    for f, a in tasks:
-        ewc.register_task(f, a)
-        ref.register_task(f, a)
+    register_both(ewc, ref, tasks)
     assert all(t.dtype == torch.float64 for t in ewc.importance().values())
     perturb(model)
     v, g = value_and_grads(ewc, model)

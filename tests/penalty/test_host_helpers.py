@@ -16,7 +16,7 @@ from fastewc import EWCInputError, EWCRegularizer
 from fastewc import reference as R
 from fastewc.penalty.backends import cpu_backend, host, native
 from fastewc.penalty.binding import fingerprint
-from models import assert_penalty_steps, make_tasks, perturb
+from models import assert_penalty_steps, make_tasks, perturb, register_both
 from plans import make_plan, reference, value_of
 
 CPU = torch.device("cpu")
@@ -159,10 +159,8 @@ def test_regularizer_on_a_model_with_a_frozen_layer_and_tied_weights(host_helper
     model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 11))
     model[3].weight = model[0].weight  # tied
     model[1].bias.requires_grad_(False)
-    ewc, ref = EWCRegularizer(3.0), R.ReferenceEWC(3.0)
-    for f, a in make_tasks(model, 2, dtype=torch.float64):
-        ewc.register_task(f, a, model=model)
-        ref.register_task(f, a)
+    ewc, ref = register_both(EWCRegularizer(3.0), R.ReferenceEWC(3.0), make_tasks(model, 2, dtype=torch.float64),
+                             model=model)
     perturb(model)
     for _ in range(3):
         assert_penalty_steps(ewc, model, ref)

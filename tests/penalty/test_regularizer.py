@@ -11,7 +11,7 @@ import torch.nn as nn
 from fastewc import EWCRegularizer, OnlineEWC
 from fastewc import reference as R
 
-from models import MODELS, Tied, make_tasks, mlp, perturb
+from models import MODELS, Tied, make_tasks, mlp, perturb, register_both
 
 # value / gradient tolerances (relative) per storage dtype, against the float64 reference.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -118,9 +118,7 @@ def test_half_precision_parameters(param_dtype, backend):
     tasks = make_tasks(model, 2, dtype=torch.float32)
     ewc = EWCRegularizer(123.0, backend=backend)
     ref = R.ReferenceEWC(123.0)
-    for f, a in tasks:
-        ewc.register_task(f, a, model=model)
-        ref.register_task(f, a)
+    register_both(ewc, ref, tasks, model=model)
     model64 = copy.deepcopy(model).double()
     want_v, want_g = ref_value_and_grads(model64, ref)
     v = ewc.accumulate_grad_(model)
@@ -137,9 +135,7 @@ def test_mixed_dtype_model_uses_one_group_per_dtype(backend):
     tasks = make_tasks(model, 2, dtype=torch.float64)
     ewc = EWCRegularizer(5.0, storage_dtype=torch.float64, backend=backend)
     ref = R.ReferenceEWC(5.0)
-    for f, a in tasks:
-        ewc.register_task(f, a, model=model)
-        ref.register_task(f, a)
+    register_both(ewc, ref, tasks, model=model)
     v = ewc(model)
     assert len(ewc._binding.plans) == 2
     model64 = copy.deepcopy(model).double()
@@ -286,9 +282,7 @@ def test_empty_one_element_and_many_tensors(backend):
     tasks = make_tasks(model, 3)
     ewc = EWCRegularizer(3.0, storage_dtype=torch.float64, backend=backend)
     ref = R.ReferenceEWC(3.0)
-    for f, a in tasks:
-        ewc.register_task(f, a)
-        ref.register_task(f, a)
+    register_both(ewc, ref, tasks)
     perturb(model)
     want_v, want_g = ref_value_and_grads(copy.deepcopy(model), ref)
     model.zero_grad(set_to_none=True)
