@@ -475,6 +475,8 @@ def plot_bench(result: dict, path: str, label: str = "") -> str:
     ax.barh(names, [r["median_ms"] for r in pen["rows"]])
     ax.axvline(pen["floor_ms"], color="k", ls="--", lw=1, label=f"memory floor {pen['floor_ms']:.1f} ms")
     ax.set_xscale("log")
+    # Within one or two decades matplotlib labels the minor ticks too, and they overlap.
+    ax.xaxis.set_minor_formatter(require("matplotlib.ticker", extra="demo").NullFormatter())
     ax.set_xlabel("median ms per step (log)")
     ax.invert_yaxis()
     ax.legend(fontsize=8)
