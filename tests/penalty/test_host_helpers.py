@@ -4,7 +4,11 @@ the tests that need them skip, saying why; the tests of how a build fails run ev
 
 import os
 import platform
+import shlex
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +176,7 @@ def test_regularizer_on_a_model_with_a_frozen_layer_and_tied_weights(host_helper
 def fresh_state(monkeypatch, tmp_path):
     """The module's state as in a process that has not built anything, with its own cache."""
     monkeypatch.setenv("FASTEWC_CACHE_DIR", str(tmp_path))
-    for name, value in (("_module", None), ("_why", "not built yet"), ("_thread", None), ("_started_in", None)):
+    for name, value in (("_module", None), ("_why", "not built yet"), ("_started_in", None)):
         monkeypatch.setattr(host, name, value)
     return tmp_path
 
@@ -185,7 +189,7 @@ def test_off_disables_and_says_so(fresh_state, monkeypatch):
 
 def test_an_unknown_mode_is_refused_by_name(fresh_state, monkeypatch):
     monkeypatch.setenv("FASTEWC_HOST_HELPERS", "sometimes")
-    with pytest.raises(EWCInputError, match="unknown FASTEWC_HOST_HELPERS 'sometimes'; expected 'background', 'wait' or 'off'"):
+    with pytest.raises(EWCInputError, match="unknown FASTEWC_HOST_HELPERS 'sometimes'; expected 'deferred', 'wait' or 'off'"):
         host.helpers()
 
 
@@ -227,32 +231,59 @@ def test_self_test_catches_a_wrong_answer(helpers):
     assert host.self_test(Lying) == "a changed tensor still matches"
 
 
-def test_background_build_serves_steps_meanwhile_and_then_is_used(helpers, monkeypatch, tmp_path):
-    # A fresh process state over the warm cache: the first binding starts the build on a thread
-    # and returns at once; steps are right throughout; build() waits for that same thread.
-    monkeypatch.setenv("FASTEWC_HOST_HELPERS", "background")
-    for name, value in (("_module", None), ("_why", "not built yet"), ("_thread", None), ("_started_in", None)):
-        monkeypatch.setattr(host, name, value)
+@pytest.fixture
+def slow_compiler(helpers, tmp_path):
+    """A stand-in for the C++ compiler with the real one's ``--version`` (so the same cache key):
+    it waits a second, then copies the library built for this session to its ``-o`` target."""
+    fake = tmp_path / "slow-c++"
+    fake.write_text("#!/bin/sh\n"
+                    f'if [ "$1" = "--version" ]; then exec {shlex.join(native.cxx_compiler())} --version; fi\n'
+                    'for a; do last="$a"; done\n'
+                    f"sleep 1; cp {shlex.quote(helpers.__file__)} \"$last\"\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def test_deferred_mode_builds_when_the_process_exits(fresh_state, slow_compiler, monkeypatch):
+    # Not cached: steps run the Python twins (right), and the build is left for the exit of the
+    # process; run here by hand, it builds into the cache and the next process loads it at once.
+    import atexit
+
+    monkeypatch.delenv("FASTEWC_HOST_HELPERS")
+    monkeypatch.setenv("CXX", str(slow_compiler))
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: at_exit.append((fn, args)))
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
-    ewc, ref = EWCRegularizer(2.0), R.ReferenceEWC(2.0)
-    f, a = make_tasks(model, 1, dtype=torch.float64)[0]
-    ewc.register_task(f, a, model=model)
-    ref.register_task(f, a)
+    ewc, ref = register_both(EWCRegularizer(2.0), R.ReferenceEWC(2.0), make_tasks(model, 1, dtype=torch.float64),
+                             model=model)
     perturb(model)
     assert_penalty_steps(ewc, model, ref)
-    assert host._thread is not None and host._thread.name == "fastewc-host-build"
-    assert host._started_in == os.getpid()
-    assert host.build() is not None and host.host_helpers_status() is None
-    assert_penalty_steps(ewc, model, ref)
-    assert_penalty_steps(ewc, model, ref)
-    assert ewc._binding.record is not None
+    assert host.host_helpers_status() == ("not built yet: they are built once this process exits "
+                                          "(FASTEWC_HOST_HELPERS=wait builds them before the first step)")
+    assert ewc._binding.record is None and len(at_exit) == 1 and host._started_in == os.getpid()
+    fn, args = at_exit[0]
+    fn(*args)  # what the interpreter does at exit: starts the builder, does not wait for it
+    built = fresh_state / Path(args[0]["path"]).name
+    deadline = time.time() + 120
+    while not (built.exists() and not list(fresh_state.glob("*.lock"))) and time.time() < deadline:
+        time.sleep(0.2)
+    assert built.exists()
+    for name, value in (("_module", None), ("_started_in", None)):  # the next process
+        monkeypatch.setattr(host, name, value)
+    assert host.helpers() is not None and len(at_exit) == 1
+    model2 = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    ewc2, ref2 = register_both(EWCRegularizer(2.0), R.ReferenceEWC(2.0), make_tasks(model2, 1, dtype=torch.float64),
+                               model=model2)
+    perturb(model2)
+    assert_penalty_steps(ewc2, model2, ref2)
+    assert_penalty_steps(ewc2, model2, ref2)
+    assert ewc2._binding.record is not None
 
 
 def test_one_process_builds_and_the_others_wait_for_it(tmp_path):
     # Another process holds the lock and its library appears a little later: this one waits
     # and does not run its compiler (``false`` would fail if it did).
     import threading
-    import time
 
     out = tmp_path / "helpers.so"
     lock = tmp_path / "helpers.so.lock"
@@ -270,66 +301,60 @@ def test_one_process_builds_and_the_others_wait_for_it(tmp_path):
     assert out.read_bytes() == b"built" and not lock.exists()
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+@pytest.mark.parametrize("left_by", ["a process that is gone", "a process long ago"])
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, left_by):
     out = tmp_path / "helpers.so"
     lock = tmp_path / "helpers.so.lock"
-    lock.touch()
-    old = lock.stat().st_mtime - 3600
-    os.utime(lock, (old, old))
+    (tmp_path / "helpers.so.4242.1.tmp").write_bytes(b"half a library")  # what that builder left
+    if left_by == "a process that is gone":
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        lock.write_text(f"{socket.gethostname()} {gone.pid}")
+    else:
+        lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # alive, but the lock is an hour old
+        old = lock.stat().st_mtime - 3600
+        os.utime(lock, (old, old))
     why = host.build_once(["false"], out, stale_after=60, poll=0.05)
     assert why is not None and "exited with 1" in why  # it ran its own compiler
     assert not lock.exists() and not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
-def test_a_new_library_is_checked_in_a_child_before_it_is_cached(helpers, tmp_path):
-    # The cached library passes; a file that is no library for this torch fails in the child
-    # (where a crash would not take the user's process with it) and never enters the cache.
-    assert host.check_in_child(Path(helpers.__file__), helpers.__name__) is None
+def test_a_new_library_is_self_tested_by_the_builder_before_it_is_cached(helpers, tmp_path):
+    # The cached library passes; a file that is no library for this torch fails in the builder
+    # process (where a crash would not take the user's process with it) and never enters the
+    # cache, leaving neither its temporary file nor the lock behind.
+    assert host.check_here(Path(helpers.__file__), helpers.__name__) is None
     bad = tmp_path / "not-a-library.so"
     bad.write_bytes(b"\x7fELF garbage")
-    why = host.check_in_child(bad, helpers.__name__)
-    assert why.startswith("the library built fails its self-test in a child process (exit status 1: ")
-    assert why.endswith("; it is not cached")
+    why = host.check_here(bad, helpers.__name__)
+    assert why.startswith("the library built fails its self-test (ImportError: ") and why.endswith("; it is not cached")
     out = tmp_path / "cache" / "helpers.so"
     out.parent.mkdir()
+    garbage = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'wb').write(b'\\x7fELF garbage')"]
+    why = host.run_builder({"cmd": garbage, "path": str(out), "name": helpers.__name__})
+    assert why.startswith("the library built fails its self-test (ImportError: ") and why.endswith("; it is not cached")
+    assert not list(out.parent.iterdir())
+    # compile_into's check runs before the rename, whatever it checks.
     cmd = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'wb').write(b'built')"]
     assert native.compile_into(cmd, out, check=lambda built: f"{built.name} is no good") is not None
     assert not out.exists() and not list(out.parent.iterdir())
     assert native.compile_into(cmd, out, check=lambda built: None) is None and out.read_bytes() == b"built"
 
 
-def test_locate_answers_like_the_python_locator(helpers, monkeypatch):
-    from collections import OrderedDict
-
-    from fastewc.penalty.binding import ParamLocator
-
-    def both(loc):
-        got = helpers.locate(loc.edges, loc.slots)
-        with monkeypatch.context() as m:
-            m.setattr(host, "_module", None)
-            want = loc.find()
-        assert (got is None) == (want is None) and (got is None or all(a is b for a, b in zip(got, want)))
-        assert got is None or len(got) == len(want)
-        return got
-
-    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), nn.Linear(4, 2)))
-    names = [n for n, _ in model.named_parameters()]
-    loc = ParamLocator(model, names)
-    assert loc.plain and both(loc) == list(model.parameters())
-    model[1][1]._parameters["bias"] = other = nn.Parameter(torch.zeros(2))  # written directly
-    assert both(loc)[-1] is other
-    del model[0]._parameters["weight"]
-    assert both(loc)[0] is None
-    model[1] = nn.Sequential(nn.Tanh(), nn.Linear(4, 2))  # a module on a path replaced
-    assert both(loc) is None
-    with pytest.raises(TypeError, match=r"locate\(\): a slot is not a \(dict, name\) tuple"):
-        helpers.locate([], [(OrderedDict(), "weight")])
-    with pytest.raises(TypeError, match=r"locate\(\): an edge is not a \(dict, name, child\) tuple"):
-        helpers.locate([({}, "0")], [])
-    with pytest.raises(TypeError, match=r"locate\(\) takes a list of edges and a list of slots"):
-        helpers.locate((), [])
-    # A module whose parameters live in a dict subclass is located in Python.
-    odd = nn.Linear(2, 2)
-    odd._parameters = OrderedDict(odd._parameters)
-    loc = ParamLocator(odd, ["weight", "bias"])
-    assert not loc.plain and loc.find() == [odd.weight, odd.bias]
+def test_a_scripts_first_run_builds_them_for_the_next(helpers, slow_compiler, tmp_path):
+    # A script in the default (deferred) mode exits; the detached builder outlives it and puts
+    # the library into the cache, and the next run loads it at its first binding.
+    env = {k: v for k, v in os.environ.items() if k != "FASTEWC_HOST_HELPERS"}
+    env.update(FASTEWC_CACHE_DIR=str(tmp_path / "cache"), CXX=str(slow_compiler))
+    probe = "from fastewc.penalty.backends import host; host.helpers(); print(host.host_helpers_status())"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().startswith("not built yet"), done.stderr
+    cache = tmp_path / "cache"
+    deadline = time.time() + 120
+    while not list(cache.glob("fastewc_host_*.so")) and time.time() < deadline:
+        time.sleep(0.2)
+    while list(cache.glob("*.lock")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert [p.name for p in cache.glob("fastewc_host_*")] == [Path(helpers.__file__).name]
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr

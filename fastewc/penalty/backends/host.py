@@ -21,15 +21,20 @@ kind of change the binding tests make); the helpers only save time. They are com
 system C++ compiler (``$CXX``, else c++, g++ or clang++) against torch's headers and libraries,
 on Linux, once per torch build, Python version and compiler (about 20 s), and cached beside the
 CPU kernel (``native.cache_dir()``); when several processes want them at once (the ranks of a
-distributed job), one builds and the others wait for its library (``build_once``). Because
-they read torch's C++ objects, a new build must pass a self-test against the Python twins in a
-child process before it enters the cache (a build that does not fit this torch would crash the
-process that loads it), and again in each process that loads it.
+distributed job), one builds and the others wait for its library (``build_once``). The build
+runs in a separate, detached Python process (``spawn_builder``): because the helpers read
+torch's C++ objects, a new library must pass a self-test against the Python twins before it
+enters the cache, and one that does not fit this torch would crash the process that loads it,
+which must not be the user's; and a build started as a process exits must outlive it. Each
+process that loads the library runs the self-test again.
 
 When they are built is set by ``FASTEWC_HOST_HELPERS``:
 
-- unset or ``background``: the first binding starts the build on a background thread; steps
-  use the Python twins until it is ready (no step waits for a compiler);
+- unset or ``deferred``: a binding loads them if they are cached; if not, they are built once,
+  right after this process exits, for the processes after it (steps use the Python twins
+  meanwhile). Not during the run: a compiler beside a training loop, even at idle priority,
+  stalls torch's parallel regions on every core it shares with them (a small training script on
+  2 cores ran 4x slower while one built);
 - ``wait``: the first binding builds (or loads) them before it returns;
 - ``off`` (or ``0``): never; the Python twins always.
 
@@ -41,11 +46,15 @@ The variable is read when a binding is made; helpers already loaded in the proce
 
 from __future__ import annotations
 
+import atexit
+import glob
 import hashlib
+import json
 import importlib.machinery
 import importlib.util
 import os
 import platform
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -66,20 +75,19 @@ SOURCE_NAME = "host_cpu.cpp"
 ENV = "FASTEWC_HOST_HELPERS"
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-fvisibility=hidden", "-w")
 BUILD_TIMEOUT = 600  # seconds a compiler run may take (and the age of a lock left by a dead process)
-_MODES = {"": "background", "background": "background", "wait": "wait", "off": "off", "0": "off"}
+_MODES = {"": "deferred", "deferred": "deferred", "wait": "wait", "off": "off", "0": "off"}
 
 _lock = threading.Lock()
 _module: ModuleType | None = None  # the loaded helpers; read without the lock on every step
 _why: str | None = "not built yet"  # why _module is None
-_thread: threading.Thread | None = None  # a build running in the background
 _started_in: int | None = None  # the process that started a build (a forked child starts its own)
 
 
 def mode() -> str:
-    """``background``, ``wait`` or ``off``, from ``FASTEWC_HOST_HELPERS``."""
+    """``deferred``, ``wait`` or ``off``, from ``FASTEWC_HOST_HELPERS``."""
     value = os.environ.get(ENV, "").strip().lower()
     if value not in _MODES:
-        raise EWCInputError(f"unknown {ENV} {os.environ.get(ENV)!r}; expected 'background', 'wait' or 'off'")
+        raise EWCInputError(f"unknown {ENV} {os.environ.get(ENV)!r}; expected 'deferred', 'wait' or 'off'")
     return _MODES[value]
 
 
@@ -93,14 +101,14 @@ def loaded() -> ModuleType | None:
 
 
 def helpers() -> ModuleType | None:
-    """The helpers, starting their build if none was started in this process (see the module
-    docstring for when it waits); None while they are not available."""
+    """The helpers if they can be had now (see the module docstring for when they are built);
+    None while they are not available."""
     if _module is not None or mode() == "off":
         return _module
     if _started_in != os.getpid():
         if mode() == "wait":
             return build()
-        _start()
+        _defer()
     return _module
 
 
@@ -110,38 +118,44 @@ def build() -> ModuleType | None:
     global _started_in
     if _module is not None or mode() == "off":
         return _module
-    thread = None
     with _lock:
-        if _thread is not None and _started_in == os.getpid() and _thread.is_alive():
-            thread = _thread
-        elif _module is None:
+        if _module is None:
             _started_in = os.getpid()
             _set(*_build())
-    if thread is not None:
-        thread.join()
     return _module
 
 
 def host_helpers_status() -> str | None:
-    """None when the helpers are in use; otherwise why not (disabled, still building, or the
+    """None when the helpers are in use; otherwise why not (disabled, not built yet, or the
     build's failure)."""
     if _module is not None:
         return None
     if mode() == "off":
         return f"disabled by {ENV}={os.environ.get(ENV)}"
-    if _thread is not None and _thread.is_alive():
-        return "still building in the background (build() waits for it)"
     return _why
 
 
-def _start() -> None:
-    global _thread, _started_in
+def _defer() -> None:
+    """Deferred mode: load the helpers now if they are cached, else build them when this
+    process exits (``_build_at_exit``)."""
+    global _started_in
     with _lock:
         if _started_in == os.getpid() or _module is not None:
             return
         _started_in = os.getpid()
-        _thread = threading.Thread(target=lambda: _set(*_build()), name="fastewc-host-build", daemon=True)
-        _thread.start()
+        job, why = _job()
+        if job is None or Path(job["path"]).exists():
+            _set(*(_load_checked(job) if job is not None else (None, why)))
+            return
+        _set(None, f"not built yet: they are built once this process exits ({ENV}=wait builds them before "
+                   "the first step)")
+        atexit.register(_build_at_exit, job)
+
+
+def _build_at_exit(job: dict) -> None:
+    """Start the builder for ``job`` at idle priority and leave it running (it is detached)."""
+    if _module is None and not Path(job["path"]).exists():
+        spawn_builder({**job, "idle": True})
 
 
 def _set(module: ModuleType | None, why: str | None) -> None:
@@ -154,8 +168,11 @@ def source_path() -> Path:
     return kernel_source(SOURCE_NAME)
 
 
-def _build() -> tuple[ModuleType | None, str | None]:
-    """(the loaded, self-tested module, None) or (None, why not)."""
+def _job() -> tuple[dict | None, str | None]:
+    """What to build and where: ``({"cmd", "path", "name"}, None)``, or ``(None, why it cannot
+    be built here)``. Cheap (one ``--version`` run of the compiler): the cache key is a hash of
+    the source, the compiler's version, the flags, torch's version and build, Python's ABI tag,
+    the machine and torch's header folders."""
     if platform.system() != "Linux":
         return None, f"the host helpers are built on Linux only (this is {platform.system()})"
     try:
@@ -186,20 +203,33 @@ def _build() -> tuple[ModuleType | None, str | None]:
         sys.implementation.cache_tag, platform.machine(), *includes])).hexdigest()[:20]
     name = f"fastewc_host_{key}"
     folder = cache_dir()
-    path = folder / f"{name}.so"
-    if not path.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return None, f"cannot create the cache folder {folder} ({e}); set FASTEWC_CACHE_DIR"
-        cmd = [*cxx, *FLAGS, abi, f"-DTORCH_EXTENSION_NAME={name}", *(f"-I{p}" for p in includes),
-               f"-I{python_include}", str(source_path()), *(f"-L{p}" for p in libraries),
-               *(f"-Wl,-rpath,{p}" for p in libraries), "-lc10", "-ltorch_cpu", "-ltorch_python"]
-        why = build_once(cmd, path, check=lambda built: check_in_child(built, name))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return None, f"cannot create the cache folder {folder} ({e}); set FASTEWC_CACHE_DIR"
+    cmd = [*cxx, *FLAGS, abi, f"-DTORCH_EXTENSION_NAME={name}", *(f"-I{p}" for p in includes),
+           f"-I{python_include}", str(source_path()), *(f"-L{p}" for p in libraries),
+           *(f"-Wl,-rpath,{p}" for p in libraries), "-lc10", "-ltorch_cpu", "-ltorch_python"]
+    return {"cmd": cmd, "path": str(folder / f"{name}.so"), "name": name}, None
+
+
+def _build() -> tuple[ModuleType | None, str | None]:
+    """Build (in the builder process) if not cached, then load: (the self-tested module, None)
+    or (None, why not)."""
+    job, why = _job()
+    if job is None:
+        return None, why
+    if not Path(job["path"]).exists():
+        why = run_builder(job)
         if why is not None:
             return None, f"the host helpers could not be built: {why}"
+    return _load_checked(job)
+
+
+def _load_checked(job: dict) -> tuple[ModuleType | None, str | None]:
+    path = Path(job["path"])
     try:
-        module = load(path, name)
+        module = load(path, job["name"])
     except Exception as e:  # ImportError, OSError: a library that does not load here
         return None, f"cannot load {path}: {e}"
     try:
@@ -220,64 +250,134 @@ def load(path: Path, name: str) -> ModuleType:
     return module
 
 
-_CHILD_CHECK = """
-import sys
+_BUILDER = """
+import json, os, sys
+job = json.loads(sys.argv[1])
+if job.get("idle"):
+    # Background builds take the CPU only when nothing else wants it (the compiler inherits
+    # this): on a machine whose cores are all training, a compiler at normal priority would
+    # stall every parallel region of torch that waits for the thread it displaced.
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+from pathlib import Path
 from fastewc.penalty.backends import host
-why = host.self_test(host.load(sys.argv[1], sys.argv[2]))
-print(why or "ok")
+why = host.build_once(job["cmd"], Path(job["path"]), check=lambda built: host.check_here(built, job["name"]))
+try:
+    print(why or "ok", flush=True)
+except BrokenPipeError:
+    pass  # the process that asked for the build is gone; the library is in the cache for the next
 """
 
 
-def check_in_child(path: Path, name: str) -> str | None:
-    """Load a freshly built library in a child Python and run ``self_test`` there, before it
-    enters the cache: a library that does not fit this torch would crash the process that loads
-    it, and that must not be the user's. None when the child answers "ok", else what went wrong."""
+def spawn_builder(job: dict) -> subprocess.Popen | str:
+    """Start building ``job`` (see ``_job``; ``"idle": True`` runs it at idle CPU priority) in a
+    separate Python process; the process, or why it could not be started.
+
+    Separate because the library is self-tested before it enters the cache (``check_here``), and
+    a library that does not fit the running torch would crash the process that loads it: that
+    must not be the user's. Detached (its own session, nothing it needs from this process once
+    started) because a short script may exit before the build ends: the build then completes,
+    and the next process loads the library from the cache.
+    """
     if not sys.executable:
-        return None  # an embedded interpreter: the in-process self-test after loading still runs
+        return "there is no Python executable to build them with (an embedded interpreter)"
     import fastewc
 
     roots = [str(Path(fastewc.__file__).resolve().parent.parent), str(Path(torch.__file__).resolve().parent.parent)]
     env = {**os.environ, ENV: "off", "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
     try:
-        done = subprocess.run([sys.executable, "-c", _CHILD_CHECK, str(path), name], capture_output=True,
-                              text=True, timeout=BUILD_TIMEOUT, env=env)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"its self-test in a child process did not run ({e})"
-    answer = done.stdout.strip().splitlines()[-1:] or [""]
-    if done.returncode == 0 and answer == ["ok"]:
+        return subprocess.Popen([sys.executable, "-c", _BUILDER, json.dumps(job)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    except OSError as e:
+        return f"the builder process did not start ({e})"
+
+
+def wait_builder(builder: subprocess.Popen | str) -> str | None:
+    """Wait for a builder from ``spawn_builder``; None when the library is in the cache, else why not."""
+    if isinstance(builder, str):
+        return builder
+    try:
+        out, _ = builder.communicate(timeout=2 * BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        builder.kill()
+        return f"the builder process did not finish within {2 * BUILD_TIMEOUT} s"
+    lines = out.strip().splitlines()
+    if builder.returncode == 0 and lines[-1:] == ["ok"]:
         return None
-    detail = answer[0] if done.returncode == 0 else f"exit status {done.returncode}: {done.stderr.strip()[-300:]}"
-    return f"the library built fails its self-test in a child process ({detail}); it is not cached"
+    if builder.returncode == 0 and lines:
+        return lines[-1]
+    return f"the builder process exited with status {builder.returncode}: {out.strip()[-300:]}"
+
+
+def run_builder(job: dict) -> str | None:
+    """``wait_builder(spawn_builder(job))``."""
+    return wait_builder(spawn_builder(job))
+
+
+def check_here(path: Path, name: str) -> str | None:
+    """Load a freshly built library in this (builder) process and run ``self_test`` on it; None
+    when it passes, else what went wrong (the library then does not enter the cache)."""
+    try:
+        why = self_test(load(path, name))
+    except Exception as e:  # ImportError, OSError: not a library for this Python and torch
+        why = f"{type(e).__name__}: {e}"
+    return None if why is None else f"the library built fails its self-test ({why}); it is not cached"
 
 
 def build_once(cmd: list[str], path: Path, stale_after: float = BUILD_TIMEOUT, poll: float = 0.5,
                check: Callable[[Path], str | None] | None = None) -> str | None:
     """Build ``path`` unless another process is building it already: the ranks of a distributed
     job start at once, and each compiler run takes seconds of CPU and hundreds of MB. The first
-    to create ``<path>.lock`` builds; the others wait for the library to appear (or for the lock
-    to go, then build themselves: that build failed or its process died). A lock older than
-    ``stale_after`` seconds is taken to be left by a dead process. ``check``: as in
-    ``native.compile_into``. None on success, else why not."""
+    to create ``<path>.lock`` (holding its host name and process id) builds; the others wait for
+    the library to appear, or for the lock to go (then they build themselves: that build
+    failed). A lock whose process is gone (same host) or older than ``stale_after`` seconds is
+    taken over. ``check``: as in ``native.compile_into``. None on success, else why not."""
     lock = path.with_name(path.name + ".lock")
     while not path.exists():
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                if time.time() - lock.stat().st_mtime > stale_after:
-                    lock.unlink(missing_ok=True)
-            except OSError:
-                pass  # gone meanwhile
-            time.sleep(poll)
+            if _abandoned(lock, stale_after):
+                lock.unlink(missing_ok=True)
+            else:
+                time.sleep(poll)
             continue
         except OSError as e:
             return f"cannot create {lock} ({e}); set FASTEWC_CACHE_DIR"
-        os.close(fd)
         try:
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+        finally:
+            os.close(fd)
+        try:
+            for left in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+                left.unlink(missing_ok=True)  # a half-written library of a builder that died
             return None if path.exists() else compile_into(cmd, path, timeout=BUILD_TIMEOUT, check=check)
         finally:
             lock.unlink(missing_ok=True)
     return None
+
+
+def _abandoned(lock: Path, stale_after: float) -> bool:
+    """Whether the process that holds ``lock`` is gone (or the lock is older than ``stale_after``)."""
+    try:
+        holder = lock.read_text()
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False  # gone meanwhile: the caller looks again
+    if age > stale_after:
+        return True
+    host, _, pid = holder.partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's (a shared cache folder), or not written yet
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
 
 
 def self_test(module: ModuleType) -> str | None:
