@@ -80,7 +80,7 @@ _MODES = {"": "deferred", "deferred": "deferred", "wait": "wait", "off": "off", 
 _lock = threading.Lock()
 _module: ModuleType | None = None  # the loaded helpers; read without the lock on every step
 _why: str | None = "not built yet"  # why _module is None
-_started_in: int | None = None  # the process that started a build (a forked child starts its own)
+_started_in: int | None = None  # the process that loaded, built or deferred them (a forked child decides anew)
 
 
 def mode() -> str:
