@@ -140,11 +140,13 @@ class Binding:
         self.key_names, self.stored_names = names, set(names)
         self.key = fingerprint(list(found.values()), self.sharded)
         # The same fingerprint as a C++ record (backends/host.py), made at the first check the
-        # Python fingerprint passes once the helpers are loaded; None: compare ``key``.
+        # Python fingerprint passes once the helpers are loaded; None: compare ``key``. The
+        # record holds the parameters' classes by address: the binding keeps the classes alive,
+        # so that no other type can take an address the record compares against.
         self.record: bytes | None = None
-        self.matches = None  # the helpers' comparison, kept with the record it compares against
+        self.record_classes: frozenset = frozenset()
         self.record_tried = self.sharded  # a DTensor's local piece is read in Python only
-        host.helpers()  # starts their build in this process if none was started
+        host.helpers()  # loads them, or builds or defers their build (FASTEWC_HOST_HELPERS)
         self.plans = plans
         self.backends = backends
         self.constant = constant
@@ -174,7 +176,7 @@ class Binding:
             found = [named.get(n) for n in self.key_names]
         helpers = host.loaded()
         if self.record is not None and helpers is not None:
-            if not self.matches(found, self.record):
+            if not helpers.matches(found, self.record):
                 return None
         else:
             if fingerprint(found, self.sharded) != self.key:
@@ -182,7 +184,7 @@ class Binding:
             if helpers is not None and not self.record_tried:
                 self.record_tried = True
                 self.record = helpers.record(found)  # these are the parameters ``key`` describes
-                self.matches = helpers.matches
+                self.record_classes = frozenset(type(p) for p in found)
         return found if self.order is None else [found[i] for i in self.order]
 
     def set_params(self, params: list[torch.Tensor], verified: bool = False) -> list[torch.Tensor]:

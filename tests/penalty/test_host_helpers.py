@@ -72,10 +72,36 @@ def test_record_is_stricter_than_the_fingerprint_about_the_class(helpers):
     # The same memory as a plain tensor instead of a Parameter: the Python fingerprint cannot
     # tell; the record says no, and the binding binds again (no harm, only a rebind).
     ts = tensors()
-    rec = helpers.record(ts)
+    key, rec = fingerprint(ts, False), helpers.record(ts)
     ts[0] = ts[0].data.requires_grad_(True)
-    assert fingerprint(ts, False) == fingerprint(tensors()[:0] + ts, False)
+    assert type(ts[0]) is torch.Tensor and fingerprint(ts, False) == key
     assert not helpers.matches(ts, rec)
+
+
+def test_the_binding_keeps_the_recorded_classes_alive(helpers):
+    # The record compares classes by address; were a recorded class freed, another type could
+    # take its address. A parameter class made for this test, then dropped everywhere else,
+    # must stay alive while the binding that recorded it does (frozen: no plan holds the
+    # parameter, so nothing else keeps its class).
+    import gc
+    import weakref
+
+    Odd = type("Odd", (nn.Parameter,), {})
+    model = nn.Sequential(nn.Linear(3, 2))
+    model[0].weight = Odd(model[0].weight.detach().clone(), requires_grad=False)
+    ewc = register_both(EWCRegularizer(1.0), R.ReferenceEWC(1.0), make_tasks(model, 1, dtype=torch.float64),
+                        model=model)[0]
+    ewc(model)
+    ewc(model)  # the second check makes the record
+    binding = ewc._binding
+    assert binding.record is not None and Odd in binding.record_classes
+    alive = weakref.ref(Odd)
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone(), requires_grad=False)
+    del Odd
+    gc.collect()
+    assert alive() is not None
+    ewc(model)  # a new class under the name: bound again
+    assert ewc._binding is not binding
 
 
 def test_record_of_what_cannot_be_read_is_none(helpers):
@@ -215,8 +241,8 @@ def test_other_systems_are_told_linux_only(fresh_state, monkeypatch):
 def test_a_build_that_fails_its_self_test_is_not_used(helpers, monkeypatch):
     monkeypatch.setattr(host, "self_test", lambda module: "matches() says yes to everything")
     module, why = host._build()
-    assert module is None and why.endswith("failed its self-test (matches() says yes to everything); "
-                                           "the Python twins are used")
+    assert module is None and why.endswith("cannot be used (failed its self-test: matches() says yes to "
+                                           "everything); the Python twins are used")
 
 
 def test_self_test_catches_a_wrong_answer(helpers):
@@ -327,12 +353,12 @@ def test_a_new_library_is_self_tested_by_the_builder_before_it_is_cached(helpers
     bad = tmp_path / "not-a-library.so"
     bad.write_bytes(b"\x7fELF garbage")
     why = host.check_here(bad, helpers.__name__)
-    assert why.startswith("the library built fails its self-test (ImportError: ") and why.endswith("; it is not cached")
+    assert why.startswith("the library built cannot be used (ImportError: ") and why.endswith("; it is not cached")
     out = tmp_path / "cache" / "helpers.so"
     out.parent.mkdir()
     garbage = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'wb').write(b'\\x7fELF garbage')"]
     why = host.run_builder({"cmd": garbage, "path": str(out), "name": helpers.__name__})
-    assert why.startswith("the library built fails its self-test (ImportError: ") and why.endswith("; it is not cached")
+    assert why.startswith("the library built cannot be used (ImportError: ") and why.endswith("; it is not cached")
     assert not list(out.parent.iterdir())
     # compile_into's check runs before the rename, whatever it checks.
     cmd = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'wb').write(b'built')"]
