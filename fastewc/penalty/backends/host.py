@@ -227,18 +227,22 @@ def _build() -> tuple[ModuleType | None, str | None]:
 
 
 def _load_checked(job: dict) -> tuple[ModuleType | None, str | None]:
-    path = Path(job["path"])
-    try:
-        module = load(path, job["name"])
-    except Exception as e:  # ImportError, OSError: a library that does not load here
-        return None, f"cannot load {path}: {e}"
-    try:
-        why = self_test(module)
-    except Exception as e:
-        why = f"{type(e).__name__}: {e}"
+    """Load the cached library of ``job`` and self-test it: (module, None) or (None, why not)."""
+    module, why = load_and_test(Path(job["path"]), job["name"])
     if why is not None:
-        return None, f"{path} failed its self-test ({why}); the Python twins are used"
+        return None, f"{job['path']} cannot be used ({why}); the Python twins are used"
     return module, None
+
+
+def load_and_test(path: Path, name: str) -> tuple[ModuleType | None, str | None]:
+    """Import the library at ``path`` as ``name`` and run ``self_test`` on it: (module, None), or
+    (None, what went wrong)."""
+    try:
+        module = load(path, name)
+        why = self_test(module)
+    except Exception as e:  # ImportError, OSError: not a library for this Python and torch
+        return None, f"{type(e).__name__}: {e}"
+    return (module, None) if why is None else (None, f"failed its self-test: {why}")
 
 
 def load(path: Path, name: str) -> ModuleType:
@@ -294,8 +298,10 @@ def spawn_builder(job: dict) -> subprocess.Popen | str:
         return f"the builder process did not start ({e})"
 
 
-def wait_builder(builder: subprocess.Popen | str) -> str | None:
-    """Wait for a builder from ``spawn_builder``; None when the library is in the cache, else why not."""
+def run_builder(job: dict) -> str | None:
+    """Build ``job`` with ``spawn_builder`` and wait for it; None when the library is in the
+    cache, else why not."""
+    builder = spawn_builder(job)
     if isinstance(builder, str):
         return builder
     try:
@@ -311,19 +317,11 @@ def wait_builder(builder: subprocess.Popen | str) -> str | None:
     return f"the builder process exited with status {builder.returncode}: {out.strip()[-300:]}"
 
 
-def run_builder(job: dict) -> str | None:
-    """``wait_builder(spawn_builder(job))``."""
-    return wait_builder(spawn_builder(job))
-
-
 def check_here(path: Path, name: str) -> str | None:
-    """Load a freshly built library in this (builder) process and run ``self_test`` on it; None
-    when it passes, else what went wrong (the library then does not enter the cache)."""
-    try:
-        why = self_test(load(path, name))
-    except Exception as e:  # ImportError, OSError: not a library for this Python and torch
-        why = f"{type(e).__name__}: {e}"
-    return None if why is None else f"the library built fails its self-test ({why}); it is not cached"
+    """The builder's check of a freshly built library (in the builder process): None when it
+    loads and passes ``self_test``, else why it does not enter the cache."""
+    why = load_and_test(path, name)[1]
+    return None if why is None else f"the library built cannot be used ({why}); it is not cached"
 
 
 def build_once(cmd: list[str], path: Path, stale_after: float = BUILD_TIMEOUT, poll: float = 0.5,
