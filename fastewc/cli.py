@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="which penalty backend runs on this machine, and why",
                        description="Print the penalty backends this installation can run, per device, and why a "
-                                   "fast one is not available; builds the fused CPU kernel if it is not built yet "
-                                   "(e.g. in a container image, ahead of training).")
+                                   "fast one is not available, and whether the C++ host helpers are in use; builds "
+                                   "the fused CPU kernel and the helpers if they are not built yet (e.g. in a "
+                                   "container image, ahead of training).")
     i.set_defaults(func=cmd_info)
     return ap
 

@@ -16,11 +16,10 @@ read, written or not touched). While the binding vouches for the parameters (the
 ``params_token``) the table's parameter columns stand and only its gradient columns are
 rewritten, in place (by the C++ host helpers' ``gather_grads`` where they are loaded and every
 parameter has a row, see ``host.py``; else in Python); otherwise every address is read and the
-table rebuilt when one changed.
-Then the flat range of the
-group is split among ``torch.get_num_threads()`` threads, each calling the kernel on its share
-(ctypes releases the GIL during the call) and returning its partial sum; the partials are
-added in a fixed order, so the value is the same from run to run on the same thread count.
+table rebuilt when one changed. Then the flat range of the group is split among
+``torch.get_num_threads()`` threads, each calling the kernel on its share (ctypes releases the
+GIL during the call) and returning its partial sum; the partials are added in a fixed order, so
+the value is the same from run to run on the same thread count.
 
 Dtypes: parameters and storage float32 or bfloat16. Any other pair sends the whole group to the
 PyTorch backend; a parameter that is not contiguous, or whose existing ``.grad`` is not (or has
