@@ -33,8 +33,7 @@ When they are built is set by ``FASTEWC_HOST_HELPERS``:
 - unset or ``deferred``: a binding loads them if they are cached; if not, they are built once,
   right after this process exits, for the processes after it (steps use the Python twins
   meanwhile). Not during the run: a compiler beside a training loop, even at idle priority,
-  stalls torch's parallel regions on every core it shares with them (a small training script on
-  2 cores ran 4x slower while one built);
+  stalls torch's parallel regions whenever one of their threads shares its core;
 - ``wait``: the first binding builds (or loads) them before it returns;
 - ``off`` (or ``0``): never; the Python twins always.
 
