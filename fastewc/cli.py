@@ -141,7 +141,8 @@ def cmd_info(args) -> int:
     cpu = torch.device("cpu")
     print(f"fastewc {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}")
-    why_cpu = cpu_backend_status(cpu)  # builds the C kernel if this machine has not yet
+    cpu_backend.library(force=True)  # builds the C kernel if not built yet, retrying a build that failed
+    why_cpu = cpu_backend_status(cpu)
     if why_cpu is None:
         print(f"CPU tensors:  backend 'cpu' (fused C kernel) available: {cpu_backend.library_path()}")
     else:
@@ -153,12 +154,6 @@ def cmd_info(args) -> int:
     else:
         print("CUDA tensors: no CUDA device visible")
     print("backend 'torch' (stock PyTorch ops) runs everywhere")
-    from .penalty.backends import host
-
-    host.build()  # builds them if this machine has not yet (about 20 s, then cached)
-    why_host = host.host_helpers_status()
-    print("per-step checks: C++ host helpers " + ("in use" if why_host is None else f"not in use ({why_host}); "
-                                                 "the Python twins run instead"))
     print(f"FASTEWC_BACKEND: {os.environ.get('FASTEWC_BACKEND') or '(unset)'}; "
           f"kernel cache: {cpu_backend.cache_dir()}")
     return 0
@@ -213,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="which penalty backend runs on this machine, and why",
                        description="Print the penalty backends this installation can run, per device, and why a "
-                                   "fast one is not available, and whether the C++ host helpers are in use; builds "
-                                   "the fused CPU kernel and the helpers if they are not built yet (e.g. in a "
-                                   "container image, ahead of training).")
+                                   "fast one is not available; builds the fused CPU kernel if it is not built yet "
+                                   "(e.g. in a container image, ahead of training), retrying a build that "
+                                   "failed before.")
     i.set_defaults(func=cmd_info)
     return ap
 

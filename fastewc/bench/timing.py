@@ -43,18 +43,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         info["triton"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    info["host_helpers"] = host_helpers_info()
     return info
-
-
-def host_helpers_info() -> str:
-    """Builds the C++ host helpers now (so that no timed step runs while they build in the
-    background) and says whether the timings use them."""
-    from ..penalty.backends import host
-
-    host.build()
-    why = host.host_helpers_status()
-    return "in use" if why is None else f"not in use: {why}"
 
 
 def machine_slug(device: torch.device | str = "cpu") -> str:

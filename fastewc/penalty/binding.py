@@ -9,8 +9,6 @@ parameters through their module paths (a ``ParamLocator``: one dict lookup per m
 paths and one per parameter, where ``named_parameters()`` would visit every module and hash every
 parameter), compares fingerprints, and binds again only when a protected parameter was replaced,
 moved, reshaped, re-typed, re-laid out or (un)frozen, or a module on its path was replaced.
-Where the C++ host helpers are loaded (``backends/host.py``) the fingerprint is compared by
-their ``matches`` against a record they made, with the Python fingerprint as its twin.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import torch.nn as nn
 
 from .._utils import is_sharded, unwrapped_name
 from ..errors import EWCInputError, ModelMismatchError
-from .backends import GroupPlan, host, select_backend
+from .backends import GroupPlan, select_backend
 from .packing import FlatPacking
 from .sharding import check_piece, local, local_piece, reduce_groups
 from .store import PenaltyStore
@@ -94,14 +92,8 @@ class ParamLocator:
                 raise LookupError(name)
             self.slots.append((module._parameters, attr))
         self.edges = list(edges.values())
-        # The C++ twin (host helpers' ``locate``) reads plain dicts only: a dict subclass could
-        # answer ``get`` its own way.
-        self.plain = all(type(e[0]) is dict for e in self.edges) and all(type(s[0]) is dict for s in self.slots)
 
     def find(self) -> list | None:
-        helpers = host.loaded()
-        if helpers is not None and self.plain:
-            return helpers.locate(self.edges, self.slots)
         for children, part, child in self.edges:
             if children.get(part) is not child:
                 return None
@@ -139,14 +131,6 @@ class Binding:
             self.locator = None  # found by walking the module tree at every step instead
         self.key_names, self.stored_names = names, set(names)
         self.key = fingerprint(list(found.values()), self.sharded)
-        # The same fingerprint as a C++ record (backends/host.py), made at the first check the
-        # Python fingerprint passes once the helpers are loaded; None: compare ``key``. The
-        # record holds the parameters' classes by address: the binding keeps the classes alive,
-        # so that no other type can take an address the record compares against.
-        self.record: bytes | None = None
-        self.record_classes: frozenset = frozenset()
-        self.record_tried = self.sharded  # a DTensor's local piece is read in Python only
-        host.helpers()  # loads them, or builds or defers their build (FASTEWC_HOST_HELPERS)
         self.plans = plans
         self.backends = backends
         self.constant = constant
@@ -174,17 +158,8 @@ class Binding:
         else:
             named = walk(self.stored_names, model)
             found = [named.get(n) for n in self.key_names]
-        helpers = host.loaded()
-        if self.record is not None and helpers is not None:
-            if not helpers.matches(found, self.record):
-                return None
-        else:
-            if fingerprint(found, self.sharded) != self.key:
-                return None
-            if helpers is not None and not self.record_tried:
-                self.record_tried = True
-                self.record = helpers.record(found)  # these are the parameters ``key`` describes
-                self.record_classes = frozenset(type(p) for p in found)
+        if fingerprint(found, self.sharded) != self.key:
+            return None
         return found if self.order is None else [found[i] for i in self.order]
 
     def set_params(self, params: list[torch.Tensor], verified: bool = False) -> list[torch.Tensor]:

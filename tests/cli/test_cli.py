@@ -116,6 +116,7 @@ def test_bench_unknown_fisher_model(capsys):
 def test_info_names_the_backend_per_device(capsys, monkeypatch):
     import fastewc.penalty.backends as backends
     from fastewc.penalty.backends import cpu_backend
+    from fastewc.penalty.native import quadratic
 
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
     assert cli.main(["info"]) == 0
@@ -126,20 +127,10 @@ def test_info_names_the_backend_per_device(capsys, monkeypatch):
         assert f"backend 'cpu' (fused C kernel) available: {cpu_backend.library_path()}" in out
     assert "FASTEWC_BACKEND: (unset)" in out and f"kernel cache: {cpu_backend.cache_dir()}" in out
     # Where the kernel cannot be built, the reason is printed and what 'auto' takes instead.
-    monkeypatch.setattr(cpu_backend, "_built", (None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
+    monkeypatch.setattr(quadratic, "_loaded", quadratic.Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
+    monkeypatch.setattr(quadratic, "load", lambda force=False: quadratic._loaded)  # as on a machine without one
     monkeypatch.setenv("FASTEWC_BACKEND", "torch")
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "not available: no C compiler found (set CC, or install cc, gcc or clang); 'auto' takes 'torch'" in out
     assert "FASTEWC_BACKEND: torch" in out
-    # The per-step host helpers: in use, or why not.
-    from fastewc.penalty.backends import host
-
-    assert cli.main(["info"]) == 0
-    want = "in use" if host.build() is not None else f"not in use ({host.host_helpers_status()})"
-    assert f"per-step checks: C++ host helpers {want}" in capsys.readouterr().out
-    monkeypatch.setenv("FASTEWC_HOST_HELPERS", "off")
-    monkeypatch.setattr(host, "_module", None)  # as in a process that has not loaded them
-    assert cli.main(["info"]) == 0
-    assert ("per-step checks: C++ host helpers not in use (disabled by FASTEWC_HOST_HELPERS=off); the Python twins "
-            "run instead") in capsys.readouterr().out

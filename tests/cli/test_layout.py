@@ -40,9 +40,9 @@ LAZY_ALLOWED = {
 
 
 def _modules() -> dict[str, Path]:
-    """Module name -> file, for every module of the package (kernels/ installs as fastewc.kernels)."""
+    """Module name -> file, for every module of the package."""
     out = {}
-    for base, prefix in ((ROOT / "fastewc", "fastewc"), (ROOT / "kernels", "fastewc.kernels")):
+    for base, prefix in ((ROOT / "fastewc", "fastewc"),):
         for f in sorted(base.rglob("*.py")):
             if "__pycache__" in f.parts:
                 continue

@@ -1,5 +1,5 @@
-"""The fused CPU kernel (``kernels/quadratic_cpu.c`` through ``CpuBackend``): what is particular to
-it (threads, its tables, building and choosing it). The contract it shares with the Triton
+"""The fused CPU kernel (``fastewc/kernels/quadratic_cpu.c`` through ``CpuBackend``): what is particular to
+it (threads, its tables, choosing it; its build is tested in ``test_native_build.py``). The contract it shares with the Triton
 backend is tested on both in ``test_fused_backends.py``.
 
 Every backend here is built with ``poison=True``: the gradients it allocates start as NaN, so an
@@ -17,6 +17,7 @@ import torch
 import fastewc.penalty.backends as backends
 from fastewc.errors import EWCInputError
 from fastewc.penalty.backends import cpu_backend as C
+from fastewc.penalty.native import quadratic as Q
 from plans import SHAPES, assert_grads, check_all_ops, make_plan, reference, value_of
 
 pytestmark = pytest.mark.skipif(backends.cpu_backend_status(torch.device("cpu")) is not None,
@@ -131,33 +132,30 @@ def test_forked_child_runs_threaded_steps(split):
 
 
 # -- building the kernel, and choosing it ------------------------------------------------------
-def test_build_reports_a_missing_compiler(monkeypatch):
-    monkeypatch.setattr(C, "_compiler", lambda: None)
-    lib, why, path = C._build()
-    assert lib is None and path is None and "no C compiler found" in why
+def test_build_reports_a_missing_compiler(tmp_path, monkeypatch):
+    monkeypatch.setattr(Q, "c_compiler", lambda: None)  # no compiler on the PATH
+    monkeypatch.delenv("CC", raising=False)
+    k = Q.load(folder=tmp_path)
+    assert k.lib is None and k.path is None and "no C compiler found" in k.why
 
 
-def test_build_reports_a_failing_compiler(monkeypatch, tmp_path):
-    monkeypatch.setenv("FASTEWC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", "false")
-    lib, why, path = C._build()
-    assert lib is None and "could not be built" in why and "exited with 1" in why
-    assert not list(tmp_path.iterdir())  # no half-written library left behind
+def test_build_reports_a_failing_compiler(tmp_path):
+    k = Q.load(cc=["false"], folder=tmp_path, features="flags: sse2")
+    assert k.lib is None and "could not be built" in k.why and "exited with 1" in k.why
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))  # no half-written library
 
 
-def test_build_is_cached_per_cpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("FASTEWC_CACHE_DIR", str(tmp_path / "cache"))
+def test_build_is_cached_per_cpu(tmp_path):
     for flags in ("flags: sse2", "flags: sse2 avx2", "flags: sse2"):
-        monkeypatch.setattr(C, "_cpu_features", lambda: flags)
-        lib, why, path = C._build()
-        assert why is None and lib.ewc_quadratic_f32_f32 is not None and path.parent == tmp_path / "cache"
+        k = Q.load(folder=tmp_path / "cache", features=flags)
+        assert k.why is None and k.lib.ewc_quadratic_f32_f32 is not None and k.path.parent == tmp_path / "cache"
     assert len(list((tmp_path / "cache").glob("quadratic_cpu-*.so"))) == 2
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_auto_falls_back_and_forcing_says_why(monkeypatch):
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
-    monkeypatch.setattr(C, "_built", (None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
+    monkeypatch.setattr(Q, "_loaded", Q.Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
     monkeypatch.setattr(backends, "_TOLD_NO_CPU_KERNEL", False)
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match=r"fused CPU kernel is not available \(no C compiler found.*PyTorch backend"):

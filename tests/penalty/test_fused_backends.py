@@ -133,10 +133,9 @@ def test_table_cached_and_rebuilt_when_addresses_change(fused):
 
 
 @pytest.mark.parametrize("shapes", [[(40,), (3, 7), (0,)], [(40,), (3, 7)]], ids=["with an empty tensor", "without"])
-def test_params_token_reuses_the_parameter_columns_and_always_reads_the_gradients(fused, shapes, host_helpers):
+def test_params_token_reuses_the_parameter_columns_and_always_reads_the_gradients(fused, shapes):
     # The binding hands the plan a token that stays the same only while the parameters do: the
-    # backend may then skip looking at them, but never at the gradients (on the CPU backend,
-    # read by the C++ host helpers where every parameter has a row in its table).
+    # backend may then skip looking at them, but never at the gradients.
     plan = make_plan(shapes, torch.float32, torch.float32)
     be = fused[1]()
     plan.params_token = object()

@@ -1,21 +1,15 @@
-"""CPU backend: the fused C kernel ``kernels/quadratic_cpu.c``, built on first use and run by threads.
+"""CPU backend: the launcher of the fused C kernel (``fastewc/kernels/quadratic_cpu.c``), run by threads.
 
-Host side of the C twin of the Triton kernels. The kernel source ships with the package; the
-first time a process asks for it, it is compiled with the system C compiler (``$CC``, else
-``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-O3 -march=native``, about a second) and
-the shared library is cached under ``$FASTEWC_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fastewc``
-or ``~/.cache/fastewc``), named by a hash of the source, the compiler, the flags and the CPU's
-instruction sets, so a cache shared between different machines never loads a library built for
-another CPU. Concurrent processes (DDP ranks) may build at once: each writes its own temporary
-file and renames it into place. Without a working compiler the backend reports why
-(``cpu_kernel_status``) and ``backend="auto"`` takes the PyTorch backend instead.
+Host side of the C twin of the Triton kernels. The library is built and loaded by
+``fastewc.penalty.native.quadratic`` (compiled on first use, cached, verified before loading);
+without it the backend reports why (``cpu_kernel_status``) and ``backend="auto"`` takes the
+PyTorch backend instead.
 
 Per step, per (device, dtype) group: one table of segments (each protected parameter's
 address, its gradient's address, its place in the flat buffers, and whether its gradient is
 read, written or not touched). While the binding vouches for the parameters (the plan's
 ``params_token``) the table's parameter columns stand and only its gradient columns are
-rewritten, in place (by the C++ host helpers' ``gather_grads`` where they are loaded and every
-parameter has a row, see ``host.py``; else in Python); otherwise every address is read and the
+rewritten, in place; otherwise every address is read and the
 table rebuilt when one changed. Then the flat range of the group is split among
 ``torch.get_num_threads()`` threads, each calling the kernel on its share (ctypes releases the
 GIL during the call) and returning its partial sum; the partials are added in a fixed order, so
@@ -34,31 +28,23 @@ per 4 KB otherwise) on large models.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shlex
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..._utils import advise_huge_pages
-from . import host
+from ..native import quadratic
+from ..native.build import cache_dir
 from .base import GroupPlan
-from .native import c_compiler as _compiler
-from .native import cache_dir, compile_into, compiler_version, kernel_source
-from .native import cpu_features as _cpu_features
 from .torch_backend import TorchBackend
 
-SOURCE_NAME = "quadratic_cpu.c"
-FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno")
-NATIVE = "-march=native"
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+__all__ = ["CpuBackend", "cache_dir", "cpu_kernel_status", "library", "library_path", "source_path"]
+
+_SUFFIX = {torch.float32: quadratic.SUFFIX["float32"], torch.bfloat16: quadratic.SUFFIX["bfloat16"]}
 _TORCH = TorchBackend()  # the whole-group fallback for dtypes the kernel does not take
 # Groups under this many flat elements run on the calling thread: handing work to a pool costs
 # tens of microseconds, more than the kernel spends on a group this small.
@@ -66,87 +52,10 @@ PARALLEL_FROM = 1 << 18
 # Threads' shares of the flat range start at multiples of this many elements (whole cache lines
 # of every dtype, so no two threads write the same line of a gradient).
 SHARE_ALIGN = 1024
-
-_lock = threading.Lock()
-_built: tuple[ctypes.CDLL | None, str | None, Path | None] | None = None  # (library, why not, its file)
-
-
-def source_path() -> Path:
-    """The C source shipped in the installed package (``fastewc/kernels/quadratic_cpu.c``)."""
-    return kernel_source(SOURCE_NAME)
-
-
-def _build() -> tuple[ctypes.CDLL | None, str | None, Path | None]:
-    """(library, None, its file), or (None, why it cannot be had, None)."""
-    if platform.system() == "Windows":
-        return None, "the fused CPU kernel is built with a Unix C compiler; not supported on Windows", None
-    try:
-        src = source_path()
-        code = src.read_bytes()
-    except OSError as e:
-        return None, f"the kernel source {SOURCE_NAME} is missing from this installation ({e})", None
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler found (set CC, or install cc, gcc or clang)", None
-    try:
-        version = compiler_version(cc)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"the C compiler {shlex.join(cc)} does not run: {e}", None
-    folder = cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return None, f"cannot create the kernel cache folder {folder} ({e}); set FASTEWC_CACHE_DIR", None
-    errors = []
-    for native in (True, False):  # some compilers (or CPUs) have no -march=native
-        key = hashlib.sha256(b"\0".join([
-            code, version.encode(), " ".join((*FLAGS, NATIVE if native else "")).encode(),
-            platform.machine().encode(), _cpu_features().encode() if native else b""])).hexdigest()[:20]
-        lib_path = folder / f"quadratic_cpu-{key}.so"
-        if not lib_path.exists():
-            why = compile_into([*cc, *FLAGS, *([NATIVE] if native else []), str(src)], lib_path)
-            if why is not None:
-                errors.append(why)
-                continue
-        try:
-            lib = ctypes.CDLL(str(lib_path))
-        except OSError as e:
-            errors.append(f"cannot load {lib_path}: {e}")
-            continue
-        _declare(lib)
-        return lib, None, lib_path
-    return None, "the fused CPU kernel could not be built: " + " | ".join(errors), None
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for p in _SUFFIX.values():
-        for s in _SUFFIX.values():
-            fn = getattr(lib, f"ewc_quadratic_{p}_{s}")
-            fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr]
-            fn.restype = None
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library (built on the first call in a process), or None."""
-    global _built
-    with _lock:
-        if _built is None:
-            _built = _build()
-    return _built[0]
-
-
-def library_path() -> Path | None:
-    """The file of the loaded kernel library (built first if needed), or None."""
-    library()
-    return _built[2]
-
-
-def cpu_kernel_status() -> str | None:
-    """None when the fused CPU kernel is available; otherwise the reason it is not (building it
-    on the first call of a process if needed)."""
-    library()
-    return _built[1]
+library = quadratic.library
+source_path = quadratic.source_path
+library_path = quadratic.library_path
+cpu_kernel_status = quadratic.status
 
 
 _UNKNOWN = object()  # a column's content that no list of addresses equals
@@ -195,11 +104,6 @@ class _Segments:
             self.columns_rewritten()
             self.grad_column, self.mode_column = ptrs, modes
         return True
-
-    def gathers(self, token: object) -> bool:
-        """Whether the host helpers' ``gather_grads`` may fill this table's gradient columns:
-        an accumulate table with one row per parameter, no fallbacks, built for ``token``."""
-        return token is not None and self.token is token and self.keep is None and not self.skipped
 
     def columns_rewritten(self) -> None:
         """The gradient and mode columns were written: the lists no longer say what they hold,
@@ -250,9 +154,9 @@ class CpuBackend:
     def __init__(self, threads: int | None = None, poison: bool = False):
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        lib = library()
+        lib = quadratic.library()
         if lib is None:
-            raise RuntimeError(f"the fused CPU kernel is not available: {cpu_kernel_status()}")
+            raise RuntimeError(f"the fused CPU kernel is not available: {quadratic.status()}")
         self._lib = lib
         self.threads = threads
         self.poison = poison
@@ -418,16 +322,6 @@ class CpuBackend:
     def accumulate_grad_(self, plan: GroupPlan, lam: float) -> float | torch.Tensor:
         if not self._takes(plan):
             return _TORCH.accumulate_grad_(plan, lam)
-        seg = plan.cache.get(("cpu-segments", "accumulate"))
-        if seg is not None and seg.gathers(plan.params_token):
-            helpers = host.loaded()
-            if helpers is not None:
-                # The C++ twin of set_grads (backends/host.py): on False a gradient needs the
-                # path below, and the columns it wrote in part are stale either way.
-                done = helpers.gather_grads(plan.params, seg.addresses[1], seg.addresses[4])
-                seg.columns_rewritten()
-                if done:
-                    return self._run(seg, lam)
         grads = [p.grad for p in plan.params]
         missing = [i for i, g in enumerate(grads) if g is None]
         modes = None  # every gradient added to

@@ -1,0 +1,120 @@
+"""The fused CPU kernel's library (``fastewc/kernels/quadratic_cpu.c``): built, loaded, declared.
+
+The first time a process asks for it, the source is compiled with the system C compiler
+(``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-O3 -march=native``, about
+a second; without ``-march=native`` where the compiler or CPU has none) through ``build.py``'s
+verified cache, in the calling process. Without a working compiler ``status()`` says why and
+``backend="auto"`` takes the PyTorch backend instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import shlex
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .build import build_library, c_compiler, compiler_version, cpu_features, key_of, kernel_source
+
+__all__ = ["FLAGS", "Kernel", "SOURCE_NAME", "SUFFIX", "load", "library", "library_path", "source_path", "status"]
+
+SOURCE_NAME = "quadratic_cpu.c"
+FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno")
+NATIVE = "-march=native"
+# torch dtype name -> the suffix of the kernel functions for it (``ewc_quadratic_<param>_<storage>``).
+SUFFIX = {"float32": "f32", "bfloat16": "bf16"}
+
+
+@dataclass
+class Kernel:
+    """A loaded kernel library (None where it could not be had, ``why`` saying why) and its file."""
+
+    lib: ctypes.CDLL | None
+    why: str | None
+    path: Path | None
+
+
+def source_path() -> Path:
+    """The C source shipped in the installed package (``fastewc/kernels/quadratic_cpu.c``)."""
+    return kernel_source(SOURCE_NAME)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for p in SUFFIX.values():
+        for s in SUFFIX.values():
+            fn = getattr(lib, f"ewc_quadratic_{p}_{s}")
+            fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr]
+            fn.restype = None
+
+
+def load(*, cc: list[str] | None = None, folder: Path | None = None, features: str | None = None,
+         force: bool = False) -> Kernel:
+    """Build (or find in the cache) and load the kernel. ``cc``, ``folder``, ``features``: the
+    compiler command, cache folder and CPU flags to use instead of this machine's (tests);
+    ``force``: retry builds that failed before."""
+    if platform.system() == "Windows":
+        return Kernel(None, "the fused CPU kernel is built with a Unix C compiler; not supported on Windows", None)
+    try:
+        src = source_path()
+        code = src.read_bytes()
+    except OSError as e:
+        return Kernel(None, f"the kernel source {SOURCE_NAME} is missing from this installation ({e})", None)
+    cc = c_compiler() if cc is None else cc
+    if cc is None:
+        return Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None)
+    try:
+        version = compiler_version(cc)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Kernel(None, f"the C compiler {shlex.join(cc)} does not run: {e}", None)
+    features = cpu_features() if features is None else features
+    errors = []
+    for native in (True, False):  # some compilers (or CPUs) have no -march=native
+        flags = (*FLAGS, NATIVE) if native else FLAGS
+        key = key_of(code, version.encode(), " ".join(flags).encode(), platform.machine().encode(),
+                     features.encode() if native else b"")
+        built = build_library(f"quadratic_cpu-{key}", [*cc, *flags, str(src)], folder=folder, force=force)
+        if built.path is None:
+            errors.append(built.why)
+            continue
+        cached = built.path if built.temporary is None else None
+        try:
+            lib = ctypes.CDLL(str(built.path))
+            _declare(lib)
+        except (OSError, AttributeError) as e:
+            errors.append(f"cannot load {built.path}: {e}")
+            continue
+        finally:
+            built.cleanup()
+        return Kernel(lib, None, cached)
+    return Kernel(None, "the fused CPU kernel could not be built: " + " | ".join(errors), None)
+
+
+_lock = threading.Lock()
+_loaded: Kernel | None = None  # this process's kernel, loaded at the first call of library()
+
+
+def library(*, force: bool = False) -> ctypes.CDLL | None:
+    """This process's kernel library (built or loaded on the first call), or None. ``force``:
+    build again now, retrying a build that failed (``fastewc info``)."""
+    global _loaded
+    with _lock:
+        if _loaded is None or (force and _loaded.lib is None):
+            _loaded = load(force=force)
+        return _loaded.lib
+
+
+def library_path() -> Path | None:
+    """The cached file of the loaded library (None when there is none, or it was built in a
+    temporary folder)."""
+    library()
+    return _loaded.path
+
+
+def status() -> str | None:
+    """None when the fused CPU kernel is available; otherwise the reason it is not."""
+    library()
+    return _loaded.why
