@@ -27,6 +27,8 @@ from .sharding import check_piece, local, local_piece, reduce_groups
 from .store import PenaltyStore
 from .validation import _names, _prefix_hint
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 __all__ = ["Binding", "ParamLocator", "PenaltyFunction", "bind", "fingerprint", "walk", "model_device"]
 
 
@@ -181,9 +183,14 @@ class Binding:
         torch operation costs tens of microseconds (its code and data have left the caches)."""
         half = lam / 2.0
         if all(type(s) is float for s in sums):
+            try:
+                total = (math.fsum(sums) + self.constant) * half
+            except (OverflowError, ValueError):  # fsum refuses inf - inf and overflowing partials
+                total = (sum(sums) + self.constant) * half
+            if self.out_dtype is not torch.float64 and abs(total) > _FLOAT32_MAX:
+                total = math.copysign(math.inf, total)  # overflows float32: inf, as torch ops give
             # scalar_tensor: the lightest way to a 0-dim tensor (torch.tensor parses its argument)
-            return torch.scalar_tensor((math.fsum(sums) + self.constant) * half, dtype=self.out_dtype,
-                                       device=self.out_device)
+            return torch.scalar_tensor(total, dtype=self.out_dtype, device=self.out_device)
         total = None
         for s in sums:
             if type(s) is float:
@@ -286,6 +293,7 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
     resolved: dict[str, tuple[str, torch.Tensor]] = {}
     owner: dict[str, str] = {}
     missing, problems = [], []
+    aliases: dict[str, str] = {}  # stored name -> the stored name of the same (tied) parameter seen first
     to_split: dict[str, tuple] = {}  # stored full, the parameter is sharded: (param, its ShardInfo)
     for e in packing.entries:
         # A name taken on the wrapped model (DDP's "module.", torch.compile's "_orig_mod.")
@@ -298,9 +306,8 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
             continue
         canon = canonical[id(p)]
         if canon in owner:
-            raise ModelMismatchError(
-                f"{owner[canon]!r} and {e.name!r} are the same (tied) parameter of the model; "
-                f"register it once, under {canon!r}")
+            aliases[e.name] = owner[canon]
+            continue
         owner[canon] = e.name
         resolved[e.name] = (canon, p)
         problem, split = check_piece(e.name, p, store.sharding.get(e.name), e.shape)
@@ -312,12 +319,22 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
             problems.append(f"{e.name!r} has non-floating dtype {p.dtype}")
         was = store.param_dtypes.get(e.name)
         if was is not None and was != p.dtype:
-            problems.append(f"{e.name!r} changed dtype from {was} to {p.dtype} since it was registered")
+            problems.append(f"{e.name!r} changed dtype from {was} to {p.dtype} since it was registered ({was} is "
+                            "the parameter's dtype when register_task was given the model, else its anchor's: "
+                            "give anchors of the parameter's dtype, or pass model=)")
     if missing:
         raise ModelMismatchError(
             f"the model has no parameter named {_names(missing)}{_prefix_hint(missing, everything)}")
     if problems:
         raise ModelMismatchError("the model no longer matches the registered parameters: " + "; ".join(problems))
+    if aliases:
+        # Names registered before the model was known, two of which turn out to be one tied
+        # parameter: their quadratics are one quadratic of that tensor (the store folds them).
+        sharded = sorted(n for pair in aliases.items() for n in pair if n in store.sharding)
+        if sharded:
+            raise ModelMismatchError(f"{_names(sharded)} are stored as shards under two names of one tied "
+                                     "parameter; register it once, under one name")
+        return bind(store.folded(aliases), model, backend)
 
     named = {canon: p for canon, p in resolved.values()}
     groups = reduce_groups({n: p for n, p in named.items() if p.requires_grad})

@@ -36,6 +36,35 @@ __all__ = ["EWCRegularizer", "OnlineEWC"]
 STATE_VERSION = 2
 
 
+def _tied_names_folded(fisher, anchors, model: nn.Module) -> tuple:
+    """``fisher`` and ``anchors`` with every name of a tied parameter replaced by its canonical
+    name (the one ``named_parameters()`` gives). Raises ``EWCInputError`` when ``fisher`` names
+    one tied parameter twice (which of the two would be its Fisher is not ours to guess); of two
+    anchors for one parameter, the one under the canonical name is kept."""
+    if not isinstance(fisher, Mapping) or not isinstance(anchors, Mapping):
+        return fisher, anchors  # check_task says what is wrong
+    everything = dict(model.named_parameters(remove_duplicate=False))
+    canonical = {id(p): n for n, p in model.named_parameters()}
+
+    def canon(name: str) -> str:
+        p = everything.get(name)
+        return canonical[id(p)] if p is not None else name
+
+    first: dict[str, str] = {}
+    for n in fisher:
+        c = canon(n)
+        if c in first:
+            raise EWCInputError(f"fisher names {first[c]!r} and {n!r}, which are one (tied) parameter of the model; "
+                                f"give its Fisher once, under {c!r}")
+        first[c] = n
+    folded_anchors: dict = {}
+    for n, t in anchors.items():
+        c = canon(n)
+        if c not in folded_anchors or n == c:
+            folded_anchors[c] = t
+    return {canon(n): f for n, f in fisher.items()}, folded_anchors
+
+
 class EWCRegularizer(nn.Module):
     """Elastic Weight Consolidation penalty, stored collapsed and run on fused backends.
 
@@ -184,7 +213,11 @@ class EWCRegularizer(nn.Module):
             model: optional; when given (or when a model was already seen by ``forward``), the
                 names and shapes are checked against it before anything is stored, and its
                 parameters' dtypes are recorded (else the anchors' dtypes are): a later step on
-                a model whose parameter has another dtype is refused.
+                a model whose parameter has another dtype is refused. A tied
+                parameter's other names (``lm_head.weight`` for ``transformer.wte.weight``) are
+                taken as the name ``named_parameters()`` gives; a Fisher that names one tied
+                parameter twice is refused. Without a model, names found tied at the first step
+                are folded into one entry there.
 
         Names filtered out by ``include``/``exclude`` (or a 0 layer multiplier) are ignored. On
         any error nothing is changed.
@@ -201,6 +234,7 @@ class EWCRegularizer(nn.Module):
         if model_params is not None:
             fisher = unwrap_names(fisher, model_params, "fisher")
             optimal_params = unwrap_names(optimal_params, model_params, "optimal_params")
+            fisher, optimal_params = _tied_names_folded(fisher, optimal_params, model)
             if any(n not in model_params and unwrapped_name(n, model_params) in model_params for n in self._store.names):
                 self._rebind(model)  # stored names taken on a wrapper become the model's own first
         if isinstance(fisher, Mapping) and isinstance(optimal_params, Mapping):
@@ -321,8 +355,14 @@ class EWCRegularizer(nn.Module):
                 "backend": self._backend, "check_finite": self._check_finite, **self._store.to_state()}
 
     def set_extra_state(self, state: dict) -> None:
-        """Replace everything with ``state`` (from ``get_extra_state``, this or an older format).
-        Validated first: on any error ``EWCInputError`` says what is wrong, and nothing changes."""
+        """Replace the state with ``state`` (from ``get_extra_state``, this or an older format).
+        Validated first: on any error ``EWCInputError`` says what is wrong, and nothing changes.
+
+        State is what was learned and how it is weighed: the buffers, tasks seen, mode, gamma,
+        ``lambda_ewc``, ``storage_dtype`` and the selection (``layer_lambdas``, ``include``,
+        ``exclude``). ``backend`` and ``check_finite`` say how this instance runs, not what it
+        holds: they keep the values this instance was given (``load_regularizer`` restores the
+        saved ones into its fresh instance unless told otherwise)."""
         if not isinstance(state, Mapping):
             raise EWCInputError(f"not an EWCRegularizer state: expected a dict, got {type(state).__name__}")
         version = state.get("version")
@@ -343,8 +383,7 @@ class EWCRegularizer(nn.Module):
             raise EWCInputError(f"EWCRegularizer state (format version {version}) lacks the entry {exc}") from None
         except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise EWCInputError(f"EWCRegularizer state (format version {version}) is unreadable: {exc}") from None
-        self._lambda, self._selection, self._backend = staged._lambda, staged._selection, staged._backend
-        self._check_finite, self._store = staged._check_finite, store
+        self._lambda, self._selection, self._store = staged._lambda, staged._selection, store
         self._binding, self._model_ref = None, None
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

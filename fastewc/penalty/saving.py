@@ -37,6 +37,8 @@ def _is_safetensors(path) -> bool:
 
 def _write_atomically(path: Path, write) -> None:
     """Call ``write(tmp_path)`` for a temporary file next to ``path``, fsync it, rename it to ``path``."""
+    if not path.parent.is_dir():
+        raise EWCInputError(f"cannot save to {path}: the folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -94,22 +96,32 @@ def save_regularizer(regularizer: EWCRegularizer, path: str | Path) -> Path:
     return path
 
 
-def load_regularizer(path: str | Path, map_location: str | torch.device = "cpu") -> EWCRegularizer:
+def load_regularizer(path: str | Path, map_location: str | torch.device = "cpu", *, backend: str | None = None,
+                     check_finite: bool | None = None) -> EWCRegularizer:
     """A fresh ``EWCRegularizer`` holding what :func:`save_regularizer` wrote to ``path``.
 
     Buffers are loaded onto ``map_location``; at the first step they follow the model's device.
-    Raises ``EWCInputError`` naming the file when it is missing, truncated, corrupted, not a
+    ``backend`` and ``check_finite`` (how the regularizer runs, not its state) are the saved
+    ones unless given here. Raises ``EWCInputError`` naming the file when it is missing, truncated, corrupted, not a
     regularizer, or from a newer fastewc.
     """
     path = Path(path)
     if not path.exists():
         raise EWCInputError(f"no such file: {path}")
-    reg = EWCRegularizer()
     try:
         if _is_safetensors(path):
-            reg.set_extra_state(_read_safetensors(path, map_location))
+            state = _read_safetensors(path, map_location)
         else:
-            reg.load_state_dict(_read_torch(path, map_location))
+            state_dict = _read_torch(path, map_location)
+            state = state_dict.get("_extra_state") if isinstance(state_dict, dict) else None
+        saved = state if isinstance(state, dict) else {}
+        reg = EWCRegularizer(
+            backend=saved.get("backend", "auto") if backend is None else backend,
+            check_finite=saved.get("check_finite", False) if check_finite is None else check_finite)
+        if _is_safetensors(path):
+            reg.set_extra_state(state)
+        else:
+            reg.load_state_dict(state_dict)
     except EWCInputError as exc:
         msg = str(exc)
         raise EWCInputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None

@@ -87,15 +87,21 @@ def test_check_finite_overflow_is_explained():
 def test_check_finite_survives_state_round_trips(tmp_path, suffix):
     if suffix == ".safetensors":
         pytest.importorskip("safetensors")
+    # check_finite is how an instance runs, not state: a regularizer keeps its own through
+    # load_state_dict, and load_regularizer's fresh one takes the saved value unless told.
     model, ewc = registered("torch", check_finite=True)
-    fresh = EWCRegularizer()
+    fresh = EWCRegularizer(check_finite=True)
     fresh.load_state_dict(ewc.state_dict())
     back = load_regularizer(save_regularizer(ewc, tmp_path / f"e{suffix}"))
     assert fresh.check_finite is True and back.check_finite is True
+    plain = EWCRegularizer()
+    plain.load_state_dict(ewc.state_dict())
+    assert plain.check_finite is False
+    assert load_regularizer(tmp_path / f"e{suffix}", check_finite=False).check_finite is False
     poison(model, float("nan"))
     for reg in (fresh, back):
         with pytest.raises(EWCInputError, match="protected parameter '2.weight' holds NaN"):
             reg(model)
-    off = EWCRegularizer(check_finite=True)
-    off.load_state_dict(registered("torch")[1].state_dict())
-    assert off.check_finite is False
+    on = EWCRegularizer(check_finite=True)
+    on.load_state_dict(registered("torch")[1].state_dict())  # saved with check_finite=False
+    assert on.check_finite is True

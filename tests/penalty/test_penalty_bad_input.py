@@ -137,16 +137,66 @@ def test_model_changed_since_registration(change, registered):
     assert_same(before, snapshot(ewc))
 
 
-def test_tied_parameter_registered_under_both_names():
+def _tied_tasks(model):
+    """Two tasks over the Tied model (float64), the second's tied weight under its other name."""
+    (f1, a1), (f2, a2) = make_tasks(model, 2)
+    f2["out.weight"], a2["out.weight"] = f2.pop("emb.weight"), a2.pop("emb.weight")
+    return (f1, a1), (f2, a2)
+
+
+def _loop(model, tasks, lam):
+    """The per-task loop, with every name of the tied weight taken as that one tensor."""
+    from fastewc.reference import ewc_penalty_loop
+
+    canon = [({n.replace("out.weight", "emb.weight"): t for n, t in f.items()},
+              {n.replace("out.weight", "emb.weight"): t for n, t in a.items()}) for f, a in tasks]
+    return ewc_penalty_loop(model, [f for f, _ in canon], [a for _, a in canon], lam)
+
+
+@pytest.mark.parametrize("model_known", [False, True], ids=["before any step", "after a step"])
+def test_a_tied_parameter_registered_under_its_other_name_is_folded(model_known):
+    # GPT-2's transformer.wte.weight / lm_head.weight: task 1 under one name, task 2 under the
+    # other. Known from a step (or model=), the alias is renamed at registration; registered
+    # before any step, the two entries are folded into one at the first step. Never refused
+    # forever after.
+    from models import Tied
+
+    model = Tied().double()
+    (f1, a1), (f2, a2) = _tied_tasks(model)
+    ewc = EWCRegularizer(3.0)
+    ewc.register_task(f1, a1)
+    if model_known:
+        ewc(model)
+    ewc.register_task(f2, a2)
+    want = _loop(model, [(f1, a1), (f2, a2)], 3.0)
+    got = ewc(model)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert ewc.protected_names.count("out.weight") == 0 and "emb.weight" in ewc.protected_names
+    got.backward()
+    g = model.emb.weight.grad.clone()
+    model.zero_grad()
+    want.backward()
+    torch.testing.assert_close(g, model.emb.weight.grad, rtol=1e-12, atol=0)
+
+
+def test_one_fisher_naming_a_tied_parameter_twice_is_refused_when_the_model_is_known():
     from models import Tied
 
     model = Tied()
     f, a = make_tasks(model, 1)[0]
     f["out.weight"], a["out.weight"] = f["emb.weight"].clone(), a["emb.weight"].clone()
     ewc = EWCRegularizer(1.0)
+    before = snapshot(ewc)
+    with pytest.raises(EWCInputError, match=r"fisher names 'emb.weight' and 'out.weight', which are one \(tied\) "
+                                            r"parameter of the model; give its Fisher once, under 'emb.weight'"):
+        ewc.register_task(f, a, model=model)
+    assert_same(snapshot(ewc), before)
+    # Without the model the dict cannot be judged: the first step folds both entries into one,
+    # two quadratics of the one tensor.
     ewc.register_task(f, a)
-    with pytest.raises(ModelMismatchError, match=r"'emb.weight' and 'out.weight' are the same \(tied\) parameter"):
-        ewc(model)
+    one = ({n: t for n, t in f.items() if n != "out.weight"}, a)
+    other = ({"emb.weight": f["out.weight"]}, {"emb.weight": a["out.weight"]})
+    torch.testing.assert_close(ewc(model), _loop(model, [one, other], 1.0), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -204,6 +254,23 @@ def test_bad_state_dict():
         ewc.set_extra_state([1])
     with pytest.raises(EWCInputError, match=r"no valid format version \(got None\)"):
         ewc.set_extra_state({"lambda_ewc": 1.0})
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_penalty_that_overflows_float32_is_inf_on_every_backend(backend):
+    import fastewc.penalty.backends as backends
+
+    if backend == "cpu" and backends.cpu_backend_status(torch.device("cpu")) is not None:
+        pytest.skip(backends.cpu_backend_status(torch.device("cpu")))
+    model = mlp()
+    f, a = good(model)
+    ewc = EWCRegularizer(10.0, backend=backend)
+    ewc.register_task(f, a)
+    with torch.no_grad():
+        model[0].weight[:] = 1.5e19
+    assert torch.isinf(ewc(model)) and torch.isinf(ewc.accumulate_grad_(model))
+    with torch.no_grad():
+        assert torch.isinf(ewc(model))
 
 
 def test_finite_values_whose_sum_overflows_are_accepted():

@@ -266,3 +266,10 @@ def test_version_1_states_still_load():
     back.load_state_dict({"_extra_state": old})
     assert back.check_finite is False and back.storage_dtype == torch.float32 and back.tasks_seen == 2
     assert torch.equal(back(model).detach(), reg(model).detach())
+
+
+def test_saving_into_a_missing_folder_names_the_folder(tmp_path):
+    target = tmp_path / "no-such-folder" / "ewc.pt"
+    with pytest.raises(EWCInputError, match=r"cannot save to .*ewc\.pt: the folder .*no-such-folder does not exist"):
+        save_regularizer(EWCRegularizer(), target)
+    assert not (tmp_path / "no-such-folder").exists()
