@@ -144,6 +144,9 @@ class Binding:
         self.order = [position[n] for n in self.names]
         if self.order == list(range(len(names))):
             self.order = None  # plan order is the model's, every stored parameter trained
+        # The protected parameters' fingerprint, in plan order.
+        self.param_key = (None if self.key is None or self.sharded
+                          else self.key if self.order is None else [self.key[i] for i in self.order])
         # Handed to the plans with parameters this binding found unchanged: backends may keep
         # what they derived from the parameters (addresses, layouts) while it stays the same.
         self.token = object()
@@ -223,6 +226,42 @@ class Binding:
     def accumulate(self, lam: float) -> torch.Tensor:
         return self._total([b.accumulate_grad_(p, lam) for p, b in zip(self.plans, self.backends)], lam)
 
+    def defers(self, params) -> bool:
+        """Whether the penalty's backward may add its gradient into ``.grad`` itself, once autograd
+        has written the task's (see ``PenaltyFunction``): the scale ``grad_out`` can be read for
+        free (every group on the CPU), no process group is running (DDP's and FSDP's hooks reduce
+        ``.grad`` while autograd writes it, before a callback at the end would add the penalty's
+        part), and no parameter has a hook that should see the penalty's gradient."""
+        if self.groups is not None or any(p.device.type != "cpu" for p in self.plans):
+            return False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return False
+        return not any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
+
+    def accumulate_into(self, params, lam: float, scale: torch.Tensor) -> None:
+        """``p.grad += lam * scale * A (theta - m)`` for ``params`` (plan order); ``scale``: a CPU
+        0-dim tensor (the penalty's ``grad_out``)."""
+        params = list(params)
+        # The parameters forward saw: unchanged unless replaced under autograd's nose since then
+        # (``p.data = ...``), which the fingerprint catches before the backends trust addresses.
+        self.set_params(params, verified=fingerprint(params, False) == self.param_key)
+        factor = lam * float(scale)
+        for plan, backend in zip(self.plans, self.backends):
+            backend.accumulate_grad_(plan, factor)
+
+    def differentiable_grads(self, params, scale: torch.Tensor) -> list[torch.Tensor]:
+        """``scale * A (theta - m)`` per parameter (plan order) from torch ops, differentiable in
+        the parameters and ``scale``: the gradient a double backward differentiates."""
+        out = []
+        i = 0
+        for plan in self.plans:
+            for a, m in zip(plan.importance_views, plan.anchor_views):
+                p = params[i]
+                i += 1
+                d = p.to(plan.compute_dtype) - m.to(plan.compute_dtype)
+                out.append((scale.to(plan.compute_dtype) * a.to(plan.compute_dtype) * d).to(p.dtype))
+        return out
+
     def check_finite(self, value: torch.Tensor, params: list[torch.Tensor]) -> None:
         """Raise ``EWCInputError`` when the penalty ``value`` is NaN/Inf, naming the first
         protected parameter (in plan order) that holds a non-finite value, and whether NaN or
@@ -245,22 +284,50 @@ class Binding:
         raise EWCInputError(f"the EWC penalty is {float(value):g}; {why} (check_finite=True)")
 
 
+def _accumulates_into_grad(params) -> bool:
+    """Whether the running backward will write each parameter's ``.grad`` (``backward()``, not
+    ``torch.autograd.grad`` or ``backward(inputs=...)`` without all of them)."""
+    for p in params:
+        node = torch.autograd.graph.get_gradient_edge(p).node
+        try:
+            if not torch._C._will_engine_execute_node(node):
+                return False
+        except RuntimeError:  # torch's answer for a parameter under torch.autograd.grad: no .grad written
+            return False
+    return True
+
+
 class PenaltyFunction(torch.autograd.Function):
     """``(lambda/2)(sum A (theta - m)^2 + c)`` with the backend's gradient ``lambda A (theta - m)``.
 
-    With an eager backend the forward pass computes the gradient together with the value, and
-    backward hands it over: theta, A and m are read once instead of twice (the "lazy grad" row
-    of benchmarks/bench_penalty.py measures the difference; results in benchmarks/results/).
-    Backward drops its reference first, so autograd can adopt the tensor as ``p.grad`` instead
-    of copying it. The parameters are saved only so that autograd raises if one is modified in
-    place before backward; a second backward (``retain_graph=True``) recomputes from them.
+    How the gradient reaches the parameters, cheapest first:
+
+    * **Into** ``.grad`` **after the backward** (``Binding.defers``: CPU-side scale, no process
+      group, no hooks on the parameters). Forward computes the value only; backward gives autograd
+      no gradient for the parameters and queues a callback that runs when the whole backward is
+      done, after autograd has written each task gradient into ``.grad``: it adds
+      ``lambda * grad_out * A (theta - m)`` there in place, with the backends' ``accumulate_grad_``.
+      A fresh parameter-sized gradient handed to autograd would cost an allocation (page faults
+      on large models) and a pass of autograd's own to add it into ``.grad``. Used only when the
+      backward writes every parameter's ``.grad`` (checked in backward).
+    * **Handed to autograd**: ``torch.autograd.grad``, ``backward(inputs=...)``, distributed
+      training (the reducers' hooks read ``.grad`` as autograd writes it) and parameters with
+      hooks. With an eager backend the forward pass computes the gradient with the value and
+      backward hands it over (theta, A and m read once); backward drops its reference first, so
+      autograd can adopt the tensor as ``p.grad`` instead of copying it.
+    * **Differentiable** (``create_graph=True``): ``lambda * grad_out * A (theta - m)`` from torch
+      ops on the parameters, so double backward gets ``lambda A`` as the penalty's Hessian.
+
+    The parameters are saved so that autograd raises if one is modified in place before backward;
+    a second backward (``retain_graph=True``) recomputes from them.
     """
 
     @staticmethod
     def forward(ctx, binding: Binding, lam: float, *params):
         ctx.binding, ctx.lam = binding, lam
         ctx.save_for_backward(*params)
-        if binding.eager:
+        ctx.defer = binding.defers(params)
+        if binding.eager and not ctx.defer:
             value, ctx.grads = binding.value_and_grads(lam)
             return value
         ctx.grads = None
@@ -270,9 +337,17 @@ class PenaltyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         params = ctx.saved_tensors  # raises if a parameter changed in place since forward
         grads, ctx.grads = ctx.grads, None
+        binding, lam = ctx.binding, ctx.lam
+        if torch.is_grad_enabled():  # create_graph=True
+            return (None, None, *binding.differentiable_grads(params, grad_out * lam))
+        if ctx.defer and _accumulates_into_grad(params):
+            scale = grad_out.detach()
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: binding.accumulate_into(params, lam, scale))
+            return (None, None, *(None for _ in params))
         if grads is None:
-            ctx.binding.set_params(list(params))
-            grads = ctx.binding.grads(grad_out * ctx.lam)
+            binding.set_params(list(params))
+            grads = binding.grads(grad_out * lam)
         elif not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
             # Reading grad_out is free on the CPU (no device to wait for); elsewhere always scale.
             torch._foreach_mul_(grads, grad_out)

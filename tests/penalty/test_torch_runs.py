@@ -97,6 +97,8 @@ def test_penalty_value_in_runs_matches_reference(dtype, monkeypatch):
     model, ewc, f64, a64 = _setup(dtype, monkeypatch)
     taken = _count_runs(monkeypatch)
     want_v, want_g = _reference(model, f64, a64)
+    for p in model.parameters():  # backward adds into existing gradients (PenaltyFunction)
+        p.grad = torch.zeros_like(p)
     value = ewc(model)
     value.backward()
     torch.testing.assert_close(value.detach().double(), want_v, rtol=TOL[dtype], atol=0)
