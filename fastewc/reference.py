@@ -251,7 +251,8 @@ def estimate_fisher(
       ``loss_fn(output, labels)`` (default cross-entropy, mean over positions). Dict batches:
       logits are ``output.logits`` and the loss is the mean cross-entropy of each position
       against its own drawn label (no shift), over the positions with ``attention_mask != 0``
-      (all when there is no mask); ``loss_fn`` is not used.
+      (all when there is no mask; for a Hugging Face encoder-decoder given ``labels``, the decoder
+      positions whose label is not ``-100``); ``loss_fn`` is not used.
     * ``exact``: ``sum_c p_c g_c^2`` with ``g_c = grad CE(logits, c)`` for ``[1, C]`` logits;
       for sequences with ``T`` valid positions ``(1/T^2) sum_t sum_c p_tc (grad CE(z_t, c))^2``
       (the cross-position terms of the square of the mean loss vanish in expectation). ``top_k``:
@@ -311,7 +312,11 @@ def estimate_fisher(
                     continue
                 logits = _logits(output)
                 valid = None
-                if is_dict and "attention_mask" in x and logits.dim() == 3 and x["attention_mask"].shape[-1] == logits.shape[1]:
+                if is_dict and getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "labels" in x:
+                    # an encoder-decoder's logits are its decoder positions: those of the -100
+                    # labels are left out; the encoder's attention_mask is about other positions
+                    valid = x["labels"][0] != -100
+                elif is_dict and "attention_mask" in x and logits.dim() == 3 and x["attention_mask"].shape[-1] == logits.shape[1]:
                     # the mask marks positions of the logits only when they have one per token
                     valid = x["attention_mask"][0] != 0
                 if kind == "sampled":

@@ -32,6 +32,7 @@ class Batch:
     inputs: torch.Tensor | dict
     targets: torch.Tensor | None
     size: int
+    index: int = 0  # which batch of the data this is (what error messages name)
 
     @property
     def is_dict(self) -> bool:
@@ -42,19 +43,25 @@ class Batch:
         if n >= self.size:
             return self
         if self.is_dict:
-            return Batch({k: v[:n] for k, v in self.inputs.items()}, None, n)
-        return Batch(self.inputs[:n], None if self.targets is None else self.targets[:n], n)
+            return Batch({k: v[:n] for k, v in self.inputs.items()}, None, n, self.index)
+        return Batch(self.inputs[:n], None if self.targets is None else self.targets[:n], n, self.index)
 
     def slice(self, i: int, j: int) -> "Batch":
         if self.is_dict:
-            return Batch({k: v[i:j] for k, v in self.inputs.items()}, None, j - i)
-        return Batch(self.inputs[i:j], None if self.targets is None else self.targets[i:j], j - i)
+            return Batch({k: v[i:j] for k, v in self.inputs.items()}, None, j - i, self.index)
+        return Batch(self.inputs[i:j], None if self.targets is None else self.targets[i:j], j - i, self.index)
 
     def to(self, device: torch.device) -> "Batch":
         if self.is_dict:
-            return Batch({k: v.to(device) for k, v in self.inputs.items()}, None, self.size)
+            return Batch({k: v.to(device) for k, v in self.inputs.items()}, None, self.size, self.index)
         t = None if self.targets is None else self.targets.to(device)
-        return Batch(self.inputs.to(device), t, self.size)
+        return Batch(self.inputs.to(device), t, self.size, self.index)
+
+    def with_labels(self, labels: torch.Tensor) -> "Batch":
+        """The same batch with its dataset labels replaced (``targets``, or ``inputs["labels"]``)."""
+        if self.is_dict:
+            return Batch({**self.inputs, "labels": labels}, None, self.size, self.index)
+        return Batch(self.inputs, labels, self.size, self.index)
 
     @property
     def model_inputs(self):
@@ -92,15 +99,43 @@ def read_batch(batch, index: int) -> Batch:
         if len(sizes) != 1 or None in sizes:
             raise EWCInputError(f"batch {index}: dict tensors disagree on the sample dimension "
                                 f"({ {k: tuple(v.shape) for k, v in tensors.items()} }); {ACCEPTED}")
-        return Batch(dict(tensors), None, sizes.pop())
+        return Batch(dict(tensors), None, sizes.pop(), index)
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and all(isinstance(x, torch.Tensor) for x in batch):
         inputs = batch[0]
         targets = batch[1] if len(batch) == 2 else None
         if inputs.dim() == 0 or (targets is not None and (targets.dim() == 0 or targets.shape[0] != inputs.shape[0])):
             raise EWCInputError(f"batch {index} is {_describe(batch)}: inputs and targets need the same "
                                 f"sample dimension 0; {ACCEPTED}")
-        return Batch(inputs, targets, inputs.shape[0])
+        return Batch(inputs, targets, inputs.shape[0], index)
     raise EWCInputError(f"batch {index} is {_describe(batch)}; {ACCEPTED}")
+
+
+# The label cross-entropy skips (PyTorch's and Hugging Face's ignore_index): padding, prompt tokens.
+IGNORE_INDEX = -100
+
+
+def class_labels(labels: torch.Tensor, classes: int, batch: int, start: int, loss: str) -> None:
+    """Raise :class:`EWCInputError` naming the batch, the sample and the valid range unless
+    ``labels`` are integer class indices in ``[0, classes)`` (``IGNORE_INDEX`` allowed).
+    ``batch``: the batch's index in the data; ``start``: the data index of its first sample;
+    ``loss``: what needs the class indices (for the message).
+
+    Called before the labels move to the model's device: on host labels the check costs no
+    device sync, and on device labels one (the ``any``) per batch; locating the culprit is paid
+    only when there is one."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise EWCInputError(
+            f"batch {batch}: the labels are {labels.dtype}, but {loss} needs integer class indices in "
+            f"[0, {classes - 1}] (torch.long); convert them with .long(), or pass loss_fn for one-hot, soft or "
+            f"regression targets")
+    bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= classes)
+    if bool(bad.any()):
+        rows = bad.reshape(labels.shape[0], -1)
+        i = int(rows.any(1).nonzero()[0, 0])
+        value = int(labels.reshape(labels.shape[0], -1)[i][rows[i]][0])
+        raise EWCInputError(
+            f"batch {batch}, sample {i} (sample {start + i} of the data): label {value} is out of range; {loss} "
+            f"indexes {classes} classes, so labels must be in [0, {classes - 1}] (or {IGNORE_INDEX}, ignored)")
 
 
 def iter_batches(data: Iterable, num_samples: int | None) -> Iterator[Batch]:
@@ -109,6 +144,9 @@ def iter_batches(data: Iterable, num_samples: int | None) -> Iterator[Batch]:
     if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
                                     or num_samples <= 0):
         raise EWCInputError(f"num_samples must be a positive int (or None for all the data); got {num_samples!r}")
+    if isinstance(data, Mapping):
+        raise EWCInputError(f"data must be an iterable of batches (a DataLoader, a list of batches); got "
+                            f"{_describe(data)}: one dict batch goes in a list, [batch]")
     if isinstance(data, (torch.Tensor, str, bytes)):
         raise EWCInputError(f"data must be an iterable of batches (a DataLoader, a list of batches); "
                             f"got {_describe(data)}")

@@ -13,9 +13,10 @@ sum of squared per-sample gradients.
    parameter has one use, its rule's fast sum of squares serves; where it has several (tied
    weights, a module called twice), the per-sample gradients of every use are added before
    squaring.
-3. :func:`probe_plan` proves the plan once on the first samples against the per-sample loop
-   and sends what fails (with the reason) to the per-sample engines; :func:`cached_plan`
-   remembers a proven plan per model structure and input signature.
+3. :func:`probe_plan` proves the plan once on the first samples against a plain per-sample
+   autograd loop of its own (:func:`_plain_truth`, deliberately not the loop engine) and sends
+   what fails (with the reason) to the per-sample engines; :func:`cached_plan` remembers a
+   proven plan per model structure and input signature.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import per_sample as ps
 from .batches import Batch
+from .functional import call_once
 from .problem import Problem, SampledLabels, exact_columns, logits_of, model_head, model_loss_per_sample, plain_attention, position_mask
 from .rules import BLOCK_BYTES, chunks, rule_for, sq_sum_of
 from .rules.attention import LOCAL_REPLAYS, RecordingAttention
@@ -168,9 +168,13 @@ class RulePlan:
 def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
     """Structural plan: every use of every selected parameter gets a site."""
     owners: dict[int, list] = {}
+    seen: set = set()
     for mname, m in model.named_modules(remove_duplicate=False):
         for attr, p in m._parameters.items():
-            if p is not None:
+            # One module placed at two paths is one site (its hook sees both calls); a site per
+            # path would hook the same module twice and count every call twice.
+            if p is not None and (id(m), attr) not in seen:
+                seen.add((id(m), attr))
                 owners.setdefault(id(p), []).append((mname, m, attr))
     plan = RulePlan({}, [], root=model)
     root_has_children = any(True for _ in model.children())
@@ -287,7 +291,7 @@ class _Recorder:
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
                     def build(p, k=k):
                         mine = {a: p[n] for a, n in site.params.items()}
-                        return tree_flatten(functional_call(module, mine, args, kwargs))[0][k]
+                        return tree_flatten(call_once(module, mine, args, kwargs))[0][k]
                     self.mode.watch(t, build, set(site.params.values()))
             return None
         return hook
@@ -345,12 +349,18 @@ class _OpRecorder(TorchFunctionMode):
         if not batched_in and not (out.dim() > 0 and out.shape[0] == n and any(
                 leaves[k].dim() > 0 and leaves[k].shape[0] == n for k in slots)):
             # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters.
-            def build(p, func=func, leaves=list(leaves), spec=spec, slots=slots):
+            # A batch axis made by broadcasting (cls.expand(B, -1, -1): stride 0, every row the same
+            # memory) is rebuilt with one row, as a sample replayed alone sees it; a size that only
+            # equals the batch size is not taken for one.
+            spread = n > 1 and out.dim() > 0 and out.shape[0] == n and out.stride(0) == 0
+
+            def build(p, func=func, leaves=list(leaves), spec=spec, slots=slots, spread=spread):
                 ls = list(leaves)
                 for k, b in slots.items():
                     ls[k] = b(p)
                 a, kw = tree_unflatten(ls, spec)
-                return func(*a, **kw)
+                y = func(*a, **kw)
+                return y[:1] if spread else y
             self.watch(out, build, sources)
             return out
         if out.dim() == 0 or out.shape[0] != n:
@@ -396,9 +406,9 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[
             args, kwargs = forward_inputs(problem.model, batch)
             if rec.mode is not None:
                 with rec.mode:
-                    output = functional_call(problem.model, values, args, kwargs)
+                    output = call_once(problem.model, values, args, kwargs)
             else:
-                output = functional_call(problem.model, values, args, kwargs)
+                output = call_once(problem.model, values, args, kwargs)
             if isinstance(labels, SampledLabels):
                 labels = labels.of(output)  # drawn once, kept for a retry after trouble
             trouble = _check_calls(plan, rec)
@@ -519,6 +529,17 @@ def _blocks(plan, rec, values, key, c, grads, i, j) -> dict:
     return {site.params[a]: t for a, t in got.items() if a in site.params}
 
 
+class SiteFailed(RuntimeError):
+    """One use's per-sample blocks could not be formed (a module that ``torch.func`` cannot
+    replay, such as ``nn.LSTM``'s fused kernel): the probe sends its parameters per sample and
+    keeps the rules of the others."""
+
+    def __init__(self, key: str, params: list[str], error: Exception):
+        first = (str(error).splitlines() or [""])[0][:160]
+        super().__init__(f"the per-sample replay of {key} failed ({type(error).__name__}: {first})")
+        self.params = params
+
+
 def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
     sums: dict[str, torch.Tensor] = {}
     uses = _uses(plan, rec)
@@ -562,14 +583,25 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
             acc: dict[str, torch.Tensor] = {}
             for key, c in users:
                 grads = [col[k] for k in where[(key, c)]]
-                if _add_into(plan, rec, key, c, grads, i, j, acc, rest):
-                    continue
-                for p, b in _blocks(plan, rec, values, key, c, grads, i, j).items():
+                try:
+                    if _add_into(plan, rec, key, c, grads, i, j, acc, rest):
+                        continue
+                    blocks = _blocks(plan, rec, values, key, c, grads, i, j)
+                except Exception as e:  # noqa: BLE001 - named with its parameters, so that it costs those only
+                    names = rec.ops[c].sources if key == OPS else plan.sites[key].params.values()
+                    raise SiteFailed(key, sorted(names), e) from e
+                for p, b in blocks.items():
                     if p in rest:
                         if p in acc:
                             acc[p].add_(b)
-                        else:  # later uses add into it in place: not into a view of a recorded gradient
-                            acc[p] = b.clone() if b._is_view() else b
+                        elif b._is_view() or any(_overlaps(b, a) for a in acc.values()):
+                            # Later uses add into it in place: it must own its memory, neither a
+                            # view of a recorded gradient nor a buffer that a vjp also handed to
+                            # another parameter (one tensor for two biases), or the add would
+                            # land in the other parameter's block too.
+                            acc[p] = b.clone()
+                        else:
+                            acc[p] = b
             for p, b in acc.items():
                 total = sums.get(p)
                 if total is None:
@@ -580,6 +612,11 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
                 else:
                     total.add_(b.square().sum(0))
     return sums
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share memory (the same storage: conservative for disjoint views)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _adds_into(plan: RulePlan, key: str) -> bool:
@@ -652,12 +689,46 @@ def check_forward(problem: Problem, batch: Batch) -> tuple[str | None, torch.Ten
     return None, z
 
 
+def _plain_truth(problem: Problem, batch: Batch, labels, names) -> dict[str, torch.Tensor]:
+    """``{name: sum over batch's samples of the squared gradient}`` for ``names``, by the plainest
+    loop: per sample, one forward of the model on that sample alone, its loss, one
+    ``torch.autograd.grad``, each gradient squared out of place into a sum of its own.
+
+    Kept plain on purpose, and apart from :mod:`.per_sample`: this is what the probe proves the
+    rules against, so it must not share a defect with the engines the probe chooses between. A
+    shared defect (squaring in place a buffer that autograd handed to two parameters) would make
+    the probe agree with the wrong engine and reject the right rule. Only the definition of one
+    sample's input and loss (:class:`.problem.Problem`'s ``call`` and ``loss``, which every engine
+    differentiates) is shared. ``labels``: the probe's labels for kind 'sampled', or None."""
+    params = [problem.selected[n] for n in names]
+    # float64 sums for float64 parameters, float32 otherwise: the truth rounds no worse than the rules
+    dtypes = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
+    total = [torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, dtypes)]
+    for i in range(batch.size):
+        if batch.is_dict:
+            x = {k: v[i] for k, v in batch.inputs.items()}
+        else:
+            x = batch.inputs[i]
+        if labels is not None:
+            target = labels[i]
+        else:
+            target = None if batch.targets is None else batch.targets[i]
+        with torch.enable_grad():
+            loss = problem.loss(problem.call({}, x, functional=False), x, target)
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+        for k, g in enumerate(gs):
+            if g is not None:
+                g = g.detach().to(dtypes[k])
+                total[k] = total[k] + g * g
+    return dict(zip(names, total))
+
+
 def probe_plan(problem: Problem, plan: RulePlan, batch: Batch) -> None:
     """Prove the plan on the first samples of ``batch`` and shrink it where it fails: sites that
-    break the hook assumptions or whose parameters disagree with the per-sample loop go to
-    ``leftover`` with the reason. Uses the empirical loss (dataset or arg-max labels) so that no
-    random labels are drawn and no per-class loop is needed: the rules do not depend on the
-    cotangent."""
+    break the hook assumptions, whose per-sample replay fails (that site only) or whose
+    parameters disagree with a plain per-sample loop (:func:`_plain_truth`) go to ``leftover``
+    with the reason. Uses the empirical loss (dataset or arg-max labels) so that no random labels
+    are drawn and no per-class loop is needed: the rules do not depend on the cotangent."""
     t0 = time.perf_counter()
     try:
         _probe(problem, plan, batch)
@@ -677,11 +748,19 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch) -> None:
         labels = z[: part.size].argmax(-1)
         check = Problem(problem.model, "sampled", problem.loss_fn if problem.kind == "sampled" else None,
                         None, problem.selected, problem.frozen)
-    for _ in range(6):
+    for _ in range(6 + len(plan.sites)):  # each failed site leaves the plan smaller
         if not plan.sites:
             return
         try:
             sums, trouble = rules_pass(check, plan, part, labels)
+        except SiteFailed as e:  # one use the replay cannot take: the others keep their rules
+            covered = plan.covered
+            if not any(p in covered for p in e.params):  # nothing left to drop: it would fail again
+                plan.drop_all(str(e))
+                return
+            for pname in e.params:
+                plan.drop_param(pname, str(e))
+            continue
         except Exception as e:  # noqa: BLE001 - any failure of the hooked pass: go per sample, say why
             plan.drop_all(f"the batched pass with hooks failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
             return
@@ -695,9 +774,7 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch) -> None:
     # A Hugging Face head computes its own loss in float32 (logits.float()), also for a float64
     # model: then both sides agree to float32 rounding only.
     own_loss_fp32 = batch.is_dict and problem.kind == "empirical" and problem.loss_fn is None
-    ref = {n: torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                          device=p.device) for n, p in problem.selected.items() if n in covered}
-    ps.loop_squared_sums(check.restrict(ref), part, labels, 0, ref)
+    ref = _plain_truth(check, part, labels, [n for n in problem.selected if n in covered])
     # Entries far below the model's largest (a key bias, whose gradient attention's softmax
     # cancels to rounding noise) are compared on an absolute scale of rtol^2 x that largest entry.
     largest = max((float(t.abs().max()) for t in ref.values() if t.numel()), default=0.0)

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
+import numbers
 import warnings
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from .._utils import available_memory, eval_mode, is_sharded, require
+from .._utils import available_memory, eval_mode, is_sharded, require, unwrap_model
 from ..errors import EWCInputError
 from . import engine
 from . import per_sample as ps
-from .batches import iter_batches, read_batch
-from .problem import Problem, SampledLabels, logits_of, per_sample_ce, sample_labels
+from .batches import Batch, class_labels, iter_batches, read_batch
+from .problem import (Problem, SampledLabels, logits_of, model_head, per_sample_ce, sample_labels,
+                      with_decoder_inputs)
 
 KINDS = ("empirical", "sampled", "exact")
 METHODS = ("auto", "rules", "vmap", "loop", "batched")
@@ -52,7 +56,7 @@ def select_parameters(model: nn.Module, params=None) -> dict[str, nn.Parameter]:
     elif callable(params):
         chosen = {n: p for n, p in named.items() if params(n, p)}
     else:
-        patterns = [params] if isinstance(params, str) else list(params)
+        patterns = _patterns(params)
         unknown = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in named)]
         if unknown:
             raise EWCInputError(f"params: nothing in the model matches {unknown} "
@@ -62,6 +66,24 @@ def select_parameters(model: nn.Module, params=None) -> dict[str, nn.Parameter]:
         raise EWCInputError("no parameters selected: the model has no parameter with requires_grad "
                             "(or params= matched none)")
     return chosen
+
+
+def _patterns(params) -> list[str]:
+    """``params`` given as names / globs: a list of strings, or :class:`EWCInputError`."""
+    if isinstance(params, str):
+        return [params]
+    expected = ("params must be None, a parameter name or glob, a list of them (e.g. ['0.weight', 'head.*']), "
+                "or a predicate f(name, param) -> bool")
+    try:
+        patterns = list(params)
+    except TypeError:
+        raise EWCInputError(f"{expected}; got {type(params).__name__}") from None
+    odd = [p for p in patterns if not isinstance(p, str)]
+    if odd:
+        what = "tensors (pass names: [n for n, p in model.named_parameters() if ...])" \
+            if isinstance(odd[0], torch.Tensor) else type(odd[0]).__name__
+        raise EWCInputError(f"{expected}; got a {type(params).__name__} holding {what}")
+    return patterns
 
 
 def _chunk_size(selected, kind: str, top_k, batch, chunk_size, max_memory) -> int:
@@ -89,14 +111,17 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
 
     Args:
         model: any ``nn.Module``. It is put in eval mode while estimating (dropout off, BatchNorm
-            on running statistics); every module's training flag is restored afterwards.
+            on running statistics); every module's training flag is restored afterwards. A
+            wrapped model (``torch.compile``, DDP, DataParallel) is estimated as the module inside,
+            and the result named as that module names its parameters (as ``consolidate`` does).
         data: an iterable of batches (a DataLoader): ``(inputs, targets)``, ``(inputs,)`` or a
             Hugging Face style dict (``model(**batch)``). Samples are on dim 0. The result does not
             depend on how the data is batched.
         loss_fn: ``loss_fn(output, target) -> scalar`` for ONE sample (``output`` and ``target``
             keep a batch axis of size 1). Default: cross-entropy on logits (for ``[1, T, C]``
             outputs the mean over positions whose target is not -100), or the model's own loss
-            (``output.loss``) for dict batches.
+            (``output.loss``) for dict batches. The labels a default cross-entropy uses are checked
+            batch by batch: integer class indices below the number of logits, or -100.
         kind: ``"empirical"`` (dataset labels), ``"sampled"`` (labels drawn from the model's
             predictive distribution, per position for sequences; reproducible with
             ``generator``) or ``"exact"`` (``sum_y p(y|x) g_y^2`` over all classes, or the
@@ -118,13 +143,13 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
             by name only).
         chunk_size: samples per vmap call (default: from ``max_memory``, at most 64) and, when
             given, samples per batched pass of the rules.
-        max_memory: bytes one vmap chunk's per-sample gradients may take (default a quarter of
-            free host / device memory).
+        max_memory: bytes (a number) one vmap chunk's per-sample gradients may take (default a
+            quarter of free host / device memory).
         params: names / globs / predicate selecting the parameters (default: all with
             ``requires_grad``; a LoRA model gets its adapters only).
         progress: show a tqdm progress bar (``pip install tqdm``), with a total when the data
             has a length.
-        generator: random generator for ``kind="sampled"``.
+        generator: random generator for ``kind="sampled"``, on the parameters' device type.
         top_k: classes per position for ``kind="exact"`` (large vocabularies).
         return_info: also return a :class:`FisherReport` (which rule covered which parameter,
             which went per sample and why, the probe's cost).
@@ -134,18 +159,13 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
         parameters), on the parameters' device. With ``torch.distributed`` initialised, sums and
         sample counts are all-reduced: every rank returns the Fisher over all ranks' data.
     """
-    if kind not in KINDS:
-        raise EWCInputError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if method not in METHODS:
-        raise EWCInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise EWCInputError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    if max_memory is not None and max_memory <= 0:
-        raise EWCInputError(f"max_memory must be > 0 bytes; got {max_memory!r}")
-    if top_k is not None and (kind != "exact" or top_k < 1):
-        raise EWCInputError(f"top_k={top_k!r} applies to kind='exact' only, and must be >= 1")
-    if kind == "exact" and loss_fn is not None:
-        raise EWCInputError("kind='exact' sums softmax cross-entropy over the classes; it cannot use a custom loss_fn")
+    if not isinstance(model, nn.Module):
+        raise EWCInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    # The Fisher of a wrapped model (DDP, DataParallel, torch.compile) is its module's, named as the
+    # module names its parameters: what consolidate and the regularizer use.
+    model = unwrap_model(model)
+    num_samples, chunk_size, max_memory, top_k = _check_arguments(
+        loss_fn, kind, num_samples, method, chunk_size, max_memory, progress, generator, top_k, return_info)
     selected = select_parameters(model, params)
     sharded = [n for n, p in selected.items() if is_sharded(p)]
     if sharded:
@@ -153,13 +173,17 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
             f"estimate_fisher does not run on sharded (FSDP2 / DTensor) parameters, e.g. {sharded[0]!r}: estimate on "
             f"the unsharded model (with DDP every rank estimates on its shard of the data), then register the full "
             f"dicts on the sharded model with register_task(fisher, optimum, model=model)")
+    device = next(iter(selected.values())).device
+    if generator is not None and kind == "sampled" and generator.device.type != device.type:
+        raise EWCInputError(f"generator is a {generator.device.type} generator but the parameters are on "
+                            f"{device}: labels are drawn where the logits are, so the generator must be "
+                            f"torch.Generator(device={device.type!r})")
     if method == "batched":
         return _batched(model, data, selected, loss_fn, kind, num_samples)
 
     frozen = {**{n: p.detach() for n, p in model.named_parameters() if n not in selected},
               **dict(model.named_buffers())}
     problem = Problem(model, kind, loss_fn, top_k, selected, frozen)
-    device = next(iter(selected.values())).device
     acc_dtype = {p.dtype for p in selected.values()}
     acc_dtype = torch.float64 if torch.float64 in acc_dtype else torch.float32
     sums = {n: torch.zeros(p.shape, dtype=acc_dtype, device=device) for n, p in selected.items()}
@@ -171,13 +195,18 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     plan = None                                    # rules plan, made (or found proven) on the first batch
     left = problem                                 # the problem restricted to uncovered parameters
     seen = 0
+    labels_spec = None                             # what the dataset labels index, from the first batch
     try:
         with eval_mode(model):
             for batch in iter_batches(data, num_samples):
-                batch = batch.to(device)
+                # one decoder input for every engine; the batch keeps its index (error messages)
+                batch = replace(with_decoder_inputs(model, batch), index=batch.index)
                 if kind == "empirical" and batch.labels is None and not (batch.is_dict and loss_fn is not None):
                     raise EWCInputError("kind='empirical' needs labels: batches must be (inputs, targets), or dicts "
                                         "with 'labels'; use kind='sampled' or 'exact' for unlabelled data")
+                if labels_spec is None:
+                    labels_spec = _output_check(model, batch.take(1).to(device), kind, loss_fn)
+                batch = labels_spec.check(batch, seen).to(device)
                 if plan is None and method in ("auto", "rules"):
                     plan, report.plan_cached = engine.cached_plan(problem, batch, probe=True)
                     left = problem.restrict(plan.leftover)
@@ -211,6 +240,143 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     _log.info("estimate_fisher: %s", report.summary())
     fisher = {n: (s / count).to(acc_dtype) for n, s in sums.items()}
     return (fisher, report) if return_info else fisher
+
+
+def _check_arguments(loss_fn, kind, num_samples, method, chunk_size, max_memory, progress, generator, top_k,
+                     return_info):
+    """Each argument's type and range (those that need the model are checked where it is known).
+    Returns ``num_samples, chunk_size, max_memory, top_k`` as plain Python numbers."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise EWCInputError(f"loss_fn must be a callable loss_fn(output, target) -> scalar loss of one sample, or "
+                            f"None for the default; got {type(loss_fn).__name__}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise EWCInputError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise EWCInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    num_samples = _positive_int("num_samples", num_samples, "or None for all the data")
+    chunk_size = _positive_int("chunk_size", chunk_size, "or None to size chunks from max_memory")
+    top_k = _positive_int("top_k", top_k, "or None for every class")
+    if max_memory is not None:
+        if (isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real)
+                or not math.isfinite(max_memory) or max_memory <= 0):
+            raise EWCInputError(f"max_memory must be a positive finite number of bytes (e.g. 2**30 for 1 GiB), or "
+                                f"None for a quarter of free memory; got {max_memory!r}")
+        max_memory = float(max_memory)
+    for name, value in (("progress", progress), ("return_info", return_info)):
+        if not isinstance(value, bool):
+            raise EWCInputError(f"{name} must be True or False; got {value!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise EWCInputError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None; "
+                            f"got {type(generator).__name__}")
+    if top_k is not None and kind != "exact":
+        raise EWCInputError(f"top_k={top_k!r} applies to kind='exact' only (got kind={kind!r})")
+    if kind == "exact" and loss_fn is not None:
+        raise EWCInputError("kind='exact' sums softmax cross-entropy over the classes; it cannot use a custom loss_fn")
+    return num_samples, chunk_size, max_memory, top_k
+
+
+def _positive_int(name: str, value, none_means: str) -> int | None:
+    """``value`` as an int when it is a positive integer (numpy ones included), None for None;
+    else :class:`EWCInputError` naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise EWCInputError(f"{name} must be a positive int ({none_means}); got {value!r}")
+    return int(value)
+
+
+@dataclass
+class _Labels:
+    """What the dataset labels index, found from the model's output on the first sample:
+    ``classes`` (None: the labels are not checked), the ``loss`` that uses them (for messages),
+    ``one_per_sample`` (the logits have no position axis), ``shift`` (a causal LM's label t is
+    position t-1's target: the first label is never used) and ``head`` (a Hugging Face head)."""
+
+    classes: int | None = None
+    loss: str = ""
+    one_per_sample: bool = False
+    shift: bool = False
+    head: str | None = None
+    config: object = None
+
+    def check(self, batch: Batch, start: int) -> Batch:
+        """``batch`` with its labels checked (and made torch.long), or :class:`EWCInputError`
+        naming the batch, the sample and the valid range. ``start``: the data index of its first
+        sample."""
+        labels = batch.labels
+        if self.classes is None or labels is None:
+            return batch
+        if self.head == "sequence_classification":
+            # As the model's own loss decides (model_loss_per_sample): class indices only for a
+            # single-label problem; regression and multi-label targets are floats.
+            kind = getattr(self.config, "problem_type", None)
+            if kind is None:
+                kind = ("regression" if self.classes == 1 else "single_label_classification"
+                        if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
+            if kind != "single_label_classification":
+                return batch
+        if self.one_per_sample and labels[0].numel() != 1:
+            raise EWCInputError(
+                f"batch {batch.index}: the labels have shape {tuple(labels.shape)}, but {self.loss} takes one class "
+                f"index per sample, shape ({batch.size},); pass loss_fn for one-hot or soft targets")
+        class_labels(labels[..., 1:] if self.shift else labels, self.classes, batch.index, start, self.loss)
+        # int32 / int16 / uint8 indices name the same classes; cross-entropy takes int64 only
+        return batch if labels.dtype == torch.long else batch.with_labels(labels.long())
+
+
+def _output_check(model: nn.Module, one: Batch, kind: str, loss_fn) -> _Labels:
+    """Check, from one forward of the first sample ``one``, that the model's output suits the
+    loss: logits where the softmax cross-entropy needs them, and more than one class (softmax
+    over one class is constant, so every gradient and the Fisher would be zero). Returns what
+    the dataset labels index, for :meth:`_Labels.check` on every batch. No forward (and nothing
+    to check) when a user loss_fn takes the labels."""
+    softmax = kind != "empirical" or (loss_fn is None and not one.is_dict)
+    head = model_head(model) if kind == "empirical" and loss_fn is None and one.is_dict else None
+    if not softmax and head is None:
+        return _Labels()
+    args, kwargs = engine.forward_inputs(model, one)
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    try:
+        z = logits_of(out)
+    except EWCInputError:
+        got = f"the model returned a {type(out).__name__} (not a tensor, and no .logits)"
+        if kind == "empirical":
+            raise EWCInputError(
+                f"kind='empirical' with the default loss (softmax cross-entropy on the logits) needs logits, but {got}: "
+                f"pass loss_fn(output, target) computing one sample's loss from this output, e.g. "
+                f"loss_fn=lambda out, y: F.cross_entropy(out[0], y)") from None
+        raise EWCInputError(
+            f"kind={kind!r} {'draws labels from' if kind == 'sampled' else 'sums over the classes of'} the softmax "
+            f"of the logits, so it needs logits, but {got}: return the logits (a tensor, or an output with "
+            f".logits), or use kind='empirical' with loss_fn(output, target)") from None
+    if z.dim() < 2:
+        raise EWCInputError(f"the model's logits for one sample have shape {tuple(z.shape)}; softmax cross-entropy "
+                            f"needs a class axis, [N, C] or [N, T, C] (pass loss_fn with kind='empirical' for other "
+                            f"outputs)")
+    classes = z.shape[-1]
+    if softmax and classes == 1:
+        # Raised, not warned: the result is known before any gradient is taken and no use of an
+        # all-zero Fisher (a penalty of zero) or of labels that are all 0 is meant.
+        why = {"exact": "the exact Fisher would be zero for every parameter",
+               "empirical": "the default loss (cross-entropy) is 0 for every sample and the Fisher would be zero",
+               "sampled": ("every drawn label would be class 0 whatever the model predicts" if loss_fn is not None
+                           else "every drawn label is class 0 and the Fisher would be zero")}[kind]
+        raise EWCInputError(
+            f"kind={kind!r} on a model with one output per sample (logits of shape {tuple(z.shape)}): softmax over "
+            f"one class is constant (p = 1), so {why}; for a single-logit binary classifier or a regression model "
+            f"pass a loss_fn (e.g. F.binary_cross_entropy_with_logits or F.mse_loss) with kind='empirical', or give "
+            f"the model two logits (one per class)")
+    if kind != "empirical" or loss_fn is not None:
+        return _Labels()
+    if head is None:
+        return _Labels(classes, "the default loss (cross-entropy on the model's logits)", z.dim() == 2)
+    name = type(model).__name__
+    if head == "sequence_classification":
+        config = getattr(model, "config", None)
+        n = getattr(config, "num_labels", classes)
+        return _Labels(n, f"{name}'s own loss (cross-entropy)", True, head=head, config=config)
+    return _Labels(classes, f"{name}'s own loss (cross-entropy on its logits)", shift=head == "causal_lm", head=head)
 
 
 def _total_samples(data, num_samples: int | None) -> int | None:
@@ -400,9 +566,12 @@ def _batched(model, data, selected, loss_fn, kind, num_samples):
             for n, p in selected.items()}
     seen = 0
     device = plist[0].device
+    labels_spec = None
     with eval_mode(model):
         for batch in iter_batches(data, num_samples):
-            batch = batch.to(device)
+            if labels_spec is None:
+                labels_spec = _output_check(model, batch.take(1).to(device), kind, loss_fn)
+            batch = labels_spec.check(batch, seen).to(device)
             with torch.enable_grad():
                 if batch.is_dict:
                     out = model(**batch.inputs)

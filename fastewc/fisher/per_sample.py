@@ -6,10 +6,15 @@ is accumulated.
 
 * ``vmap``: ``torch.func.vmap(grad(loss))`` over a chunk of samples, through ``functional_call``
   (buffers passed along, so BatchNorm's running statistics are used). The chunk's per-sample
-  gradients (``chunk x P`` numbers) are squared in place, summed over the chunk and freed before
-  the next chunk: memory is bounded by the chunk, never by N.
+  gradients (``chunk x P`` numbers) are squared, summed over the chunk and freed before the next
+  chunk: memory is bounded by the chunk, never by N.
 * ``loop``: one forward and ``autograd.grad`` per sample, for models ``torch.func`` cannot
   transform (in-place ops on inputs, ``.item()``, data-dependent control flow).
+
+Gradients are squared out of place, never in place: autograd and vmap may hand back one buffer
+(or views of one) for two parameters (``torch.cat([cls.expand(...), x]) + pos`` gives ``cls``
+a view of ``pos``'s gradient; ``nn.LSTM`` gives its two biases one tensor), and squaring one of
+them in place would square the other too.
 
 For ``kind="exact"`` the per-sample Fisher is formed from one forward: each column of
 :func:`.problem.exact_columns` is a vector-Jacobian product of the same forward.
@@ -58,8 +63,10 @@ def _vmap_squared_grads(problem: Problem, batch: Batch, labels: torch.Tensor | N
         g = vmap(grad(lambda p, x: loss(p, x, None)), in_dims=(None, 0))(params, inputs)
     else:
         g = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, target)
-    for t in g.values():
-        t.mul_(t)  # squared in place: no second N x P buffer
+    # Out of place (see the module docstring): one parameter's block at a time, so the peak is the
+    # chunk's gradients plus one squared block, and each gradient is freed once replaced.
+    for n in list(g):
+        g[n] = g[n] * g[n]
     return g
 
 
@@ -92,7 +99,7 @@ def loop_squared_sums(problem: Problem, batch: Batch, labels: torch.Tensor | Non
             else:
                 t = labels[i] if labels is not None else (one.targets[0] if one.targets is not None else None)
                 gs = torch.autograd.grad(problem.loss(output, x, t), plist, allow_unused=True)
-                sq = [None if g is None else g.mul_(g) for g in gs]  # autograd's fresh buffers, squared in place
+                sq = [None if g is None else g * g for g in gs]  # out of place: gs may share memory
         for n, q in zip(names, sq):
             if q is None:
                 continue

@@ -4,7 +4,9 @@ Every engine of :func:`~fastewc.estimate_fisher` (the rules' one batched pass, v
 differentiates the same per-sample loss, so the definitions live here:
 
 * the logits of a model output, and the positions of a sequence that count (``-100`` labels
-  ignored; for the sampled and exact kinds, ``attention_mask`` zeros excluded);
+  ignored; for the sampled and exact kinds, ``attention_mask`` zeros excluded, or for an
+  encoder-decoder's decoder positions the ``-100`` labels);
+* the decoder inputs of an encoder-decoder, made once from its labels (:func:`with_decoder_inputs`);
 * per-sample cross-entropy from a batch of logits (a sequence sample's loss is the mean over its
   valid positions);
 * the model's own loss for Hugging Face style dict batches, per sample
@@ -22,10 +24,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import EWCInputError
+from .functional import call_once
 from .batches import Batch
 
 LossFn = Callable[[object, torch.Tensor], torch.Tensor]
@@ -45,11 +47,23 @@ def logits_of(output) -> torch.Tensor:
 
 
 def position_mask(z: torch.Tensor, inputs) -> torch.Tensor | None:
-    """``attention_mask`` of a dict batch when the logits ``z`` ``[N, T, C]`` have one position per
-    mask entry; None otherwise (``[N, C]`` logits of a sequence classifier have no positions: its
-    mask concerns the input tokens only)."""
-    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    if mask is None or z.dim() != 3 or mask.dim() != 2 or mask.shape[1] != z.shape[1]:
+    """Which positions of the logits ``z`` ``[N, T, C]`` count (0 = excluded), or None for all.
+
+    With ``decoder_input_ids`` in the batch the logits are an encoder-decoder's decoder positions:
+    the ``-100`` labels are excluded there (else ``decoder_attention_mask``), never by the
+    encoder's ``attention_mask``, which describes other positions even when it has as many.
+    Otherwise ``attention_mask`` when it has one entry per position; None when it has not
+    (``[N, C]`` logits of a sequence classifier: its mask concerns the input tokens only)."""
+    if not isinstance(inputs, dict) or z.dim() != 3:
+        return None
+    if "decoder_input_ids" in inputs:
+        labels = inputs.get("labels")
+        if labels is not None and labels.shape == z.shape[:2] and not labels.is_floating_point():
+            return labels != -100
+        mask = inputs.get("decoder_attention_mask")
+    else:
+        mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[1] != z.shape[1]:
         return None
     return mask
 
@@ -94,34 +108,54 @@ def output_rows(output, i: int, j: int, n: int):
 # -- the model's own loss of dict batches (Hugging Face heads) ----------------------------------
 def model_head(model) -> str | None:
     """Which Hugging Face loss the model computes from ``labels``, from its class name; None when
-    unknown (then the per-sample engines call the model on each sample and use ``output.loss``)."""
+    unknown (then the per-sample engines call the model on each sample and use ``output.loss``).
+    ``check_forward`` (engine) proves the guess on the first samples before the rules use it."""
     name = type(model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
-    if name.endswith("ForSequenceClassification"):
+    if name.endswith("ForConditionalGeneration") and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "seq2seq_lm"
+    # Image and audio classifiers compute the sequence classifier's loss (transformers' loss
+    # mapping serves all three with one function).
+    if name.endswith(("ForSequenceClassification", "ForImageClassification", "ForAudioClassification")):
         return "sequence_classification"
     if name.endswith("ForTokenClassification"):
         return "token_classification"
     if name.endswith("ForMaskedLM"):
         return "masked_lm"
+    # A PEFT model built without task_type is a plain PeftModel whose forward is its base model's:
+    # the loss is the base model's, whatever the wrapper's name.
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        inner = base()
+        if inner is not model:
+            return model_head(inner)
     return None
+
+
+# The head whose Hugging Face loss upcasts the logits to float32 (transformers' ForCausalLMLoss,
+# which every causal LM uses). The other heads mostly call CrossEntropyLoss / MSELoss on the
+# logits as they are, and so must the per-sample form, or a float64 model's Fisher would carry
+# float32 rounding that its own loss does not have (check_forward proves the form either way).
+_UPCAST = ("causal_lm",)
 
 
 def model_loss_per_sample(model, head: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[N]``: what ``model(**sample).loss`` is for each sample alone, from batched logits.
 
-    As the Hugging Face heads compute it: logits upcast with ``.float()``; causal LM: position t
-    predicts label t+1, ``-100`` ignored, mean over the sample's counted tokens; token
-    classification and masked LM: the same without the shift; sequence classification by
-    ``config.problem_type`` (or inferred as the model does: 1 label -> regression (MSE), integer
-    labels -> single-label cross-entropy, else multi-label BCE with logits), mean over the
-    sample's elements."""
-    z = logits.float()
+    As the Hugging Face heads compute it: causal LM: logits upcast with ``.float()``, position t
+    predicts label t+1, ``-100`` ignored, mean over the sample's counted tokens; the other heads
+    in the logits' dtype: token classification and masked LM: the same without the shift;
+    encoder-decoder LM (``seq2seq_lm``): the same over the decoder positions (the labels are the
+    decoder's targets, unshifted); sequence classification by ``config.problem_type`` (or
+    inferred as the model does: 1 label -> regression (MSE), integer labels -> single-label
+    cross-entropy, else multi-label BCE with logits), mean over the sample's elements."""
+    z = logits.float() if head in _UPCAST else logits
     N = z.shape[0]
     if head == "causal_lm":
         shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
         return per_sample_ce(z, shifted)
-    if head in ("token_classification", "masked_lm"):
+    if head in ("token_classification", "masked_lm", "seq2seq_lm"):
         return per_sample_ce(z, labels)
     config = getattr(model, "config", None)
     num_labels = getattr(config, "num_labels", z.shape[-1])
@@ -199,7 +233,7 @@ class Problem:
         else:
             args, kwargs = (inputs.unsqueeze(0),), {}
         if functional:
-            return functional_call(self.model, {**self.frozen, **params}, args, kwargs)
+            return call_once(self.model, {**self.frozen, **params}, args, kwargs)
         return self.model(*args, **kwargs)
 
     def loss(self, output, inputs, target) -> torch.Tensor:
@@ -246,6 +280,26 @@ class Problem:
                 raise EWCInputError("no per-sample form of this model's own loss")  # callers check first
             return model_loss_per_sample(self.model, head, logits_of(output), target)
         return per_sample_ce(logits_of(output), target)
+
+
+def with_decoder_inputs(model, batch: Batch) -> Batch:
+    """``batch`` with the decoder inputs of an encoder-decoder made explicit: a Hugging Face
+    encoder-decoder given ``labels`` and no decoder inputs shifts the labels right into
+    ``decoder_input_ids``; the batched passes call the model without ``labels`` (their per-sample
+    losses come from the logits), where the model would then have no decoder inputs (T5) or
+    derive them from ``input_ids`` (BART). Made once here and passed to every engine, the
+    decoder inputs are the same in the batched passes, the per-sample engines and the draw of
+    sampled labels, and mark the logits as decoder positions (:func:`position_mask`). Other
+    batches are returned as they are."""
+    inputs = batch.inputs
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if (not batch.is_dict or shift is None or "labels" not in inputs or "decoder_input_ids" in inputs
+            or "decoder_inputs_embeds" in inputs
+            or not getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
+        return batch
+    with torch.no_grad():
+        decoder_ids = shift(labels=inputs["labels"])
+    return Batch({**inputs, "decoder_input_ids": decoder_ids}, batch.targets, batch.size)
 
 
 def _batched(inputs):

@@ -1,4 +1,4 @@
-"""estimate_fisher bad input: each case raises EWCInputError naming the problem."""
+"""estimate_fisher and consolidate bad input: each case raises EWCInputError naming the problem."""
 
 import re
 
@@ -121,3 +121,84 @@ def test_inf_gradient_detected():
     data = batches(torch.full((4, 4), 1e38), torch.zeros(4, dtype=torch.long), batch_size=4)
     with pytest.raises(EWCInputError, match=r"(?i)nan|inf|finite"):
         fastewc.estimate_fisher(model, data)
+
+
+# -- every argument's type and range (issue 23) ------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_memory": "1GB"}, r"max_memory must be a positive finite number of bytes.*'1GB'"),
+    ({"max_memory": float("nan")}, r"max_memory must be a positive finite number.*nan"),
+    ({"max_memory": float("inf")}, r"max_memory must be a positive finite number.*inf"),
+    ({"max_memory": 0}, r"max_memory must be a positive finite number.*got 0"),
+    ({"max_memory": True}, r"max_memory must be a positive finite number.*True"),
+    ({"generator": 0}, r"generator must be a torch\.Generator.*got int"),
+    ({"generator": 0, "kind": "sampled"}, r"generator must be a torch\.Generator.*got int"),
+    ({"num_samples": 2.5}, r"num_samples must be a positive int.*2\.5"),
+    ({"num_samples": True}, r"num_samples must be a positive int.*True"),
+    ({"num_samples": "10"}, r"num_samples must be a positive int.*'10'"),
+    ({"chunk_size": 0}, r"chunk_size must be a positive int.*got 0"),
+    ({"chunk_size": 2.0}, r"chunk_size must be a positive int.*2\.0"),
+    ({"chunk_size": True}, r"chunk_size must be a positive int.*True"),
+    ({"top_k": "3", "kind": "exact"}, r"top_k must be a positive int.*'3'"),
+    ({"top_k": 0, "kind": "exact"}, r"top_k must be a positive int.*got 0"),
+    ({"top_k": 3}, r"top_k=3 applies to kind='exact' only"),
+    ({"kind": 3}, r"unknown kind 3; expected one of empirical, sampled, exact"),
+    ({"kind": ["exact"]}, r"unknown kind \['exact'\]"),
+    ({"method": None}, r"unknown method None; expected one of auto"),
+    ({"loss_fn": "cross_entropy"}, r"loss_fn must be a callable.*got str"),
+    ({"progress": "yes"}, r"progress must be True or False; got 'yes'"),
+    ({"return_info": 1}, r"return_info must be True or False; got 1"),
+    ({"params": 3}, r"params must be None, a parameter name or glob.*got int"),
+    ({"params": [0]}, r"params must be None, a parameter name or glob.*holding int"),
+])
+def test_argument_type_and_range(kwargs, match):
+    model, data = make_mlp()
+    with pytest.raises(EWCInputError, match=match):
+        fastewc.estimate_fisher(model, data, **kwargs)
+
+
+def test_params_given_as_tensors_says_to_pass_names():
+    model, data = make_mlp()
+    with pytest.raises(EWCInputError, match=r"holding tensors \(pass names: \[n for n, p in model\.named_parameters"):
+        fastewc.estimate_fisher(model, data, params=model.parameters())
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    model, data = make_mlp(n=10)
+    got = fastewc.estimate_fisher(model, data, num_samples=np.int64(6), chunk_size=np.int32(2))
+    plain = fastewc.estimate_fisher(model, data, num_samples=6, chunk_size=2)
+    for n in plain:
+        torch.testing.assert_close(got[n], plain[n])
+
+
+def test_model_not_a_module():
+    _, data = make_mlp()
+    with pytest.raises(EWCInputError, match=r"model must be a torch\.nn\.Module; got function"):
+        fastewc.estimate_fisher(lambda x: x, data)
+
+
+def test_one_dict_batch_as_data_says_to_wrap_it():
+    model = nn.Linear(4, 3)
+    with pytest.raises(EWCInputError, match=r"data must be an iterable of batches.*one dict batch goes in a list"):
+        fastewc.estimate_fisher(model, {"x": torch.randn(2, 4), "labels": torch.zeros(2, dtype=torch.long)})
+
+
+def test_generator_on_another_device_than_the_parameters():
+    # No second device here: a generator that says it is on CUDA stands in for one.
+    model, data = make_mlp()
+
+    class CudaGenerator(torch.Generator):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    with pytest.raises(EWCInputError, match=r"generator is a cuda generator but the parameters are on cpu.*"
+                                            r"torch\.Generator\(device='cpu'\)"):
+        fastewc.estimate_fisher(model, data, kind="sampled", generator=CudaGenerator())
+
+
+def test_consolidate_refuses_what_is_not_a_regularizer():
+    model, data = make_mlp()
+    with pytest.raises(EWCInputError, match=r"regularizer must be an EWCRegularizer or OnlineEWC.*got Sequential"):
+        fastewc.consolidate(model, model, data)  # arguments swapped

@@ -55,7 +55,7 @@ def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
         U = _unfolded(m, A[i:j])
         for G in Gs:
             b = _weight_grads(m, U, G[i:j])
-            s = b.mul_(b).sum(0)
+            s = b.mul_(b).sum(0)  # b is this chunk's own einsum result: no one else's memory
             w = s if w is None else w.add_(s)
     out = {"weight": w}
     if m.bias is not None:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..functional import call_once
 
 
 @dataclass
@@ -93,7 +95,7 @@ def module_blocks(module: torch.nn.Module, attrs: list[str], rec: Recorded, grad
     """Per-sample gradients ``{attr: [j - i, *shape]}`` of ``module``'s parameters ``attrs`` (names
     relative to the module) for one recorded call; ``grads``: the gradient of each recorded output."""
     params = {a: module.get_parameter(a).detach() for a in attrs}
-    return _per_sample_vjp(lambda p, a, kw: functional_call(module, p, a, kw), params, rec, grads, i, j)
+    return _per_sample_vjp(lambda p, a, kw: call_once(module, p, a, kw), params, rec, grads, i, j)
 
 
 @dataclass(frozen=True)

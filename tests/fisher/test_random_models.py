@@ -1,0 +1,63 @@
+"""Random models against the truth: every seeded model of tests/random_models.py (Linear, Conv1d/2d,
+Embedding, LayerNorm, BatchNorm, GroupNorm, attention with the batch first or second, encoder
+layers, a class token, broadcast additions, tied and shared parameters, a parameter used twice),
+float64, ``fastewc.estimate_fisher`` per tensor against ``fastewc.reference.estimate_fisher``.
+
+Each seed checks one kind (empirical, sampled, exact in turn) with ``method="auto"`` and one other
+method (rules, vmap, loop in turn), so that every (kind, method) pair meets many models while the
+file stays quick. The sampled kind draws with the same generator seed on both sides (the batched
+draw gives the reference loop's labels on the CPU, tests/fisher/test_fisher_kinds.py)."""
+
+import pytest
+import torch
+
+import fastewc
+from fastewc import reference as R
+
+from random_models import make_random
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+
+SEEDS = range(120)
+KINDS = ["empirical", "sampled", "exact"]
+OTHER = ["rules", "vmap", "loop"]
+TOL = 1e-8  # float64: every engine is exact up to rounding
+
+
+def relative_errors(got: dict, ref: dict) -> dict[str, float]:
+    """Per tensor: the largest absolute error over the tensor's largest true entry, that entry
+    floored at 1e-9 of the model's largest (an attention key bias has a Fisher of zero in theory,
+    which rounding makes ~1e-30: relative to itself its error would be noise)."""
+    assert set(got) == set(ref), f"names differ: extra {set(got) - set(ref)}, missing {set(ref) - set(got)}"
+    largest = max(float(r.abs().max()) for r in ref.values() if r.numel())
+    out = {}
+    for name, r in ref.items():
+        g = got[name].detach().double()
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        floor = max(float(r.abs().max()), 1e-9 * largest, 1e-300)
+        out[name] = float((g - r.double()).abs().max()) / floor if r.numel() else 0.0
+    return out
+
+
+def test_relative_errors_flags_one_wrong_entry():
+    ref = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([0.0, 1e-12], dtype=torch.float64)}
+    got = {"a": torch.tensor([1.0, 2.0 + 2e-7], dtype=torch.float64), "b": torch.tensor([0.0, 3e-12], dtype=torch.float64)}
+    err = relative_errors(got, ref)
+    assert err["a"] == pytest.approx(1e-7)
+    assert err["b"] == pytest.approx(2e-12 / 2e-9)  # floored at 1e-9 of the largest entry (2.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_model_matches_reference(seed):
+    model, data, desc = make_random(seed)
+    kind = KINDS[seed % 3]
+    params = {n: id(p) for n, p in model.named_parameters()}
+    ref = R.estimate_fisher(model, data, kind=kind, generator=torch.Generator().manual_seed(seed))
+    for method in ["auto", OTHER[(seed // 3) % 3]]:
+        got, info = fastewc.estimate_fisher(model, data, kind=kind, method=method, return_info=True,
+                                            generator=torch.Generator().manual_seed(seed))
+        err = relative_errors(got, ref)
+        bad = {n: f"{e:.2e}" for n, e in err.items() if not e <= TOL}
+        assert not bad, f"seed {seed} ({desc}), kind {kind}, method {method}: {bad}\n{info.summary()}"
+        # the model is left as it was: the same parameter objects under the same names
+        assert {n: id(p) for n, p in model.named_parameters()} == params, f"seed {seed} ({desc}): {method} changed the model"

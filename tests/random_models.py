@@ -1,0 +1,234 @@
+"""Seeded random models for the differential tests of the Fisher engines (tests/fisher/test_random_models.py).
+
+``make_random(seed)`` returns ``(model, data, description)``: a chain of small blocks on a
+sequence ``h [B, T, d]`` (Linear, Conv1d, Conv2d, LayerNorm, BatchNorm in eval mode with
+non-trivial statistics, GroupNorm, MultiheadAttention and TransformerEncoderLayer with the batch
+first or second, a learned class token concatenated in front (often followed by positions, as in
+ViT), broadcast positional additions, two parameters added to the same sum, a parameter used
+twice, one block called at two places), after an Embedding or a Linear stem and
+before a mean-pooled, first-token or per-token head, the head's weight sometimes tied to the
+embedding. Everything is drawn from the seed; the global RNG is left as it was.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn as nn
+
+from models import batches
+
+
+class Dense(nn.Module):
+    def __init__(self, d, bias):
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=bias)
+
+    def forward(self, h):
+        return torch.tanh(self.lin(h))
+
+
+class Conv1dBlock(nn.Module):
+    """A convolution along the sequence (``[B, d, T]``), the length kept by 'same' padding."""
+
+    def __init__(self, d, kernel, dilation, groups, bias):
+        super().__init__()
+        self.conv = nn.Conv1d(d, d, kernel, padding="same", dilation=dilation, groups=groups, bias=bias)
+
+    def forward(self, h):
+        return torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2)
+
+
+class Conv2dBlock(nn.Module):
+    """The sequence as a one-channel image ``[B, 1, T, d]``, ``channels`` maps averaged back."""
+
+    def __init__(self, channels, kernel, bias):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, kernel, padding="same", bias=bias)
+
+    def forward(self, h):
+        return torch.tanh(self.conv(h.unsqueeze(1))).mean(1)
+
+
+class Norm(nn.Module):
+    """LayerNorm on ``[B, T, d]``; BatchNorm1d / GroupNorm on ``[B, d, T]``."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, h):
+        if isinstance(self.norm, nn.LayerNorm):
+            return self.norm(h)
+        return self.norm(h.transpose(1, 2)).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Residual self-attention; ``batch_first=False`` is fed ``[T, B, d]``."""
+
+    def __init__(self, d, heads, batch_first, bias):
+        super().__init__()
+        self.att = nn.MultiheadAttention(d, heads, bias=bias, batch_first=batch_first)
+
+    def forward(self, h):
+        x = h if self.att.batch_first else h.transpose(0, 1)
+        y = self.att(x, x, x, need_weights=False)[0]
+        return h + (y if self.att.batch_first else y.transpose(0, 1))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d, heads, batch_first, norm_first):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=d + 3, dropout=0.1,
+                                                batch_first=batch_first, norm_first=norm_first)
+
+    def forward(self, h):
+        if self.layer.self_attn.batch_first:
+            return self.layer(h)
+        return self.layer(h.transpose(0, 1)).transpose(0, 1)
+
+
+class ClsToken(nn.Module):
+    """A learned token broadcast over the batch and put in front of the sequence (ViT's pattern)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, h):
+        return torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1)
+
+
+class PosAdd(nn.Module):
+    """A broadcast addition: ``[1, T, d]``, ``[T, d]``, a longer table sliced to ``T``, or ``[d]``."""
+
+    def __init__(self, T, d, form):
+        super().__init__()
+        self.form = form
+        shape = {"full": (1, T, d), "2d": (T, d), "table": (T + 3, d), "vector": (d,)}[form]
+        self.pos = nn.Parameter(torch.randn(*shape))
+
+    def forward(self, h):
+        return h + (self.pos[: h.shape[1]] if self.form == "table" else self.pos)
+
+
+class PairAdd(nn.Module):
+    """``h + a + b`` with ``a``, ``b`` of the sample's shape ``[T, d]``: for a sample alone autograd
+    gives both the same buffer (the output gradient reshaped), so a square in place would
+    square it twice."""
+
+    def __init__(self, T, d):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(T, d))
+        self.b = nn.Parameter(torch.randn(T, d))
+
+    def forward(self, h):
+        return torch.tanh(h + self.a + self.b)
+
+
+class UsedTwice(nn.Module):
+    """One parameter used twice in one forward: ``tanh(h * g) + g``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.g = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, h):
+        return torch.tanh(h * self.g) + self.g
+
+
+class RandomModel(nn.Module):
+    def __init__(self, stem, chain, head, pool):
+        super().__init__()
+        self.stem = stem
+        self.chain = nn.ModuleList(chain)  # may hold one block twice: shared parameters
+        self.head = head
+        self.pool = pool
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.chain:
+            h = block(h)
+        if self.pool == "mean":
+            h = h.mean(1)
+        elif self.pool == "first":
+            h = h[:, 0]
+        return self.head(h)
+
+
+def _block(rng: random.Random, d: int, T: int, heads: int):
+    """One random block and the sequence length after it."""
+    kind = rng.choice(["dense", "conv1d", "conv2d", "layernorm", "batchnorm", "groupnorm", "attention",
+                       "encoder", "cls", "pos", "pair", "twice"])
+    bias = rng.random() < 0.7
+    if kind == "dense":
+        return Dense(d, bias), T
+    if kind == "conv1d":
+        groups = rng.choice([g for g in (1, 2, d) if d % g == 0])
+        return Conv1dBlock(d, rng.choice([1, 2, 3]), rng.choice([1, 2]), groups, bias), T
+    if kind == "conv2d":
+        return Conv2dBlock(rng.choice([1, 2]), rng.choice([1, 3, (3, 1)]), bias), T
+    if kind == "layernorm":
+        return Norm(nn.LayerNorm(d, elementwise_affine=rng.random() < 0.8, bias=bias)), T
+    if kind == "batchnorm":
+        bn = nn.BatchNorm1d(d, affine=rng.random() < 0.8)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(d) * 0.5)
+            bn.running_var.copy_(torch.rand(d) + 0.5)
+        return Norm(bn), T
+    if kind == "groupnorm":
+        return Norm(nn.GroupNorm(rng.choice([g for g in (1, 2) if d % g == 0]), d)), T
+    if kind == "attention":
+        return Attention(d, heads, rng.random() < 0.5, bias), T
+    if kind == "encoder":
+        return EncoderLayer(d, heads, rng.random() < 0.5, rng.random() < 0.5), T
+    if kind == "cls":
+        return ClsToken(d), T + 1
+    if kind == "pos":
+        return PosAdd(T, d, rng.choice(["full", "2d", "table", "vector"])), T
+    if kind == "pair":
+        return PairAdd(T, d), T
+    return UsedTwice(d), T
+
+
+def make_random(seed: int, n: int = 5, batch_size: int = 3, dtype=torch.float64):
+    """``(model, data, description)`` for ``seed``: a model in eval mode and ``n`` samples in
+    batches of ``batch_size`` (``(inputs, targets)``; targets ``[n]``, or ``[n, T]`` for a
+    per-token head)."""
+    rng = random.Random(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        d, heads = rng.choice([(4, 2), (6, 2), (6, 3), (8, 2)])
+        T0 = T = rng.choice([2, 3, 4])  # the input's length; T follows the blocks (a class token adds one)
+        tokens = rng.random() < 0.5
+        vocab = 5
+        stem = nn.Embedding(vocab, d) if tokens else nn.Linear(5, d)
+        chain, names = [], []
+        for _ in range(rng.randint(1, 4)):
+            if chain and rng.random() < 0.15:  # a block called again later: its parameters shared
+                block = rng.choice(chain)
+                if isinstance(block, (ClsToken, PosAdd, PairAdd)):
+                    continue  # would change the length or meet a table of another length
+            else:
+                block, T = _block(rng, d, T, heads)
+            chain.append(block)
+            names.append(type(block).__name__ + ("(again)" if chain.count(block) > 1 else ""))
+            if isinstance(block, ClsToken) and rng.random() < 0.5:
+                # ViT's pattern: the positions added right after the class token (the token's
+                # gradient is then a view of the buffer the positions' gradient comes from)
+                chain.append(PosAdd(T, d, rng.choice(["full", "2d"])))
+                names.append("PosAdd")
+        pool = rng.choice(["mean", "first", "tokens"])
+        tied = tokens and rng.random() < 0.4
+        classes = vocab if tied else 3
+        head = nn.Linear(d, classes, bias=not tied and rng.random() < 0.8)
+        if tied:
+            head.weight = stem.weight  # the embedding's table is the output layer
+        model = RandomModel(stem, chain, head, pool).to(dtype).eval()
+        x = torch.randint(0, vocab, (n, T0)) if tokens else torch.randn(n, T0, 5, dtype=dtype)
+        y = torch.randint(0, classes, (n, T) if pool == "tokens" else (n,))
+    desc = (f"{'tokens' if tokens else 'features'} d={d} -> " + " -> ".join(names or ["-"])
+            + f" -> {pool}{' tied' if tied else ''}")
+    return model, batches(x, y, batch_size=batch_size), desc
+
