@@ -18,7 +18,7 @@ import sys
 import torch
 
 from fastewc import EWCRegularizer
-from fastewc.bench import timing as bu
+from fastewc.bench import timing
 from fastewc.bench.models import transformer_like
 
 
@@ -54,14 +54,14 @@ def main(argv=None) -> dict:
         "fwd+bwd": lambda: plain(model).backward(),
         "fwd+bwd, check_finite": lambda: checked(model).backward(),
     }
-    times = bu.time_side_by_side(cases, repeats=args.repeats, device=device)
-    med = {k: bu.median(v) for k, v in times.items()}
+    times = timing.time_side_by_side(cases, repeats=args.repeats, device=device)
+    med = {k: timing.median(v) for k, v in times.items()}
     rows = []
     for step in ("accumulate_grad_", "fwd+bwd"):
         off, on = med[step], med[f"{step}, check_finite"]
         rows.append({"step": step, "default_ms": 1e3 * off, "check_finite_ms": 1e3 * on,
                      "overhead_ms": 1e3 * (on - off), "overhead_pct": 100 * (on / off - 1)})
-    where = bu.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = timing.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"\ncheck_finite overhead on {device}: {P / 1e6:.1f}M parameters in {n_tensors} tensors, {args.tasks} tasks, "
           f"float32")
     print(f"{where}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.repeats} round-robin "
@@ -71,11 +71,11 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['step']:<17} | {r['default_ms']:>10.1f} | {r['check_finite_ms']:>15.1f} | "
               f"{r['overhead_ms']:>+7.2f} ms {r['overhead_pct']:>+5.1f}% |")
-    payload = {"benchmark": f"check_finite_{device.type}", "machine": bu.machine_info(device), "params": P,
+    payload = {"benchmark": f"check_finite_{device.type}", "machine": timing.machine_info(device), "params": P,
                "tensors": n_tensors, "tasks": args.tasks, "repeats": args.repeats, "rows": rows,
                "raw_seconds": times}
-    path = args.json or f"benchmarks/results/{bu.machine_slug(device)}/check_finite_{device.type}.json"
-    print(f"\nwrote {bu.write_json(path, payload)}")
+    path = args.json or f"benchmarks/results/{timing.machine_slug(device)}/check_finite_{device.type}.json"
+    print(f"\nwrote {timing.write_json(path, payload)}")
     return payload
 
 

@@ -14,8 +14,8 @@ anchors' diagonal Fisher over the same samples (divided by N): BackPACK's SumGra
 DiagGGNMC / DiagGGNExact (install with ``pip install --no-deps backpack-for-pytorch einops
 unfoldNd``), ASDL's fisher_emp / fisher_mc / fisher_exact and nngeometry's PMatDiag from its
 Jacobian backend at the labels / FIM_MonteCarlo / FIM (both with ``pip install --no-deps
-asdfghjkl nngeometry``); an anchor's rows are skipped, with the reason, where it is missing or
-does not support the model. Cases run round-robin; medians; extra peak memory from one separate
+asdfghjkl nngeometry``), from ``fisher_anchors.py``; an anchor's rows are skipped, with the
+reason, where it is missing or does not support the model. Cases run round-robin; medians; extra peak memory from one separate
 run per case; the first call's probe cost and what auto covered are in the JSON.
 
     python benchmarks/bench_fisher.py [--samples 512] [--hf-samples 128] [--repeats 3] [--device cpu]
@@ -28,7 +28,9 @@ import sys
 import warnings
 
 from fastewc import bench
-from fastewc.bench import timing as bu
+from fastewc.bench import timing
+
+import fisher_anchors
 
 
 def main(argv=None) -> dict:
@@ -53,14 +55,15 @@ def main(argv=None) -> dict:
                                     models=tuple(args.models.split(",")), methods=tuple(args.methods.split(",")),
                                     kinds=tuple(args.kinds.split(",")), exact_models=tuple(args.exact_models.split(",")),
                                     exact_methods=tuple(args.exact_methods.split(",")),
-                                    anchors=not args.no_anchors, hf_samples=args.hf_samples,
+                                    extra_cases=None if args.no_anchors else fisher_anchors.cases,
+                                    hf_samples=args.hf_samples,
                                     progress=lambda m: print(m, file=sys.stderr))
     m = result["machine"]
     print(f"\n{m.get('gpu') or m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}\n")
     print(bench.format_fisher(result))
     dev = bench.resolve_device(args.device)
-    path = args.json or f"benchmarks/results/{bu.machine_slug(dev)}/fisher_{dev.type}.json"
-    print(f"\nwrote {bu.write_json(path, result)}")
+    path = args.json or f"benchmarks/results/{timing.machine_slug(dev)}/fisher_{dev.type}.json"
+    print(f"\nwrote {timing.write_json(path, result)}")
     return result
 
 

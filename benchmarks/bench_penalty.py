@@ -28,7 +28,7 @@ import sys
 import torch
 
 from fastewc import EWCRegularizer
-from fastewc.bench import timing as bu
+from fastewc.bench import timing
 from fastewc.bench.models import transformer_like
 from fastewc.reference import ReferenceEWC
 
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
         b.eager_grads = False
     assert not lazy._binding.eager and ewc._binding.eager
 
-    copy, copy_bytes = bu.copy_case(P)
+    copy, copy_bytes = timing.copy_case(P)
     cases = {
         "copy (bandwidth probe)": copy,
         "reference loop fwd+bwd": lambda: ref(model).backward(),
@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
         cases["fastewc fwd+bwd [torch]"] = lambda: on_torch(model).backward()
         cases["fastewc accumulate_grad_ [torch]"] = lambda: on_torch.accumulate_grad_(model)
     cases[f"ablation: fwd+bwd, lazy grad [{backend}]"] = lambda: lazy(model).backward()
-    times = bu.time_side_by_side(cases, repeats=args.repeats)
-    med = {k: bu.median(v) for k, v in times.items()}
+    times = timing.time_side_by_side(cases, repeats=args.repeats)
+    med = {k: timing.median(v) for k, v in times.items()}
     bandwidth = copy_bytes / med.pop("copy (bandwidth probe)")
     floor = 20 * P / bandwidth
     ref_t = med["reference loop fwd+bwd"]
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
         rows.append({"method": name, "median_ms": 1e3 * t, "speedup_vs_reference": ref_t / t,
                      "ratio_to_floor": t / floor, "effective_GBps": 20 * P / t / 1e9})
     print(f"\nEWC penalty, CPU: {P / 1e6:.1f}M parameters in {n_tensors} tensors, {args.tasks} tasks, float32")
-    print(f"{bu.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{timing.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor (20 B/param) {1e3 * floor:.1f} ms; "
           f"{args.repeats} round-robin repeats, medians\n")
     print(f"| {'method':<36} | {'median ms':>9} | {'speed-up vs loop':>16} | {'x floor':>7} |")
@@ -97,12 +97,12 @@ def main(argv=None) -> dict:
         print(f"| {r['method']:<36} | {r['median_ms']:>9.1f} | {r['speedup_vs_reference']:>15.1f}x | "
               f"{r['ratio_to_floor']:>6.2f}x |")
     payload = {
-        "benchmark": "penalty_cpu", "machine": bu.machine_info(), "params": P, "tensors": n_tensors,
+        "benchmark": "penalty_cpu", "machine": timing.machine_info(), "params": P, "tensors": n_tensors,
         "tasks": args.tasks, "repeats": args.repeats, "copy_bandwidth_GBps": bandwidth / 1e9,
         "floor_ms": 1e3 * floor, "rows": rows, "raw_seconds": times,
     }
-    path = args.json or f"benchmarks/results/{bu.machine_slug()}/penalty_cpu.json"
-    print(f"\nwrote {bu.write_json(path, payload)}")
+    path = args.json or f"benchmarks/results/{timing.machine_slug()}/penalty_cpu.json"
+    print(f"\nwrote {timing.write_json(path, payload)}")
     return payload
 
 

@@ -44,7 +44,7 @@ import torch
 
 import fastewc.penalty.backends as backends
 from fastewc import EWCRegularizer
-from fastewc.bench import timing as bu
+from fastewc.bench import timing
 from fastewc.bench.baselines import ForeachEWC, compiled_reference
 from fastewc.bench.models import transformer_like
 from fastewc.reference import ReferenceEWC
@@ -74,7 +74,7 @@ class Timer:
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
             fn()
-        bu.sync(self.device)
+        timing.sync(self.device)
         times = []
         for _ in range(self.repeats):
             if self.flush is None:
@@ -93,7 +93,7 @@ class Timer:
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, numel: int) -> float:
-    fn, nbytes = bu.copy_case(numel, device)
+    fn, nbytes = timing.copy_case(numel, device)
     return nbytes / timer(fn)
 
 
@@ -227,14 +227,14 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
 
     payload = {
-        "machine": bu.machine_info(device), "device": str(device), "dry_run": args.dry_run,
+        "machine": timing.machine_info(device), "device": str(device), "dry_run": args.dry_run,
         "copy_GBps": copy_bps / 1e9, "repeats": repeats, "warmup": warmup, "tasks": args.tasks,
         "timing": "CUDA events, L2 flushed before each call, median" if device.type == "cuda" else "host clock, median",
         "floor": "bytes = P * (4 + 2 * storage itemsize + 8): read theta, A, m, grad; write grad",
         "rows": rows,
     }
-    path = args.json or Path(__file__).parent / "results" / bu.machine_slug(device) / "penalty_gpu.json"
-    bu.write_json(path, payload)
+    path = args.json or Path(__file__).parent / "results" / timing.machine_slug(device) / "penalty_gpu.json"
+    timing.write_json(path, payload)
     print(table(rows, copy_bps))
     print(f"\nwrote {path}", file=sys.stderr)
     return payload

@@ -1,7 +1,8 @@
 """Cost curves on the CPU: the EWC penalty step against P (1M to 1B parameters) and against the
 number of registered tasks, registration time and memory against P, and Fisher estimation
-against N and model width. What each curve measures is described in ``fastewc.bench.scale``;
-``fastewc bench --scale`` runs the same code.
+against N and model width. What each curve measures is described in ``scale_curves.py``; the
+tables come from ``scale_report.py`` and the figure from ``plot_results.py`` (which also redraws
+it from a saved JSON: ``python benchmarks/plot_results.py scale RESULT.json FIGURE.png``).
 
 Prints the tables, writes the JSON and the figure:
 
@@ -26,8 +27,11 @@ import sys
 
 import torch
 
-from fastewc.bench import scale
-from fastewc.bench import timing as bu
+from fastewc.bench import timing
+
+import scale_curves
+import scale_report
+from plot_results import label_of, plot_scale
 
 
 def _sizes(text: str) -> tuple[float, ...]:
@@ -51,28 +55,26 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.spread is not None:
-        spread = scale.penalty_spread(args.sizes or (1e6,), runs=args.spread,
+        spread = scale_curves.penalty_spread(args.sizes or (1e6,), runs=args.spread,
                                       say=lambda msg: print(f"[bench_scale] {msg}", file=sys.stderr, flush=True))
-        print(scale.format_spread(spread))
-        print(f"\nwrote {bu.write_json(args.json or f'benchmarks/results/{bu.machine_slug()}/scale_spread_cpu.json', spread)}")
+        print(scale_report.format_spread(spread))
+        print(f"\nwrote {timing.write_json(args.json or f'benchmarks/results/{timing.machine_slug()}/scale_spread_cpu.json', spread)}")
         return spread
 
-    result = scale.scale_benchmark(
+    result = scale_curves.scale_benchmark(
         quick=args.quick, sizes=args.sizes,
         memory_budget=None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9,
         progress=lambda msg: print(f"[bench_scale] {msg}", file=sys.stderr, flush=True))
     m = result["machine"]
     helpers = f"; C++ host helpers {m['host_helpers']}" if "host_helpers" in m else ""
     print(f"Scale, CPU: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads), torch {m['torch']}{helpers}\n")
-    print(scale.format_scale(result))
-    path = args.json or (None if args.quick else f"benchmarks/results/{bu.machine_slug()}/scale_cpu.json")
+    print(scale_report.format_scale(result))
+    path = args.json or (None if args.quick else f"benchmarks/results/{timing.machine_slug()}/scale_cpu.json")
     if path:
-        print(f"\nwrote {bu.write_json(path, result)}")
+        print(f"\nwrote {timing.write_json(path, result)}")
     plot = args.plot or (None if args.quick else "docs/scale_cpu.png")
     if plot:
-        m = result["machine"]
-        label = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}"
-        print(f"wrote {scale.plot_scale(result, plot, label=label)}")
+        print(f"wrote {plot_scale(result, plot, label=label_of(result))}")
     return result
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastewc import EWCRegularizer
-from fastewc.bench import timing as bu
+from fastewc.bench import timing
 from fastewc.penalty.backends import cpu_backend_status
 
 MODELS = ("gpt2", "bert", "mlp")
@@ -113,8 +113,8 @@ def run_model(name: str, backend: str, repeats: int, small: bool) -> dict | None
         opt.step()
 
     cases = {"plain": plain, "accumulate_grad_": accumulate, "loss + ewc(model)": in_loss}
-    times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
-    med = {k: bu.median(v) for k, v in times.items()}
+    times = timing.time_side_by_side(cases, repeats=repeats, warmup=1)
+    med = {k: timing.median(v) for k, v in times.items()}
     a = grads_after(model, loss_of, ewc, "accumulate_grad_")
     b = grads_after(model, loss_of, ewc, "in loss")
     match = all(torch.allclose(x, y, rtol=1e-4, atol=1e-6 * float(x.abs().max()) + 1e-12) for x, y in zip(a, b))
@@ -157,15 +157,15 @@ def main(argv=None) -> dict:
                 continue
             rows.append(r)
             print(format_rows([r])[-1], flush=True)
-    machine = bu.machine_info("cpu")
+    machine = timing.machine_info("cpu")
     print(f"\nStep overhead of the penalty, float32, 2 tasks; {machine['cpu']}, {machine['torch_threads']} threads, "
           f"torch {machine['torch']}; {args.repeats} round-robin repeats, medians\n")
     print("\n".join(format_rows(rows)))
     payload = {"benchmark": "step_overhead_cpu", "machine": machine, "repeats": args.repeats, "small": args.small,
                "rows": rows}
     if not args.small or args.json:
-        path = args.json or f"benchmarks/results/{bu.machine_slug('cpu')}/step_overhead_cpu.json"
-        print(f"\nwrote {bu.write_json(path, payload)}")
+        path = args.json or f"benchmarks/results/{timing.machine_slug('cpu')}/step_overhead_cpu.json"
+        print(f"\nwrote {timing.write_json(path, payload)}")
     return payload
 
 

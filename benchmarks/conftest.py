@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastewc.bench import timing as bu
+from fastewc.bench import timing
 
 
 def pytest_addoption(parser):
@@ -38,13 +38,13 @@ def pytest_configure(config):
     if not any("benchmarks" in str(a) for a in config.args):
         return
     dev = config.getoption("--bench-device")
-    path = Path(__file__).parent / "results" / bu.machine_slug(dev) / "pytest-benchmark.json"
+    path = Path(__file__).parent / "results" / timing.machine_slug(dev) / "pytest-benchmark.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     config.option.benchmark_json = open(path, "wb")  # pytest-benchmark expects a binary file object
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["fastewc"] = bu.machine_info(config.getoption("--bench-device"))
+    machine_info["fastewc"] = timing.machine_info(config.getoption("--bench-device"))
 
 
 def pytest_generate_tests(metafunc):

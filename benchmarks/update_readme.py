@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from fastewc.bench.scale import format_scale
+from scale_report import format_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -48,24 +48,20 @@ def cmd_bench(args) -> int:
     import importlib.util
 
     from . import bench
-    from .bench import timing as bu
+    from .bench import timing
     from .bench.models import FISHER_MODELS, HF_MODELS
 
     dev = bench.resolve_device(args.device)
     say = _progress(not args.quiet)
-    if args.scale:
-        return _bench_scale(args, dev, say)
-    if args.quick:
-        raise EWCInputError("--quick applies to --scale only")
-    out = {"machine": bu.machine_info(dev), "date": _dt.date.today().isoformat()}
+    models = tuple(m for m in args.fisher_models.split(",") if m)
+    unknown = [m for m in models if m not in FISHER_MODELS + HF_MODELS]
+    if unknown and args.fisher_samples > 0:  # before minutes of measuring, not after
+        raise EWCInputError(f"--fisher-models: unknown {unknown}; choose from {', '.join(FISHER_MODELS + HF_MODELS)}")
+    out = {"machine": timing.machine_info(dev), "date": _dt.date.today().isoformat()}
     out["penalty"] = bench.penalty_benchmark(device=dev, params=args.params, tasks=args.tasks, repeats=args.repeats,
                                              compile_reference=args.compile, progress=say)
     print(bench.format_penalty(out["penalty"]))
     if args.fisher_samples > 0:
-        models = tuple(m for m in args.fisher_models.split(",") if m)
-        unknown = [m for m in models if m not in FISHER_MODELS + HF_MODELS]
-        if unknown:
-            raise EWCInputError(f"--fisher-models: unknown {unknown}; choose from {', '.join(FISHER_MODELS + HF_MODELS)}")
         if any(m in HF_MODELS for m in models) and importlib.util.find_spec("transformers") is None:
             print("[fastewc] transformers is not installed (pip install 'fastewc[hf]'): the Hugging Face models "
                   "are skipped", file=sys.stderr)
@@ -76,38 +72,30 @@ def cmd_bench(args) -> int:
         print()
         print(bench.format_fisher(out["fisher"]))
     if args.json:
-        print(f"\nwrote {bu.write_json(args.json, out)}")
-    if args.plot:
-        print(f"wrote {bench.plot_bench(out, args.plot, label=_stamp(out['machine']))}")
+        print(f"\nwrote {timing.write_json(args.json, out)}")
     return 0
 
 
-def _bench_scale(args, dev, say) -> int:
-    from .bench import scale
-    from .bench import timing as bu
+class _Moved(argparse.Action):
+    """An option that left ``fastewc bench`` for a script in the repository: using it stops the
+    parse with a message saying where it went (argparse's own would only say "unrecognized")."""
 
-    if dev.type != "cpu":
-        raise EWCInputError(f"--scale measures the CPU; got --device {args.device!r}")
-    if args.plot:  # fail before minutes of measuring, not after
-        from ._utils import require
+    def __init__(self, option_strings, dest, where: str, nargs=0, **kwargs):
+        super().__init__(option_strings, dest, nargs=nargs, help=argparse.SUPPRESS, **kwargs)
+        self.where = where
 
-        require("matplotlib", extra="demo")
-    sizes = None
-    if not args.quick:
-        sizes = tuple(p for p in scale.PENALTY_SIZES if p <= args.max_params) or (args.max_params,)
-    result = scale.scale_benchmark(quick=args.quick, sizes=sizes, progress=say)
-    result["date"] = _dt.date.today().isoformat()
-    print(f"Scale, CPU: {_stamp(result['machine'])}\n")
-    print(scale.format_scale(result))
-    if args.json:
-        print(f"\nwrote {bu.write_json(args.json, result)}")
-    if args.plot:
-        print(f"wrote {scale.plot_scale(result, args.plot, label=_stamp(result['machine']))}")
-    return 0
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is no longer part of `fastewc bench`: {self.where}")
+
+
+SCALE_MOVED = ("the cost curves are `python benchmarks/bench_scale.py` in a clone of the repository "
+               "(`--quick` for a smoke run of seconds, `--sizes`, `--json`, `--plot`)")
+PLOT_MOVED = ("write the results with --json PATH, then draw them with "
+              "`python benchmarks/plot_results.py bench PATH FIGURE.png` in a clone of the repository")
 
 
 def cmd_demo(args) -> int:
-    from .bench import timing as bu
+    from .bench import timing
     from .demo.run import DemoConfig, format_report, run_demo
 
     cfg = DemoConfig(benchmark=args.benchmark, scenario=args.scenario, num_tasks=args.tasks, hidden=args.hidden,
@@ -118,11 +106,11 @@ def cmd_demo(args) -> int:
 
         require("matplotlib", extra="demo")
     result = run_demo(cfg, log=_progress(not args.quiet) or (lambda msg: None))
-    result["machine"] = bu.machine_info()
+    result["machine"] = timing.machine_info()
     result["date"] = _dt.date.today().isoformat()
     print(format_report(result))
     if args.json:
-        print(f"\nwrote {bu.write_json(args.json, result)}")
+        print(f"\nwrote {timing.write_json(args.json, result)}")
     if args.plot:
         from .demo.plot import plot_demo
 
@@ -165,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time the EWC penalty and Fisher estimation on this machine",
                        description="Time fastewc against the naive implementations on this machine: the EWC "
-                                   "penalty step, and Fisher estimation from per-sample gradients.")
+                                   "penalty step against the per-parameter loop and a torch._foreach baseline, and "
+                                   "Fisher estimation against the per-sample loop. Prints the tables; --json saves "
+                                   "them. The cost curves and the figures are scripts in the repository "
+                                   "(benchmarks/bench_scale.py, benchmarks/plot_results.py).")
     b.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     b.add_argument("--params", type=parse_count, default=25e6, help="penalty benchmark size, e.g. 25M, 1B (default 25M)")
     b.add_argument("--tasks", type=int, default=3, help="registered tasks (default 3)")
@@ -175,14 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-samples", type=int, default=128, help="padded sequences per Hugging Face model (default 128)")
     b.add_argument("--repeats", type=int, default=15, help="timed rounds of the penalty benchmark (default 15)")
     b.add_argument("--compile", action="store_true", help="also time torch.compile of the reference loop (slow to compile)")
-    b.add_argument("--scale", action="store_true",
-                   help="cost curves instead: penalty step against parameters (1M..1B) and tasks, registration "
-                        "memory, Fisher against samples and width (CPU; points that do not fit are skipped)")
-    b.add_argument("--quick", action="store_true", help="with --scale: small sizes, a few seconds")
-    b.add_argument("--max-params", type=parse_count, default=1e9,
-                   help="with --scale: largest penalty size (default 1B)")
     b.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    b.add_argument("--plot", metavar="PATH", help="save a figure (PNG) of the results (needs fastewc[demo])")
+    for flag, nargs, where in (("--scale", 0, SCALE_MOVED), ("--quick", 0, SCALE_MOVED),
+                               ("--max-params", 1, SCALE_MOVED), ("--plot", 1, PLOT_MOVED)):
+        b.add_argument(flag, action=_Moved, nargs=nargs, where=where)
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=cmd_bench)
 

@@ -1,5 +1,6 @@
-"""Timing helpers shared by the benchmark scripts: machine description, side-by-side medians,
-copy bandwidth (the memory-traffic floor's denominator)."""
+"""Timing helpers shared by ``fastewc bench`` and the benchmark scripts: machine description,
+side-by-side medians, copy bandwidth (the memory-traffic floor's denominator), extra peak memory
+and the process's resident-memory figures it is read from."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 
 
 def cpu_model() -> str:
@@ -99,7 +99,8 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
-def _status_kb(field: str) -> int | None:
+def proc_status_kb(field: str) -> int | None:
+    """A field of ``/proc/self/status`` in kB (``"VmRSS"``, ``"VmHWM"``), None where unreadable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -125,7 +126,7 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cp
         out = fn()
         torch.cuda.synchronize(device)
         return out, torch.cuda.max_memory_allocated(device) - base
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         # glibc keeps freed blocks below its (dynamic, up to 32 MB) mmap threshold resident and
         # reuses them, so a probe after earlier work would see no growth. For the probe, serve
@@ -138,9 +139,9 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cp
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
         except OSError:
             return fn(), None
-        base = _status_kb("VmRSS")
+        base = proc_status_kb("VmRSS")
         out = fn()
-        peak = _status_kb("VmHWM")
+        peak = proc_status_kb("VmHWM")
         return out, None if base is None or peak is None else max(0, peak - base) * 1024
     finally:
         if libc is not None:
@@ -152,7 +153,8 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cp
 _M_MMAP_THRESHOLD = -3
 
 
-def _glibc():
+def glibc():
+    """glibc through ctypes (``malloc_trim``, ``mallopt``), None on other C libraries."""
     import ctypes
     import ctypes.util
 

@@ -1,36 +1,43 @@
-"""``fastewc bench --scale --quick``: the cost-curve benchmark runs in seconds and writes JSON with
-every field the README table and the figure are made from. Structure only: the figures
-themselves are the benchmark's business, not a test's."""
+"""``benchmarks/bench_scale.py --quick``: the cost-curve benchmark runs in seconds and writes JSON
+with every field the README table and the figure are made from, and the figure is drawn from
+that JSON. Structure only: the figures themselves are the benchmark's business, not a test's."""
 
+import contextlib
+import io
 import json
 import math
 
 import pytest
+import torch
 
-from fastewc import cli
-from fastewc.bench import scale
+import bench_scale
+import plot_results
+import scale_curves
+import scale_report
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared machine, two make the many small parallel regions wait for a
-    descheduled thread; the test checks structure, which the thread count does not change."""
-    import torch
-
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``bench_scale.py --quick --json PATH`` run once, on one torch thread (on a shared machine,
+    two make the many small parallel regions wait for a descheduled thread; the tests check
+    structure, which the thread count does not change): ``(JSON path, what it printed)``."""
+    path = tmp_path_factory.mktemp("scale") / "scale.json"
     was = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            bench_scale.main(["--quick", "--json", str(path)])
+    finally:
+        torch.set_num_threads(was)
+    return path, out.getvalue()
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_quick_scale_writes_json_with_every_field(tmp_path, capsys, one_thread):
-    path = tmp_path / "scale.json"
-    assert cli.main(["bench", "--scale", "--quick", "--quiet", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
+def test_quick_scale_writes_json_with_every_field(quick_run):
+    path, out = quick_run
     assert "Penalty step against P" in out and "registered tasks T" in out and "Fisher diagonal" in out
     d = json.loads(path.read_text())
     assert d["benchmark"] == "scale" and d["quick"] is True
@@ -74,8 +81,15 @@ def test_quick_scale_writes_json_with_every_field(tmp_path, capsys, one_thread):
     assert _finite(s["fisher rules us_per_sample largest/smallest N"])
 
 
+def test_the_figure_is_drawn_from_the_saved_json(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "scale.png"
+    assert plot_results.main(["scale", str(quick_run[0]), str(png)]) == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_points_over_the_memory_budget_are_recorded_as_skipped():
-    rows = scale.penalty_curve((1e9,), memory_budget=1e9)
+    rows = scale_curves.penalty_curve((1e9,), memory_budget=1e9)
     assert [r["series"] for r in rows] == ["fp32", "bf16"]
     for r in rows:
         assert "rows" not in r and "GB budget" in r["skipped"] and r["params_requested"] == 10**9
@@ -84,36 +98,19 @@ def test_points_over_the_memory_budget_are_recorded_as_skipped():
                                                               "fwd_bwd_ms": 1.0, "fwd_bwd_vs_T1": 1.0,
                                                               "register_s_per_task": 0.1}]},
             "fisher": {"model": "m", "max_memory_MB": 64, "by_samples": [], "by_width": []}}
-    assert "not run: needs about" in scale.format_scale(fake)
-    assert scale.summarize(fake)["series"]["bf16"] == {"skipped": [10**9]}
-
-
-def test_quick_needs_scale(capsys):
-    assert cli.main(["bench", "--quick"]) == 2
-    assert "--quick applies to --scale only" in capsys.readouterr().err
-
-
-def test_scale_is_cpu_only(capsys, monkeypatch):
-    import torch
-
-    monkeypatch.setattr("fastewc.bench.resolve_device", lambda d: torch.device("cuda"))
-    assert cli.main(["bench", "--scale", "--device", "cuda"]) == 2
-    assert "--scale measures the CPU" in capsys.readouterr().err
+    assert "not run: needs about" in scale_report.format_scale(fake)
+    assert scale_report.summarize(fake)["series"]["bf16"] == {"skipped": [10**9]}
 
 
 def test_floor_bytes():
-    import torch
-
-    assert scale.floor_bytes_per_param(torch.float32, torch.float32) == 20
-    assert scale.floor_bytes_per_param(torch.float32, torch.bfloat16) == 16
-    assert scale.floor_bytes_per_param(torch.bfloat16, torch.bfloat16) == 10
+    assert scale_curves.floor_bytes_per_param(torch.float32, torch.float32) == 20
+    assert scale_curves.floor_bytes_per_param(torch.float32, torch.bfloat16) == 16
+    assert scale_curves.floor_bytes_per_param(torch.bfloat16, torch.bfloat16) == 10
 
 
 def test_scale_model_has_the_size_and_dtype_asked_for():
-    import torch
-
     for n in (1e5, 1e6):
-        m = scale.scale_model(n, torch.bfloat16)
+        m = scale_curves.scale_model(n, torch.bfloat16)
         P = sum(p.numel() for p in m.parameters())
         assert 0.75 * n < P < 1.25 * n
         assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
@@ -121,11 +118,11 @@ def test_scale_model_has_the_size_and_dtype_asked_for():
 
 
 def test_spread_repeats_points_and_summarises_their_ratios():
-    result = scale.penalty_spread((2e4,), runs=3)
+    result = scale_curves.penalty_spread((2e4,), runs=3)
     assert [p["series"] for p in result["points"]] == ["fp32", "bf16"]
     for p in result["points"]:
         r = p["accumulate_ratio_to_floor"]
         assert len(r) == len(p["floor_ms"]) == p["runs"] == 3 and all(_finite(x) and x > 0 for x in r)
         assert p["min"] == min(r) <= p["median"] <= p["max"] == max(r)
         assert p["under_2x"] == sum(x <= 2.0 for x in r)
-    assert "runs under 2x" in scale.format_spread(result)
+    assert "runs under 2x" in scale_report.format_spread(result)

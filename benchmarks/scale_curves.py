@@ -1,5 +1,5 @@
-"""Cost curves behind ``fastewc bench --scale`` and ``benchmarks/bench_scale.py``: how the penalty
-step, registration and Fisher estimation grow with the work.
+"""Cost curves behind ``benchmarks/bench_scale.py``: how the penalty step, registration and Fisher
+estimation grow with the work, measured through fastewc's public API.
 
 * **Penalty against P** (parameters): ``accumulate_grad_`` and ``ewc(model).backward()`` on a
   transformer-shaped parameter set (about a dozen blocks whatever P, so per-tensor overheads do
@@ -9,8 +9,10 @@ step, registration and Fisher estimation grow with the work.
   parameter) over the bandwidth of a copy of the same number of bytes (capped at
   ``PROBE_CAP_BYTES``, beyond which a copy runs at DRAM speed whatever its size). Two series:
   float32 parameters with float32 storage, and bfloat16 parameters with bfloat16 storage (the one
-  a 1B-parameter model fits in on a small machine). A point that does not fit the memory budget
-  is recorded as skipped, with the memory it would need.
+  a 1B-parameter model fits in on a small machine). Where ``"auto"`` chose another backend, the
+  same step on ``backend="torch"`` (a regularizer registered with the same tasks), timed in a
+  round-robin of its own right after. A point that does not fit the memory budget is recorded as
+  skipped, with the memory it would need.
 * **Registration against P**: seconds and extra peak resident memory of the first
   ``register_task`` (a copy into the buffers) and of the second (the float64 merge, chunked), the
   memory the regularizer keeps, and the extra peak of the first step (binding) and of
@@ -45,13 +47,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import timing as bu
-from .models import transformer_like
-from .._utils import available_memory
-from ..errors import EWCInputError
-from ..fisher import estimate_fisher
-from ..penalty import EWCRegularizer
-from ..penalty.backends import TorchBackend
+from fastewc import EWCInputError, EWCRegularizer, estimate_fisher
+from fastewc._utils import available_memory
+from fastewc.bench import timing
+from fastewc.bench.models import transformer_like
+from scale_report import row, summarize
 
 PENALTY_SIZES = (1e6, 1e7, 1e8, 1e9)
 QUICK_SIZES = (1e5, 3e5)
@@ -74,10 +74,10 @@ def resident_bytes() -> int | None:
     """The process's resident memory (VmRSS) after a garbage collection and a heap trim, so that
     freed blocks glibc keeps cached do not count; None where /proc is unavailable."""
     gc.collect()
-    libc = bu._glibc()
+    libc = timing.glibc()
     if libc is not None:
         libc.malloc_trim(0)
-    kb = bu._status_kb("VmRSS")
+    kb = timing.proc_status_kb("VmRSS")
     return None if kb is None else kb * 1024
 
 
@@ -96,7 +96,7 @@ def _timed_peak(fn: Callable[[], object]) -> tuple[float, int | None]:
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
-    hwm = bu._status_kb("VmHWM")
+    hwm = timing.proc_status_kb("VmHWM")
     return seconds, None if base is None or hwm is None else max(0, hwm * 1024 - base)
 
 
@@ -180,28 +180,20 @@ def _repeats_for(params: float, quick: bool) -> int:
 
 def _probe(nbytes: int) -> tuple[Callable[[], object], int]:
     numel = max(1024, min(nbytes, PROBE_CAP_BYTES) // 8)  # float32: 4 bytes read + 4 written
-    return bu.copy_case(numel)
+    return timing.copy_case(numel)
+
+
+def _move_away(model: nn.Module) -> None:
+    """Move theta away from the anchors just registered (the parameters themselves), so that the
+    step computes a non-zero gradient."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
 
 
 def _speed_rows(med: dict[str, float], P: int, floor: float) -> list[dict]:
     return [{"method": k, "median_ms": 1e3 * t, "ns_per_param": 1e9 * t / P, "ratio_to_floor": t / floor}
             for k, t in med.items()]
-
-
-def _on_torch_backend(ewc: EWCRegularizer, step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` run with the PyTorch backend in place of the bound ones, on the same buffers (a
-    second regularizer would hold a second copy of them: 4 GB more at 1B parameters in bf16)."""
-    torch_backend = TorchBackend()
-
-    def run():
-        binding = ewc._binding
-        chosen = binding.backends
-        binding.backends = [torch_backend] * len(chosen)
-        try:
-            return step()
-        finally:
-            binding.backends = chosen
-    return run
 
 
 # -- penalty against P ----------------------------------------------------------------------------
@@ -228,9 +220,7 @@ def penalty_point(params: float, param_dtype: torch.dtype, storage_dtype: torch.
     fisher, anchor = _task_dicts(model, seed=2)
     t2, peak2 = _timed_peak(lambda: ewc.register_task(fisher, anchor, model=model))
     fisher = anchor = None
-    with torch.no_grad():  # move theta away from the anchor
-        for p in model.parameters():
-            p.mul_(1.01)
+    _move_away(model)
     _, bind_peak = _timed_peak(lambda: ewc.accumulate_grad_(model))
     _, fb_peak = _timed_peak(lambda: ewc(model).backward())
     peaks = [p for p in (peak1, None if held is None or peak2 is None else held + peak2,
@@ -251,29 +241,38 @@ def penalty_point(params: float, param_dtype: torch.dtype, storage_dtype: torch.
     cases = {"copy (bandwidth probe)": copy,
              "accumulate_grad_": lambda: ewc.accumulate_grad_(model),
              "fwd+bwd": lambda: ewc(model).backward()}
-    # The PyTorch backend beside the one "auto" chose, timed in a round-robin of its own after
-    # the main one (with its own copy probe): interleaved, its many fresh per-tensor gradients
-    # would change how the allocator and the kernel's page cache serve the chosen backend's.
-    torch_cases = {}
-    if ewc.active_backends != ("torch",):
-        torch_cases = {"copy (bandwidth probe)": copy,
-                       "accumulate_grad_ [torch]": _on_torch_backend(ewc, lambda: ewc.accumulate_grad_(model)),
-                       "fwd+bwd [torch]": _on_torch_backend(ewc, lambda: ewc(model).backward())}
     say(f"scale: penalty {P / 1e6:.1f}M: timing, {repeats} rounds")
     out["load_average_before"], faults = _load(), _minor_faults()
-    times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
+    times = timing.time_side_by_side(cases, repeats=repeats, warmup=1)
     out["load_average_after"] = _load()
     out["minor_page_faults_while_timing"] = None if faults is None else _minor_faults() - faults
-    med = {k: bu.median(v) for k, v in times.items()}
+    med = {k: timing.median(v) for k, v in times.items()}
     bandwidth = copy_bytes / med.pop("copy (bandwidth probe)")
     floor = fb * P / bandwidth
-    out.update({"backend": "+".join(ewc.active_backends), "probe_bytes": copy_bytes,
+    backends = ewc.active_backends
+    out.update({"backend": "+".join(backends), "probe_bytes": copy_bytes,
                 "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": 1e3 * floor,
                 "floor_ns_per_param": 1e9 * floor / P, "rows": _speed_rows(med, P, floor), "raw_seconds": times})
-    if torch_cases:
+    if backends != ("torch",):
+        # The PyTorch backend beside the one "auto" chose, timed in a round-robin of its own after
+        # the main one (with its own copy probe): interleaved, its many fresh per-tensor gradients
+        # would change how the allocator and the kernel's page cache serve the chosen backend's.
+        # Its regularizer is registered afresh with the same tasks once the first is freed, not
+        # loaded from the first's state_dict: a load copies the buffers, and two regularizers'
+        # buffers at once (4 GB more at 1B parameters in bf16) would not fit the memory this
+        # point was sized for.
+        del cases, ewc
+        resident_bytes()
+        on_torch = EWCRegularizer(LAMBDA, storage_dtype=storage_dtype, backend="torch")
+        for seed in (1, 2):
+            on_torch.register_task(*_task_dicts(model, seed=seed), model=model)
+        _move_away(model)
+        torch_cases = {"copy (bandwidth probe)": copy,
+                       "accumulate_grad_ [torch]": lambda: on_torch.accumulate_grad_(model),
+                       "fwd+bwd [torch]": lambda: on_torch(model).backward()}
         say(f"scale: penalty {P / 1e6:.1f}M: timing the PyTorch backend, {repeats} rounds")
-        times = bu.time_side_by_side(torch_cases, repeats=repeats, warmup=1)
-        med = {k: bu.median(v) for k, v in times.items()}
+        times = timing.time_side_by_side(torch_cases, repeats=repeats, warmup=1)
+        med = {k: timing.median(v) for k, v in times.items()}
         floor_torch = fb * P / (copy_bytes / med.pop("copy (bandwidth probe)"))  # this round's own floor
         out["rows"] += _speed_rows(med, P, floor_torch)
         out["torch_backend_floor_ms"] = 1e3 * floor_torch
@@ -315,7 +314,7 @@ def penalty_spread(sizes=(1e6,), series=SERIES, *, runs: int = 10,
             for r in range(runs):
                 say(f"scale spread: {name} {P / 1e6:g}M, run {r + 1} of {runs}")
                 pt = penalty_point(P, pdt, sdt, repeats=_repeats_for(P, False), say=lambda m: None)
-                ratios.append(_row(pt, "accumulate_grad_")["ratio_to_floor"])
+                ratios.append(row(pt, "accumulate_grad_")["ratio_to_floor"])
                 floors.append(pt["floor_ms"])
                 resident_bytes()
             ordered = sorted(ratios)
@@ -323,18 +322,7 @@ def penalty_spread(sizes=(1e6,), series=SERIES, *, runs: int = 10,
                            "accumulate_ratio_to_floor": ratios, "floor_ms": floors,
                            "min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1],
                            "under_2x": sum(x <= 2.0 for x in ratios)})
-    return {"benchmark": "scale-spread", "device": "cpu", "machine": bu.machine_info("cpu"), "points": points}
-
-
-def format_spread(result: dict) -> str:
-    """Markdown table of a :func:`penalty_spread` result."""
-    lines = ["| series | params | tensors | runs | accumulate_grad_ x floor: min / median / max | runs under 2x "
-             "| floor ms: min / max |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for p in result["points"]:
-        lines.append(f"| {p['series']} | {_millions(p['params'])} | {p['tensors']} | {p['runs']} | "
-                     f"{p['min']:.2f}x / {p['median']:.2f}x / {p['max']:.2f}x | {p['under_2x']} | "
-                     f"{min(p['floor_ms']):.3f} / {max(p['floor_ms']):.3f} |")
-    return "\n".join(lines)
+    return {"benchmark": "scale-spread", "device": "cpu", "machine": timing.machine_info("cpu"), "points": points}
 
 
 # -- penalty against T ----------------------------------------------------------------------------
@@ -366,8 +354,8 @@ def task_curve(params: float = 1e7, tasks=TASK_COUNTS, *, repeats: int = 15,
         cases[f"T={T} fwd+bwd"] = lambda reg=reg: reg(model).backward()
     say(f"scale: tasks, timing {len(cases) - 1} cases, {repeats} rounds")
     load = _load()
-    times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
-    med = {k: bu.median(v) for k, v in times.items()}
+    times = timing.time_side_by_side(cases, repeats=repeats, warmup=1)
+    med = {k: timing.median(v) for k, v in times.items()}
     bandwidth = copy_bytes / med.pop("copy (bandwidth probe)")
     floor = 20 * P / bandwidth
     rows = []
@@ -401,11 +389,11 @@ def fisher_point(width: int, n: int, methods=FISHER_METHODS, *, repeats: int = 2
     data = _fisher_data(n)
     P = sum(p.numel() for p in model.parameters())
     cases = {m: (lambda m=m: estimate_fisher(model, data, method=m, max_memory=max_memory)) for m in methods}
-    times = bu.time_side_by_side(cases, repeats=repeats, warmup=1)
+    times = timing.time_side_by_side(cases, repeats=repeats, warmup=1)
     rows = []
     for m, fn in cases.items():
-        _, peak = bu.peak_extra_memory(fn)
-        t = bu.median(times[m])
+        _, peak = timing.peak_extra_memory(fn)
+        t = timing.median(times[m])
         rows.append({"width": width, "samples": n, "params": P, "method": m, "seconds": t,
                      "us_per_sample": 1e6 * t / n, "peak_extra_MB": None if peak is None else peak / 2**20,
                      "max_memory_MB": max_memory / 2**20})
@@ -447,7 +435,7 @@ def scale_benchmark(*, quick: bool = False, sizes=None, tasks=None, task_params:
         raise EWCInputError(f"sizes and task counts must be >= 1; got {sizes}, {tasks}")
     task_params = task_params or 1e7
     torch.manual_seed(0)
-    out = {"benchmark": "scale", "device": "cpu", "machine": bu.machine_info("cpu"), "quick": quick,
+    out = {"benchmark": "scale", "device": "cpu", "machine": timing.machine_info("cpu"), "quick": quick,
            "start_resident_GB": _gb(resident_bytes())}
     t0 = time.perf_counter()
     out["penalty"] = penalty_curve(sizes, quick=quick, memory_budget=memory_budget, say=say)
@@ -456,230 +444,7 @@ def scale_benchmark(*, quick: bool = False, sizes=None, tasks=None, task_params:
                                  width_for_n=64 if quick else 512, n_for_width=64 if quick else 512,
                                  repeats=1 if quick else 2, say=say)
     out["seconds"] = time.perf_counter() - t0
-    hwm = bu._status_kb("VmHWM")
+    hwm = timing.proc_status_kb("VmHWM")
     out["process_peak_resident_GB"] = None if hwm is None else hwm * 1024 / 1e9
     out["summary"] = summarize(out)
     return out
-
-
-def _row(point: dict, method: str) -> dict | None:
-    return next((r for r in point.get("rows", []) if r["method"] == method), None)
-
-
-def summarize(result: dict) -> dict:
-    """The figures the targets are stated in: per series, time per parameter at the largest P
-    measured over that at 10M (or the smallest size), the worst ``accumulate_grad_`` ratio to the
-    floor, the T curve's largest over smallest, the regularizer's peak at the largest bf16 point,
-    and Fisher seconds per sample at the largest N over the smallest."""
-    s: dict = {"series": {}}
-    for name in dict.fromkeys(p["series"] for p in result["penalty"]):
-        pts = [p for p in result["penalty"] if p["series"] == name and "rows" in p]
-        skipped = [p["params_requested"] for p in result["penalty"] if p["series"] == name and "skipped" in p]
-        if not pts:
-            s["series"][name] = {"skipped": skipped}
-            continue
-        ref = next((p for p in pts if p["params_requested"] == int(1e7)), pts[0])
-        big = pts[-1]
-        entry = {"largest_params": big["params"], "reference_params": ref["params"], "skipped": skipped}
-        for m in ("accumulate_grad_", "fwd+bwd"):
-            entry[f"{m} ns_per_param largest/reference"] = (_row(big, m)["ns_per_param"] / _row(ref, m)["ns_per_param"])
-            # the same ratio with each point's time over its own floor: a machine-wide slowdown
-            # (other processes on a shared machine) between the two points cancels out
-            entry[f"{m} x_floor largest/reference"] = (_row(big, m)["ratio_to_floor"] / _row(ref, m)["ratio_to_floor"])
-        entry["accumulate_grad_ worst ratio_to_floor"] = max(_row(p, "accumulate_grad_")["ratio_to_floor"] for p in pts)
-        entry["largest regularizer_peak_GB"] = big["register"]["regularizer_peak_GB"]
-        s["series"][name] = entry
-    rows = result["tasks"]["rows"]
-    s["tasks accumulate largest/smallest"] = rows[-1]["accumulate_vs_T1"]
-    s["tasks fwd+bwd largest/smallest"] = rows[-1]["fwd_bwd_vs_T1"]
-    by_n = result["fisher"]["by_samples"]
-    for m in dict.fromkeys(r["method"] for r in by_n):
-        rs = [r for r in by_n if r["method"] == m]
-        s[f"fisher {m} us_per_sample largest/smallest N"] = rs[-1]["us_per_sample"] / rs[0]["us_per_sample"]
-        peaks = [r["peak_extra_MB"] for r in rs if r["peak_extra_MB"] is not None]
-        s[f"fisher {m} peak_extra_MB max over N"] = max(peaks) if peaks else None
-    return s
-
-
-# -- text and figure ------------------------------------------------------------------------------
-def _dt(name: str) -> str:
-    return name.replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
-
-
-def _gb_text(x: float) -> str:
-    return f"{x:.3f}" if x < 1 else f"{x:.2f}"
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:,.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M"
-
-
-def penalty_table(result: dict) -> list[str]:
-    """The step-against-P table (markdown lines) of a result's ``"penalty"`` part."""
-    lines = ["| series | params | backend | accumulate_grad_ ns/param | x floor | fwd+bwd ns/param | x floor "
-             "| PyTorch backend x floor, accumulate / fwd+bwd | floor ns/param "
-             "(copy GB/s) | register s, 1st / merge | regularizer peak GB (2 buffers) | fwd+bwd extra GB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in result["penalty"]:
-        if "skipped" in p:
-            lines.append(f"| {p['series']} | {p['params_requested'] / 1e6:,.0f}M | not run: {p['skipped']} "
-                         "| | | | | | | | | |")
-            continue
-        a, f, g = _row(p, "accumulate_grad_"), _row(p, "fwd+bwd"), p["register"]
-        ta, tf = _row(p, "accumulate_grad_ [torch]"), _row(p, "fwd+bwd [torch]")
-        on_torch = f"{ta['ratio_to_floor']:.2f}x / {tf['ratio_to_floor']:.2f}x" if ta and tf else "(the backend)"
-        peak = "n/a" if g["regularizer_peak_GB"] is None else _gb_text(g["regularizer_peak_GB"])
-        fb = "n/a" if g["fwd_bwd_peak_extra_GB"] is None else _gb_text(g["fwd_bwd_peak_extra_GB"])
-        lines.append(f"| {p['series']} | {p['params'] / 1e6:,.1f}M | {p.get('backend', 'torch')} | "
-                     f"{a['ns_per_param']:.2f} | {a['ratio_to_floor']:.2f}x | {f['ns_per_param']:.2f} | "
-                     f"{f['ratio_to_floor']:.2f}x | {on_torch} | {p['floor_ns_per_param']:.2f} "
-                     f"({p['copy_bandwidth_GBps']:.1f}) | {g['first_s']:.2f} / {g['merge_s']:.2f} | {peak} "
-                     f"({_gb_text(g['buffers_GB'])}) | {fb} |")
-    return lines
-
-
-def target_lines(result: dict) -> list[str]:
-    """The ratios the scale targets are stated in (markdown bullets), from the result's summary
-    (computed by :func:`summarize` when the result has none)."""
-    s, out = result.get("summary") or summarize(result), []
-    for name, e in s["series"].items():
-        if "largest_params" not in e:
-            out.append(f"* {name}: no point fitted")
-            continue
-        big, ref = _millions(e["largest_params"]), _millions(e["reference_params"])
-        out.append(f"* {name}, time per parameter at {big} over {ref}: accumulate_grad_ "
-                   f"{e['accumulate_grad_ ns_per_param largest/reference']:.2f}x, fwd+bwd "
-                   f"{e['fwd+bwd ns_per_param largest/reference']:.2f}x (target <= 1.2x); accumulate_grad_ worst "
-                   f"ratio to the floor {e['accumulate_grad_ worst ratio_to_floor']:.2f}x (target <= 2x); regularizer "
-                   f"peak at {big} {_gb_text(e['largest regularizer_peak_GB'])} GB")
-    rows = result["tasks"]["rows"]
-    out.append(f"* T = {rows[-1]['tasks']} over T = {rows[0]['tasks']}: accumulate_grad_ "
-               f"{s['tasks accumulate largest/smallest']:.2f}x, fwd+bwd {s['tasks fwd+bwd largest/smallest']:.2f}x "
-               f"(target <= 1.15x)")
-    for m in ("rules", "vmap"):
-        k = f"fisher {m} us_per_sample largest/smallest N"
-        if k in s:
-            peak = s[f"fisher {m} peak_extra_MB max over N"]
-            out.append(f"* Fisher {m}, time per sample at the largest N over the smallest: {s[k]:.2f}x; largest "
-                       f"extra peak over N {'n/a' if peak is None else f'{peak:.0f} MB'}")
-    return out
-
-
-def format_scale(result: dict) -> str:
-    """Markdown of a :func:`scale_benchmark` result: the three tables and the target ratios (what
-    the README shows, without its first line)."""
-    t, fz = result["tasks"], result["fisher"]
-    repeats = f", {t['repeats']} round-robin repeats" if "repeats" in t else ""
-    lines = ["Penalty step against P (2 tasks registered, `.grad` already holding a gradient; medians of "
-             "round-robin repeats; floor = bytes the step must move (fp32: 20 B/param, bf16: 10 B/param) over "
-             "the bandwidth of a copy measured in the same run):", ""]
-    lines += penalty_table(result)
-    lines += [""] + target_lines(result)
-    lines += ["", f"Penalty step against registered tasks T (`mode=\"separate\"`, {t['params'] / 1e6:.1f}M fp32 "
-              f"parameters{repeats}, floor {t['floor_ms']:.1f} ms):", ""]
-    lines += task_table(t)
-    fz_repeats = f"; {fz['repeats']} round-robin repeats" if "repeats" in fz else ""
-    lines += ["", f"Fisher diagonal ({fz['model']}; `max_memory` {fz['max_memory_MB']:.0f} MB{fz_repeats}; peak = "
-              f"extra resident memory over the start of the call):", ""]
-    lines += fisher_table(fz)
-    return "\n".join(lines)
-
-
-def task_table(t: dict) -> list[str]:
-    """The step-against-tasks table (markdown lines) of a result's ``"tasks"`` part."""
-    lines = ["| T | accumulate_grad_ ms | vs T=1 | fwd+bwd ms | vs T=1 | register_task s/task |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for r in t["rows"]:
-        lines.append(f"| {r['tasks']} | {r['accumulate_ms']:.1f} | {r['accumulate_vs_T1']:.2f}x | "
-                     f"{r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_vs_T1']:.2f}x | {r['register_s_per_task']:.3f} |")
-    return lines
-
-
-def fisher_table(fz: dict) -> list[str]:
-    """The Fisher-against-N-and-width table (markdown lines) of a result's ``"fisher"`` part."""
-    lines = ["| width | params | N | method | seconds | us/sample | peak MB |", "|---:|---:|---:|---|---:|---:|---:|"]
-    for r in fz["by_samples"] + fz["by_width"]:
-        peak = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:.0f}"
-        lines.append(f"| {r['width']} | {r['params'] / 1e6:.2f}M | {r['samples']} | {r['method']} | "
-                     f"{r['seconds']:.3f} | {r['us_per_sample']:.0f} | {peak} |")
-    return lines
-
-
-def plot_scale(result: dict, path: str, label: str = "") -> str:
-    """Save a figure of a :func:`scale_benchmark` result (needs matplotlib). Returns ``path``."""
-    from .._utils import require
-
-    matplotlib = require("matplotlib", extra="demo")
-    matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot", extra="demo")
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    ax = axes[0]
-    for name in dict.fromkeys(p["series"] for p in result["penalty"]):
-        pts = [p for p in result["penalty"] if p["series"] == name and "rows" in p]
-        if not pts:
-            continue
-        xs = [p["params"] for p in pts]
-        for method, ls in (("accumulate_grad_", "-o"), ("fwd+bwd", "-s")):
-            ax.plot(xs, [_row(p, method)["ns_per_param"] for p in pts], ls, label=f"{name} {method}")
-        ax.plot(xs, [p["floor_ns_per_param"] for p in pts], "--", color="k" if name == "fp32" else "grey",
-                lw=1, label=f"{name} memory floor")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters P")
-    ax.set_ylabel("ns per parameter")
-    ax.set_ylim(bottom=0)
-    ax.set_title("penalty step against P", fontsize=9)
-    ax.legend(fontsize=7)
-
-    ax = axes[1]
-    for name in dict.fromkeys(p["series"] for p in result["penalty"]):
-        pts = [p for p in result["penalty"] if p["series"] == name and "rows" in p
-               and p["register"]["regularizer_peak_GB"] is not None]
-        if pts:
-            ax.plot([p["params"] for p in pts], [p["register"]["regularizer_peak_GB"] for p in pts], "-o",
-                    label=f"{name}: regularizer peak")
-            ax.plot([p["params"] for p in pts], [p["register"]["buffers_GB"] for p in pts], ":", label=f"{name}: 2 buffers")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters P")
-    ax.set_ylabel("GB beyond model + grads")
-    ax.set_title("regularizer peak resident memory", fontsize=9)
-    ax.legend(fontsize=7)
-
-    ax = axes[2]
-    t = result["tasks"]
-    Ts = [r["tasks"] for r in t["rows"]]
-    ax.plot(Ts, [r["accumulate_ms"] for r in t["rows"]], "-o", label="accumulate_grad_")
-    ax.plot(Ts, [r["fwd_bwd_ms"] for r in t["rows"]], "-s", label="fwd+bwd")
-    ax.axhline(t["floor_ms"], color="k", ls="--", lw=1, label="memory floor")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("registered tasks T")
-    ax.set_ylabel("ms per step")
-    ax.set_title(f"penalty step against T ({t['params'] / 1e6:.0f}M fp32)", fontsize=9)
-    ax.legend(fontsize=7)
-
-    ax = axes[3]
-    fz = result["fisher"]
-    for m in dict.fromkeys(r["method"] for r in fz["by_samples"]):
-        rs = [r for r in fz["by_samples"] if r["method"] == m]
-        ax.plot([r["samples"] for r in rs], [r["seconds"] for r in rs], "-o", label=f"{m}: seconds")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("samples N")
-    ax.set_ylabel("seconds per estimate")
-    ax2 = ax.twinx()
-    for m in dict.fromkeys(r["method"] for r in fz["by_samples"]):
-        rs = [r for r in fz["by_samples"] if r["method"] == m and r["peak_extra_MB"] is not None]
-        ax2.plot([r["samples"] for r in rs], [r["peak_extra_MB"] for r in rs], ":x", label=f"{m}: peak MB")
-    ax2.set_ylabel("extra peak MB")
-    ax2.set_ylim(bottom=0)
-    w = fz["by_samples"][0]["width"] if fz["by_samples"] else "?"
-    ax.set_title(f"Fisher against N (MLP width {w})", fontsize=9)
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7)
-    fig.suptitle("fastewc bench --scale" + (f": {label}" if label else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

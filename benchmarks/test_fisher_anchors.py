@@ -1,4 +1,5 @@
-"""The Fisher benchmark's anchors (BackPACK, ASDL, nngeometry) compute the quantity fastewc does:
+"""The Fisher benchmark's anchors (``fisher_anchors.py``: BackPACK, ASDL, nngeometry) compute the
+quantity fastewc does:
 the mean over the N samples of the per-sample Fisher diagonal, with the cross-entropy loss.
 Empirical and exact kinds are checked entry by entry against the reference loop; the sampled kind
 (one drawn label per sample) by its scale against the exact Fisher. A missing package or a layer
@@ -12,15 +13,35 @@ import torch
 import torch.nn as nn
 
 from fastewc import reference
-from fastewc.bench import run
-from models import assert_fisher_close, batches, make_mlp
+from fastewc.bench import fisher_benchmark
+
+import fisher_anchors
 
 # (import name of the anchor's package, its case, the install command its skip reason names)
 ANCHORS = {
-    "BackPACK": ("backpack", run._backpack_case, "pip install --no-deps backpack-for-pytorch"),
-    "ASDL": ("asdl", run._asdl_case, "pip install --no-deps asdfghjkl nngeometry"),
-    "nngeometry": ("nngeometry", run._nngeometry_case, "pip install --no-deps asdfghjkl nngeometry"),
+    "BackPACK": ("backpack", fisher_anchors.backpack_case, "pip install --no-deps backpack-for-pytorch"),
+    "ASDL": ("asdl", fisher_anchors.asdl_case, "pip install --no-deps asdfghjkl nngeometry"),
+    "nngeometry": ("nngeometry", fisher_anchors.nngeometry_case, "pip install --no-deps asdfghjkl nngeometry"),
 }
+
+
+def batches(*tensors, batch_size):
+    n = tensors[0].shape[0]
+    return [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, n, batch_size)]
+
+
+def make_mlp(n, batch_size):
+    model = nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 5))
+    return model, batches(torch.randn(n, 13), torch.randint(0, 5, (n,)), batch_size=batch_size)
+
+
+def assert_fisher_close(got, want, rtol, atol_rel):
+    """Same names; every entry within ``rtol`` plus ``atol_rel`` x the tensor's largest entry."""
+    assert set(got) == set(want), f"names differ: {sorted(set(got) ^ set(want))}"
+    for name, w in want.items():
+        g, w = got[name].detach().double(), w.detach().double()
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol_rel * float(w.abs().max()) + 1e-30,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def make_cnn(n, batch_size):
@@ -117,11 +138,18 @@ def test_fisher_benchmark_times_the_anchors_beside_fastewc():
     importable = [a for a, (package, _, _) in ANCHORS.items() if importlib.util.find_spec(package) is not None]
     if not importable:
         pytest.skip("no anchor library installed")
-    result = run.fisher_benchmark(samples=8, repeats=1, models=("mlp",), methods=("auto",), kinds=("exact",),
-                                  floor=False)
+    result = fisher_benchmark(samples=8, repeats=1, models=("mlp",), methods=("auto",), kinds=("exact",),
+                              floor=False, extra_cases=fisher_anchors.cases)
     methods = {r["method"] for r in result["rows"]}
     expected = {"BackPACK": "BackPACK DiagGGNExact", "ASDL": "ASDL fisher_exact",
                 "nngeometry": "nngeometry FIM PMatDiag"}
     assert {expected[a] for a in importable} <= methods
     assert "fastewc auto" in methods and not result["skipped"]
     assert all(r["seconds"] > 0 for r in result["rows"])
+
+
+def test_cases_name_every_anchor_and_leave_dict_batches_alone():
+    model, data = make_mlp(n=4, batch_size=4)
+    labels = [label for label, _, _ in fisher_anchors.cases(model.eval(), data, "exact")]
+    assert labels == ["BackPACK DiagGGNExact", "ASDL fisher_exact", "nngeometry FIM PMatDiag"]
+    assert fisher_anchors.cases(model, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}], "exact") == []
