@@ -3,14 +3,18 @@
 from . import reference
 from .compat import EWCTrainer, FisherInformation, compute_fisher, compute_true_fisher
 from .errors import EWCInputError, ModelMismatchError
-from .fisher import FisherReport, estimate_fisher, register_rule
+from .fisher import FisherReport, FisherTracker, estimate_fisher, register_rule
+from .fisher.files import FisherDict, load_fisher, save_fisher
+from .merge import MergeReport, fisher_merge, fisher_merge_files
 from .penalty import EWCRegularizer, FlatPacking, OnlineEWC, load_regularizer, save_regularizer
+from .streaming import StreamingEWC
 from .workflow import consolidate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EWCRegularizer", "OnlineEWC", "FlatPacking", "reference", "consolidate", "FisherReport",
+    "EWCRegularizer", "OnlineEWC", "FlatPacking", "reference", "consolidate", "FisherReport", "FisherTracker",
     "estimate_fisher", "register_rule", "compute_fisher", "compute_true_fisher", "FisherInformation", "EWCTrainer",
-    "EWCInputError", "ModelMismatchError", "save_regularizer", "load_regularizer", "__version__",
+    "EWCInputError", "ModelMismatchError", "save_regularizer", "load_regularizer", "save_fisher", "load_fisher",
+    "FisherDict", "fisher_merge", "fisher_merge_files", "MergeReport", "StreamingEWC", "__version__",
 ]

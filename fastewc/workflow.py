@@ -1,7 +1,8 @@
 """End of a task: estimate the Fisher, snapshot the optimum, register both.
 
-The one module that joins the two halves of the library (:mod:`fastewc.fisher` estimates,
-:mod:`fastewc.penalty` stores and applies); neither half imports it.
+Joins the two halves of the library (:mod:`fastewc.fisher` estimates, :mod:`fastewc.penalty`
+stores and applies), as :mod:`fastewc.streaming` does for streams. Neither half imports it when
+it is imported; ``EWCRegularizer.consolidate`` reaches it at call time.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ from typing import Iterable
 import torch.nn as nn
 
 from ._utils import unwrap_model
+from .errors import EWCInputError
 from .fisher import estimate_fisher
 
 
 def consolidate(regularizer, model: nn.Module, data: Iterable, **estimate_fisher_kwargs):
     """Estimate the Fisher on ``data``, snapshot the current parameters as the optimum, and register
     both with ``regularizer``. Returns ``(fisher, optimal_params)``."""
+    if not callable(getattr(regularizer, "register_task", None)):
+        raise EWCInputError(f"regularizer must be an EWCRegularizer or OnlineEWC (anything with register_task); "
+                            f"got {type(regularizer).__name__}")
+    # estimate_fisher unwraps too; the optimum must be read from the same module, by the same names
     model = unwrap_model(model)
     fisher = estimate_fisher(model, data, **estimate_fisher_kwargs)
     optimum = {n: model.get_parameter(n).detach().clone() for n in fisher}

@@ -19,16 +19,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..penalty import EWCRegularizer
+from ..streaming import StreamingEWC
 from .data import Task, permuted_digits, split_digits
 from .metrics import average_accuracy, average_forgetting
 
-# name -> (EWC mode, Fisher kind); None = plain fine-tuning.
+# name -> (EWC mode, Fisher kind); None = plain fine-tuning. "stream": no task boundaries (see
+# train_sequence): one optimizer for the whole stream, the Fisher tracked from the training steps
+# and folded into online EWC every `stream_every` steps (fastewc.StreamingEWC).
 METHODS: dict[str, tuple[str, str] | None] = {
     "finetune": None,
     "ewc": ("separate", "empirical"),
     "online_ewc": ("online", "empirical"),
     "ewc_exact": ("separate", "exact"),
     "ewc_sampled": ("separate", "sampled"),
+    "stream_ewc": ("stream", "empirical"),
 }
 
 
@@ -44,7 +48,8 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 1e-3                 # Adam, fresh per task
     lambda_ewc: float = 1e4
-    gamma: float = 0.9               # online EWC decay
+    gamma: float = 0.9               # online EWC decay (stream_ewc too)
+    stream_every: int = 50           # stream_ewc: steps between consolidations
     fisher_samples: int = 200
     methods: tuple[str, ...] = tuple(METHODS)
     lambdas: tuple[float, ...] = ()  # non-empty: also sweep lambda for "ewc"
@@ -59,7 +64,7 @@ class DemoConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
-        for name in ("num_tasks", "hidden", "epochs", "batch_size", "fisher_samples"):
+        for name in ("num_tasks", "hidden", "epochs", "batch_size", "fisher_samples", "stream_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.lambda_ewc < 0 or any(lam < 0 for lam in self.lambdas):
@@ -114,19 +119,26 @@ def train_sequence(cfg: DemoConfig, tasks: list[Task], method: str, lambda_ewc: 
     lam = cfg.lambda_ewc if lambda_ewc is None else lambda_ewc
     torch.manual_seed(cfg.seed)
     model = DigitsMLP(cfg.hidden)
-    ewc = None if spec is None else EWCRegularizer(lam, mode=spec[0], gamma=cfg.gamma if spec[0] == "online" else 1.0)
+    streaming = spec is not None and spec[0] == "stream"
+    stream = StreamingEWC(model, lambda_ewc=lam, gamma=cfg.gamma, every=cfg.stream_every) if streaming else None
+    ewc = None if spec is None or streaming else EWCRegularizer(
+        lam, mode=spec[0], gamma=cfg.gamma if spec[0] == "online" else 1.0)
     T = len(tasks)
     matrix = [[0.0] * T for _ in range(T)]
     start = time.perf_counter()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     for t, task in enumerate(tasks):
         model.use(task).train()
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        if not streaming:  # a fresh optimizer per task is a boundary the stream is not told of
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         g = torch.Generator().manual_seed(cfg.seed * 1000 + t)  # same batches for every method
         for _ in range(cfg.epochs):
             for x, y in _batches(task, cfg.batch_size, g):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
-                if ewc is not None and ewc.tasks_seen:
+                if stream is not None:
+                    stream.step()
+                elif ewc is not None and ewc.tasks_seen:
                     ewc.accumulate_grad_(model)
                 opt.step()
         matrix[t] = [evaluate(model, s) for s in tasks]
@@ -140,6 +152,8 @@ def train_sequence(cfg: DemoConfig, tasks: list[Task], method: str, lambda_ewc: 
             ewc.register_task(fisher, {k: p.detach().clone() for k, p in model.named_parameters()})
         if log:
             log(f"  {method:<12} task {t + 1}/{T}: " + " ".join(f"{a:.2f}" for a in matrix[t][: t + 1]))
+    if stream is not None:
+        stream.close()
     return {
         "lambda_ewc": None if spec is None else lam,
         "avg_accuracy": average_accuracy(matrix),

@@ -10,6 +10,7 @@ registry) -> :mod:`.per_sample` (vmap and the loop, for what no rule covers) -> 
 from .engine import clear_plan_cache
 from .estimate import FisherReport, estimate_fisher, select_parameters
 from .rules import register_rule, unregister_rule
+from .tracker import FisherTracker
 
 __all__ = ["estimate_fisher", "FisherReport", "select_parameters", "register_rule", "unregister_rule",
-           "clear_plan_cache"]
+           "clear_plan_cache", "FisherTracker"]

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What each half of the core must not import at module level (prefixes of module names).
 TOOLING = ["fastewc.bench", "fastewc.demo", "fastewc.integrations", "fastewc.cli", "fastewc.workflow",
-           "fastewc.compat", "fastewc.reference"]
+           "fastewc.compat", "fastewc.reference", "fastewc.merge", "fastewc.streaming"]
 FORBIDDEN = {
     "fastewc.fisher": ["fastewc.penalty", *TOOLING],
     "fastewc.penalty": ["fastewc.fisher", *TOOLING],

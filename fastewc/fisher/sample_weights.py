@@ -1,0 +1,97 @@
+"""How much of a training loss each sample carries, so that :class:`~fastewc.FisherTracker` can undo
+it and recover the gradient of each sample's own loss.
+
+A training backward differentiates ``M * sum_n w_n loss_n``: ``w_n`` is the sample's weight in the
+batch loss (``1/N`` for a batch mean, ``1`` for a sum, ``T_n / T`` for a token mean over the batch,
+``T_n`` the sample's counted tokens and ``T`` the batch's) and ``M`` what multiplies the whole loss
+(a ``GradScaler``'s scale, ``1/k`` under gradient accumulation). So the output gradient of any layer
+for sample ``n`` is ``M w_n`` times the gradient of that sample's own loss, and multiplying it by
+``1 / (M w_n)`` gives the latter exactly. The factor is never inferred from numbers: it is declared
+(``reduction``, ``accumulation_steps``, ``scaler``) or read from what the model is called with
+(the labels of a Hugging Face model computing its own loss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EWCInputError
+from .batches import IGNORE_INDEX
+from .problem import model_loss_per_sample
+
+REDUCTIONS = ("mean", "sum")
+# Hugging Face heads whose own loss the tracker can split per sample (problem.model_head's names).
+TOKEN_HEADS = ("causal_lm", "token_classification", "masked_lm")
+
+
+def declared_factor(reduction: str, n: int) -> float:
+    """``1 / w_n`` of a plain loss declared as the ``mean`` or the ``sum`` over its ``n`` samples."""
+    return float(n) if reduction == "mean" else 1.0
+
+
+def own_loss_weights(model, head: str | None, labels: torch.Tensor, num_items=None) -> torch.Tensor:
+    """``[N]`` weights ``w_n`` of each sample in the batch loss a Hugging Face model computes from
+    ``labels`` (``model(**batch).loss = sum_n w_n loss_n``, ``loss_n`` its own loss alone, as
+    :func:`~fastewc.fisher.problem.model_loss_per_sample` forms it).
+
+    Token heads (causal LM with its shift, token classification, masked LM) take the mean over the
+    batch's counted tokens, or their sum over ``num_items_in_batch`` when the caller passes it (the
+    ``Trainer`` under gradient accumulation): ``w_n = T_n / T``. Sequence classification: the mean
+    over the samples whose label is not ``-100`` (single-label), or over all samples
+    (regression, multi-label)."""
+    cls = type(model).__name__
+    if head is None or head not in TOKEN_HEADS + ("sequence_classification",):
+        raise EWCInputError(
+            f"FisherTracker does not know how {cls}'s own loss weighs its samples (known: causal LM, masked LM, "
+            f"token and sequence classification); call the model without 'labels', compute the loss yourself as a "
+            f"mean or sum over the batch's samples, and declare it: FisherTracker(model, reduction='mean' or 'sum')")
+    n = labels.shape[0]
+    if head == "sequence_classification":
+        kind = _problem_type(model, labels)
+        if kind != "single_label_classification":
+            return torch.full((n,), 1.0 / n, dtype=torch.float64, device=labels.device)
+        counts = (labels.reshape(n) != IGNORE_INDEX).to(torch.float64)
+    else:
+        lab = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if head == "causal_lm" else labels
+        counts = (lab.reshape(n, -1) != IGNORE_INDEX).sum(1).to(torch.float64)
+    total = counts.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float64,
+                                                                   device=counts.device).reshape(())
+    return counts / total
+
+
+def _problem_type(model, labels: torch.Tensor) -> str:
+    """The sequence classifier's loss, decided as transformers decides it."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "problem_type", None)
+    if kind is not None:
+        return kind
+    if getattr(config, "num_labels", 2) == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def check_own_loss(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                   loss: torch.Tensor) -> None:
+    """Raise unless the model's batch loss is ``sum_n w_n loss_n`` with the weights the tracker uses:
+    proven on the model's first tracked forward, so that a head whose loss is formed differently
+    (another reduction, label smoothing, a custom ``loss_function``) is refused, not mis-scaled."""
+    with torch.no_grad():
+        per = model_loss_per_sample(model, head, logits.detach(), labels)
+        mine = float((weights.to(per.device, torch.float64) * per.double()).sum())
+    got = float(loss.detach())
+    # The heads compute their loss in float32 (causal LM, token classification upcast with .float()).
+    if not abs(mine - got) <= 1e-4 * max(abs(got), 1e-6):
+        raise EWCInputError(
+            f"FisherTracker: {type(model).__name__}'s own loss ({got:.6g}) is not the weighted mean of its per-sample "
+            f"{head} losses the tracker assumes ({mine:.6g}), so each sample's share of it is unknown; call the model "
+            f"without 'labels', compute a loss that is a mean or sum over the batch's samples, and declare it with "
+            f"reduction='mean' or 'sum'")
+
+
+def inverse(weights: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """``1 / (M w_n)``, 0 where ``w_n = 0`` (a sample without counted tokens: no gradient, and its
+    own loss, 0 by convention, has none either)."""
+    scaled = weights * multiplier.to(weights.dtype)
+    return torch.where(weights > 0, 1.0 / torch.where(weights > 0, scaled, torch.ones_like(scaled)),
+                       torch.zeros_like(scaled))

@@ -1,0 +1,357 @@
+"""FisherTracker: the per-sample Fisher from the training steps themselves.
+
+With the parameters fixed in place (learning rate 0) and dropout off, what the tracker sums over
+training steps must equal ``estimate_fisher(kind="empirical")`` over the same batches, whatever
+the loss's reduction, gradient accumulation or GradScaler does to the backward. Float64 tiny
+models throughout."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastewc import EWCInputError, FisherTracker, estimate_fisher
+
+from models import assert_fisher_close, hf_batches, hf_model, make_cnn, make_encoder, make_mlp, make_tied
+
+D = torch.float64
+TOL = dict(rtol=1e-10, atol_rel=1e-10)
+MAKERS = {"mlp": make_mlp, "cnn": make_cnn, "encoder": make_encoder, "tied": make_tied}
+
+
+def _train(model, data, tracker, *, reduction="mean", accumulate=1, scaler=None):
+    """Plain training loop at learning rate 0: the loss is the batch mean (or sum) of cross-entropy,
+    divided by ``accumulate``, scaled by ``scaler``; an optimizer step every ``accumulate`` batches."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with tracker:
+        for b, (x, y) in enumerate(data):
+            loss = F.cross_entropy(model(x), y, reduction=reduction) / accumulate
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if (b + 1) % accumulate == 0:
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad()
+    return tracker
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_plain_models_equal_estimate_fisher(name, reduction):
+    model, data = MAKERS[name](dtype=D)
+    model.eval()  # dropout off, BatchNorm on running statistics
+    tracker = _train(model, data, FisherTracker(model, reduction=reduction), reduction=reduction)
+    assert tracker.samples_seen == sum(len(y) for _, y in data) and tracker.steps == len(data)
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
+
+
+def test_gradient_accumulation_of_three():
+    model, data = make_mlp(n=27, batch_size=4, dtype=D)
+    tracker = _train(model, data, FisherTracker(model, accumulation_steps=3), accumulate=3)
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
+
+
+def test_grad_scaler_is_divided_out():
+    model, data = make_mlp(dtype=D)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tracker = _train(model, data, FisherTracker(model, scaler=scaler, accumulation_steps=2), accumulate=2,
+                     scaler=scaler)
+    assert tracker.steps_skipped == 0
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
+
+
+def test_a_step_the_scaler_skips_is_not_counted():
+    model, data = make_mlp(dtype=D)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # times 1e300: the backward overflows
+    tracker = FisherTracker(model, scaler=scaler)
+    with tracker:
+        x, y = data[0]
+        scaler.scale(F.cross_entropy(model(x), y) * 1e300).backward()
+    assert tracker.steps_skipped == 1 and tracker.samples_seen == 0
+
+
+def test_undeclared_accumulation_is_off_by_exactly_k_squared():
+    """The tracker never guesses: a loss divided by k but not declared gives the Fisher / k^2,
+    which is what it must give (the declaration is what makes it right)."""
+    model, data = make_mlp(dtype=D)
+    tracker = _train(model, data, FisherTracker(model), accumulate=3)
+    ref = estimate_fisher(model, data)
+    assert_fisher_close({n: 9 * t for n, t in tracker.fisher().items()}, ref, **TOL)
+
+
+def test_training_step_is_unchanged():
+    """Same parameter gradients with and without the tracker, bit for bit (the encoder has a
+    module-local attention, GPT-2 a position table called without a batch axis)."""
+    pytest.importorskip("transformers")
+    model, data = make_encoder(dtype=D)
+    model.eval()
+    gpt2 = hf_model("gpt2")
+    cases = [(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), data),
+             (gpt2, lambda m, b: m(**b).loss, hf_batches(5, 8, 40, "lm", batch_size=5))]
+    for m, loss_of, batches in cases:
+        for b in batches:
+            m.zero_grad()
+            loss_of(m, b).backward()
+            plain = {n: p.grad.clone() for n, p in m.named_parameters()}
+            m.zero_grad()
+            with FisherTracker(m):
+                loss_of(m, b).backward()
+            for n, p in m.named_parameters():
+                assert torch.equal(p.grad, plain[n]), n
+
+
+# -- Hugging Face models: their own loss, read from the labels ----------------------------------
+HF = {"bert": ("bert", "cls", {}), "bert_reg": ("bert", "reg", {"num_labels": 1}), "bert_tok": ("bert_tok", "tok", {}),
+      "gpt2": ("gpt2", "lm", {}), "llama": ("llama", "lm", {})}
+
+
+def _causal_lm_loss_fp64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    """transformers' causal-LM loss without its upcast: a float64 model keeps float64 (their
+    ``logits.float()`` would round a float64 model's loss to float32)."""
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
+    red = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.reshape(-1, vocab_size), shifted, ignore_index=ignore_index, reduction=red)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+def _hf(case, fp64_loss=False, n=7, batch_size=3):
+    name, labels, overrides = HF[case]
+    model = hf_model(name, **overrides)
+    if fp64_loss:
+        model.loss_function = _causal_lm_loss_fp64
+    return model, hf_batches(n, 8, 40, labels, batch_size=batch_size)
+
+
+def _hf_train(model, data, tracker, divide=1):
+    with tracker:
+        for b in data:
+            model.zero_grad()
+            (model(**b).loss / divide).backward()
+    return tracker
+
+
+def _causal_truth(model, data):
+    """The per-sample loop: each sequence alone, its float64 loss the mean over its own shifted
+    tokens, squared gradients averaged."""
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for b in data:
+        for i in range(b["input_ids"].shape[0]):
+            one = {k: v[i : i + 1] for k, v in b.items() if k != "labels"}
+            logits = model(**one).logits
+            shifted = F.pad(b["labels"][i : i + 1], (0, 1), value=-100)[..., 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+            for (n, p), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+                sums[n] += g * g
+            count += 1
+    return {n: s / count for n, s in sums.items()}
+
+
+@pytest.mark.parametrize("case", ["bert", "bert_reg", "bert_tok"])
+def test_hf_classifiers_equal_estimate_fisher(case):
+    pytest.importorskip("transformers")
+    model, data = _hf(case)
+    tracker = _hf_train(model, data, FisherTracker(model))
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_hf_causal_lm_token_mean_with_padding_is_exact(case):
+    """Token mean over the batch's non-padding labels, the shift, a tied head (GPT-2), a position
+    table without a batch axis: exact in float64 against the per-sample loop, and against
+    estimate_fisher to the float32 rounding of the Hugging Face loss both use. Llama's RMSNorm
+    normalises in float32 even in a float64 model, so a batched pass and a sample alone may round
+    a value differently there: its bound is float32 rounding too."""
+    pytest.importorskip("transformers")
+    model, data = _hf(case, fp64_loss=True)
+    tracker = _hf_train(model, data, FisherTracker(model))
+    assert tracker.samples_seen == 7
+    tol = TOL if case == "gpt2" else dict(rtol=1e-6, atol_rel=1e-8)
+    assert_fisher_close(tracker.fisher(), _causal_truth(model, data), **tol)
+    model, data = _hf(case)
+    tracker = _hf_train(model, data, FisherTracker(model))
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), rtol=1e-6, atol_rel=1e-8)
+
+
+def test_hf_accumulation_and_num_items_in_batch_are_read_not_declared():
+    """A loss divided by k, or a token sum over ``num_items_in_batch`` (the Trainer's form under
+    accumulation): the tracker reads both from the backward and the model's keywords."""
+    pytest.importorskip("transformers")
+    model, data = _hf("gpt2", fp64_loss=True)
+    truth = _causal_truth(model, data)
+    assert_fisher_close(_hf_train(model, data, FisherTracker(model), divide=3).fisher(), truth, **TOL)
+    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in data)
+    tracker = FisherTracker(model)
+    with tracker:
+        for b in data:
+            model.zero_grad()
+            model(**b, num_items_in_batch=torch.tensor(total)).loss.backward()
+    assert_fisher_close(tracker.fisher(), truth, **TOL)
+
+
+# -- fraction, decay, state ---------------------------------------------------------------------
+def test_fraction_tracks_the_seeded_subset_exactly():
+    model, data = make_mlp(n=30, batch_size=8, dtype=D)
+    tracker = _train(model, data, FisherTracker(model, fraction=0.25, seed=7))
+    g = torch.Generator().manual_seed(7)
+    subset = []
+    for x, y in data:
+        k = max(1, round(0.25 * len(y)))
+        idx = torch.randperm(len(y), generator=g)[:k].sort().values
+        subset.append((x[idx], y[idx]))
+    assert tracker.samples_seen == sum(len(y) for _, y in subset) == 8
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, subset), **TOL)
+
+
+def test_fraction_on_tied_and_module_local_sites():
+    model, data = make_encoder(n=12, batch_size=6, dtype=D)
+    model.eval()
+    tracker = _train(model, data, FisherTracker(model, fraction=0.5, seed=3))
+    g = torch.Generator().manual_seed(3)
+    subset = [(x[i], y[i]) for x, y in data for i in [torch.randperm(len(y), generator=g)[:3].sort().values]]
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, subset), **TOL)
+
+
+def test_decay_is_the_moving_average_over_steps():
+    model, data = make_mlp(n=21, batch_size=7, dtype=D)
+    tracker = _train(model, data, FisherTracker(model, decay=0.75))
+    steps = [estimate_fisher(model, [b]) for b in data]
+    want = steps[0]
+    for f in steps[1:]:
+        want = {n: 0.75 * want[n] + 0.25 * f[n] for n in want}
+    assert tracker.steps == 3
+    assert_fisher_close(tracker.fisher(), want, **TOL)
+
+
+def test_state_dict_round_trip_and_reset():
+    model, data = make_mlp(dtype=D)
+    tracker = _train(model, data[:2], FisherTracker(model, fraction=0.5))
+    fresh = FisherTracker(model, fraction=0.5)
+    fresh.load_state_dict(tracker.state_dict())
+    _train(model, data[2:], tracker)
+    _train(model, data[2:], fresh)  # the same draws: the generator's state travelled too
+    assert fresh.samples_seen == tracker.samples_seen
+    assert_fisher_close(fresh.fisher(), tracker.fisher(), rtol=0, atol_rel=0)
+    tracker.reset()
+    assert tracker.samples_seen == 0
+    with pytest.raises(EWCInputError, match="no training step"):
+        tracker.fisher()
+
+
+def test_float64_and_float32_parameters_keep_their_sum_dtype():
+    model, data = make_mlp()
+    tracker = _train(model, data, FisherTracker(model))
+    assert all(t.dtype == torch.float32 for t in tracker.fisher().values())
+    model, data = make_mlp(dtype=D)
+    assert all(t.dtype == D for t in _train(model, data, FisherTracker(model)).fisher().values())
+
+
+def test_stop_removes_every_hook_and_eval_forwards_are_not_tracked():
+    model, data = make_mlp(dtype=D)
+    tracker = _train(model, data[:1], FisherTracker(model))
+    seen = tracker.samples_seen
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with tracker, torch.no_grad():
+        model(data[1][0])
+    F.cross_entropy(model(data[1][0]), data[1][1]).backward()
+    assert tracker.samples_seen == seen
+
+
+# -- refusals ----------------------------------------------------------------------------------
+class WithToken(nn.Module):
+    """A class token: an nn.Parameter the forward uses outside any module."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 4))
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x + self.cls)
+
+
+def test_parameter_outside_any_module_is_refused_by_name_and_can_be_left_out():
+    model = WithToken().to(D)
+    with pytest.raises(EWCInputError, match=r"\['cls'\] are used outside any module"):
+        FisherTracker(model)
+    x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+    tracker = _train(model, [(x, y)], FisherTracker(model, params=["lin.*"]))
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, [(x, y)], params=["lin.*"]), **TOL)
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    model, data = make_cnn(dtype=D)
+    model.train()
+    with FisherTracker(model), pytest.raises(EWCInputError, match="BatchNorm 'bn' normalises with the batch"):
+        model(data[0][0])
+
+
+def test_active_dropout_in_a_replayed_module_is_refused():
+    model, data = make_encoder(dtype=D)
+    model.train()
+    with FisherTracker(model), pytest.raises(EWCInputError, match="self_attn .*dropout"):
+        model(data[0][0])
+
+
+def test_hf_labels_without_backward_through_own_loss_is_refused():
+    pytest.importorskip("transformers")
+    model, data = _hf("gpt2")
+    with FisherTracker(model), pytest.raises(EWCInputError, match="does not go through its own loss"):
+        out = model(**data[0])
+        out.logits.square().mean().backward()
+
+
+def test_two_forwards_into_one_backward_are_refused():
+    model, data = make_mlp(dtype=D)
+    (x, y), (x2, y2) = data[:2]
+    with FisherTracker(model), pytest.raises(EWCInputError, match="not the latest one"):
+        (F.cross_entropy(model(x), y) + F.cross_entropy(model(x2), y2)).backward()
+
+
+def test_layer_on_flattened_samples_is_refused():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x.reshape(-1, 4)).reshape(x.shape[0], -1)
+
+    model = Flat().to(D)
+    with FisherTracker(model), pytest.raises(EWCInputError, match=r"lin \(Linear\) is called on a tensor of shape"):
+        model(torch.randn(3, 2, 4, dtype=D))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"reduction": "token"}, "reduction must be one of"),
+    ({"accumulation_steps": 0}, "accumulation_steps must be a positive int"),
+    ({"fraction": 0.0}, r"fraction must be a number in \(0, 1\]"),
+    ({"decay": 1.0}, r"decay must be None .* or a number in \[0, 1\)"),
+    ({"scaler": object()}, "scaler must be a torch.amp.GradScaler"),
+    ({"params": ["nope.*"]}, "params: nothing in the model matches"),
+])
+def test_bad_arguments(kwargs, match):
+    model, _ = make_mlp(dtype=D)
+    with pytest.raises(EWCInputError, match=match):
+        FisherTracker(model, **kwargs)
+
+
+def test_misuse_of_the_lifecycle():
+    model, data = make_mlp(dtype=D)
+    tracker = FisherTracker(model).start()
+    with pytest.raises(EWCInputError, match="already started"):
+        tracker.start()
+    tracker.stop()
+    with pytest.raises(EWCInputError, match="no training step"):
+        tracker.fisher()
+    with pytest.raises(EWCInputError, match="saved with decay=None"):
+        FisherTracker(model, decay=0.5).load_state_dict(tracker.state_dict())
+    other = FisherTracker(model, params=["0.*"])
+    with pytest.raises(EWCInputError, match="parameters differ"):
+        other.load_state_dict(tracker.state_dict())
+    assert math.isfinite(float(sum(t.sum() for t in _train(model, data, tracker).fisher().values())))
