@@ -9,10 +9,9 @@ training step, and adds the penalty's gradient into it:
 * fastewc forward+backward: ``EWCRegularizer(model).backward()``;
 * fastewc accumulate_grad_: ``EWCRegularizer.accumulate_grad_(model)``;
 * the same two with ``backend="torch"`` where ``"auto"`` chose another backend (on a CPU: the
-  fused C kernel), the stock-ops twin;
-* ablation "fwd+bwd, lazy grad": the same regularizer and backend with the eager gradient switched
-  off (forward computes only the value, backward re-reads theta, A, m) -- the figure behind the
-  choice documented in ``fastewc.penalty.binding.PenaltyFunction``.
+  fused C kernel), the stock-ops twin.
+
+What the penalty adds to a whole training step, both ways, is ``bench_step_overhead.py``.
 
 The memory-traffic floor is 20 bytes per parameter (read theta, F, anchor, grad; write grad) over
 the copy bandwidth measured in the same run. Cases run round-robin; medians are reported.
@@ -52,19 +51,12 @@ def main(argv=None) -> dict:
         ref.register_task(fisher, anchor)
         ewc.register_task(fisher, anchor)
         on_torch.register_task(fisher, anchor)
-    lazy = EWCRegularizer(1000.0)
-    lazy.load_state_dict(ewc.state_dict())
     del fisher, anchor
     for p in model.parameters():
         p.grad = torch.randn_like(p)  # the task gradient the penalty's gradient is added to
 
     ewc(model)  # bind, to name the backend "auto" chose
     backend = "+".join(ewc.active_backends)
-    lazy(model)  # bind, then give this instance private backends of the same kind, eager gradient off
-    lazy._binding.backends = [type(b)() for b in ewc._binding.backends]
-    for b in lazy._binding.backends:
-        b.eager_grads = False
-    assert not lazy._binding.eager and ewc._binding.eager
 
     copy, copy_bytes = timing.copy_case(P)
     cases = {
@@ -76,7 +68,6 @@ def main(argv=None) -> dict:
     if backend != "torch":
         cases["fastewc fwd+bwd [torch]"] = lambda: on_torch(model).backward()
         cases["fastewc accumulate_grad_ [torch]"] = lambda: on_torch.accumulate_grad_(model)
-    cases[f"ablation: fwd+bwd, lazy grad [{backend}]"] = lambda: lazy(model).backward()
     times = timing.time_side_by_side(cases, repeats=args.repeats)
     med = {k: timing.median(v) for k, v in times.items()}
     bandwidth = copy_bytes / med.pop("copy (bandwidth probe)")

@@ -18,7 +18,9 @@ SHAPES = [(5, 7), (0,), (1,), (33,), (3, 4, 5), (16,), (2, 0, 3)]
 
 
 def make_plan(shapes, param_dtype, storage, *, seed=0, params=None):
-    """A GroupPlan over fresh parameters of ``shapes`` (A >= 0 with some zeros, m near theta)."""
+    """A GroupPlan over fresh parameters of ``shapes`` (A >= 0 with some zeros, m near theta), or
+    over ``params``. Other parameters need another plan, as the binding makes one: a backend keeps
+    what it derives from a plan's parameters for the plan's life (see ``GroupPlan``)."""
     g = torch.Generator().manual_seed(seed)
     if params is None:
         params = [nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(param_dtype)) for s in shapes]
@@ -53,8 +55,7 @@ def reference(plan, lam):
 
 def value_of(be, plan, v):
     """A backend's sum ``v`` as a float64 0-dim tensor, after checking its type: a float only from
-    a backend with ``host_sums`` (which hands groups it does not take to the PyTorch backend),
-    else a 0-dim tensor in the plan's compute dtype."""
+    a backend with ``host_sums``, else a 0-dim tensor in the plan's compute dtype."""
     if type(v) is float:
         assert getattr(be, "host_sums", False), f"{type(be).__name__} returned a float"
         return torch.tensor(v, dtype=torch.float64)

@@ -9,6 +9,9 @@ parameters through their module paths (a ``ParamLocator``: one dict lookup per m
 paths and one per parameter, where ``named_parameters()`` would visit every module and hash every
 parameter), compares fingerprints, and binds again only when a protected parameter was replaced,
 moved, reshaped, re-typed, re-laid out or (un)frozen, or a module on its path was replaced.
+That comparison is the only check of what the backends keep: a plan lives as long as its
+binding, and its parameters are always ones the fingerprint verified, so a backend keeps what it
+derived from them (addresses, layouts, flat views) for the plan's life without looking again.
 """
 
 from __future__ import annotations
@@ -145,11 +148,9 @@ class Binding:
         if self.order == list(range(len(names))):
             self.order = None  # plan order is the model's, every stored parameter trained
         # The protected parameters' fingerprint, in plan order.
+        self._accumulators: list | None = None  # see grad_accumulators
         self.param_key = (None if self.key is None or self.sharded
                           else self.key if self.order is None else [self.key[i] for i in self.order])
-        # Handed to the plans with parameters this binding found unchanged: backends may keep
-        # what they derived from the parameters (addresses, layouts) while it stays the same.
-        self.token = object()
 
     def current(self, model: nn.Module) -> list[torch.Tensor] | None:
         """The protected parameters of ``model`` in plan order if this binding still serves it
@@ -167,17 +168,30 @@ class Binding:
             return None
         return found if self.order is None else [found[i] for i in self.order]
 
-    def set_params(self, params: list[torch.Tensor], verified: bool = False) -> list[torch.Tensor]:
-        """Hand the live parameters (in plan order, protected only) to the plans. ``verified``:
-        they are what ``current`` returned, so the plans get this binding's token."""
-        token = self.token if verified else None
+    def set_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hand the live parameters (in plan order, protected only) to the plans: only ones this
+        binding verified (what ``current`` returned, or tensors over the same storage: their
+        local pieces, stand-ins), since the backends trust what they derived from the first."""
         i = 0
         for plan in self.plans:
             n = len(plan.names)
             plan.params = params[i : i + n]
-            plan.params_token = token
             i += n
         return params
+
+    def grad_accumulators(self, params) -> list:
+        """The autograd nodes that write ``params``' ``.grad`` (plan order), found once per binding:
+        holding them keeps each parameter's node the same from one graph to the next, as
+        distributed data parallel does, so later steps skip the lookup."""
+        nodes = self._accumulators
+        if nodes is None or len(nodes) != len(params):
+            nodes = self._accumulators = [torch.autograd.graph.get_gradient_edge(p).node for p in params]
+        return nodes
+
+    def verified(self, params) -> bool:
+        """Whether ``params`` (plan order) still have the fingerprint this binding was made with:
+        false when one was replaced (``p.data = ...``) since it was found."""
+        return fingerprint(list(params), False) == self.param_key
 
     def _total(self, sums: list, lam: float) -> torch.Tensor:
         """``(lam / 2)(sum of sums + constant)`` as one tensor of ``out_dtype`` on ``out_device``.
@@ -243,8 +257,16 @@ class Binding:
         0-dim tensor (the penalty's ``grad_out``)."""
         params = list(params)
         # The parameters forward saw: unchanged unless replaced under autograd's nose since then
-        # (``p.data = ...``), which the fingerprint catches before the backends trust addresses.
-        self.set_params(params, verified=fingerprint(params, False) == self.param_key)
+        # (``p.data = ...``), where the backends' cached addresses would no longer hold.
+        if not self.verified(params):
+            with torch.no_grad():
+                for p, g in zip(params, self.differentiable_grads(params, scale * lam)):
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.add_(g)
+            return
+        self.set_params(params)
         factor = lam * float(scale)
         for plan, backend in zip(self.plans, self.backends):
             backend.accumulate_grad_(plan, factor)
@@ -284,11 +306,10 @@ class Binding:
         raise EWCInputError(f"the EWC penalty is {float(value):g}; {why} (check_finite=True)")
 
 
-def _accumulates_into_grad(params) -> bool:
+def _accumulates_into_grad(binding: Binding, params) -> bool:
     """Whether the running backward will write each parameter's ``.grad`` (``backward()``, not
     ``torch.autograd.grad`` or ``backward(inputs=...)`` without all of them)."""
-    for p in params:
-        node = torch.autograd.graph.get_gradient_edge(p).node
+    for node in binding.grad_accumulators(params):
         try:
             if not torch._C._will_engine_execute_node(node):
                 return False
@@ -340,12 +361,15 @@ class PenaltyFunction(torch.autograd.Function):
         binding, lam = ctx.binding, ctx.lam
         if torch.is_grad_enabled():  # create_graph=True
             return (None, None, *binding.differentiable_grads(params, grad_out * lam))
-        if ctx.defer and _accumulates_into_grad(params):
+        if ctx.defer and _accumulates_into_grad(binding, params):
             scale = grad_out.detach()
             torch.autograd.Variable._execution_engine.queue_callback(
                 lambda: binding.accumulate_into(params, lam, scale))
             return (None, None, *(None for _ in params))
-        if grads is None:
+        if grads is None and not binding.verified(params):  # replaced since forward (``p.data = ...``)
+            with torch.no_grad():
+                grads = binding.differentiable_grads(params, grad_out * lam)
+        elif grads is None:
             binding.set_params(list(params))
             grads = binding.grads(grad_out * lam)
         elif not (grad_out.device.type == "cpu" and bool(grad_out == 1)):
@@ -441,7 +465,7 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
             names=tuple(e.name for e in members), offsets=tuple(e.offset for e in members),
             importance_views=[packing.view(store.importance, e.name) for e in members],
             anchor_views=[packing.view(store.anchor, e.name) for e in members]))
-        backends.append(select_backend(backend, group.device))
+        backends.append(select_backend(backend, group.device, group.dtype, store.importance[g].dtype))
         constant.extend(store.constant.get(e.name, 0.0) for e in members)
     out_dtype = torch.float64 if any(p.compute_dtype == torch.float64 for p in plans) else torch.float32
     out_device = plans[0].device if plans else model_device(model)

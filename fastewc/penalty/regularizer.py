@@ -303,7 +303,7 @@ class EWCRegularizer(nn.Module):
             return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
         if binding.groups is not None:
             params = [local(p) for p in params]  # differentiable: the gradient lands in the DTensor's .grad
-        binding.set_params(params, verified=True)
+        binding.set_params(params)
         if torch.is_grad_enabled():
             value = PenaltyFunction.apply(binding, self._lambda, *params)
         else:
@@ -328,11 +328,13 @@ class EWCRegularizer(nn.Module):
         if not binding.plans:
             return torch.zeros((), dtype=binding.out_dtype, device=binding.out_device)
         if binding.groups is None:
-            binding.set_params(params, verified=True)
+            binding.set_params(params)
             value = binding.accumulate(self._lambda)
         else:
             # Sharded: the backends update the local pieces of the DTensor gradients in place,
-            # through stand-ins that alias the local pieces of the parameter and of its gradient.
+            # through stand-ins that alias the local pieces of the parameter and of its gradient:
+            # new tensors every step over the storage the fingerprint covers, so what the
+            # backends derived from the first step's (addresses, flat views) holds for them.
             stand_ins = []
             with torch.no_grad():
                 for p in params:
@@ -341,7 +343,7 @@ class EWCRegularizer(nn.Module):
                     q = p.to_local().detach()
                     q.grad = p.grad.to_local()
                     stand_ins.append(q)
-                binding.set_params(stand_ins, verified=True)  # the local pieces the fingerprint covers
+                binding.set_params(stand_ins)  # over the local pieces the fingerprint covers
                 value = all_reduce_value(binding.accumulate(self._lambda), binding.groups)
         if self._check_finite:
             binding.check_finite(value, params)

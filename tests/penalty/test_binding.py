@@ -206,3 +206,26 @@ def test_gradients_of_another_layout_between_steps(backend):
         assert w.grad.is_contiguous() == (step == 1)
         ewc.accumulate_grad_(model)
         torch.testing.assert_close(w.grad.double(), start.double() + w64.grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("how", ["backward", "autograd.grad"])
+def test_parameter_replaced_between_forward_and_backward(backend, how):
+    # ``p.data = ...`` after forward passes autograd's check (the saved tensor is the same
+    # Parameter): the backward must give the gradient at the new values, not run the backends on
+    # addresses their plans no longer hold; the next step binds anew.
+    model, ewc, ref = bound(backend)
+    model.zero_grad(set_to_none=True)
+    model.head.weight.grad = torch.ones(3, 9)  # added to, as autograd would
+    value = ewc(model)
+    model.head.weight.data = model.head.weight.data + 0.5  # new storage
+    model64 = copy.deepcopy(model).double()
+    ref(model64).backward()
+    params = list(model.parameters())
+    if how == "backward":
+        value.backward()
+        got = [p.grad - (1.0 if p is model.head.weight else 0.0) for p in params]
+    else:
+        got = torch.autograd.grad(value, params)
+    for (n, p), g, q in zip(model.named_parameters(), got, model64.parameters()):
+        torch.testing.assert_close(g.double(), q.grad, rtol=2e-5, atol=2e-5 * float(q.grad.abs().max()), msg=n)
+    check_step(model, ewc, ref)

@@ -13,16 +13,21 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fastewc.penalty.backends as backends
+from fastewc import EWCRegularizer
+from fastewc import reference as R
 from fastewc.errors import EWCInputError
 from fastewc.penalty.backends import cpu_backend as C
 from fastewc.penalty.native import quadratic as Q
+from models import assert_penalty_steps, make_tasks, perturb, register_both
 from plans import SHAPES, assert_grads, check_all_ops, make_plan, reference, value_of
 
 pytestmark = pytest.mark.skipif(backends.cpu_backend_status(torch.device("cpu")) is not None,
                                 reason=str(backends.cpu_backend_status(torch.device("cpu"))))
 
+F32 = torch.float32
 # Two chunks of the kernel and a tail that is not a multiple of its 16 lanes, next to SHAPES.
 ODD_SHAPES = [*SHAPES, (4099,), (2, 1031)]
 
@@ -77,24 +82,35 @@ def test_nan_parameter_makes_the_value_nan_and_only_its_gradient(split):
     assert plan.params[1].grad.isnan().nonzero().flatten().tolist() == [13]
 
 
-def test_each_kind_keeps_its_table_and_fresh_buffers_reuse_it():
+def test_one_table_per_plan_serves_every_use():
     # A training loop alternating forward+backward (fresh gradients, a new buffer each step),
-    # accumulate_grad_ and the value alone builds no table after the first steps: each kind has
-    # its own, and the fresh one holds byte offsets from the buffer, not its address.
+    # accumulate_grad_ (new gradients each step) and the value alone builds one table, at the
+    # first call: the fresh gradients' column holds byte offsets from the buffer, not its
+    # address, and the fused update's columns are written at every call.
     plan = make_plan([(40,), (3, 7)], torch.float32, torch.float32)
     be = C.CpuBackend(poison=True)
-    for p in plan.params:
-        p.grad = torch.zeros_like(p)
-    be.penalty_sum_and_grads(plan, 1.0)
-    be.accumulate_grad_(plan, 1.0)
-    be.penalty_sum(plan)
-    assert be.table_builds == 3
-    for _ in range(3):
+    want_v, want_g = reference(plan, 1.0)
+    for step in range(4):
         _, g = be.penalty_sum_and_grads(plan, 1.0)
+        assert_grads(g, want_g, torch.float32, plan)
+        for p in plan.params:
+            p.grad = torch.full_like(p, float(step))
         be.accumulate_grad_(plan, 1.0)
-        be.penalty_sum(plan)
-    assert be.table_builds == 3
-    assert_grads(g, reference(plan, 1.0)[1], torch.float32, plan)
+        assert_grads([p.grad for p in plan.params], [w + step for w in want_g], torch.float32, plan)
+        assert be.penalty_sum(plan) == pytest.approx(float(want_v), rel=1e-5)
+    assert be.table_builds == 1
+
+
+def test_forced_on_float64_parameters_runs_those_on_pytorch(monkeypatch):
+    # The kernel takes float32 and bfloat16; backend="cpu" on a model with float64 parameters
+    # gives their group to the PyTorch backend when it binds, and says so.
+    monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3).double())
+    ewc, ref = register_both(EWCRegularizer(7.0, storage_dtype=torch.float32, backend="cpu"), R.ReferenceEWC(7.0),
+                             make_tasks(model, 2, dtype=torch.float64), model=model)
+    perturb(model)
+    assert_penalty_steps(ewc, model, ref)
+    assert ewc.active_backends == ("cpu", "torch")
 
 
 def test_large_fresh_gradients_are_advised_huge_pages_and_correct(monkeypatch):
@@ -159,13 +175,13 @@ def test_auto_falls_back_and_forcing_says_why(monkeypatch):
     monkeypatch.setattr(backends, "_TOLD_NO_CPU_KERNEL", False)
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match=r"fused CPU kernel is not available \(no C compiler found.*PyTorch backend"):
-        assert backends.select_backend("auto", cpu).name == "torch"
+        assert backends.select_backend("auto", cpu, F32, F32).name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per process
-        assert backends.select_backend("auto", cpu).name == "torch"
-        assert backends.select_backend("torch", cpu).name == "torch"
+        assert backends.select_backend("auto", cpu, F32, F32).name == "torch"
+        assert backends.select_backend("torch", cpu, F32, F32).name == "torch"
     with pytest.raises(EWCInputError, match=r"backend 'cpu' is not available: no C compiler found"):
-        backends.select_backend("cpu", cpu)
+        backends.select_backend("cpu", cpu, F32, F32)
     why = backends.cpu_backend_status(torch.device("cuda"))
     assert why is not None and "runs on CPU tensors" in why
 
@@ -173,14 +189,14 @@ def test_auto_falls_back_and_forcing_says_why(monkeypatch):
 def test_auto_takes_the_kernel_on_cpu_and_env_forces_a_backend(monkeypatch):
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
     cpu = torch.device("cpu")
-    assert backends.select_backend("auto", cpu).name == "cpu"
+    assert backends.select_backend("auto", cpu, F32, F32).name == "cpu"
     monkeypatch.setenv("FASTEWC_BACKEND", "torch")
-    assert backends.select_backend("auto", cpu).name == "torch"
+    assert backends.select_backend("auto", cpu, F32, F32).name == "torch"
     monkeypatch.setenv("FASTEWC_BACKEND", "cpu")
-    assert backends.select_backend("torch", cpu).name == "cpu"
+    assert backends.select_backend("torch", cpu, F32, F32).name == "cpu"
     monkeypatch.setenv("FASTEWC_BACKEND", "gpu")
     with pytest.raises(EWCInputError, match=r"unknown FASTEWC_BACKEND 'gpu'; expected .*'cpu'"):
-        backends.select_backend("auto", cpu)
+        backends.select_backend("auto", cpu, F32, F32)
 
 
 def test_constructor_arguments():

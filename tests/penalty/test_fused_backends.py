@@ -13,11 +13,12 @@ import torch.nn as nn
 
 import fastewc.penalty.backends as backends
 from fastewc import EWCRegularizer
-from fastewc.penalty.backends import TorchBackend
 from plans import DTYPES, SHAPES, assert_grads, check_all_ops, make_plan, reference, split_cpu_backend, value_of
 
 CPU = torch.device("cpu")
 WHY_NOT = {"triton": backends.triton_status(CPU), "cpu": backends.cpu_backend_status(CPU)}
+# The parameter and storage dtypes each fused backend's kernels are written for.
+TAKES = {"triton": set(DTYPES), "cpu": {torch.float32, torch.bfloat16}}
 
 
 @pytest.fixture(params=["triton", "cpu"])
@@ -37,15 +38,26 @@ def fused(request, monkeypatch):
     return name, lambda: CpuBackend(threads=3, poison=True)
 
 
+def running(fused, param_dtype, storage):
+    """The backend a group of these dtypes runs on when ``fused`` is asked for: a fresh one with
+    test settings where it takes them, else the one ``select_backend`` gives instead."""
+    name, make = fused
+    chosen = backends.select_backend(name, CPU, param_dtype, storage)
+    return make() if chosen.name == name else chosen
+
+
 @pytest.mark.parametrize("param_dtype", DTYPES)
 @pytest.mark.parametrize("storage", DTYPES)
 def test_every_dtype_pair_all_ops(fused, param_dtype, storage):
-    # Pairs a backend does not take run on the PyTorch backend, whole. The C kernel also gets two
-    # odd tensors longer than its 2048-element chunk (as many 16-element tiles would make the
-    # Triton interpreter slow; its multi-tile cases are in test_triton_kernels.py).
-    name, make = fused
+    # A pair the backend does not take is given to the PyTorch backend when the group is bound,
+    # forced or not. The C kernel also gets two odd tensors longer than its 2048-element chunk
+    # (as many 16-element tiles would make the Triton interpreter slow; its multi-tile cases are
+    # in test_triton_kernels.py).
+    name = fused[0]
+    be = running(fused, param_dtype, storage)
+    assert be.name == (name if {param_dtype, storage} <= TAKES[name] else "torch")
     extra = [(4099,), (2, 1031)] if name == "cpu" else []
-    check_all_ops(make(), make_plan([*SHAPES, *extra], param_dtype, storage))
+    check_all_ops(be, make_plan([*SHAPES, *extra], param_dtype, storage))
 
 
 @pytest.mark.parametrize("dtype, storage", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -53,7 +65,7 @@ def test_every_dtype_pair_all_ops(fused, param_dtype, storage):
 def test_written_grads_equal_torch_rounding(fused, dtype, storage):
     """Gradients equal the float32 result rounded once, to nearest even (torch's ``.to``)."""
     plan = make_plan([(1000,)], dtype, storage)
-    _, (g,) = fused[1]().penalty_sum_and_grads(plan, 1.0)
+    _, (g,) = running(fused, dtype, storage).penalty_sum_and_grads(plan, 1.0)
     p, a, m = plan.params[0].detach().float(), plan.importance_views[0].float(), plan.anchor_views[0].float()
     assert torch.equal(g, (a * (p - m)).to(dtype))
 
@@ -110,70 +122,63 @@ def test_non_contiguous_params_and_grads_fall_back_per_tensor(fused):
     torch.testing.assert_close(params[1].grad, want_g[1])
 
 
-def test_table_cached_and_rebuilt_when_addresses_change(fused):
-    plan = make_plan([(40,), (3, 7)], torch.float32, torch.float32)
-    be = fused[1]()
-    v = be.penalty_sum(plan)
-    be.penalty_sum(plan)
-    assert be.table_builds == 1
-    # The parameters move (as after .to() or load_state_dict(assign=True)): new addresses, new values.
-    plan.params = [nn.Parameter(p.detach() + 1.0) for p in plan.params]
-    v2 = be.penalty_sum(plan)
-    assert be.table_builds == 2 and value_of(be, plan, v) != value_of(be, plan, v2)
-    torch.testing.assert_close(value_of(be, plan, v2), reference(plan, 1.0)[0], rtol=1e-5, atol=0)
-    be.accumulate_grad_(plan, 1.0)      # allocates grads (written, not read): table 3
-    be.accumulate_grad_(plan, 1.0)      # same grads, now added to: table 4
-    be.accumulate_grad_(plan, 1.0)      # unchanged: cached
-    assert be.table_builds == 4
-    for p in plan.params:
-        p.grad = torch.zeros_like(p)
-    be.accumulate_grad_(plan, 1.0)
-    assert be.table_builds == 5
-    assert_grads([p.grad for p in plan.params], reference(plan, 1.0)[1], torch.float32, plan)
-
-
 @pytest.mark.parametrize("shapes", [[(40,), (3, 7), (0,)], [(40,), (3, 7)]], ids=["with an empty tensor", "without"])
-def test_params_token_reuses_the_parameter_columns_and_always_reads_the_gradients(fused, shapes):
-    # The binding hands the plan a token that stays the same only while the parameters do: the
-    # backend may then skip looking at them, but never at the gradients.
+def test_a_plan_builds_its_table_once_and_reads_the_gradients_every_call(fused, shapes):
+    # The binding hands a plan only parameters its fingerprint verified, so what a backend
+    # derives from them holds for the plan's life; the gradients it must read at every call.
     plan = make_plan(shapes, torch.float32, torch.float32)
     be = fused[1]()
-    plan.params_token = object()
-    be.penalty_sum(plan)
-    builds = be.table_builds
-    be.penalty_sum(plan)
-    assert be.table_builds == builds
-    plan.params = [nn.Parameter(p.detach() + 1.0) for p in plan.params]
-    plan.params_token = object()  # new parameters come with a new token: checked again
-    v = be.penalty_sum(plan)
-    assert be.table_builds == builds + 1
     want_v, want_g = reference(plan, 1.0)
-    torch.testing.assert_close(value_of(be, plan, v), want_v, rtol=1e-5, atol=0)
-    kept = []
-    for start in (0.0, 1.0, 2.0):
-        for p in plan.params:
-            p.grad = torch.full_like(p, start)  # new tensors at new addresses (the old are kept)
-            kept.append(p.grad)
+
+    def accumulate_onto(grads):
+        """Hand the parameters ``grads``, run the fused update, check that it added to them."""
+        start = []
+        for p, g in zip(plan.params, grads):
+            p.grad = g
+            start.append(0.0 if g is None else g.double())  # a copy: the update is in place
         torch.testing.assert_close(value_of(be, plan, be.accumulate_grad_(plan, 1.0)), want_v, rtol=1e-5, atol=0)
-        assert_grads([p.grad for p in plan.params], [w + start for w in want_g], torch.float32, plan)
-    for p in plan.params:
-        p.grad = None  # allocated and written by the backend
-    be.accumulate_grad_(plan, 1.0)
-    assert_grads([p.grad for p in plan.params], want_g, torch.float32, plan)
-    # Without a token, the same plan is checked in full: gradients back at the addresses the
-    # table was first built with must not meet a table that was since pointed elsewhere.
-    plan.params_token = None
-    for p, g in zip(plan.params, kept[: len(plan.params)]):
-        p.grad = g.zero_()
-    be.accumulate_grad_(plan, 1.0)
-    assert_grads([p.grad for p in plan.params], want_g, torch.float32, plan)
+        assert_grads([p.grad for p in plan.params], [w + s for w, s in zip(want_g, start)], torch.float32, plan)
+
+    kept = []
+    for step in range(3):
+        torch.testing.assert_close(value_of(be, plan, be.penalty_sum(plan)), want_v, rtol=1e-5, atol=0)
+        _, g = be.penalty_sum_and_grads(plan, 1.0)  # a fresh buffer each call
+        assert_grads(g, want_g, torch.float32, plan)
+        kept.append([torch.full_like(p, float(step)) for p in plan.params])  # new addresses, the old kept
+        accumulate_onto(kept[-1])
+    accumulate_onto([None] * len(shapes))  # allocated and written by the backend
+    # Back at the addresses of the first step's gradients, after the table pointed elsewhere.
+    accumulate_onto([g.zero_() for g in kept[0]])
+    # A gradient of another layout (added to as the view says), then a contiguous one again.
+    rest = [torch.zeros_like(p) for p in plan.params[1:]]
+    accumulate_onto([torch.ones(80)[::2], *rest])
+    accumulate_onto([torch.full((40,), 2.0), *rest])
+    assert be.table_builds == 1
 
 
-def test_unsupported_param_dtype_runs_on_torch_twin(fused):
-    plan = make_plan([(9,), (4, 4)], torch.float8_e5m2, torch.float32)
+def test_new_parameters_come_with_a_new_plan(fused):
+    # Moved parameters (as after .to() or load_state_dict(assign=True)) are bound anew: a new
+    # plan with a table of its own, while the old plan still serves its own parameters.
+    old = make_plan([(40,), (3, 7)], torch.float32, torch.float32)
+    new = make_plan(None, torch.float32, torch.float32, params=[nn.Parameter(p.detach() + 1.0) for p in old.params])
     be = fused[1]()
-    assert torch.equal(torch.as_tensor(be.penalty_sum(plan)), TorchBackend().penalty_sum(plan))
-    assert be.table_builds == 0
+    for _ in range(2):
+        for plan in (old, new):
+            want_v, want_g = reference(plan, 1.0)
+            torch.testing.assert_close(value_of(be, plan, be.penalty_sum(plan)), want_v, rtol=1e-5, atol=0)
+            for p in plan.params:
+                p.grad = torch.zeros_like(p)
+            be.accumulate_grad_(plan, 1.0)
+            assert_grads([p.grad for p in plan.params], want_g, torch.float32, plan)
+    assert be.table_builds == 2
+
+
+def test_dtypes_a_fused_backend_does_not_take_get_the_torch_backend(fused):
+    name = fused[0]
+    assert backends.select_backend(name, CPU, torch.float32, torch.float32).name == name
+    assert backends.select_backend(name, CPU, torch.float8_e5m2, torch.float32).name == "torch"
+    assert backends.select_backend(name, CPU, torch.float32, torch.float8_e5m2).name == "torch"
+    assert backends.select_backend("auto", CPU, torch.float8_e5m2, torch.float32).name == "torch"
 
 
 def test_regularizer_matches_torch_backend_after_reload_and_new_grads(fused):

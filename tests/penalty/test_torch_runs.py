@@ -181,24 +181,26 @@ def test_block_and_small_are_checked():
         TB.TorchBackend(small=-1)
 
 
-def test_a_run_trusts_the_plans_token_and_checks_without_one(monkeypatch):
-    # While the binding vouches for the parameters (the plan's params_token), a run reuses its
-    # flat views of them without looking; without a token, or under a new one, it looks again.
+def test_a_run_makes_its_views_once_and_new_parameters_get_a_new_plan(monkeypatch):
+    # A run gathers theta through flat views of its members, made when its plan is first walked:
+    # they hold while the binding serves (its fingerprint verified the parameters). A replaced
+    # parameter is bound anew: a new plan, whose runs view the new parameter.
     model, ewc, f64, a64 = _setup(torch.float32, monkeypatch)
+
+    def first_run():
+        return next(u for u in ewc._binding.plans[0].cache["units"] if isinstance(u, TB._Run))
+
     ewc.accumulate_grad_(model)
-    plan = ewc._binding.plans[0]
-    run = next(u for u in plan.cache["units"] if isinstance(u, TB._Run))
-    token = plan.params_token
-    assert token is not None
-    pieces = run._theta_pieces(plan)
-    i = run.members[0]
-    for new_token in (token, None, object()):
-        plan.params[i] = nn.Parameter(plan.params[i].detach() + 1.0)  # new storage
-        plan.params_token = new_token
-        got = run._theta_pieces(plan)
-        if new_token is token:  # what a binding would never let by: trusted, not looked at
-            assert got is pieces
-        else:
-            assert got is not pieces and got[0].data_ptr() == plan.params[i].data_ptr()
-        pieces = got
-    assert run._theta_pieces(plan) is pieces  # looked at again under the new token: unchanged
+    run = first_run()
+    pieces = run.theta
+    for _ in range(3):
+        ewc.accumulate_grad_(model)
+        ewc(model).backward()
+    assert first_run() is run and run.theta is pieces
+    name = ewc._binding.plans[0].names[run.members[0]]
+    setattr(model, name, nn.Parameter(getattr(model, name).detach() + 1.0))
+    value = ewc.accumulate_grad_(model)
+    new = first_run()
+    k = [i for i, _ in new.pieces].index(new.members[0])
+    assert new is not run and new.theta[k].data_ptr() == getattr(model, name).data_ptr()
+    torch.testing.assert_close(value.double(), _reference(model, f64, a64)[0], rtol=TOL[torch.float32], atol=0)

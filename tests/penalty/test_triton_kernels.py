@@ -71,7 +71,7 @@ def test_triton_status_refuses_cuda_under_interpreter(monkeypatch):
     why = backends.triton_status(torch.device("cuda"))
     assert why is not None and "TRITON_INTERPRET" in why
     monkeypatch.setenv("FASTEWC_BACKEND", "auto")
-    assert backends.select_backend("auto", torch.device("cuda")).name == "torch"
+    assert backends.select_backend("auto", torch.device("cuda"), torch.float32, torch.float32).name == "torch"
 
 
 def test_flat_offsets_are_aligned_for_vector_loads():
@@ -82,3 +82,21 @@ def test_flat_offsets_are_aligned_for_vector_loads():
     lay = plan.cache[("triton-layout", 16)]
     assert lay.flat_align == 16
     assert plan.cache["triton-ptrs"].ptr_align == 16  # torch allocations are 16-byte aligned
+
+
+def test_fused_update_table_is_rebuilt_when_the_gradients_move_only():
+    plan = make_plan([(40,), (3, 7)], torch.float32, torch.float32)
+    be = TritonBackend(block=16, poison=True)
+    want_g = reference(plan, 1.0)[1]
+    for p in plan.params:
+        p.grad = torch.zeros_like(p)
+    for _ in range(3):
+        be.accumulate_grad_(plan, 1.0)
+    assert be.grad_table_builds == 1
+    kept = [p.grad for p in plan.params]  # alive: the new gradients get new addresses
+    for p in plan.params:
+        p.grad = torch.zeros_like(p)
+    be.accumulate_grad_(plan, 1.0)
+    assert be.grad_table_builds == 2
+    assert_grads([p.grad for p in plan.params], want_g, torch.float32, plan)
+    assert all(g.data_ptr() != p.grad.data_ptr() for g, p in zip(kept, plan.params))

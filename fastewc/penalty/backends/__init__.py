@@ -1,11 +1,18 @@
 """Backend choice: one function, decided by capability, never by catching a fast-path error.
 
-``select_backend(requested, device)`` returns the backend object for one parameter group:
-``"auto"`` takes Triton for CUDA tensors when Triton and fastewc's Triton backend import, the
-fused C kernel (``"cpu"``) for CPU tensors when it builds on this machine (a C compiler is
-found), and PyTorch otherwise; ``"torch"``, ``"triton"`` and ``"cpu"`` force one (Triton on CPU
-tensors only under ``TRITON_INTERPRET=1``, for tests; ``"cpu"`` on CPU tensors only). The
-environment variable ``FASTEWC_BACKEND`` overrides the requested name.
+``select_backend(requested, device, param_dtype, storage_dtype)`` returns the backend object for
+one parameter group, once per binding: ``"auto"`` takes Triton for CUDA tensors when Triton and
+fastewc's Triton backend import, the fused C kernel (``"cpu"``) for CPU tensors when it builds on
+this machine (a C compiler is found), and PyTorch otherwise; ``"torch"``, ``"triton"`` and
+``"cpu"`` force one (Triton on CPU tensors only under ``TRITON_INTERPRET=1``, for tests;
+``"cpu"`` on CPU tensors only). The environment variable ``FASTEWC_BACKEND`` overrides the
+requested name.
+
+A fused backend runs only the dtypes its kernels are written for (``takes``: the C kernel float32
+and bfloat16 parameters and storage; Triton float32, bfloat16, float16 and float64). A group of
+other dtypes gets the PyTorch backend, whether the fused one was chosen by ``"auto"`` or forced:
+``backend="cpu"`` on a model with float64 parameters runs those on PyTorch, and the regularizer's
+``active_backends`` says so.
 """
 
 from __future__ import annotations
@@ -74,8 +81,9 @@ def _tell_no_cpu_kernel(why: str) -> None:
                       "choose it explicitly and silence this.", RuntimeWarning, stacklevel=3)
 
 
-def select_backend(requested: str, device: torch.device):
-    """The backend object to run a group on ``device`` with (see the module docstring)."""
+def select_backend(requested: str, device: torch.device, param_dtype: torch.dtype, storage_dtype: torch.dtype):
+    """The backend object to run a group of ``param_dtype`` parameters with ``storage_dtype``
+    buffers on ``device`` (see the module docstring)."""
     name = requested_backend(requested)
     if name == "auto":
         if device.type == "cuda" and triton_status(device) is None:
@@ -98,4 +106,5 @@ def select_backend(requested: str, device: torch.device):
             from .triton_backend import TritonBackend
 
             _FUSED[name] = TritonBackend()
-    return _FUSED[name]
+    fused = _FUSED[name]
+    return fused if fused.takes(param_dtype, storage_dtype) else _TORCH

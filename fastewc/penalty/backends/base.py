@@ -21,6 +21,10 @@ float (double precision) instead of a tensor; the binding folds such sums on the
 ``A`` (importance) and ``m`` (anchor) live in the storage dtype; the regularizer folds lambdas,
 per-layer scales and tasks into them, so backends know nothing of EWC beyond this quadratic.
 None of the three may synchronise the host with the device.
+
+A fused backend runs only some dtypes; its ``takes(param_dtype, storage_dtype)`` says which, and
+``select_backend`` gives it only groups it takes (the PyTorch backend runs the others), once per
+binding: no operation checks the dtypes again.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ class GroupPlan:
     offsets: tuple[int, ...]          # their element offsets in the flat buffers
     importance_views: list[torch.Tensor]  # per parameter, shaped like it (views)
     anchor_views: list[torch.Tensor]
-    params: list[torch.Tensor] = field(default_factory=list)  # the live parameters, set every step
-    # Set with ``params``: an object that is the same between two steps only when ``params`` are
-    # the same tensors at the same addresses, shapes and layouts (the binding checked them), so
-    # a backend may reuse what it derived from them without looking; None: unchecked.
-    params_token: object = None
-    cache: dict = field(default_factory=dict)  # backend-private; lives as long as the binding
+    # The live parameters, handed over by the binding every step: always ones it verified against
+    # its fingerprint (addresses, shapes, dtypes, contiguity), or stand-ins over that same storage.
+    # A plan lives exactly as long as its binding, which binds anew (new plans) when the
+    # fingerprint changes; so whatever a backend derives from the parameters holds for the plan's
+    # whole life. Their gradients are not covered: a backend reads them at every call.
+    params: list[torch.Tensor] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # backend-private; may hold what is derived from params
 
     @property
     def numels(self) -> tuple[int, ...]:

@@ -5,24 +5,27 @@ Host side of the C twin of the Triton kernels. The library is built and loaded b
 without it the backend reports why (``cpu_kernel_status``) and ``backend="auto"`` takes the
 PyTorch backend instead.
 
-Per step, per (device, dtype) group: one table of segments (each protected parameter's
-address, its gradient's address, its place in the flat buffers, and whether its gradient is
-read, written or not touched). While the binding vouches for the parameters (the plan's
-``params_token``) the table's parameter columns stand and only its gradient columns are
-rewritten, in place; otherwise every address is read and the
-table rebuilt when one changed. Then the flat range of the group is split among
-``torch.get_num_threads()`` threads, each calling the kernel on its share (ctypes releases the
-GIL during the call) and returning its partial sum; the partials are added in a fixed order, so
-the value is the same from run to run on the same thread count.
+Per (device, dtype) group, one table of segments, built once per plan from the parameters
+(their addresses and places in the flat buffers; the plan lives only as long as those hold, see
+``GroupPlan``): the rows of the contiguous, non-empty parameters, with one gradient-address and
+mode column per use. The value alone reads no gradient (mode 0); the gradients handed to autograd
+are written into a fresh flat buffer (byte offsets from its address, ``grad_base``, so the columns
+do not depend on the buffer; mode 1); the fused update has its columns written at every call
+from the gradients the parameters hold then (1 where the gradient was just allocated and is
+written, 2 where it is added to, 0 where the kernel leaves it to torch ops: not contiguous, or of
+another dtype). Then the flat range of the group is split among ``torch.get_num_threads()``
+threads, each calling the kernel on its share (ctypes releases the GIL during the call) and
+returning its partial sum; the partials are added in a fixed order, so the value is the same from
+run to run on the same thread count.
 
-Dtypes: parameters and storage float32 or bfloat16. Any other pair sends the whole group to the
-PyTorch backend; a parameter that is not contiguous, or whose existing ``.grad`` is not (or has
-another dtype), is computed with torch ops (``TorchBackend.whole_tensor``) and added after the
-kernel's sum. Fresh gradients (the forward's eager gradient, ``penalty_grads``) are views of one
-flat buffer per group, as on the Triton backend; when that buffer spans 32 MB or more, its pages
-are advised to be transparent huge pages before the kernel writes it
-(``fastewc._utils.advise_huge_pages``), which saves the page faults of a fresh allocation (one
-per 4 KB otherwise) on large models.
+Dtypes: parameters and storage float32 or bfloat16 (``takes``); ``select_backend`` gives other
+groups to the PyTorch backend. A parameter that is not contiguous is computed with torch ops
+(``TorchBackend.whole_tensor``) and its sum added after the kernel's; so is the update of a
+gradient the kernel leaves (its sum is the kernel's). Fresh gradients (the forward's eager
+gradient, ``penalty_grads``) are views of one flat buffer per group, as on the Triton backend;
+when that buffer spans 32 MB or more, its pages are advised to be transparent huge pages before
+the kernel writes it (``fastewc._utils.advise_huge_pages``), which saves the page faults of a
+fresh allocation (one per 4 KB otherwise) on large models.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ from .torch_backend import TorchBackend
 __all__ = ["CpuBackend", "cache_dir", "cpu_kernel_status", "library", "library_path", "source_path"]
 
 _SUFFIX = {torch.float32: quadratic.SUFFIX["float32"], torch.bfloat16: quadratic.SUFFIX["bfloat16"]}
-_TORCH = TorchBackend()  # the whole-group fallback for dtypes the kernel does not take
 # Groups under this many flat elements run on the calling thread: handing work to a pool costs
 # tens of microseconds, more than the kernel spends on a group this small.
 PARALLEL_FROM = 1 << 18
@@ -58,58 +60,31 @@ library_path = quadratic.library_path
 cpu_kernel_status = quadratic.status
 
 
-_UNKNOWN = object()  # a column's content that no list of addresses equals
-
-
 @dataclass
-class _Segments:
-    """The kernel's segment table for one set of addresses (see the module docstring)."""
+class _Table:
+    """The kernel's segment table for one plan (see the module docstring)."""
 
-    key: tuple
-    arrays: tuple[np.ndarray, ...]  # theta addresses, grad addresses, offsets, numels, modes
-    skipped: tuple[int, ...]        # parameter indices computed with torch ops
-    end: int                        # flat element just past the last segment
-    kernel: object = None            # the kernel function for the plan's dtypes
-    keep: list[int] | None = None    # parameter index of each row (None: every parameter, in order)
-    token: object = None             # the plan's params_token when built (see GroupPlan)
-    buffers: tuple[int, int] = (0, 0)  # addresses of the plan's importance and anchor buffers
-    grad_column: list | None = None  # what the grad and mode columns hold now (accumulate tables),
-    mode_column: list | None = None  # as lists: comparing them costs less than reading the arrays
-    # Derived: the arrays' own addresses (reading them costs microseconds), and where a
+    kernel: object                # the kernel function for the plan's dtypes
+    rows: list[int]               # parameter index of each row
+    skipped: tuple[int, ...]      # parameters computed with torch ops (not contiguous)
+    theta: np.ndarray             # per row: the parameter's address,
+    offset: np.ndarray            # its first element in the flat buffers,
+    numel: np.ndarray             # its element count
+    grad: dict[str, np.ndarray]   # per use ("sum", "fresh", "accumulate"): the gradient column,
+    mode: dict[str, np.ndarray]   # and the mode column
+    end: int                      # flat element just past the last row
+    buffers: tuple[int, int]      # addresses of the plan's importance and anchor buffers
+    # Derived: the columns' own addresses per use (reading them costs microseconds), and where a
     # single-threaded call writes its sum.
-    addresses: tuple[int, ...] = field(init=False)
+    addresses: dict[str, tuple[int, ...]] = field(init=False)
     out: ctypes.c_double = field(init=False)
     out_address: int = field(init=False)
 
     def __post_init__(self):
-        self.addresses = tuple(a.ctypes.data for a in self.arrays)
+        self.addresses = {use: (self.theta.ctypes.data, self.grad[use].ctypes.data, self.offset.ctypes.data,
+                                self.numel.ctypes.data, self.mode[use].ctypes.data) for use in self.grad}
         self.out = ctypes.c_double()
         self.out_address = ctypes.addressof(self.out)
-
-    def set_grads(self, grads: list[torch.Tensor], modes: list[int] | None, dtype: torch.dtype) -> bool:
-        """Point an accumulate table at this step's gradients, in place (the parameters' columns
-        are known to hold): False, changing nothing, if a gradient needs the torch-op fallback
-        (not contiguous, or of another dtype) or the table has fallbacks of its own."""
-        if self.skipped:
-            return False
-        ptrs = [g.data_ptr() if g.dtype is dtype and g.is_contiguous() else -1 for g in grads]
-        if -1 in ptrs:
-            return False
-        if self.keep is not None:
-            ptrs = [ptrs[i] for i in self.keep]
-            modes = [modes[i] for i in self.keep] if modes is not None else None
-        if ptrs != self.grad_column or modes != self.mode_column:
-            self.arrays[1][:] = ptrs
-            self.arrays[4][:] = 2 if modes is None else modes
-            self.columns_rewritten()
-            self.grad_column, self.mode_column = ptrs, modes
-        return True
-
-    def columns_rewritten(self) -> None:
-        """The gradient and mode columns were written: the lists no longer say what they hold,
-        and the rows are no longer what ``key`` was built from (a full check rebuilds)."""
-        self.grad_column = self.mode_column = _UNKNOWN
-        self.key = None
 
 
 class _Pool:
@@ -160,93 +135,72 @@ class CpuBackend:
         self._lib = lib
         self.threads = threads
         self.poison = poison
-        self.table_builds = 0  # segment tables built (tests check that caching works)
+        self.table_builds = 0  # segment tables built: one per plan (tests check it)
 
     @staticmethod
-    def takes(plan: GroupPlan) -> bool:
-        """Whether the kernel runs this group (else the PyTorch backend does, whole)."""
-        return (plan.device.type == "cpu" and plan.param_dtype in _SUFFIX and plan.importance.dtype in _SUFFIX
-                and plan.anchor.dtype == plan.importance.dtype)
+    def takes(param_dtype: torch.dtype, storage_dtype: torch.dtype) -> bool:
+        """Whether the kernel is written for groups of these dtypes (see ``select_backend``)."""
+        return param_dtype in _SUFFIX and storage_dtype in _SUFFIX
 
-    # -- tables --------------------------------------------------------------------------------
-    def _segments(self, plan: GroupPlan, kind: str, grads: list | None = None, modes: list[int] | None = None
-                  ) -> _Segments:
-        """The segment table for the live parameters, cached per ``kind`` while no address it
-        holds changes. ``kind``: "sum" (value only), "fresh" (write each gradient at its byte
-        offset into a fresh flat buffer, given to the kernel as ``grad_base``: the table does
-        not depend on the buffer), "accumulate" (``grads``: one tensor per parameter; ``modes``:
-        1 where it was just allocated and is written, 2 where it is added to; None: all 2).
-
-        While the plan's ``params_token`` is the one the table was built with, the parameters'
-        columns are reused without looking at the parameters; an accumulate table then only
-        has its gradient columns rewritten."""
-        seg = plan.cache.get(("cpu-segments", kind))
-        token = plan.params_token
-        if seg is not None and token is not None and seg.token is token:
-            if kind != "accumulate" or seg.set_grads(grads, modes, plan.param_dtype):
-                return seg
-        rows, skipped = [], []
-        if kind == "accumulate":
-            dtype = plan.param_dtype
-            for i, (p, g) in enumerate(zip(plan.params, grads)):
-                if p.is_contiguous() and g.is_contiguous() and g.dtype == dtype:
-                    rows.append((p.data_ptr(), g.data_ptr(), 2 if modes is None else modes[i]))
-                else:
-                    skipped.append(i)
-                    rows.append(None)
-        else:
-            item = torch.finfo(plan.param_dtype).bits // 8  # bytes per gradient element
-            for i, (p, offset) in enumerate(zip(plan.params, plan.offsets)):
-                if p.is_contiguous():
-                    rows.append((p.data_ptr(), offset * item, 1) if kind == "fresh" else (p.data_ptr(), 0, 0))
-                else:
-                    skipped.append(i)
-                    rows.append(None)
-        key = tuple(rows)
-        if seg is not None and seg.key == key:
-            seg.token = token
-            return seg
+    # -- the table -----------------------------------------------------------------------------
+    def _table(self, plan: GroupPlan) -> _Table:
+        """The plan's segment table, built at its first call (see the module docstring)."""
+        tab = plan.cache.get("cpu-table")
+        if tab is not None:
+            return tab
         numels = plan.numels  # a property that walks every view: read once
-        keep = [i for i, r in enumerate(rows) if r is not None and numels[i] > 0]
-        theta = np.array([rows[i][0] for i in keep], dtype=np.int64)
-        grad = np.array([rows[i][1] for i in keep], dtype=np.int64)
-        offset = np.array([plan.offsets[i] for i in keep], dtype=np.int64)
-        numel = np.array([numels[i] for i in keep], dtype=np.int64)
-        mode = np.array([rows[i][2] for i in keep], dtype=np.int8)
-        end = int(offset[-1] + numel[-1]) if keep else 0
-        kernel = getattr(self._lib, f"ewc_quadratic_{_SUFFIX[plan.param_dtype]}_{_SUFFIX[plan.importance.dtype]}")
-        seg = plan.cache[("cpu-segments", kind)] = _Segments(
-            key, (theta, grad, offset, numel, mode), tuple(skipped), end, kernel=kernel,
-            keep=None if len(keep) == len(rows) else keep, token=token,
-            buffers=(plan.importance.data_ptr(), plan.anchor.data_ptr()))
-        if kind == "accumulate":
-            seg.grad_column, seg.mode_column = grad.tolist(), mode.tolist() if modes is not None else None
+        contiguous = [p.is_contiguous() for p in plan.params]
+        rows = [i for i, ok in enumerate(contiguous) if ok and numels[i] > 0]
+        item = torch.finfo(plan.param_dtype).bits // 8  # bytes per gradient element
+        offset = np.array([plan.offsets[i] for i in rows], dtype=np.int64)
+        numel = np.array([numels[i] for i in rows], dtype=np.int64)
+        n = len(rows)
+        tab = plan.cache["cpu-table"] = _Table(
+            kernel=getattr(self._lib, f"ewc_quadratic_{_SUFFIX[plan.param_dtype]}_{_SUFFIX[plan.importance.dtype]}"),
+            rows=rows, skipped=tuple(i for i, ok in enumerate(contiguous) if not ok),
+            theta=np.array([plan.params[i].data_ptr() for i in rows], dtype=np.int64), offset=offset, numel=numel,
+            grad={"sum": np.zeros(n, dtype=np.int64), "fresh": offset * item,
+                  "accumulate": np.zeros(n, dtype=np.int64)},
+            mode={"sum": np.zeros(n, dtype=np.int8), "fresh": np.ones(n, dtype=np.int8),
+                  "accumulate": np.zeros(n, dtype=np.int8)},
+            end=int(offset[-1] + numel[-1]) if n else 0, buffers=(plan.importance.data_ptr(), plan.anchor.data_ptr()))
         self.table_builds += 1
-        return seg
+        return tab
+
+    @staticmethod
+    def _point_at(tab: _Table, grads: list[torch.Tensor], fresh: list[int], dtype: torch.dtype) -> list[int]:
+        """Write the fused update's columns for this call's gradients (``fresh``: the indices of
+        those just allocated); the indices of the gradients the kernel leaves to torch ops."""
+        rows = tab.rows
+        # 0 marks a gradient the kernel cannot take: a contiguous non-empty tensor is never at 0.
+        ptrs = [g.data_ptr() if g.dtype is dtype and g.is_contiguous() else 0
+                for g in (grads if len(rows) == len(grads) else [grads[i] for i in rows])]
+        tab.grad["accumulate"][:] = ptrs
+        mode = tab.mode["accumulate"]
+        if 0 in ptrs or 0 < len(fresh) < len(grads):
+            new = set(fresh)
+            mode[:] = [0 if a == 0 else 1 if i in new else 2 for i, a in zip(rows, ptrs)]
+            return [i for i, a in zip(rows, ptrs) if a == 0]
+        mode.fill(1 if fresh else 2)  # every gradient just allocated, or none
+        return []
 
     # -- one pass ------------------------------------------------------------------------------
-    def _pass(self, plan: GroupPlan, kind: str, lam: float, *, grads: list | None = None,
-              modes: list[int] | None = None, flat: torch.Tensor | None = None) -> tuple[float, _Segments]:
-        """Run the kernel over the group (``kind`` and the rest as in ``_segments``; ``flat``:
-        the fresh gradient buffer of kind "fresh"); (sum over the kernel's segments, the table)."""
-        seg = self._segments(plan, kind, grads, modes)
-        return self._run(seg, lam, flat.data_ptr() if kind == "fresh" else 0), seg
-
-    def _run(self, seg: _Segments, lam: float, grad_base: int = 0) -> float:
-        """Call the kernel on the table's segments, split among threads; their sum."""
-        n = len(seg.arrays[0])
+    def _run(self, tab: _Table, use: str, lam: float, grad_base: int = 0) -> float:
+        """Call the kernel on the table's rows with the columns of ``use``, split among threads;
+        their sum."""
+        n = len(tab.rows)
         if n == 0:
             return 0.0
-        fn = seg.kernel
-        theta, grad, offset, numel, mode = seg.addresses
-        a_ptr, m_ptr = seg.buffers
+        fn = tab.kernel
+        theta, grad, offset, numel, mode = tab.addresses[use]
+        a_ptr, m_ptr = tab.buffers
         threads = self.threads or max(1, torch.get_num_threads())
-        share = -(-seg.end // threads)
+        share = -(-tab.end // threads)
         share = -(-share // SHARE_ALIGN) * SHARE_ALIGN
-        if threads == 1 or seg.end < PARALLEL_FROM or share >= seg.end:
-            fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, 0, seg.end, lam, seg.out_address)
-            return seg.out.value
-        bounds = [(lo, min(lo + share, seg.end)) for lo in range(0, seg.end, share)]
+        if threads == 1 or tab.end < PARALLEL_FROM or share >= tab.end:
+            fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, 0, tab.end, lam, tab.out_address)
+            return tab.out.value
+        bounds = [(lo, min(lo + share, tab.end)) for lo in range(0, tab.end, share)]
         outs = (ctypes.c_double * len(bounds))()
         base = ctypes.addressof(outs)
 
@@ -280,59 +234,52 @@ class CpuBackend:
             kernel_sum += s.item()  # a host tensor: no sync
         return kernel_sum
 
-    def _fallbacks(self, seg: _Segments, run) -> list:
-        """``run(i)`` for each parameter the table skipped, under ``torch.no_grad`` (the kernel's
-        own path needs no autograd mode: it makes no tensors from parameters)."""
-        if not seg.skipped:
+    @staticmethod
+    def _fallbacks(indices, run) -> list:
+        """``run(i)`` for each of ``indices`` under ``torch.no_grad`` (the kernel's own path
+        needs no autograd mode: it makes no tensors from parameters)."""
+        if not indices:
             return []
         with torch.no_grad():
-            return [run(i) for i in seg.skipped]
-
-    def _takes(self, plan: GroupPlan) -> bool:
-        takes = plan.cache.get("cpu-takes")
-        if takes is None:
-            takes = plan.cache["cpu-takes"] = self.takes(plan)
-        return takes
+            return [run(i) for i in indices]
 
     # -- the backend interface (base.py) -------------------------------------------------------
-    def penalty_sum(self, plan: GroupPlan) -> float | torch.Tensor:
-        if not self._takes(plan):
-            return _TORCH.penalty_sum(plan)
-        s, seg = self._pass(plan, "sum", 0.0)
-        return self._total(s, self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(plan, i, None, False, "sum")))
+    def penalty_sum(self, plan: GroupPlan) -> float:
+        tab = self._table(plan)
+        s = self._run(tab, "sum", 0.0)
+        return self._total(s, self._fallbacks(tab.skipped, lambda i: TorchBackend.whole_tensor(
+            plan, i, None, False, "sum")))
 
-    def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
+    def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[float, list[torch.Tensor]]:
         """``penalty_sum`` and ``[lam * A * (theta - m)]`` in one pass: reads theta, A, m once."""
-        if not self._takes(plan):
-            return _TORCH.penalty_sum_and_grads(plan, lam)
+        tab = self._table(plan)
         flat, views = self._fresh_flat(plan)
-        s, seg = self._pass(plan, "fresh", lam, flat=flat)
-        extra = self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(plan, i, views[i], True, "sum_grads", lam=lam))
+        s = self._run(tab, "fresh", lam, flat.data_ptr())
+        extra = self._fallbacks(tab.skipped, lambda i: TorchBackend.whole_tensor(
+            plan, i, views[i], True, "sum_grads", lam=lam))
         return self._total(s, extra), views
 
     def penalty_grads(self, plan: GroupPlan, scale: torch.Tensor) -> list[torch.Tensor]:
-        if not self._takes(plan):
-            return _TORCH.penalty_grads(plan, scale)
+        tab = self._table(plan)
         flat, views = self._fresh_flat(plan)
         factor = scale.detach().to(dtype=plan.compute_dtype)
-        _, seg = self._pass(plan, "fresh", float(factor), flat=flat)
-        self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(plan, i, views[i], True, "grads", scale=factor))
+        self._run(tab, "fresh", float(factor), flat.data_ptr())
+        self._fallbacks(tab.skipped, lambda i: TorchBackend.whole_tensor(
+            plan, i, views[i], True, "grads", scale=factor))
         return views
 
-    def accumulate_grad_(self, plan: GroupPlan, lam: float) -> float | torch.Tensor:
-        if not self._takes(plan):
-            return _TORCH.accumulate_grad_(plan, lam)
+    def accumulate_grad_(self, plan: GroupPlan, lam: float) -> float:
+        tab = self._table(plan)
         grads = [p.grad for p in plan.params]
-        missing = [i for i, g in enumerate(grads) if g is None]
-        modes = None  # every gradient added to
-        if missing:
-            modes = [2] * len(grads)
-            for i in missing:  # allocated here, written (not read) by the kernel
-                p = plan.params[i]
-                g = torch.empty_like(p, memory_format=torch.contiguous_format)
-                p.grad = grads[i] = g.fill_(float("nan")) if self.poison else g
-                modes[i] = 1
-        s, seg = self._pass(plan, "accumulate", lam, grads=grads, modes=modes)
-        extra = self._fallbacks(seg, lambda i: TorchBackend.whole_tensor(
-            plan, i, grads[i], modes is not None and modes[i] == 1, "accumulate", lam=lam))
+        fresh = [i for i, g in enumerate(grads) if g is None]
+        for i in fresh:  # allocated here, written (not read) by the kernel
+            p = plan.params[i]
+            g = torch.empty_like(p, memory_format=torch.contiguous_format)
+            p.grad = grads[i] = g.fill_(float("nan")) if self.poison else g
+        left = self._point_at(tab, grads, fresh, plan.param_dtype)
+        s = self._run(tab, "accumulate", lam)
+        extra = self._fallbacks(tab.skipped, lambda i: TorchBackend.whole_tensor(
+            plan, i, grads[i], i in fresh, "accumulate", lam=lam))
+        # The kernel summed these rows; torch ops only update their gradients.
+        self._fallbacks(left, lambda i: TorchBackend.whole_tensor(plan, i, grads[i], False, "accumulate", lam=lam))
         return self._total(s, extra)

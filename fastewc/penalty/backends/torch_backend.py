@@ -305,7 +305,11 @@ class _Run:
         self.zeros = torch.zeros(gap, dtype=plan.param_dtype, device=plan.device)
         self.views = None  # per member, shaped views of a scratch block (set on first use)
         self.slices = None  # the run's slices of the scratch blocks and flat buffers (first use)
-        self.theta = None  # (members' parameters, their data pointers, the pieces to gather, token)
+        # What ``cat`` gathers theta from: flat views of the members (and zeros for the gaps),
+        # made once; they hold for the plan's life (see GroupPlan). None when a member is not
+        # contiguous: the run is then walked tensor by tensor.
+        params = {i: plan.params[i] for i in members}
+        self.theta = self._flat(params) if all(p.is_contiguous() for p in params.values()) else None
 
     def _member_view(self, plan: GroupPlan, block: torch.Tensor, i: int) -> torch.Tensor:
         start = plan.offsets[i] - self.start
@@ -314,34 +318,13 @@ class _Run:
     def _flat(self, tensors: dict) -> list:
         return [self.zeros[:n] if i is None else tensors[i].view(-1) for i, n in self.pieces]
 
-    def _theta_pieces(self, plan: GroupPlan) -> list | None:
-        """The pieces ``cat`` gathers theta from: flat views of the members, kept while the
-        plan's ``params_token`` is the one they were made under (the binding checked the
-        parameters), else while every member is the same contiguous tensor on the same storage
-        (the views cost more than the check; ``p.data = ...`` may swap the storage, or the layout
-        of a square matrix, under the same Parameter and shape); None when a member is not
-        contiguous."""
-        cached, token = self.theta, plan.params_token
-        if token is not None and cached is not None and cached[3] is token:
-            return cached[2]
-        params = [plan.params[i] for i in self.members]
-        if not all(p.is_contiguous() for p in params):
-            return None
-        ptrs = [p.data_ptr() for p in params]
-        if cached is not None and cached[1] == ptrs and all(a is b for a, b in zip(cached[0], params)):
-            self.theta = (*cached[:3], token)
-            return cached[2]
-        pieces = self._flat(dict(zip(self.members, params)))
-        self.theta = (params, ptrs, pieces, token)
-        return pieces
-
     def run(self, plan: GroupPlan, mode: str, lam, scratch, sums: list) -> list | None:
         """``sum``, ``accumulate`` or ``sum_grads`` for the run: appends the run's sum to ``sums``
         and returns the members' new gradients (``sum_grads``; else an empty list). None, with
         nothing done, where a member or its gradient is not contiguous or a gradient to
         accumulate into is missing: the caller then walks the members one by one. Runs under
         ``torch.no_grad`` (the backend's entry points)."""
-        pieces = self._theta_pieces(plan)
+        pieces = self.theta
         if pieces is None:
             return None
         targets = [plan.params[i].grad for i in self.members] if mode == "accumulate" else []

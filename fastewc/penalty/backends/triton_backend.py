@@ -5,10 +5,12 @@ Host side of ``fastewc.kernels.ewc_penalty``: per ``GroupPlan`` it builds and ca
 * the **tile table** (which parameter, where in it, where in the flat buffers, how many
   elements, for each tile of ``BLOCK`` elements). It depends only on the shapes and the flat
   layout, so it is built once per plan and block size;
-* the **pointer table** (each parameter's and grad's address, plus flags). It is rebuilt only
-  when a data pointer (or a flag) changes: the model moved (``.to()``), was reloaded with
-  ``load_state_dict(assign=True)``, or autograd allocated new grads (``zero_grad(set_to_none=True)``
-  then ``backward()``: one small table of 24 bytes per tensor per step, copied asynchronously).
+* the **pointer tables** (each parameter's and grad's address, plus flags). The one without
+  gradients (the value, and gradients written into a fresh buffer) is built once per plan: the
+  parameters' addresses hold for the plan's life (see ``GroupPlan``). The one for the fused
+  update is rebuilt when this call's gradients differ from the last call's in address or flags
+  (autograd allocated new grads: ``zero_grad(set_to_none=True)`` then ``backward()``; one small
+  table of 24 bytes per tensor per step, copied asynchronously).
 
 One launch covers every tensor of the group (split only past ``max_tiles`` tiles, 2**30 by
 default), plus one launch that adds the per-tile partial sums in a fixed order; so a step costs
@@ -18,8 +20,8 @@ Dtypes: parameters float32 / bfloat16 / float16 / float64, storage float32 / bfl
 / float64. Every load is cast to the accumulation type at once: float32, or float64 when the plan's
 compute dtype is float64 (float64 parameters or storage), so float64 groups keep the PyTorch
 backend's float64 exactness on the same kernels. Gradients are written in the parameter's dtype,
-rounded to nearest even. A parameter of any other dtype sends its whole group to the PyTorch
-backend.
+rounded to nearest even (``takes``); ``select_backend`` gives groups of other dtypes to the
+PyTorch backend.
 
 Fallback per tensor: a parameter that is not contiguous (e.g. ``channels_last`` convolution
 weights), or whose existing ``.grad`` is not contiguous, is flagged "skip" in the pointer table
@@ -46,7 +48,6 @@ from .torch_backend import TorchBackend
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
        torch.float64: tl.float64}
 _ALIGN = 16  # bytes for addresses, elements for flat offsets: enough for 16-byte vector loads
-_TORCH = TorchBackend()  # the whole-group fallback for dtypes the kernels do not take
 
 
 @dataclass
@@ -64,11 +65,10 @@ class _Layout:
 
 @dataclass
 class _Pointers:
-    key: tuple
     table: torch.Tensor  # int64 [n_tensors, 3] on the device
     ptr_align: int
     skipped: tuple[int, ...]  # indices handled by torch ops
-    token: object = None  # the plan's params_token the parameters-only table was checked with
+    rows: list[tuple[int, int, int]]  # (parameter address, gradient address, flags) per tensor
 
 
 class TritonBackend:
@@ -93,7 +93,13 @@ class TritonBackend:
         self.block = block
         self.max_tiles = max_tiles
         self.poison = poison
-        self.table_builds = 0  # pointer tables built (tests check that caching works)
+        self.table_builds = 0  # parameter pointer tables built: one per plan (tests check it)
+        self.grad_table_builds = 0  # fused-update tables built: when the gradients move
+
+    @staticmethod
+    def takes(param_dtype: torch.dtype, storage_dtype: torch.dtype) -> bool:
+        """Whether the kernels are written for groups of these dtypes (see ``select_backend``)."""
+        return param_dtype in _TL and storage_dtype in _TL
 
     # -- tables --------------------------------------------------------------------------------
     def _layout(self, plan: GroupPlan) -> _Layout:
@@ -117,34 +123,37 @@ class TritonBackend:
                                         _TL[plan.param_dtype], plan.compute_dtype)
         return lay
 
-    def _pointers(self, plan: GroupPlan, grads: list[torch.Tensor | None] | None,
-                  fresh: set[int] = frozenset()) -> _Pointers:
-        """The pointer table for the live parameters (and ``grads`` for the fused update). A
-        parameters-only table is reused without looking at the parameters while the plan's
-        ``params_token`` is the one it was checked with (see GroupPlan)."""
-        cache_key = "triton-ptrs-grad" if grads is not None else "triton-ptrs"
-        ptrs = plan.cache.get(cache_key)
-        token = plan.params_token if grads is None else None
-        if token is not None and ptrs is not None and ptrs.token is token:
-            return ptrs
-        rows = []
-        for i, p in enumerate(plan.params):
-            g = grads[i] if grads is not None else None
-            skip = not p.is_contiguous() or (g is not None and (not g.is_contiguous() or g.dtype != p.dtype))
-            flags = (K.SKIP if skip else 0) | (K.FRESH if i in fresh else 0)
-            rows.append((p.data_ptr(), g.data_ptr() if g is not None else 0, flags))
-        key = tuple(rows)
-        if ptrs is not None and ptrs.key == key:
-            ptrs.token = token
-            return ptrs
+    @staticmethod
+    def _table(rows: list[tuple[int, int, int]], device: torch.device) -> _Pointers:
+        """A pointer table of ``(parameter address, gradient address, flags)`` rows."""
         skipped = tuple(i for i, r in enumerate(rows) if r[2] & K.SKIP)
         live = [a for r in rows if not r[2] & K.SKIP for a in r[:2] if a]
         align = _ALIGN if all(a % _ALIGN == 0 for a in live) else 1
         table = torch.tensor([(0, 0, f) if f & K.SKIP else (p // align, g // align, f) for p, g, f in rows],
                              dtype=torch.int64).reshape(len(rows), 3)
-        ptrs = plan.cache[cache_key] = _Pointers(key, _to_device(table, plan.device), align, skipped, token)
-        self.table_builds += 1
-        return ptrs
+        return _Pointers(_to_device(table, device), align, skipped, rows)
+
+    def _pointers(self, plan: GroupPlan, grads: list[torch.Tensor] | None = None,
+                  fresh: set[int] = frozenset()) -> _Pointers:
+        """Without ``grads``, the parameters' pointer table, built at the plan's first call (their
+        addresses hold for the plan's life, see ``GroupPlan``); with them, the fused update's for
+        this call's gradients (``fresh``: indices of those just allocated), rebuilt when they
+        differ from the last call's in address or flags."""
+        ptrs = plan.cache.get("triton-ptrs")
+        if ptrs is None:
+            rows = [(p.data_ptr(), 0, 0 if p.is_contiguous() else K.SKIP) for p in plan.params]
+            ptrs = plan.cache["triton-ptrs"] = self._table(rows, plan.device)
+            self.table_builds += 1
+        if grads is None:
+            return ptrs
+        dtype = plan.param_dtype
+        rows = [(t, g.data_ptr(), flags | (K.SKIP if not g.is_contiguous() or g.dtype != dtype else 0)
+                 | (K.FRESH if i in fresh else 0)) for i, ((t, _, flags), g) in enumerate(zip(ptrs.rows, grads))]
+        last = plan.cache.get("triton-ptrs-grad")
+        if last is None or last.rows != rows:
+            last = plan.cache["triton-ptrs-grad"] = self._table(rows, plan.device)
+            self.grad_table_builds += 1
+        return last
 
     def _scale(self, plan: GroupPlan, lam: float) -> torch.Tensor:
         """``lam`` as a cached device scalar in the accumulation dtype (a float kernel argument
@@ -197,16 +206,12 @@ class TritonBackend:
 
     # -- the backend interface (base.py) -------------------------------------------------------
     def penalty_sum(self, plan: GroupPlan) -> torch.Tensor:
-        if plan.param_dtype not in _TL:
-            return _TORCH.penalty_sum(plan)
         with torch.no_grad():
             total, ptrs = self._run(plan, write_sum=True, grad_mode=0, scale=plan.importance)
             return self._plus(total, [TorchBackend.whole_tensor(plan, i, None, False, "sum") for i in ptrs.skipped])
 
     def penalty_sum_and_grads(self, plan: GroupPlan, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``penalty_sum`` and ``[lam * A * (theta - m)]`` in one pass: reads theta, A, m once."""
-        if plan.param_dtype not in _TL:
-            return _TORCH.penalty_sum_and_grads(plan, lam)
         with torch.no_grad():
             flat, views = self._flat_grads(plan)
             total, ptrs = self._run(plan, write_sum=True, grad_mode=1, scale=self._scale(plan, lam), out=flat)
@@ -214,8 +219,6 @@ class TritonBackend:
             return self._plus(total, extra), views
 
     def penalty_grads(self, plan: GroupPlan, scale: torch.Tensor) -> list[torch.Tensor]:
-        if plan.param_dtype not in _TL:
-            return _TORCH.penalty_grads(plan, scale)
         with torch.no_grad():
             flat, views = self._flat_grads(plan)
             scale = scale.to(device=plan.device, dtype=plan.compute_dtype)
@@ -225,8 +228,6 @@ class TritonBackend:
             return views
 
     def accumulate_grad_(self, plan: GroupPlan, lam: float) -> torch.Tensor:
-        if plan.param_dtype not in _TL:
-            return _TORCH.accumulate_grad_(plan, lam)
         with torch.no_grad():
             grads, fresh = [], set()
             for i, p in enumerate(plan.params):
