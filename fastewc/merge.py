@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ._utils import require
 from .errors import EWCInputError
-from .fisher.files import fisher_tensor_names, open_fisher_tensors
+from .fisher.files import fisher_tensor_names
 
 __all__ = ["MergeReport", "fisher_merge", "fisher_merge_files"]
 

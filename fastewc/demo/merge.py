@@ -27,7 +27,7 @@ from ..fisher import estimate_fisher
 from ..merge import fisher_merge
 from ..reference import batch_fisher_estimation
 from .data import load_digits_tensors, split_digits
-from .run import DigitsMLP, _batches, evaluate
+from .run import DigitsMLP, evaluate
 
 FISHERS = ("exact", "sampled", "empirical", "batch-squared")
 

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from .._utils import unwrap_model, unwrapped_name
 from ..errors import EWCInputError
-from .binding import Binding, PenaltyFunction, bind, model_device
+from .binding import Binding, bind, model_device
+from .function import PenaltyFunction
 from .selection import ParamSelection
 from .sharding import all_reduce_value, full, local, split_task, stored_full_but_sharded
 from .store import PenaltyStore
