@@ -98,9 +98,14 @@ def cmd_demo(args) -> int:
     from .bench import timing
     from .demo.run import DemoConfig, format_report, run_demo
 
-    cfg = DemoConfig(benchmark=args.benchmark, scenario=args.scenario, num_tasks=args.tasks, hidden=args.hidden,
-                     epochs=args.epochs, lambda_ewc=args.lambda_ewc, fisher_samples=args.fisher_samples,
-                     methods=tuple(args.methods.split(",")), lambdas=args.lambdas, seed=args.seed)
+    if args.merge:
+        return _demo_merge(args)
+
+    given = {k: v for k, v in (("hidden", args.hidden), ("epochs", args.epochs),
+                                ("fisher_samples", args.fisher_samples)) if v is not None}
+    cfg = DemoConfig(benchmark=args.benchmark, scenario=args.scenario, num_tasks=args.tasks,
+                     lambda_ewc=args.lambda_ewc, methods=tuple(args.methods.split(",")), lambdas=args.lambdas,
+                     seed=args.seed, **given)
     if args.plot:  # fail before two minutes of training, not after
         from ._utils import require
 
@@ -115,6 +120,39 @@ def cmd_demo(args) -> int:
         from .demo.plot import plot_demo
 
         print(f"wrote {plot_demo(result, args.plot, label=_stamp(result['machine']))}")
+    return 0
+
+
+def _demo_merge(args) -> int:
+    from .bench import timing
+    from .demo.merge import MergeDemoConfig, format_merge_report, run_merge_demo
+
+    if args.plot:
+        raise EWCInputError("--plot applies to the continual-learning demo, not to --merge")
+    given = {k: v for k, v in (("hidden", args.hidden), ("epochs", args.epochs),
+                                ("fisher_samples", args.fisher_samples)) if v is not None}
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s)
+    except ValueError:
+        raise EWCInputError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
+    cfg = MergeDemoConfig(seeds=seeds, **given)
+    result = run_merge_demo(cfg, log=_progress(not args.quiet) or (lambda msg: None))
+    result["machine"] = timing.machine_info()
+    result["date"] = _dt.date.today().isoformat()
+    print(format_merge_report(result))
+    if args.json:
+        print(f"\nwrote {timing.write_json(args.json, result)}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import fisher_merge_files
+
+    weights = None if args.weights is None else [float(w) for w in args.weights.split(",")]
+    report = fisher_merge_files(args.models, args.fishers, args.out, weights=weights, floor=args.floor,
+                                normalize=args.normalize)
+    print(report)
+    print("wrote " + ", ".join(report.files))
     return 0
 
 
@@ -181,17 +219,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scenario", choices=["task", "domain"], default="task",
                    help="split only: per-task heads (task-incremental) or one shared head (domain-incremental)")
     d.add_argument("--tasks", type=int, default=5, help="permuted only: number of tasks (default 5)")
-    d.add_argument("--epochs", type=int, default=5)
-    d.add_argument("--hidden", type=int, default=1000, help="MLP width: 64-H-H-10 (default 1000)")
+    d.add_argument("--epochs", type=int, default=None, help="per task (default 5)")
+    d.add_argument("--hidden", type=int, default=None, help="MLP width: 64-H-H-10 (default 1000; 64 with --merge)")
     d.add_argument("--lambda", dest="lambda_ewc", type=float, default=1e4, help="EWC lambda (default 1e4)")
     d.add_argument("--lambdas", type=_floats, default=(), help="also sweep lambda for EWC, e.g. 100,1000,10000")
-    d.add_argument("--methods", default="finetune,ewc,online_ewc,ewc_exact,ewc_sampled")
-    d.add_argument("--fisher-samples", type=int, default=200)
+    d.add_argument("--methods", default="finetune,ewc,online_ewc,ewc_exact,ewc_sampled,ewc_tracked,stream_ewc",
+                   help="comma-separated, from: finetune, ewc, online_ewc, ewc_exact, ewc_sampled, ewc_tracked "
+                        "(Fisher tracked during the task's last epoch), stream_ewc (no task boundaries)")
+    d.add_argument("--merge", action="store_true",
+                   help="instead: fine-tune five copies of one model on Split-Digits and merge them (averaging, "
+                        "task arithmetic, Fisher merging with the exact/sampled/empirical/batch-squared Fisher)")
+    d.add_argument("--fisher-samples", type=int, default=None, help="per task (default 200; 256 with --merge)")
+    d.add_argument("--seeds", type=str, default="0,1,2", help="--merge: seeds to average over (default 0,1,2)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", metavar="PATH", help="write the results as JSON")
     d.add_argument("--plot", metavar="PATH", help="save a figure (PNG) of the results")
     d.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("merge", help="Fisher-weighted merging of safetensors checkpoints",
+                       description="Merge models fine-tuned from one initialisation, per parameter "
+                                   "theta = sum_i l_i F_i theta_i / sum_i l_i F_i, streaming over safetensors files "
+                                   "(checkpoints: a .safetensors file or a Hugging Face folder; Fishers: files "
+                                   "written by fastewc.save_fisher).")
+    m.add_argument("--models", nargs="+", required=True, metavar="CHECKPOINT")
+    m.add_argument("--fishers", nargs="+", required=True, metavar="FISHER", help="one per model, in the same order")
+    m.add_argument("--out", required=True, metavar="FOLDER", help="where model.safetensors (or shards) go")
+    m.add_argument("--weights", default=None, help="comma-separated l_i (default: equal)")
+    m.add_argument("--floor", type=float, default=1e-6, help="smallest Fisher value used (default 1e-6)")
+    m.add_argument("--normalize", action="store_true", help="divide each Fisher by its L2 norm first")
+    m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("info", help="which penalty backend runs on this machine, and why",
                        description="Print the penalty backends this installation can run, per device, and why a "

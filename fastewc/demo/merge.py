@@ -43,6 +43,13 @@ class MergeDemoConfig:
     floor: float = 1e-6
     seeds: tuple[int, ...] = (0, 1, 2)
 
+    def __post_init__(self):
+        for name in ("hidden", "epochs", "batch_size", "fisher_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+
 
 def _train(model: DigitsMLP, x, y, epochs: int, cfg: MergeDemoConfig, seed: int) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -18,20 +18,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fisher import FisherTracker
 from ..penalty import EWCRegularizer
 from ..streaming import StreamingEWC
 from .data import Task, permuted_digits, split_digits
 from .metrics import average_accuracy, average_forgetting
 
-# name -> (EWC mode, Fisher kind); None = plain fine-tuning. "stream": no task boundaries (see
-# train_sequence): one optimizer for the whole stream, the Fisher tracked from the training steps
-# and folded into online EWC every `stream_every` steps (fastewc.StreamingEWC).
+# name -> (EWC mode, Fisher kind); None = plain fine-tuning. Kind "tracked": the Fisher of the
+# task's last epoch, tracked from its training steps (fastewc.FisherTracker), no second pass.
+# Mode "stream": no task boundaries (see train_sequence): one optimizer for the whole stream, the
+# Fisher tracked from the training steps and folded into online EWC every `stream_every` steps
+# (fastewc.StreamingEWC).
 METHODS: dict[str, tuple[str, str] | None] = {
     "finetune": None,
     "ewc": ("separate", "empirical"),
     "online_ewc": ("online", "empirical"),
     "ewc_exact": ("separate", "exact"),
     "ewc_sampled": ("separate", "sampled"),
+    "ewc_tracked": ("separate", "tracked"),
     "stream_ewc": ("stream", "empirical"),
 }
 
@@ -132,7 +136,10 @@ def train_sequence(cfg: DemoConfig, tasks: list[Task], method: str, lambda_ewc: 
         if not streaming:  # a fresh optimizer per task is a boundary the stream is not told of
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         g = torch.Generator().manual_seed(cfg.seed * 1000 + t)  # same batches for every method
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
+            tracker = None
+            if spec is not None and spec[1] == "tracked" and epoch == cfg.epochs - 1 and t < T - 1:
+                tracker = FisherTracker(model).start()
             for x, y in _batches(task, cfg.batch_size, g):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
@@ -141,8 +148,12 @@ def train_sequence(cfg: DemoConfig, tasks: list[Task], method: str, lambda_ewc: 
                 elif ewc is not None and ewc.tasks_seen:
                     ewc.accumulate_grad_(model)
                 opt.step()
+            if tracker is not None:
+                tracker.stop()
         matrix[t] = [evaluate(model, s) for s in tasks]
-        if ewc is not None and t < T - 1:  # the last task's Fisher would never be used
+        if tracker is not None:
+            ewc.register_task(tracker.fisher(), {k: p.detach().clone() for k, p in model.named_parameters()})
+        elif ewc is not None and t < T - 1:  # the last task's Fisher would never be used
             model.use(task)
             n = min(cfg.fisher_samples, len(task.y_train))
             pick = torch.randperm(len(task.y_train), generator=torch.Generator().manual_seed(cfg.seed + 7 * t))[:n]

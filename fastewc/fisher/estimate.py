@@ -3,16 +3,19 @@
 The estimate is ``F_i = (1/N) sum_n (d loss_n / d theta_i)^2``: the mean over samples of the
 squared gradient of each sample's own loss. This is not the square of a mini-batch gradient
 (``method="batched"`` computes that, biased, only when asked for by name).
+
+:func:`estimate_fisher` strings the pieces together: it checks its arguments (:mod:`.arguments`),
+reads the data batch by batch, runs the rules' batched pass (:mod:`.engine`, on a plan proven by
+:mod:`.probe`) on what they cover and the per-sample engines (:mod:`.per_sample`: vmap in
+memory-sized chunks, or the loop) on the rest, all-reduces the sums under ``torch.distributed``
+and says what went where (:mod:`.report`).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import math
-import numbers
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Iterable
 
 import torch
@@ -20,14 +23,14 @@ import torch.nn as nn
 
 from .._utils import available_memory, eval_mode, is_sharded, require, unwrap_model
 from ..errors import EWCInputError
-from . import engine
 from . import per_sample as ps
-from .batches import Batch, class_labels, iter_batches, read_batch
-from .problem import (Problem, SampledLabels, logits_of, model_head, per_sample_ce, sample_labels,
-                      with_decoder_inputs)
+from .arguments import _check_arguments, _output_check, select_parameters
+from .batches import iter_batches, read_batch
+from .engine import rules_pass
+from .probe import cached_plan
+from .problem import Problem, SampledLabels, logits_of, per_sample_ce, sample_labels, with_decoder_inputs
+from .report import FisherReport
 
-KINDS = ("empirical", "sampled", "exact")
-METHODS = ("auto", "rules", "vmap", "loop", "batched")
 _log = logging.getLogger("fastewc.fisher")
 # Default share of free memory the per-sample gradients of one chunk may take. Conservative:
 # the model's activations under vmap (chunk x activation size) come on top and are not known.
@@ -42,48 +45,6 @@ MAX_CHUNK = 64
 # its mmap threshold (at most 32 MB) with fresh pages, and faulting them in costs more than the
 # arithmetic on a CPU: so a chunk keeps its largest parameter's block under this size.
 LARGEST_BLOCK_BYTES = 32 * 2**20
-
-
-def select_parameters(model: nn.Module, params=None) -> dict[str, nn.Parameter]:
-    """The parameters to estimate, by name (tied parameters once, as ``named_parameters()`` gives).
-
-    ``params``: None (every parameter with ``requires_grad``), a list of names and/or globs
-    (``fnmatch``; a name may be frozen if named explicitly), or a predicate ``f(name, param)``.
-    """
-    named = dict(model.named_parameters())
-    if params is None:
-        chosen = {n: p for n, p in named.items() if p.requires_grad}
-    elif callable(params):
-        chosen = {n: p for n, p in named.items() if params(n, p)}
-    else:
-        patterns = _patterns(params)
-        unknown = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in named)]
-        if unknown:
-            raise EWCInputError(f"params: nothing in the model matches {unknown} "
-                                f"(the model has {list(named)[:6]}{' ...' if len(named) > 6 else ''})")
-        chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
-    if not chosen:
-        raise EWCInputError("no parameters selected: the model has no parameter with requires_grad "
-                            "(or params= matched none)")
-    return chosen
-
-
-def _patterns(params) -> list[str]:
-    """``params`` given as names / globs: a list of strings, or :class:`EWCInputError`."""
-    if isinstance(params, str):
-        return [params]
-    expected = ("params must be None, a parameter name or glob, a list of them (e.g. ['0.weight', 'head.*']), "
-                "or a predicate f(name, param) -> bool")
-    try:
-        patterns = list(params)
-    except TypeError:
-        raise EWCInputError(f"{expected}; got {type(params).__name__}") from None
-    odd = [p for p in patterns if not isinstance(p, str)]
-    if odd:
-        what = "tensors (pass names: [n for n, p in model.named_parameters() if ...])" \
-            if isinstance(odd[0], torch.Tensor) else type(odd[0]).__name__
-        raise EWCInputError(f"{expected}; got a {type(params).__name__} holding {what}")
-    return patterns
 
 
 def _chunk_size(selected, kind: str, top_k, batch, chunk_size, max_memory) -> int:
@@ -208,7 +169,7 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                     labels_spec = _output_check(model, batch.take(1).to(device), kind, loss_fn)
                 batch = labels_spec.check(batch, seen).to(device)
                 if plan is None and method in ("auto", "rules"):
-                    plan, report.plan_cached = engine.cached_plan(problem, batch, probe=True)
+                    plan, report.plan_cached = cached_plan(problem, batch, probe=True)
                     left = problem.restrict(plan.leftover)
                 # Part by part (chunk_size, else the whole batch): a site the rules drop on one
                 # part goes per sample from that part on, and no part is counted twice.
@@ -242,143 +203,6 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     return (fisher, report) if return_info else fisher
 
 
-def _check_arguments(loss_fn, kind, num_samples, method, chunk_size, max_memory, progress, generator, top_k,
-                     return_info):
-    """Each argument's type and range (those that need the model are checked where it is known).
-    Returns ``num_samples, chunk_size, max_memory, top_k`` as plain Python numbers."""
-    if loss_fn is not None and not callable(loss_fn):
-        raise EWCInputError(f"loss_fn must be a callable loss_fn(output, target) -> scalar loss of one sample, or "
-                            f"None for the default; got {type(loss_fn).__name__}")
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise EWCInputError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if not isinstance(method, str) or method not in METHODS:
-        raise EWCInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    num_samples = _positive_int("num_samples", num_samples, "or None for all the data")
-    chunk_size = _positive_int("chunk_size", chunk_size, "or None to size chunks from max_memory")
-    top_k = _positive_int("top_k", top_k, "or None for every class")
-    if max_memory is not None:
-        if (isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real)
-                or not math.isfinite(max_memory) or max_memory <= 0):
-            raise EWCInputError(f"max_memory must be a positive finite number of bytes (e.g. 2**30 for 1 GiB), or "
-                                f"None for a quarter of free memory; got {max_memory!r}")
-        max_memory = float(max_memory)
-    for name, value in (("progress", progress), ("return_info", return_info)):
-        if not isinstance(value, bool):
-            raise EWCInputError(f"{name} must be True or False; got {value!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise EWCInputError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None; "
-                            f"got {type(generator).__name__}")
-    if top_k is not None and kind != "exact":
-        raise EWCInputError(f"top_k={top_k!r} applies to kind='exact' only (got kind={kind!r})")
-    if kind == "exact" and loss_fn is not None:
-        raise EWCInputError("kind='exact' sums softmax cross-entropy over the classes; it cannot use a custom loss_fn")
-    return num_samples, chunk_size, max_memory, top_k
-
-
-def _positive_int(name: str, value, none_means: str) -> int | None:
-    """``value`` as an int when it is a positive integer (numpy ones included), None for None;
-    else :class:`EWCInputError` naming ``name``."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise EWCInputError(f"{name} must be a positive int ({none_means}); got {value!r}")
-    return int(value)
-
-
-@dataclass
-class _Labels:
-    """What the dataset labels index, found from the model's output on the first sample:
-    ``classes`` (None: the labels are not checked), the ``loss`` that uses them (for messages),
-    ``one_per_sample`` (the logits have no position axis), ``shift`` (a causal LM's label t is
-    position t-1's target: the first label is never used) and ``head`` (a Hugging Face head)."""
-
-    classes: int | None = None
-    loss: str = ""
-    one_per_sample: bool = False
-    shift: bool = False
-    head: str | None = None
-    config: object = None
-
-    def check(self, batch: Batch, start: int) -> Batch:
-        """``batch`` with its labels checked (and made torch.long), or :class:`EWCInputError`
-        naming the batch, the sample and the valid range. ``start``: the data index of its first
-        sample."""
-        labels = batch.labels
-        if self.classes is None or labels is None:
-            return batch
-        if self.head == "sequence_classification":
-            # As the model's own loss decides (model_loss_per_sample): class indices only for a
-            # single-label problem; regression and multi-label targets are floats.
-            kind = getattr(self.config, "problem_type", None)
-            if kind is None:
-                kind = ("regression" if self.classes == 1 else "single_label_classification"
-                        if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
-            if kind != "single_label_classification":
-                return batch
-        if self.one_per_sample and labels[0].numel() != 1:
-            raise EWCInputError(
-                f"batch {batch.index}: the labels have shape {tuple(labels.shape)}, but {self.loss} takes one class "
-                f"index per sample, shape ({batch.size},); pass loss_fn for one-hot or soft targets")
-        class_labels(labels[..., 1:] if self.shift else labels, self.classes, batch.index, start, self.loss)
-        # int32 / int16 / uint8 indices name the same classes; cross-entropy takes int64 only
-        return batch if labels.dtype == torch.long else batch.with_labels(labels.long())
-
-
-def _output_check(model: nn.Module, one: Batch, kind: str, loss_fn) -> _Labels:
-    """Check, from one forward of the first sample ``one``, that the model's output suits the
-    loss: logits where the softmax cross-entropy needs them, and more than one class (softmax
-    over one class is constant, so every gradient and the Fisher would be zero). Returns what
-    the dataset labels index, for :meth:`_Labels.check` on every batch. No forward (and nothing
-    to check) when a user loss_fn takes the labels."""
-    softmax = kind != "empirical" or (loss_fn is None and not one.is_dict)
-    head = model_head(model) if kind == "empirical" and loss_fn is None and one.is_dict else None
-    if not softmax and head is None:
-        return _Labels()
-    args, kwargs = engine.forward_inputs(model, one)
-    with torch.no_grad():
-        out = model(*args, **kwargs)
-    try:
-        z = logits_of(out)
-    except EWCInputError:
-        got = f"the model returned a {type(out).__name__} (not a tensor, and no .logits)"
-        if kind == "empirical":
-            raise EWCInputError(
-                f"kind='empirical' with the default loss (softmax cross-entropy on the logits) needs logits, but {got}: "
-                f"pass loss_fn(output, target) computing one sample's loss from this output, e.g. "
-                f"loss_fn=lambda out, y: F.cross_entropy(out[0], y)") from None
-        raise EWCInputError(
-            f"kind={kind!r} {'draws labels from' if kind == 'sampled' else 'sums over the classes of'} the softmax "
-            f"of the logits, so it needs logits, but {got}: return the logits (a tensor, or an output with "
-            f".logits), or use kind='empirical' with loss_fn(output, target)") from None
-    if z.dim() < 2:
-        raise EWCInputError(f"the model's logits for one sample have shape {tuple(z.shape)}; softmax cross-entropy "
-                            f"needs a class axis, [N, C] or [N, T, C] (pass loss_fn with kind='empirical' for other "
-                            f"outputs)")
-    classes = z.shape[-1]
-    if softmax and classes == 1:
-        # Raised, not warned: the result is known before any gradient is taken and no use of an
-        # all-zero Fisher (a penalty of zero) or of labels that are all 0 is meant.
-        why = {"exact": "the exact Fisher would be zero for every parameter",
-               "empirical": "the default loss (cross-entropy) is 0 for every sample and the Fisher would be zero",
-               "sampled": ("every drawn label would be class 0 whatever the model predicts" if loss_fn is not None
-                           else "every drawn label is class 0 and the Fisher would be zero")}[kind]
-        raise EWCInputError(
-            f"kind={kind!r} on a model with one output per sample (logits of shape {tuple(z.shape)}): softmax over "
-            f"one class is constant (p = 1), so {why}; for a single-logit binary classifier or a regression model "
-            f"pass a loss_fn (e.g. F.binary_cross_entropy_with_logits or F.mse_loss) with kind='empirical', or give "
-            f"the model two logits (one per class)")
-    if kind != "empirical" or loss_fn is not None:
-        return _Labels()
-    if head is None:
-        return _Labels(classes, "the default loss (cross-entropy on the model's logits)", z.dim() == 2)
-    name = type(model).__name__
-    if head == "sequence_classification":
-        config = getattr(model, "config", None)
-        n = getattr(config, "num_labels", classes)
-        return _Labels(n, f"{name}'s own loss (cross-entropy)", True, head=head, config=config)
-    return _Labels(classes, f"{name}'s own loss (cross-entropy on its logits)", shift=head == "causal_lm", head=head)
-
-
 def _total_samples(data, num_samples: int | None) -> int | None:
     """How many samples the progress bar will count, when the data says (a DataLoader's dataset,
     or a list of batches); None when only iterating would tell."""
@@ -401,7 +225,7 @@ def _rules_part(problem, plan, part, generator, start, sums) -> torch.Tensor | N
     ``sums``. Returns the labels drawn for kind 'sampled' (from the pass's own logits), else None."""
     lab = SampledLabels(generator) if problem.kind == "sampled" else None
     for _ in range(6):
-        got, trouble = engine.rules_pass(problem, plan, part, lab)
+        got, trouble = rules_pass(problem, plan, part, lab)
         if not trouble:
             break
         # Data-dependent structure (a module skipped or called differently on this part): what the
@@ -472,74 +296,6 @@ def _all_finite(squares) -> bool:
     """Whether every element of these non-negative tensors is finite, from one sum per tensor:
     a NaN or Inf makes its tensor's sum non-finite (cheaper than ``isfinite().all()`` on each)."""
     return bool(torch.isfinite(torch.stack([t.sum() for t in squares]).sum()))
-
-
-class FisherReport:
-    """What ``estimate_fisher(..., return_info=True)`` computed how.
-
-    Attributes: ``method`` (as asked); ``rules`` ({module name: rule}, op-local uses under
-    ``"<ops>"``); ``methods`` ({parameter: rule that covered it}); ``rule_params`` (parameters
-    covered in the batched pass); ``vmap_params`` / ``loop_params`` (computed per sample, by
-    vmap or the loop); ``reasons`` ({parameter: why it went per sample}); ``notes``
-    ({parameter: why no hand-written rule covered it}); ``samples``; ``probe_seconds`` (time
-    spent proving the plan in this call: 0 when the proven plan was cached); ``plan_cached``.
-    """
-
-    def __init__(self, method: str):
-        self.method = method
-        self.rules: dict[str, str] = {}
-        self.methods: dict[str, str] = {}
-        self.rule_params: list[str] = []
-        self.vmap_params: list[str] = []
-        self.loop_params: list[str] = []
-        self.reasons: dict[str, str] = {}
-        self.notes: dict[str, str] = {}
-        self.samples = 0
-        self.probe_seconds = 0.0
-        self.plan_cached = False
-
-    def finish(self, plan, left, use, samples) -> None:
-        if plan is not None:
-            self.rules = plan.rule_names
-            self.methods = plan.method_of
-            self.rule_params = sorted(plan.covered)
-            self.reasons = {n: plan.reasons[n] for n in left.selected if n in plan.reasons}
-            self.notes = {n: w for n, w in plan.notes.items() if n in plan.covered}
-            self.probe_seconds = 0.0 if self.plan_cached else plan.probe_seconds
-        per_sample = list(left.selected)
-        if use == "loop":
-            self.loop_params = per_sample
-        else:
-            self.vmap_params = per_sample
-        self.samples = samples
-
-    def summary(self) -> str:
-        """One line per (method, reason): counts and a few names; full texts in ``reasons``."""
-        parts = [f"{self.samples} samples"]
-        by_rule: dict[str, list] = {}
-        for p, r in self.methods.items():
-            by_rule.setdefault(r, []).append(p)
-        for r, names in sorted(by_rule.items()):
-            parts.append(f"{r}: {_few(names)}")
-        for what, names in (("vmap", self.vmap_params), ("loop", self.loop_params)):
-            by_reason: dict[str, list] = {}
-            for n in names:
-                by_reason.setdefault(self.reasons.get(n, "not covered by the rules"), []).append(n)
-            for why, ns in by_reason.items():
-                parts.append(f"{what}: {_few(ns)} ({why})")
-        if self.probe_seconds:
-            parts.append(f"probe {self.probe_seconds * 1e3:.0f} ms")
-        elif self.plan_cached:
-            parts.append("plan cached")
-        return " | ".join(parts)
-
-    def __repr__(self) -> str:
-        return f"FisherReport({self.summary()})"
-
-
-def _few(names: list[str], k: int = 3) -> str:
-    shown = ", ".join(names[:k])
-    return f"{len(names)} param{'s' if len(names) != 1 else ''} ({shown}{', ...' if len(names) > k else ''})"
 
 
 def _all_reduce(sums: dict[str, torch.Tensor], count: torch.Tensor):

@@ -109,7 +109,7 @@ def output_rows(output, i: int, j: int, n: int):
 def model_head(model) -> str | None:
     """Which Hugging Face loss the model computes from ``labels``, from its class name; None when
     unknown (then the per-sample engines call the model on each sample and use ``output.loss``).
-    ``check_forward`` (engine) proves the guess on the first samples before the rules use it."""
+    ``check_forward`` (:mod:`.probe`) proves the guess on the first samples before the rules use it."""
     name = type(model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"

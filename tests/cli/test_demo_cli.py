@@ -19,7 +19,8 @@ def test_demo_tiny_writes_json_and_png(tmp_path, capsys):
     assert code == 0 and "avg forgetting" in out
     data = json.loads(js.read_text())
     assert data["benchmark"] == "permuted-digits"
-    assert set(data["methods"]) == {"finetune", "ewc", "online_ewc", "ewc_exact", "ewc_sampled"}
+    assert set(data["methods"]) == {"finetune", "ewc", "online_ewc", "ewc_exact", "ewc_sampled", "ewc_tracked",
+                                    "stream_ewc"}
     for r in data["methods"].values():
         assert len(r["matrix"]) == 3 and all(len(row) == 3 for row in r["matrix"])
         assert 0.0 <= r["avg_accuracy"] <= 1.0
@@ -34,6 +35,18 @@ def test_split_demo_runs(tmp_path, scenario, capsys):
     assert code == 0
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["benchmark"] == f"split-digits-{scenario}-incremental" and len(data["tasks"]) == 5
+
+
+def test_merge_demo_runs_every_method(tmp_path, capsys):
+    code = cli.main(["demo", "--merge", "--hidden", "32", "--epochs", "3", "--fisher-samples", "16", "--seeds", "0",
+                     "--json", str(tmp_path / "m.json"), "--quiet"])
+    assert code == 0 and "Fisher, exact" in capsys.readouterr().out
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert set(data["methods"]) == {"initialisation", "fine-tuned, own task", "average", "task arithmetic",
+                                    "Fisher, exact", "Fisher, sampled", "Fisher, empirical", "Fisher, batch-squared"}
+    assert all(0.0 <= a <= 1.0 for r in data["methods"].values() for a in r["accuracy"])
+    # each fine-tuned copy learned its own task: better than the shared initialisation there
+    assert data["methods"]["fine-tuned, own task"]["mean"] > data["methods"]["initialisation"]["mean"]
 
 
 def test_task_construction():

@@ -1,0 +1,179 @@
+"""Where each selected parameter is used: the rule engine's plan.
+
+:func:`make_plan` finds every use of every selected parameter and gives it a :class:`Site`: a
+module with a per-layer rule (:mod:`.rules`), any other module (the module-local rule), or
+operations outside any module (the op-local rule, for a bare ``nn.Parameter`` used in
+``forward``). A tied parameter has several such sites. :class:`RulePlan` holds the sites and the
+parameters that go per sample instead (with the reason), and changes as the batched pass
+(:mod:`.engine`) or the probe (:mod:`.probe`) finds what the structure alone did not tell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .rules import rule_for
+
+OPS = "<ops>"  # the site of parameters used by operations outside any module
+
+
+@dataclass
+class Site:
+    """Where selected parameters are used: a module (with a rule, or module-local) or operations."""
+
+    key: str                       # "rule:<module>", "local:<module>" or OPS
+    module_name: str
+    module: nn.Module | None
+    rule: object | None            # a rules.Rule for rule sites
+    params: dict[str, str] = field(default_factory=dict)   # attr (relative name) -> selected name
+    batch_free: bool = False       # called on inputs without a batch axis (position tables): its
+                                   # output is followed into the operations that meet the batch
+
+    @property
+    def label(self) -> str:
+        if self.rule is not None:
+            return self.rule.name
+        return "op-local" if self.key == OPS else "module-local"
+
+
+@dataclass
+class RulePlan:
+    """Which sites cover which selected parameters; the others go per sample, with the reason."""
+
+    sites: dict[str, Site]
+    leftover: list[str]                                      # parameters for vmap / the loop
+    reasons: dict[str, str] = field(default_factory=dict)    # leftover parameter -> why
+    notes: dict[str, str] = field(default_factory=dict)      # covered parameter -> why no hand rule
+    clone: set = field(default_factory=set)                  # sites whose output a later op modifies in place
+    probe_seconds: float = 0.0
+    root: nn.Module | None = None                            # the model
+
+    def copy(self) -> "RulePlan":
+        sites = {k: Site(s.key, s.module_name, s.module, s.rule, dict(s.params), s.batch_free)
+                 for k, s in self.sites.items()}
+        return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
+                        self.probe_seconds, self.root)
+
+    @property
+    def covered(self) -> set[str]:
+        return {p for s in self.sites.values() for p in s.params.values()}
+
+    def drop_param(self, pname: str, why: str) -> None:
+        for key in list(self.sites):
+            site = self.sites[key]
+            site.params = {a: p for a, p in site.params.items() if p != pname}
+            if not site.params:
+                del self.sites[key]
+        if pname not in self.leftover:
+            self.leftover.append(pname)
+            self.reasons[pname] = why
+
+    def drop_site(self, key: str, why: str) -> None:
+        for pname in list(self.sites[key].params.values()) if key in self.sites else []:
+            self.drop_param(pname, why)
+
+    def drop_all(self, why: str) -> None:
+        for pname in sorted(self.covered):
+            self.drop_param(pname, why)
+
+    def to_local(self, key: str, why: str) -> None:
+        """A rule site whose calls the rule cannot read (keyword arguments, several tensors) goes
+        module-local."""
+        site = self.sites.pop(key)
+        new = self.sites.setdefault("local:" + site.module_name,
+                                    Site("local:" + site.module_name, site.module_name, site.module, None))
+        new.params.update(site.params)
+        for p in site.params.values():
+            self.notes[p] = why
+
+    def to_parent(self, key: str, why: str) -> None:
+        """A module that is never called: its parent's forward uses the parameters directly
+        (MultiheadAttention's ``out_proj``, say), so the parent's module-local rule takes them;
+        under the root, the operations that use them (op-local)."""
+        site = self.sites[key]
+        if site.module_name == "":
+            self.drop_site(key, why)
+            return
+        del self.sites[key]
+        parent_name, _, child = site.module_name.rpartition(".")
+        parent = self.root.get_submodule(parent_name)
+        key2 = OPS if parent_name == "" and any(True for _ in parent.children()) else "local:" + parent_name
+        new = self.sites.setdefault(key2, Site(key2, parent_name, parent if key2 != OPS else None, None))
+        for attr, p in site.params.items():
+            new.params[p if key2 == OPS else f"{child}.{attr}"] = p
+            self.notes[p] = why
+
+    def absorb(self, trouble: dict[str, tuple[str, str]]) -> None:
+        """Act on what :func:`.engine.rules_pass` reported: ``(action, reason)`` per site key."""
+        for key, (action, why) in trouble.items():
+            if key not in self.sites:
+                continue
+            if action == "clone" and key not in self.clone:
+                self.clone.add(key)
+            elif action == "local":
+                self.to_local(key, why)
+            elif action == "parent":
+                self.to_parent(key, why)
+            elif action == "batch_free":
+                self.sites[key].batch_free = True
+                for p in self.sites[key].params.values():
+                    self.notes.setdefault(p, why)
+            else:
+                self.drop_site(key, why)
+
+    @property
+    def rule_names(self) -> dict[str, str]:
+        """``{module name: rule}`` for the module sites (op-local sites under ``"<ops>"``)."""
+        return {s.module_name if s.key != OPS else OPS: s.label for s in self.sites.values()}
+
+    @property
+    def method_of(self) -> dict[str, str]:
+        """``{parameter: rule}``: ``"a+b"`` for a parameter used at several sites."""
+        out: dict[str, list] = {}
+        for s in self.sites.values():
+            for p in s.params.values():
+                out.setdefault(p, []).append(s.label)
+        return {p: "+".join(sorted(set(v))) for p, v in out.items()}
+
+
+def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
+    """Structural plan: every use of every selected parameter gets a site."""
+    owners: dict[int, list] = {}
+    seen: set = set()
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            # One module placed at two paths is one site (its hook sees both calls); a site per
+            # path would hook the same module twice and count every call twice.
+            if p is not None and (id(m), attr) not in seen:
+                seen.add((id(m), attr))
+                owners.setdefault(id(p), []).append((mname, m, attr))
+    plan = RulePlan({}, [], root=model)
+    root_has_children = any(True for _ in model.children())
+    for pname, p in selected.items():
+        uses = owners.get(id(p), [])
+        # A module that holds the parameter only to pass it to a child that owns it too (a head's
+        # bias tied to its decoder's) is not a use of its own.
+        uses = [u for u in uses if not any(v[0] != u[0] and (u[0] == "" or v[0].startswith(u[0] + "."))
+                                           for v in uses)]
+        for mname, m, attr in uses:
+            rule, why = rule_for(m)
+            if rule is not None:
+                key = "rule:" + mname
+                site = plan.sites.setdefault(key, Site(key, mname, m, rule))
+                site.params[attr] = pname
+            elif mname == "" and root_has_children:
+                site = plan.sites.setdefault(OPS, Site(OPS, "", None, None))
+                site.params[pname] = pname
+                plan.notes[pname] = "used outside any module"
+            else:
+                key = "local:" + mname
+                site = plan.sites.setdefault(key, Site(key, mname, m, None))
+                site.params[attr] = pname
+                plan.notes[pname] = why
+        if len(uses) > 1:
+            plan.notes[pname] = f"tied: used by {len(uses)} modules (" + ", ".join(u[0] or "<root>" for u in uses) + ")"
+    return plan
+

@@ -1,0 +1,191 @@
+"""Recording the batched forward of the rule engine: what each site's calls took and returned.
+
+:class:`_Recorder` puts a forward hook on every module site of a :class:`~.plan.RulePlan` and,
+when the plan has an op site (or a module called without a batch axis), enters
+:class:`_OpRecorder`, a torch-function mode that records every operation using the watched
+parameters. Each record keeps a call's inputs and the outputs the loss is differentiated with
+respect to (:func:`_prepare_outputs`), with the tensors' versions at the call, so that
+:mod:`.engine` can tell when a later in-place op changed them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .functional import call_once
+from .plan import OPS, RulePlan, Site
+from .rules.attention import RecordingAttention
+from .rules.local import ParamLeaf, Recorded, record
+
+
+@dataclass
+class _Call:
+    rec: Recorded
+    ok_for_rule: bool              # one positional tensor argument, a tensor output
+    versions_in: list              # of the per-sample inputs, at the call
+    versions_out: list             # of the outputs differentiated, at the call
+
+
+def _prepare_outputs(outputs: list, clone: bool) -> tuple[list, dict]:
+    """``(targets, handed)``: the tensors to differentiate the loss with respect to, and the
+    replacements (by position) the rest of the model gets instead of the module's outputs.
+
+    * An output computed from nothing that requires grad (the first layer's, with the parameters
+      detached) becomes a leaf that does; the model continues with a copy, so that a later
+      in-place op does not touch the leaf.
+    * With several outputs, each is differentiated through its own alias (a view): one output
+      may be computed from another inside the module (``h`` and ``h.square().mean()``), and the
+      gradient w.r.t. ``h`` itself would then include the path through the other output, which
+      the module's own vector-Jacobian product adds again.
+    * ``clone``: a later op modifies the output in place: the model continues with a copy.
+    """
+    targets, handed = [], {}
+    for k, t in enumerate(outputs):
+        copy = clone
+        if not t.requires_grad:
+            t.requires_grad_(True)
+            copy = True
+        target = t.view_as(t) if len(outputs) > 1 else t
+        targets.append(target)
+        if copy:
+            handed[k] = target.clone()
+        elif target is not t:
+            handed[k] = target
+    return targets, handed
+
+
+class _Recorder:
+    """Forward hooks on the module sites and, for the op site, a torch-function mode that records
+    every operation using the watched parameters."""
+
+    def __init__(self, plan: RulePlan, n: int, values: dict[str, torch.Tensor]):
+        self.n = n
+        self.calls: dict[str, list[_Call]] = {k: [] for k in plan.sites if k != OPS}
+        self.handles = []
+        self.ops: list[Recorded] = []
+        ops = plan.sites.get(OPS)
+        needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
+        watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
+        self.mode = _OpRecorder(self, watched) if needs_ops else None
+        self.attention: dict[str, RecordingAttention] = {}
+        for key, site in plan.sites.items():
+            if key == OPS:
+                continue
+            hook = self._batch_free_hook(site) if site.batch_free else self._hook(key, key in plan.clone)
+            self.handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            if site.rule is None and not site.batch_free and type(site.module) is nn.MultiheadAttention:
+                self.attention[key] = RecordingAttention(site.module)
+                site.module.forward = self.attention[key].forward  # this instance, for this pass only
+
+    def _hook(self, key, clone):
+        def hook(module, args, kwargs, output):
+            rec = record(args, kwargs, output, self.n)
+            ok = (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
+                  and args[0].dim() > 0 and args[0].shape[0] == self.n and len(rec.outputs) == 1)
+            versions_in = [rec.leaves[k]._version for k in rec.batched]
+            rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
+            self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs]))
+            if not replaced:
+                return None
+            if isinstance(output, torch.Tensor):
+                return replaced[0]
+            leaves, spec = tree_flatten(output)
+            for k, t in replaced.items():
+                leaves[rec.out_index[k]] = t
+            return tree_unflatten(leaves, spec)
+        return hook
+
+    def _batch_free_hook(self, site: Site):
+        """The module's output has no batch axis: follow it into the operations that use it,
+        rebuilding it from the parameters by calling the module again."""
+        def hook(module, args, kwargs, output):
+            leaves, _ = tree_flatten(output)
+            for k, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    def build(p, k=k):
+                        mine = {a: p[n] for a, n in site.params.items()}
+                        return tree_flatten(call_once(module, mine, args, kwargs))[0][k]
+                    self.mode.watch(t, build, set(site.params.values()))
+            return None
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        for att in self.attention.values():
+            del att.m.forward  # back to the class's forward
+
+
+class _OpRecorder(TorchFunctionMode):
+    """Records the operations that use watched tensors (parameters used outside any module, and
+    tensors derived from them without a batch axis)."""
+
+    def __init__(self, recorder: _Recorder, watched: dict[int, str]):
+        super().__init__()
+        self.recorder = recorder
+        self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
+        self.sources = {i: {name} for i, name in watched.items()}
+        self.keep = []  # keeps derived tensors alive so that their ids stay unique
+        self.op_trouble: str | None = None
+
+    def watch(self, t: torch.Tensor, build, sources: set) -> None:
+        self.builders[id(t)] = build
+        self.sources[id(t)] = sources
+        self.keep.append(t)
+
+    def _touches_watched(self, args, kwargs) -> bool:
+        """Whether a watched tensor is among the arguments (one level of lists and tuples deep,
+        as torch's operations take them): every operation of the forward passes through here."""
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, torch.Tensor):
+                if id(x) in self.builders:
+                    return True
+            elif isinstance(x, (list, tuple)):
+                if any(isinstance(y, torch.Tensor) and id(y) in self.builders for y in x):
+                    return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self._touches_watched(args, kwargs):
+            return out
+        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+        slots = {k: self.builders[id(x)] for k, x in enumerate(leaves)
+                 if isinstance(x, torch.Tensor) and id(x) in self.builders}
+        if not slots or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        n = self.recorder.n
+        sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
+        batched_in = any(isinstance(x, torch.Tensor) and k not in slots and x.dim() > 0 and x.shape[0] == n
+                         for k, x in enumerate(leaves))
+        if not batched_in and not (out.dim() > 0 and out.shape[0] == n and any(
+                leaves[k].dim() > 0 and leaves[k].shape[0] == n for k in slots)):
+            # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters.
+            # A batch axis made by broadcasting (cls.expand(B, -1, -1): stride 0, every row the same
+            # memory) is rebuilt with one row, as a sample replayed alone sees it; a size that only
+            # equals the batch size is not taken for one.
+            spread = n > 1 and out.dim() > 0 and out.shape[0] == n and out.stride(0) == 0
+
+            def build(p, func=func, leaves=list(leaves), spec=spec, slots=slots, spread=spread):
+                ls = list(leaves)
+                for k, b in slots.items():
+                    ls[k] = b(p)
+                a, kw = tree_unflatten(ls, spec)
+                y = func(*a, **kw)
+                return y[:1] if spread else y
+            self.watch(out, build, sources)
+            return out
+        if out.dim() == 0 or out.shape[0] != n:
+            self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
+            return out
+        rec = Recorded(leaves, spec, [out], [0], n, slots, func, sources)
+        rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
+        rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
+        self.recorder.ops.append(rec)
+        return replaced.get(0, out)

@@ -1,0 +1,371 @@
+"""One training step under :class:`~fastewc.FisherTracker`: its forward recorded, its backward
+folded into the running sums.
+
+:class:`_StepHooks` is the half of the tracker that runs inside the user's step. Forward: the
+model's pre-hook opens a :class:`_Pass` (the batch size, the tracked subset, the per-sample
+weights of a model's own loss), and a hook on every site of the tracker's plan records each
+call's input (rule sites) or inputs and outputs (module-local sites) and hooks the outputs'
+gradients. Backward: the first gradient fixes the per-sample factor ``1 / (M w_n)``
+(:mod:`.sample_weights`); a site with one use of parameters used nowhere else is squared and
+summed at once by its rule; the other uses are stashed, and when the backward ends their
+per-sample gradients are added up, squared and summed, and the step is folded into the running
+Fisher (mean or moving average; skipped with the scaler's overflowing steps).
+
+It holds no state of its own: it reads the tracker's plan (``_sites``, ``_uses``), options
+(``fraction``, ``reduction``, ``accumulation_steps``, ``scaler``, ``decay``) and sums
+(``_sums``, ``_dtypes``, ``samples_seen``, ``steps``, ``steps_skipped``), all set by
+:class:`~.tracker.FisherTracker`, and calls its ``_plan()`` when the modules' modes change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..errors import EWCInputError
+from .problem import logits_of, model_head, plain_attention
+from .rules import BLOCK_BYTES, chunks, sq_sum_of
+from .rules.attention import LOCAL_REPLAYS
+from .rules.local import Recorded, module_blocks, record
+from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass
+class _Call:
+    """One call of a site in the tracked forward: a rule site's input, or a module-local record."""
+
+    A: torch.Tensor | None                 # rule sites: the input (detached)
+    rec: Recorded | None                   # module-local sites
+    version: int                           # of A (rule sites): an in-place change makes A stale
+    grads: list = field(default_factory=list)   # output gradients, stashed until the backward ends
+
+
+@dataclass
+class _Pass:
+    """What one tracked forward recorded, until its backward has been folded into the sums."""
+
+    n: int                                 # samples in the batch
+    idx: torch.Tensor | None               # the tracked subset (fraction < 1), sorted
+    weights: torch.Tensor | None           # w_n of the model's own loss (dict batches with labels)
+    calls: dict                            # site key -> [_Call]
+    multiplier: torch.Tensor | None = None # d(objective)/d(model's own loss), seen in the backward
+    factor: object = None                  # 1 / (M w_n) of the tracked samples: float or [k] tensor
+    started: bool = False
+    step: dict = field(default_factory=dict)   # name -> this step's sum of squares (step buffers)
+
+    @property
+    def k(self) -> int:
+        return self.n if self.idx is None else int(self.idx.numel())
+
+
+class _StepHooks:
+    """The forward and backward hooks of :class:`~.tracker.FisherTracker` (a base class of it)."""
+
+    # -- forward -------------------------------------------------------------------------------
+    def _install_site_hooks(self) -> None:
+        for h in self._site_handles:
+            h.remove()
+        self._plan()  # a rule may apply in one mode and not another (BatchNorm)
+        self._site_handles = []
+        for key, site in self._sites.items():
+            hook = self._rule_hook(key) if site.rule is not None else self._local_hook(key)
+            self._site_handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+
+    def _pre_hook(self, module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return None  # evaluation: nothing to track
+        if torch._C._current_graph_task_id() != -1:
+            raise EWCInputError("FisherTracker: the model's forward runs inside a backward (gradient checkpointing "
+                                "recomputes it): the tracker cannot tell that forward from a training one; turn "
+                                "checkpointing off while tracking")
+        self._refuse_mixing()
+        flags = tuple(m.training for m in self.model.modules())
+        if flags != self._flags:
+            self._install_site_hooks()
+            self._flags = flags
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if not leaves:
+            raise EWCInputError("FisherTracker: the model was called without a tensor input with a batch axis")
+        n = leaves[0].shape[0]
+        labels = kwargs.get("labels") if isinstance(kwargs.get("labels"), torch.Tensor) else None
+        weights = None
+        if labels is not None:
+            if args:
+                raise EWCInputError("FisherTracker: a model called with labels= computes its own loss; pass its "
+                                    "inputs as keywords too (model(**batch)) so that the tracker reads the batch")
+            weights = own_loss_weights(self.model, model_head(self.model), labels, kwargs.get("num_items_in_batch"))
+        idx = None
+        if self.fraction < 1.0:
+            k = max(1, round(self.fraction * n))
+            idx = torch.randperm(n, generator=self._generator)[:k].sort().values.to(leaves[0].device)
+        self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites})
+        return None
+
+    def _refuse_mixing(self) -> None:
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+                raise EWCInputError(
+                    f"FisherTracker: BatchNorm {name!r} normalises with the batch's statistics (training mode), so each "
+                    f"sample's gradient depends on the other samples of its batch and no per-sample Fisher exists in "
+                    f"this pass. Put BatchNorm in eval mode while tracking (m.eval() for each BatchNorm), or use "
+                    f"estimate_fisher after training")
+
+    def _post_hook(self, module, args, kwargs, output):
+        p = self._pass
+        if p is None or p.weights is None or not torch.is_grad_enabled():
+            return None
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, dict):
+            loss = output.get("loss")
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            return None
+        if not self._own_loss_checked:
+            check_own_loss(self.model, model_head(self.model), logits_of(output), kwargs["labels"], p.weights, loss)
+            self._own_loss_checked = True
+        loss.register_hook(partial(self._on_loss_grad, p))
+        return None
+
+    def _rule_hook(self, key: str):
+        site = self._sites[key]
+
+        def hook(module, args, kwargs, output):
+            """Record the input. A position table called without a batch axis (``wpe(arange(T)[None])``,
+            added to a batch by broadcasting) hands on ``output.expand(N, ...)``: the same values,
+            broadcast as the addition would, so that its gradient arrives per sample."""
+            p = self._pass
+            if p is None or not torch.is_grad_enabled():
+                return None
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called with keyword, "
+                                    f"several or non-tensor arguments; its rule reads one input tensor")
+            A, handed = args[0], None
+            if A.dim() == 0 or A.shape[0] != p.n:
+                if (isinstance(module, nn.Embedding) and A.dim() > 0 and A.shape[0] == 1 and output.shape[0] == 1):
+                    A = A.expand(p.n, *A.shape[1:])
+                    output = handed = output.expand(p.n, *output.shape[1:])
+                else:
+                    raise EWCInputError(
+                        f"FisherTracker: {site.module_name} ({type(module).__name__}) is called on a tensor of shape "
+                        f"{tuple(A.shape)} whose first axis is not the batch of {p.n} samples; the per-sample rules "
+                        f"need the samples on dim 0")
+            if output.requires_grad:
+                calls = p.calls[key]
+                calls.append(_Call(A.detach(), None, A._version))
+                output.register_hook(partial(self._on_grad, p, key, len(calls) - 1, 0))
+            return handed
+        return hook
+
+    def _local_hook(self, key: str):
+        site = self._sites[key]
+
+        def hook(module, args, kwargs, output):
+            p = self._pass
+            if p is None or not torch.is_grad_enabled():
+                return None
+            active = [name for name, m in module.named_modules()
+                      if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0)
+                                         or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0))]
+            if active:
+                raise EWCInputError(
+                    f"FisherTracker: {site.module_name} ({type(module).__name__}) has no hand rule, so its parameters' "
+                    f"per-sample gradients come from replaying it, and its dropout "
+                    f"({site.module_name + ('.' + active[0] if active[0] else '')}) is active: a replay draws other "
+                    f"masks. Set that dropout to 0 (or the module to eval mode), or leave its parameters out with params=")
+            rec = record(args, kwargs, output, p.n)
+            if not rec.batched or not rec.outputs:
+                raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
+                                    f"the batch of {p.n} samples on dim 0 of its inputs and outputs")
+            outs = [t for t in rec.outputs if t.requires_grad]
+            if not outs:
+                return None
+            handed = None
+            if len(rec.outputs) > 1:
+                # One output may be computed from another inside the module: the gradient w.r.t. each
+                # is taken through an alias that only the rest of the model uses, or the replay's
+                # vector-Jacobian product would count the inner path twice.
+                rec.outputs = [t.view_as(t) for t in rec.outputs]
+                leaves, spec = tree_flatten(output)
+                for k, t in zip(rec.out_index, rec.outputs):
+                    leaves[k] = t
+                handed = tree_unflatten(leaves, spec)
+            calls = p.calls[key]
+            calls.append(_Call(None, rec, 0, [None] * len(rec.outputs)))
+            for slot, t in enumerate(rec.outputs):
+                if t.requires_grad:
+                    t.register_hook(partial(self._on_grad, p, key, len(calls) - 1, slot))
+            return handed
+        return hook
+
+    # -- backward ------------------------------------------------------------------------------
+    def _on_loss_grad(self, p: _Pass, g: torch.Tensor):
+        p.multiplier = g.detach().reshape(())
+        self._begin(p)
+
+    def _begin(self, p: _Pass) -> None:
+        """First hook of the backward through pass ``p``: fix the per-sample factor and queue the
+        step's completion for when the backward ends."""
+        if p is not self._pass:
+            raise EWCInputError("FisherTracker: a backward runs through a forward pass that is not the latest one "
+                                "(two forward passes feeding one backward, or a second backward through one graph): "
+                                "the tracker handles one backward per forward")
+        if p.started:
+            return
+        p.started = True
+        if p.weights is not None:
+            if p.multiplier is None:
+                raise EWCInputError(
+                    "FisherTracker: the model was called with labels but the backward does not go through its own "
+                    "loss (output.loss), so each sample's share of the loss is unknown; back-propagate output.loss, or "
+                    "call the model without labels and declare your loss with reduction='mean' or 'sum'")
+            c = inverse(p.weights, p.multiplier)
+            p.factor = c if p.idx is None else c[p.idx]
+        else:
+            scale = 1.0
+            if self.scaler is not None and self.scaler.is_enabled():
+                scale = getattr(self.scaler, "_scale", None)
+                # the scale tensor, not get_scale(): no host-device sync; float64 so that N k / scale
+                # rounds no worse than the gradients it multiplies
+                scale = self.scaler.get_scale() if not isinstance(scale, torch.Tensor) else scale.reshape(()).double()
+            # the loss was multiplied by scale / k and weighs each sample by w_n
+            p.factor = declared_factor(self.reduction, p.n) * self.accumulation_steps / scale
+        torch.autograd.Variable._execution_engine.queue_callback(partial(self._finish, p))
+
+    def _on_grad(self, p: _Pass, key: str, c: int, slot: int, G: torch.Tensor):
+        with torch.no_grad():
+            self._begin(p)
+            call = p.calls[key][c]
+            site = self._sites[key]
+            if site.rule is None or len(p.calls[key]) > 1 or any(len(self._uses[q]) > 1 for q in site.params.values()):
+                call.grads = call.grads or [None]
+                call.grads[slot] = G.detach()   # added to its other uses' when the backward ends
+                return None
+            if call.A._version != call.version:
+                raise EWCInputError(f"FisherTracker: the input of {site.module_name} was modified in place after the "
+                                    f"call, so the recorded input is not what the layer saw")
+            dtype = self._site_dtype(site)
+            A, G = self._tracked(p, call.A, dtype), self._scaled(p, self._tracked(p, G.detach(), dtype))
+            got = sq_sum_of(site.rule, site.module, A, [G])
+            for attr, name in site.params.items():
+                self._add(p, name, got[attr])
+        return None
+
+    def _site_dtype(self, site) -> torch.dtype:
+        return torch.float64 if any(self._dtypes[n] == torch.float64 for n in site.params.values()) else torch.float32
+
+    @staticmethod
+    def _tracked(p: _Pass, t: torch.Tensor, dtype) -> torch.Tensor:
+        t = t if p.idx is None else t.index_select(0, p.idx)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    @staticmethod
+    def _scaled(p: _Pass, G: torch.Tensor) -> torch.Tensor:
+        f = p.factor
+        if isinstance(f, torch.Tensor) and f.dim() == 1:
+            return G * f.to(G.dtype).view(-1, *([1] * (G.dim() - 1)))
+        return G * (f.to(G.dtype) if isinstance(f, torch.Tensor) else f)
+
+    def _add(self, p: _Pass, name: str, sq: torch.Tensor) -> None:
+        if self.decay is None and self.scaler is None:
+            self._sums[name].add_(sq.to(self._dtypes[name]))
+        elif name in p.step:
+            p.step[name].add_(sq.to(self._dtypes[name]))
+        else:
+            p.step[name] = sq.to(self._dtypes[name]).clone()
+
+    def _finish(self, p: _Pass) -> None:
+        """The backward through ``p`` ended: add up the uses of shared parameters and of the
+        module-local sites, square and sum them; fold the step into the running Fisher."""
+        if p is not self._pass:
+            return
+        self._pass = None
+        with torch.no_grad(), plain_attention():
+            self._shared(p)
+            self._fold(p)
+
+    def _shared(self, p: _Pass) -> None:
+        users = [(key, c) for key, calls in p.calls.items() for c, call in enumerate(calls)
+                 if any(g is not None for g in call.grads)]
+        if not users:
+            return
+        names = {n for key, _ in users for n in self._sites[key].params.values()}
+        per = sum(self.selected[n].numel() * self.selected[n].element_size() for n in names)
+        prepared = {u: self._prepare(p, *u) for u in users}
+        # Rules that add into another use's block (an embedding into its tied head) come last.
+        users.sort(key=lambda u: (self._sites[u[0]].rule is not None and self._sites[u[0]].rule.add_into is not None,
+                                  str(u)))
+        for i, j in chunks(p.k, per, BLOCK_BYTES // 4):
+            acc: dict[str, torch.Tensor] = {}
+            for key, c in users:
+                site = self._sites[key]
+                A, rec, grads = prepared[(key, c)]
+                mine = {a: n for a, n in site.params.items()}
+                if (site.rule is not None and site.rule.add_into is not None and all(n in acc for n in mine.values())
+                        and site.rule.add_into(site.module, A[i:j], grads[0][i:j], {a: acc[n] for a, n in mine.items()})):
+                    continue
+                for attr, b in self._blocks(site, A, rec, grads, i, j).items():
+                    name = site.params.get(attr)
+                    if name is None:
+                        continue
+                    if name in acc:
+                        acc[name].add_(b)
+                    else:
+                        # later uses add into it in place: it must own its memory
+                        acc[name] = b.clone() if b._is_view() or any(
+                            b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() for a in acc.values()) else b
+            for name, b in acc.items():
+                self._add(p, name, b.square().sum(0))
+
+    def _prepare(self, p: _Pass, key: str, c: int):
+        """``(A, rec, grads)`` of one stashed use, restricted to the tracked samples and scaled."""
+        site, call = self._sites[key], p.calls[key][c]
+        dtype = self._site_dtype(site)
+        if site.rule is not None:
+            if call.A._version != call.version:
+                raise EWCInputError(f"FisherTracker: the input of {site.module_name} was modified in place after the "
+                                    f"call, so the recorded input is not what the layer saw")
+            return self._tracked(p, call.A, dtype), None, [self._scaled(p, self._tracked(p, call.grads[0], dtype))]
+        rec = call.rec
+        grads = [self._scaled(p, self._tracked(p, torch.zeros_like(o) if g is None else g, o.dtype))
+                 for g, o in zip(call.grads, rec.outputs)]
+        if p.idx is not None:
+            leaves = list(rec.leaves)
+            for k in rec.batched:
+                leaves[k] = leaves[k].index_select(0, p.idx)
+            rec = Recorded(leaves, rec.spec, rec.outputs, rec.out_index, p.k)
+        return None, rec, grads
+
+    def _blocks(self, site, A, rec, grads, i, j) -> dict:
+        if site.rule is not None:
+            return site.rule.per_sample(site.module, A[i:j], grads[0][i:j])
+        attrs = list(site.params)
+        replay = LOCAL_REPLAYS.get(type(site.module))
+        got = replay(site.module, attrs, rec, grads, i, j) if replay is not None else None
+        if got is None:
+            got = module_blocks(site.module, attrs, rec, grads, i, j)
+        dtype = self._site_dtype(site)
+        return {a: t.to(dtype) for a, t in got.items()}
+
+    def _fold(self, p: _Pass) -> None:
+        if p.step and self.scaler is not None and self.scaler.is_enabled():
+            if not bool(torch.isfinite(torch.stack([s.sum() for s in p.step.values()]).sum())):
+                self.steps_skipped += 1   # the scaler skips this step's update: so does the Fisher
+                return
+        if self.decay is not None:
+            for name, s in self._sums.items():
+                step = p.step.get(name)
+                mean = step / p.k if step is not None else torch.zeros_like(s)
+                if self.steps == 0:
+                    s.copy_(mean)
+                else:
+                    s.mul_(self.decay).add_(mean, alpha=1.0 - self.decay)
+        elif p.step:
+            for name, s in p.step.items():
+                self._sums[name].add_(s)
+        self.samples_seen += p.k
+        self.steps += 1
