@@ -100,6 +100,81 @@ def scale_table(d: dict, source: str) -> str:
     return f"{_where(m)}, torch {m['torch']}{helpers}; {d['date']}. Source: `{source}`.\n\n" + format_scale(d)
 
 
+def step_overhead_table(d: dict, source: str) -> str:
+    from bench_step_overhead import format_rows
+
+    m = d["machine"]
+    return (f"Float32, 2 tasks registered, a step = zero_grad, forward, backward, SGD; {_where(m)}, torch "
+            f"{m['torch']}; {d['repeats']} round-robin repeats, medians; {d['machine']['date']}. Source: `{source}`.\n\n"
+            + "\n".join(format_rows(d["rows"])))
+
+
+def merge_table(d: dict, source: str) -> str:
+    m = d["machine"]
+    lines = [f"{_where(m)}, torch {m['torch']}; page cache dropped before each run: "
+             f"{d['rows'][0]['page_cache_dropped']}; {m['date']}. Source: `{source}`.", "",
+             "| models x params | read GB | written GB | merge s | peak resident GB | disk floor s | x floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['models']} x {r['params'] / 1e9:.2f}B bf16 | {r['input_gb']:.1f} | {r['output_gb']:.1f} | "
+                     f"{r['merge_s']:.1f} | {r['merge_peak_gb']:.2f} | {r['disk_floor_s']:.1f} | {r['vs_disk_floor']:.2f}x |")
+    return "\n".join(lines)
+
+
+def demo_merge_table(d: dict, source: str) -> str:
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from fastewc.demo.merge import format_merge_report
+
+    c = d["config"]
+    return (f"Split-Digits task-incremental, 5 models fine-tuned from one initialisation (MLP 64-{c['hidden']}-"
+            f"{c['hidden']}-10, {c['pretrain_epochs']} pretraining epochs, {c['epochs']} epochs per task), "
+            f"{c['fisher_samples']} Fisher samples per model, floor {c['floor']:g}; test accuracy per task, the mean of "
+            f"seeds {', '.join(map(str, c['seeds']))}; {_where(d['machine'])}, {d['date']}. Source: `{source}`.\n\n"
+            + format_merge_report(d))
+
+
+def zoo_table(d: dict, source: str) -> str:
+    models: dict = {}
+    for r in d["rows"]:
+        e = models.setdefault(r["model"], {"kinds": {}, "coverage": None, "tol_why": "", "known": False})
+        k = e["kinds"].setdefault(r["kind"], 0.0)
+        e["kinds"][r["kind"]] = max(k, r["max_rel_error"])
+        e["tol_why"] = e["tol_why"] or r.get("tol_why", "")
+        e["known"] = e["known"] or bool(r.get("known"))
+        if r["kind"] == "empirical" and e["coverage"] is None:
+            e["coverage"] = r["coverage"]
+    failed = sum(1 for r in d["rows"] if not r["passed"] and not r.get("known"))
+    lines = [f"{len(d['rows'])} model/kind/padding cases, N = {d['samples']}, {d['dtype']}, method "
+             f"{d['method']!r}; error = max over tensors of |fastewc - reference loop| / the tensor's largest entry "
+             f"(floored at 1e-9 of the model's largest); tolerance {d['tolerance']:g} ({d['tolerance_fp32_parts']:g} "
+             f"where marked); {failed} failures; {_where(d['machine'])}. Source: `{source}`.", "",
+             "| model | empirical | sampled | exact | parameters by rules / vmap / loop (auto) |",
+             "|---|---:|---:|---:|---|"]
+    for name, e in models.items():
+        cov = e["coverage"] or {"rule_params": 0, "vmap_params": [], "loop_params": []}
+        mark = " (1e-6)" if e["tol_why"] else ""
+        errs = " | ".join(f"{e['kinds'][k]:.1e}" if k in e["kinds"] else "n/a" for k in ("empirical", "sampled", "exact"))
+        lines.append(f"| {name}{mark} | {errs} | {cov['rule_params']} / {len(cov['vmap_params'])} / "
+                     f"{len(cov['loop_params'])} |")
+    return "\n".join(lines)
+
+
+def tracker_table(d: dict, source: str) -> str:
+    m = d["machine"]
+    lines = [f"One epoch per case, round-robin, {d['repeats']} repeats, medians; {_where(m)}, torch {m['torch']}, "
+             f"{m['date']}. Source: `{source}`.", "",
+             "| model | samples | plain epoch s | tracked | x plain | fraction 0.25 | x plain | estimate_fisher s | "
+             "x plain |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        s = r["seconds"]
+        lines.append(f"| {r['model']} | {r['samples']} | {s['plain']:.3f} | {s['tracked']:.3f} | "
+                     f"{r['tracked_over_plain']:.2f}x | {s['tracked_0.25']:.3f} | {r['tracked_0.25_over_plain']:.2f}x | "
+                     f"{s['estimate_fisher']:.3f} | {r['estimate_fisher_over_plain']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--machine", default=None,
@@ -108,7 +183,10 @@ def main(argv=None) -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     makers = {"penalty_cpu": ("penalty_cpu.json", penalty_table), "fisher_cpu": ("fisher_cpu.json", fisher_table),
-              "demo": ("demo_permuted.json", demo_table), "scale": ("scale_cpu.json", scale_table)}
+              "demo": ("demo_permuted.json", demo_table), "scale": ("scale_cpu.json", scale_table),
+              "step_overhead": ("step_overhead_cpu.json", step_overhead_table), "merge": ("merge_cpu.json", merge_table),
+              "demo_merge": ("demo_merge.json", demo_merge_table), "fisher_zoo": ("fisher_zoo.json", zoo_table),
+              "tracker": ("tracker_cpu.json", tracker_table)}
     for block, (fname, make) in makers.items():
         machine = _latest(fname, args.machine)
         d = _load(machine, fname) if machine is not None else None

@@ -95,27 +95,19 @@ PLOT_MOVED = ("write the results with --json PATH, then draw them with "
 
 
 def cmd_demo(args) -> int:
-    from .bench import timing
     from .demo.run import DemoConfig, format_report, run_demo
 
     if args.merge:
         return _demo_merge(args)
-
-    given = {k: v for k, v in (("hidden", args.hidden), ("epochs", args.epochs),
-                                ("fisher_samples", args.fisher_samples)) if v is not None}
     cfg = DemoConfig(benchmark=args.benchmark, scenario=args.scenario, num_tasks=args.tasks,
                      lambda_ewc=args.lambda_ewc, methods=tuple(args.methods.split(",")), lambdas=args.lambdas,
-                     seed=args.seed, **given)
+                     seed=args.seed, **_demo_sizes(args))
     if args.plot:  # fail before two minutes of training, not after
         from ._utils import require
 
         require("matplotlib", extra="demo")
     result = run_demo(cfg, log=_progress(not args.quiet) or (lambda msg: None))
-    result["machine"] = timing.machine_info()
-    result["date"] = _dt.date.today().isoformat()
-    print(format_report(result))
-    if args.json:
-        print(f"\nwrote {timing.write_json(args.json, result)}")
+    _demo_report(result, format_report, args)
     if args.plot:
         from .demo.plot import plot_demo
 
@@ -123,25 +115,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _demo_merge(args) -> int:
+def _demo_sizes(args) -> dict:
+    """The sizes given on the command line (each demo has its own defaults for the others)."""
+    return {k: v for k, v in (("hidden", args.hidden), ("epochs", args.epochs),
+                              ("fisher_samples", args.fisher_samples)) if v is not None}
+
+
+def _demo_report(result: dict, formatter, args) -> None:
+    """Stamp ``result`` with the machine and date, print it, and write the JSON if asked."""
     from .bench import timing
+
+    result["machine"] = timing.machine_info()
+    result["date"] = _dt.date.today().isoformat()
+    print(formatter(result))
+    if args.json:
+        print(f"\nwrote {timing.write_json(args.json, result)}")
+
+
+def _demo_merge(args) -> int:
     from .demo.merge import MergeDemoConfig, format_merge_report, run_merge_demo
 
     if args.plot:
         raise EWCInputError("--plot applies to the continual-learning demo, not to --merge")
-    given = {k: v for k, v in (("hidden", args.hidden), ("epochs", args.epochs),
-                                ("fisher_samples", args.fisher_samples)) if v is not None}
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s)
     except ValueError:
         raise EWCInputError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
-    cfg = MergeDemoConfig(seeds=seeds, **given)
-    result = run_merge_demo(cfg, log=_progress(not args.quiet) or (lambda msg: None))
-    result["machine"] = timing.machine_info()
-    result["date"] = _dt.date.today().isoformat()
-    print(format_merge_report(result))
-    if args.json:
-        print(f"\nwrote {timing.write_json(args.json, result)}")
+    result = run_merge_demo(MergeDemoConfig(seeds=seeds, **_demo_sizes(args)),
+                            log=_progress(not args.quiet) or (lambda msg: None))
+    _demo_report(result, format_merge_report, args)
     return 0
 
 
