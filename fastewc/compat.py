@@ -12,7 +12,9 @@ This module is the one place those names live:
 * :func:`compute_fisher` / :func:`compute_true_fisher`: empirical / sampled-label Fisher over
   ``num_samples`` samples (default 200, as in the reference).
 * :class:`FisherInformation`: ``.compute(loader, criterion) -> (fisher, optimal_params)``.
-* :class:`EWCTrainer`: ``train_task`` then ``consolidate``, task after task.
+* :class:`EWCTrainer` (``fastewc.EWCTrainer``): ``train_task`` then ``consolidate``, task after
+  task. Not the Hugging Face ``Trainer`` subclass, which is
+  :class:`fastewc.integrations.transformers.EWCHFTrainer`.
 * ``EWCRegularizer({"ewc_lambda": ...})``, the config-dict constructor, and ``OnlineEWC`` with
   ``compute_penalty`` are accepted by :mod:`fastewc.penalty` itself.
 """
@@ -62,7 +64,8 @@ class FisherInformation:
 
 
 class EWCTrainer:
-    """Train task after task with EWC; drop-in for the seed class.
+    """Train task after task with EWC; drop-in for the seed class (a plain loop, not the Hugging
+    Face ``Trainer`` subclass ``fastewc.integrations.transformers.EWCHFTrainer``).
 
     Args:
         model: the model to train.

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastewc.penalty.backends as backends  # noqa: E402
-from plans import split_cpu_backend  # noqa: E402
+from plans import split_cpu_backend, use_torch_backend  # noqa: E402
 
 # Backends every regularizer test runs on: the PyTorch backend's two strategies (with a tiny block
 # so that odd sizes span several blocks) and, where they can run, Triton and the fused C kernel.
@@ -28,8 +28,7 @@ def backend(request, monkeypatch):
     name = request.param
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
     if name.startswith("torch"):
-        monkeypatch.setattr(backends._TORCH, "strategy", name.split("-")[1])
-        monkeypatch.setattr(backends._TORCH, "block", 61)
+        use_torch_backend(monkeypatch, strategy=name.split("-")[1], block=61)
         return "torch"
     if name == "cpu":
         split_cpu_backend(monkeypatch)

@@ -6,7 +6,9 @@ with ``dtype=torch.float64``. Models are deterministic given the seed (the autou
 conftest seeds the global RNG).
 
 Penalty tests: ``MODELS`` (by name), ``make_tasks`` (random Fisher / anchor dicts),
-``perturb`` and ``assert_penalty_steps`` (a regularizer's steps against the reference loop).
+``perturb``, and the one set of penalty assertions: ``ref_value_and_grads`` (the reference loop's
+value and gradients), ``assert_grads_close`` and ``assert_penalty_steps`` (a regularizer's forward
+and ``accumulate_grad_`` against the reference loop).
 """
 
 from __future__ import annotations
@@ -263,31 +265,50 @@ def make_tasks(model, n_tasks, *, spread=1.0, names=None, dtype=None):
     return tasks
 
 
+def grads_of(model):
+    """``name -> a copy of .grad`` (None where there is none)."""
+    return {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+def ref_value_and_grads(model64, ref):
+    """The reference's value and gradients on ``model64`` (a float64 copy of the model): ``ref`` is
+    a reference-loop regularizer (a module, or a seed-style object with ``compute_penalty``)."""
+    model64.zero_grad(set_to_none=True)
+    v = ref(model64) if isinstance(ref, nn.Module) else ref.compute_penalty(model64)
+    v.backward()
+    return v.detach(), grads_of(model64)
+
+
+def assert_grads_close(got, want, rtol, model):
+    """``got`` (``grads_of(model)``) equals ``want`` per parameter, relative to each parameter's
+    largest reference gradient; a frozen parameter of ``model`` got no gradient."""
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert got[n] is None, f"{n} is frozen but received a gradient"
+            continue
+        w = want[n].to(torch.float64)
+        g = got[n].to(torch.float64)
+        scale = w.abs().max().clamp_min(1e-30) if w.numel() else 1.0
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * float(scale), msg=lambda m: f"{n}: {m}")
+
+
 def assert_penalty_steps(ewc, model, ref, *, handed=None, rtol=2e-5):
     """``ewc``'s forward+backward and ``accumulate_grad_`` on ``handed`` (default ``model``; e.g. a
     wrapper around it) give the value and gradients of the float64 ``ref`` (a reference-loop
     regularizer) on a float64 copy of ``model`` as it is now; a frozen parameter gets none."""
     import copy
 
-    model64 = copy.deepcopy(model).double()
-    model64.zero_grad(set_to_none=True)
-    want = ref(model64)
-    want.backward()
+    want_v, want_g = ref_value_and_grads(copy.deepcopy(model).double(), ref)
+    target = handed if handed is not None else model
     for use_accumulate in (False, True):
         model.zero_grad(set_to_none=True)
         if use_accumulate:
-            v = ewc.accumulate_grad_(handed if handed is not None else model)
+            v = ewc.accumulate_grad_(target)
         else:
-            v = ewc(handed if handed is not None else model)
+            v = ewc(target)
             v.backward()
-        torch.testing.assert_close(v.detach().double(), want.detach(), rtol=rtol, atol=0)
-        for (n, p), q in zip(model.named_parameters(), model64.parameters()):
-            if not p.requires_grad:
-                assert p.grad is None, f"{n} is frozen but got a gradient"
-                continue
-            scale = float(q.grad.abs().max())
-            torch.testing.assert_close(p.grad.double(), q.grad, rtol=rtol, atol=rtol * scale,
-                                       msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(v.detach().double(), want_v, rtol=rtol, atol=0)
+        assert_grads_close(grads_of(model), want_g, rtol, model)
 
 
 def register_both(ewc, ref, tasks, model=None):

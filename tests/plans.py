@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fastewc.penalty.backends as backends
-from fastewc import FlatPacking
+from fastewc.penalty.packing import FlatPacking
 from fastewc.penalty.backends import GroupPlan
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -78,15 +78,21 @@ def assert_grads(got, want, dtype, plan):
                                    msg=lambda s: f"tensor {i} {tuple(w.shape)}: {s}")
 
 
-def split_cpu_backend(monkeypatch, threads: int = 3) -> None:
-    """Make the fused CPU backend split even tiny groups among ``threads`` threads, at shares
-    that cut through parameters, and fill the gradients it allocates with NaN first (so an
-    element it fails to write shows up)."""
-    from fastewc.penalty.backends import cpu_backend
+def split_cpu(threads: int = 3, poison: bool = True):
+    """A fused CPU backend that splits even tiny groups among ``threads`` threads, at shares that
+    cut through parameters, and (``poison``) fills the gradients it allocates with NaN first (so
+    an element it fails to write shows up)."""
+    return backends.CpuBackend(threads=threads, poison=poison, parallel_from=0, share_align=16)
 
-    monkeypatch.setattr(cpu_backend, "PARALLEL_FROM", 0)
-    monkeypatch.setattr(cpu_backend, "SHARE_ALIGN", 16)
-    monkeypatch.setitem(backends._FUSED, "cpu", cpu_backend.CpuBackend(threads=threads, poison=True))
+
+def split_cpu_backend(monkeypatch, threads: int = 3) -> None:
+    """Make ``backend="cpu"`` run ``split_cpu(threads)`` for the rest of the test."""
+    monkeypatch.setitem(backends.INSTANCES, "cpu", split_cpu(threads))
+
+
+def use_torch_backend(monkeypatch, **settings) -> None:
+    """Make ``backend="torch"`` run ``TorchBackend(**settings)`` for the rest of the test."""
+    monkeypatch.setitem(backends.INSTANCES, "torch", backends.TorchBackend(**settings))
 
 
 def check_all_ops(be, plan, lam=0.7):

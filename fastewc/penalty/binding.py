@@ -198,7 +198,7 @@ class Binding:
         """``(lam / 2)(sum of sums + constant)`` as one tensor of ``out_dtype`` on ``out_device``.
         ``sums``: 0-dim tensors, or floats from host backends (``host_sums``), which are folded
         in double precision with one tensor made at the end: after a pass over memory, every
-        torch operation costs tens of microseconds (its code and data have left the caches)."""
+        torch operation pays its fixed dispatch cost with cold caches, so fewer is cheaper."""
         half = lam / 2.0
         if all(type(s) is float for s in sums):
             try:

@@ -55,6 +55,9 @@ class Group:
 class FlatPacking:
     """Layout of named tensors in flat per-(device, dtype) buffers.
 
+    Internal to the penalty (the store and the backends share it); not part of the public API and
+    not exported from ``fastewc``: a user never builds one to use EWC.
+
     Groups appear in the order their first member appears; members keep their order within a
     group. ``pack`` builds the buffers, ``unpack``/``views`` give per-parameter views back.
     """

@@ -70,7 +70,8 @@ def check_storage_dtype(value) -> torch.dtype:
 def _check_tensor(name: str, t, what: str) -> torch.Tensor | None:
     """Raise unless ``t`` is a dense floating tensor with data and finite values; returns its
     minimum (None when empty). Finiteness is read off the minimum and maximum, one reduction
-    that propagates NaN (several times faster than a boolean tensor the size of ``t``)."""
+    that propagates NaN and allocates nothing the size of ``t`` (``isfinite(t).all()`` would write
+    and then read a boolean tensor as large as ``t``)."""
     if not isinstance(t, torch.Tensor):
         raise EWCInputError(f"{what}[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
     if t.is_meta:

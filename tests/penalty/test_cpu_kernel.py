@@ -3,8 +3,8 @@ it (threads, its tables, choosing it; its build is tested in ``test_native_build
 backend is tested on both in ``test_fused_backends.py``.
 
 Every backend here is built with ``poison=True``: the gradients it allocates start as NaN, so an
-element the kernel fails to write shows up. ``split`` makes even tiny groups run on several
-threads whose shares cut through parameters, chunks and alignment gaps.
+element the kernel fails to write shows up. ``split_cpu`` (tests/plans.py) makes even tiny groups
+run on several threads whose shares cut through parameters, chunks and alignment gaps.
 """
 
 import math
@@ -22,7 +22,7 @@ from fastewc.errors import EWCInputError
 from fastewc.penalty.backends import cpu_backend as C
 from fastewc.penalty.native import quadratic as Q
 from models import assert_penalty_steps, make_tasks, perturb, register_both
-from plans import SHAPES, assert_grads, check_all_ops, make_plan, reference, value_of
+from plans import SHAPES, assert_grads, check_all_ops, make_plan, reference, split_cpu, value_of
 
 pytestmark = pytest.mark.skipif(backends.cpu_backend_status(torch.device("cpu")) is not None,
                                 reason=str(backends.cpu_backend_status(torch.device("cpu"))))
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.skipif(backends.cpu_backend_status(torch.device("cpu"))
 F32 = torch.float32
 # Two chunks of the kernel and a tail that is not a multiple of its 16 lanes, next to SHAPES.
 ODD_SHAPES = [*SHAPES, (4099,), (2, 1031)]
-
-
-@pytest.fixture
-def split(monkeypatch):
-    monkeypatch.setattr(C, "PARALLEL_FROM", 0)
-    monkeypatch.setattr(C, "SHARE_ALIGN", 16)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
@@ -50,7 +44,7 @@ def test_large_odd_group_across_threads_and_bitwise_repeat(threads):
         assert v2 == v and all(torch.equal(a, b) for a, b in zip(g2, g))
 
 
-def test_gap_holding_a_frozen_parameter_is_not_touched(split):
+def test_gap_holding_a_frozen_parameter_is_not_touched():
     # A parameter outside the plan (frozen) keeps its A and m in the flat buffers: the threads'
     # shares cover that gap, and the kernel must neither sum it nor write there.
     full = make_plan([(40,), (57,), (33,)], torch.float32, torch.float32)
@@ -62,18 +56,18 @@ def test_gap_holding_a_frozen_parameter_is_not_touched(split):
     plan.importance_views = [full.importance_views[i] for i in keep]
     plan.anchor_views = [full.anchor_views[i] for i in keep]
     plan.params = [full.params[i] for i in keep]
-    be = C.CpuBackend(threads=4, poison=True)
+    be = split_cpu(4)
     check_all_ops(be, plan)
     _, grads = be.penalty_sum_and_grads(plan, 1.0)
     flat = grads[0]._base
     assert flat is not None and flat.numel() == full.importance.numel()
 
 
-def test_nan_parameter_makes_the_value_nan_and_only_its_gradient(split):
+def test_nan_parameter_makes_the_value_nan_and_only_its_gradient():
     plan = make_plan([(50,), (70,)], torch.float32, torch.bfloat16)
     with torch.no_grad():
         plan.params[1][13] = float("nan")
-    be = C.CpuBackend(threads=3, poison=True)
+    be = split_cpu(3)
     assert math.isnan(be.penalty_sum(plan))
     for p in plan.params:
         p.grad = torch.zeros_like(p)
@@ -128,14 +122,14 @@ def test_large_fresh_gradients_are_advised_huge_pages_and_correct(monkeypatch):
 
 
 def _child_step(plan, out):
-    out.put(float(C.CpuBackend(threads=3).penalty_sum(plan)))
+    out.put(float(split_cpu(3, poison=False).penalty_sum(plan)))
 
 
-def test_forked_child_runs_threaded_steps(split):
+def test_forked_child_runs_threaded_steps():
     # A child forked after the parent ran threaded steps inherits a pool without threads; it must
     # make its own instead of waiting forever.
     plan = make_plan([(5000,), (77,)], torch.float32, torch.float32)
-    want = float(C.CpuBackend(threads=3).penalty_sum(plan))
+    want = float(split_cpu(3, poison=False).penalty_sum(plan))
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     child = ctx.Process(target=_child_step, args=(plan, out))

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import fastewc.penalty.backends as backends
 from fastewc import EWCRegularizer
-from plans import DTYPES, SHAPES, assert_grads, check_all_ops, make_plan, reference, split_cpu_backend, value_of
+from plans import DTYPES, SHAPES, assert_grads, check_all_ops, make_plan, reference, split_cpu, split_cpu_backend, value_of
 
 CPU = torch.device("cpu")
 WHY_NOT = {"triton": backends.triton_status(CPU), "cpu": backends.cpu_backend_status(CPU)}
@@ -32,10 +32,8 @@ def fused(request, monkeypatch):
         from fastewc.penalty.backends.triton_backend import TritonBackend
 
         return name, lambda: TritonBackend(block=16, poison=True)
-    from fastewc.penalty.backends.cpu_backend import CpuBackend
-
     split_cpu_backend(monkeypatch)  # also what backend="cpu" gets in the regularizer test
-    return name, lambda: CpuBackend(threads=3, poison=True)
+    return name, lambda: split_cpu(3)
 
 
 def running(fused, param_dtype, storage):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastewc import FlatPacking
+from fastewc.penalty.packing import FlatPacking
 
 
 def test_groups_offsets_and_round_trip():

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import fastewc.penalty.backends as backends
-from plans import split_cpu_backend
+from plans import split_cpu_backend, use_torch_backend
 from fastewc import EWCRegularizer, load_regularizer, save_regularizer
 from fastewc import reference as R
 
@@ -102,8 +102,7 @@ def test_random_history_matches_reference(seed, tmp_path, monkeypatch):
     lam = rnd.choice([1.0, 37.5])
     backend = rnd.choice(["blocked", "foreach", *_available()])
     if backend in ("blocked", "foreach"):
-        monkeypatch.setattr(backends._TORCH, "strategy", backend)
-        monkeypatch.setattr(backends._TORCH, "block", rnd.choice([61, 1 << 18]))
+        use_torch_backend(monkeypatch, strategy=backend, block=rnd.choice([61, 1 << 18]))
     elif backend == "cpu":
         split_cpu_backend(monkeypatch, threads=rnd.choice([1, 2, 3]))
 

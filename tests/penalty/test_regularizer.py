@@ -11,32 +11,10 @@ import torch.nn as nn
 from fastewc import EWCRegularizer, OnlineEWC
 from fastewc import reference as R
 
-from models import MODELS, Tied, make_tasks, mlp, perturb, register_both
+from models import MODELS, Tied, assert_grads_close, grads_of, make_tasks, mlp, perturb, ref_value_and_grads, register_both
 
 # value / gradient tolerances (relative) per storage dtype, against the float64 reference.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def grads_of(model):
-    return {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
-
-
-def ref_value_and_grads(model64, ref):
-    model64.zero_grad(set_to_none=True)
-    v = ref(model64) if isinstance(ref, nn.Module) else ref.compute_penalty(model64)
-    v.backward()
-    return v.detach(), grads_of(model64)
-
-
-def assert_grads_close(got, want, rtol, model):
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            assert got[n] is None, f"{n} is frozen but received a gradient"
-            continue
-        w = want[n].to(torch.float64)
-        g = got[n].to(torch.float64)
-        scale = w.abs().max().clamp_min(1e-30) if w.numel() else 1.0
-        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * float(scale), msg=lambda m: f"{n}: {m}")
 
 
 def setup(name, n_tasks, *, mode="separate", gamma=1.0, storage=torch.float64, model_dtype=torch.float64,

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fastewc.penalty.backends as backends
 from fastewc import EWCRegularizer
 from fastewc import reference as R
 from fastewc.penalty.backends import torch_backend as TB
+from plans import use_torch_backend
 
 LAM = 3.0
 # relative tolerance of the value and of each gradient, by parameter / storage dtype
@@ -30,9 +30,7 @@ class ManySmall(nn.Module):
 
 def _setup(dtype, monkeypatch, block=256, small=64):
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
-    monkeypatch.setattr(backends._TORCH, "strategy", "blocked")
-    monkeypatch.setattr(backends._TORCH, "block", block)
-    monkeypatch.setattr(backends._TORCH, "small", small)
+    use_torch_backend(monkeypatch, strategy="blocked", block=block, small=small)
     torch.manual_seed(0)
     model = ManySmall(dtype)
     fisher = {n: torch.rand(p.shape).to(dtype) for n, p in model.named_parameters()}

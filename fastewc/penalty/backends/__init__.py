@@ -8,6 +8,11 @@ this machine (a C compiler is found), and PyTorch otherwise; ``"torch"``, ``"tri
 ``"cpu"`` on CPU tensors only). The environment variable ``FASTEWC_BACKEND`` overrides the
 requested name.
 
+``INSTANCES`` maps each name to the backend object it runs: the PyTorch one from the start, the
+fused ones made at first use. Replacing an entry (before a regularizer first binds a model) makes
+that name run another object, e.g. ``TorchBackend(strategy="blocked", block=61)`` or
+``CpuBackend(threads=3, poison=True)``: this is how the tests choose backend settings.
+
 A fused backend runs only the dtypes its kernels are written for (``takes``: the C kernel float32
 and bfloat16 parameters and storage; Triton float32, bfloat16, float16 and float64). A group of
 other dtypes gets the PyTorch backend, whether the fused one was chosen by ``"auto"`` or forced:
@@ -29,10 +34,11 @@ from .base import GroupPlan
 from .cpu_backend import CpuBackend, cpu_kernel_status
 from .torch_backend import TorchBackend
 
-__all__ = ["CpuBackend", "GroupPlan", "TorchBackend", "cpu_backend_status", "select_backend", "triton_status"]
+__all__ = ["CpuBackend", "GroupPlan", "INSTANCES", "TorchBackend", "cpu_backend_status", "select_backend",
+           "triton_status"]
 
-_TORCH = TorchBackend()
-_FUSED: dict = {}  # "triton" / "cpu" -> the backend object, made on first use
+# name -> the backend object ``backend=name`` runs ("triton" / "cpu" made on first use; see above)
+INSTANCES: dict = {"torch": TorchBackend()}
 _TOLD_NO_CPU_KERNEL = False  # the fallback on CPU tensors is announced once per process
 
 
@@ -55,7 +61,7 @@ def triton_status(device: torch.device) -> str | None:
 
 def cpu_backend_status(device: torch.device) -> str | None:
     """None when the fused CPU kernel can run on ``device``; otherwise the reason it cannot (the
-    first call in a process on a CPU device builds the kernel, about a second, then cached)."""
+    first call in a process on a CPU device builds the kernel, once per machine, then cached)."""
     if device.type != "cpu":
         return f"the fused CPU kernel runs on CPU tensors; the parameters are on {device}"
     return cpu_kernel_status()
@@ -95,16 +101,16 @@ def select_backend(requested: str, device: torch.device, param_dtype: torch.dtyp
             if device.type == "cpu":
                 _tell_no_cpu_kernel(cpu_backend_status(device))
     if name == "torch":
-        return _TORCH
+        return INSTANCES["torch"]
     why = (cpu_backend_status if name == "cpu" else triton_status)(device)
     if why is not None:
         raise EWCInputError(f"backend {name!r} is not available: {why}")
-    if name not in _FUSED:
+    if name not in INSTANCES:
         if name == "cpu":
-            _FUSED[name] = CpuBackend()
+            INSTANCES[name] = CpuBackend()
         else:
             from .triton_backend import TritonBackend
 
-            _FUSED[name] = TritonBackend()
-    fused = _FUSED[name]
-    return fused if fused.takes(param_dtype, storage_dtype) else _TORCH
+            INSTANCES[name] = TritonBackend()
+    fused = INSTANCES[name]
+    return fused if fused.takes(param_dtype, storage_dtype) else INSTANCES["torch"]

@@ -62,8 +62,8 @@ class GroupPlan:
 
         Made by one call into torch's C++ (the helper distributed data parallel uses to unflatten
         buckets) over templates of the parameters and of the alignment gaps between them,
-        cached on the plan: slicing and reshaping tensor by tensor from Python costs a few
-        microseconds per parameter, every step (fresh gradients are new views each step)."""
+        cached on the plan: slicing and reshaping tensor by tensor from Python would cost two
+        Python-level torch calls per parameter, every step (fresh gradients are new views each step)."""
         if _UNFLATTEN is None:
             return [flat[o : o + v.numel()].view(v.shape) for o, v in zip(self.offsets, self.importance_views)]
         layout = self.cache.get("flat-views")

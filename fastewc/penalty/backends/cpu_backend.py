@@ -48,8 +48,8 @@ from .torch_backend import TorchBackend
 __all__ = ["CpuBackend", "cache_dir", "cpu_kernel_status", "library", "library_path", "source_path"]
 
 _SUFFIX = {torch.float32: quadratic.SUFFIX["float32"], torch.bfloat16: quadratic.SUFFIX["bfloat16"]}
-# Groups under this many flat elements run on the calling thread: handing work to a pool costs
-# tens of microseconds, more than the kernel spends on a group this small.
+# Groups under this many flat elements run on the calling thread: handing work to a pool has a
+# fixed cost (waking threads, joining them) that outweighs the kernel's work on a group this small.
 PARALLEL_FROM = 1 << 18
 # Threads' shares of the flat range start at multiples of this many elements (whole cache lines
 # of every dtype, so no two threads write the same line of a gradient).
@@ -74,8 +74,8 @@ class _Table:
     mode: dict[str, np.ndarray]   # and the mode column
     end: int                      # flat element just past the last row
     buffers: tuple[int, int]      # addresses of the plan's importance and anchor buffers
-    # Derived: the columns' own addresses per use (reading them costs microseconds), and where a
-    # single-threaded call writes its sum.
+    # Derived: the columns' own addresses per use (read once here, not through numpy every
+    # call), and where a single-threaded call writes its sum.
     addresses: dict[str, tuple[int, ...]] = field(init=False)
     out: ctypes.c_double = field(init=False)
     out_address: int = field(init=False)
@@ -117,24 +117,32 @@ class CpuBackend:
 
     Args:
         threads: threads per group; None uses ``torch.get_num_threads()`` (groups under
-            ``PARALLEL_FROM`` elements always run on the calling thread).
+            ``parallel_from`` elements always run on the calling thread).
         poison: fill every buffer this backend allocates (new gradients) with NaN first, so that
             an element the kernel fails to write shows up. For tests.
+        parallel_from, share_align: groups under ``parallel_from`` elements run on the calling
+            thread; threads' shares start at multiples of ``share_align`` elements (defaults
+            ``PARALLEL_FROM`` and ``SHARE_ALIGN``; tests pass 0 and 16 so that even tiny groups
+            are split, at shares that cut through parameters).
     """
 
     name = "cpu"
     eager_grads = True  # forward computes the gradient in its pass over memory (see base.py)
     host_sums = True  # sums come back as floats (see base.py)
 
-    def __init__(self, threads: int | None = None, poison: bool = False):
+    def __init__(self, threads: int | None = None, poison: bool = False, *,
+                 parallel_from: int = PARALLEL_FROM, share_align: int = SHARE_ALIGN):
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if parallel_from < 0 or share_align < 1:
+            raise ValueError(f"parallel_from ({parallel_from}) must not be negative and share_align ({share_align}) positive")
         lib = quadratic.library()
         if lib is None:
             raise RuntimeError(f"the fused CPU kernel is not available: {quadratic.status()}")
         self._lib = lib
         self.threads = threads
         self.poison = poison
+        self.parallel_from, self.share_align = parallel_from, share_align
         self.table_builds = 0  # segment tables built: one per plan (tests check it)
 
     @staticmethod
@@ -196,8 +204,8 @@ class CpuBackend:
         a_ptr, m_ptr = tab.buffers
         threads = self.threads or max(1, torch.get_num_threads())
         share = -(-tab.end // threads)
-        share = -(-share // SHARE_ALIGN) * SHARE_ALIGN
-        if threads == 1 or tab.end < PARALLEL_FROM or share >= tab.end:
+        share = -(-share // self.share_align) * self.share_align
+        if threads == 1 or tab.end < self.parallel_from or share >= tab.end:
             fn(n, theta, grad, offset, numel, mode, grad_base, a_ptr, m_ptr, 0, tab.end, lam, tab.out_address)
             return tab.out.value
         bounds = [(lo, min(lo + share, tab.end)) for lo in range(0, tab.end, share)]

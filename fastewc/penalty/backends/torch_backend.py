@@ -9,11 +9,12 @@ Two strategies, chosen by device:
   of many small tensors does not pay several op launches per tensor. Operands stored in another
   dtype than the compute dtype (bfloat16 parameters or storage) are converted by copies into
   scratch blocks: ops that mix dtypes take torch's per-element casting loop. ``BLOCK`` = 64K
-  elements per torch thread (three 256 KB float32 temporaries per core, within its L2 cache;
-  torch splits each op among its threads) was the fastest of 16K / 32K / 64K / 128K / 256K on
-  the machine of the latest results, whole-tensor ops slower than any of them;
-  ``benchmarks/bench_penalty.py`` and ``benchmarks/bench_scale.py`` measure this backend against
-  the memory-traffic floor (results in ``benchmarks/results/``).
+  elements per torch thread: torch splits each op among its threads, so each core's share of the
+  three float32 temporaries (256 KB each) fits its L2 cache, while a block stays long enough that
+  per-op overhead is small next to its memory traffic. Smaller blocks pay more launches, larger
+  ones (and whole-tensor ops) spill the temporaries to memory. ``benchmarks/bench_penalty.py`` and
+  ``benchmarks/bench_scale.py`` measure this backend against the memory-traffic floor (results in
+  ``benchmarks/results/``); rerun them before changing ``BLOCK``.
 * ``foreach`` (CUDA and others): ``torch._foreach_*`` multi-tensor ops, a handful of launches per
   group whatever the number of tensors. Temporaries are whole-group, which costs memory traffic
   that only a fused kernel (the Triton backend) avoids.
@@ -125,9 +126,9 @@ class TorchBackend:
     @staticmethod
     def _diff(p_blk, m_blk, out, spare):
         # theta - m in the compute dtype. Operands of another dtype are converted by a copy
-        # first: an op mixing dtypes takes torch's per-element casting loop, several times
-        # slower than a conversion copy and a same-dtype op (sub on two bf16 operands would also
-        # round the difference to bf16).
+        # first: an op mixing dtypes takes torch's per-element casting loop, which does far more
+        # work per element than a vectorised conversion copy followed by a same-dtype op (sub on
+        # two bf16 operands would also round the difference to bf16).
         if p_blk.dtype == out.dtype and m_blk.dtype == out.dtype:
             return torch.sub(p_blk, m_blk, out=out)
         out.copy_(p_blk)

@@ -1,8 +1,8 @@
 """The fused CPU kernel's library (``fastewc/kernels/quadratic_cpu.c``): built, loaded, declared.
 
 The first time a process asks for it, the source is compiled with the system C compiler
-(``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-O3 -march=native``, about
-a second; without ``-march=native`` where the compiler or CPU has none) through ``build.py``'s
+(``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-O3 -march=native``; one
+small C file; without ``-march=native`` where the compiler or CPU has none) through ``build.py``'s
 verified cache, in the calling process. Without a working compiler ``status()`` says why and
 ``backend="auto"`` takes the PyTorch backend instead.
 """
