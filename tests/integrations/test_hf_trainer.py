@@ -1,4 +1,4 @@
-"""fastewc.integrations.transformers.EWCTrainer on a tiny randomly initialised GPT-2 (no downloads)."""
+"""fastewc.integrations.transformers.EWCHFTrainer on a tiny randomly initialised GPT-2 (no downloads)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
 
 from fastewc import EWCRegularizer  # noqa: E402
-from fastewc.integrations.transformers import EWCTrainer  # noqa: E402
+from fastewc.integrations.transformers import EWCHFTrainer  # noqa: E402
 
 
 def tiny_gpt2():
@@ -26,7 +26,7 @@ def make_trainer(tmp_path, model, data, ewc, **args):
         output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4,
         learning_rate=5e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=2,
         disable_tqdm=True, seed=0, **args)
-    return EWCTrainer(model=model, args=targs, train_dataset=data, ewc=ewc)
+    return EWCHFTrainer(model=model, args=targs, train_dataset=data, ewc=ewc)
 
 
 def registered_ewc(model, lam=10.0):
