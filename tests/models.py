@@ -376,3 +376,15 @@ def hf_model(name, dtype=torch.float64, **overrides):
     else:
         raise ValueError(name)
     return model.to(dtype).eval()
+
+
+def dist_model() -> nn.Module:
+    """The small float64 MLP the multi-process tests train on every rank (same seed: same weights)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4)).double()
+
+
+def dist_data(n: int):
+    """``n`` float64 samples for ``dist_model`` and their labels, the same on every rank."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)

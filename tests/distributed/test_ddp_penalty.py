@@ -12,17 +12,17 @@ import torch.nn.functional as F
 
 from fastewc import EWCRegularizer
 
+from models import dist_data, dist_model
+
 WORLD = 2
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4)).double()
+    return dist_model()
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g)
+    return dist_data(8)
 
 
 def _ewc(model):

@@ -9,23 +9,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn as nn
 
 import fastewc
 from fastewc import reference as R
+
+from models import dist_data, dist_model
 
 WORLD = 2
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4)).double()
+    return dist_model()
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    # 11 samples: an uneven split (6 / 5), so counts must be all-reduced, not assumed equal
-    return torch.randn(11, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (11,), generator=g)
+    return dist_data(11)  # an uneven split (6 / 5), so counts must be all-reduced, not assumed equal
 
 
 def _shard(rank):

@@ -14,20 +14,17 @@ import torch.nn.functional as F
 
 from fastewc import FisherTracker
 
-from models import assert_fisher_close
+from models import assert_fisher_close, dist_data, dist_model
 
 WORLD = 2
 
 
 def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4)).double()
+    return dist_model()
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    # 11 samples split 6 / 5: the counts must be all-reduced, not assumed equal
-    return torch.randn(11, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (11,), generator=g)
+    return dist_data(11)  # split 6 / 5: the counts must be all-reduced, not assumed equal
 
 
 def _batches(lo, hi, size=4):
