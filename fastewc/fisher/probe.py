@@ -11,6 +11,7 @@ input signature, so that the next ``estimate_fisher`` call pays no probe.
 
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 
@@ -20,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from .batches import Batch
 from .engine import SiteFailed, forward_inputs, rules_pass
-from .plan import RulePlan, make_plan
+from .plan import RulePlan, Site, make_plan
 from .problem import Problem, logits_of, model_head, model_loss_per_sample
 
 # Relative tolerance of the probe that checks the plan against the per-sample loop, by dtype:
@@ -29,6 +30,10 @@ from .problem import Problem, logits_of, model_head, model_loss_per_sample
 # while a wrong rule (the 2-D shortcut on a sequence layer, a missed use) is off by far more.
 PROBE_RTOL = {torch.float64: 1e-5, torch.float32: 2e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 PROBE_SAMPLES = 2
+# Parameters in these dtypes are probed on a float32 copy of the model: in bfloat16 a wrong rule
+# and rounding are both ~1e-2 off the loop, so a bf16 probe rejects right rules by chance (a
+# different set each run). The float32 probe decides the plan the bf16 model then uses.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def check_forward(problem: Problem, batch: Batch) -> tuple[str | None, torch.Tensor | None]:
@@ -129,10 +134,15 @@ def probe_plan(problem: Problem, plan: RulePlan, batch: Batch) -> None:
         plan.probe_seconds += time.perf_counter() - t0
 
 
-def _probe(problem: Problem, plan: RulePlan, batch: Batch) -> None:
+def _probe(problem: Problem, plan: RulePlan, batch: Batch, values: bool = True) -> None:
+    """``values``: also compare the plan's sums with the plain loop; without, only what the
+    hooked pass itself finds (a replay that fails, hooks that do not settle) shrinks the plan:
+    the pass of a bf16 model whose plan a float32 copy proved."""
     why, z = check_forward(problem, batch.slice(0, min(4, batch.size)))
-    if why is not None:
+    if why is not None and values:
         plan.drop_all(why)
+        return
+    if z is None and problem.kind != "empirical":
         return
     part = batch.slice(0, min(PROBE_SAMPLES, batch.size))
     if problem.kind == "empirical":
@@ -163,6 +173,8 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch) -> None:
     else:
         plan.drop_all("the hooks did not settle")
         return
+    if not values:
+        return
     covered = plan.covered
     # A Hugging Face head computes its own loss in float32 (logits.float()), also for a float64
     # model: then both sides agree to float32 rounding only.
@@ -178,6 +190,60 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch) -> None:
         if b.numel() and float((a - b).abs().max()) > rtol * scale + rtol * rtol * largest + 1e-30:
             plan.drop_param(pname, f"its rule disagreed with the per-sample loop on a probe (is {pname!r} used "
                                    f"outside its module's forward?)")
+
+
+# -- low precision: the probe decides in float32 ---------------------------------------------------
+def _low_precision(problem: Problem) -> bool:
+    return any(p.dtype in LOW_PRECISION for p in problem.selected.values())
+
+
+def _float32_copy(problem: Problem, batch: Batch) -> tuple[Problem, Batch] | None:
+    """The problem on a float32 copy of the model (the same names, ties and training flags) and
+    the batch with its low-precision floating tensors in float32; None when the model cannot be
+    copied (then the probe runs on the model itself)."""
+    model = problem.model
+    try:
+        twin = copy.deepcopy(model).float()
+    except Exception:  # noqa: BLE001 - a model deepcopy cannot take: probe in its own dtype
+        return None
+    named = {**dict(twin.named_parameters(remove_duplicate=False)), **dict(twin.named_buffers(remove_duplicate=False))}
+    if any(n not in named for n in (*problem.selected, *problem.frozen)):
+        return None
+    selected = {n: named[n] for n in problem.selected}
+    frozen = {n: named[n].detach() if isinstance(named[n], nn.Parameter) else named[n] for n in problem.frozen}
+
+    def up(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t
+
+    inputs = {k: up(v) for k, v in batch.inputs.items()} if batch.is_dict else up(batch.inputs)
+    batch32 = Batch(inputs, up(batch.targets), batch.size, batch.index)
+    return Problem(twin, problem.kind, problem.loss_fn, problem.top_k, selected, frozen), batch32
+
+
+def _probe_in_float32(problem: Problem, batch: Batch, problem32: Problem, batch32: Batch) -> RulePlan:
+    """Prove the plan on the float32 copy (a deterministic verdict: a wrong rule is far off the
+    loop, rounding is not), carry it over to the model by module name, then run the hooked pass
+    once on the model itself, so that what fails in its own dtype (a replay, the hooks) still
+    leaves the plan; values are not compared there."""
+    t0 = time.perf_counter()
+    plan32 = make_plan(problem32.model, problem32.selected)
+    try:
+        _probe(problem32, plan32, batch32)
+    finally:
+        del problem32, batch32
+    model = problem.model
+    sites = {}
+    for key, s in plan32.sites.items():
+        module = None if s.module is None else model.get_submodule(s.module_name)
+        sites[key] = Site(s.key, s.module_name, module, s.rule, dict(s.params), s.batch_free)
+    plan = RulePlan(sites, list(plan32.leftover), dict(plan32.reasons), dict(plan32.notes), set(plan32.clone),
+                    0.0, model)
+    try:
+        if plan.sites:
+            _probe(problem, plan, batch, values=False)
+    finally:
+        plan.probe_seconds += time.perf_counter() - t0
+    return plan
 
 
 # -- proven plans, cached ----------------------------------------------------------------------
@@ -207,7 +273,11 @@ def cached_plan(problem: Problem, batch: Batch, probe: bool) -> tuple[RulePlan, 
         return per_model[sig].copy(), True
     plan = make_plan(problem.model, problem.selected)
     if probe and plan.sites:
-        probe_plan(problem, plan, batch)
+        copied = _float32_copy(problem, batch) if _low_precision(problem) else None
+        if copied is None:
+            probe_plan(problem, plan, batch)
+        else:
+            plan = _probe_in_float32(problem, batch, *copied)
     per_model.clear()  # one proven plan per model: the latest structure
     per_model[sig] = plan.copy()
     return plan, False
