@@ -175,6 +175,14 @@ def tracker_table(d: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def zoo_speed_table(d: dict, source: str) -> str:
+    from fisher_zoo_speed import format_table
+
+    m = d["machine"]
+    return (f"{_where(m)}, torch {m['torch']}, {m['date']}; missing a target: {', '.join(d['missed']) or 'none'}. "
+            f"Source: `{source}`.\n\n" + format_table(d["rows"], d["samples"], d["repeats"]))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--machine", default=None,
@@ -186,7 +194,8 @@ def main(argv=None) -> None:
               "demo": ("demo_permuted.json", demo_table), "scale": ("scale_cpu.json", scale_table),
               "step_overhead": ("step_overhead_cpu.json", step_overhead_table), "merge": ("merge_cpu.json", merge_table),
               "demo_merge": ("demo_merge.json", demo_merge_table), "fisher_zoo": ("fisher_zoo.json", zoo_table),
-              "tracker": ("tracker_cpu.json", tracker_table)}
+              "tracker": ("tracker_cpu.json", tracker_table),
+              "fisher_zoo_speed": ("fisher_zoo_speed.json", zoo_speed_table)}
     for block, (fname, make) in makers.items():
         machine = _latest(fname, args.machine)
         d = _load(machine, fname) if machine is not None else None
