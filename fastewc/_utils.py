@@ -145,3 +145,45 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
     return end > start and _libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
+
+def write_atomically(path, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path`` (whose folder must exist),
+    flush it to disk and rename it over ``path`` in one step: a crash or a kill mid-write leaves
+    the previous file as it was, and at worst a stray ``.*.tmp`` file that nothing loads. The new
+    file gets the permissions the old one had (else those of a new file under the umask)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes the file private (0600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable (not possible on every platform / file system)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _file_mode(path) -> int:
+    """The permission bits of the existing ``path``, else those of a new file under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

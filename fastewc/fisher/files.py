@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .._utils import require
+from .._utils import require, write_atomically
 from ..errors import EWCInputError
 
 __all__ = ["FisherDict", "INDEX_NAME", "check_fits", "fingerprint", "fisher_tensor_names", "load_fisher",
@@ -85,16 +84,6 @@ def _check_fisher(fisher) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_fisher(fisher: Mapping[str, torch.Tensor], path: str | Path, *, metadata: Mapping | None = None,
                 kind: str | None = None, num_samples: int | None = None, data: str | None = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
@@ -127,23 +116,23 @@ def save_fisher(fisher: Mapping[str, torch.Tensor], path: str | Path, *, metadat
     if path.suffix == ".safetensors":
         if not path.parent.is_dir():
             raise EWCInputError(f"cannot save to {path}: the folder {path.parent} does not exist")
-        _write_atomic(path, lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
+        write_atomically(path, lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
         return [path]
     path.mkdir(parents=True, exist_ok=True)
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         target = path / SINGLE_NAME
-        _write_atomic(target, lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
+        write_atomically(target, lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
         return [target]
     written, weight_map = [], {}
     for k, names in enumerate(shards, 1):
         target = path / f"fisher-{k:05d}-of-{len(shards):05d}.safetensors"
         part = {n: tensors[n] for n in names}
-        _write_atomic(target, lambda tmp, part=part: st.save_file(part, str(tmp), metadata=meta))
+        write_atomically(target, lambda tmp, part=part: st.save_file(part, str(tmp), metadata=meta))
         weight_map.update({n: target.name for n in names})
         written.append(target)
     index = path / INDEX_NAME
-    _write_atomic(index, lambda tmp: tmp.write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1)))
+    write_atomically(index, lambda tmp: Path(tmp).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1)))
     return [*written, index]
 
 

@@ -18,13 +18,11 @@ nothing loads). Loading checks the whole file before it builds anything, and eve
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .._utils import require
+from .._utils import require, write_atomically
 from ..errors import EWCInputError
 from .regularizer import EWCRegularizer
 
@@ -36,44 +34,9 @@ def _is_safetensors(path) -> bool:
 
 
 def _write_atomically(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, fsync it, rename it to ``path``."""
     if not path.parent.is_dir():
         raise EWCInputError(f"cannot save to {path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (not possible on every platform / file system)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _file_mode(path: Path) -> int:
-    """The permission bits of the existing ``path``, else those of a new file under the umask."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+    write_atomically(path, write)
 
 
 def save_regularizer(regularizer: EWCRegularizer, path: str | Path) -> Path:

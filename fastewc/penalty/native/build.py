@@ -42,6 +42,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..._utils import write_atomically
+
 __all__ = ["Built", "build_library", "cache_dir", "c_compiler", "compiler_version", "cpu_features", "key_of",
            "kernel_source"]
 
@@ -131,12 +133,6 @@ def _verified(lib: Path, meta: Path) -> bool:
         return False
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _locked(folder: Path, timeout: float) -> Iterator[None]:
     """Hold the folder's build lock (``OSError`` if it cannot be opened; ``TimeoutError`` after
@@ -209,10 +205,11 @@ def _build_in(folder: Path, stem: str, cmd: list[str], force: bool, timeout: flo
             failed.unlink()
         why = _compile(cmd, lib, timeout)
         if why is not None:
-            _write_atomic(failed, why)
+            write_atomically(failed, lambda tmp: Path(tmp).write_text(why))
             return Built(None, why)
         size, sha = _digest(lib)
-        _write_atomic(meta, json.dumps({"size": size, "sha256": sha, "command": shlex.join(cmd)}))
+        record = json.dumps({"size": size, "sha256": sha, "command": shlex.join(cmd)})
+        write_atomically(meta, lambda tmp: Path(tmp).write_text(record))
         return Built(lib)
 
 
