@@ -314,24 +314,34 @@ def fisher_merge_files(model_paths: Sequence, fisher_paths: Sequence, out_dir: s
             shards.append((tmp, list(shard)))
             shard, size = {}, 0
 
-    for n in names:
-        dtype, shape = shapes[n]
-        numel = math.prod(shape)
-        if not dtype.is_floating_point:
-            shard[n] = models[0].flat(n, 0, numel, shape).view(shape) if numel else torch.empty(shape, dtype=dtype)
-            report.copied.append(n)
-        else:
-            merged = torch.empty(numel, dtype=dtype)
-            for lo in range(0, numel, STREAM_CHUNK):
-                hi = min(lo + STREAM_CHUNK, numel)
-                fs = [f.flat(n, lo, hi, shape) for f in fishers] if n in with_fisher else None
-                _merge_chunk(merged[lo:hi], [m.flat(n, lo, hi, shape) for m in models], fs, weights, scales, floor)
-            shard[n] = merged.view(shape)
-            (report.fisher_merged if n in with_fisher else report.averaged).append(n)
-        size += numel * dtype.itemsize
-        if size >= max_shard_bytes:
-            flush()
-    flush()
+    try:
+        for n in names:
+            dtype, shape = shapes[n]
+            numel = math.prod(shape)
+            if not dtype.is_floating_point:
+                shard[n] = models[0].flat(n, 0, numel, shape).view(shape) if numel else torch.empty(shape, dtype=dtype)
+                report.copied.append(n)
+            else:
+                merged = torch.empty(numel, dtype=dtype)
+                for lo in range(0, numel, STREAM_CHUNK):
+                    hi = min(lo + STREAM_CHUNK, numel)
+                    fs = [f.flat(n, lo, hi, shape) for f in fishers] if n in with_fisher else None
+                    _merge_chunk(merged[lo:hi], [m.flat(n, lo, hi, shape) for m in models], fs, weights, scales, floor)
+                shard[n] = merged.view(shape)
+                (report.fisher_merged if n in with_fisher else report.averaged).append(n)
+            size += numel * dtype.itemsize
+            if size >= max_shard_bytes:
+                flush()
+        flush()
+    except BaseException:
+        for tmp, _ in shards:
+            tmp.unlink(missing_ok=True)
+        raise
+    # What an earlier merge into this folder wrote in the other layout would be loaded instead of
+    # this result (transformers prefers model.safetensors, readers of the index the shards).
+    for old in [out_dir / "model.safetensors", out_dir / "model.safetensors.index.json",
+                *out_dir.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
     if len(shards) == 1:
         target = out_dir / "model.safetensors"
         os.replace(shards[0][0], target)

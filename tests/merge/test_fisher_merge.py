@@ -3,6 +3,8 @@ streaming over shards, and refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -194,3 +196,22 @@ def test_refusals(tmp_path):
         fisher_merge_files([p0, p1], [tmp_path / "f0", tmp_path / "f1"], tmp_path / "out")
     with pytest.raises(EWCInputError, match="no safetensors checkpoint at"):
         fisher_merge_files([p0, tmp_path / "nothing"], [tmp_path / "f0", tmp_path / "f0"], tmp_path / "out")
+
+
+def test_merging_again_into_a_folder_leaves_only_the_new_layout(tmp_path):
+    # A sharded merge after a single-file one (and back): the other layout's files would be
+    # loaded instead of the new result (transformers prefers model.safetensors).
+    ms = nets(2, torch.float32)
+    fs = [{n: t.float() for n, t in f.items()} for f in fishers_of(ms)]
+    paths = [_write_checkpoint(ms[i], tmp_path / f"m{i}") for i in range(2)]
+    for i, f in enumerate(fs):
+        save_fisher(f, tmp_path / f"f{i}")
+    fpaths = [tmp_path / "f0", tmp_path / "f1"]
+    out = tmp_path / "out"
+    fisher_merge_files(paths, fpaths, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    sharded = fisher_merge_files(paths, fpaths, out, max_shard_bytes=64)
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(f).name for f in sharded.files)
+    assert "model.safetensors" not in {p.name for p in out.iterdir()}
+    fisher_merge_files(paths, fpaths, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
