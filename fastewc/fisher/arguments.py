@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..errors import EWCInputError
 from .batches import Batch, class_labels
 from .engine import forward_inputs
-from .problem import logits_of, model_head
+from .problem import logits_of, model_head, problem_type
 
 KINDS = ("empirical", "sampled", "exact")
 METHODS = ("auto", "rules", "vmap", "loop", "batched")
@@ -136,11 +136,7 @@ class _Labels:
         if self.head == "sequence_classification":
             # As the model's own loss decides (model_loss_per_sample): class indices only for a
             # single-label problem; regression and multi-label targets are floats.
-            kind = getattr(self.config, "problem_type", None)
-            if kind is None:
-                kind = ("regression" if self.classes == 1 else "single_label_classification"
-                        if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
-            if kind != "single_label_classification":
+            if problem_type(self.config, labels, self.classes) != "single_label_classification":
                 return batch
         if self.one_per_sample and labels[0].numel() != 1:
             raise EWCInputError(

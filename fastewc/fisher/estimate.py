@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import replace
 from typing import Callable, Iterable
 
 import torch
@@ -30,6 +29,7 @@ from .engine import rules_pass
 from .probe import cached_plan
 from .problem import Problem, SampledLabels, logits_of, per_sample_ce, sample_labels, with_decoder_inputs
 from .report import FisherReport
+from .sums import all_finite, all_reduce_sums
 
 _log = logging.getLogger("fastewc.fisher")
 # Default share of free memory the per-sample gradients of one chunk may take. Conservative:
@@ -160,8 +160,7 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     try:
         with eval_mode(model):
             for batch in iter_batches(data, num_samples):
-                # one decoder input for every engine; the batch keeps its index (error messages)
-                batch = replace(with_decoder_inputs(model, batch), index=batch.index)
+                batch = with_decoder_inputs(model, batch)  # one decoder input for every engine
                 if kind == "empirical" and batch.labels is None and not (batch.is_dict and loss_fn is not None):
                     raise EWCInputError("kind='empirical' needs labels: batches must be (inputs, targets), or dicts "
                                         "with 'labels'; use kind='sampled' or 'exact' for unlabelled data")
@@ -195,8 +194,7 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     if num_samples is not None and seen < num_samples:
         warnings.warn(f"estimate_fisher: num_samples={num_samples} but the data holds {seen} samples; "
                       f"the Fisher is the mean over those {seen}", UserWarning, stacklevel=2)
-    count = torch.tensor(float(seen), dtype=acc_dtype, device=device)
-    sums, count = _all_reduce(sums, count)
+    sums, count = all_reduce_sums(sums, seen)
     report.finish(plan, left, use, seen)
     _log.info("estimate_fisher: %s", report.summary())
     fisher = {n: (s / count).to(acc_dtype) for n, s in sums.items()}
@@ -236,7 +234,7 @@ def _rules_part(problem, plan, part, generator, start, sums) -> torch.Tensor | N
     else:
         raise RuntimeError("estimate_fisher: the rule engine's hooks did not settle; use method='vmap'")
     labels = None if lab is None else lab.labels
-    if not _all_finite(got.values()):  # locate the sample and parameter, then raise
+    if not all_finite(got.values()):  # locate the sample and parameter, then raise
         bad = {n: torch.zeros_like(sums[n]) for n in got}
         ps.loop_squared_sums(problem.restrict(got), part, labels, start, bad, check_each=True)
         raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
@@ -270,13 +268,13 @@ def _per_sample_batch(problem, batch, labels, start, sums, use, method, chunk_si
                 use = "loop"
         if sq is None:
             ps.loop_squared_sums(problem, part, lab, start + i, sums)
-            if not _all_finite(sums[n] for n in problem.selected):
+            if not all_finite(sums[n] for n in problem.selected):
                 scratch = {n: torch.zeros_like(sums[n]) for n in problem.selected}  # locate and raise
                 ps.loop_squared_sums(problem, part, lab, start + i, scratch, check_each=True)
                 raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
             continue
         chunk_sums = {n: t.sum(0) for n, t in sq.items()}
-        if not _all_finite(chunk_sums.values()):  # one host sync per chunk; names the culprit when it fires
+        if not all_finite(chunk_sums.values()):  # one host sync per chunk; names the culprit when it fires
             _raise_first_bad(sq, start + i)
         del sq
         for n, s in chunk_sums.items():
@@ -290,27 +288,6 @@ def _raise_first_bad(sq: dict[str, torch.Tensor], start: int) -> None:
         if bool(bad.any()):
             raise ps.bad_gradient(name, start + int(bad.nonzero()[0, 0]))
     raise EWCInputError("a squared gradient overflowed")
-
-
-def _all_finite(squares) -> bool:
-    """Whether every element of these non-negative tensors is finite, from one sum per tensor:
-    a NaN or Inf makes its tensor's sum non-finite (cheaper than ``isfinite().all()`` on each)."""
-    return bool(torch.isfinite(torch.stack([t.sum() for t in squares]).sum()))
-
-
-def _all_reduce(sums: dict[str, torch.Tensor], count: torch.Tensor):
-    """Sum the per-rank sums and sample counts when torch.distributed is initialised (one call)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums, count
-    flat = torch.cat([s.reshape(-1) for s in sums.values()] + [count.reshape(1)])
-    dist.all_reduce(flat)
-    out, i = {}, 0
-    for n, s in sums.items():
-        out[n] = flat[i : i + s.numel()].view_as(s)
-        i += s.numel()
-    return out, flat[-1]
 
 
 def _batched(model, data, selected, loss_fn, kind, num_samples):

@@ -140,6 +140,24 @@ def model_head(model) -> str | None:
 _UPCAST = ("causal_lm",)
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A causal LM's targets: position t predicts label t+1; the last position has none (-100)."""
+    return F.pad(labels, (0, 1), value=-100)[..., 1:]
+
+
+def problem_type(config, labels: torch.Tensor, num_labels: int) -> str:
+    """A sequence classifier's loss, decided as transformers decides it: ``config.problem_type``,
+    else regression for one label, single-label cross-entropy for integer labels, multi-label
+    BCE otherwise. ``num_labels``: the logits' width, used where the config names none. The one
+    place the per-sample loss, the label check and the tracker's weights learn it from."""
+    kind = getattr(config, "problem_type", None)
+    if kind is not None:
+        return kind
+    if getattr(config, "num_labels", num_labels) == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
 def model_loss_per_sample(model, head: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[N]``: what ``model(**sample).loss`` is for each sample alone, from batched logits.
 
@@ -153,25 +171,15 @@ def model_loss_per_sample(model, head: str, logits: torch.Tensor, labels: torch.
     z = logits.float() if head in _UPCAST else logits
     N = z.shape[0]
     if head == "causal_lm":
-        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
-        return per_sample_ce(z, shifted)
+        return per_sample_ce(z, shifted_labels(labels))
     if head in ("token_classification", "masked_lm", "seq2seq_lm"):
         return per_sample_ce(z, labels)
-    config = getattr(model, "config", None)
-    num_labels = getattr(config, "num_labels", z.shape[-1])
-    kind = getattr(config, "problem_type", None)
-    if kind is None:
-        if num_labels == 1:
-            kind = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            kind = "single_label_classification"
-        else:
-            kind = "multi_label_classification"
+    kind = problem_type(getattr(model, "config", None), labels, z.shape[-1])
     if kind == "regression":
         diff = (z.reshape(N, -1) - labels.to(z.dtype).reshape(N, -1)).square()
         return diff.mean(1)
     if kind == "single_label_classification":
-        return per_sample_ce(z.reshape(N, num_labels), labels.reshape(N))
+        return per_sample_ce(z.reshape(N, -1), labels.reshape(N))
     bce = F.binary_cross_entropy_with_logits(z, labels.to(z.dtype), reduction="none")
     return bce.reshape(N, -1).mean(1)
 
@@ -299,7 +307,7 @@ def with_decoder_inputs(model, batch: Batch) -> Batch:
         return batch
     with torch.no_grad():
         decoder_ids = shift(labels=inputs["labels"])
-    return Batch({**inputs, "decoder_input_ids": decoder_ids}, batch.targets, batch.size)
+    return Batch({**inputs, "decoder_input_ids": decoder_ids}, batch.targets, batch.size, batch.index)
 
 
 def _batched(inputs):

@@ -14,11 +14,10 @@ for sample ``n`` is ``M w_n`` times the gradient of that sample's own loss, and 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import EWCInputError
 from .batches import IGNORE_INDEX
-from .problem import model_loss_per_sample
+from .problem import model_loss_per_sample, problem_type, shifted_labels
 
 REDUCTIONS = ("mean", "sum")
 # Hugging Face heads whose own loss the tracker can split per sample (problem.model_head's names).
@@ -48,27 +47,17 @@ def own_loss_weights(model, head: str | None, labels: torch.Tensor, num_items=No
             f"mean or sum over the batch's samples, and declare it: FisherTracker(model, reduction='mean' or 'sum')")
     n = labels.shape[0]
     if head == "sequence_classification":
-        kind = _problem_type(model, labels)
+        # A Hugging Face config always names num_labels; 2 stands for "not regression" without one.
+        kind = problem_type(getattr(model, "config", None), labels, 2)
         if kind != "single_label_classification":
             return torch.full((n,), 1.0 / n, dtype=torch.float64, device=labels.device)
         counts = (labels.reshape(n) != IGNORE_INDEX).to(torch.float64)
     else:
-        lab = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if head == "causal_lm" else labels
+        lab = shifted_labels(labels) if head == "causal_lm" else labels
         counts = (lab.reshape(n, -1) != IGNORE_INDEX).sum(1).to(torch.float64)
     total = counts.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float64,
                                                                    device=counts.device).reshape(())
     return counts / total
-
-
-def _problem_type(model, labels: torch.Tensor) -> str:
-    """The sequence classifier's loss, decided as transformers decides it."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "problem_type", None)
-    if kind is not None:
-        return kind
-    if getattr(config, "num_labels", 2) == 1:
-        return "regression"
-    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
 
 
 def check_own_loss(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,

@@ -27,11 +27,12 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import EWCInputError
-from .problem import logits_of, model_head, plain_attention
+from .problem import logits_of, plain_attention
 from .rules import BLOCK_BYTES, chunks, sq_sum_of
 from .rules.attention import LOCAL_REPLAYS
 from .rules.local import Recorded, module_blocks, record
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
+from .sums import all_finite
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -84,9 +85,9 @@ class _StepHooks:
             raise EWCInputError("FisherTracker: the model's forward runs inside a backward (gradient checkpointing "
                                 "recomputes it): the tracker cannot tell that forward from a training one; turn "
                                 "checkpointing off while tracking")
-        self._refuse_mixing()
         flags = tuple(m.training for m in self.model.modules())
-        if flags != self._flags:
+        if flags != self._flags:  # a BatchNorm's mode is among the flags: checked when they change
+            self._refuse_mixing()
             self._install_site_hooks()
             self._flags = flags
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -99,7 +100,7 @@ class _StepHooks:
             if args:
                 raise EWCInputError("FisherTracker: a model called with labels= computes its own loss; pass its "
                                     "inputs as keywords too (model(**batch)) so that the tracker reads the batch")
-            weights = own_loss_weights(self.model, model_head(self.model), labels, kwargs.get("num_items_in_batch"))
+            weights = own_loss_weights(self.model, self._head, labels, kwargs.get("num_items_in_batch"))
         idx = None
         if self.fraction < 1.0:
             k = max(1, round(self.fraction * n))
@@ -126,7 +127,7 @@ class _StepHooks:
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             return None
         if not self._own_loss_checked:
-            check_own_loss(self.model, model_head(self.model), logits_of(output), kwargs["labels"], p.weights, loss)
+            check_own_loss(self.model, self._head, logits_of(output), kwargs["labels"], p.weights, loss)
             self._own_loss_checked = True
         loss.register_hook(partial(self._on_loss_grad, p))
         return None
@@ -353,7 +354,7 @@ class _StepHooks:
 
     def _fold(self, p: _Pass) -> None:
         if p.step and self.scaler is not None and self.scaler.is_enabled():
-            if not bool(torch.isfinite(torch.stack([s.sum() for s in p.step.values()]).sum())):
+            if not all_finite(p.step.values()):
                 self.steps_skipped += 1   # the scaler skips this step's update: so does the Fisher
                 return
         if self.decay is not None:

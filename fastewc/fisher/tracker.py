@@ -30,7 +30,9 @@ from .._utils import unwrap_model
 from ..errors import EWCInputError
 from .arguments import select_parameters
 from .plan import OPS, make_plan
+from .problem import model_head
 from .sample_weights import REDUCTIONS
+from .sums import all_reduce_sums
 from .tracked_step import _Pass, _StepHooks
 
 _FORMAT = 1
@@ -132,6 +134,7 @@ class FisherTracker(_StepHooks):
         self._sites: dict = {}
         self._pass: _Pass | None = None
         self._own_loss_checked = False
+        self._head = model_head(self.model)  # which Hugging Face loss the model computes, if any
         self.rules: dict[str, str] = {}
         self._plan()  # refuse what no rule covers now, not at the first step
 
@@ -171,9 +174,9 @@ class FisherTracker(_StepHooks):
         must call it. With ``decay`` it is the mean of the ranks' moving averages (the moving
         average of the global step means when every rank's batches are the same size)."""
         if self.decay is not None:
-            sums, count = _across_ranks(self._sums, 1 if self.steps else 0)
+            sums, count = all_reduce_sums(self._sums, 1 if self.steps else 0)
         else:
-            sums, count = _across_ranks(self._sums, self.samples_seen)
+            sums, count = all_reduce_sums(self._sums, self.samples_seen)
         if count == 0:
             raise EWCInputError("FisherTracker.fisher(): no training step has been tracked yet (run forward and "
                                 "backward while the tracker is active)")
@@ -236,29 +239,3 @@ class FisherTracker(_StepHooks):
         for key, site in self._sites.items():
             for p in site.params.values():
                 self._uses.setdefault(p, []).append(key)
-
-
-def _across_ranks(sums: dict[str, torch.Tensor], count: int) -> tuple[dict[str, torch.Tensor], float]:
-    """The sums and the count added over the ranks when torch.distributed is initialised (as
-    ``estimate_fisher``'s all-reduce); else the sums as they are, uncopied. One all-reduce per sum
-    dtype, so float32 sums are not widened to float64 on the way; the count travels in float64,
-    exact beyond float32's 2**24 samples."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums, count
-    groups: dict[torch.dtype, list[str]] = {}
-    for n, s in sums.items():
-        groups.setdefault(s.dtype, []).append(n)
-    out = {}
-    for names in groups.values():
-        flat = torch.cat([sums[n].reshape(-1) for n in names])
-        dist.all_reduce(flat)
-        i = 0
-        for n in names:
-            out[n] = flat[i : i + sums[n].numel()].view_as(sums[n])
-            i += sums[n].numel()
-    device = next(iter(sums.values())).device
-    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return {n: out[n] for n in sums}, float(total.item())
