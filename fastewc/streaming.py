@@ -19,6 +19,7 @@ from ._utils import unwrap_model
 from .errors import EWCInputError
 from .fisher import FisherTracker
 from .penalty import OnlineEWC
+from .workflow import register_at_current
 
 __all__ = ["StreamingEWC"]
 
@@ -74,9 +75,7 @@ class StreamingEWC:
         current parameters, and start a new one. Does nothing when no step was tracked."""
         if self.tracker.samples_seen == 0:
             return
-        fisher = self.tracker.fisher()
-        anchors = {n: self.model.get_parameter(n).detach().clone() for n in fisher}
-        self.ewc.register_task(fisher, anchors, model=self.model)
+        register_at_current(self.ewc, self.model, self.tracker.fisher(), model=self.model)
         self.tracker.reset()
         self.consolidations += 1
 

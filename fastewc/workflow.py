@@ -25,6 +25,13 @@ def consolidate(regularizer, model: nn.Module, data: Iterable, **estimate_fisher
     # estimate_fisher unwraps too; the optimum must be read from the same module, by the same names
     model = unwrap_model(model)
     fisher = estimate_fisher(model, data, **estimate_fisher_kwargs)
+    return fisher, register_at_current(regularizer, model, fisher)
+
+
+def register_at_current(regularizer, model: nn.Module, fisher, **register_kwargs) -> dict:
+    """Register ``fisher`` with a snapshot of ``model``'s current parameters (read by the
+    Fisher's names from the unwrapped model) as the optimum; returns that snapshot."""
+    model = unwrap_model(model)
     optimum = {n: model.get_parameter(n).detach().clone() for n in fisher}
-    regularizer.register_task(fisher, optimum)
-    return fisher, optimum
+    regularizer.register_task(fisher, optimum, **register_kwargs)
+    return optimum

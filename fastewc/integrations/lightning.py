@@ -38,6 +38,7 @@ from .._utils import require
 from ..errors import EWCInputError
 from ..fisher.tracker import FisherTracker
 from ..penalty import EWCRegularizer
+from ..workflow import register_at_current
 from ._tracking import tracker_options
 
 _log = logging.getLogger("fastewc.integrations")
@@ -122,8 +123,7 @@ class EWCCallback(_pl.Callback):
                 raise EWCInputError("EWCCallback(track_fisher=True): no training step was tracked; the tracker opens "
                                     "a step at the LightningModule's own forward, so training_step must call self(...) "
                                     "rather than a submodule") from e
-            optimum = {n: pl_module.get_parameter(n).detach().clone() for n in fisher}
-            self.ewc.register_task(fisher, optimum)
+            register_at_current(self.ewc, pl_module, fisher)
             _log.info("EWCCallback: registered the Fisher tracked during fit (%d samples on this rank, %d steps); no "
                       "extra pass over the data", tracker.samples_seen, tracker.steps)
             return

@@ -40,6 +40,7 @@ from .._utils import require, unwrap_model
 from ..errors import EWCInputError
 from ..fisher.tracker import FisherTracker
 from ..penalty import EWCRegularizer
+from ..workflow import register_at_current
 from ._tracking import tracker_options
 
 _transformers = require("transformers", extra="hf")
@@ -158,10 +159,8 @@ class EWCTrainerMixin:
         """
         tracked, self.tracked_fisher = self.tracked_fisher, None
         if tracked is not None and dataset is None and not estimate_fisher_kwargs:
-            model = _unwrap(self.model)
             fisher = tracked.fisher()  # under torch.distributed: summed over the ranks
-            optimum = {n: model.get_parameter(n).detach().clone() for n in fisher}
-            self.ewc.register_task(fisher, optimum)
+            register_at_current(self.ewc, _unwrap(self.model), fisher)
             _log.info("EWCHFTrainer.consolidate: registered the Fisher tracked during train() (%d samples on this "
                       "rank, %d steps); no extra pass over the data", tracked.samples_seen, tracked.steps)
             return fisher
