@@ -66,8 +66,7 @@ def main(argv=None) -> dict:
         memory_budget=None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9,
         progress=lambda msg: print(f"[bench_scale] {msg}", file=sys.stderr, flush=True))
     m = result["machine"]
-    helpers = f"; C++ host helpers {m['host_helpers']}" if "host_helpers" in m else ""
-    print(f"Scale, CPU: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads), torch {m['torch']}{helpers}\n")
+    print(f"Scale, CPU: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads), torch {m['torch']}\n")
     print(scale_report.format_scale(result))
     path = args.json or (None if args.quick else f"benchmarks/results/{timing.machine_slug()}/scale_cpu.json")
     if path:

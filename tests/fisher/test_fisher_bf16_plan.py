@@ -82,5 +82,15 @@ def test_bf16_probe_leaves_the_model_as_it_was():
         assert id(p) == pid and p.dtype == dtype == torch.bfloat16
         assert torch.equal(p.detach(), value)
     assert not info.loop_params and not info.vmap_params
-    assert set(fisher) == set(before)
-    assert all(bool(torch.isfinite(f).all()) for f in fisher.values())
+    # The values: the reference loop on a float32 copy of the same (bf16-rounded) weights. bf16
+    # rounding leaves about 1e-2 relative; a wrong rule is off by far more.
+    import copy
+
+    from fastewc.reference import estimate_fisher as reference_fisher
+
+    model32 = copy.deepcopy(model).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = reference_fisher(model32, data, kind="empirical")
+    errors = zoo.relative_errors({n: f.float() for n, f in fisher.items()}, want)
+    assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]

@@ -12,17 +12,9 @@ from fastewc import reference as R
 from fastewc.fisher.functional import call_once
 
 from models import assert_fisher_close, batches
+from random_models import UsedTwice
 
 D = torch.float64
-
-
-class Scale(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.g = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, h):
-        return torch.tanh(h * self.g) + self.g
 
 
 class Twice(nn.Module):
@@ -30,7 +22,7 @@ class Twice(nn.Module):
 
     def __init__(self, d=5):
         super().__init__()
-        lin, scale = nn.Linear(d, d), Scale(d)
+        lin, scale = nn.Linear(d, d), UsedTwice(d)
         self.chain = nn.ModuleList([lin, scale, nn.LayerNorm(d), lin, scale])
         self.head = nn.Linear(d, 3)
 
@@ -51,7 +43,7 @@ def test_call_once_restores_a_module_placed_twice():
     values = {n: p.detach() * 2 for n, p in model.named_parameters()}
     out = call_once(model, values, (data[0][0],))
     assert {n: id(p) for n, p in model.named_parameters()} == before
-    assert all(isinstance(m.g, nn.Parameter) for m in model.chain if isinstance(m, Scale))
+    assert all(isinstance(m.g, nn.Parameter) for m in model.chain if isinstance(m, UsedTwice))
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.mul_(2)
