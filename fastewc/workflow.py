@@ -28,7 +28,7 @@ def consolidate(regularizer, model: nn.Module, data: Iterable, **estimate_fisher
     return fisher, register_at_current(regularizer, model, fisher)
 
 
-def register_at_current(regularizer, model: nn.Module, fisher, **register_kwargs) -> dict:
+def register_at_current(regularizer, model: nn.Module, fisher, /, **register_kwargs) -> dict:
     """Register ``fisher`` with a snapshot of ``model``'s current parameters (read by the
     Fisher's names from the unwrapped model) as the optimum; returns that snapshot."""
     model = unwrap_model(model)
