@@ -59,6 +59,7 @@ def _worker(rank, init_file, style, out):
             F.cross_entropy(ddp(xs), ys).backward()
             ewc.accumulate_grad_(ddp)
         torch.save([p.grad for p in model.parameters()], f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
     finally:
         dist.destroy_process_group()
 

@@ -42,6 +42,7 @@ def _worker(rank, init_file, out):
             for method in ("vmap", "loop"):
                 results[kind, method] = fastewc.estimate_fisher(model, _shard(rank), kind=kind, method=method)
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
     finally:
         dist.destroy_process_group()
 

@@ -191,6 +191,7 @@ def _worker(rank, init_file, out):
             except ModelMismatchError as e:
                 seen["plain_model"] = str(e)
         torch.save(seen, f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
     finally:
         dist.destroy_process_group()
 
@@ -297,6 +298,7 @@ def _hsdp_worker(rank, init_file, out):
         seen = {(style, when): _sharded_step(mesh, "torch", style, when)
                 for style in ("loss", "accumulate") for when in ("with_model", "late")}
         torch.save(seen, f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
     finally:
         dist.destroy_process_group()
 

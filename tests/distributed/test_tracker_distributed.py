@@ -51,6 +51,7 @@ def _worker(rank, init_file, out):
         model = nn.parallel.DistributedDataParallel(_model())
         tracker = _track(model, _batches(*((0, 6) if rank == 0 else (6, 11))))
         torch.save({"fisher": tracker.fisher(), "local": tracker.samples_seen}, f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
     finally:
         dist.destroy_process_group()
 
