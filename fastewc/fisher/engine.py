@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .batches import Batch
-from .functional import call_once
+from .functional import swapped
 from .plan import OPS, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
@@ -49,20 +49,21 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[
     Returns ``(sums, trouble)``: ``sums`` maps each covered parameter to the sum over the batch of
     its squared per-sample gradients (exact kind: of the per-sample Fisher); ``trouble`` maps
     site keys that broke the plan's assumptions to ``(action, reason)``, an action of
-    :meth:`RulePlan.absorb` (``"clone"``, ``"local"``, ``"parent"``, ``"batch_free"`` or
-    ``"drop"``). With any trouble, ``sums`` is empty.
+    :meth:`RulePlan.absorb` (``"clone"``, ``"local"``, ``"parent"``, ``"unused"``, ``"batch_free"``
+    or ``"drop"``). With any trouble, ``sums`` is empty.
     """
     n = batch.size
     values = {k: v.detach() for k, v in {**problem.frozen, **problem.selected}.items()}
     rec = _Recorder(plan, n, values)
     try:
-        with torch.enable_grad():
+        # forward and backward under one swap: a checkpointed block recomputes in the backward
+        with torch.enable_grad(), swapped(problem.model, values):
             args, kwargs = forward_inputs(problem.model, batch)
             if rec.mode is not None:
                 with rec.mode:
-                    output = call_once(problem.model, values, args, kwargs)
+                    output = problem.model(*args, **kwargs)
             else:
-                output = call_once(problem.model, values, args, kwargs)
+                output = problem.model(*args, **kwargs)
             if isinstance(labels, SampledLabels):
                 labels = labels.of(output)  # drawn once, kept for a retry after trouble
             trouble = _check_calls(plan, rec)
@@ -90,13 +91,24 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
         site = plan.sites[key]
         if site.batch_free:
             continue
-        if calls and all(not c.rec.batched and not c.rec.outputs for c in calls):
-            trouble[key] = ("batch_free", f"{site.module_name} is called without a batch axis: followed into "
+        if calls and all(not c.rec.outputs for c in calls):
+            # Its output has no batch axis (a position table, whatever its input): the same for every
+            # sample, so it is followed into the operations that meet the batch.
+            trouble[key] = ("batch_free", f"{site.module_name} returns no batch axis: followed into "
                                           f"the operations that use its output")
             continue
         if not calls:
-            trouble[key] = ("parent", f"{site.module_name or '<root>'} is never called: its parent's forward "
-                                     f"uses the parameters directly")
+            if all(any(p in other.params.values() and (k2 == OPS or rec.calls.get(k2))
+                       for k2, other in plan.sites.items() if k2 != key) for p in site.params.values()):
+                # A tied parameter's holder that is never called (an encoder-decoder's `shared`
+                # embedding, its weight used through each stack's own embedding): no use here.
+                trouble[key] = ("unused", f"{site.module_name} is never called; its parameters' other uses cover them")
+            else:
+                trouble[key] = ("parent", f"{site.module_name or '<root>'} is never called: its parent's forward "
+                                         f"uses the parameters directly")
+            continue
+        if any(not c.rec.outputs for c in calls):
+            trouble[key] = ("drop", f"{site.module_name} returns a batch axis in some calls and none in others")
             continue
         if site.rule is not None and not all(c.ok_for_rule for c in calls):
             trouble[key] = ("local", f"{type(site.module).__name__} is called with keyword, several or non-tensor "
@@ -169,8 +181,7 @@ def _blocks(plan, rec, values, key, c, grads, i, j) -> dict:
     site = plan.sites[key]
     call = rec.calls[key][c]
     if site.rule is not None:
-        A = call.rec.leaves[0]
-        got = site.rule.per_sample(site.module, A[i:j].detach(), grads[0][i:j])
+        got = _rule_blocks(site, call.rec, grads[0], i, j)
     else:
         n_out = len(call.rec.outputs)
         att = rec.attention.get(key)
@@ -185,7 +196,7 @@ def _blocks(plan, rec, values, key, c, grads, i, j) -> dict:
 
 class SiteFailed(RuntimeError):
     """One use's per-sample blocks could not be formed (a module that ``torch.func`` cannot
-    replay, such as ``nn.LSTM``'s fused kernel): the probe sends its parameters per sample and
+    replay, such as a module that reads a tensor's value in Python): the probe sends its parameters per sample and
     keeps the rules of the others."""
 
     def __init__(self, key: str, params: list[str], error: Exception):
@@ -196,16 +207,18 @@ class SiteFailed(RuntimeError):
 
 def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
     sums: dict[str, torch.Tensor] = {}
+    n = rec.n
     uses = _uses(plan, rec)
     # One use of a rule site: the rule's own sum of squares (often without per-sample blocks).
     for key, site in plan.sites.items():
         if site.rule is None or site.batch_free or len(rec.calls[key]) != 1:
             continue
         fast = {a: p for a, p in site.params.items() if len(uses.get(p, [])) == 1}
-        if not fast:
+        r = rec.calls[key][0].rec
+        if not fast or (r.fold > 1 and not site.rule.sequence):
             continue
-        A = rec.calls[key][0].rec.leaves[0].detach()
-        got = sq_sum_of(site.rule, site.module, A, [col[where[(key, 0)][0]] for col in grads_per_col])
+        A = r.samples(r.leaves[0].detach(), 0, n)
+        got = sq_sum_of(site.rule, site.module, A, [r.samples(col[where[(key, 0)][0]], 0, n) for col in grads_per_col])
         for a, p in fast.items():
             sums[p] = got[a]
     # One use of attention computed in the open, every parameter used there only: its
@@ -227,7 +240,6 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
         sums[p] = torch.zeros_like(problem.selected[p])  # never used in this forward: no gradient
     if not rest:
         return sums
-    n = rec.n
     per = sum(problem.selected[p].numel() * problem.selected[p].element_size() for p in rest)
     # Uses whose rule can add into another use's block come last, when that block exists.
     users = sorted({u for us in rest.values() for u in us}, key=lambda u: (_adds_into(plan, u[0]), str(u)))
@@ -268,6 +280,17 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
     return sums
 
 
+def _rule_blocks(site, r, G, i: int, j: int) -> dict:
+    """A rule site's per-sample blocks of samples ``i..j``; a batch folded into rows goes to the
+    rule as ``[n, k, ...]`` when it takes sequence axes, else row by row, each sample's rows added."""
+    A = r.leaves[0].detach()
+    if r.fold == 1 or site.rule.sequence:
+        return site.rule.per_sample(site.module, r.samples(A, i, j), r.samples(G, i, j))
+    k = r.fold
+    rows = site.rule.per_sample(site.module, A[i * k:j * k], G[i * k:j * k])
+    return {a: b.unflatten(0, (j - i, k)).sum(1) for a, b in rows.items()}
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors share memory (the same storage: conservative for disjoint views)."""
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
@@ -287,5 +310,8 @@ def _add_into(plan, rec, key, c, grads, i, j, acc, rest) -> bool:
     mine = {a: p for a, p in site.params.items() if p in rest}
     if not mine or any(p not in acc for p in mine.values()):
         return False
-    A = rec.calls[key][c].rec.leaves[0]
-    return bool(site.rule.add_into(site.module, A[i:j].detach(), grads[0][i:j], {a: acc[p] for a, p in mine.items()}))
+    r = rec.calls[key][c].rec
+    if r.fold > 1 and not site.rule.sequence:
+        return False
+    A = r.samples(r.leaves[0].detach(), i, j)
+    return bool(site.rule.add_into(site.module, A, r.samples(grads[0], i, j), {a: acc[p] for a, p in mine.items()}))

@@ -117,6 +117,8 @@ class RulePlan:
                 self.to_local(key, why)
             elif action == "parent":
                 self.to_parent(key, why)
+            elif action == "unused":
+                del self.sites[key]
             elif action == "batch_free":
                 self.sites[key].batch_free = True
                 for p in self.sites[key].params.values():

@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .functional import call_once
 from .plan import OPS, RulePlan, Site
 from .rules.attention import RecordingAttention
-from .rules.local import ParamLeaf, Recorded, record
+from .rules.local import ParamLeaf, Recorded, fold_of, record
+from .rules.rnn import RECORDS
 
 
 @dataclass
@@ -84,9 +85,17 @@ class _Recorder:
 
     def _hook(self, key, clone):
         def hook(module, args, kwargs, output):
-            rec = record(args, kwargs, output, self.n)
+            if torch._C._current_graph_task_id() != -1:
+                # A forward inside the backward is a checkpoint recomputing what the first call
+                # computed (and this hook recorded): the backward follows the first call's graph.
+                return None
+            # An RNN's outputs have the samples on axis 1 (h_n, and output unless batch_first): its
+            # call is recorded with every tensor moved samples-first, and handed back moved back.
+            special = RECORDS.get(type(module))
+            got = special(module, args, kwargs, output, self.n) if special is not None else None
+            rec, to_module = got if got is not None else (record(args, kwargs, output, self.n, folds=True), None)
             ok = (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
-                  and args[0].dim() > 0 and args[0].shape[0] == self.n and len(rec.outputs) == 1)
+                  and args[0].dim() > 0 and args[0].shape[0] == self.n * rec.fold and len(rec.outputs) == 1)
             versions_in = [rec.leaves[k]._version for k in rec.batched]
             rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
             self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs]))
@@ -96,7 +105,7 @@ class _Recorder:
                 return replaced[0]
             leaves, spec = tree_flatten(output)
             for k, t in replaced.items():
-                leaves[rec.out_index[k]] = t
+                leaves[rec.out_index[k]] = t if to_module is None else to_module(k, t)
             return tree_unflatten(leaves, spec)
         return hook
 
@@ -104,6 +113,8 @@ class _Recorder:
         """The module's output has no batch axis: follow it into the operations that use it,
         rebuilding it from the parameters by calling the module again."""
         def hook(module, args, kwargs, output):
+            if torch._C._current_graph_task_id() != -1:
+                return None  # a checkpoint's recomputation (see _hook)
             leaves, _ = tree_flatten(output)
             for k, t in enumerate(leaves):
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -162,7 +173,8 @@ class _OpRecorder(TorchFunctionMode):
             return out
         n = self.recorder.n
         sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
-        batched_in = any(isinstance(x, torch.Tensor) and k not in slots and x.dim() > 0 and x.shape[0] == n
+        fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n)
+        batched_in = any(isinstance(x, torch.Tensor) and k not in slots and x.dim() > 0 and x.shape[0] == n * fold
                          for k, x in enumerate(leaves))
         if not batched_in and not (out.dim() > 0 and out.shape[0] == n and any(
                 leaves[k].dim() > 0 and leaves[k].shape[0] == n for k in slots)):
@@ -181,10 +193,10 @@ class _OpRecorder(TorchFunctionMode):
                 return y[:1] if spread else y
             self.watch(out, build, sources)
             return out
-        if out.dim() == 0 or out.shape[0] != n:
+        if out.dim() == 0 or out.shape[0] != n * fold:
             self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
             return out
-        rec = Recorded(leaves, spec, [out], [0], n, slots, func, sources)
+        rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources)
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
         self.recorder.ops.append(rec)

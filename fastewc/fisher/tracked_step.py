@@ -31,6 +31,7 @@ from .problem import logits_of, plain_attention
 from .rules import BLOCK_BYTES, chunks, sq_sum_of
 from .rules.attention import LOCAL_REPLAYS
 from .rules.local import Recorded, module_blocks, record
+from .rules.rnn import RECORDS
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite
 
@@ -171,14 +172,18 @@ class _StepHooks:
                 return None
             active = [name for name, m in module.named_modules()
                       if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0)
-                                         or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0))]
+                                         or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+                                         or (isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1))]
             if active:
                 raise EWCInputError(
                     f"FisherTracker: {site.module_name} ({type(module).__name__}) has no hand rule, so its parameters' "
                     f"per-sample gradients come from replaying it, and its dropout "
                     f"({site.module_name + ('.' + active[0] if active[0] else '')}) is active: a replay draws other "
                     f"masks. Set that dropout to 0 (or the module to eval mode), or leave its parameters out with params=")
-            rec = record(args, kwargs, output, p.n)
+            # an RNN's call is recorded samples-first (see recording._Recorder._hook)
+            special = RECORDS.get(type(module))
+            got = special(module, args, kwargs, output, p.n) if special is not None else None
+            rec, to_module = got if got is not None else (record(args, kwargs, output, p.n), None)
             if not rec.batched or not rec.outputs:
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
                                     f"the batch of {p.n} samples on dim 0 of its inputs and outputs")
@@ -186,14 +191,14 @@ class _StepHooks:
             if not outs:
                 return None
             handed = None
-            if len(rec.outputs) > 1:
+            if len(rec.outputs) > 1 or to_module is not None:
                 # One output may be computed from another inside the module: the gradient w.r.t. each
                 # is taken through an alias that only the rest of the model uses, or the replay's
                 # vector-Jacobian product would count the inner path twice.
                 rec.outputs = [t.view_as(t) for t in rec.outputs]
                 leaves, spec = tree_flatten(output)
-                for k, t in zip(rec.out_index, rec.outputs):
-                    leaves[k] = t
+                for slot, (k, t) in enumerate(zip(rec.out_index, rec.outputs)):
+                    leaves[k] = t if to_module is None else to_module(slot, t)
                 handed = tree_unflatten(leaves, spec)
             calls = p.calls[key]
             calls.append(_Call(None, rec, 0, [None] * len(rec.outputs)))

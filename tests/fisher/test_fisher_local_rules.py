@@ -152,7 +152,7 @@ def test_batch_free_module_is_followed_into_the_operation_that_meets_the_batch()
     model = PositionTable().to(D)
     data = batches(torch.randint(0, 9, (7, 5)), torch.randint(0, 3, (7,)), batch_size=4)
     got, info = _run(model, data)
-    assert info.methods["posemb.weight"] == "embedding" and "without a batch axis" in info.notes["posemb.weight"]
+    assert info.methods["posemb.weight"] == "embedding" and "returns no batch axis" in info.notes["posemb.weight"]
     assert not info.vmap_params
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
 

@@ -5,6 +5,8 @@
 * :mod:`.embedding`: ``nn.Embedding``;
 * :mod:`.norm`: LayerNorm, RMSNorm (and RMSNorm-style modules of other libraries), GroupNorm,
   BatchNorm in eval mode;
+* :mod:`.attention`: ``nn.MultiheadAttention`` computed in the open, or replayed once batched;
+* :mod:`.rnn`: ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, their recurrence rerun for a chunk of samples;
 * :mod:`.local`: the module-local rule for any other module (``torch.func`` over that module
   alone), and the op-local rule for parameters used outside any module.
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_unflatten
 
 from .linear import sq_sum_linear
+from .rnn import rnn_blocks
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -230,4 +231,5 @@ class RecordingAttention:
 
 
 # module type -> f(module, attrs, recorded call, output gradients, i, j) -> blocks or None
-LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks}
+# (the recurrent layers' replay is :mod:`.rnn`'s)
+LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU: rnn_blocks, nn.RNN: rnn_blocks}

@@ -66,4 +66,4 @@ def embedding_applies(m: nn.Embedding) -> bool:
 
 
 register_rule(nn.Embedding, embedding_per_sample, name="embedding", sq_sum=embedding_sq_sum,
-              applies=embedding_applies, add_into=embedding_add_into)
+              applies=embedding_applies, add_into=embedding_add_into, sequence=True)

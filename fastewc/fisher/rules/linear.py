@@ -98,7 +98,7 @@ def linear_sq_sum(m: nn.Linear, A: torch.Tensor, Gs: list) -> dict:
     return sq_sum_linear(A, Gs, m.bias is not None)
 
 
-register_rule(nn.Linear, linear_per_sample, name="linear", sq_sum=linear_sq_sum)
+register_rule(nn.Linear, linear_per_sample, name="linear", sq_sum=linear_sq_sum, sequence=True)
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -116,4 +116,4 @@ def conv1d_hf_sq_sum(m, A: torch.Tensor, Gs: list) -> dict:
 
 
 # Matched by name: transformers is optional and never imported here.
-register_rule(_is_hf_conv1d, conv1d_hf_per_sample, name="hf_conv1d", sq_sum=conv1d_hf_sq_sum)
+register_rule(_is_hf_conv1d, conv1d_hf_per_sample, name="hf_conv1d", sq_sum=conv1d_hf_sq_sum, sequence=True)

@@ -10,8 +10,12 @@ module (a bare ``nn.Parameter`` added in the model's ``forward``) get the same t
 level of the operations that use them.
 
 A tensor argument counts as per-sample when its first dimension is the batch size; anything
-else (a broadcast mask, rotary tables, flags) is passed to every sample unchanged. The probe
-checks the result against the per-sample loop like any rule.
+else (a broadcast mask, rotary tables, flags) is passed to every sample unchanged. A module fed
+the batch flattened together with another axis, sample-major (OPT's MLP on ``[N*T, d]``, Swin's
+attention on ``[N*windows, ...]``), is recognised by its inputs that descend from the batch
+(they require grad in the batched pass) having ``N*k`` rows; each sample is then its ``k`` rows
+(:attr:`Recorded.fold`). The probe checks the result against the per-sample loop like any rule,
+so a flattening in another order cannot pass unnoticed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Recorded:
     outputs: list                  # the batched output tensors whose gradients are needed
     out_index: list                # their positions among the flattened outputs
     n: int                         # batch size
+    fold: int = 1                  # rows per sample: the batch flattened with another axis (module docstring)
     param_slots: dict = field(default_factory=dict)   # op-local: leaf position -> f(params) giving that leaf
     func: Callable | None = None   # op-local: the operation
     sources: set = field(default_factory=set)         # op-local: the parameters it depends on
@@ -42,41 +47,67 @@ class Recorded:
 
     @property
     def batched(self) -> list[int]:
+        rows = self.n * self.fold
         return [k for k, x in enumerate(self.leaves)
-                if k not in self.param_slots and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == self.n]
+                if k not in self.param_slots and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows]
+
+    def samples(self, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """Samples ``i..j`` of a batched tensor: ``[j - i, *rest]``, or ``[j - i, fold, *rest]``
+        when the batch is folded into rows."""
+        return x[i:j] if self.fold == 1 else x.unflatten(0, (self.n, self.fold))[i:j]
 
 
-def batched_outputs(output, n: int) -> tuple[list, list]:
+def batched_outputs(output, n: int, fold: int = 1) -> tuple[list, list]:
     """The per-sample tensors in a module output (tensor, tuple, dict or ``ModelOutput``) and
     their positions among its flattened leaves."""
     leaves, _ = tree_flatten(output)
-    idx = [k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
+    idx = [k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n * fold
            and x.is_floating_point()]
     return [leaves[k] for k in idx], idx
+
+
+def fold_of(inputs: list, n: int) -> int:
+    """Rows per sample of a call whose inputs have no axis of size ``n`` first: ``k`` when every
+    input that descends from the batch (requires grad) has ``n*k`` rows, ``k > 1``; else 1."""
+    if any(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n for x in inputs):
+        return 1
+    rows = {x.shape[0] for x in inputs
+            if isinstance(x, torch.Tensor) and x.requires_grad and x.dim() > 0 and x.is_floating_point()}
+    if len(rows) != 1 or n < 1:
+        return 1
+    r = rows.pop()
+    return r // n if r > n and r % n == 0 else 1
 
 
 _ONE_TENSOR_SPEC = tree_flatten(((torch.zeros(()),), {}))[1]
 
 
-def record(args, kwargs, output, n: int) -> Recorded:
+def record(args, kwargs, output, n: int, folds: bool = False) -> Recorded:
+    """One call's record. ``folds``: recognise a batch folded into rows (:func:`fold_of`), which
+    needs a pass where only tensors that descend from the batch require grad (the rule engine's,
+    with the parameters detached; not a training step)."""
     if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
         # The common call (one tensor in, one out): no pytree walk.
-        per = output.dim() > 0 and output.shape[0] == n and output.is_floating_point()
-        return Recorded([args[0]], _ONE_TENSOR_SPEC, [output] if per else [], [0] if per else [], n)
+        fold = fold_of([args[0]], n) if folds else 1
+        per = output.dim() > 0 and output.shape[0] == n * fold and output.is_floating_point()
+        return Recorded([args[0]], _ONE_TENSOR_SPEC, [output] if per else [], [0] if per else [], n, fold)
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
-    outs, idx = batched_outputs(output, n)
-    return Recorded(leaves, spec, outs, idx, n)
+    fold = fold_of(leaves, n) if folds else 1
+    outs, idx = batched_outputs(output, n, fold)
+    return Recorded(leaves, spec, outs, idx, n, fold)
 
 
 def _per_sample_vjp(fn, params: dict, rec: Recorded, grads: list, i: int, j: int) -> dict:
     """``{name: [j - i, *shape]}``: ``vmap`` over samples ``i..j`` of the vjp of ``fn(params, args,
     kwargs)`` with each sample's output gradients."""
     batched = rec.batched
+    # one sample is a batch of one, or its rows when the batch is folded into rows
+    alone = (lambda x: x.unsqueeze(0)) if rec.fold == 1 else (lambda x: x)
 
     def one(p, xs, gs):
         leaves = list(rec.leaves)
         for k, x in zip(batched, xs):
-            leaves[k] = x.unsqueeze(0)
+            leaves[k] = alone(x)
         args, kwargs = tree_unflatten(leaves, rec.spec)
 
         def f(p):
@@ -84,10 +115,10 @@ def _per_sample_vjp(fn, params: dict, rec: Recorded, grads: list, i: int, j: int
             return [out_leaves[k] for k in rec.out_index]
 
         _, pull = vjp(f, p)
-        return pull([g.unsqueeze(0) for g in gs])[0]
+        return pull([alone(g) for g in gs])[0]
 
-    xs = [rec.leaves[k][i:j] for k in batched]
-    gs = [g[i:j] for g in grads]
+    xs = [rec.samples(rec.leaves[k], i, j) for k in batched]
+    gs = [rec.samples(g, i, j) for g in grads]
     return vmap(one, in_dims=(None, 0, 0))(params, xs, gs)
 
 
@@ -125,14 +156,17 @@ def _additive_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list
     if signs is None or len(rec.leaves) != 2 or rec.spec != _TWO_ARGS_SPEC or len(grads) != 1:
         return None
     out_shape = rec.outputs[0].shape
-    G = grads[0][i:j]
+    G = rec.samples(grads[0], i, j)
     result: dict[str, torch.Tensor] = {}
     for k, build in rec.param_slots.items():
         b = rec.leaves[k]
         shape = (1,) * (len(out_shape) - b.dim()) + tuple(b.shape)
         if len(shape) != len(out_shape) or shape[0] != 1:
             return None  # the argument is wider than the output, or spans the batch axis
-        axes = [d for d in range(1, len(shape)) if shape[d] == 1 and out_shape[d] != 1]
+        full = out_shape
+        if rec.fold > 1:  # the rows of a sample: one more axis the argument is broadcast along
+            shape, full = (1, *shape), (rec.n, rec.fold, *out_shape[1:])
+        axes = [d for d in range(1, len(shape)) if shape[d] == 1 and full[d] != 1]
         g = G.sum(axes, keepdim=True) if axes else G
         g = g.reshape(G.shape[0], *b.shape).to(b.dtype)
         if signs[k] < 0:

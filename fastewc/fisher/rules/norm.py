@@ -74,12 +74,13 @@ _BATCH_NORM = _affine_rule("batchnorm", _batch_norm_xhat, lambda m: (m.num_featu
 _RMS_NORM = _affine_rule("rmsnorm", _rms_norm_xhat, lambda m: m.normalized_shape, lambda m: False, False)
 
 register_rule(nn.LayerNorm, _LAYER_NORM[0], name="layernorm", sq_sum=_LAYER_NORM[1],
-              applies=lambda m: m.elementwise_affine)
+              applies=lambda m: m.elementwise_affine, sequence=True)
 register_rule(nn.GroupNorm, _GROUP_NORM[0], name="groupnorm", sq_sum=_GROUP_NORM[1], applies=lambda m: m.affine)
 for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_rule(_bn, _BATCH_NORM[0], name="batchnorm", sq_sum=_BATCH_NORM[1], applies=batch_norm_applies)
 if hasattr(nn, "RMSNorm"):
-    register_rule(nn.RMSNorm, _RMS_NORM[0], name="rmsnorm", sq_sum=_RMS_NORM[1], applies=lambda m: m.elementwise_affine)
+    register_rule(nn.RMSNorm, _RMS_NORM[0], name="rmsnorm", sq_sum=_RMS_NORM[1], applies=lambda m: m.elementwise_affine,
+                  sequence=True)
 
 
 # -- RMSNorm-style modules of other libraries ----------------------------------------------------
@@ -106,4 +107,4 @@ def rms_style_per_sample(m, A, G) -> dict:
     return {"weight": (G * xhat).reshape(A.shape[0], -1, A.shape[-1]).sum(1)}
 
 
-register_rule(_is_rms_style, rms_style_per_sample, name="rmsnorm_style")
+register_rule(_is_rms_style, rms_style_per_sample, name="rmsnorm_style", sequence=True)

@@ -47,6 +47,7 @@ class Rule:
     sq_sum: SqSum | None = None
     applies: Callable[[nn.Module], bool] | None = None   # configuration check (None: always)
     add_into: AddInto | None = None
+    sequence: bool = False   # per_sample / sq_sum take A [n, ..., d] with any axes between n and d
 
 
 _BY_TYPE: dict[type, Rule] = {}
@@ -55,7 +56,7 @@ _BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], Rule]] = []
 
 def register_rule(module_type, per_sample: PerSample | None = None, *, name: str | None = None,
                   sq_sum: SqSum | None = None, applies: Callable[[nn.Module], bool] | None = None,
-                  add_into: AddInto | None = None):
+                  add_into: AddInto | None = None, sequence: bool = False):
     """Register a Fisher rule for a module type (or for every module a predicate accepts).
 
     Use as a decorator on the per-sample function, or call with it::
@@ -76,16 +77,21 @@ def register_rule(module_type, per_sample: PerSample | None = None, *, name: str
             the module-local rule).
         add_into: optional ``f(module, A, G, {attr: block}) -> bool``: add the per-sample
             gradients into existing blocks ``[n, *param.shape]`` of a shared parameter in place.
+        sequence: True when ``per_sample`` and ``sq_sum`` accept inputs with any number of
+            axes between the samples and the features (``[n, T, d]``, ``[n, k, T, d]``), as a
+            Linear rule does. A module fed the batch flattened with another axis (``[n*k, d]``)
+            then gets ``A`` viewed as ``[n, k, d]``; otherwise its rule runs on the rows and
+            each sample's ``k`` row gradients are added up.
 
     Later registrations take precedence. The rule is proven against the per-sample loop on a
     probe of the first samples before it is used, like the built-in ones.
     """
     if per_sample is None:
         return lambda fn: register_rule(module_type, fn, name=name, sq_sum=sq_sum, applies=applies,
-                                        add_into=add_into) or fn
+                                        add_into=add_into, sequence=sequence) or fn
     if not callable(per_sample):
         raise TypeError(f"register_rule: per_sample must be callable, got {type(per_sample).__name__}")
-    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies, add_into)
+    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies, add_into, sequence)
     if isinstance(module_type, type):
         if not issubclass(module_type, nn.Module):
             raise TypeError(f"register_rule: {module_type.__name__} is not an nn.Module subclass")
