@@ -347,3 +347,48 @@ def test_attention_sums_with_part_of_its_parameters_frozen(monkeypatch):
     assert "attn.in_proj_weight" not in got and "attn.out_proj.bias" not in got
     assert got_attrs and all(a == ["in_proj_bias", "out_proj.weight"] for a in got_attrs), got_attrs
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+class Folded(nn.Module):
+    """Layers fed the batch flattened with the sequence (OPT's feed-forward) or with windows
+    (Swin's attention: a learned bias added to ``[N*windows, ...]`` scores), in the given order:
+    ``"sample"``-major (the rows of one sample together) or ``"time"``-major."""
+
+    def __init__(self, order: str, d=6, seq=4):
+        super().__init__()
+        self.order = order
+        self.emb = nn.Linear(3, d)
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)     # a rule without sequence axes, on rows
+        self.bias = nn.Parameter(0.3 * torch.randn(2, d))
+        self.head = nn.Linear(d * seq, 3)
+
+    def forward(self, x):
+        h = self.emb(x)                                          # [N, T, d]
+        n, t, d = h.shape
+        rows = h.reshape(n * t, d) if self.order == "sample" else h.transpose(0, 1).reshape(t * n, d)
+        rows = rows + self.fc(self.norm(rows)).tanh()
+        rows = rows + self.conv(rows.unsqueeze(1)).sum(1)         # [N*T, 1, d] -> [N*T, 2, d] -> [N*T, d]
+        win = rows.reshape(-1, 2, d) + self.bias                 # two rows per window, a bias per row
+        rows = win.reshape(-1, d)
+        h = rows.view(n, t, d) if self.order == "sample" else rows.view(t, n, d).transpose(0, 1)
+        return self.head(h.reshape(n, t * d))
+
+
+@pytest.mark.parametrize("order", ["sample", "time"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_batch_folded_into_rows(order, n):
+    """Sample-major rows go by rules (the rule's sequence form, rows added up for the convolution,
+    the op-local rule for the bias added to windows); time-major rows must not pass as samples:
+    either way the values equal the per-sample loop's."""
+    torch.manual_seed(1)
+    model = Folded(order).to(D)
+    x, y = torch.randn(n + 3, 4, 3, dtype=D), torch.randint(0, 3, (n + 3,))
+    data = batches(x, y, batch_size=n)
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+    if order == "sample":
+        assert not info.vmap_params and not info.loop_params, info.reasons
+        assert info.methods["fc.weight"] == "linear" and info.methods["conv.weight"] == "conv1d"
+        assert info.methods["bias"] == "op-local"

@@ -166,6 +166,33 @@ def test_conv_weight_shared_over_space_is_exact():
     assert_fisher_close(got, R.estimate_fisher(model, [(x, y)]))
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 2), (1, 1)), ((3, 2), (1, 3), (2, 1), (2, 3)),
+    ((1, 1), (1, 1), (0, 0), (1, 1)), ((5, 4), (3, 2), (1, 0), (1, 2))])
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_conv_im2col_equals_unfold(kernel, stride, padding, dilation, n):
+    from fastewc.fisher.rules.conv import _im2col
+
+    A = torch.randn(n, 2, 9, 7, dtype=D, generator=torch.Generator().manual_seed(n))
+    want = F.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
+    torch.testing.assert_close(_im2col(A, kernel, dilation, padding, stride), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=1), (3, 9, 8)),
+    (lambda: nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect", groups=2), (4, 7, 6)),
+    (lambda: nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=2), (2, 11))])
+def test_conv_rule_on_strided_dilated_grouped_padded_convolutions(conv, shape):
+    torch.manual_seed(0)
+    body = conv().to(D)
+    features = body(torch.zeros(1, *shape, dtype=D)).numel()
+    model = nn.Sequential(body, nn.Tanh(), nn.Flatten(1), nn.Linear(features, 3)).to(D)
+    x, y = torch.randn(5, *shape, dtype=D), torch.randint(0, 3, (5,))
+    got, info = _run(model, batches(x, y, batch_size=3))
+    assert info.rules["0"] in ("conv1d", "conv2d") and not info.vmap_params and not info.loop_params
+    assert_fisher_close(got, R.estimate_fisher(model, batches(x, y, batch_size=3)), rtol=1e-10)
+
+
 class Mixed(nn.Module):
     """Rules for the embedding, norms and linears; none for attention and a raw parameter."""
 
