@@ -14,9 +14,9 @@ a call that does not ask for the attention weights runs the fused
 ``scaled_dot_product_attention``, as the module itself would.
 
 Covers the configuration most models use (``batch_first=True``, equal q/k/v widths, no
-``bias_k``/``bias_v``, no ``add_zero_attn``, in eval mode, ``key_padding_mask`` and a 2-D
-``attn_mask`` boolean or additive, ``is_causal``, the averaged attention weights unused by the
-loss); anything else returns None and the generic module-local rule takes the module. The
+``bias_k``/``bias_v``, no ``add_zero_attn``, in eval mode or without dropout,
+``key_padding_mask`` and a 2-D ``attn_mask`` boolean or additive, ``is_causal``, the averaged
+attention weights unused by the loss); anything else returns None and the generic module-local rule takes the module. The
 probe checks the result against the per-sample loop like any rule.
 """
 
@@ -44,8 +44,9 @@ def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
 
 
 def _applies(m: nn.MultiheadAttention) -> bool:
+    # in training mode only without dropout: the same maths then, and no mask to draw again
     return (type(m) is nn.MultiheadAttention and m.batch_first and m._qkv_same_embed_dim and m.bias_k is None
-            and not m.add_zero_attn and not m.training and m.in_proj_weight is not None)
+            and not m.add_zero_attn and (not m.training or m.dropout == 0.0) and m.in_proj_weight is not None)
 
 
 def mha_blocks(m: nn.MultiheadAttention, attrs: list[str], rec, grads: list, i: int, j: int) -> dict | None:

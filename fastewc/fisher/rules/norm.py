@@ -3,8 +3,9 @@ sample's gradient is ``G * xhat`` (and ``G``) summed over every axis that shares
 
 Covers ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*`` in eval mode (each
 sample normalised by the running statistics) and RMSNorm-style scales of other libraries
-(Llama's ``LlamaRMSNorm`` and its kin: a class named ``*RMSNorm`` with a 1-D ``weight`` and an
-epsilon, normalising in float32 as those modules do; the probe checks each one).
+(Llama's ``LlamaRMSNorm`` and its kin: a class named ``*RMSNorm``, or ``*T5LayerNorm``, with a
+1-D ``weight`` and an epsilon, normalising in float32 as those modules do; the probe checks each
+one).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _rms_eps(m):
 
 def _is_rms_style(m: nn.Module) -> bool:
     w = m._parameters.get("weight")
-    return (type(m).__name__.endswith("RMSNorm") and not isinstance(m, getattr(nn, "RMSNorm", ()))
+    # T5's layer norm (and its kin: MT5, LongT5, UMT5) is an RMSNorm by another name
+    return (type(m).__name__.endswith(("RMSNorm", "T5LayerNorm")) and not isinstance(m, getattr(nn, "RMSNorm", ()))
             and w is not None and w.dim() == 1 and set(n for n, p in m._parameters.items() if p is not None) == {"weight"}
             and not any(True for _ in m.children()) and _rms_eps(m) is not None)
 
