@@ -1,7 +1,9 @@
-"""Speed of the Fisher on the zoo's transformers (issue 24's speed target): every transformer of
-``tests/zoo.py`` (tiny configs: 16 wide, 1-2 layers), float32, N = 128 samples in batches of 32
-(right-padded text of 16 tokens; 16x16 images for ViT / DeiT / Swin; encoder-decoders with
-targets of 5 tokens). Per model, round-robin (``fastewc.bench.timing.time_side_by_side``),
+"""Speed of the Fisher on the zoo's transformers: every transformer of ``tests/zoo.py``, float32,
+N = 128 samples in batches of 32. ``--size small`` (the default): 128 wide, 2 layers (1 per
+stack for the encoder-decoders and ViT / DeiT), 4 heads, feed-forward 512, vocabulary 2000,
+right-padded text of 64 tokens, 32x32 images; ``--size tiny``: the tests' configs (16 wide),
+text of 16 tokens, 16x16 images, where the fixed cost of each call rather than the work per
+sample decides the time. Encoder-decoders: source of 7 tokens, targets of 5. Per model, round-robin (``fastewc.bench.timing.time_side_by_side``),
 medians of ``--repeats`` rounds after one warm-up (the warm-up proves the plan; the timed calls
 reuse it, as a user's second call does):
 
@@ -14,9 +16,10 @@ reuse it, as a user's second call does):
 estimate time (target: >= 1.5). The probe's cost on a first call and what auto covered are in
 the JSON.
 
-    python benchmarks/fisher_zoo_speed.py [--models bert,llama] [--samples 128] [--repeats 3]
+    python benchmarks/fisher_zoo_speed.py [--size small|tiny] [--models bert,llama] [--samples 128] [--repeats 3]
 
-Default JSON: ``benchmarks/results/<machine>/fisher_zoo_speed.json``.
+Default JSON: ``benchmarks/results/<machine>/fisher_zoo_speed.json`` (``fisher_zoo_speed_tiny.json``
+for the tiny size).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from fastewc.fisher import clear_plan_cache
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import zoo  # noqa: E402
 
-SEQ = 16
+SIZES = {"small": (zoo.SMALL, 64), "tiny": (zoo.Size(), 16)}   # name -> (model shape, text tokens)
 TEXT = {"bert": "cls", "roberta": "tok", "distilbert": "cls", "albert": "cls", "electra": "lm", "gpt2": "lm",
         "gpt_neox": "lm", "llama": "lm", "mistral": "lm", "qwen2": "lm", "phi": "lm", "opt": "lm"}
 SEQ2SEQ = ("t5", "bart")
@@ -47,13 +50,14 @@ TRANSFORMERS = tuple(TEXT) + SEQ2SEQ + VISION
 TARGET_FLOOR, TARGET_LOOP = 1.6, 1.5
 
 
-def problem(name: str, n: int, batch_size: int):
-    """The zoo's model in float32 and N samples of its data."""
+def problem(name: str, n: int, batch_size: int, size: str = "small"):
+    """The zoo's model at ``size`` in float32 and N samples of its data."""
     torch.manual_seed(0)
+    zoo.SIZE, seq = SIZES[size]
     model, _ = zoo.BY_NAME[name].build(True)
     model = model.float().eval()
     if name in TEXT:
-        data = zoo.text(TEXT[name], True, n=n, seq=SEQ, batch_size=batch_size)
+        data = zoo.text(TEXT[name], True, n=n, seq=seq, batch_size=batch_size)
     elif name in SEQ2SEQ:
         data = zoo.seq2seq(True, n=n, batch_size=batch_size)
     else:
@@ -62,8 +66,8 @@ def problem(name: str, n: int, batch_size: int):
     return model, data
 
 
-def measure(name: str, n: int, batch_size: int, repeats: int) -> dict:
-    model, data = problem(name, n, batch_size)
+def measure(name: str, n: int, batch_size: int, repeats: int, size: str = "small") -> dict:
+    model, data = problem(name, n, batch_size, size)
     cases = {"fastewc auto": lambda: fastewc.estimate_fisher(model, data, kind="empirical"),
              "training pass": lambda: _train_pass(model, data),
              "reference loop": lambda: reference.estimate_fisher(model, data, kind="empirical")}
@@ -78,8 +82,9 @@ def measure(name: str, n: int, batch_size: int, repeats: int) -> dict:
             "loop_params": len(info.loop_params), "reasons": sorted(set(info.reasons.values()))}
 
 
-def format_table(rows: list[dict], samples: int, repeats: int) -> str:
-    lines = [f"Fisher (empirical, method auto), float32, N = {samples}, batches of 32, {repeats} round-robin repeats, "
+def format_table(rows: list[dict], samples: int, repeats: int, size: str = "small") -> str:
+    lines = [f"Fisher (empirical, method auto), {size} configs, float32, N = {samples}, batches of 32, {repeats} "
+             f"round-robin repeats, "
              f"medians; x floor = time / one training pass (target <= {TARGET_FLOOR}); vs loop = per-sample "
              f"loop time / time (target >= {TARGET_LOOP})", "",
              f"| {'model':<10} | {'params':>6} | {'fisher s':>8} | {'train s':>7} | {'loop s':>7} | {'x floor':>7} "
@@ -99,6 +104,7 @@ def format_table(rows: list[dict], samples: int, repeats: int) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--models", default=",".join(TRANSFORMERS))
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -110,20 +116,22 @@ def main(argv=None) -> dict:
     for name in args.models.split(","):
         t0 = time.perf_counter()
         try:
-            row = measure(name, args.samples, args.batch_size, args.repeats)
+            row = measure(name, args.samples, args.batch_size, args.repeats, args.size)
         except Exception as e:  # noqa: BLE001 - a crash is a row of the table, not the end of it
             row = {"model": name, "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         print(f"{name}: {row.get('x_floor', row.get('error'))} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     ok = [r for r in rows if "error" not in r]
-    result = {"machine": timing.machine_info("cpu"), "samples": args.samples, "batch_size": args.batch_size,
+    result = {"machine": timing.machine_info("cpu"), "size": args.size, "samples": args.samples,
+              "batch_size": args.batch_size,
               "dtype": "float32", "kind": "empirical", "method": "auto", "repeats": args.repeats,
               "targets": {"x_floor_max": TARGET_FLOOR, "vs_loop_min": TARGET_LOOP}, "rows": rows,
               "missed": [r["model"] for r in ok if r["x_floor"] > TARGET_FLOOR or r["vs_loop"] < TARGET_LOOP]}
     print()
-    print(format_table(rows, args.samples, args.repeats))
+    print(format_table(rows, args.samples, args.repeats, args.size))
     print(f"\nmissing a target: {', '.join(result['missed']) or 'none'}")
-    path = args.json or f"benchmarks/results/{timing.machine_slug()}/fisher_zoo_speed.json"
+    suffix = "" if args.size == "small" else f"_{args.size}"
+    path = args.json or f"benchmarks/results/{timing.machine_slug()}/fisher_zoo_speed{suffix}.json"
     print(f"\nwrote {timing.write_json(path, result)}")
     return result
 

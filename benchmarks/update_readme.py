@@ -180,7 +180,7 @@ def zoo_speed_table(d: dict, source: str) -> str:
 
     m = d["machine"]
     return (f"{_where(m)}, torch {m['torch']}, {m['date']}; missing a target: {', '.join(d['missed']) or 'none'}. "
-            f"Source: `{source}`.\n\n" + format_table(d["rows"], d["samples"], d["repeats"]))
+            f"Source: `{source}`.\n\n" + format_table(d["rows"], d["samples"], d["repeats"], d.get("size", "tiny")))
 
 
 def main(argv=None) -> None:
@@ -195,7 +195,8 @@ def main(argv=None) -> None:
               "step_overhead": ("step_overhead_cpu.json", step_overhead_table), "merge": ("merge_cpu.json", merge_table),
               "demo_merge": ("demo_merge.json", demo_merge_table), "fisher_zoo": ("fisher_zoo.json", zoo_table),
               "tracker": ("tracker_cpu.json", tracker_table),
-              "fisher_zoo_speed": ("fisher_zoo_speed.json", zoo_speed_table)}
+              "fisher_zoo_speed": ("fisher_zoo_speed.json", zoo_speed_table),
+              "fisher_zoo_speed_tiny": ("fisher_zoo_speed_tiny.json", zoo_speed_table)}
     for block, (fname, make) in makers.items():
         machine = _latest(fname, args.machine)
         d = _load(machine, fname) if machine is not None else None

@@ -61,11 +61,12 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def text(labels: str | None, padded: bool, *, n=N, seq=SEQ, vocab=VOCAB, num_labels=3, batch_size=3, seed=0):
+def text(labels: str | None, padded: bool, *, n=N, seq=SEQ, vocab=None, num_labels=3, batch_size=3, seed=0):
     """Right-padded (``padded``) dict batches: input_ids, attention_mask and labels ``"cls"``
     (one class per sequence), ``"tok"`` (one per position), ``"lm"`` (the ids) or None;
     padding has label -100. Batches of 3: two batches of unequal size."""
     g = _gen(seed)
+    vocab = vocab or SIZE.vocab
     ids = torch.randint(3, vocab, (n, seq), generator=g)
     lengths = seq - (torch.arange(n) % 3 if padded else torch.zeros(n, dtype=torch.long))
     mask = (torch.arange(seq)[None] < lengths[:, None]).long()
@@ -80,8 +81,9 @@ def text(labels: str | None, padded: bool, *, n=N, seq=SEQ, vocab=VOCAB, num_lab
     return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
 
 
-def seq2seq(padded: bool, *, n=N, vocab=VOCAB, batch_size=3):
+def seq2seq(padded: bool, *, n=N, vocab=None, batch_size=3):
     """Source of SEQ tokens, targets of TGT tokens; padded: source and target padding (-100)."""
+    vocab = vocab or SIZE.vocab
     data = text(None, padded, n=n, vocab=vocab, batch_size=n)
     full = data[0]
     g = _gen(1)
@@ -93,8 +95,9 @@ def seq2seq(padded: bool, *, n=N, vocab=VOCAB, batch_size=3):
     return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
 
 
-def images(n=N, size=16, channels=3, classes=3, batch_size=3):
+def images(n=N, size=None, channels=3, classes=3, batch_size=3):
     g = _gen(2)
+    size = size or SIZE.image
     x = torch.randn(n, channels, size, size, generator=g, dtype=D)
     y = torch.randint(0, classes, (n,), generator=g)
     return [{"pixel_values": x[i : i + batch_size], "labels": y[i : i + batch_size]} for i in range(0, n, batch_size)]
@@ -105,6 +108,27 @@ def tuples(x, y, batch_size=3):
 
 
 # -- models --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Size:
+    """The shape of the zoo's models. The tests use the tiny default; the speed benchmark
+    (``benchmarks/fisher_zoo_speed.py``) sets :data:`SIZE` to a wider one, where the work per
+    sample rather than per call decides the time."""
+
+    width: int = 16
+    ffn: int = 24
+    layers: int = 2
+    heads: int = 2
+    vocab: int = VOCAB
+    positions: int = 32
+    image: int = 16
+    patch: int = 8
+    window: int = 2      # Swin's attention window (in patches of 4 pixels)
+
+
+SIZE = Size()
+SMALL = Size(width=128, ffn=512, layers=2, heads=4, vocab=2000, positions=128, image=32, patch=8, window=4)
+
+
 def _T():
     import transformers
 
@@ -116,9 +140,10 @@ def _hf(model):
 
 
 def _small(**extra):
-    """The shape every text transformer of the zoo shares: 16 wide, 2 layers, 2 heads."""
-    return dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                max_position_embeddings=32, **extra)
+    """The shape every text transformer of the zoo shares (:data:`SIZE`)."""
+    S = SIZE
+    return dict(vocab_size=S.vocab, hidden_size=S.width, num_hidden_layers=S.layers, num_attention_heads=S.heads,
+                intermediate_size=S.ffn, max_position_embeddings=S.positions, **extra)
 
 
 def bert(padded):
@@ -134,75 +159,93 @@ def roberta(padded):
 
 def distilbert(padded):
     T = _T()
-    cfg = T.DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=24, max_position_embeddings=32,
-                             num_labels=3)
+    S = SIZE
+    cfg = T.DistilBertConfig(vocab_size=S.vocab, dim=S.width, n_layers=S.layers, n_heads=S.heads, hidden_dim=S.ffn,
+                             max_position_embeddings=S.positions, num_labels=3)
     return _hf(T.DistilBertForSequenceClassification(cfg)), text("cls", padded)
 
 
 def albert(padded):
     T = _T()
-    cfg = T.AlbertConfig(**_small(embedding_size=8, num_labels=3, num_hidden_groups=1))  # one layer, shared twice
+    cfg = T.AlbertConfig(**_small(embedding_size=SIZE.width // 2, num_labels=3, num_hidden_groups=1))  # one layer, shared
     return _hf(T.AlbertForSequenceClassification(cfg)), text("cls", padded)
 
 
 def electra(padded):
     T = _T()
-    cfg = T.ElectraConfig(**_small(embedding_size=8))
+    cfg = T.ElectraConfig(**_small(embedding_size=SIZE.width // 2))
     return _hf(T.ElectraForMaskedLM(cfg)), text("lm", padded)
 
 
-def _lm(cls_name, cfg_name, **cfg):
+def _lm(cls_name, cfg_name, cfg: Callable[[], dict]):
     def build(padded):
         T = _T()
-        return _hf(getattr(T, cls_name)(getattr(T, cfg_name)(**cfg))), text("lm", padded)
+        return _hf(getattr(T, cls_name)(getattr(T, cfg_name)(**cfg()))), text("lm", padded)
     return build
 
 
-_LLAMA_LIKE = dict(**_small(num_key_value_heads=1), bos_token_id=1, eos_token_id=2, pad_token_id=0)
-gpt2 = _lm("GPT2LMHeadModel", "GPT2Config", vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32,
-           bos_token_id=0, eos_token_id=0)
-gpt_neox = _lm("GPTNeoXForCausalLM", "GPTNeoXConfig", **_small(), bos_token_id=1, eos_token_id=2)
-llama = _lm("LlamaForCausalLM", "LlamaConfig", **_LLAMA_LIKE)
-mistral = _lm("MistralForCausalLM", "MistralConfig", **_LLAMA_LIKE)
-qwen2 = _lm("Qwen2ForCausalLM", "Qwen2Config", **_LLAMA_LIKE)
-phi = _lm("PhiForCausalLM", "PhiConfig", **_small(), bos_token_id=1, eos_token_id=2, pad_token_id=0)
-opt = _lm("OPTForCausalLM", "OPTConfig", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-          num_attention_heads=2, ffn_dim=24, max_position_embeddings=32, word_embed_proj_dim=16,
-          pad_token_id=1, bos_token_id=2, eos_token_id=2)
+def _llama_like():
+    return dict(**_small(num_key_value_heads=1), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _half_layers():
+    """Layers of each stack of an encoder-decoder or a vision transformer."""
+    return max(1, SIZE.layers // 2)
+
+
+gpt2 = _lm("GPT2LMHeadModel", "GPT2Config", lambda: dict(
+    vocab_size=SIZE.vocab, n_embd=SIZE.width, n_layer=SIZE.layers, n_head=SIZE.heads, n_positions=SIZE.positions,
+    bos_token_id=0, eos_token_id=0))
+gpt_neox = _lm("GPTNeoXForCausalLM", "GPTNeoXConfig", lambda: dict(**_small(), bos_token_id=1, eos_token_id=2))
+llama = _lm("LlamaForCausalLM", "LlamaConfig", _llama_like)
+mistral = _lm("MistralForCausalLM", "MistralConfig", _llama_like)
+qwen2 = _lm("Qwen2ForCausalLM", "Qwen2Config", _llama_like)
+phi = _lm("PhiForCausalLM", "PhiConfig", lambda: dict(**_small(), bos_token_id=1, eos_token_id=2, pad_token_id=0))
+opt = _lm("OPTForCausalLM", "OPTConfig", lambda: dict(
+    vocab_size=SIZE.vocab, hidden_size=SIZE.width, num_hidden_layers=SIZE.layers, num_attention_heads=SIZE.heads,
+    ffn_dim=SIZE.ffn, max_position_embeddings=SIZE.positions, word_embed_proj_dim=SIZE.width,
+    pad_token_id=1, bos_token_id=2, eos_token_id=2))
 
 
 def t5(padded):
-    T = _T()
-    cfg = T.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
-                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T, S = _T(), SIZE
+    cfg = T.T5Config(vocab_size=S.vocab, d_model=S.width, d_kv=S.width // S.heads, d_ff=S.ffn, num_layers=_half_layers(),
+                     num_decoder_layers=_half_layers(), num_heads=S.heads, relative_attention_num_buckets=8,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     return _hf(T.T5ForConditionalGeneration(cfg)), seq2seq(padded)
 
 
 def bart(padded):
-    T = _T()
-    cfg = T.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                       decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32,
-                       pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    T, S = _T(), SIZE
+    cfg = T.BartConfig(vocab_size=S.vocab, d_model=S.width, encoder_layers=_half_layers(), decoder_layers=_half_layers(),
+                       encoder_attention_heads=S.heads, decoder_attention_heads=S.heads, encoder_ffn_dim=S.ffn,
+                       decoder_ffn_dim=S.ffn, max_position_embeddings=S.positions, pad_token_id=1, bos_token_id=0,
+                       eos_token_id=2, decoder_start_token_id=2)
     return _hf(T.BartForConditionalGeneration(cfg)), seq2seq(padded)
 
 
-def _vision(cls_name, cfg_name, **cfg):
+def _vision(cls_name, cfg_name, cfg: Callable[[], dict]):
     def build(padded):
         T = _T()
-        return _hf(getattr(T, cls_name)(getattr(T, cfg_name)(num_labels=3, **cfg))), images()
+        return _hf(getattr(T, cls_name)(getattr(T, cfg_name)(num_labels=3, **cfg()))), images()
     return build
 
 
-vit = _vision("ViTForImageClassification", "ViTConfig", image_size=16, patch_size=8, hidden_size=16,
-              num_hidden_layers=1, num_attention_heads=2, intermediate_size=24)
-deit = _vision("DeiTForImageClassification", "DeiTConfig", image_size=16, patch_size=8, hidden_size=16,
-               num_hidden_layers=1, num_attention_heads=2, intermediate_size=24)
-swin = _vision("SwinForImageClassification", "SwinConfig", image_size=16, patch_size=4, embed_dim=8, depths=[1, 1],
-               num_heads=[1, 2], window_size=2)
-convnext = _vision("ConvNextForImageClassification", "ConvNextConfig", hidden_sizes=[8, 16], depths=[1, 1],
-                   num_stages=2, patch_size=4)
-resnet = _vision("ResNetForImageClassification", "ResNetConfig", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                 layer_type="basic")
+def _vit_like():
+    S = SIZE
+    return dict(image_size=S.image, patch_size=S.patch, hidden_size=S.width, num_hidden_layers=_half_layers(),
+                num_attention_heads=S.heads, intermediate_size=S.ffn)
+
+
+vit = _vision("ViTForImageClassification", "ViTConfig", _vit_like)
+deit = _vision("DeiTForImageClassification", "DeiTConfig", _vit_like)
+swin = _vision("SwinForImageClassification", "SwinConfig", lambda: dict(
+    image_size=SIZE.image, patch_size=4, embed_dim=SIZE.width // 2, depths=[1, 1],
+    num_heads=[max(1, SIZE.heads // 2), SIZE.heads], window_size=SIZE.window))
+convnext = _vision("ConvNextForImageClassification", "ConvNextConfig", lambda: dict(
+    hidden_sizes=[SIZE.width // 2, SIZE.width], depths=[1, 1], num_stages=2, patch_size=4))
+resnet = _vision("ResNetForImageClassification", "ResNetConfig", lambda: dict(
+    embedding_size=SIZE.width // 2, hidden_sizes=[SIZE.width // 2, SIZE.width], depths=[1, 1], layer_type="basic"))
 
 
 def wav2vec2(padded):
@@ -302,10 +345,9 @@ def _lora(task_type):
 
 
 _RMS = {"*": WHY_RMSNORM}
-# Known, not yet fixed: why some parameters of these models go per sample (vmap or the loop)
-# under method "auto". Values are right either way; the coverage test holds these as strict
-# xfails so that a fix shows (and the line is then removed).
-HOOKS_FAIL = "the batched pass with hooks fails"
+# Every parameter of every case goes by rules under method "auto". A case whose parameters go
+# per sample (vmap or the loop) for a known reason not yet fixed carries ``per_sample=<why>``:
+# the coverage test then holds it as a strict xfail, so that its fix shows.
 CASES = [
     Case("bert", bert),
     Case("roberta", roberta),
@@ -318,21 +360,19 @@ CASES = [
     Case("mistral", mistral, top_k=2, fp32=_RMS),
     Case("qwen2", qwen2, top_k=2, fp32=_RMS),
     Case("phi", phi, top_k=2),
-    Case("opt", opt, top_k=2, per_sample=f"{HOOKS_FAIL} (grad_output shape mismatch): all to the loop"),
-    Case("t5", t5, top_k=2, fp32={"*": "T5LayerNorm computes in float32"},
-         per_sample="shared.weight (encoder, decoder and tied head) disagrees with the loop on the probe: loop"),
-    Case("bart", bart, top_k=2, per_sample=f"{HOOKS_FAIL} (vmap meets .item()): all to the loop"),
+    Case("opt", opt, top_k=2),
+    Case("t5", t5, top_k=2, fp32={"*": "T5LayerNorm computes in float32"}),
+    Case("bart", bart, top_k=2),
     Case("vit", vit, paddings=(False,)),
     Case("deit", deit, paddings=(False,)),
-    Case("swin", swin, paddings=(False,), per_sample=f"{HOOKS_FAIL} (grad_output shape mismatch): all to vmap"),
+    Case("swin", swin, paddings=(False,)),
     Case("convnext", convnext, paddings=(False,)),
     Case("resnet", resnet, paddings=(False,)),
     Case("wav2vec2", wav2vec2, paddings=(False,)),
-    Case("lstm", _rnn(nn.LSTM), paddings=(False,), per_sample=f"{HOOKS_FAIL} (nn.LSTM replay): all to the loop"),
-    Case("gru", _rnn(nn.GRU), paddings=(False,), per_sample=f"{HOOKS_FAIL} (nn.GRU replay): all to the loop"),
+    Case("lstm", _rnn(nn.LSTM), paddings=(False,)),
+    Case("gru", _rnn(nn.GRU), paddings=(False,)),
     Case("torch_encoder", torch_encoder),
-    Case("checkpoint", checkpointed, paddings=(False,),
-         per_sample=f"{HOOKS_FAIL} (CheckpointError on recomputation): all to the loop"),
+    Case("checkpoint", checkpointed, paddings=(False,)),
     Case("llama_gradient_checkpointing", llama_checkpointing, top_k=2, fp32=_RMS),
     Case("lora_causal_lm", _lora("CAUSAL_LM"), top_k=2, fp32=_RMS),
     Case("lora_no_task_type", _lora(None), top_k=2, fp32=_RMS),
