@@ -105,7 +105,9 @@ def rms_style_per_sample(m, A, G) -> dict:
     """``y = w * xhat`` with ``xhat = x / sqrt(mean(x^2) + eps)`` computed in float32 and cast back
     to the input's dtype (Llama's ``LlamaRMSNorm``; ``(1 + w)`` variants have the same gradient)."""
     h = A.to(torch.float32)
-    xhat = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _rms_eps(m))).to(A.dtype)
+    scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _rms_eps(m))
+    # Llama's kin scale the float32 copy; T5's scale the input itself (float64 stays float64)
+    xhat = (A * scale if type(m).__name__.endswith("T5LayerNorm") else h * scale).to(A.dtype)
     return {"weight": (G * xhat).reshape(A.shape[0], -1, A.shape[-1]).sum(1)}
 
 
