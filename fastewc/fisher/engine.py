@@ -24,8 +24,8 @@ from .plan import OPS, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
 from .rules import BLOCK_BYTES, chunks, sq_sum_of
-from .rules.attention import LOCAL_REPLAYS
-from .rules.local import module_blocks, op_blocks
+from .rules.local import op_blocks
+from .rules.replay import local_blocks
 
 
 def forward_inputs(model: nn.Module, batch: Batch):
@@ -187,10 +187,7 @@ def _blocks(plan, rec, values, key, c, grads, i, j) -> dict:
         att = rec.attention.get(key)
         got = att.blocks(c, list(site.params), grads[0], grads[n_out:], i, j) if att is not None else None
         if got is None:
-            replay = LOCAL_REPLAYS.get(type(site.module))
-            got = replay(site.module, list(site.params), call.rec, grads[:n_out], i, j) if replay else None
-        if got is None:
-            got = module_blocks(site.module, list(site.params), call.rec, grads[:n_out], i, j)
+            got = local_blocks(site.module, list(site.params), call.rec, grads[:n_out], i, j)
     return {site.params[a]: t for a, t in got.items() if a in site.params}
 
 

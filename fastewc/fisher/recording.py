@@ -20,8 +20,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .functional import call_once
 from .plan import OPS, RulePlan, Site
 from .rules.attention import RecordingAttention
-from .rules.local import ParamLeaf, Recorded, fold_of, record
-from .rules.rnn import RECORDS
+from .rules.local import ParamLeaf, Recorded, fold_of
+from .rules.replay import record_call
 
 
 @dataclass
@@ -91,9 +91,7 @@ class _Recorder:
                 return None
             # An RNN's outputs have the samples on axis 1 (h_n, and output unless batch_first): its
             # call is recorded with every tensor moved samples-first, and handed back moved back.
-            special = RECORDS.get(type(module))
-            got = special(module, args, kwargs, output, self.n) if special is not None else None
-            rec, to_module = got if got is not None else (record(args, kwargs, output, self.n, folds=True), None)
+            rec, to_module = record_call(module, args, kwargs, output, self.n, folds=True)
             ok = (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
                   and args[0].dim() > 0 and args[0].shape[0] == self.n * rec.fold and len(rec.outputs) == 1)
             versions_in = [rec.leaves[k]._version for k in rec.batched]

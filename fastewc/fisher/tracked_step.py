@@ -29,9 +29,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
 from .rules import BLOCK_BYTES, chunks, sq_sum_of
-from .rules.attention import LOCAL_REPLAYS
-from .rules.local import Recorded, module_blocks, record
-from .rules.rnn import RECORDS
+from .rules.local import Recorded
+from .rules.replay import local_blocks, record_call
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite
 
@@ -180,10 +179,7 @@ class _StepHooks:
                     f"per-sample gradients come from replaying it, and its dropout "
                     f"({site.module_name + ('.' + active[0] if active[0] else '')}) is active: a replay draws other "
                     f"masks. Set that dropout to 0 (or the module to eval mode), or leave its parameters out with params=")
-            # an RNN's call is recorded samples-first (see recording._Recorder._hook)
-            special = RECORDS.get(type(module))
-            got = special(module, args, kwargs, output, p.n) if special is not None else None
-            rec, to_module = got if got is not None else (record(args, kwargs, output, p.n), None)
+            rec, to_module = record_call(module, args, kwargs, output, p.n)  # RNNs: samples first
             if not rec.batched or not rec.outputs:
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
                                     f"the batch of {p.n} samples on dim 0 of its inputs and outputs")
@@ -349,11 +345,7 @@ class _StepHooks:
     def _blocks(self, site, A, rec, grads, i, j) -> dict:
         if site.rule is not None:
             return site.rule.per_sample(site.module, A[i:j], grads[0][i:j])
-        attrs = list(site.params)
-        replay = LOCAL_REPLAYS.get(type(site.module))
-        got = replay(site.module, attrs, rec, grads, i, j) if replay is not None else None
-        if got is None:
-            got = module_blocks(site.module, attrs, rec, grads, i, j)
+        got = local_blocks(site.module, list(site.params), rec, grads, i, j)
         dtype = self._site_dtype(site)
         return {a: t.to(dtype) for a, t in got.items()}
 

@@ -252,7 +252,7 @@ def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monke
     # like Linear layers (parameters used there only); "in-graph": the same pass, per-sample
     # blocks (as for a shared parameter); "replay": the open path is refused, and one batched
     # replay with the projections as leaves takes over. "cross": query and key/value differ.
-    from fastewc.fisher.rules import attention
+    from fastewc.fisher.rules import attention, replay
 
     torch.manual_seed(8)
     calls = []
@@ -272,7 +272,7 @@ def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monke
     else:
         monkeypatch.setattr(attention.RecordingAttention, "sq_sums", lambda self, *a: None)
         monkeypatch.setattr(attention.RecordingAttention, "blocks", lambda self, *a: None)
-        monkeypatch.setitem(attention.LOCAL_REPLAYS, nn.MultiheadAttention, spying(attention.mha_blocks))
+        monkeypatch.setitem(replay.LOCAL_REPLAYS, nn.MultiheadAttention, spying(attention.mha_blocks))
 
     class Attn(nn.Module):
         def __init__(self):

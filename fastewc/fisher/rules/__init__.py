@@ -8,7 +8,8 @@
 * :mod:`.attention`: ``nn.MultiheadAttention`` computed in the open, or replayed once batched;
 * :mod:`.rnn`: ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, their recurrence rerun for a chunk of samples;
 * :mod:`.local`: the module-local rule for any other module (``torch.func`` over that module
-  alone), and the op-local rule for parameters used outside any module.
+  alone), and the op-local rule for parameters used outside any module;
+* :mod:`.replay`: which layers the module-local rule records and replays their own way.
 
 Add a rule for your own layer with :func:`register_rule`.
 """

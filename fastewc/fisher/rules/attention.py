@@ -30,7 +30,6 @@ import torch.nn as nn
 from torch.utils._pytree import tree_unflatten
 
 from .linear import sq_sum_linear
-from .rnn import rnn_blocks
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -230,7 +229,3 @@ class RecordingAttention:
         inputs = [x[i:j].detach() for x in entry["inputs"]]
         return _blocks_from(self.m, attrs, inputs, entry["C"][i:j].detach(), G[i:j], [g[i:j] for g in gP])
 
-
-# module type -> f(module, attrs, recorded call, output gradients, i, j) -> blocks or None
-# (the recurrent layers' replay is :mod:`.rnn`'s)
-LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU: rnn_blocks, nn.RNN: rnn_blocks}

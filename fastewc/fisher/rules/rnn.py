@@ -168,9 +168,6 @@ def _packed_rows(seq: PackedSequence, device) -> tuple[torch.Tensor, torch.Tenso
     return samples.to(device), steps.to(device)
 
 
-# module type -> f(module, args, kwargs, output, n) -> (batch-first record, to_module) or None
-RECORDS = {nn.LSTM: rnn_record, nn.GRU: rnn_record, nn.RNN: rnn_record}
-
 
 def _in_graph(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor whose gradient autograd can be asked for (the first layer's and first

@@ -1,0 +1,39 @@
+"""The module-local rule's shortcuts for layers it cannot take generically, in one place.
+
+A module without a hand rule is recorded by :func:`.local.record` and replayed per sample by
+:func:`.local.module_blocks`. Two layer families need more: ``nn.MultiheadAttention`` has one
+batched replay instead of one per sample (:mod:`.attention`), and the recurrent layers are
+recorded with their samples moved to axis 0 and rerun in Python (:mod:`.rnn`). Both the rule
+engine and the tracker go through :func:`record_call` and :func:`local_blocks`, so a layer added
+here serves both.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .attention import mha_blocks
+from .local import Recorded, module_blocks, record
+from .rnn import rnn_blocks, rnn_record
+
+# module type -> f(module, args, kwargs, output, n) -> (record, to_module) or None
+RECORDS = {nn.LSTM: rnn_record, nn.GRU: rnn_record, nn.RNN: rnn_record}
+# module type -> f(module, attrs, recorded call, output gradients, i, j) -> blocks or None
+LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU: rnn_blocks, nn.RNN: rnn_blocks}
+
+
+def record_call(module: nn.Module, args, kwargs, output, n: int, folds: bool = False):
+    """``(record, to_module)``: the call as its layer family records it, and ``to_module(k, t)``
+    giving the rest of the model recorded output ``k`` when the recorder hands on ``t`` in its
+    place (None: ``t`` itself, the generic record)."""
+    special = RECORDS.get(type(module))
+    got = special(module, args, kwargs, output, n) if special is not None else None
+    return got if got is not None else (record(args, kwargs, output, n, folds), None)
+
+
+def local_blocks(module: nn.Module, attrs: list[str], rec: Recorded, grads: list, i: int, j: int) -> dict:
+    """Per-sample blocks ``{attr: [j - i, *shape]}`` of one recorded call: the layer family's
+    replay where it covers the call, else ``torch.func`` over the module per sample."""
+    replay = LOCAL_REPLAYS.get(type(module))
+    got = replay(module, attrs, rec, grads, i, j) if replay is not None else None
+    return got if got is not None else module_blocks(module, attrs, rec, grads, i, j)
