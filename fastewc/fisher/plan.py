@@ -51,11 +51,16 @@ class RulePlan:
     probe_seconds: float = 0.0
     root: nn.Module | None = None                            # the model
 
-    def copy(self) -> "RulePlan":
-        sites = {k: Site(s.key, s.module_name, s.module, s.rule, dict(s.params), s.batch_free)
+    def copy(self, root: nn.Module | None = None) -> "RulePlan":
+        """An independent copy; with ``root``, for that model (one with the same module names, a
+        float32 twin's plan carried over to the model itself), its modules looked up by name."""
+        def module(s):
+            return s.module if root is None or s.module is None else root.get_submodule(s.module_name)
+
+        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free)
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
-                        self.probe_seconds, self.root)
+                        self.probe_seconds, self.root if root is None else root)
 
     @property
     def covered(self) -> set[str]:
