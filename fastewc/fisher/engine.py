@@ -15,6 +15,8 @@ Which sites there are comes from :mod:`.plan`; the plan is proven (and cached) b
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -23,9 +25,10 @@ from .functional import swapped
 from .plan import OPS, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
-from .rules import BLOCK_BYTES, chunks, sq_sum_of
+from .rules import sq_sum_of
 from .rules.local import op_blocks
 from .rules.replay import local_blocks
+from .sums import squares_of_uses
 
 
 def forward_inputs(model: nn.Module, batch: Batch):
@@ -241,40 +244,31 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
     # Uses whose rule can add into another use's block come last, when that block exists.
     users = sorted({u for us in rest.values() for u in us}, key=lambda u: (_adds_into(plan, u[0]), str(u)))
     for col in grads_per_col:
-        # Small chunks: a few samples' blocks stay in cache between being added up and squared.
-        for i, j in chunks(n, per, BLOCK_BYTES // 4):
-            acc: dict[str, torch.Tensor] = {}
-            for key, c in users:
-                grads = [col[k] for k in where[(key, c)]]
-                try:
-                    if _add_into(plan, rec, key, c, grads, i, j, acc, rest):
-                        continue
-                    blocks = _blocks(plan, rec, values, key, c, grads, i, j)
-                except Exception as e:  # noqa: BLE001 - named with its parameters, so that it costs those only
-                    names = rec.ops[c].sources if key == OPS else plan.sites[key].params.values()
-                    raise SiteFailed(key, sorted(names), e) from e
-                for p, b in blocks.items():
-                    if p in rest:
-                        if p in acc:
-                            acc[p].add_(b)
-                        elif b._is_view() or any(_overlaps(b, a) for a in acc.values()):
-                            # Later uses add into it in place: it must own its memory, neither a
-                            # view of a recorded gradient nor a buffer that a vjp also handed to
-                            # another parameter (one tensor for two biases), or the add would
-                            # land in the other parameter's block too.
-                            acc[p] = b.clone()
-                        else:
-                            acc[p] = b
-            for p, b in acc.items():
-                total = sums.get(p)
-                if total is None:
-                    total = sums[p] = torch.zeros(b.shape[1:], dtype=b.dtype, device=b.device)
-                if b.shape[0] <= 4:  # large blocks, few samples: no squared copy of the block
-                    for one in b.unbind(0):
-                        total.addcmul_(one, one)
-                else:
-                    total.add_(b.square().sum(0))
+        def grads_of(use, col=col):
+            return [col[k] for k in where[use]]
+
+        def add_into(use, i, j, acc, grads_of=grads_of):
+            with _failing_site(plan, rec, use):
+                return _add_into(plan, rec, *use, grads_of(use), i, j, acc, rest)
+
+        def blocks(use, i, j, grads_of=grads_of):
+            with _failing_site(plan, rec, use):
+                got = _blocks(plan, rec, values, *use, grads_of(use), i, j)
+            return {p: b for p, b in got.items() if p in rest}
+
+        squares_of_uses(users, n, per, add_into, blocks, sums)
     return sums
+
+
+@contextmanager
+def _failing_site(plan, rec, use):
+    """A use whose blocks fail raises :class:`SiteFailed` naming its parameters, so that it costs those only."""
+    key, c = use
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - named with its parameters
+        names = rec.ops[c].sources if key == OPS else plan.sites[key].params.values()
+        raise SiteFailed(key, sorted(names), e) from e
 
 
 def _rule_blocks(site, r, G, i: int, j: int) -> dict:
@@ -286,11 +280,6 @@ def _rule_blocks(site, r, G, i: int, j: int) -> dict:
     k = r.fold
     rows = site.rule.per_sample(site.module, A[i * k:j * k], G[i * k:j * k])
     return {a: b.unflatten(0, (j - i, k)).sum(1) for a, b in rows.items()}
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors share memory (the same storage: conservative for disjoint views)."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _adds_into(plan: RulePlan, key: str) -> bool:

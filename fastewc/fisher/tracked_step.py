@@ -28,11 +28,11 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
-from .rules import BLOCK_BYTES, chunks, sq_sum_of
+from .rules import sq_sum_of
 from .rules.local import Recorded
 from .rules.replay import local_blocks, record_call
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
-from .sums import all_finite
+from .sums import all_finite, squares_of_uses
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -301,27 +301,23 @@ class _StepHooks:
         # Rules that add into another use's block (an embedding into its tied head) come last.
         users.sort(key=lambda u: (self._sites[u[0]].rule is not None and self._sites[u[0]].rule.add_into is not None,
                                   str(u)))
-        for i, j in chunks(p.k, per, BLOCK_BYTES // 4):
-            acc: dict[str, torch.Tensor] = {}
-            for key, c in users:
-                site = self._sites[key]
-                A, rec, grads = prepared[(key, c)]
-                mine = {a: n for a, n in site.params.items()}
-                if (site.rule is not None and site.rule.add_into is not None and all(n in acc for n in mine.values())
-                        and site.rule.add_into(site.module, A[i:j], grads[0][i:j], {a: acc[n] for a, n in mine.items()})):
-                    continue
-                for attr, b in self._blocks(site, A, rec, grads, i, j).items():
-                    name = site.params.get(attr)
-                    if name is None:
-                        continue
-                    if name in acc:
-                        acc[name].add_(b)
-                    else:
-                        # later uses add into it in place: it must own its memory
-                        acc[name] = b.clone() if b._is_view() or any(
-                            b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() for a in acc.values()) else b
-            for name, b in acc.items():
-                self._add(p, name, b.square().sum(0))
+
+        def add_into(use, i, j, acc):
+            site = self._sites[use[0]]
+            A, _, grads = prepared[use]
+            into = {a: acc.get(n) for a, n in site.params.items()}
+            return (site.rule is not None and site.rule.add_into is not None and None not in into.values()
+                    and site.rule.add_into(site.module, A[i:j], grads[0][i:j], into))
+
+        def blocks(use, i, j):
+            site = self._sites[use[0]]
+            got = self._blocks(site, *prepared[use], i, j)
+            return {site.params[a]: b for a, b in got.items() if a in site.params}
+
+        totals: dict[str, torch.Tensor] = {}
+        squares_of_uses(users, p.k, per, add_into, blocks, totals)
+        for name, total in totals.items():
+            self._add(p, name, total)
 
     def _prepare(self, p: _Pass, key: str, c: int):
         """``(A, rec, grads)`` of one stashed use, restricted to the tracked samples and scaled."""

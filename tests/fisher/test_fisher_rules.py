@@ -368,7 +368,7 @@ def test_tied_weights_sum_both_uses_before_squaring(add_into, chunk, monkeypatch
     # short) are squared sample by sample, a whole batch of six at once.
     import dataclasses
 
-    from fastewc.fisher import engine
+    from fastewc.fisher import sums
     from fastewc.fisher.rules import registry
     from models import Tied
 
@@ -381,7 +381,7 @@ def test_tied_weights_sum_both_uses_before_squaring(add_into, chunk, monkeypatch
 
     monkeypatch.setitem(registry._BY_TYPE, nn.Embedding, dataclasses.replace(rule, add_into=spy if add_into else None))
     if chunk == "two samples":  # the tied table is 11 x 6 float64 per sample
-        monkeypatch.setattr(engine, "BLOCK_BYTES", 4 * 2 * 11 * 6 * 8)
+        monkeypatch.setattr(sums, "BLOCK_BYTES", 4 * 2 * 11 * 6 * 8)
     model = Tied().to(D)
     data = batches(torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6,)),
                    batch_size=3 if chunk == "two samples" else 6)
@@ -513,3 +513,39 @@ def test_a_site_dropped_mid_batch_is_not_counted_twice():
     got, info = _run(model, data, chunk_size=4)  # chunks of 4 and 3: fc drops in the second
     assert "fc.weight" in info.vmap_params and "modified in place" in info.reasons["fc.weight"]
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+@pytest.mark.parametrize("samples_per_chunk", [1, 3, 5, 7])
+def test_squares_of_uses_adds_uses_before_squaring(samples_per_chunk):
+    """The loop shared by the engine and the tracker, with the chunk size injected: a view and a
+    buffer handed to two names are copied before another use adds into them, an add-into use
+    lands in the block it found, and chunks of few and of many samples square alike."""
+    from fastewc.fisher.sums import squares_of_uses
+
+    g = torch.Generator().manual_seed(samples_per_chunk)
+    n = 7
+    u1, u2, u3 = (torch.randn(n, 4, dtype=D, generator=g) for _ in range(3))
+    shared = torch.randn(n, 4, dtype=D, generator=g)
+    base = torch.randn(n, 8, dtype=D, generator=g)
+
+    def blocks(use, i, j):
+        if use == "a":   # "w" as a view of a larger tensor; "b" and "c" one fresh buffer for two names
+            buf = shared[i:j].clone()
+            return {"w": base[i:j, :4], "b": buf, "c": buf}
+        if use == "b":
+            return {"w": u1[i:j], "b": u2[i:j]}
+        raise AssertionError("use c adds into existing blocks")
+
+    def add_into(use, i, j, acc):
+        if use != "c":
+            return False
+        acc["c"].add_(u3[i:j])
+        return True
+
+    before = (base.clone(), shared.clone())
+    totals = {}
+    squares_of_uses(["a", "b", "c"], n, 4 * 8, add_into, blocks, totals, chunk_bytes=samples_per_chunk * 4 * 8)
+    torch.testing.assert_close(totals["w"], ((base[:, :4] + u1) ** 2).sum(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(totals["b"], ((shared + u2) ** 2).sum(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(totals["c"], ((shared + u3) ** 2).sum(0), rtol=1e-13, atol=0)
+    assert torch.equal(base, before[0]) and torch.equal(shared, before[1])  # the caller's tensors untouched
