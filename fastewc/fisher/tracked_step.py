@@ -247,15 +247,20 @@ class _StepHooks:
                 call.grads = call.grads or [None]
                 call.grads[slot] = G.detach()   # added to its other uses' when the backward ends
                 return None
-            if call.A._version != call.version:
-                raise EWCInputError(f"FisherTracker: the input of {site.module_name} was modified in place after the "
-                                    f"call, so the recorded input is not what the layer saw")
             dtype = self._site_dtype(site)
-            A, G = self._tracked(p, call.A, dtype), self._scaled(p, self._tracked(p, G.detach(), dtype))
+            A, G = self._tracked(p, self._input(site, call), dtype), self._scaled(p, self._tracked(p, G.detach(), dtype))
             got = sq_sum_of(site.rule, site.module, A, [G])
             for attr, name in site.params.items():
                 self._add(p, name, got[attr])
         return None
+
+    @staticmethod
+    def _input(site, call: _Call) -> torch.Tensor:
+        """A rule site's recorded input, refused when modified in place after the call."""
+        if call.A._version != call.version:
+            raise EWCInputError(f"FisherTracker: the input of {site.module_name} was modified in place after the "
+                                f"call, so the recorded input is not what the layer saw")
+        return call.A
 
     def _site_dtype(self, site) -> torch.dtype:
         return torch.float64 if any(self._dtypes[n] == torch.float64 for n in site.params.values()) else torch.float32
@@ -324,10 +329,8 @@ class _StepHooks:
         site, call = self._sites[key], p.calls[key][c]
         dtype = self._site_dtype(site)
         if site.rule is not None:
-            if call.A._version != call.version:
-                raise EWCInputError(f"FisherTracker: the input of {site.module_name} was modified in place after the "
-                                    f"call, so the recorded input is not what the layer saw")
-            return self._tracked(p, call.A, dtype), None, [self._scaled(p, self._tracked(p, call.grads[0], dtype))]
+            return (self._tracked(p, self._input(site, call), dtype), None,
+                    [self._scaled(p, self._tracked(p, call.grads[0], dtype))])
         rec = call.rec
         grads = [self._scaled(p, self._tracked(p, torch.zeros_like(o) if g is None else g, o.dtype))
                  for g, o in zip(call.grads, rec.outputs)]
@@ -352,12 +355,15 @@ class _StepHooks:
                 return
         if self.decay is not None:
             for name, s in self._sums.items():
-                step = p.step.get(name)
-                mean = step / p.k if step is not None else torch.zeros_like(s)
-                if self.steps == 0:
-                    s.copy_(mean)
+                step = p.step.get(name)  # None: no gradient this step, a mean of zero
+                if self.steps == 0 and step is None:
+                    s.zero_()
+                elif self.steps == 0:
+                    s.copy_(step / p.k)
                 else:
-                    s.mul_(self.decay).add_(mean, alpha=1.0 - self.decay)
+                    s.mul_(self.decay)
+                    if step is not None:
+                        s.add_(step, alpha=(1.0 - self.decay) / p.k)
         elif p.step:
             for name, s in p.step.items():
                 self._sums[name].add_(s)
