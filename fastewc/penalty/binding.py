@@ -334,6 +334,9 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
             continue
         canon = canonical[id(p)]
         if canon in owner:
+            if e.shape != p.shape:
+                problems.append(f"{e.name!r} (the tied parameter {canon!r}) was registered with shape "
+                                f"{tuple(e.shape)}, the parameter has {tuple(p.shape)}")
             aliases[e.name] = owner[canon]
             continue
         owner[canon] = e.name
@@ -362,6 +365,12 @@ def bind(store: PenaltyStore, model: nn.Module, backend: str) -> tuple[PenaltySt
         if sharded:
             raise ModelMismatchError(f"{_names(sharded)} are stored as shards under two names of one tied "
                                      "parameter; register it once, under one name")
+        if store.mode == "online":
+            pairs = ", ".join(f"{a!r} and {k!r}" for a, k in aliases.items())
+            raise ModelMismatchError(
+                f"{pairs} are one tied parameter, registered under two names before the regularizer knew the model; "
+                f"in online mode each task moves that parameter's anchor, so the two cannot be merged afterwards. "
+                f"Register its Fisher under one name, or pass model= to register_task (names are then matched)")
         return bind(store.folded(aliases), model, backend)
 
     named = {canon: p for canon, p in resolved.values()}

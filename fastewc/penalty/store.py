@@ -224,25 +224,23 @@ class PenaltyStore:
 
     def folded(self, aliases: Mapping[str, str]) -> "PenaltyStore":
         """A new store in which each stored name of ``aliases`` (``{alias: kept name}``, two
-        names of one tied parameter) is added into the kept name's entry and removed: two
-        quadratics of one tensor are one, ``A = A1 + A2``, ``m = (A1 m1 + A2 m2) / A`` (``m1``
-        where ``A = 0``), and the constant gains ``A1 (m1 - m)^2 + A2 (m2 - m)^2`` summed."""
-        importance, anchor = self.importance_views(), self.anchor_views()
-        constant = dict(self.constant)
-        f64 = torch.float64
-        for alias, kept in aliases.items():
-            a1, m1 = importance[kept].to(f64, copy=True), anchor[kept].to(f64, copy=True)
-            a2 = importance.pop(alias).to(device=a1.device, dtype=f64)
-            m2 = anchor.pop(alias).to(device=a1.device, dtype=f64)
-            a = a1 + a2
-            m = torch.where(a > 0, (a1 * m1 + a2 * m2) / torch.where(a > 0, a, 1.0), m1)
-            dc = float((a1 * (m1 - m).square() + a2 * (m2 - m).square()).sum())
-            importance[kept], anchor[kept] = a, m
-            constant[kept] = constant.get(kept, 0.0) + constant.pop(alias, 0.0) + dc
+        names of one tied parameter) is merged into the kept name's entry and removed: two
+        quadratics of one tensor are one, merged as :meth:`merge` merges a task in separate mode.
+        Not in online mode, where each task moves the anchor: two names registered apart are not
+        two quadratics of the online penalty (the caller refuses them)."""
+        if self.mode == "online":
+            raise ValueError("folded: two stored names of one parameter have no online-mode merge")
         packing = FlatPacking((e.name, e.shape, e.dtype, e.device) for e in self.packing.entries if e.name not in aliases)
         dtypes = self.buffer_dtypes(packing)
-        return self.replace(packing=packing, importance=packing.pack(importance, dtypes),
-                            anchor=packing.pack(anchor, dtypes), constant=constant,
+        importance = packing.pack(self.importance_views(), dtypes)
+        anchor = packing.pack(self.anchor_views(), dtypes)
+        old_importance, old_anchor = self.importance_views(), self.anchor_views()
+        constant = dict(self.constant)
+        for alias, kept in aliases.items():
+            dc = self._fold(packing.view(importance, kept).view(-1), packing.view(anchor, kept).view(-1),
+                            old_importance[alias].reshape(-1), old_anchor[alias].reshape(-1), 1.0, first=False)
+            constant[kept] = constant.get(kept, 0.0) + constant.pop(alias, 0.0) + dc
+        return self.replace(packing=packing, importance=importance, anchor=anchor, constant=constant,
                             param_dtypes={n: d for n, d in self.param_dtypes.items() if n not in aliases})
 
     # -- layout --------------------------------------------------------------------------------

@@ -179,6 +179,52 @@ def test_a_tied_parameter_registered_under_its_other_name_is_folded(model_known)
     torch.testing.assert_close(g, model.emb.weight.grad, rtol=1e-12, atol=0)
 
 
+def test_online_tied_parameter_under_its_other_name():
+    """Online EWC moves a parameter's anchor with each task: known from a step, the alias is
+    renamed at registration and the penalty is the reference's; registered before the model was
+    known, the two names cannot be merged afterwards and the first step says so, unchanged."""
+    from fastewc import OnlineEWC
+    from fastewc.reference import ReferenceOnlineEWC
+    from models import Tied
+
+    model = Tied().double()
+    (f1, a1), (f2, a2) = _tied_tasks(model)
+    ref = ReferenceOnlineEWC(3.0, gamma=0.9)
+    ref.register_task(f1, a1)
+    ref.register_task({n.replace("out.weight", "emb.weight"): t for n, t in f2.items()},
+                      {n.replace("out.weight", "emb.weight"): t for n, t in a2.items()})
+    known = OnlineEWC(3.0, gamma=0.9)
+    known.register_task(f1, a1)
+    known(model)
+    known.register_task(f2, a2)
+    torch.testing.assert_close(known(model), ref.compute_penalty(model), rtol=1e-12, atol=0)
+
+    unknown = OnlineEWC(3.0, gamma=0.9)
+    unknown.register_task(f1, a1)
+    unknown.register_task(f2, a2)
+    before = snapshot(unknown)
+    with pytest.raises(ModelMismatchError, match=r"'out.weight' and 'emb.weight' are one tied parameter, registered "
+                                                 r"under two names .* pass model= to register_task"):
+        unknown(model)
+    assert_same(snapshot(unknown), before)
+
+
+def test_a_tied_alias_of_another_shape_is_refused():
+    from models import Tied
+
+    model = Tied().double()
+    (f1, a1), (f2, a2) = _tied_tasks(model)
+    f2["out.weight"], a2["out.weight"] = f2["out.weight"][:1], a2["out.weight"][:1]  # (1, 6) would broadcast
+    ewc = EWCRegularizer(1.0)
+    ewc.register_task(f1, a1)
+    ewc.register_task(f2, a2)
+    before = snapshot(ewc)
+    with pytest.raises(ModelMismatchError, match=r"'out.weight' \(the tied parameter 'emb.weight'\) was registered "
+                                                 r"with shape \(1, 6\), the parameter has \(11, 6\)"):
+        ewc(model)
+    assert_same(snapshot(ewc), before)
+
+
 def test_one_fisher_naming_a_tied_parameter_twice_is_refused_when_the_model_is_known():
     from models import Tied
 
