@@ -322,12 +322,18 @@ class _Run:
     def run(self, plan: GroupPlan, mode: str, lam, scratch, sums: list) -> list | None:
         """``sum``, ``accumulate`` or ``sum_grads`` for the run: appends the run's sum to ``sums``
         and returns the members' new gradients (``sum_grads``; else an empty list). None, with
-        nothing done, where a member or its gradient is not contiguous or a gradient to
-        accumulate into is missing: the caller then walks the members one by one. Runs under
+        nothing added, where a member or its gradient is not contiguous: the caller then walks
+        the members one by one. A missing gradient to accumulate into starts at zero (a
+        parameter only the penalty reaches, or every one after ``zero_grad()``). Runs under
         ``torch.no_grad`` (the backend's entry points)."""
         pieces = self.theta
         if pieces is None:
             return None
+        if mode == "accumulate":
+            for i in self.members:
+                p = plan.params[i]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
         targets = [plan.params[i].grad for i in self.members] if mode == "accumulate" else []
         if not all(g is not None and g.is_contiguous() and g.dtype == plan.param_dtype for g in targets):
             return None
