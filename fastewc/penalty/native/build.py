@@ -165,23 +165,29 @@ def _remove_stale_temporaries(folder: Path) -> None:
             tmp.unlink()
 
 
+class _CompileFailed(Exception):
+    """The compiler could not be run or refused the source (the message says which)."""
+
+
 def _compile(cmd: list[str], out: Path, timeout: float) -> str | None:
-    """Run ``cmd -o <temporary file>`` and rename the result to ``out``; None on success, else the
-    command and the compiler's complaint."""
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    full = [*cmd, "-o", str(tmp)]
-    try:
+    """Run ``cmd -o <temporary file>`` and put the result at ``out`` atomically and flushed to
+    disk (before its checksum is recorded); None on success, else the command and the
+    compiler's complaint."""
+    def build(tmp) -> None:
+        full = [*cmd, "-o", str(tmp)]
         try:
             done = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
-            return f"{shlex.join(full)} failed: {e}"
+            raise _CompileFailed(f"{shlex.join(full)} failed: {e}") from e
         if done.returncode != 0:
-            return f"{shlex.join(full)} exited with {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}"
-        os.replace(tmp, out)
-        return None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+            raise _CompileFailed(f"{shlex.join(full)} exited with {done.returncode}: "
+                                 f"{(done.stderr or done.stdout).strip()[-500:]}")
+
+    try:
+        write_atomically(out, build)
+    except _CompileFailed as e:
+        return str(e)
+    return None
 
 
 def _build_in(folder: Path, stem: str, cmd: list[str], force: bool, timeout: float) -> Built:
