@@ -58,6 +58,7 @@ class _Pass:
     multiplier: torch.Tensor | None = None # d(objective)/d(model's own loss), seen in the backward
     factor: object = None                  # 1 / (M w_n) of the tracked samples: float or [k] tensor
     started: bool = False
+    dropped: bool = False                  # the tracker stopped before this pass's backward
     step: dict = field(default_factory=dict)   # name -> this step's sum of squares (step buffers)
 
     @property
@@ -206,6 +207,8 @@ class _StepHooks:
 
     # -- backward ------------------------------------------------------------------------------
     def _on_loss_grad(self, p: _Pass, g: torch.Tensor):
+        if p.dropped:
+            return
         p.multiplier = g.detach().reshape(())
         self._begin(p)
 
@@ -239,6 +242,8 @@ class _StepHooks:
         torch.autograd.Variable._execution_engine.queue_callback(partial(self._finish, p))
 
     def _on_grad(self, p: _Pass, key: str, c: int, slot: int, G: torch.Tensor):
+        if p.dropped:
+            return None  # its forward ran while tracked, its backward after stop(): not tracked
         with torch.no_grad():
             self._begin(p)
             call = p.calls[key][c]

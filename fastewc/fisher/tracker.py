@@ -156,6 +156,8 @@ class FisherTracker(_StepHooks):
         """Remove every hook; the sums are kept (``fisher()``); a step not yet back-propagated is dropped."""
         for h in self._handles + self._site_handles:
             h.remove()
+        if self._pass is not None:
+            self._pass.dropped = True  # the gradient hooks its forward left on tensors stay quiet
         self._handles, self._site_handles, self._flags, self._pass = [], [], None, None
         return self
 

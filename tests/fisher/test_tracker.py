@@ -256,10 +256,19 @@ def test_stop_removes_every_hook_and_eval_forwards_are_not_tracked():
     tracker = _train(model, data[:1], FisherTracker(model))
     seen = tracker.samples_seen
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    with tracker, torch.no_grad():
-        model(data[1][0])
-    F.cross_entropy(model(data[1][0]), data[1][1]).backward()
-    assert tracker.samples_seen == seen
+    (x, y), n = data[1], data[1][0].shape[0]
+    with tracker:
+        out = model(x)
+        with torch.no_grad():
+            model(x[:2])  # an evaluation between forward and backward opens no pass of its own
+        F.cross_entropy(out, y).backward()
+    assert tracker.samples_seen == seen + n
+    with tracker:
+        out = model(x)
+    F.cross_entropy(out, y).backward()  # back-propagated after stop(): dropped, as stop() says
+    assert tracker.samples_seen == seen + n
+    F.cross_entropy(model(x), y).backward()  # no hooks left: nothing tracked
+    assert tracker.samples_seen == seen + n
 
 
 # -- refusals ----------------------------------------------------------------------------------
