@@ -146,6 +146,19 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return end > start and _libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
 
+def shard_names(sizes, max_bytes: int) -> list[list[str]]:
+    """The names of ``sizes`` (``{name: bytes}``), in order, cut into shards of at most
+    ``max_bytes`` each (a larger entry alone in its shard)."""
+    shards, size = [[]], 0
+    for n, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes
+    return shards
+
+
 def write_atomically(path, write) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path`` (whose folder must exist),
     flush it to disk and rename it over ``path`` in one step: a crash or a kill mid-write leaves

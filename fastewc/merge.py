@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._utils import require
+from ._utils import require, shard_names, write_atomically
 from .errors import EWCInputError
 from .fisher.files import fisher_tensor_names
 
@@ -303,16 +303,19 @@ def fisher_merge_files(model_paths: Sequence, fisher_paths: Sequence, out_dir: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = MergeReport(weights=weights, floor=floor)
-    shards: list[list[str]] = []
-    shard, size = {}, 0
+    shards: list = []  # (temporary file, names), all written before any is renamed into place
+    plan = shard_names({n: math.prod(shapes[n][1]) * shapes[n][0].itemsize for n in names}, max_shard_bytes)
+    ends = {members[-1] for members in plan}
+    shard = {}
 
     def flush():
-        nonlocal shard, size
-        if shard:
-            tmp = out_dir / f".shard-{len(shards):05d}.{os.getpid()}.tmp"
-            st.save_file(shard, str(tmp), metadata={"format": "pt"})
-            shards.append((tmp, list(shard)))
-            shard, size = {}, 0
+        nonlocal shard
+        tmp = out_dir / f".shard-{len(shards):05d}.{os.getpid()}.tmp"
+        st.save_file(shard, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as f:  # on disk before the renames below make it the result
+            os.fsync(f.fileno())
+        shards.append((tmp, list(shard)))
+        shard = {}
 
     try:
         for n in names:
@@ -329,10 +332,8 @@ def fisher_merge_files(model_paths: Sequence, fisher_paths: Sequence, out_dir: s
                     _merge_chunk(merged[lo:hi], [m.flat(n, lo, hi, shape) for m in models], fs, weights, scales, floor)
                 shard[n] = merged.view(shape)
                 (report.fisher_merged if n in with_fisher else report.averaged).append(n)
-            size += numel * dtype.itemsize
-            if size >= max_shard_bytes:
+            if n in ends:
                 flush()
-        flush()
     except BaseException:
         for tmp, _ in shards:
             tmp.unlink(missing_ok=True)
@@ -354,7 +355,8 @@ def fisher_merge_files(model_paths: Sequence, fisher_paths: Sequence, out_dir: s
         weight_map.update({n: target.name for n in members})
         report.files.append(str(target))
     index = out_dir / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": sum(math.prod(s) * d.itemsize for d, s in shapes.values())},
-                                 "weight_map": weight_map}, indent=1))
+    record = json.dumps({"metadata": {"total_size": sum(math.prod(s) * d.itemsize for d, s in shapes.values())},
+                         "weight_map": weight_map}, indent=1)
+    write_atomically(index, lambda tmp: Path(tmp).write_text(record))
     report.files.append(str(index))
     return report

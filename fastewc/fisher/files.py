@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .._utils import require, write_atomically
+from .._utils import require, shard_names, write_atomically
 from ..errors import EWCInputError
 
 __all__ = ["FisherDict", "INDEX_NAME", "check_fits", "fingerprint", "fisher_tensor_names", "load_fisher",
@@ -119,7 +119,7 @@ def save_fisher(fisher: Mapping[str, torch.Tensor], path: str | Path, *, metadat
         write_atomically(path, lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
         return [path]
     path.mkdir(parents=True, exist_ok=True)
-    shards = _shards(tensors, max_shard_bytes)
+    shards = shard_names({n: t.numel() * t.element_size() for n, t in tensors.items()}, max_shard_bytes)
     if len(shards) == 1:
         target = path / SINGLE_NAME
         write_atomically(target, lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
@@ -134,19 +134,6 @@ def save_fisher(fisher: Mapping[str, torch.Tensor], path: str | Path, *, metadat
     index = path / INDEX_NAME
     write_atomically(index, lambda tmp: Path(tmp).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1)))
     return [*written, index]
-
-
-def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Names in order, cut into shards of at most ``max_bytes`` (a larger tensor alone)."""
-    shards, size = [[]], 0
-    for n, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += nbytes
-    return shards
 
 
 def _locate(path: str | Path) -> tuple[dict[str, Path], dict]:

@@ -165,6 +165,11 @@ def test_files_and_memory_give_the_same_bits(tmp_path, dtype, monkeypatch):
         assert got[n].dtype == merged[n].dtype and torch.equal(got[n], merged[n]), n
     for kind in ("fisher_merged", "averaged", "copied"):
         assert sorted(getattr(report, kind)) == sorted(getattr(mem_report, kind))
+    # every shard holds at most max_shard_bytes of tensors, unless one tensor alone is larger
+    for f in report.files[:-1]:
+        with safe_open(f, framework="pt") as h:
+            sizes = [h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in h.keys()]
+        assert sum(sizes) <= 64 or len(sizes) == 1, (f, sizes)
 
 
 def test_refusals(tmp_path):
