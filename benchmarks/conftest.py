@@ -16,12 +16,16 @@ torch / triton versions and the GPU.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastewc.bench import timing
+
+# the test suite's helpers (tests/models.py: assert_fisher_close) serve the benchmark checks too
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def pytest_addoption(parser):

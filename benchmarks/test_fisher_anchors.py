@@ -16,6 +16,7 @@ from fastewc import reference
 from fastewc.bench import fisher_benchmark
 
 import fisher_anchors
+from models import assert_fisher_close  # tests/models.py (benchmarks/conftest.py puts tests/ on the path)
 
 # (import name of the anchor's package, its case, the install command its skip reason names)
 ANCHORS = {
@@ -33,15 +34,6 @@ def batches(*tensors, batch_size):
 def make_mlp(n, batch_size):
     model = nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 5))
     return model, batches(torch.randn(n, 13), torch.randint(0, 5, (n,)), batch_size=batch_size)
-
-
-def assert_fisher_close(got, want, rtol, atol_rel):
-    """Same names; every entry within ``rtol`` plus ``atol_rel`` x the tensor's largest entry."""
-    assert set(got) == set(want), f"names differ: {sorted(set(got) ^ set(want))}"
-    for name, w in want.items():
-        g, w = got[name].detach().double(), w.detach().double()
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol_rel * float(w.abs().max()) + 1e-30,
-                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def make_cnn(n, batch_size):

@@ -12,11 +12,11 @@ import copy
 import warnings
 
 import pytest
-import torch
 
 from fastewc import estimate_fisher, reference
 from fastewc.bench import timing
 from fastewc.bench.models import FISHER_MODELS, fisher_problem
+from models import assert_fisher_close  # tests/models.py (benchmarks/conftest.py puts tests/ on the path)
 
 REFERENCE = {"empirical": reference.compute_fisher, "exact": reference.compute_exact_fisher}
 # float32 against float64: per-sample gradients rounded in float32, squared and summed over N.
@@ -47,15 +47,6 @@ def expected(problem, fisher_samples):
     return get
 
 
-def assert_matches(got: dict, want: dict) -> None:
-    assert set(got) == set(want), f"names differ: {sorted(set(got) ^ set(want))}"
-    for name, w in want.items():
-        g = got[name].detach().double().cpu()
-        w = w.detach().cpu()
-        torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL_REL * float(w.abs().max()) + 1e-30,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("kind", ["empirical", "exact"])
 @pytest.mark.parametrize("method", ["reference", "auto", "rules", "vmap", "loop", "batched"])
 def test_fisher(benchmark, problem, expected, kind, method, fisher_samples, bench_device):
@@ -79,4 +70,4 @@ def test_fisher(benchmark, problem, expected, kind, method, fisher_samples, benc
 
     fisher = benchmark.pedantic(timed, rounds=1 if method == "reference" and kind == "exact" else 3,
                                 warmup_rounds=0, iterations=1) if benchmark.enabled else benchmark(timed)
-    assert_matches(fisher, expected(kind, "batched" if method == "batched" else "per-sample"))
+    assert_fisher_close(fisher, expected(kind, "batched" if method == "batched" else "per-sample"), RTOL, ATOL_REL)
