@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..fisher import FisherTracker
 from ..penalty import EWCRegularizer
 from ..streaming import StreamingEWC
+from ..workflow import register_at_current
 from .data import Task, permuted_digits, split_digits
 from .metrics import average_accuracy, average_forgetting
 
@@ -152,7 +153,7 @@ def train_sequence(cfg: DemoConfig, tasks: list[Task], method: str, lambda_ewc: 
                 tracker.stop()
         matrix[t] = [evaluate(model, s) for s in tasks]
         if tracker is not None:
-            ewc.register_task(tracker.fisher(), {k: p.detach().clone() for k, p in model.named_parameters()})
+            register_at_current(ewc, model, tracker.fisher())
         elif ewc is not None and t < T - 1:  # the last task's Fisher would never be used
             model.use(task)
             n = min(cfg.fisher_samples, len(task.y_train))
@@ -160,7 +161,7 @@ def train_sequence(cfg: DemoConfig, tasks: list[Task], method: str, lambda_ewc: 
             data = [(task.x_train[pick[i : i + 64]], task.y_train[pick[i : i + 64]]) for i in range(0, n, 64)]
             fisher = estimate_fisher(model, data, kind=spec[1], num_samples=n,
                                      generator=torch.Generator().manual_seed(cfg.seed + 11 * t))
-            ewc.register_task(fisher, {k: p.detach().clone() for k, p in model.named_parameters()})
+            register_at_current(ewc, model, fisher)
         if log:
             log(f"  {method:<12} task {t + 1}/{T}: " + " ".join(f"{a:.2f}" for a in matrix[t][: t + 1]))
     if stream is not None:
