@@ -20,6 +20,7 @@ import torch
 from fastewc import EWCRegularizer
 from fastewc.bench import timing
 from fastewc.bench.models import transformer_like
+from results_path import results_path
 
 
 def main(argv=None) -> dict:
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
     payload = {"benchmark": f"check_finite_{device.type}", "machine": timing.machine_info(device), "params": P,
                "tensors": n_tensors, "tasks": args.tasks, "repeats": args.repeats, "rows": rows,
                "raw_seconds": times}
-    path = args.json or f"benchmarks/results/{timing.machine_slug(device)}/check_finite_{device.type}.json"
+    path = args.json or results_path(f"check_finite_{device.type}.json", device)
     print(f"\nwrote {timing.write_json(path, payload)}")
     return payload
 

@@ -29,6 +29,7 @@ import warnings
 
 from fastewc import bench
 from fastewc.bench import timing
+from results_path import results_path
 
 import fisher_anchors
 
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
     print(f"\n{m.get('gpu') or m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}\n")
     print(bench.format_fisher(result))
     dev = bench.resolve_device(args.device)
-    path = args.json or f"benchmarks/results/{timing.machine_slug(dev)}/fisher_{dev.type}.json"
+    path = args.json or results_path(f"fisher_{dev.type}.json", dev)
     print(f"\nwrote {timing.write_json(path, result)}")
     return result
 

@@ -24,6 +24,7 @@ import torch
 
 from fastewc import save_fisher
 from fastewc.bench import timing
+from results_path import results_path
 
 SHARD_BYTES = 1 << 30
 
@@ -162,7 +163,7 @@ def main(argv=None) -> dict:
     print(f"| {args.models} x {P / 1e9:.2f}B bf16 | {row['input_gb']:.1f} | {row['output_gb']:.1f} | {row['merge_s']:.1f} | "
           f"{row['merge_peak_gb']:.2f} | {row['disk_floor_s']:.1f} | {row['vs_disk_floor']:.2f}x |")
     payload = {"benchmark": "merge_cpu", "machine": machine, "rows": [row]}
-    path = args.json or f"benchmarks/results/{timing.machine_slug('cpu')}/merge_cpu.json"
+    path = args.json or results_path("merge_cpu.json")
     print(f"\nwrote {timing.write_json(path, payload)}")
     return payload
 

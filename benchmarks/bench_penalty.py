@@ -27,6 +27,7 @@ import argparse
 
 from fastewc.bench import timing
 from fastewc.bench.penalty import format_penalty, penalty_benchmark
+from results_path import results_path
 
 
 def main(argv=None) -> dict:
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
     payload = penalty_benchmark(device="cpu", params=args.params, tasks=args.tasks, repeats=args.repeats)
     payload["benchmark"] = "penalty_cpu"
     print(format_penalty(payload))
-    path = args.json or f"benchmarks/results/{timing.machine_slug()}/penalty_cpu.json"
+    path = args.json or results_path("penalty_cpu.json")
     print(f"\nwrote {timing.write_json(path, payload)}")
     return payload
 

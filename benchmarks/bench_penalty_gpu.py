@@ -37,7 +37,6 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,6 +47,7 @@ from fastewc.bench import timing
 from fastewc.bench.baselines import ForeachEWC, compiled_reference
 from fastewc.bench.models import transformer_like
 from fastewc.reference import ReferenceEWC
+from results_path import results_path
 
 LAMBDA = 1000.0
 STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
         "floor": "bytes = P * (4 + 2 * storage itemsize + 8): read theta, A, m, grad; write grad",
         "rows": rows,
     }
-    path = args.json or Path(__file__).parent / "results" / timing.machine_slug(device) / "penalty_gpu.json"
+    path = args.json or results_path("penalty_gpu.json", device)
     timing.write_json(path, payload)
     print(table(rows, copy_bps))
     print(f"\nwrote {path}", file=sys.stderr)

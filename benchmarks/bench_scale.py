@@ -28,6 +28,7 @@ import sys
 import torch
 
 from fastewc.bench import timing
+from results_path import results_path
 
 import scale_curves
 import scale_report
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
         spread = scale_curves.penalty_spread(args.sizes or (1e6,), runs=args.spread,
                                       say=lambda msg: print(f"[bench_scale] {msg}", file=sys.stderr, flush=True))
         print(scale_report.format_spread(spread))
-        print(f"\nwrote {timing.write_json(args.json or f'benchmarks/results/{timing.machine_slug()}/scale_spread_cpu.json', spread)}")
+        print(f"\nwrote {timing.write_json(args.json or results_path('scale_spread_cpu.json'), spread)}")
         return spread
 
     result = scale_curves.scale_benchmark(
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
     m = result["machine"]
     print(f"Scale, CPU: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads), torch {m['torch']}\n")
     print(scale_report.format_scale(result))
-    path = args.json or (None if args.quick else f"benchmarks/results/{timing.machine_slug()}/scale_cpu.json")
+    path = args.json or (None if args.quick else results_path("scale_cpu.json"))
     if path:
         print(f"\nwrote {timing.write_json(path, result)}")
     plot = args.plot or (None if args.quick else "docs/scale_cpu.png")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fastewc import EWCRegularizer
 from fastewc.bench import timing
 from fastewc.penalty.backends import cpu_backend_status
+from results_path import results_path
 
 MODELS = ("gpt2", "bert", "mlp")
 
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "step_overhead_cpu", "machine": machine, "repeats": args.repeats, "small": args.small,
                "rows": rows}
     if not args.small or args.json:
-        path = args.json or f"benchmarks/results/{timing.machine_slug('cpu')}/step_overhead_cpu.json"
+        path = args.json or results_path("step_overhead_cpu.json")
         print(f"\nwrote {timing.write_json(path, payload)}")
     return payload
 

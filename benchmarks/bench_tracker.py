@@ -20,16 +20,15 @@ Prints a table and writes ``benchmarks/results/<machine>/tracker_cpu.json``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastewc import FisherTracker, estimate_fisher
 from fastewc.bench.models import fisher_problem, hf_problem
-from fastewc.bench.timing import machine_info, machine_slug, median, time_side_by_side, write_json
+from fastewc.bench.timing import machine_info, median, time_side_by_side, write_json
+from results_path import results_path
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def _cases(model, data, params, own_loss: bool) -> dict:
@@ -86,7 +85,7 @@ def main() -> None:
         print(f"{r['model']:12} {r['samples']:5d} {s['plain']:9.3f} {s['tracked']:9.3f} {r['tracked_over_plain']:8.2f} "
               f"{s['tracked_0.25']:9.3f} {r['tracked_0.25_over_plain']:8.2f} {s['estimate_fisher']:9.3f} "
               f"{r['estimate_fisher_over_plain']:8.2f} {r['extra_tracked_over_estimate_fisher']:9.2f}")
-    path = write_json(RESULTS / machine_slug() / "tracker_cpu.json",
+    path = write_json(results_path("tracker_cpu.json"),
                       {"machine": machine_info(), "repeats": args.repeats, "rows": rows,
                        "note": "one epoch per case, round-robin; models in eval mode at lr 0; seconds are medians"})
     print(f"\nwrote {path}")

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from fastewc.bench import timing
+from results_path import results_path
 
 # the test suite's helpers (tests/models.py: assert_fisher_close) serve the benchmark checks too
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -42,7 +43,7 @@ def pytest_configure(config):
     if not any("benchmarks" in str(a) for a in config.args):
         return
     dev = config.getoption("--bench-device")
-    path = Path(__file__).parent / "results" / timing.machine_slug(dev) / "pytest-benchmark.json"
+    path = results_path("pytest-benchmark.json", dev)
     path.parent.mkdir(parents=True, exist_ok=True)
     config.option.benchmark_json = open(path, "wb")  # pytest-benchmark expects a binary file object
 

@@ -18,6 +18,7 @@ import sys
 import time
 
 from fastewc.bench import timing
+from results_path import results_path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import zoo  # noqa: E402
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
                          if "error" in r or (not r["passed"] and not r["known"])]}
     print()
     print(format_table(rows))
-    path = args.json or f"benchmarks/results/{timing.machine_slug()}/fisher_zoo.json"
+    path = args.json or results_path("fisher_zoo.json")
     print(f"\nwrote {timing.write_json(path, result)}")
     return result
 

@@ -37,6 +37,7 @@ from fastewc import reference
 from fastewc.bench import timing
 from fastewc.bench.fisher import _train_pass
 from fastewc.fisher import clear_plan_cache
+from results_path import results_path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import zoo  # noqa: E402
@@ -131,7 +132,7 @@ def main(argv=None) -> dict:
     print(format_table(rows, args.samples, args.repeats, args.size))
     print(f"\nmissing a target: {', '.join(result['missed']) or 'none'}")
     suffix = "" if args.size == "small" else f"_{args.size}"
-    path = args.json or f"benchmarks/results/{timing.machine_slug()}/fisher_zoo_speed{suffix}.json"
+    path = args.json or results_path(f"fisher_zoo_speed{suffix}.json")
     print(f"\nwrote {timing.write_json(path, result)}")
     return result
 
