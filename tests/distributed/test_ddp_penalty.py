@@ -1,18 +1,14 @@
 """The penalty under DistributedDataParallel (gloo, 2 CPU processes) equals a single-process run."""
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastewc import EWCRegularizer
 
 from models import dist_data, dist_model
+from ranks import on_ranks
 
 WORLD = 2
 
@@ -44,33 +40,23 @@ def _single(style):
     return [p.grad for p in model.parameters()]
 
 
-def _worker(rank, init_file, style, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = _model()
-        ewc = _ewc(model)  # registered with the unwrapped names
-        ddp = nn.parallel.DistributedDataParallel(model)
-        x, y = _data()
-        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        if style == "loss":
-            (F.cross_entropy(ddp(xs), ys) + ewc(ddp)).backward()
-        else:
-            F.cross_entropy(ddp(xs), ys).backward()
-            ewc.accumulate_grad_(ddp)
-        torch.save([p.grad for p in model.parameters()], f"{out}.{rank}")
-        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, scratch, style):
+    model = _model()
+    ewc = _ewc(model)  # registered with the unwrapped names
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x, y = _data()
+    xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    if style == "loss":
+        (F.cross_entropy(ddp(xs), ys) + ewc(ddp)).backward()
+    else:
+        F.cross_entropy(ddp(xs), ys).backward()
+        ewc.accumulate_grad_(ddp)
+    return [p.grad for p in model.parameters()]
 
 
 @pytest.mark.parametrize("style", ["loss", "accumulate"])
-def test_ddp_gradients_equal_single_process(style, tmp_path):
-    init_file = tempfile.mktemp(dir=tmp_path)
-    out = os.path.join(tmp_path, "grads")
-    mp.spawn(_worker, args=(init_file, style, out), nprocs=WORLD, join=True)
+def test_ddp_gradients_equal_single_process(style):
     want = _single(style)
-    for rank in range(WORLD):
-        got = torch.load(f"{out}.{rank}")
+    for got in on_ranks(_rank, WORLD, style):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -2,18 +2,15 @@
 half of the data; sums and counts are all-reduced, so every rank holds the Fisher of all the
 data, equal to a single-process estimate."""
 
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastewc
 from fastewc import reference as R
 
 from models import dist_data, dist_model
+from ranks import on_ranks
 
 WORLD = 2
 
@@ -32,27 +29,15 @@ def _shard(rank):
     return [(x[i : min(i + 4, hi)], y[i : min(i + 4, hi)]) for i in range(lo, hi, 4)]
 
 
-def _worker(rank, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        results = {}
-        model = _model()
-        for kind in ("empirical", "exact"):
-            for method in ("vmap", "loop"):
-                results[kind, method] = fastewc.estimate_fisher(model, _shard(rank), kind=kind, method=method)
-        torch.save(results, f"{out}.{rank}")
-        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, scratch):
+    model = _model()
+    return {(kind, method): fastewc.estimate_fisher(model, _shard(rank), kind=kind, method=method)
+            for kind in ("empirical", "exact") for method in ("vmap", "loop")}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_distributed_allreduce_equals_single_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file, out = os.path.join(tmp, "init"), os.path.join(tmp, "fisher")
-        mp.spawn(_worker, args=(init_file, out), nprocs=WORLD, join=True)
-        ranks = [torch.load(f"{out}.{r}") for r in range(WORLD)]
+    ranks = on_ranks(_rank, WORLD)
     x, y = _data()
     model = _model()
     for kind in ("empirical", "exact"):

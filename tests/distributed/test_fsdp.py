@@ -8,17 +8,17 @@ rank 1 an empty piece.
 
 import importlib.util
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastewc import EWCRegularizer
 from fastewc.errors import ModelMismatchError
+
+from ranks import on_ranks
 
 WORLD = 2
 LAM = 30.0
@@ -104,14 +104,6 @@ def _sharded_step(mesh, backend, style, when):
             "backends": ewc.active_backends, "placements": [repr(p.placements) for p in model.parameters()]}
 
 
-def _spawn(worker, nprocs, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ranks")
-    init_file = tempfile.mktemp(dir=tmp)
-    out = os.path.join(tmp, "seen")
-    mp.spawn(worker, args=(init_file, out), nprocs=nprocs, join=True)
-    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(nprocs)]
-
-
 def _assert_equal_unsharded(ranks, style):
     want_value, want_grads = _single(style)
     cases = [k for k in ranks[0] if isinstance(k, tuple) and style in k]
@@ -124,81 +116,76 @@ def _assert_equal_unsharded(ranks, style):
                 torch.testing.assert_close(got["grads"][n], g, rtol=1e-10, atol=1e-12, msg=f"{rank} {key} {n}")
 
 
-def _worker(rank, init_file, out):
+def _rank(rank, scratch):
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    out = os.path.join(scratch, "seen")
     seen = {}
+    mesh = init_device_mesh("cpu", (WORLD,))
+    x, y = _data()
+    backends = ["torch"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if importlib.util.find_spec("triton") is not None:
+            backends.append("triton")
+    for backend in backends:
+        for style in ("loss", "accumulate"):
+            for when in ("with_model", "late"):
+                seen[(backend, style, when)] = _sharded_step(mesh, backend, style, when)
+
+    # State: each rank saves its pieces; the same rank reloads them; the other rank's are refused.
+    model = _sharded_model(mesh)
+    ewc = EWCRegularizer(LAM)
+    for fisher, anchor in _tasks(_model()):
+        ewc.register_task(fisher, anchor, model=model)
+    want = float(ewc(model).detach())
+    torch.save(ewc.state_dict(), f"{out}.state.{rank}")
+    if importlib.util.find_spec("safetensors") is not None:
+        from fastewc import load_regularizer, save_regularizer
+
+        save_regularizer(ewc, f"{out}.{rank}.safetensors")
+        seen["safetensors"] = (want, float(load_regularizer(f"{out}.{rank}.safetensors")(model).detach()))
     try:
-        torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (WORLD,))
-        x, y = _data()
-        backends = ["torch"]
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            if importlib.util.find_spec("triton") is not None:
-                backends.append("triton")
-        for backend in backends:
-            for style in ("loss", "accumulate"):
-                for when in ("with_model", "late"):
-                    seen[(backend, style, when)] = _sharded_step(mesh, backend, style, when)
+        from fastewc import estimate_fisher
 
-        # State: each rank saves its pieces; the same rank reloads them; the other rank's are refused.
-        model = _sharded_model(mesh)
-        ewc = EWCRegularizer(LAM)
-        for fisher, anchor in _tasks(_model()):
-            ewc.register_task(fisher, anchor, model=model)
-        want = float(ewc(model).detach())
-        torch.save(ewc.state_dict(), f"{out}.state.{rank}")
-        if importlib.util.find_spec("safetensors") is not None:
-            from fastewc import load_regularizer, save_regularizer
-
-            save_regularizer(ewc, f"{out}.{rank}.safetensors")
-            seen["safetensors"] = (want, float(load_regularizer(f"{out}.{rank}.safetensors")(model).detach()))
+        estimate_fisher(model, [(x, y)], loss_fn=F.mse_loss)
+        seen["estimate"] = None
+    except Exception as e:  # noqa: BLE001 - the test checks type and message
+        seen["estimate"] = f"{type(e).__name__}: {e}"
+    dist.barrier()
+    again = EWCRegularizer()
+    again.load_state_dict(torch.load(f"{out}.state.{rank}", weights_only=True))
+    seen["reloaded"] = (want, float(again(model).detach()))
+    other = EWCRegularizer()
+    other.load_state_dict(torch.load(f"{out}.state.{1 - rank}", weights_only=True))
+    try:
+        other(model)
+        seen["other_rank"] = None
+    except ModelMismatchError as e:
+        seen["other_rank"] = str(e)
+    dist.barrier()
+    # A third task registered after reloading folds into the pieces.
+    fisher3 = {n: torch.full(p.shape, 0.5, dtype=torch.float64) for n, p in _model().named_parameters()}
+    anchor3 = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in _model().named_parameters()}
+    again.register_task(fisher3, anchor3, model=model)
+    seen["third_task"] = float(again(model).detach())
+    # Snapshots of a sharded model's parameters (DTensors) are accepted as anchors.
+    snap = EWCRegularizer(LAM)
+    snap.register_task(fisher3, {n: p.detach() for n, p in model.named_parameters()}, model=model)
+    seen["snapshot"] = float(snap(model).detach())
+    if rank == 0:
+        plain = EWCRegularizer()
+        plain.load_state_dict(torch.load(f"{out}.state.0", weights_only=True))
         try:
-            from fastewc import estimate_fisher
-
-            estimate_fisher(model, [(x, y)], loss_fn=F.mse_loss)
-            seen["estimate"] = None
-        except Exception as e:  # noqa: BLE001 - the test checks type and message
-            seen["estimate"] = f"{type(e).__name__}: {e}"
-        dist.barrier()
-        again = EWCRegularizer()
-        again.load_state_dict(torch.load(f"{out}.state.{rank}", weights_only=True))
-        seen["reloaded"] = (want, float(again(model).detach()))
-        other = EWCRegularizer()
-        other.load_state_dict(torch.load(f"{out}.state.{1 - rank}", weights_only=True))
-        try:
-            other(model)
-            seen["other_rank"] = None
+            plain(_model())
+            seen["plain_model"] = None
         except ModelMismatchError as e:
-            seen["other_rank"] = str(e)
-        dist.barrier()
-        # A third task registered after reloading folds into the pieces.
-        fisher3 = {n: torch.full(p.shape, 0.5, dtype=torch.float64) for n, p in _model().named_parameters()}
-        anchor3 = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in _model().named_parameters()}
-        again.register_task(fisher3, anchor3, model=model)
-        seen["third_task"] = float(again(model).detach())
-        # Snapshots of a sharded model's parameters (DTensors) are accepted as anchors.
-        snap = EWCRegularizer(LAM)
-        snap.register_task(fisher3, {n: p.detach() for n, p in model.named_parameters()}, model=model)
-        seen["snapshot"] = float(snap(model).detach())
-        if rank == 0:
-            plain = EWCRegularizer()
-            plain.load_state_dict(torch.load(f"{out}.state.0", weights_only=True))
-            try:
-                plain(_model())
-                seen["plain_model"] = None
-            except ModelMismatchError as e:
-                seen["plain_model"] = str(e)
-        torch.save(seen, f"{out}.{rank}")
-        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
-    finally:
-        dist.destroy_process_group()
+            seen["plain_model"] = str(e)
+    return seen
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _spawn(_worker, WORLD, tmp_path_factory)
+def ranks():
+    return on_ranks(_rank, WORLD)
 
 
 def _cases(ranks):
@@ -288,24 +275,17 @@ def test_unreadable_sharding_entry_in_a_state_is_refused():
 
 
 # -- HSDP: a 2 x 2 mesh (replicate x shard), 4 processes ---------------------------------------
-def _hsdp_worker(rank, init_file, out):
+def _hsdp_rank(rank, scratch):
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4)
-    try:
-        torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-        seen = {(style, when): _sharded_step(mesh, "torch", style, when)
-                for style in ("loss", "accumulate") for when in ("with_model", "late")}
-        torch.save(seen, f"{out}.{rank}")
-        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    return {(style, when): _sharded_step(mesh, "torch", style, when)
+            for style in ("loss", "accumulate") for when in ("with_model", "late")}
 
 
 @pytest.fixture(scope="module")
-def hsdp_ranks(tmp_path_factory):
-    return _spawn(_hsdp_worker, 4, tmp_path_factory)
+def hsdp_ranks():
+    return on_ranks(_hsdp_rank, 4)
 
 
 @pytest.mark.parametrize("style", ["loss", "accumulate"])

@@ -2,19 +2,16 @@
 share of the data; fisher() all-reduces the sums and sample counts, so every rank holds the
 tracked Fisher of all the data, equal to one process tracking every sample."""
 
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastewc import FisherTracker
 
 from models import assert_fisher_close, dist_data, dist_model
+from ranks import on_ranks
 
 WORLD = 2
 
@@ -44,24 +41,15 @@ def _track(model, batches):
     return tracker
 
 
-def _worker(rank, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(_model())
-        tracker = _track(model, _batches(*((0, 6) if rank == 0 else (6, 11))))
-        torch.save({"fisher": tracker.fisher(), "local": tracker.samples_seen}, f"{out}.{rank}")
-        dist.barrier()  # no rank tears gloo's connections down while another is in a collective
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, scratch):
+    model = nn.parallel.DistributedDataParallel(_model())
+    tracker = _track(model, _batches(*((0, 6) if rank == 0 else (6, 11))))
+    return {"fisher": tracker.fisher(), "local": tracker.samples_seen}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_ranks_tracked_fisher_equals_one_process_over_all_the_data():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file, out = os.path.join(tmp, "init"), os.path.join(tmp, "fisher")
-        mp.spawn(_worker, args=(init_file, out), nprocs=WORLD, join=True)
-        ranks = [torch.load(f"{out}.{r}") for r in range(WORLD)]
+    ranks = on_ranks(_rank, WORLD)
     single = _track(_model(), _batches(0, 11))
     assert single.samples_seen == 11 and [r["local"] for r in ranks] == [6, 5]
     ref = single.fisher()
