@@ -71,17 +71,18 @@ def load_regularizer(path: str | Path, map_location: str | torch.device = "cpu",
     path = Path(path)
     if not path.exists():
         raise EWCInputError(f"no such file: {path}")
+    safetensors = _is_safetensors(path)
     try:
-        if _is_safetensors(path):
+        if safetensors:
             state = _read_safetensors(path, map_location)
         else:
             state_dict = _read_torch(path, map_location)
-            state = state_dict.get("_extra_state") if isinstance(state_dict, dict) else None
+            state = state_dict.get(_EXTRA_KEY) if isinstance(state_dict, dict) else None
         saved = state if isinstance(state, dict) else {}
         reg = EWCRegularizer(
             backend=saved.get("backend", "auto") if backend is None else backend,
             check_finite=saved.get("check_finite", False) if check_finite is None else check_finite)
-        if _is_safetensors(path):
+        if safetensors:
             reg.set_extra_state(state)
         else:
             reg.load_state_dict(state_dict)
