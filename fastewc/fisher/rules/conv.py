@@ -25,8 +25,8 @@ def _conv_input(m: nn.Module, A: torch.Tensor):
 
 def _im2col(A4: torch.Tensor, k, d, p, s) -> torch.Tensor:
     """``F.unfold(A4, k, dilation=d, padding=p, stride=s)``, ``[n, C*kh*kw, L]``, as one strided
-    copy of the padded input's windows: the same values, many times faster than ``F.unfold`` on
-    the CPU (see benchmarks/results/ for the Fisher timings of the CNN)."""
+    copy of the padded input's windows: the same values, without ``F.unfold``'s CPU kernel, which
+    was most of the rule's time on the benchmarks' CNN (see the tracked-step table)."""
     if p[0] or p[1]:
         A4 = F.pad(A4, (p[1], p[1], p[0], p[0]))
     n, C = A4.shape[:2]
