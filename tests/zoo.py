@@ -34,7 +34,6 @@ TOL = 1e-8
 # per-sample gradients, whatever the method: the reference loop has it too, but not the same.
 TOL_FP32 = 1e-6
 WHY_RMSNORM = "RMSNorm computes in float32"
-ALIASED = "aliased gradients squared in place"
 
 
 @dataclass
@@ -45,15 +44,10 @@ class Case:
     paddings: tuple = (True, False)  # (False,) for inputs without padding (images, tuples)
     top_k: int | None = None         # for kind "exact" on large vocabularies
     fp32: dict = field(default_factory=dict)   # kind (or "*") -> why the tolerance is TOL_FP32
-    xfail: dict = field(default_factory=dict)  # (kind, padded) or kind -> known, not fixed mismatch
-    per_sample: str | None = None    # known, not fixed: why some parameters go per sample
 
     def tol(self, kind: str) -> tuple[float, str]:
         why = self.fp32.get(kind) or self.fp32.get("*")
         return (TOL_FP32, why) if why else (TOL, "")
-
-    def known(self, kind: str, padded: bool) -> str | None:
-        return self.xfail.get((kind, padded)) or self.xfail.get(kind)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -345,9 +339,7 @@ def _lora(task_type):
 
 
 _RMS = {"*": WHY_RMSNORM}
-# Every parameter of every case goes by rules under method "auto". A case whose parameters go
-# per sample (vmap or the loop) for a known reason not yet fixed carries ``per_sample=<why>``:
-# the coverage test then holds it as a strict xfail, so that its fix shows.
+# Every parameter of every case goes by rules under method "auto" (the coverage test checks it).
 CASES = [
     Case("bert", bert),
     Case("roberta", roberta),
@@ -424,6 +416,6 @@ def run(case: Case, kind: str, padded: bool) -> dict:
     worst = max(errs, key=errs.get)
     tol, why = case.tol(kind)
     return {"model": case.name, "kind": kind, "padded": padded, "max_rel_error": errs[worst], "worst": worst,
-            "tol": tol, "tol_why": why, "passed": errs[worst] <= tol, "known": case.known(kind, padded),
+            "tol": tol, "tol_why": why, "passed": errs[worst] <= tol,
             "params": len(errs), "coverage": coverage(info),
             "off": {n: e for n, e in sorted(errs.items(), key=lambda kv: -kv[1]) if e > tol}}

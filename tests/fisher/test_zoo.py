@@ -3,9 +3,9 @@ of every family, RNNs, ``nn.TransformerEncoder``, LoRA, checkpointing), float64,
 padded and unpadded batches: ``fastewc.estimate_fisher`` (method auto) against the reference
 per-sample loop, tensor by tensor, and what the report says went by rules.
 
-A value off by more than the case's tolerance fails; a known, not yet fixed mismatch is a strict
-xfail naming it (so it shows, and its fix shows too). ``python benchmarks/fisher_zoo.py`` prints
-the same cases as a table."""
+A value off by more than the case's tolerance fails, and so does a parameter that goes per
+sample (vmap or the loop) instead of by rules. ``python benchmarks/fisher_zoo.py`` prints the
+same cases as a table."""
 
 from functools import lru_cache
 
@@ -22,12 +22,7 @@ COMBOS = [(c, kind, padded) for c in zoo.CASES for kind in c.kinds for padded in
 
 
 def _param(case, kind, padded):
-    marks = []
-    known = case.known(kind, padded)
-    if known:
-        marks.append(pytest.mark.xfail(strict=True, reason=known))
-    return pytest.param(case.name, kind, padded, marks=marks,
-                        id=f"{case.name}-{kind}-{'padded' if padded else 'unpadded'}")
+    return pytest.param(case.name, kind, padded, id=f"{case.name}-{kind}-{'padded' if padded else 'unpadded'}")
 
 
 @lru_cache(maxsize=None)
@@ -43,15 +38,7 @@ def test_matches_the_reference_loop(name, kind, padded):
                          f"(worst {r['worst']}: {r['max_rel_error']:.3g}): {r['off']}")
 
 
-def _coverage_param(case, kind, padded):
-    p = _param(case, kind, padded)
-    marks = list(p.marks)
-    if case.per_sample:
-        marks.append(pytest.mark.xfail(strict=True, reason=case.per_sample))
-    return pytest.param(*p.values, marks=marks, id=p.id)
-
-
-@pytest.mark.parametrize("name,kind,padded", [_coverage_param(*c) for c in COMBOS])
+@pytest.mark.parametrize("name,kind,padded", [_param(*c) for c in COMBOS])
 def test_every_parameter_by_rules(name, kind, padded):
     cov = _run(name, kind, padded)["coverage"]
     assert not cov["vmap_params"] and not cov["loop_params"], cov
