@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .rules import BLOCK_BYTES, chunks
+from .rules.registry import add_squares
 
 
 def squares_of_uses(users: list, n: int, per_sample_bytes: int, add_into: Callable, blocks: Callable,
@@ -43,11 +44,7 @@ def squares_of_uses(users: list, n: int, per_sample_bytes: int, add_into: Callab
             total = totals.get(name)
             if total is None:
                 total = totals[name] = torch.zeros(b.shape[1:], dtype=b.dtype, device=b.device)
-            if b.shape[0] <= 4:  # large blocks, few samples: no squared copy of the block
-                for one in b.unbind(0):
-                    total.addcmul_(one, one)
-            else:
-                total.add_(b.square().sum(0))
+            add_squares(total, b)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

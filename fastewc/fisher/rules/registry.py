@@ -134,6 +134,27 @@ def chunks(n: int, per_sample_bytes: int, budget: int = BLOCK_BYTES) -> list[tup
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+# Per-sample blocks of at least this many elements are squared one sample at a time on the CPU
+# (add_squares); below it a chunk's squared copy stays in cache and one reduction is faster.
+_CPU_ROW_SQUARES = 2**15
+
+
+def add_squares(total: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += (b ** 2).sum(0)``: the squares of per-sample blocks ``b`` ``[n, *shape]`` summed
+    into ``total`` ``[*shape]``, without writing over ``b`` (it may share memory with a gradient).
+
+    On the CPU a squared copy of a large block costs more than the squares: the copy lands in
+    freshly mapped pages that the kernel must fault in and zero, so large per-sample gradients
+    are squared into the sum one sample at a time instead. On other devices the allocator
+    reuses memory and one squared copy, reduced over the samples, is fewer kernel launches.
+    """
+    if b.shape[0] <= 4 or (b.device.type == "cpu" and b[0].numel() >= _CPU_ROW_SQUARES):
+        for one in b.unbind(0):
+            total.addcmul_(one, one)
+    else:
+        total.add_(b.square().sum(0))
+
+
 def sq_sum_of(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
     """``{attr: sum_k sum_n g^2}``: the rule's ``sq_sum``, or its per-sample blocks squared and
     summed chunk by chunk."""
@@ -145,6 +166,7 @@ def sq_sum_of(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
     for G in Gs:
         for i, j in chunks(n, per):
             for attr, b in rule.per_sample(m, A[i:j], G[i:j]).items():
-                s = b.square().sum(0)
-                out[attr] = s if attr not in out else out[attr].add_(s)
+                if attr not in out:
+                    out[attr] = torch.zeros(b.shape[1:], dtype=b.dtype, device=b.device)
+                add_squares(out[attr], b)
     return out
