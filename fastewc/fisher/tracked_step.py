@@ -30,7 +30,7 @@ from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
 from .rules import sq_sum_of
 from .rules.local import Recorded
-from .rules.replay import local_blocks, record_call
+from .rules.replay import local_blocks, local_sq_sums, record_call
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
 
@@ -303,6 +303,7 @@ class _StepHooks:
     def _shared(self, p: _Pass) -> None:
         users = [(key, c) for key, calls in p.calls.items() for c, call in enumerate(calls)
                  if any(g is not None for g in call.grads)]
+        users = [u for u in users if not self._local_sq_sums(p, *u)]
         if not users:
             return
         names = {n for key, _ in users for n in self._sites[key].params.values()}
@@ -328,6 +329,21 @@ class _StepHooks:
         squares_of_uses(users, p.k, per, add_into, blocks, totals)
         for name, total in totals.items():
             self._add(p, name, total)
+
+    def _local_sq_sums(self, p: _Pass, key: str, c: int) -> bool:
+        """Add a module-local site's sums of squares without per-sample blocks where its layer
+        family has that route and its parameters no other use (True when it did)."""
+        site = self._sites[key]
+        if site.rule is not None or len(p.calls[key]) > 1 or any(len(self._uses[q]) > 1 for q in site.params.values()):
+            return False
+        _, rec, grads = self._prepare(p, key, c)
+        got = local_sq_sums(site.module, list(site.params), rec, grads)
+        if got is None:
+            return False
+        dtype = self._site_dtype(site)
+        for attr, name in site.params.items():
+            self._add(p, name, got[attr].to(dtype))
+        return True
 
     def _prepare(self, p: _Pass, key: str, c: int):
         """``(A, rec, grads)`` of one stashed use, restricted to the tracked samples and scaled."""

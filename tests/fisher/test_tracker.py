@@ -194,6 +194,56 @@ def test_hf_accumulation_and_num_items_in_batch_are_read_not_declared():
     assert_fisher_close(tracker.fisher(), truth, **TOL)
 
 
+@pytest.mark.parametrize("inputs", ["self", "cross"])
+@pytest.mark.parametrize("route", ["sums", "blocks"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_attention_sums_without_blocks_match_the_loop(inputs, route, fraction, monkeypatch):
+    """``nn.MultiheadAttention``'s parameters, used nowhere else, are summed from one batched
+    replay like Linear layers ("sums"); with that route refused, its per-sample blocks serve
+    ("blocks"). Both against the per-sample reference loop, key padding and a tracked subset included."""
+    from fastewc import reference
+    from fastewc.fisher.rules import attention, replay
+
+    served = []
+    if route == "sums":
+        def spy(*a):
+            got = attention.mha_sq_sums(*a)
+            served.append(got is not None)
+            return got
+    else:
+        def spy(*a):
+            served.append(False)
+            return None
+    monkeypatch.setitem(replay.LOCAL_SQ_SUMS, nn.MultiheadAttention, spy)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.memory = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            kv = self.memory(h).tanh() if inputs == "cross" else h
+            out, _ = self.attn(h, kv, kv, key_padding_mask=ids == 0, need_weights=False)
+            return self.head(out.mean(1))
+
+    torch.manual_seed(4)
+    model = Attn().to(D)
+    ids = torch.randint(1, 11, (8, 5))
+    ids[::2, -2:] = 0
+    data = [(ids[i:i + 4], torch.randint(0, 3, (4,))) for i in range(0, 8, 4)]
+    tracker = _train(model, data, FisherTracker(model, fraction=fraction, seed=2))
+    want = data
+    if fraction < 1:
+        g = torch.Generator().manual_seed(2)
+        want = [(x[i], y[i]) for x, y in data for i in [torch.randperm(len(y), generator=g)[:2].sort().values]]
+    assert_fisher_close(tracker.fisher(), reference.estimate_fisher(model, want), **TOL)
+    assert served and all(served) == (route == "sums"), served
+
+
 # -- fraction, decay, state ---------------------------------------------------------------------
 def test_fraction_tracks_the_seeded_subset_exactly():
     model, data = make_mlp(n=30, batch_size=8, dtype=D)

@@ -48,9 +48,10 @@ def _applies(m: nn.MultiheadAttention) -> bool:
             and not m.add_zero_attn and (not m.training or m.dropout == 0.0) and m.in_proj_weight is not None)
 
 
-def mha_blocks(m: nn.MultiheadAttention, attrs: list[str], rec, grads: list, i: int, j: int) -> dict | None:
-    """Per-sample gradients ``{attr: [j - i, *shape]}`` of the attention's parameters, or None
-    when this configuration is not covered."""
+def _replay(m: nn.MultiheadAttention, rec, grads: list, i: int, j: int):
+    """``(inputs, C, G, gP)`` of samples ``i..j`` from one batched replay of the recorded call:
+    the projections' inputs, the attention's combined heads ``C``, the output gradient and the
+    projections' output gradients; None when this configuration is not covered."""
     if not _applies(m):
         return None
     leaves = list(rec.leaves)
@@ -79,7 +80,25 @@ def mha_blocks(m: nn.MultiheadAttention, attrs: list[str], rec, grads: list, i: 
         out = _out_proj(m, C)
         gC = torch.autograd.grad(out, C, G)[0]
         gP = torch.autograd.grad(_combine(weights, Vh), P, gC)
-    return _blocks_from(m, attrs, inputs, C.detach(), G, gP)
+    return inputs, C.detach(), G, gP
+
+
+def mha_blocks(m: nn.MultiheadAttention, attrs: list[str], rec, grads: list, i: int, j: int) -> dict | None:
+    """Per-sample gradients ``{attr: [j - i, *shape]}`` of the attention's parameters, or None
+    when this configuration is not covered."""
+    got = _replay(m, rec, grads, i, j)
+    return None if got is None else _blocks_from(m, attrs, *got)
+
+
+def mha_sq_sums(m: nn.MultiheadAttention, attrs: list[str], rec, grads: list) -> dict | None:
+    """``{attr: sum over the samples of the squared per-sample gradient}`` of a recorded call
+    whose parameters have no other use, without ``[n, 3E, E]`` blocks; None when this
+    configuration is not covered."""
+    got = _replay(m, rec, grads, 0, rec.n)
+    if got is None:
+        return None
+    inputs, C, G, gP = got
+    return _sq_sums_from(m, attrs, inputs, C, [G], [gP])
 
 
 def _inputs(q, k, v) -> tuple:
@@ -160,6 +179,30 @@ def _blocks_from(m, attrs, inputs, C, G, gP) -> dict | None:
     return result
 
 
+def _sq_sums_from(m, attrs, inputs, C, Gs, gPs) -> dict | None:
+    """Sums of squared per-sample gradients from the projections' inputs and, per column, the
+    output gradient ``Gs[k]`` and the projections' output gradients ``gPs[k]``: the four
+    projections are Linear maps, summed like Linear layers over a sequence."""
+    result = {}
+    want_w, want_b = "in_proj_weight" in attrs, "in_proj_bias" in attrs and m.in_proj_bias is not None
+    if want_w or want_b:
+        # rows of in_proj_weight per input (all of them at once for self-attention)
+        parts = [sq_sum_linear(x, [g[r] for g in gPs], want_b) for r, x in enumerate(inputs)]
+        got = {a: _rows([p[a] for p in parts], 0) for a in parts[0]}
+        if want_w:
+            result["in_proj_weight"] = got["weight"]
+        if want_b:
+            result["in_proj_bias"] = got["bias"]
+    want_w, want_b = "out_proj.weight" in attrs, "out_proj.bias" in attrs and m.out_proj.bias is not None
+    if want_w or want_b:
+        got = sq_sum_linear(C, Gs, want_b)
+        if want_w:
+            result["out_proj.weight"] = got["weight"]
+        if want_b:
+            result["out_proj.bias"] = got["bias"]
+    return result if set(result) == set(attrs) else None
+
+
 class RecordingAttention:
     """During the batched pass, ``nn.MultiheadAttention`` computed in the open (the same maths):
     its projections' outputs are then part of the batched graph and get their gradients from the
@@ -196,31 +239,13 @@ class RecordingAttention:
 
     def sq_sums(self, c: int, attrs: list[str], Gs: list, gPs: list) -> dict | None:
         """``{attr: sum over samples and columns of the squared per-sample gradient}`` without
-        forming ``[n, 3E, E]`` blocks: the four projections are Linear maps, summed like Linear
-        layers over a sequence. ``Gs``: the output gradient per column; ``gPs``: the
-        projections' output gradients per column. Only for parameters with no other use."""
+        forming ``[n, 3E, E]`` blocks (:func:`_sq_sums_from`). ``Gs``: the output gradient per
+        column; ``gPs``: the projections' output gradients per column. Only for parameters with
+        no other use."""
         entry = self.calls[c]
         if entry is None:
             return None
-        m = self.m
-        result = {}
-        want_w, want_b = "in_proj_weight" in attrs, "in_proj_bias" in attrs and m.in_proj_bias is not None
-        if want_w or want_b:
-            # rows of in_proj_weight per input (all of them at once for self-attention)
-            parts = [sq_sum_linear(x.detach(), [g[r] for g in gPs], want_b) for r, x in enumerate(entry["inputs"])]
-            got = {a: _rows([p[a] for p in parts], 0) for a in parts[0]}
-            if want_w:
-                result["in_proj_weight"] = got["weight"]
-            if want_b:
-                result["in_proj_bias"] = got["bias"]
-        want_w, want_b = "out_proj.weight" in attrs, "out_proj.bias" in attrs and m.out_proj.bias is not None
-        if want_w or want_b:
-            got = sq_sum_linear(entry["C"].detach(), Gs, want_b)
-            if want_w:
-                result["out_proj.weight"] = got["weight"]
-            if want_b:
-                result["out_proj.bias"] = got["bias"]
-        return result if set(result) == set(attrs) else None
+        return _sq_sums_from(self.m, attrs, [x.detach() for x in entry["inputs"]], entry["C"].detach(), Gs, gPs)
 
     def blocks(self, c: int, attrs: list[str], G, gP, i: int, j: int) -> dict | None:
         entry = self.calls[c]

@@ -5,14 +5,16 @@ A module without a hand rule is recorded by :func:`.local.record` and replayed p
 batched replay instead of one per sample (:mod:`.attention`), and the recurrent layers are
 recorded with their samples moved to axis 0 and rerun in Python (:mod:`.rnn`). Both the rule
 engine and the tracker go through :func:`record_call` and :func:`local_blocks`, so a layer added
-here serves both.
+here serves both. Where a layer's parameters have no other use, :func:`local_sq_sums` may give
+their sums of squares without per-sample blocks (the attention's projections, summed like
+Linear layers).
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from .attention import mha_blocks
+from .attention import mha_blocks, mha_sq_sums
 from .local import Recorded, module_blocks, record
 from .rnn import rnn_blocks, rnn_record
 
@@ -20,6 +22,8 @@ from .rnn import rnn_blocks, rnn_record
 RECORDS = {nn.LSTM: rnn_record, nn.GRU: rnn_record, nn.RNN: rnn_record}
 # module type -> f(module, attrs, recorded call, output gradients, i, j) -> blocks or None
 LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU: rnn_blocks, nn.RNN: rnn_blocks}
+# module type -> f(module, attrs, recorded call, output gradients) -> sums of squares or None
+LOCAL_SQ_SUMS = {nn.MultiheadAttention: mha_sq_sums}
 
 
 def record_call(module: nn.Module, args, kwargs, output, n: int, folds: bool = False):
@@ -37,3 +41,11 @@ def local_blocks(module: nn.Module, attrs: list[str], rec: Recorded, grads: list
     replay = LOCAL_REPLAYS.get(type(module))
     got = replay(module, attrs, rec, grads, i, j) if replay is not None else None
     return got if got is not None else module_blocks(module, attrs, rec, grads, i, j)
+
+
+def local_sq_sums(module: nn.Module, attrs: list[str], rec: Recorded, grads: list) -> dict | None:
+    """``{attr: sum over the samples of the squared per-sample gradient}`` of one recorded call
+    whose parameters have no other use, where the layer family has such a route; else None
+    (:func:`local_blocks` then serves)."""
+    route = LOCAL_SQ_SUMS.get(type(module))
+    return None if route is None or rec.fold != 1 else route(module, attrs, rec, grads)
