@@ -117,6 +117,11 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             trouble[key] = ("local", f"{type(site.module).__name__} is called with keyword, several or non-tensor "
                                      f"arguments")
             continue
+        if site.rule is not None and site.rule.fits is not None:
+            why = next(filter(None, (site.rule.fits(site.module, c.rec.leaves[0][:1].detach()) for c in calls)), None)
+            if why is not None:
+                trouble[key] = ("local", why)
+                continue
         for c in calls:
             if any(c.rec.leaves[k]._version != v for k, v in zip(c.rec.batched, c.versions_in)):
                 trouble[key] = ("drop", "its module's input is modified in place after the call")

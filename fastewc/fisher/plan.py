@@ -146,8 +146,10 @@ class RulePlan:
         return {p: "+".join(sorted(set(v))) for p, v in out.items()}
 
 
-def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
-    """Structural plan: every use of every selected parameter gets a site."""
+def make_plan(model: nn.Module, selected: dict[str, torch.Tensor], checked_rules: bool = True) -> RulePlan:
+    """Structural plan: every use of every selected parameter gets a site. ``checked_rules``:
+    whether rules that must see a call before they are known to suit it (``Rule.fits``) may
+    serve; without a check of each call (the tracker's steps) their modules are module-local."""
     owners: dict[int, list] = {}
     seen: set = set()
     for mname, m in model.named_modules(remove_duplicate=False):
@@ -167,6 +169,8 @@ def make_plan(model: nn.Module, selected: dict[str, torch.Tensor]) -> RulePlan:
                                            for v in uses)]
         for mname, m, attr in uses:
             rule, why = rule_for(m)
+            if rule is not None and rule.fits is not None and not checked_rules:
+                rule, why = None, f"the {rule.name} rule must see a call first"
             if rule is not None:
                 key = "rule:" + mname
                 site = plan.sites.setdefault(key, Site(key, mname, m, rule))

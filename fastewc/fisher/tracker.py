@@ -219,7 +219,7 @@ class FisherTracker(_StepHooks):
 
     # -- the plan: which module covers which parameter ----------------------------------------
     def _plan(self) -> None:
-        plan = make_plan(self.model, self.selected)
+        plan = make_plan(self.model, self.selected, checked_rules=False)
         # MultiheadAttention reads out_proj's weight in its own forward (out_proj is never called):
         # its module-local replay takes out_proj's parameters too, as the engine's probe finds.
         for key, site in list(plan.sites.items()):

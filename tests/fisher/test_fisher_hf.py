@@ -25,12 +25,13 @@ CASES = {
     "bert_mlm": ("lm", {}),
     "gpt2": ("lm", {}),
     "llama": ("lm", {}),
+    "gemma": ("lm", {}),
 }
 
 
 def _model(case):
     labels, overrides = CASES[case]
-    name = case if case in ("bert_tok", "bert_mlm", "gpt2", "llama") else "bert"
+    name = case if case in ("bert_tok", "bert_mlm", "gpt2", "llama", "gemma") else "bert"
     return hf_model(name, **overrides), hf_batches(7, 8, 40, labels, batch_size=4)
 
 
@@ -67,6 +68,19 @@ def test_gpt2_tied_embedding_and_head_sum_per_sample():
     assert info.methods["transformer.h.0.attn.c_attn.weight"] == "hf_conv1d"
     ref = R.estimate_fisher(model, data, kind="sampled", generator=torch.Generator().manual_seed(1))
     assert_fisher_close(got, ref, rtol=1e-10)
+
+
+def test_gemma_scaled_tied_embedding_by_the_embedding_rule():
+    """Gemma multiplies its looked-up rows by a scale in its embedding's own forward, and ties the
+    embedding to the LM head: the embedding rule (through one replay of that forward) adds into
+    the head's per-sample blocks."""
+    model, data = _model("gemma")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    got, info = fastewc.estimate_fisher(model, data, kind="exact", top_k=3, return_info=True)
+    assert info.methods["model.embed_tokens.weight"] == "embedding (own forward)+linear", info
+    assert not info.vmap_params and not info.loop_params, info
+    # Gemma normalises in float32 inside a float64 model (as Llama does)
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind="exact", top_k=3), rtol=1e-6, atol_rel=1e-8)
 
 
 def test_llama_rmsnorm_by_the_rmsnorm_style_rule():

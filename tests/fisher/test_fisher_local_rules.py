@@ -392,3 +392,92 @@ def test_batch_folded_into_rows(order, n):
         assert not info.vmap_params and not info.loop_params, info.reasons
         assert info.methods["fc.weight"] == "linear" and info.methods["conv.weight"] == "conv1d"
         assert info.methods["bias"] == "op-local"
+
+
+# -- nn.Embedding subclasses with a forward of their own ------------------------------------------
+class ScaledEmbedding(nn.Embedding):
+    """Hugging Face's scaled word embedding (BART, Gemma): the looked-up rows times a scale."""
+
+    def __init__(self, v, d, padding_idx=None):
+        super().__init__(v, d, padding_idx=padding_idx)
+        self.embed_scale = 1.7
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+class OffsetPositions(nn.Embedding):
+    """A learned position table looking up positions computed from its input (BART's, with an
+    offset), reading the weight's device to build them."""
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=self.weight.device).expand(ids.shape[0], -1)
+        return super().forward(pos + 2)
+
+
+class NormedEmbedding(nn.Embedding):
+    """Looks its rows up in a normalised copy of its weight: another use of the weight."""
+
+    def forward(self, ids):
+        return nn.functional.embedding(ids, nn.functional.normalize(self.weight, dim=-1))
+
+
+class TwiceEmbedding(nn.Embedding):
+    """Two lookups of its weight."""
+
+    def forward(self, ids):
+        return super().forward(ids) + 0.5 * super().forward(ids.flip(1))
+
+
+class OwnForwardLM(nn.Module):
+    def __init__(self, word, tied):
+        super().__init__()
+        self.emb = word
+        self.pos = OffsetPositions(9, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids) + self.pos(ids)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("word,method", [(lambda: ScaledEmbedding(11, 6, padding_idx=0), "embedding (own forward)"),
+                                         (lambda: NormedEmbedding(11, 6), "module-local"),
+                                         (lambda: TwiceEmbedding(11, 6), "module-local")],
+                         ids=["scaled", "normed", "twice"])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_embedding_subclass_with_its_own_forward(word, method, tied, kind):
+    """A subclass that looks its rows up with one F.embedding of its weight goes by the embedding
+    rule through one replay of its forward (padding row, scale and offset positions included),
+    alone or tied to a head; one that uses its weight otherwise is module-local. Against the loop."""
+    torch.manual_seed(5)
+    model = OwnForwardLM(word(), tied).to(D)
+    ids = torch.randint(1, 11, (7, 5))
+    ids[::3, -2:] = 0
+    data = batches(ids, torch.randint(0, 11, (7,)), batch_size=4)
+    got, info = _run(model, data, kind=kind)
+    assert info.rules["pos"] == "embedding (own forward)"
+    assert info.rules["emb"] == method, info
+    assert not info.vmap_params and not info.loop_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
+def test_embedding_subclass_under_the_tracker_is_module_local():
+    """The tracker checks no call before its rules serve: such a subclass is module-local there,
+    and still exact."""
+    torch.manual_seed(6)
+    model = OwnForwardLM(ScaledEmbedding(11, 6, padding_idx=0), True).to(D)
+    ids = torch.randint(1, 11, (6, 5))
+    data = batches(ids, torch.randint(0, 11, (6,)), batch_size=3)
+    tracker = fastewc.FisherTracker(model)
+    assert tracker.rules["pos.weight"] == "module-local" and "module-local" in tracker.rules["emb.weight"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with tracker:
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+    assert_fisher_close(tracker.fisher(), R.estimate_fisher(model, data), rtol=1e-10)

@@ -1,11 +1,22 @@
 """``nn.Embedding``: sample n's gradient adds its output-gradient rows into the rows of the tokens
-it holds (the padding row gets none)."""
+it holds (the padding row gets none).
+
+Subclasses with a forward of their own (Hugging Face's scaled word embeddings of BART, Gemma,
+M2M100 or NLLB, which multiply the looked-up rows by a scale; learned position tables that look
+up positions computed from their input) still look their rows up with one ``F.embedding`` of
+their weight. Their rule replays the forward on the recorded input once, for all samples,
+catching that lookup (:class:`_Lookup`): the indices it was given, and, through its result made
+an autograd leaf, the gradient of those rows. The plain rule then takes those.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+from ...errors import EWCInputError
 from .registry import register_rule
 
 
@@ -67,3 +78,93 @@ def embedding_applies(m: nn.Embedding) -> bool:
 
 register_rule(nn.Embedding, embedding_per_sample, name="embedding", sq_sum=embedding_sq_sum,
               applies=embedding_applies, add_into=embedding_add_into, sequence=True)
+
+
+# -- subclasses with a forward of their own ---------------------------------------------------
+class _Lookup(TorchFunctionMode):
+    """During one call of the module's own forward: the ``F.embedding`` calls on ``weight``
+    (indices and the looked-up rows, made an autograd leaf) and any other use of ``weight``
+    (reading its metadata, such as its device, is no use)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+        self.lookups: list = []
+        self.other: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding and len(args) > 1 and args[1] is self.weight:
+            names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+            options = {**dict(zip(names, args[2:])), **kwargs}
+            if options.get("max_norm") is not None or options.get("scale_grad_by_freq"):
+                self.other = "F.embedding with max_norm or scale_grad_by_freq"
+            rows = func(args[0], self.weight.detach(), options.get("padding_idx")).requires_grad_(True)
+            self.lookups.append((args[0], options.get("padding_idx"), rows))
+            return rows
+        if (self.other is None and getattr(func, "__name__", "") != "__get__"
+                and any(a is self.weight for a in (*args, *kwargs.values()))):
+            self.other = f"{getattr(func, '__name__', func)} of the weight"
+        return func(*args, **kwargs)
+
+
+def _replay(m: nn.Embedding, A: torch.Tensor):
+    """``(output, lookup mode)`` of the module's own forward on ``A``, its lookup caught."""
+    mode = _Lookup(m.weight)
+    with torch.enable_grad(), mode:
+        out = type(m).forward(m, A)  # not m(A): no hook of the pass that recorded A runs again
+    return out, mode
+
+
+def _trouble(m: nn.Embedding, A: torch.Tensor, out, mode: _Lookup) -> str | None:
+    """Why this call of the module's own forward does not suit the rule, or None."""
+    if len(mode.lookups) != 1 or mode.other is not None:
+        return (f"{type(m).__name__}'s forward does not look its rows up with exactly one F.embedding of its weight "
+                f"({len(mode.lookups)} lookups{', and ' + mode.other if mode.other else ''})")
+    idx, padding_idx, _ = mode.lookups[0]
+    if padding_idx != m.padding_idx:
+        return f"{type(m).__name__}'s forward looks up with padding index {padding_idx}, the module has {m.padding_idx}"
+    if not isinstance(out, torch.Tensor) or idx.dim() == 0 or idx.shape[0] != A.shape[0] or out.shape[:1] != A.shape[:1]:
+        return f"{type(m).__name__}'s forward looks up or returns rows without the batch axis of its input"
+    return None
+
+
+def own_forward_fits(m: nn.Embedding, A: torch.Tensor) -> str | None:
+    """Why calls like ``m(A)`` do not suit the rule (the module-local rule then takes the module), or None."""
+    out, mode = _replay(m, A)
+    return _trouble(m, A, out, mode)
+
+
+def _looked_up(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor):
+    """``(indices [n, ...], gradient of the looked-up rows [n, ..., dim])`` of the module's own
+    forward on ``A`` with output gradient ``G``, from one batched replay."""
+    out, mode = _replay(m, A)
+    why = _trouble(m, A, out, mode)
+    if why is not None:
+        raise EWCInputError(why)
+    idx, _, rows = mode.lookups[0]
+    with torch.enable_grad():
+        grad = torch.autograd.grad(out, rows, G.to(out.dtype), allow_unused=True)[0]
+    return idx, torch.zeros_like(rows) if grad is None else grad
+
+
+def _own_forward(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward
+            and embedding_applies(m) and not m.sparse)
+
+
+def own_forward_per_sample(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor) -> dict:
+    return embedding_per_sample(m, *_looked_up(m, A, G))
+
+
+def own_forward_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list) -> dict:
+    got = [_looked_up(m, A, G) for G in Gs]
+    return embedding_sq_sum(m, got[0][0], [g for _, g in got])
+
+
+def own_forward_add_into(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, into: dict) -> bool:
+    return embedding_add_into(m, *_looked_up(m, A, G), into)
+
+
+register_rule(_own_forward, own_forward_per_sample, name="embedding (own forward)", sq_sum=own_forward_sq_sum,
+              add_into=own_forward_add_into, fits=own_forward_fits)

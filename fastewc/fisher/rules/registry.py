@@ -48,6 +48,7 @@ class Rule:
     applies: Callable[[nn.Module], bool] | None = None   # configuration check (None: always)
     add_into: AddInto | None = None
     sequence: bool = False   # per_sample / sq_sum take A [n, ..., d] with any axes between n and d
+    fits: Callable[[nn.Module, torch.Tensor], "str | None"] | None = None   # a recorded call's check
 
 
 _BY_TYPE: dict[type, Rule] = {}
@@ -56,7 +57,7 @@ _BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], Rule]] = []
 
 def register_rule(module_type, per_sample: PerSample | None = None, *, name: str | None = None,
                   sq_sum: SqSum | None = None, applies: Callable[[nn.Module], bool] | None = None,
-                  add_into: AddInto | None = None, sequence: bool = False):
+                  add_into: AddInto | None = None, sequence: bool = False, fits=None):
     """Register a Fisher rule for a module type (or for every module a predicate accepts).
 
     Use as a decorator on the per-sample function, or call with it::
@@ -82,16 +83,19 @@ def register_rule(module_type, per_sample: PerSample | None = None, *, name: str
             Linear rule does. A module fed the batch flattened with another axis (``[n*k, d]``)
             then gets ``A`` viewed as ``[n, k, d]``; otherwise its rule runs on the rows and
             each sample's ``k`` row gradients are added up.
+        fits: optional ``f(module, A) -> None or why not``: whether calls on inputs like ``A``
+            (one sample's) suit the rule, for what only a call shows (a subclass's own
+            forward); where one does not, the module-local rule takes the module.
 
     Later registrations take precedence. The rule is proven against the per-sample loop on a
     probe of the first samples before it is used, like the built-in ones.
     """
     if per_sample is None:
         return lambda fn: register_rule(module_type, fn, name=name, sq_sum=sq_sum, applies=applies,
-                                        add_into=add_into, sequence=sequence) or fn
+                                        add_into=add_into, sequence=sequence, fits=fits) or fn
     if not callable(per_sample):
         raise TypeError(f"register_rule: per_sample must be callable, got {type(per_sample).__name__}")
-    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies, add_into, sequence)
+    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies, add_into, sequence, fits)
     if isinstance(module_type, type):
         if not issubclass(module_type, nn.Module):
             raise TypeError(f"register_rule: {module_type.__name__} is not an nn.Module subclass")
