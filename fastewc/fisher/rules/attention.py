@@ -74,12 +74,13 @@ def _replay(m: nn.MultiheadAttention, rec, grads: list, i: int, j: int):
     with torch.enable_grad():
         inputs = _inputs(q, k, v)
         P, (Qh, Kh, Vh) = _project(m, inputs, leaves=True)
-        weights = _weights(Qh, Kh, _mask(q.shape[0], q.shape[1], k.shape[1], kpm, attn_mask, a["is_causal"],
-                                         q.dtype, q.device))
-        C = _combine(weights, Vh).detach().requires_grad_(True)
-        out = _out_proj(m, C)
-        gC = torch.autograd.grad(out, C, G)[0]
-        gP = torch.autograd.grad(_combine(weights, Vh), P, gC)
+        mask = _mask(q.shape[0], q.shape[1], k.shape[1], kpm, attn_mask, a["is_causal"], q.dtype, q.device)
+        # the fused attention, as the module runs it when the weights are not asked for: one
+        # forward and one backward, no [b, H, T, S] weights kept
+        heads = torch.nn.functional.scaled_dot_product_attention(Qh, Kh, Vh, attn_mask=mask)
+        C = heads.transpose(1, 2).reshape(Qh.shape[0], Qh.shape[2], -1)
+        gC = G @ m.out_proj.weight.detach()  # out = C W^T + b
+        gP = torch.autograd.grad(C, P, gC)
     return inputs, C.detach(), G, gP
 
 
