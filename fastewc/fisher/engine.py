@@ -27,7 +27,7 @@ from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_att
 from .recording import _Recorder
 from .rules import sq_sum_of
 from .rules.local import op_blocks
-from .rules.replay import local_blocks
+from .rules.replay import local_blocks, local_sq_sums
 from .sums import squares_of_uses
 
 
@@ -239,6 +239,22 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
         if got is not None:
             for a, p in site.params.items():
                 sums[p] = got[a]
+    # One call of a module-local site whose layer family sums without blocks (a replayed
+    # attention), every parameter used there only.
+    for key, site in plan.sites.items():
+        if (key == OPS or site.rule is not None or site.batch_free or len(rec.calls[key]) != 1
+                or any(p in sums or len(uses.get(p, [])) != 1 for p in site.params.values())):
+            continue
+        r = rec.calls[key][0].rec
+        got = []
+        with _failing_site(plan, rec, (key, 0)):
+            for col in grads_per_col:
+                got.append(local_sq_sums(site.module, list(site.params), r, [col[k] for k in where[(key, 0)]][:len(r.outputs)]))
+                if got[-1] is None:
+                    break
+        if got and got[-1] is not None:
+            for a, p in site.params.items():
+                sums[p] = got[0][a] if len(got) == 1 else torch.stack([g[a] for g in got]).sum(0)
     # Everything else: per-sample blocks of every use, added up, squared, summed.
     rest = {p: u for p, u in uses.items() if p not in sums}
     for p in plan.covered - uses.keys():

@@ -96,11 +96,15 @@ class _Recorder:
                   and args[0].dim() > 0 and args[0].shape[0] == self.n * rec.fold and len(rec.outputs) == 1)
             versions_in = [rec.leaves[k]._version for k in rec.batched]
             rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
+            if to_module is not None:
+                # Recorded in another layout (a view of each output): the rest of the model must
+                # continue from those views, or their gradients would never arrive.
+                replaced = {k: replaced.get(k, t) for k, t in enumerate(rec.outputs)}
             self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs]))
             if not replaced:
                 return None
             if isinstance(output, torch.Tensor):
-                return replaced[0]
+                return replaced[0] if to_module is None else to_module(0, replaced[0])
             leaves, spec = tree_flatten(output)
             for k, t in replaced.items():
                 leaves[rec.out_index[k]] = t if to_module is None else to_module(k, t)

@@ -245,13 +245,14 @@ def test_register_rule_rejects_what_is_not_a_module_type():
 
 
 @pytest.mark.parametrize("inputs", ["self", "cross"])
-@pytest.mark.parametrize("path", ["sums", "in-graph", "replay"])
+@pytest.mark.parametrize("path", ["sums", "in-graph", "replay", "replay-sums"])
 @pytest.mark.parametrize("mask", ["bool", "float", "causal", "none"])
 def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monkeypatch):
     # "sums": the module runs in the open during the batched pass and its projections are summed
     # like Linear layers (parameters used there only); "in-graph": the same pass, per-sample
     # blocks (as for a shared parameter); "replay": the open path is refused, and one batched
-    # replay with the projections as leaves takes over. "cross": query and key/value differ.
+    # replay with the projections as leaves gives per-sample blocks; "replay-sums": that replay,
+    # summed like Linear layers. "cross": query and key/value differ.
     from fastewc.fisher.rules import attention, replay
 
     torch.manual_seed(8)
@@ -268,11 +269,16 @@ def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monke
         monkeypatch.setattr(attention.RecordingAttention, "sq_sums", spying(attention.RecordingAttention.sq_sums))
     elif path == "in-graph":
         monkeypatch.setattr(attention.RecordingAttention, "sq_sums", lambda self, *a: None)
+        monkeypatch.setitem(replay.LOCAL_SQ_SUMS, nn.MultiheadAttention, lambda *a: None)
         monkeypatch.setattr(attention.RecordingAttention, "blocks", spying(attention.RecordingAttention.blocks))
-    else:
+    elif path == "replay":
         monkeypatch.setattr(attention.RecordingAttention, "sq_sums", lambda self, *a: None)
+        monkeypatch.setitem(replay.LOCAL_SQ_SUMS, nn.MultiheadAttention, lambda *a: None)
         monkeypatch.setattr(attention.RecordingAttention, "blocks", lambda self, *a: None)
         monkeypatch.setitem(replay.LOCAL_REPLAYS, nn.MultiheadAttention, spying(attention.mha_blocks))
+    else:
+        monkeypatch.setattr(attention.RecordingAttention, "sq_sums", lambda self, *a: None)
+        monkeypatch.setitem(replay.LOCAL_SQ_SUMS, nn.MultiheadAttention, spying(attention.mha_sq_sums))
 
     class Attn(nn.Module):
         def __init__(self):
@@ -295,7 +301,7 @@ def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monke
                 kw["is_causal"] = True
             # the weights used by the loss (computed in the open) or not (the fused attention);
             # the replay covers losses without the weights
-            if path == "replay" or (path == "sums" and mask in ("float", "none")):
+            if path.startswith("replay") or (path == "sums" and mask in ("float", "none")):
                 out, _ = self.attn(h, kv, kv, need_weights=False, **kw)
                 return self.head(out.mean(1))
             out, weights = self.attn(h, kv, kv, **kw)
@@ -481,3 +487,96 @@ def test_embedding_subclass_under_the_tracker_is_module_local():
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
     assert_fisher_close(tracker.fisher(), R.estimate_fisher(model, data), rtol=1e-10)
+
+
+# -- sequence-first attention (batch_first=False, PyTorch's default) -------------------------------
+class SeqFirst(nn.Module):
+    """``nn.MultiheadAttention`` fed ``[T, N, E]``; the loss may use its attention weights."""
+
+    def __init__(self, inputs, weights, mask):
+        super().__init__()
+        self.inputs, self.weights, self.mask = inputs, weights, mask
+        self.emb = nn.Embedding(11, 8)
+        self.memory = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        kv = self.memory(h).tanh().transpose(0, 1) if self.inputs == "cross" else None
+        h = h.transpose(0, 1)
+        kv = h if kv is None else kv
+        kw = {"key_padding_mask": ids == 0} if self.mask == "padding" else {}
+        if self.mask == "causal":
+            kw = {"attn_mask": nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=h.dtype),
+                  "is_causal": True}
+        out, w = self.attn(h, kv, kv, need_weights=self.weights != "none",
+                           average_attn_weights=self.weights != "per-head", **kw)
+        y = self.head(out.mean(0))
+        if self.weights != "none":
+            y = y + 0.1 * w.square().flatten(1).mean(1, keepdim=True)
+        return y
+
+
+@pytest.mark.parametrize("inputs", ["self", "cross"])
+@pytest.mark.parametrize("weights", ["none", "averaged", "per-head"])
+@pytest.mark.parametrize("mask", ["padding", "causal"])
+def test_sequence_first_attention_is_recorded_samples_first(inputs, weights, mask, monkeypatch):
+    """The samples of a ``batch_first=False`` attention are on axis 1: its call is recorded with
+    them moved to axis 0 and replayed once, batched (the loss using its weights or not), in
+    ``estimate_fisher`` and in the tracker; against the loop."""
+    from fastewc.fisher.rules import attention, replay
+
+    recorded = []
+
+    def spy(*a):
+        got = attention.mha_record(*a)
+        recorded.append(got is not None)
+        return got
+
+    monkeypatch.setitem(replay.RECORDS, nn.MultiheadAttention, spy)
+    torch.manual_seed(9)
+    model = SeqFirst(inputs, weights, mask).to(D).eval()
+    ids = torch.randint(1, 11, (7, 5))
+    ids[::2, -2:] = 0
+    data = batches(ids, torch.randint(0, 3, (7,)), batch_size=4)
+    want = R.estimate_fisher(model, data)
+    got, info = _run(model, data)
+    assert info.rules["attn"] == "module-local" and not info.vmap_params and not info.loop_params, info
+    assert_fisher_close(got, want, rtol=1e-10)
+    tracker = fastewc.FisherTracker(model)
+    with tracker:
+        for x, y in data:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+    assert_fisher_close(tracker.fisher(), want, rtol=1e-10)
+    assert recorded and all(recorded), recorded
+
+
+def test_sequence_first_transformer_encoder_layer():
+    """PyTorch's default ``nn.TransformerEncoderLayer`` (sequence first): its attention by the
+    samples-first replay; its Linear and LayerNorm layers, fed ``[T, N, E]``, go per sample (the
+    rules take the samples on axis 0), each costing its own parameters only. Exact throughout."""
+    torch.manual_seed(10)
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            h = self.layer(self.emb(ids).transpose(0, 1), src_key_padding_mask=ids == 0)
+            return self.head(h.mean(0))
+
+    model = Enc().to(D).eval()
+    ids = torch.randint(1, 11, (6, 5))
+    ids[1::2, -1] = 0
+    data = batches(ids, torch.randint(0, 3, (6,)), batch_size=3)
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    attn = {n for n, _ in model.named_parameters() if n.startswith("layer.self_attn.")}
+    assert attn <= set(info.rule_params) and info.rules["layer.self_attn"] == "module-local", info
+    assert {"emb.weight", "head.weight"} <= set(info.rule_params) and not info.loop_params, info
+    assert "layer.linear1.weight" in info.vmap_params
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)

@@ -27,9 +27,10 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .linear import sq_sum_linear
+from .local import Recorded
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -42,45 +43,98 @@ def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
     return mask.to(dtype)
 
 
-def _applies(m: nn.MultiheadAttention) -> bool:
+def _covered(m: nn.MultiheadAttention) -> bool:
     # in training mode only without dropout: the same maths then, and no mask to draw again
-    return (type(m) is nn.MultiheadAttention and m.batch_first and m._qkv_same_embed_dim and m.bias_k is None
+    return (type(m) is nn.MultiheadAttention and m._qkv_same_embed_dim and m.bias_k is None
             and not m.add_zero_attn and (not m.training or m.dropout == 0.0) and m.in_proj_weight is not None)
+
+
+def _applies(m: nn.MultiheadAttention) -> bool:
+    """Covered, with the samples on axis 0 of its inputs as the module itself takes them."""
+    return _covered(m) and m.batch_first
+
+
+class _SamplesFirst:
+    """First positional leaf of a call of a sequence-first module (``batch_first=False``) recorded
+    with its samples moved to axis 0 (:func:`mha_record`); no module's forward takes it, so only
+    :func:`_replay` can replay such a record."""
+
+
+def mha_record(m: nn.MultiheadAttention, args, kwargs, output, n: int):
+    """``(record, to_module)`` of a call of a sequence-first module (``[T, N, E]`` inputs) with
+    every tensor samples-first, or None (batch-first modules and calls not covered take the
+    generic record). The layout comes from the module's ``batch_first``, never from a size."""
+    if type(m) is not nn.MultiheadAttention or m.batch_first or not _covered(m):
+        return None
+    try:
+        bound = _SIGNATURE.bind(m, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    q, k, v = a.pop("query"), a.pop("key"), a.pop("value")
+    a.pop("self")
+    attn_mask, kpm = a["attn_mask"], a["key_padding_mask"]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[1] == n for t in (q, k, v)):
+        return None
+    if (attn_mask is not None and attn_mask.dim() != 2) or (kpm is not None and kpm.shape[0] != n):
+        return None
+    if not isinstance(output, tuple) or len(output) != 2 or not isinstance(output[0], torch.Tensor):
+        return None
+    first = {id(t): t.movedim(1, 0) for t in (q, k, v)}   # self-attention stays one tensor
+    leaves, spec = tree_flatten(((_SamplesFirst(), first[id(q)], first[id(k)], first[id(v)]), a))
+    out, weights = output
+    outputs, out_index = [out.movedim(1, 0)], [0]
+    if isinstance(weights, torch.Tensor) and weights.is_floating_point():
+        outputs.append(weights)   # [N, T, S] or [N, H, T, S]: samples first already
+        out_index.append(1)
+
+    def to_module(slot: int, t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(0, 1) if slot == 0 else t
+
+    return Recorded(leaves, spec, outputs, out_index, n), to_module
 
 
 def _replay(m: nn.MultiheadAttention, rec, grads: list, i: int, j: int):
     """``(inputs, C, G, gP)`` of samples ``i..j`` from one batched replay of the recorded call:
     the projections' inputs, the attention's combined heads ``C``, the output gradient and the
     projections' output gradients; None when this configuration is not covered."""
-    if not _applies(m):
-        return None
     leaves = list(rec.leaves)
     for k in rec.batched:
         leaves[k] = leaves[k][i:j]
     args, kwargs = tree_unflatten(leaves, rec.spec)
+    samples_first = bool(args) and isinstance(args[0], _SamplesFirst)
+    if not (_covered(m) and (m.batch_first or samples_first)):
+        return None
     try:
-        bound = _SIGNATURE.bind(m, *args, **kwargs)
+        bound = _SIGNATURE.bind(m, *args[samples_first:], **kwargs)
     except TypeError:
         return None
     bound.apply_defaults()
     a = bound.arguments
     q, k, v = a["query"], a["key"], a["value"]
-    if q.dim() != 3 or len(grads) > 1 and bool(grads[1][i:j].abs().sum() > 0):
-        return None  # unbatched input, or the loss uses the attention weights
     attn_mask, kpm = a["attn_mask"], a["key_padding_mask"]
-    if attn_mask is not None and attn_mask.dim() != 2:
+    if q.dim() != 3 or (attn_mask is not None and attn_mask.dim() != 2):
         return None
     G = grads[0][i:j]
+    # the gradient of the attention weights, where the loss uses them (one host sync)
+    Gw = grads[1][i:j] if len(grads) > 1 and bool(grads[1][i:j].abs().sum() > 0) else None
     with torch.enable_grad():
         inputs = _inputs(q, k, v)
         P, (Qh, Kh, Vh) = _project(m, inputs, leaves=True)
         mask = _mask(q.shape[0], q.shape[1], k.shape[1], kpm, attn_mask, a["is_causal"], q.dtype, q.device)
-        # the fused attention, as the module runs it when the weights are not asked for: one
-        # forward and one backward, no [b, H, T, S] weights kept
-        heads = torch.nn.functional.scaled_dot_product_attention(Qh, Kh, Vh, attn_mask=mask)
-        C = heads.transpose(1, 2).reshape(Qh.shape[0], Qh.shape[2], -1)
         gC = G @ m.out_proj.weight.detach()  # out = C W^T + b
-        gP = torch.autograd.grad(C, P, gC)
+        if Gw is None:
+            # the fused attention, as the module runs it when the weights are not asked for: one
+            # forward and one backward, no [b, H, T, S] weights kept
+            heads = torch.nn.functional.scaled_dot_product_attention(Qh, Kh, Vh, attn_mask=mask)
+            C = heads.transpose(1, 2).reshape(Qh.shape[0], Qh.shape[2], -1)
+            gP = torch.autograd.grad(C, P, gC)
+        else:
+            weights = _weights(Qh, Kh, mask)
+            C = _combine(weights, Vh)
+            shown = weights.mean(1) if a["average_attn_weights"] else weights
+            gP = torch.autograd.grad([C, shown], P, [gC, Gw.to(shown.dtype)])
     return inputs, C.detach(), G, gP
 
 
