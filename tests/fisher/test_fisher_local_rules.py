@@ -580,3 +580,74 @@ def test_sequence_first_transformer_encoder_layer():
     assert {"emb.weight", "head.weight"} <= set(info.rule_params) and not info.loop_params, info
     assert "layer.linear1.weight" in info.vmap_params
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+# -- nn.EmbeddingBag ------------------------------------------------------------------------------
+class Bags(nn.Module):
+    """An ``nn.EmbeddingBag`` fed a padded ``[N, L]`` batch (-1: no token) as a 2-D input, or flat
+    with ``offsets`` (empty bags included), optionally tied to the head."""
+
+    def __init__(self, mode, layout, weighted, padding_idx, tied, last):
+        super().__init__()
+        self.layout, self.weighted, self.last = layout, weighted, last
+        self.bag = nn.EmbeddingBag(12, 6, mode=mode, padding_idx=padding_idx, include_last_offset=last)
+        self.head = nn.Linear(6, 12, bias=False)
+        if tied:
+            self.head.weight = self.bag.weight
+
+    def forward(self, ids):
+        psw = (ids.clamp(min=0).to(self.bag.weight.dtype) + 1) / 7 if self.weighted else None
+        if self.layout == "2d":
+            return self.head(torch.tanh(self.bag(ids.clamp(min=0), per_sample_weights=psw)))
+        keep = ids >= 0
+        lengths = keep.sum(1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[: None if self.last else -1]])
+        out = self.bag(ids[keep], offsets, per_sample_weights=None if psw is None else psw[keep])
+        return self.head(torch.tanh(out))
+
+
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+@pytest.mark.parametrize("layout,last", [("2d", False), ("flat", False), ("flat", True)])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_bag(mode, weighted, layout, last, padding_idx, tied, monkeypatch):
+    """Bags laid out samples-first and summed by sample and token (or added into a tied head's
+    blocks), in ``estimate_fisher`` and in the tracker (a subset of each batch too); against the loop."""
+    from fastewc.fisher.rules import embedding_bag, replay
+
+    served = []
+
+    def spy(*a):
+        got = embedding_bag.bag_record(*a)
+        served.append(got is not None)
+        return got
+
+    monkeypatch.setitem(replay.RECORDS, nn.EmbeddingBag, spy)
+    torch.manual_seed(11)
+    model = Bags(mode, layout, weighted, padding_idx, tied, last).to(D).eval()
+    ids = torch.randint(0, 12, (8, 5))
+    ids[1::3, -2:] = -1 if layout == "flat" else 0
+    if layout == "flat":
+        ids[5] = -1  # an empty bag
+    data = batches(ids, torch.randint(0, 12, (8,)), batch_size=4)
+    got, info = _run(model, data)
+    assert info.rules["bag"] == "module-local" and not info.vmap_params and not info.loop_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+    assert served and all(served), served
+    tracker = fastewc.FisherTracker(model, fraction=0.5, seed=1)
+    with tracker:
+        for x, y in data:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+    g = torch.Generator().manual_seed(1)
+    subset = [(x[i], y[i]) for x, y in data for i in [torch.randperm(len(y), generator=g)[:2].sort().values]]
+    assert_fisher_close(tracker.fisher(), R.estimate_fisher(model, subset), rtol=1e-10)
+
+
+def test_embedding_bag_max_mode_is_left_to_the_generic_replay():
+    torch.manual_seed(12)
+    model = Bags("max", "2d", False, None, False, False).to(D).eval()
+    data = batches(torch.randint(0, 12, (6, 4)), torch.randint(0, 12, (6,)), batch_size=3)
+    got, info = _run(model, data)
+    assert "bag.weight" in info.rule_params and not info.loop_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)

@@ -1,14 +1,18 @@
 """The module-local rule's shortcuts for layers it cannot take generically, in one place.
 
 A module without a hand rule is recorded by :func:`.local.record` and replayed per sample by
-:func:`.local.module_blocks`. Two layer families need more: ``nn.MultiheadAttention`` has one
-batched replay instead of one per sample (:mod:`.attention`; a sequence-first one is recorded
-with its samples moved to axis 0), and the recurrent layers are recorded the same way and rerun
-in Python (:mod:`.rnn`). Both the rule
-engine and the tracker go through :func:`record_call` and :func:`local_blocks`, so a layer added
-here serves both. Where a layer's parameters have no other use, :func:`local_sq_sums` may give
-their sums of squares without per-sample blocks (the attention's projections, summed like
-Linear layers).
+:func:`.local.module_blocks`. Some layer families need more, all registered here:
+
+* ``nn.MultiheadAttention`` has one batched replay instead of one per sample (:mod:`.attention`);
+  a sequence-first one is recorded with its samples moved to axis 0;
+* the recurrent layers are recorded the same way and rerun in Python (:mod:`.rnn`);
+* ``nn.EmbeddingBag`` is recorded with its bags laid out samples-first (:mod:`.embedding_bag`).
+
+Both the rule engine and the tracker go through :func:`record_call` and :func:`local_blocks`, so
+a layer added here serves both. Where a layer's parameters have no other use,
+:func:`local_sq_sums` gives their sums of squares without per-sample blocks where the family has
+such a route (the attention's projections summed like Linear layers, the bags' rows grouped by
+sample and token).
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .attention import mha_blocks, mha_record, mha_sq_sums
+from .embedding_bag import bag_blocks, bag_record, bag_sq_sums
 from .local import Recorded, module_blocks, record
 from .rnn import rnn_blocks, rnn_record
 
 # module type -> f(module, args, kwargs, output, n) -> (record, to_module) or None
-RECORDS = {nn.LSTM: rnn_record, nn.GRU: rnn_record, nn.RNN: rnn_record, nn.MultiheadAttention: mha_record}
+RECORDS = {nn.LSTM: rnn_record, nn.GRU: rnn_record, nn.RNN: rnn_record, nn.MultiheadAttention: mha_record,
+           nn.EmbeddingBag: bag_record}
 # module type -> f(module, attrs, recorded call, output gradients, i, j) -> blocks or None
-LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU: rnn_blocks, nn.RNN: rnn_blocks}
+LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU: rnn_blocks, nn.RNN: rnn_blocks,
+                 nn.EmbeddingBag: bag_blocks}
 # module type -> f(module, attrs, recorded call, output gradients) -> sums of squares or None
-LOCAL_SQ_SUMS = {nn.MultiheadAttention: mha_sq_sums}
+LOCAL_SQ_SUMS = {nn.MultiheadAttention: mha_sq_sums, nn.EmbeddingBag: bag_sq_sums}
 
 
 def record_call(module: nn.Module, args, kwargs, output, n: int, folds: bool = False):
