@@ -150,6 +150,56 @@ class Mixed(nn.Module):
 
 # -- data --------------------------------------------------------------------------------------
 
+class Attention(nn.Module):
+    """Token embedding -> ``nn.MultiheadAttention`` -> mean-pooled 3-class head. ``inputs``:
+    ``"self"`` or ``"cross"`` (keys and values from another Linear); ``mask``: ``"bool"`` /
+    ``"float"`` key padding, ``"causal"``, or ``"none"``; ``weights``: ``"none"`` (not asked
+    for), or the loss also uses the ``"averaged"`` / ``"per-head"`` attention weights;
+    ``batch_first=False`` feeds it ``[T, N, E]`` (PyTorch's default layout). Padding token: 0."""
+
+    def __init__(self, inputs="self", mask="bool", weights="none", batch_first=True):
+        super().__init__()
+        self.inputs, self.mask, self.weights, self.batch_first = inputs, mask, weights, batch_first
+        self.emb = nn.Embedding(11, 8)
+        self.memory = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        kv = self.memory(h).tanh() if self.inputs == "cross" else h
+        if not self.batch_first:  # the Linear layers above stay batch-first
+            h, kv = h.transpose(0, 1), (h.transpose(0, 1) if kv is h else kv.transpose(0, 1))
+        kw = {}
+        if self.mask == "bool":
+            kw["key_padding_mask"] = ids == 0
+        elif self.mask == "float":
+            kw["key_padding_mask"] = (ids == 0).to(h.dtype) * -1e4
+        elif self.mask == "causal":
+            kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=h.dtype)
+            kw["is_causal"] = True
+        out, w = self.attn(h, kv, kv, need_weights=self.weights != "none",
+                           average_attn_weights=self.weights != "per-head", **kw)
+        y = self.head(out.mean(1 if self.batch_first else 0))
+        if self.weights != "none":
+            y = y + 0.1 * w.square().flatten(1).mean(1, keepdim=True)
+        return y
+
+
+def spy(monkeypatch, table: dict, key, real) -> list:
+    """Put a spy on ``table[key]`` (one of the rule tables: records, replays, sums) calling
+    ``real``; the returned list gets, per call, whether ``real`` served (returned non-None)."""
+    served = []
+
+    def call(*a):
+        got = real(*a)
+        served.append(got is not None)
+        return got
+
+    monkeypatch.setitem(table, key, call)
+    return served
+
+
 def make_mlp(n=20, batch_size=7, dtype=torch.float32):
     model = mlp().to(dtype)
     x, y = torch.randn(n, 13, dtype=dtype), torch.randint(0, 5, (n,))

@@ -8,7 +8,7 @@ import torch.nn as nn
 import fastewc
 from fastewc import reference as R
 
-from models import assert_fisher_close, batches
+from models import Attention, assert_fisher_close, batches, spy
 
 D = torch.float64
 
@@ -280,34 +280,9 @@ def test_multihead_attention_without_per_sample_replay(mask, path, inputs, monke
         monkeypatch.setattr(attention.RecordingAttention, "sq_sums", lambda self, *a: None)
         monkeypatch.setitem(replay.LOCAL_SQ_SUMS, nn.MultiheadAttention, spying(attention.mha_sq_sums))
 
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(11, 8)
-            self.memory = nn.Linear(8, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, ids):
-            h = self.emb(ids)
-            kv = self.memory(h).tanh() if inputs == "cross" else h
-            kw = {}
-            if mask == "bool":
-                kw["key_padding_mask"] = ids == 0
-            elif mask == "float":
-                kw["key_padding_mask"] = (ids == 0).to(h.dtype) * -1e4
-            elif mask == "causal":
-                kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=h.dtype)
-                kw["is_causal"] = True
-            # the weights used by the loss (computed in the open) or not (the fused attention);
-            # the replay covers losses without the weights
-            if path.startswith("replay") or (path == "sums" and mask in ("float", "none")):
-                out, _ = self.attn(h, kv, kv, need_weights=False, **kw)
-                return self.head(out.mean(1))
-            out, weights = self.attn(h, kv, kv, **kw)
-            return self.head(out.mean(1)) + 0.1 * weights.square().sum(-1).mean(1, keepdim=True)
-
-    model = Attn().to(D)
+    # the weights used by the loss (computed in the open) or not (the fused attention)
+    weights = "none" if path.startswith("replay") or (path == "sums" and mask in ("float", "none")) else "averaged"
+    model = Attention(inputs, mask, weights).to(D)
     ids = torch.randint(1, 11, (7, 5))
     ids[::2, -2:] = 0
     data = batches(ids, torch.randint(0, 3, (7,)), batch_size=4)
@@ -490,53 +465,18 @@ def test_embedding_subclass_under_the_tracker_is_module_local():
 
 
 # -- sequence-first attention (batch_first=False, PyTorch's default) -------------------------------
-class SeqFirst(nn.Module):
-    """``nn.MultiheadAttention`` fed ``[T, N, E]``; the loss may use its attention weights."""
-
-    def __init__(self, inputs, weights, mask):
-        super().__init__()
-        self.inputs, self.weights, self.mask = inputs, weights, mask
-        self.emb = nn.Embedding(11, 8)
-        self.memory = nn.Linear(8, 8)
-        self.attn = nn.MultiheadAttention(8, 2)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        kv = self.memory(h).tanh().transpose(0, 1) if self.inputs == "cross" else None
-        h = h.transpose(0, 1)
-        kv = h if kv is None else kv
-        kw = {"key_padding_mask": ids == 0} if self.mask == "padding" else {}
-        if self.mask == "causal":
-            kw = {"attn_mask": nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=h.dtype),
-                  "is_causal": True}
-        out, w = self.attn(h, kv, kv, need_weights=self.weights != "none",
-                           average_attn_weights=self.weights != "per-head", **kw)
-        y = self.head(out.mean(0))
-        if self.weights != "none":
-            y = y + 0.1 * w.square().flatten(1).mean(1, keepdim=True)
-        return y
-
-
 @pytest.mark.parametrize("inputs", ["self", "cross"])
 @pytest.mark.parametrize("weights", ["none", "averaged", "per-head"])
-@pytest.mark.parametrize("mask", ["padding", "causal"])
+@pytest.mark.parametrize("mask", ["bool", "causal"])
 def test_sequence_first_attention_is_recorded_samples_first(inputs, weights, mask, monkeypatch):
     """The samples of a ``batch_first=False`` attention are on axis 1: its call is recorded with
     them moved to axis 0 and replayed once, batched (the loss using its weights or not), in
     ``estimate_fisher`` and in the tracker; against the loop."""
     from fastewc.fisher.rules import attention, replay
 
-    recorded = []
-
-    def spy(*a):
-        got = attention.mha_record(*a)
-        recorded.append(got is not None)
-        return got
-
-    monkeypatch.setitem(replay.RECORDS, nn.MultiheadAttention, spy)
+    recorded = spy(monkeypatch, replay.RECORDS, nn.MultiheadAttention, attention.mha_record)
     torch.manual_seed(9)
-    model = SeqFirst(inputs, weights, mask).to(D).eval()
+    model = Attention(inputs, mask, weights, batch_first=False).to(D).eval()
     ids = torch.randint(1, 11, (7, 5))
     ids[::2, -2:] = 0
     data = batches(ids, torch.randint(0, 3, (7,)), batch_size=4)
@@ -615,14 +555,7 @@ def test_embedding_bag(mode, weighted, layout, last, padding_idx, tied, monkeypa
     blocks), in ``estimate_fisher`` and in the tracker (a subset of each batch too); against the loop."""
     from fastewc.fisher.rules import embedding_bag, replay
 
-    served = []
-
-    def spy(*a):
-        got = embedding_bag.bag_record(*a)
-        served.append(got is not None)
-        return got
-
-    monkeypatch.setitem(replay.RECORDS, nn.EmbeddingBag, spy)
+    served = spy(monkeypatch, replay.RECORDS, nn.EmbeddingBag, embedding_bag.bag_record)
     torch.manual_seed(11)
     model = Bags(mode, layout, weighted, padding_idx, tied, last).to(D).eval()
     ids = torch.randint(0, 12, (8, 5))

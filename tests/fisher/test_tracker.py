@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fastewc import EWCInputError, FisherTracker, estimate_fisher
 
-from models import assert_fisher_close, hf_batches, hf_model, make_cnn, make_encoder, make_mlp, make_tied
+from models import (Attention, assert_fisher_close, hf_batches, hf_model, make_cnn, make_encoder, make_mlp,
+                    make_tied, spy)
 
 D = torch.float64
 TOL = dict(rtol=1e-10, atol_rel=1e-10)
@@ -204,34 +205,10 @@ def test_attention_sums_without_blocks_match_the_loop(inputs, route, fraction, m
     from fastewc import reference
     from fastewc.fisher.rules import attention, replay
 
-    served = []
-    if route == "sums":
-        def spy(*a):
-            got = attention.mha_sq_sums(*a)
-            served.append(got is not None)
-            return got
-    else:
-        def spy(*a):
-            served.append(False)
-            return None
-    monkeypatch.setitem(replay.LOCAL_SQ_SUMS, nn.MultiheadAttention, spy)
-
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(11, 8)
-            self.memory = nn.Linear(8, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, ids):
-            h = self.emb(ids)
-            kv = self.memory(h).tanh() if inputs == "cross" else h
-            out, _ = self.attn(h, kv, kv, key_padding_mask=ids == 0, need_weights=False)
-            return self.head(out.mean(1))
-
+    served = spy(monkeypatch, replay.LOCAL_SQ_SUMS, nn.MultiheadAttention,
+                 attention.mha_sq_sums if route == "sums" else (lambda *a: None))
     torch.manual_seed(4)
-    model = Attn().to(D)
+    model = Attention(inputs).to(D)
     ids = torch.randint(1, 11, (8, 5))
     ids[::2, -2:] = 0
     data = [(ids[i:i + 4], torch.randint(0, 3, (4,))) for i in range(0, 8, 4)]
