@@ -223,7 +223,9 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
         if not fast or (r.fold > 1 and not site.rule.sequence):
             continue
         A = r.samples(r.leaves[0].detach(), 0, n)
-        got = sq_sum_of(site.rule, site.module, A, [r.samples(col[where[(key, 0)][0]], 0, n) for col in grads_per_col])
+        with _failing_site(plan, rec, (key, 0)):  # a rule that raises costs its own parameters only
+            got = sq_sum_of(site.rule, site.module, A, [r.samples(col[where[(key, 0)][0]], 0, n)
+                                                        for col in grads_per_col])
         for a, p in fast.items():
             sums[p] = got[a]
     # One use of attention computed in the open, every parameter used there only: its

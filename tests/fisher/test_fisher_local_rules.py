@@ -237,6 +237,25 @@ def test_a_wrong_registered_rule_is_caught_by_the_probe():
         fastewc.fisher.unregister_rule(Scale)
 
 
+@pytest.mark.parametrize("where", ["per_sample", "sq_sum"])
+def test_a_registered_rule_that_raises_costs_its_own_parameters_only(where):
+    def broken(module, A, G):
+        raise ValueError("this rule cannot take that input")
+
+    kw = {"sq_sum": lambda m, A, Gs: broken(m, A, Gs)} if where == "sq_sum" else {}
+    fastewc.register_rule(Scale, broken, **kw)
+    try:
+        model = nn.Sequential(Scale(4), nn.Linear(4, 3)).to(D)
+        data = batches(torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,)), batch_size=3)
+        fastewc.fisher.clear_plan_cache()
+        got, info = _run(model, data)
+        assert "0.weight" in info.vmap_params and "cannot take that input" in info.reasons["0.weight"], info
+        assert info.methods["1.weight"] == "linear", info
+        assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+    finally:
+        fastewc.fisher.unregister_rule(Scale)
+
+
 def test_register_rule_rejects_what_is_not_a_module_type():
     with pytest.raises(TypeError, match="not an nn.Module subclass"):
         fastewc.register_rule(int, lambda m, A, G: {})
