@@ -21,7 +21,7 @@ from .problem import model_loss_per_sample, problem_type, shifted_labels
 
 REDUCTIONS = ("mean", "sum")
 # Hugging Face heads whose own loss the tracker can split per sample (problem.model_head's names).
-TOKEN_HEADS = ("causal_lm", "token_classification", "masked_lm")
+TOKEN_HEADS = ("causal_lm", "seq2seq_lm", "token_classification", "masked_lm")
 
 
 def declared_factor(reduction: str, n: int) -> float:
@@ -34,16 +34,16 @@ def own_loss_weights(model, head: str | None, labels: torch.Tensor, num_items=No
     ``labels`` (``model(**batch).loss = sum_n w_n loss_n``, ``loss_n`` its own loss alone, as
     :func:`~fastewc.fisher.problem.model_loss_per_sample` forms it).
 
-    Token heads (causal LM with its shift, token classification, masked LM) take the mean over the
-    batch's counted tokens, or their sum over ``num_items_in_batch`` when the caller passes it (the
+    Token heads (causal LM with its shift, an encoder-decoder's LM over its decoder's labels, token
+    classification, masked LM) take the mean over the batch's counted tokens, or their sum over ``num_items_in_batch`` when the caller passes it (the
     ``Trainer`` under gradient accumulation): ``w_n = T_n / T``. Sequence classification: the mean
     over the samples whose label is not ``-100`` (single-label), or over all samples
     (regression, multi-label)."""
     cls = type(model).__name__
     if head is None or head not in TOKEN_HEADS + ("sequence_classification",):
         raise EWCInputError(
-            f"FisherTracker does not know how {cls}'s own loss weighs its samples (known: causal LM, masked LM, "
-            f"token and sequence classification); call the model without 'labels', compute the loss yourself as a "
+            f"FisherTracker does not know how {cls}'s own loss weighs its samples (known: causal LM, "
+            f"encoder-decoder LM, masked LM, token and sequence classification); call the model without 'labels', compute the loss yourself as a "
             f"mean or sum over the batch's samples, and declare it: FisherTracker(model, reduction='mean' or 'sum')")
     n = labels.shape[0]
     if head == "sequence_classification":

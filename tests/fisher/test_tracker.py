@@ -179,6 +179,39 @@ def test_hf_causal_lm_token_mean_with_padding_is_exact(case):
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), rtol=1e-6, atol_rel=1e-8)
 
 
+@pytest.mark.parametrize("case", ["t5", "bart"])
+def test_hf_encoder_decoder_token_mean_with_padding_is_exact(case):
+    """An encoder-decoder's own loss: the mean over the batch's decoder labels that are not -100
+    (padded targets, no shift), with the embedding tied to the head across both stacks. Against
+    the per-sample reference loop in float64. Left out, by ``params=``: tables called without the
+    batch on dim 0 (T5's relative position bias, on [T, S] buckets; BART's decoder positions, on
+    [1, T])."""
+    pytest.importorskip("transformers")
+    import zoo
+    from fastewc import reference
+
+    torch.manual_seed(0)
+    model, _ = zoo.BY_NAME[case].build(True)
+    model = model.to(D).eval()
+    data = zoo.seq2seq(True, n=7, batch_size=3)
+    skip = "relative_attention_bias" if case == "t5" else "embed_positions"
+    tracker = _hf_train(model, data, FisherTracker(model, params=lambda n, p: skip not in n))
+    assert tracker.samples_seen == 7 and not any(skip in n for n in tracker.fisher())
+    want = reference.estimate_fisher(model, data)
+    # T5's layer norm computes in float32 inside a float64 model
+    tol = dict(rtol=1e-6, atol_rel=1e-8) if case == "t5" else TOL
+    assert_fisher_close(tracker.fisher(), {n: t for n, t in want.items() if skip not in n}, **tol)
+
+
+def test_hf_loss_of_an_unknown_head_is_refused_by_name():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertForMultipleChoice(transformers.BertConfig(
+        vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).to(D).eval()
+    tracker = FisherTracker(model)
+    with tracker, pytest.raises(EWCInputError, match="does not know how BertForMultipleChoice's own loss"):
+        model(input_ids=torch.randint(0, 20, (2, 3, 4)), labels=torch.tensor([0, 2]))
+
+
 def test_hf_accumulation_and_num_items_in_batch_are_read_not_declared():
     """A loss divided by k, or a token sum over ``num_items_in_batch`` (the Trainer's form under
     accumulation): the tracker reads both from the backward and the model's keywords."""
