@@ -162,24 +162,25 @@ def shard_names(sizes, max_bytes: int) -> list[list[str]]:
 def write_atomically(path, write) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path`` (whose folder must exist),
     flush it to disk and rename it over ``path`` in one step: a crash or a kill mid-write leaves
-    the previous file as it was, and at worst a stray ``.*.tmp`` file that nothing loads. The new
-    file gets the permissions the old one had (else those of a new file under the umask)."""
+    the previous file as it was, and at worst one stray ``.<name>.*.tmp`` folder that nothing
+    loads. The temporary file lives in that private folder, so a writer's own temporary files
+    (safetensors writes one and renames it) stay inside it too. The new file gets the permissions
+    the old one had (else those of a new file under the umask)."""
+    import shutil
     import tempfile
     from pathlib import Path
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = folder / path.name
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes the file private (0600)
+        os.chmod(tmp, _file_mode(path))  # the file's own mode: the private folder does not travel
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     try:  # make the rename itself durable (not possible on every platform / file system)
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:

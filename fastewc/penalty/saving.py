@@ -8,10 +8,10 @@ Two formats, chosen by the file name:
   an untrusted source.
 * anything else: ``torch.save`` of ``state_dict()`` (loaded with ``weights_only=True``).
 
-Saving is crash-safe: the file is written under a temporary name in the same folder
+Saving is crash-safe: the file is written in a private temporary folder beside it
 (``.<name>.<random>.tmp``), flushed to disk, then renamed over ``path`` in one step, so a crash or
-a kill mid-save leaves the previous file as it was (and at worst a stray ``.tmp`` file, which
-nothing loads). Loading checks the whole file before it builds anything, and every failure is an
+a kill mid-save leaves the previous file as it was (and at worst that stray ``.tmp`` folder, which
+nothing loads; a writer's own temporary files, such as safetensors', stay inside it). Loading checks the whole file before it builds anything, and every failure is an
 ``EWCInputError`` that names the file and what is wrong.
 """
 

@@ -147,6 +147,33 @@ def test_save_replaces_without_leaving_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ewc.pt"]
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_writers_own_temporary_file_stays_in_the_private_folder(tmp_path, fails):
+    """A writer that writes its own temporary file first and renames it (safetensors does, as
+    ``.tmpXXXXXX``) leaves nothing beside the target, whether it finishes or fails half way."""
+    from pathlib import Path
+
+    from fastewc._utils import write_atomically
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"old")
+
+    def write(tmp):
+        own = Path(tmp).parent / ".tmpab12cd"
+        own.write_bytes(b"new")
+        if fails:
+            raise OSError("disk full")
+        own.rename(tmp)
+
+    if fails:
+        with pytest.raises(OSError, match="disk full"):
+            write_atomically(path, write)
+    else:
+        write_atomically(path, write)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    assert path.read_bytes() == (b"old" if fails else b"new")
+
+
 def test_saved_file_gets_ordinary_permissions(tmp_path):
     import os
     import stat

@@ -159,10 +159,14 @@ def _locked(folder: Path, timeout: float) -> Iterator[None]:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete ``*.tmp`` files (called with the lock held: no live writer has one open)."""
+    """Delete ``*.tmp`` entries, the private folders ``write_atomically`` writes in (called with the
+    lock held: no live writer has one open)."""
     for tmp in folder.glob("*.tmp"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 class _CompileFailed(Exception):
