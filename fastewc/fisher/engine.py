@@ -94,6 +94,13 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
         site = plan.sites[key]
         if site.batch_free:
             continue
+        others = {c.other_axis for c in calls}
+        if plan.proving and calls and len(others) == 1 and None not in others:
+            # Fed [T, N, d]: the samples on an inner axis. Taken only while the probe proves the
+            # plan against the per-sample loop, never in a pass that nothing checks.
+            a = others.pop()
+            trouble[key] = (f"axis={a}", f"{site.module_name} takes its samples on axis {a}")
+            continue
         if calls and all(not c.rec.outputs for c in calls):
             # Its output has no batch axis (a position table, whatever its input): the same for every
             # sample, so it is followed into the operations that meet the batch.
@@ -115,7 +122,7 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             continue
         if site.rule is not None and not all(c.ok_for_rule for c in calls):
             trouble[key] = ("local", f"{type(site.module).__name__} is called with keyword, several or non-tensor "
-                                     f"arguments")
+                                     f"arguments, or without the samples on the axis its rule reads")
             continue
         if site.rule is not None and site.rule.fits is not None:
             why = next(filter(None, (site.rule.fits(site.module, c.rec.leaves[0][:1].detach()) for c in calls)), None)

@@ -31,6 +31,8 @@ class Site:
     params: dict[str, str] = field(default_factory=dict)   # attr (relative name) -> selected name
     batch_free: bool = False       # called on inputs without a batch axis (position tables): its
                                    # output is followed into the operations that meet the batch
+    axis: int = 0                  # rule sites: the samples' axis of the input and output, 0 unless
+                                   # the probe proved another (a layer fed [T, N, d])
 
     @property
     def label(self) -> str:
@@ -50,6 +52,7 @@ class RulePlan:
     clone: set = field(default_factory=set)                  # sites whose output a later op modifies in place
     probe_seconds: float = 0.0
     root: nn.Module | None = None                            # the model
+    proving: bool = False   # the probe's passes, whose sums it checks against the per-sample loop
 
     def copy(self, root: nn.Module | None = None) -> "RulePlan":
         """An independent copy; with ``root``, for that model (one with the same module names, a
@@ -57,7 +60,7 @@ class RulePlan:
         def module(s):
             return s.module if root is None or s.module is None else root.get_submodule(s.module_name)
 
-        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free)
+        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.axis)
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
                         self.probe_seconds, self.root if root is None else root)
@@ -124,6 +127,10 @@ class RulePlan:
                 self.to_parent(key, why)
             elif action == "unused":
                 del self.sites[key]
+            elif action.startswith("axis="):
+                self.sites[key].axis = int(action[len("axis="):])
+                for p in self.sites[key].params.values():
+                    self.notes.setdefault(p, why)
             elif action == "batch_free":
                 self.sites[key].batch_free = True
                 for p in self.sites[key].params.values():

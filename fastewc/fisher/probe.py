@@ -155,7 +155,11 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch, values: bool = True) 
         if not plan.sites:
             return
         try:
-            sums, trouble = rules_pass(check, plan, part, labels)
+            plan.proving = True  # what these passes settle is checked against the loop below
+            try:
+                sums, trouble = rules_pass(check, plan, part, labels)
+            finally:
+                plan.proving = False
         except SiteFailed as e:  # one use the replay cannot take: the others keep their rules
             covered = plan.covered
             if not any(p in covered for p in e.params):  # nothing left to drop: it would fail again

@@ -30,6 +30,19 @@ class _Call:
     ok_for_rule: bool              # one positional tensor argument, a tensor output
     versions_in: list              # of the per-sample inputs, at the call
     versions_out: list             # of the outputs differentiated, at the call
+    other_axis: int | None = None  # not ok: the one inner axis of the input with the batch's size
+
+
+def _other_axis(x, output, n: int) -> int | None:
+    """The one axis between the first and the last of ``x`` (and of a same-shaped ``output``)
+    whose size is the batch's, when the first's is not: where a layer fed ``[T, N, d]`` has its
+    samples. None where no axis or several qualify."""
+    if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.dim() < 3 or x.shape[0] == n:
+        return None
+    axes = [a for a in range(1, x.dim() - 1) if x.shape[a] == n]
+    if len(axes) != 1 or output.dim() != x.dim() or output.shape[axes[0]] != n:
+        return None
+    return axes[0]
 
 
 def _prepare_outputs(outputs: list, clone: bool) -> tuple[list, dict]:
@@ -66,6 +79,7 @@ class _Recorder:
 
     def __init__(self, plan: RulePlan, n: int, values: dict[str, torch.Tensor]):
         self.n = n
+        self.sites = plan.sites
         self.calls: dict[str, list[_Call]] = {k: [] for k in plan.sites if k != OPS}
         self.handles = []
         self.ops: list[Recorded] = []
@@ -84,6 +98,8 @@ class _Recorder:
                 site.module.forward = self.attention[key].forward  # this instance, for this pass only
 
     def _hook(self, key, clone):
+        site = self.sites[key]
+
         def hook(module, args, kwargs, output):
             if torch._C._current_graph_task_id() != -1:
                 # A forward inside the backward is a checkpoint recomputing what the first call
@@ -91,16 +107,19 @@ class _Recorder:
                 return None
             # An RNN's outputs have the samples on axis 1 (h_n, and output unless batch_first): its
             # call is recorded with every tensor moved samples-first, and handed back moved back.
-            rec, to_module = record_call(module, args, kwargs, output, self.n, folds=True)
-            ok = (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
-                  and args[0].dim() > 0 and args[0].shape[0] == self.n * rec.fold and len(rec.outputs) == 1)
+            rec, to_module = record_call(module, args, kwargs, output, self.n, folds=True, axis=site.axis)
+            one = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
+            ok = (one and args[0].dim() > site.axis and args[0].shape[site.axis] == self.n * rec.fold
+                  and len(rec.outputs) == 1)
+            other = (_other_axis(args[0], output, self.n) if one and not ok and not site.axis
+                     and site.rule is not None and site.rule.sequence else None)
             versions_in = [rec.leaves[k]._version for k in rec.batched]
             rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
             if to_module is not None:
                 # Recorded in another layout (a view of each output): the rest of the model must
                 # continue from those views, or their gradients would never arrive.
                 replaced = {k: replaced.get(k, t) for k, t in enumerate(rec.outputs)}
-            self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs]))
+            self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs], other))
             if not replaced:
                 return None
             if isinstance(output, torch.Tensor):

@@ -44,16 +44,19 @@ class Recorded:
     func: Callable | None = None   # op-local: the operation
     sources: set = field(default_factory=set)         # op-local: the parameters it depends on
     versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
+    axis: int = 0                  # the samples' axis of a rule site's input and output (sequence first: 1)
 
     @property
     def batched(self) -> list[int]:
-        rows = self.n * self.fold
+        rows, a = self.n * self.fold, self.axis
         return [k for k, x in enumerate(self.leaves)
-                if k not in self.param_slots and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows]
+                if k not in self.param_slots and isinstance(x, torch.Tensor) and x.dim() > a and x.shape[a] == rows]
 
     def samples(self, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
         """Samples ``i..j`` of a batched tensor: ``[j - i, *rest]``, or ``[j - i, fold, *rest]``
-        when the batch is folded into rows."""
+        when the batch is folded into rows (samples first when they were on ``axis``)."""
+        if self.axis:
+            x = x.movedim(self.axis, 0)
         return x[i:j] if self.fold == 1 else x.unflatten(0, (self.n, self.fold))[i:j]
 
 
@@ -82,15 +85,16 @@ def fold_of(inputs: list, n: int) -> int:
 _ONE_TENSOR_SPEC = tree_flatten(((torch.zeros(()),), {}))[1]
 
 
-def record(args, kwargs, output, n: int, folds: bool = False) -> Recorded:
+def record(args, kwargs, output, n: int, folds: bool = False, axis: int = 0) -> Recorded:
     """One call's record. ``folds``: recognise a batch folded into rows (:func:`fold_of`), which
     needs a pass where only tensors that descend from the batch require grad (the rule engine's,
-    with the parameters detached; not a training step)."""
+    with the parameters detached; not a training step). ``axis``: a rule site whose samples are
+    on that axis of its one input and output (a layer fed ``[T, N, d]``; never folded)."""
     if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
         # The common call (one tensor in, one out): no pytree walk.
-        fold = fold_of([args[0]], n) if folds else 1
-        per = output.dim() > 0 and output.shape[0] == n * fold and output.is_floating_point()
-        return Recorded([args[0]], _ONE_TENSOR_SPEC, [output] if per else [], [0] if per else [], n, fold)
+        fold = fold_of([args[0]], n) if folds and not axis else 1
+        per = output.dim() > axis and output.shape[axis] == n * fold and output.is_floating_point()
+        return Recorded([args[0]], _ONE_TENSOR_SPEC, [output] if per else [], [0] if per else [], n, fold, axis=axis)
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
     fold = fold_of(leaves, n) if folds else 1
     outs, idx = batched_outputs(output, n, fold)

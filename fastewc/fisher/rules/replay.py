@@ -34,13 +34,13 @@ LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU:
 LOCAL_SQ_SUMS = {nn.MultiheadAttention: mha_sq_sums, nn.EmbeddingBag: bag_sq_sums}
 
 
-def record_call(module: nn.Module, args, kwargs, output, n: int, folds: bool = False):
+def record_call(module: nn.Module, args, kwargs, output, n: int, folds: bool = False, axis: int = 0):
     """``(record, to_module)``: the call as its layer family records it, and ``to_module(k, t)``
     giving the rest of the model recorded output ``k`` when the recorder hands on ``t`` in its
     place (None: ``t`` itself, the generic record)."""
     special = RECORDS.get(type(module))
     got = special(module, args, kwargs, output, n) if special is not None else None
-    return got if got is not None else (record(args, kwargs, output, n, folds), None)
+    return got if got is not None else (record(args, kwargs, output, n, folds, axis), None)
 
 
 def local_blocks(module: nn.Module, attrs: list[str], rec: Recorded, grads: list, i: int, j: int) -> dict:
