@@ -78,8 +78,10 @@ def bag_record(m: nn.Module, args, kwargs, output, n: int):
     got = _laid_out(m, x, offsets, None if psw is None else psw.detach(), n)
     if got is None:
         return None
+    if not output.is_floating_point():
+        return None
     leaves, spec = tree_flatten(((_Bags(), *got), {}))
-    return Recorded(leaves, spec, [output] if output.is_floating_point() else [], [0], n), None
+    return Recorded(leaves, spec, [output], [0], n), None
 
 
 def _weighted(rec: Recorded, G: torch.Tensor, i: int, j: int):
