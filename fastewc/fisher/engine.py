@@ -125,7 +125,8 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
                                      f"arguments, or without the samples on the axis its rule reads")
             continue
         if site.rule is not None and site.rule.fits is not None:
-            why = next(filter(None, (site.rule.fits(site.module, c.rec.leaves[0][:1].detach()) for c in calls)), None)
+            why = next(filter(None, (site.rule.fits(site.module, c.rec.samples(c.rec.leaves[0].detach(), 0, 1))
+                                     for c in calls)), None)
             if why is not None:
                 trouble[key] = ("local", why)
                 continue

@@ -254,6 +254,22 @@ def test_attention_sums_without_blocks_match_the_loop(inputs, route, fraction, m
     assert served and all(served) == (route == "sums"), served
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_mask_with_as_many_rows_as_samples_is_not_a_sample_axis(batch_first):
+    """A causal mask ``[T, T]`` whose T equals the batch size is passed to every sample whole, not
+    split or subset with the samples (the record names the per-sample arguments; no size decides)."""
+    from fastewc import reference
+
+    torch.manual_seed(5)
+    model = Attention("self", "causal", "none", batch_first=batch_first).to(D)
+    ids = torch.randint(1, 11, (8, 4))
+    data = [(ids[i:i + 4], torch.randint(0, 3, (4,))) for i in range(0, 8, 4)]   # T = 4 = batch size
+    tracker = _train(model, data, FisherTracker(model, fraction=0.5, seed=3))
+    g = torch.Generator().manual_seed(3)
+    want = [(x[i], y[i]) for x, y in data for i in [torch.randperm(len(y), generator=g)[:2].sort().values]]
+    assert_fisher_close(tracker.fisher(), reference.estimate_fisher(model, want), **TOL)
+
+
 # -- fraction, decay, state ---------------------------------------------------------------------
 def test_fraction_tracks_the_seeded_subset_exactly():
     model, data = make_mlp(n=30, batch_size=8, dtype=D)

@@ -61,10 +61,12 @@ class _SamplesFirst:
 
 
 def mha_record(m: nn.MultiheadAttention, args, kwargs, output, n: int):
-    """``(record, to_module)`` of a call of a sequence-first module (``[T, N, E]`` inputs) with
-    every tensor samples-first, or None (batch-first modules and calls not covered take the
-    generic record). The layout comes from the module's ``batch_first``, never from a size."""
-    if type(m) is not nn.MultiheadAttention or m.batch_first or not _covered(m):
+    """``(record, to_module)`` of a call with every per-sample tensor samples-first, and which
+    leaves those are (query, key, value, key padding mask: never a ``[T, S]`` attention mask that
+    happens to have N rows); None for a call not covered (the generic record takes it). A
+    sequence-first module's (``batch_first=False``, ``[T, N, E]`` inputs) tensors are moved to
+    samples-first: the layout comes from the module's flag, never from a size."""
+    if type(m) is not nn.MultiheadAttention or not _covered(m):
         return None
     try:
         bound = _SIGNATURE.bind(m, *args, **kwargs)
@@ -75,24 +77,28 @@ def mha_record(m: nn.MultiheadAttention, args, kwargs, output, n: int):
     q, k, v = a.pop("query"), a.pop("key"), a.pop("value")
     a.pop("self")
     attn_mask, kpm = a["attn_mask"], a["key_padding_mask"]
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[1] == n for t in (q, k, v)):
+    axis = 0 if m.batch_first else 1
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[axis] == n for t in (q, k, v)):
         return None
     if (attn_mask is not None and attn_mask.dim() != 2) or (kpm is not None and kpm.shape[0] != n):
         return None
     if not isinstance(output, tuple) or len(output) != 2 or not isinstance(output[0], torch.Tensor):
         return None
-    first = {id(t): t.movedim(1, 0) for t in (q, k, v)}   # self-attention stays one tensor
-    leaves, spec = tree_flatten(((_SamplesFirst(), first[id(q)], first[id(k)], first[id(v)]), a))
+    first = {id(t): t if m.batch_first else t.movedim(1, 0) for t in (q, k, v)}   # self-attention: one tensor
+    marker = () if m.batch_first else (_SamplesFirst(),)
+    leaves, spec = tree_flatten(((*marker, first[id(q)], first[id(k)], first[id(v)]), a))
+    per_sample = sorted({k for k, t in enumerate(leaves) if any(t is x for x in (*first.values(), kpm))
+                         and isinstance(t, torch.Tensor)})
     out, weights = output
-    outputs, out_index = [out.movedim(1, 0)], [0]
+    outputs, out_index = [out if m.batch_first else out.movedim(1, 0)], [0]
     if isinstance(weights, torch.Tensor) and weights.is_floating_point():
-        outputs.append(weights)   # [N, T, S] or [N, H, T, S]: samples first already
+        outputs.append(weights)   # [N, T, S] or [N, H, T, S]: samples first in either layout
         out_index.append(1)
 
     def to_module(slot: int, t: torch.Tensor) -> torch.Tensor:
         return t.movedim(0, 1) if slot == 0 else t
 
-    return Recorded(leaves, spec, outputs, out_index, n), to_module
+    return Recorded(leaves, spec, outputs, out_index, n, per_sample=per_sample), (None if m.batch_first else to_module)
 
 
 def _replay(m: nn.MultiheadAttention, rec, grads: list, i: int, j: int):

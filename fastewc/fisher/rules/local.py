@@ -45,9 +45,13 @@ class Recorded:
     sources: set = field(default_factory=set)         # op-local: the parameters it depends on
     versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
     axis: int = 0                  # the samples' axis of a rule site's input and output (sequence first: 1)
+    per_sample: list | None = None # positions of the leaves holding the samples, where the recorder
+                                   # knows them (a mask [T, S] with T = N is not one); else by size
 
     @property
     def batched(self) -> list[int]:
+        if self.per_sample is not None:
+            return list(self.per_sample)
         rows, a = self.n * self.fold, self.axis
         return [k for k, x in enumerate(self.leaves)
                 if k not in self.param_slots and isinstance(x, torch.Tensor) and x.dim() > a and x.shape[a] == rows]
