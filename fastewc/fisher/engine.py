@@ -101,6 +101,10 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             a = others.pop()
             trouble[key] = (f"axis={a}", f"{site.module_name} takes its samples on axis {a}")
             continue
+        unproven = next((c.unproven for c in calls if c.unproven), None)
+        if unproven is not None:
+            trouble[key] = ("drop", unproven)   # per sample: nothing proved this call's layout
+            continue
         if calls and all(not c.rec.outputs for c in calls):
             # Its output has no batch axis (a position table, whatever its input): the same for every
             # sample, so it is followed into the operations that meet the batch.

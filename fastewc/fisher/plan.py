@@ -33,6 +33,9 @@ class Site:
                                    # output is followed into the operations that meet the batch
     axis: int = 0                  # rule sites: the samples' axis of the input and output, 0 unless
                                    # the probe proved another (a layer fed [T, N, d])
+    per_sample: dict = field(default_factory=dict)   # module-local sites: call structure -> the
+                                   # positions of its arguments that held the samples in the probe
+                                   # (None: its calls disagreed)
 
     @property
     def label(self) -> str:
@@ -60,7 +63,8 @@ class RulePlan:
         def module(s):
             return s.module if root is None or s.module is None else root.get_submodule(s.module_name)
 
-        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.axis)
+        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.axis,
+                         dict(s.per_sample))
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
                         self.probe_seconds, self.root if root is None else root)

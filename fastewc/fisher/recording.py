@@ -31,6 +31,7 @@ class _Call:
     versions_in: list              # of the per-sample inputs, at the call
     versions_out: list             # of the outputs differentiated, at the call
     other_axis: int | None = None  # not ok: the one inner axis of the input with the batch's size
+    unproven: str | None = None    # module-local: why its per-sample arguments are not the probe's
 
 
 def _other_axis(x, output, n: int) -> int | None:
@@ -80,6 +81,7 @@ class _Recorder:
     def __init__(self, plan: RulePlan, n: int, values: dict[str, torch.Tensor]):
         self.n = n
         self.sites = plan.sites
+        self.proving = plan.proving
         self.calls: dict[str, list[_Call]] = {k: [] for k in plan.sites if k != OPS}
         self.handles = []
         self.ops: list[Recorded] = []
@@ -113,13 +115,14 @@ class _Recorder:
                   and len(rec.outputs) == 1)
             other = (_other_axis(args[0], output, self.n) if one and not ok and not site.axis
                      and site.rule is not None and site.rule.sequence else None)
+            unproven = self._per_sample(site, rec) if site.rule is None and rec.per_sample is None else None
             versions_in = [rec.leaves[k]._version for k in rec.batched]
             rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
             if to_module is not None:
                 # Recorded in another layout (a view of each output): the rest of the model must
                 # continue from those views, or their gradients would never arrive.
                 replaced = {k: replaced.get(k, t) for k, t in enumerate(rec.outputs)}
-            self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs], other))
+            self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs], other, unproven))
             if not replaced:
                 return None
             if isinstance(output, torch.Tensor):
@@ -129,6 +132,32 @@ class _Recorder:
                 leaves[rec.out_index[k]] = t if to_module is None else to_module(k, t)
             return tree_unflatten(leaves, spec)
         return hook
+
+    def _per_sample(self, site: Site, rec: Recorded) -> str | None:
+        """Fix which arguments of a module-local call hold the samples (``rec.per_sample``); the
+        reason when that is not what the probe proved, else None.
+
+        An argument holds the samples when its first axis has the batch's size: that is read while
+        the probe proves the plan (its replays are compared with the per-sample loop there) and
+        kept per call structure. A later pass takes the positions the probe saw, so a table whose
+        rows only happen to equal that pass's batch size (rotary angles ``[T, d]`` with T = N) is
+        passed to every sample whole instead of being split between them."""
+        by_size = tuple(rec.batched)
+        # the call's structure: its pytree, and which leaves are tensors (an optional mask given
+        # in one call and None in another is another structure)
+        shape = (str(rec.spec), tuple(isinstance(x, torch.Tensor) for x in rec.leaves))
+        if self.proving:
+            seen = site.per_sample.get(shape, by_size)
+            site.per_sample[shape] = by_size if seen == by_size else None
+            rec.per_sample = list(by_size)
+            return None
+        if shape not in site.per_sample:
+            return f"{site.module_name} is called with arguments the probe did not see"
+        seen = site.per_sample[shape]
+        if seen is None or not set(seen) <= set(by_size):
+            return f"{site.module_name}'s arguments hold the samples elsewhere than in the probe"
+        rec.per_sample = list(seen)
+        return None
 
     def _batch_free_hook(self, site: Site):
         """The module's output has no batch axis: follow it into the operations that use it,

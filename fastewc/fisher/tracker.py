@@ -83,9 +83,13 @@ class FisherTracker(_StepHooks):
     module without a hand rule (its replay would draw other masks), gradient checkpointing, two
     forward passes feeding one backward, and Hugging Face losses whose per-sample weights it cannot
     prove. Assumed, not checked: the backward reaches the model's outputs only through the
-    declared loss (an EWC penalty on the parameters is fine), and each parameter is used only in
-    the forward of the module that holds it (``estimate_fisher(..., return_info=True)`` proves
-    that for a model).
+    declared loss (an EWC penalty on the parameters is fine); each parameter is used only in the
+    forward of the module that holds it; and a module without a hand rule (module-local) gets
+    per-sample tensors exactly in its arguments whose first axis has the batch's size, so a table
+    shared by all samples whose rows happen to equal the batch size would be split between them
+    (``estimate_fisher`` settles that on its probe, with another sample count, and keeps it; the
+    tracker has no probe: leave such a module's parameters out with ``params=``).
+    ``estimate_fisher(..., return_info=True)`` proves the first two for a model.
     """
 
     def __init__(self, model: nn.Module, *, params=None, reduction: str = "mean", accumulation_steps: int = 1,

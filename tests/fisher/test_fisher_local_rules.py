@@ -615,3 +615,61 @@ def test_embedding_bag_max_mode_is_left_to_the_generic_replay():
     got, info = _run(model, data)
     assert "bag.weight" in info.rule_params and not info.loop_params, info
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+# -- which arguments of a module-local call hold the samples ------------------------------------------
+class Angles(nn.Module):
+    """No rule (module-local): scales its input by a parameter and by a table of angles ``[T, d]``
+    that is the same for every sample, optionally masked per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x, table, keep=None):
+        y = x * self.scale * table
+        return y if keep is None else y * keep[..., None]
+
+
+class WithAngles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.rot = Angles()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        T = x.shape[1]
+        table = torch.cos(torch.arange(T, dtype=x.dtype)[:, None] * torch.arange(1, 7, dtype=x.dtype)[None])
+        # a mask from the data, passed only when some sample has a zero first feature
+        keep = (x[..., 0] != 0).to(x.dtype) if bool((x[..., 0] == 0).any()) else None
+        return self.head(self.rot(self.inp(x), table, keep).mean(1))
+
+
+def test_a_table_with_as_many_rows_as_samples_is_not_split_between_them():
+    """The probe (2 samples) sees the angle table with T = 4 rows: not per sample. A later batch of
+    4 samples must pass it whole to every sample too, not split it because its size now matches;
+    it used to, and the Fisher of ``rot.scale`` came out 0.59 off."""
+    torch.manual_seed(0)
+    model = WithAngles().to(D)
+    x, y = torch.randn(8, 4, 3, dtype=D), torch.randint(0, 2, (8,))
+    data = batches(x, y, batch_size=4)
+    got, info = _run(model, data)
+    assert info.rules["rot"] == "module-local" and not info.vmap_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+def test_a_call_the_probe_did_not_see_goes_per_sample():
+    """A later batch calls the module-local module with an argument the probe's batch did not
+    have (a per-sample mask): nothing proved which of its arguments hold the samples, so its
+    parameters go per sample, exactly."""
+    torch.manual_seed(1)
+    model = WithAngles().to(D)
+    x, y = torch.randn(8, 5, 3, dtype=D), torch.randint(0, 2, (8,))
+    x[6, 2:, 0] = 0.0  # the second batch has a sample with a masked tail
+    data = batches(x, y, batch_size=4)
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    # per sample: the loop here, since the model's forward branches on the data (no vmap)
+    assert "rot.scale" in info.loop_params and "probe did not see" in info.reasons["rot.scale"], info
+    assert info.rules["inp"] == "linear"
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
