@@ -30,7 +30,7 @@ from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
 from .rules import sq_sum_of
 from .rules.local import Recorded
-from .rules.replay import local_blocks, local_sq_sums, record_call
+from .rules.replay import RECORDS, local_blocks, local_sq_sums, record_call
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
 
@@ -181,6 +181,8 @@ class _StepHooks:
                     f"({site.module_name + ('.' + active[0] if active[0] else '')}) is active: a replay draws other "
                     f"masks. Set that dropout to 0 (or the module to eval mode), or leave its parameters out with params=")
             rec, to_module = record_call(module, args, kwargs, output, p.n)  # RNNs: samples first
+            if type(module) not in RECORDS and rec.per_sample is None:
+                rec.per_sample = self._sample_arguments(key, module, rec)
             if not rec.batched or not rec.outputs:
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
                                     f"the batch of {p.n} samples on dim 0 of its inputs and outputs")
@@ -204,6 +206,50 @@ class _StepHooks:
                     t.register_hook(partial(self._on_grad, p, key, len(calls) - 1, slot))
             return handed
         return hook
+
+    def _sample_arguments(self, key: str, module: nn.Module, rec: Recorded) -> list[int]:
+        """The positions of a module-local call's arguments that hold the samples, proven on its
+        first sample the first time a call of this structure is seen, then kept.
+
+        Candidates are the tensors whose first axis has the batch's size. The tracker has no probe
+        with another sample count to tell a shared table with as many rows (rotary angles
+        ``[T, d]`` with T = N) from a per-sample tensor, so the module is run on sample 0 alone
+        (no grad: no hook records it) and must reproduce row 0 of the batched call; where it does
+        not, a candidate passed whole instead is tried."""
+        shape = (key, str(rec.spec), tuple(isinstance(x, torch.Tensor) for x in rec.leaves))
+        known = self._layouts.get(shape)
+        if known is not None:
+            return list(known)
+        candidates = rec.batched
+        options = [candidates] + [[k for k in candidates if k != shared] for shared in candidates]
+        want = [o.detach()[:1] for o in rec.outputs]
+        for option in options:
+            if option and self._reproduces(module, rec, option, want):
+                self._layouts[shape] = tuple(option)
+                return list(option)
+        raise EWCInputError(
+            f"FisherTracker: {self._sites[key].module_name} ({type(module).__name__}) has no hand rule, and run on "
+            f"one sample it does not reproduce its batched output however its arguments with the batch's size "
+            f"are split, so which of them hold the samples is unknown; leave its parameters out with params=")
+
+    @staticmethod
+    def _reproduces(module: nn.Module, rec: Recorded, option: list[int], want: list) -> bool:
+        leaves = [x.detach()[:1] if k in option else x for k, x in enumerate(rec.leaves)]
+        args, kwargs = tree_unflatten(leaves, rec.spec)
+        try:
+            with torch.no_grad():
+                out = module(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - a split the module cannot take is not its layout
+            return False
+        got, _ = tree_flatten(out)
+        got = [got[k] for k in rec.out_index] if len(got) > max(rec.out_index, default=-1) else []
+        if len(got) != len(want):
+            return False
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}
+        return all(isinstance(g, torch.Tensor) and g.shape == w.shape
+                   and (w.numel() == 0 or torch.allclose(g, w, rtol=tol.get(w.dtype, 1e-2),
+                                                         atol=tol.get(w.dtype, 1e-2) * float(w.abs().max())))
+                   for g, w in zip(got, want))
 
     # -- backward ------------------------------------------------------------------------------
     def _on_loss_grad(self, p: _Pass, g: torch.Tensor):

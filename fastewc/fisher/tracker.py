@@ -84,12 +84,11 @@ class FisherTracker(_StepHooks):
     forward passes feeding one backward, and Hugging Face losses whose per-sample weights it cannot
     prove. Assumed, not checked: the backward reaches the model's outputs only through the
     declared loss (an EWC penalty on the parameters is fine); each parameter is used only in the
-    forward of the module that holds it; and a module without a hand rule (module-local) gets
-    per-sample tensors exactly in its arguments whose first axis has the batch's size, so a table
-    shared by all samples whose rows happen to equal the batch size would be split between them
-    (``estimate_fisher`` settles that on its probe, with another sample count, and keeps it; the
-    tracker has no probe: leave such a module's parameters out with ``params=``).
-    ``estimate_fisher(..., return_info=True)`` proves the first two for a model.
+    forward of the module that holds it (``estimate_fisher(..., return_info=True)`` proves both for
+    a model). A module without a hand rule is run on one sample the first time a call of its
+    structure is seen, to prove which of its arguments hold the samples (a table shared by all
+    samples may have as many rows as the batch); one that cannot reproduce its batched output
+    alone (its samples interact) is refused by name.
     """
 
     def __init__(self, model: nn.Module, *, params=None, reduction: str = "mean", accumulation_steps: int = 1,
@@ -139,6 +138,7 @@ class FisherTracker(_StepHooks):
         self._pass: _Pass | None = None
         self._own_loss_checked = False
         self._head = model_head(self.model)  # which Hugging Face loss the model computes, if any
+        self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments
         self.rules: dict[str, str] = {}
         self._plan()  # refuse what no rule covers now, not at the first step
 

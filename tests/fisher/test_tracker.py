@@ -270,6 +270,36 @@ def test_attention_mask_with_as_many_rows_as_samples_is_not_a_sample_axis(batch_
     assert_fisher_close(tracker.fisher(), reference.estimate_fisher(model, want), **TOL)
 
 
+def test_a_shared_table_with_as_many_rows_as_samples_is_not_split():
+    """A module-local module fed a table ``[T, d]`` with T = the batch size: the tracker proves on
+    one sample which arguments hold the samples (the table does not), instead of splitting it."""
+    from fastewc import reference
+    from test_fisher_local_rules import WithAngles
+
+    torch.manual_seed(0)
+    model = WithAngles().to(D)
+    x, y = torch.randn(8, 4, 3, dtype=D), torch.randint(0, 2, (8,))
+    data = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 8, 4)]   # T = 4 = batch size
+    tracker = _train(model, data, FisherTracker(model))
+    assert tracker.rules["rot.scale"] == "module-local"
+    assert_fisher_close(tracker.fisher(), reference.estimate_fisher(model, data), **TOL)
+
+
+def test_a_module_whose_samples_interact_is_refused_by_name():
+    class Centre(nn.Module):   # no rule: subtracts the batch's mean, so samples interact
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(5))
+
+        def forward(self, h):
+            return (h - h.mean(0, keepdim=True)) * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 5), Centre(), nn.Linear(5, 2)).to(D)
+    tracker = FisherTracker(model)
+    with tracker, pytest.raises(EWCInputError, match=r"1 \(Centre\) has no hand rule.*params="):
+        model(torch.randn(4, 3, dtype=D))
+
+
 # -- fraction, decay, state ---------------------------------------------------------------------
 def test_fraction_tracks_the_seeded_subset_exactly():
     model, data = make_mlp(n=30, batch_size=8, dtype=D)
