@@ -234,7 +234,9 @@ class _StepHooks:
 
     @staticmethod
     def _reproduces(module: nn.Module, rec: Recorded, option: list[int], want: list) -> bool:
-        leaves = [x.detach()[:1] if k in option else x for k, x in enumerate(rec.leaves)]
+        # copies: a module that writes into its inputs must not touch the training step's tensors
+        leaves = [(x.detach()[:1] if k in option else x.detach()).clone() if isinstance(x, torch.Tensor) else x
+                  for k, x in enumerate(rec.leaves)]
         args, kwargs = tree_unflatten(leaves, rec.spec)
         try:
             with torch.no_grad():

@@ -470,3 +470,21 @@ def test_misuse_of_the_lifecycle():
     with pytest.raises(EWCInputError, match="parameters differ"):
         other.load_state_dict(tracker.state_dict())
     assert math.isfinite(float(sum(t.sum() for t in _train(model, data, tracker).fisher().values())))
+
+
+def test_a_module_that_writes_into_its_input_is_refused_by_name():
+    """A module-local module that doubles its input in place: the recorded input is no longer what
+    it computed from, so a replay would use the wrong one (it raised from inside torch.func). The
+    one-sample check (run on copies, so it cannot touch the step's tensors) finds no split that
+    reproduces the call, and the tracker refuses the module by name."""
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.rand(5) + 0.5)
+
+        def forward(self, h):
+            return h.mul_(2.0) * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 5), Doubling(), nn.Tanh(), nn.Linear(5, 2)).to(D)
+    with FisherTracker(model), pytest.raises(EWCInputError, match=r"1 \(Doubling\) has no hand rule"):
+        model(torch.randn(4, 3, dtype=D))
