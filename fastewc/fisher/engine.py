@@ -260,15 +260,18 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
                 or any(p in sums or len(uses.get(p, [])) != 1 for p in site.params.values())):
             continue
         r = rec.calls[key][0].rec
-        got = []
+        outs = where[(key, 0)][:len(r.outputs)]
+        total = None
         with _failing_site(plan, rec, (key, 0)):
-            for col in grads_per_col:
-                got.append(local_sq_sums(site.module, list(site.params), r, [col[k] for k in where[(key, 0)]][:len(r.outputs)]))
-                if got[-1] is None:
+            for col in grads_per_col:  # the exact Fisher's columns add up
+                got = local_sq_sums(site.module, list(site.params), r, [col[k] for k in outs])
+                if got is None:  # this layer family has no such route: blocks below
+                    total = None
                     break
-        if got and got[-1] is not None:
+                total = got if total is None else {a: total[a].add_(t) for a, t in got.items()}
+        if total is not None:
             for a, p in site.params.items():
-                sums[p] = got[0][a] if len(got) == 1 else torch.stack([g[a] for g in got]).sum(0)
+                sums[p] = total[a]
     # Everything else: per-sample blocks of every use, added up, squared, summed.
     rest = {p: u for p, u in uses.items() if p not in sums}
     for p in plan.covered - uses.keys():

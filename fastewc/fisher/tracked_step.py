@@ -30,7 +30,7 @@ from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
 from .rules import sq_sum_of
 from .rules.local import Recorded
-from .rules.replay import RECORDS, local_blocks, local_sq_sums, record_call
+from .rules.replay import local_blocks, local_sq_sums, record_call
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
 
@@ -181,7 +181,7 @@ class _StepHooks:
                     f"({site.module_name + ('.' + active[0] if active[0] else '')}) is active: a replay draws other "
                     f"masks. Set that dropout to 0 (or the module to eval mode), or leave its parameters out with params=")
             rec, to_module = record_call(module, args, kwargs, output, p.n)  # RNNs: samples first
-            if type(module) not in RECORDS and rec.per_sample is None:
+            if rec.per_sample is None:  # a generic record: which arguments hold the samples is proven
                 rec.per_sample = self._sample_arguments(key, module, rec)
             if not rec.batched or not rec.outputs:
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
@@ -296,7 +296,7 @@ class _StepHooks:
             self._begin(p)
             call = p.calls[key][c]
             site = self._sites[key]
-            if site.rule is None or len(p.calls[key]) > 1 or any(len(self._uses[q]) > 1 for q in site.params.values()):
+            if site.rule is None or not self._alone(p, key):
                 call.grads = call.grads or [None]
                 call.grads[slot] = G.detach()   # added to its other uses' when the backward ends
                 return None
@@ -306,6 +306,11 @@ class _StepHooks:
             for attr, name in site.params.items():
                 self._add(p, name, got[attr])
         return None
+
+    def _alone(self, p: _Pass, key: str) -> bool:
+        """Whether the site was called once in this pass and its parameters have no other use: then
+        its sums of squares need no per-sample blocks added up with other uses'."""
+        return len(p.calls[key]) == 1 and all(len(self._uses[q]) == 1 for q in self._sites[key].params.values())
 
     @staticmethod
     def _input(site, call: _Call) -> torch.Tensor:
@@ -382,7 +387,7 @@ class _StepHooks:
         """Add a module-local site's sums of squares without per-sample blocks where its layer
         family has that route and its parameters no other use (True when it did)."""
         site = self._sites[key]
-        if site.rule is not None or len(p.calls[key]) > 1 or any(len(self._uses[q]) > 1 for q in site.params.values()):
+        if site.rule is not None or not self._alone(p, key):
             return False
         _, rec, grads = self._prepare(p, key, c)
         got = local_sq_sums(site.module, list(site.params), rec, grads)

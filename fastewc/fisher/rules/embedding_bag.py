@@ -81,7 +81,7 @@ def bag_record(m: nn.Module, args, kwargs, output, n: int):
     if not output.is_floating_point():
         return None
     leaves, spec = tree_flatten(((_Bags(), *got), {}))
-    return Recorded(leaves, spec, [output], [0], n), None
+    return Recorded(leaves, spec, [output], [0], n, per_sample=[1, 2]), None   # the tokens and the weights
 
 
 def _weighted(rec: Recorded, G: torch.Tensor, i: int, j: int):

@@ -45,8 +45,9 @@ class Recorded:
     sources: set = field(default_factory=set)         # op-local: the parameters it depends on
     versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
     axis: int = 0                  # the samples' axis of a rule site's input and output (sequence first: 1)
-    per_sample: list | None = None # positions of the leaves holding the samples, where the recorder
-                                   # knows them (a mask [T, S] with T = N is not one); else by size
+    per_sample: list | None = None # positions of the leaves holding the samples, where the layer
+                                   # family's recorder names them (a mask [T, S] with T = N is not
+                                   # one) or a check proved them; else (a generic record) by size
 
     @property
     def batched(self) -> list[int]:

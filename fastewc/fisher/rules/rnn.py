@@ -154,7 +154,9 @@ def rnn_record(module: nn.Module, args, kwargs, output, n: int) -> tuple[Recorde
             return t[rows] if packed else t.movedim(0, axis)
         return t.movedim(0, 1)
 
-    rec = Recorded(leaves, tree_flatten((tuple(leaves), {}))[1], recorded, out_index, n)
+    # every leaf but the layout holds the samples (the input, the states, the lengths)
+    rec = Recorded(leaves, tree_flatten((tuple(leaves), {}))[1], recorded, out_index, n,
+                   per_sample=list(range(1, len(leaves))))
     return rec, to_module
 
 
