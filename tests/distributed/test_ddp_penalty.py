@@ -29,28 +29,26 @@ def _ewc(model):
     return ewc
 
 
+def _step(net, ewc, x, y, style):
+    """One backward of the loss with the penalty added (``loss``) or its gradient accumulated."""
+    if style == "loss":
+        (F.cross_entropy(net(x), y) + ewc(net)).backward()
+    else:
+        F.cross_entropy(net(x), y).backward()
+        ewc.accumulate_grad_(net)
+
+
 def _single(style):
     model, (x, y) = _model(), _data()
-    ewc = _ewc(model)
-    if style == "loss":
-        (F.cross_entropy(model(x), y) + ewc(model)).backward()
-    else:
-        F.cross_entropy(model(x), y).backward()
-        ewc.accumulate_grad_(model)
+    _step(model, _ewc(model), x, y, style)
     return [p.grad for p in model.parameters()]
 
 
 def _rank(rank, scratch, style):
     model = _model()
     ewc = _ewc(model)  # registered with the unwrapped names
-    ddp = nn.parallel.DistributedDataParallel(model)
     x, y = _data()
-    xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-    if style == "loss":
-        (F.cross_entropy(ddp(xs), ys) + ewc(ddp)).backward()
-    else:
-        F.cross_entropy(ddp(xs), ys).backward()
-        ewc.accumulate_grad_(ddp)
+    _step(nn.parallel.DistributedDataParallel(model), ewc, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank], style)
     return [p.grad for p in model.parameters()]
 
 

@@ -24,6 +24,14 @@ def assert_same(a, b):
             assert a[k] == b[k], k
 
 
+def assert_refused(ewc, call, error, match):
+    """``call()`` raises ``error`` matching ``match`` and leaves ``ewc`` as it was."""
+    before = snapshot(ewc)
+    with pytest.raises(error, match=match):
+        call()
+    assert_same(snapshot(ewc), before)
+
+
 @pytest.fixture
 def registered():
     model = mlp()
@@ -202,11 +210,9 @@ def test_online_tied_parameter_under_its_other_name():
     unknown = OnlineEWC(3.0, gamma=0.9)
     unknown.register_task(f1, a1)
     unknown.register_task(f2, a2)
-    before = snapshot(unknown)
-    with pytest.raises(ModelMismatchError, match=r"'out.weight' and 'emb.weight' are one tied parameter, registered "
-                                                 r"under two names .* pass model= to register_task"):
-        unknown(model)
-    assert_same(snapshot(unknown), before)
+    assert_refused(unknown, lambda: unknown(model), ModelMismatchError,
+                   r"'out.weight' and 'emb.weight' are one tied parameter, registered under two names .* pass model= "
+                   r"to register_task")
 
 
 def test_a_tied_alias_of_another_shape_is_refused():
@@ -218,11 +224,9 @@ def test_a_tied_alias_of_another_shape_is_refused():
     ewc = EWCRegularizer(1.0)
     ewc.register_task(f1, a1)
     ewc.register_task(f2, a2)
-    before = snapshot(ewc)
-    with pytest.raises(ModelMismatchError, match=r"'out.weight' \(the tied parameter 'emb.weight'\) was registered "
-                                                 r"with shape \(1, 6\), the parameter has \(11, 6\)"):
-        ewc(model)
-    assert_same(snapshot(ewc), before)
+    assert_refused(ewc, lambda: ewc(model), ModelMismatchError,
+                   r"'out.weight' \(the tied parameter 'emb.weight'\) was registered with shape \(1, 6\), the "
+                   r"parameter has \(11, 6\)")
 
 
 def test_one_fisher_naming_a_tied_parameter_twice_is_refused_when_the_model_is_known():
@@ -232,11 +236,9 @@ def test_one_fisher_naming_a_tied_parameter_twice_is_refused_when_the_model_is_k
     f, a = make_tasks(model, 1)[0]
     f["out.weight"], a["out.weight"] = f["emb.weight"].clone(), a["emb.weight"].clone()
     ewc = EWCRegularizer(1.0)
-    before = snapshot(ewc)
-    with pytest.raises(EWCInputError, match=r"fisher names 'emb.weight' and 'out.weight', which are one \(tied\) "
-                                            r"parameter of the model; give its Fisher once, under 'emb.weight'"):
-        ewc.register_task(f, a, model=model)
-    assert_same(snapshot(ewc), before)
+    assert_refused(ewc, lambda: ewc.register_task(f, a, model=model), EWCInputError,
+                   r"fisher names 'emb.weight' and 'out.weight', which are one \(tied\) parameter of the model; give "
+                   r"its Fisher once, under 'emb.weight'")
     # Without the model the dict cannot be judged: the first step folds both entries into one,
     # two quadratics of the one tensor.
     ewc.register_task(f, a)
