@@ -135,17 +135,20 @@ def own_forward_fits(m: nn.Embedding, A: torch.Tensor) -> str | None:
     return _trouble(m, A, out, mode)
 
 
-def _looked_up(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor):
-    """``(indices [n, ...], gradient of the looked-up rows [n, ..., dim])`` of the module's own
-    forward on ``A`` with output gradient ``G``, from one batched replay."""
+def _looked_up(m: nn.Embedding, A: torch.Tensor, Gs: list):
+    """``(indices [n, ...], [gradient of the looked-up rows [n, ..., dim] per output gradient])``
+    of the module's own forward on ``A``, from one batched replay for all of ``Gs``."""
     out, mode = _replay(m, A)
     why = _trouble(m, A, out, mode)
     if why is not None:
         raise EWCInputError(why)
     idx, _, rows = mode.lookups[0]
+    grads = []
     with torch.enable_grad():
-        grad = torch.autograd.grad(out, rows, G.to(out.dtype), allow_unused=True)[0]
-    return idx, torch.zeros_like(rows) if grad is None else grad
+        for k, G in enumerate(Gs):
+            g = torch.autograd.grad(out, rows, G.to(out.dtype), retain_graph=k < len(Gs) - 1, allow_unused=True)[0]
+            grads.append(torch.zeros_like(rows) if g is None else g)
+    return idx, grads
 
 
 def _own_forward(m: nn.Module) -> bool:
@@ -154,16 +157,17 @@ def _own_forward(m: nn.Module) -> bool:
 
 
 def own_forward_per_sample(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor) -> dict:
-    return embedding_per_sample(m, *_looked_up(m, A, G))
+    idx, (g,) = _looked_up(m, A, [G])
+    return embedding_per_sample(m, idx, g)
 
 
 def own_forward_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list) -> dict:
-    got = [_looked_up(m, A, G) for G in Gs]
-    return embedding_sq_sum(m, got[0][0], [g for _, g in got])
+    return embedding_sq_sum(m, *_looked_up(m, A, Gs))
 
 
 def own_forward_add_into(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, into: dict) -> bool:
-    return embedding_add_into(m, *_looked_up(m, A, G), into)
+    idx, (g,) = _looked_up(m, A, [G])
+    return embedding_add_into(m, idx, g, into)
 
 
 register_rule(_own_forward, own_forward_per_sample, name="embedding (own forward)", sq_sum=own_forward_sq_sum,
