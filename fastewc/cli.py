@@ -159,11 +159,13 @@ def cmd_merge(args) -> int:
 
 
 def cmd_info(args) -> int:
-    """What this installation runs the penalty with, per device, and why a fast backend is not used."""
+    """What this installation runs the penalty and the Fisher's CPU kernel with, and why a fast path is
+    not used."""
     import os
     import platform
 
     from . import __version__
+    from .fisher.rules import outer_cpu
     from .penalty.backends import cpu_backend, cpu_backend_status, triton_status
 
     cpu = torch.device("cpu")
@@ -182,6 +184,13 @@ def cmd_info(args) -> int:
     else:
         print("CUDA tensors: no CUDA device visible")
     print("backend 'torch' (stock PyTorch ops) runs everywhere")
+    outer = outer_cpu.kernel(force=True)
+    if outer.why is None:
+        threads = "on PyTorch's OpenMP threads" if outer.threaded else "on the calling thread only"
+        print(f"Fisher on CPU: fused C kernel for Linear layers over sequences available ({threads}): "
+              f"{outer.library.path}")
+    else:
+        print(f"Fisher on CPU: fused C kernel not available: {outer.why}; batched products instead")
     print(f"FASTEWC_BACKEND: {os.environ.get('FASTEWC_BACKEND') or '(unset)'}; "
           f"kernel cache: {cpu_backend.cache_dir()}")
     return 0

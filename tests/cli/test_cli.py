@@ -178,6 +178,13 @@ def test_info_names_the_backend_per_device(capsys, monkeypatch):
     if why is None:
         assert f"backend 'cpu' (fused C kernel) available: {cpu_backend.library_path()}" in out
     assert "FASTEWC_BACKEND: (unset)" in out and f"kernel cache: {cpu_backend.cache_dir()}" in out
+    from fastewc.fisher.rules import outer_cpu
+    outer = outer_cpu.kernel()
+    if outer.why is None:
+        assert f"Fisher on CPU: fused C kernel for Linear layers over sequences available" in out
+        assert str(outer.library.path) in out
+    else:
+        assert f"Fisher on CPU: fused C kernel not available: {outer.why}; batched products instead" in out
     # Where the kernel cannot be built, the reason is printed and what 'auto' takes instead.
     monkeypatch.setattr(quadratic, "_loaded", quadratic.Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
     monkeypatch.setattr(quadratic, "load", lambda force=False: quadratic._loaded)  # as on a machine without one

@@ -3,7 +3,8 @@
     tooling (cli, bench/, demo/, integrations/, compat, reference)
         -> workflow (consolidate: estimate + snapshot + register)
             -> fisher/ | penalty/   (neither imports the other)
-                -> _utils, errors   (import nothing from fastewc)
+                -> native/          (building the C kernels; imports only _utils, errors)
+                    -> _utils, errors   (import nothing from fastewc)
 
 Every module's imports are read with ``ast`` (nothing is imported). Module-level imports are the
 ones that run when the module is imported: top-level statements, including those inside a
@@ -112,6 +113,13 @@ def test_every_import_resolves_to_a_module():
 def test_core_half_imports_no_other_half_and_no_tooling(half):
     bad = [f"{m} imports {t}" for m, (top, _) in IMPORTS.items() if _under(m, half)
            for t in sorted(top) if any(_under(t, f) for f in FORBIDDEN[half])]
+    assert not bad, "\n".join(bad)
+
+
+def test_native_imports_only_the_leaves():
+    bad = [f"{m} imports {t}" for m, (top, lazy) in IMPORTS.items() if _under(m, "fastewc.native")
+           for t in sorted(top | lazy)
+           if not any(_under(t, ok) for ok in ("fastewc.native", "fastewc._utils", "fastewc.errors"))]
     assert not bad, "\n".join(bad)
 
 

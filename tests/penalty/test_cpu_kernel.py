@@ -143,7 +143,9 @@ def test_forked_child_runs_threaded_steps():
 
 # -- building the kernel, and choosing it ------------------------------------------------------
 def test_build_reports_a_missing_compiler(tmp_path, monkeypatch):
-    monkeypatch.setattr(Q, "c_compiler", lambda: None)  # no compiler on the PATH
+    import fastewc.native.library as L
+
+    monkeypatch.setattr(L, "c_compiler", lambda: None)  # no compiler on the PATH
     monkeypatch.delenv("CC", raising=False)
     k = Q.load(folder=tmp_path)
     assert k.lib is None and k.path is None and "no C compiler found" in k.why

@@ -1,5 +1,5 @@
 """Building the fused CPU kernel never surprises: what a damaged cache, a failing compiler, a
-killed or concurrent build and an unwritable folder lead to (``fastewc.penalty.native``).
+killed or concurrent build and an unwritable folder lead to (``fastewc.native``, through the penalty kernel).
 
 Every case that could crash the interpreter (loading a damaged library) runs in a child process.
 Compilers are injected as small shell scripts that log each compile and then run the real one,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fastewc.penalty.native import build as B
+from fastewc.native import build as B
 from fastewc.penalty.native import quadratic as Q
 
 REAL_CC = B.c_compiler()

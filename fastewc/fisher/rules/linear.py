@@ -5,7 +5,8 @@ A weight applied to each sample separately has per-sample gradient ``g_n = G_n^T
 ``A_n`` ``[T, in]``, output gradient ``G_n`` ``[T, out]``, T = 1 without a sequence axis). With
 T = 1 no per-sample gradient is needed at all: ``sum_n (g_n a_n^T)^2 = (G^2)^T (A^2)``
 elementwise. Over a sequence the cross terms ``t != s`` matter, so the per-sample gradients are
-formed chunk by chunk (``bmm``), squared and summed.
+formed chunk by chunk (``bmm``), squared and summed; on the CPU, over sequences up to
+``KERNEL_MAX_T`` positions, the fused kernel of ``outer_cpu`` does the same without forming them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
+from . import outer_cpu
 from .registry import register_rule
 
 
@@ -22,6 +24,11 @@ from .registry import register_rule
 # _CHUNK_BYTES (a size that stays in a core's L2 cache); larger ones one sample at a time.
 _SMALL_BLOCK_BYTES = 256 * 2**10
 _CHUNK_BYTES = 2 * 2**20
+# Up to this many positions the fused CPU kernel beats the batched product, whose inner dimension
+# is then too short to run at the BLAS's speed; beyond it the product is as fast and its own
+# threads serve (benchmarks/bench_outer_sq.py measures both).
+KERNEL_MAX_T = 128
+_AUTO = object()
 
 
 def _as_3d(A: torch.Tensor, G: torch.Tensor):
@@ -39,11 +46,12 @@ def _per_sample(A, G, bias: bool, transposed: bool) -> dict:
     return out
 
 
-def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = False) -> dict:
+def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = False, *, kernel=_AUTO) -> dict:
     """``{"weight": [out, in] (or [in, out] when ``transposed``), "bias": [out]}``: sum over the
     samples and the columns ``Gs`` of the squared per-sample gradients of a linear map applied
     to input ``A`` ``[n, ..., in]`` with output gradients ``Gs[k]`` ``[n, ..., out]`` (same
-    dtype as ``A``)."""
+    dtype as ``A``). ``kernel``: the fused CPU kernel to use where it applies (default: this
+    process's, ``outer_cpu.kernel()``), or None for the batched products only."""
     out = {}
     if A.dim() == 2:
         # The K columns of the exact Fisher share A: their G^2 add up before the one product.
@@ -58,7 +66,16 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
     w_shape = (A.shape[-1], Gs[0].shape[-1]) if transposed else (Gs[0].shape[-1], A.shape[-1])
     block = w_shape[0] * w_shape[1] * A.element_size()
     total = torch.zeros(w_shape, dtype=A.dtype, device=A.device)
-    if block <= _SMALL_BLOCK_BYTES:
+    if kernel is _AUTO:
+        kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
+    if kernel is not None and kernel.supports(A) and math.prod(A.shape[1:-1]) <= KERNEL_MAX_T:
+        for G in Gs:
+            A3, G3 = _as_3d(A, G)
+            if transposed:  # total[i, o]: the roles of input and output swap
+                kernel(A3, G3, total)
+            else:
+                kernel(G3, A3, total)
+    elif block <= _SMALL_BLOCK_BYTES:
         # Small per-sample gradients: a product per sample would be dominated by its call
         # overhead. A chunk's gradients at once into a buffer that stays in cache, squared in
         # place and summed over the chunk by one matrix-vector product.

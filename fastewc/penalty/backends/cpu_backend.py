@@ -41,7 +41,7 @@ import torch
 
 from ..._utils import advise_huge_pages
 from ..native import quadratic
-from ..native.build import cache_dir
+from ...native.build import cache_dir
 from .base import GroupPlan
 from .torch_backend import TorchBackend
 

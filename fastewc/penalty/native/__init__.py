@@ -1,7 +1,6 @@
-"""Native code compiled on the user's machine: the fused CPU kernel's shared library.
+"""The penalty's native code: the fused CPU kernel's shared library.
 
-``build.py`` compiles a C source into a verified cache (where, with which compiler, under an OS
-file lock, checked before every load, failures remembered); ``quadratic.py`` builds and loads the
-kernel of ``fastewc/kernels/quadratic_cpu.c`` and declares its functions for ctypes. The launcher
-that calls it is ``fastewc.penalty.backends.cpu_backend``.
+``quadratic.py`` builds and loads the kernel of ``fastewc/kernels/quadratic_cpu.c`` (through
+``fastewc.native``'s verified cache) and declares its functions for ctypes. The launcher that
+calls it is ``fastewc.penalty.backends.cpu_backend``.
 """

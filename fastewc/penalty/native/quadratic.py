@@ -2,7 +2,7 @@
 
 The first time a process asks for it, the source is compiled with the system C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-O3 -march=native``; one
-small C file; without ``-march=native`` where the compiler or CPU has none) through ``build.py``'s
+small C file; without ``-march=native`` where the compiler or CPU has none) through ``fastewc.native``'s
 verified cache, in the calling process. Without a working compiler ``status()`` says why and
 ``backend="auto"`` takes the PyTorch backend instead.
 """
@@ -10,31 +10,19 @@ verified cache, in the calling process. Without a working compiler ``status()`` 
 from __future__ import annotations
 
 import ctypes
-import platform
-import shlex
-import subprocess
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-from .build import build_library, c_compiler, compiler_version, cpu_features, key_of, kernel_source
+from ...native.build import kernel_source
+from ...native.library import BASE_FLAGS, NATIVE, Library, load_library
 
 __all__ = ["FLAGS", "Kernel", "SOURCE_NAME", "SUFFIX", "load", "library", "library_path", "source_path", "status"]
 
 SOURCE_NAME = "quadratic_cpu.c"
-FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno")
-NATIVE = "-march=native"
+FLAGS = BASE_FLAGS
 # torch dtype name -> the suffix of the kernel functions for it (``ewc_quadratic_<param>_<storage>``).
 SUFFIX = {"float32": "f32", "bfloat16": "bf16"}
-
-
-@dataclass
-class Kernel:
-    """A loaded kernel library (None where it could not be had, ``why`` saying why) and its file."""
-
-    lib: ctypes.CDLL | None
-    why: str | None
-    path: Path | None
+Kernel = Library  # a loaded kernel library (None where it could not be had, ``why`` saying why) and its file
 
 
 def source_path() -> Path:
@@ -56,41 +44,8 @@ def load(*, cc: list[str] | None = None, folder: Path | None = None, features: s
     """Build (or find in the cache) and load the kernel. ``cc``, ``folder``, ``features``: the
     compiler command, cache folder and CPU flags to use instead of this machine's (tests);
     ``force``: retry builds that failed before."""
-    if platform.system() == "Windows":
-        return Kernel(None, "the fused CPU kernel is built with a Unix C compiler; not supported on Windows", None)
-    try:
-        src = source_path()
-        code = src.read_bytes()
-    except OSError as e:
-        return Kernel(None, f"the kernel source {SOURCE_NAME} is missing from this installation ({e})", None)
-    cc = c_compiler() if cc is None else cc
-    if cc is None:
-        return Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None)
-    try:
-        version = compiler_version(cc)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return Kernel(None, f"the C compiler {shlex.join(cc)} does not run: {e}", None)
-    features = cpu_features() if features is None else features
-    errors = []
-    for native in (True, False):  # some compilers (or CPUs) have no -march=native
-        flags = (*FLAGS, NATIVE) if native else FLAGS
-        key = key_of(code, version.encode(), " ".join(flags).encode(), platform.machine().encode(),
-                     features.encode() if native else b"")
-        built = build_library(f"quadratic_cpu-{key}", [*cc, *flags, str(src)], folder=folder, force=force)
-        if built.path is None:
-            errors.append(built.why)
-            continue
-        cached = built.path if built.temporary is None else None
-        try:
-            lib = ctypes.CDLL(str(built.path))
-            _declare(lib)
-        except (OSError, AttributeError) as e:
-            errors.append(f"cannot load {built.path}: {e}")
-            continue
-        finally:
-            built.cleanup()
-        return Kernel(lib, None, cached)
-    return Kernel(None, "the fused CPU kernel could not be built: " + " | ".join(errors), None)
+    return load_library(SOURCE_NAME, _declare, [(*FLAGS, NATIVE), FLAGS], cc=cc, folder=folder, features=features,
+                        force=force)
 
 
 _lock = threading.Lock()

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..._utils import write_atomically
+from .._utils import write_atomically
 
 __all__ = ["Built", "build_library", "cache_dir", "c_compiler", "compiler_version", "cpu_features", "key_of",
            "kernel_source"]
@@ -229,7 +229,7 @@ def _warn_temporary(folder: Path, error: BaseException) -> None:
         if _told_temporary:
             return
         _told_temporary = True
-    warnings.warn(f"fastewc: cannot use the kernel cache folder {folder} ({error}); the CPU kernel is built "
+    warnings.warn(f"fastewc: cannot use the kernel cache folder {folder} ({error}); the CPU kernels are built "
                   "in a temporary folder for this process instead. Set FASTEWC_CACHE_DIR to a writable "
                   "folder to build it once.", RuntimeWarning, stacklevel=4)
 

@@ -1,0 +1,133 @@
+"""The launcher of the fused CPU kernel for squared per-sample gradients of a linear map over a
+short sequence (``fastewc/kernels/outer_sq_cpu.c``): built, loaded, its threads decided, called.
+
+The kernel computes ``total[o, i] += sum_n (sum_t G[n, t, o] A[n, t, i])^2`` without forming any
+sample's ``[O, I]`` gradient in memory. Its plain twin is the batched product of
+``linear.sq_sum_linear``; which one serves is chosen there, from the tensors' device, dtype and
+sequence length, never by catching an error.
+
+The first time a process asks for it, the source is compiled with the system C compiler (through
+``fastewc.native``, cached and verified), preferably with ``-fopenmp -march=native``. Threads:
+PyTorch's own OpenMP threads keep spinning for a while after each of its parallel operations, so
+threads of a second pool would compete with them for the cores (and run slower than one thread).
+The kernel therefore runs its parallel region on the process's OpenMP runtime, and does so only
+when that runtime is the one PyTorch uses (one OpenMP library mapped into the process, and
+PyTorch's parallel backend is OpenMP); otherwise it runs on the calling thread. That is decided
+once, when the library is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...native.library import BASE_FLAGS, NATIVE, OPENMP, Library, load_library
+
+__all__ = ["FUNCTIONS", "OuterKernel", "SOURCE_NAME", "kernel", "load", "status"]
+
+SOURCE_NAME = "outer_sq_cpu.c"
+FUNCTIONS = {torch.float32: "outer_sq_f32", torch.float64: "outer_sq_f64"}
+FLAG_SETS = [(*BASE_FLAGS, OPENMP, NATIVE), (*BASE_FLAGS, OPENMP), (*BASE_FLAGS, NATIVE), BASE_FLAGS]
+_OPENMP_LIBRARY = re.compile(r"^lib(g|i|)omp[^/]*\.(so|dylib)")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in FUNCTIONS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
+        fn.restype = None
+
+
+def openmp_libraries(maps: str | None = None) -> set[str] | None:
+    """The OpenMP runtime files mapped into this process (from ``/proc/self/maps``, or the text
+    ``maps``); None where that cannot be read."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return None
+    found = set()
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)  # address, permissions, offset, device, inode, file
+        if len(fields) == 6 and _OPENMP_LIBRARY.match(Path(fields[5].strip()).name):
+            found.add(fields[5].strip())
+    return found
+
+
+def shares_torch_openmp(flags: tuple[str, ...], libraries: set[str] | None, parallel_info: str) -> bool:
+    """Whether a library built with ``flags`` runs its threads on PyTorch's own OpenMP runtime:
+    built with OpenMP, exactly one OpenMP library mapped (``libraries``, after loading it), and
+    PyTorch's parallel backend (``torch.__config__.parallel_info()``) is OpenMP."""
+    return (OPENMP in flags and libraries is not None and len(libraries) == 1
+            and "parallel backend: OpenMP" in parallel_info)
+
+
+@dataclass
+class OuterKernel:
+    """A loaded kernel and whether it may use more than the calling thread."""
+
+    library: Library
+    threaded: bool
+
+    @property
+    def why(self) -> str | None:
+        return self.library.why
+
+    def supports(self, t: torch.Tensor) -> bool:
+        """Whether tensors like ``t`` can go to the kernel (CPU, float32 or float64)."""
+        return self.library.lib is not None and t.device.type == "cpu" and t.dtype in FUNCTIONS
+
+    def __call__(self, G: torch.Tensor, A: torch.Tensor, total: torch.Tensor, threads: int | None = None) -> None:
+        """``total += sum_n (G[n]^T A[n])^2``: ``G`` ``[n, T, O]``, ``A`` ``[n, T, I]``, ``total``
+        ``[O, I]`` contiguous, all of one supported dtype. ``threads``: at most this many (default
+        PyTorch's thread count where the kernel shares PyTorch's threads, else 1)."""
+        n, T, O = G.shape
+        I = A.shape[2]
+        if A.stride(2) != 1:
+            A = A.contiguous()
+        if not (total.is_contiguous() and total.shape == (O, I) and A.shape[:2] == (n, T)
+                and G.dtype == A.dtype == total.dtype):
+            raise ValueError(f"outer_sq: G {tuple(G.shape)}, A {tuple(A.shape)} and total {tuple(total.shape)} "
+                             "(contiguous) do not fit together")
+        if n == 0 or T == 0 or O == 0 or I == 0:
+            return
+        if threads is None:
+            threads = torch.get_num_threads() if self.threaded else 1
+        fn = getattr(self.library.lib, FUNCTIONS[G.dtype])
+        fn(n, T, O, I, G.data_ptr(), G.stride(0), G.stride(1), G.stride(2), A.data_ptr(), A.stride(0), A.stride(1),
+           total.data_ptr(), threads)
+
+
+def load(*, cc: list[str] | None = None, folder: Path | None = None, features: str | None = None,
+         force: bool = False) -> OuterKernel:
+    """Build (or find in the cache) and load the kernel (arguments as in
+    ``fastewc.native.library.load_library``)."""
+    lib = load_library(SOURCE_NAME, _declare, FLAG_SETS, cc=cc, folder=folder, features=features, force=force)
+    threaded = lib.lib is not None and shares_torch_openmp(lib.flags, openmp_libraries(),
+                                                            torch.__config__.parallel_info())
+    return OuterKernel(lib, threaded)
+
+
+_lock = threading.Lock()
+_loaded: OuterKernel | None = None  # this process's kernel, loaded at the first call of kernel()
+
+
+def kernel(*, force: bool = False) -> OuterKernel:
+    """This process's kernel (built or loaded on the first call; ``why`` says why not).
+    ``force``: build again now, retrying a build that failed (``fastewc info``)."""
+    global _loaded
+    with _lock:
+        if _loaded is None or (force and _loaded.library.lib is None):
+            _loaded = load(force=force)
+        return _loaded
+
+
+def status() -> str | None:
+    """None when the kernel is available; otherwise the reason it is not."""
+    return kernel().why

@@ -1,0 +1,172 @@
+"""The fused CPU kernel of the Linear rule's squared per-sample gradients
+(``fastewc/kernels/outer_sq_cpu.c`` through ``fastewc.fisher.rules.outer_cpu``) and its plain twin,
+the batched products of ``sq_sum_linear``: both against a per-sample loop in float64, where the
+kernel serves by default, and what happens where it cannot be built. Its build cache is the one
+``tests/penalty/test_native_build.py`` tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastewc
+from fastewc import reference
+from fastewc.fisher import clear_plan_cache
+from fastewc.fisher.rules import linear, outer_cpu
+from models import assert_fisher_close, make_encoder, make_gpt2
+
+KERNEL = outer_cpu.kernel()
+needs_kernel = pytest.mark.skipif(KERNEL.why is not None, reason=f"no fused CPU kernel here: {KERNEL.why}")
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+class Counting(outer_cpu.OuterKernel):
+    """The kernel, counting its calls: shows which sums went to it."""
+
+    def __init__(self, kernel: outer_cpu.OuterKernel, threads: int | None = None):
+        super().__init__(kernel.library, kernel.threaded)
+        self.calls, self.threads = 0, threads
+
+    def __call__(self, G, A, total, threads=None):
+        self.calls += 1
+        super().__call__(G, A, total, self.threads if threads is None else threads)
+
+
+def per_sample_loop(A3, G3) -> torch.Tensor:
+    """The definition, one sample at a time in float64: ``sum_n (G_n^T A_n)^2``."""
+    total = torch.zeros(G3.shape[2], A3.shape[2], dtype=torch.float64)
+    for a, g in zip(A3.double(), G3.double()):
+        total += (g.t() @ a) ** 2
+    return total
+
+
+def assert_close(got, want, dtype):
+    scale = max(float(want.abs().max()), 1e-300) if want.numel() else 1.0
+    assert got.shape == want.shape
+    assert float((got.double() - want).abs().max()) <= TOL[dtype] * scale if got.numel() else True
+
+
+# n, T, O, I: odd sizes, every remainder of the 6-row tiles (O = 7..11), columns left over from the
+# 16- and 8-lane tiles, empty and one-element tensors, and a sequence long enough that one sample's
+# columns are split into several cache blocks (T = 64, I = 100).
+SHAPES = [(3, 5, 13, 7), (1, 1, 1, 1), (0, 4, 6, 16), (4, 0, 6, 16), (2, 3, 12, 32), (2, 2, 7, 17),
+          (2, 2, 8, 33), (3, 2, 9, 48), (2, 3, 10, 5), (2, 3, 11, 40), (2, 64, 14, 100), (5, 17, 30, 24)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_matches_the_per_sample_loop(dtype, shape, threads):
+    n, T, O, I = shape
+    torch.manual_seed(sum(shape))
+    A, G = torch.randn(n, T, I, dtype=dtype), torch.randn(n, T, O, dtype=dtype)
+    total = torch.full((O, I), 0.5, dtype=dtype)  # it adds into what is there
+    KERNEL(G, A, total, threads)
+    assert_close(total, per_sample_loop(A, G) + 0.5, dtype)
+
+
+@needs_kernel
+def test_kernel_reads_strided_gradients_and_copies_strided_inputs():
+    # Output gradients laid out [n, O, T] (a convolution's), inputs whose last axis is not contiguous.
+    torch.manual_seed(0)
+    G = torch.randn(4, 19, 9, dtype=torch.float64).transpose(1, 2)      # [n, T, O], o-stride T
+    A = torch.randn(4, 21, 9, dtype=torch.float64).transpose(1, 2)      # [n, T, I], i-stride T
+    total = torch.zeros(19, 21, dtype=torch.float64)
+    KERNEL(G, A, total, 2)
+    assert_close(total, per_sample_loop(A, G), torch.float64)
+
+
+@needs_kernel
+def test_kernel_refuses_tensors_that_do_not_fit_together():
+    A, G = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match=r"outer_sq: G \(2, 3, 5\), A \(2, 3, 4\) and total \(4, 5\)"):
+        KERNEL(G, A, torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="do not fit together"):
+        KERNEL(G, A.double(), torch.zeros(5, 4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("positions", [(5,), (3, 4), (linear.KERNEL_MAX_T + 1,)], ids=str)
+def test_sq_sum_linear_kernel_and_products_agree_with_the_loop(dtype, transposed, positions):
+    # Two output gradients (two columns of the exact Fisher) into one sum; a 4-D input (an image's
+    # positions); past KERNEL_MAX_T positions the products serve, as documented.
+    torch.manual_seed(len(positions))
+    n, I, O = 5, 11, 13
+    A = torch.randn(n, *positions, I, dtype=dtype)
+    Gs = [torch.randn(n, *positions, O, dtype=dtype) for _ in range(2)]
+    counting = Counting(KERNEL)
+    fused = linear.sq_sum_linear(A, Gs, True, transposed, kernel=counting)
+    plain = linear.sq_sum_linear(A, Gs, True, transposed, kernel=None)
+    A3 = A.reshape(n, -1, I)
+    want = sum(per_sample_loop(A3, G.reshape(n, -1, O)) for G in Gs)
+    want = want.t() if transposed else want
+    for got in (fused, plain):
+        assert_close(got["weight"], want, dtype)
+        assert_close(got["bias"], sum(G.reshape(n, -1, O).double().sum(1).square().sum(0) for G in Gs), dtype)
+    long_sequence = positions[0] > linear.KERNEL_MAX_T
+    assert counting.calls == (0 if long_sequence else 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_other_dtypes_go_to_the_products(dtype):
+    counting = Counting(KERNEL)
+    A, G = torch.randn(3, 4, 8, dtype=dtype), torch.randn(3, 4, 6, dtype=dtype)
+    got = linear.sq_sum_linear(A, [G], False, kernel=counting)
+    assert counting.calls == 0 and got["weight"].dtype == dtype
+
+
+@needs_kernel
+@pytest.mark.parametrize("make", [make_encoder, make_gpt2], ids=["encoder", "gpt2"])
+def test_estimate_fisher_through_the_kernel_matches_the_reference(monkeypatch, make):
+    # The default path: the process's kernel serves the Linear layers over the sequence (counted),
+    # and the Fisher is the reference loop's in float64.
+    counting = Counting(KERNEL, threads=2)
+    monkeypatch.setattr(outer_cpu, "_loaded", counting)
+    torch.manual_seed(0)
+    model, data = make(dtype=torch.float64)
+    clear_plan_cache()
+    got = fastewc.estimate_fisher(model, data, kind="empirical")
+    assert counting.calls > 0
+    assert_fisher_close(got, reference.estimate_fisher(model, data, kind="empirical"), rtol=1e-10)
+
+
+def test_a_kernel_that_cannot_be_built_says_why_and_the_products_serve(tmp_path):
+    broken = outer_cpu.load(cc=["false"], folder=tmp_path, features="flags: test")
+    assert broken.library.lib is None and not broken.threaded
+    assert "outer_sq_cpu.c could not be built" in broken.why and "exited with 1" in broken.why
+    A, G = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    assert not broken.supports(A)
+    got = linear.sq_sum_linear(A, [G], False, kernel=broken)["weight"]
+    assert_close(got, per_sample_loop(A, G), torch.float64)
+
+
+MAPS = """\
+7f00-7f01 r-xp 00000000 08:01 11 /usr/lib/python3/site-packages/torch/lib/libgomp.so.1
+7f01-7f02 r--p 00001000 08:01 11 /usr/lib/python3/site-packages/torch/lib/libgomp.so.1
+7f02-7f03 r-xp 00000000 08:01 12 /usr/lib/libc.so.6
+7f03-7f04 rw-p 00000000 00:00 0
+"""
+
+
+def test_openmp_runtimes_are_read_from_the_process_maps():
+    torch_gomp = "/usr/lib/python3/site-packages/torch/lib/libgomp.so.1"
+    assert outer_cpu.openmp_libraries(MAPS) == {torch_gomp}
+    second = MAPS + "7f05-7f06 r-xp 00000000 08:01 13 /usr/lib/x86_64-linux-gnu/libgomp.so.1\n"
+    assert len(outer_cpu.openmp_libraries(second)) == 2
+    iomp = MAPS + "7f05-7f06 r-xp 00000000 08:01 13 /opt/intel/libiomp5.so\n"
+    assert len(outer_cpu.openmp_libraries(iomp)) == 2
+
+
+@pytest.mark.parametrize("flags, libraries, info, threaded", [
+    (("-O3", "-fopenmp"), {"a/libgomp.so.1"}, "ATen parallel backend: OpenMP", True),
+    (("-O3",), {"a/libgomp.so.1"}, "ATen parallel backend: OpenMP", False),             # built without OpenMP
+    (("-O3", "-fopenmp"), {"a/libgomp.so.1", "b/libgomp.so.1"}, "ATen parallel backend: OpenMP", False),  # two runtimes
+    (("-O3", "-fopenmp"), None, "ATen parallel backend: OpenMP", False),               # maps unreadable
+    (("-O3", "-fopenmp"), {"a/libgomp.so.1"}, "ATen parallel backend: native thread pool", False),
+])
+def test_threads_only_on_pytorchs_own_openmp_runtime(flags, libraries, info, threaded):
+    assert outer_cpu.shares_torch_openmp(flags, libraries, info) is threaded
