@@ -285,8 +285,11 @@ def test_uncovered_calls_get_the_generic_record(case):
         module = nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
     if case == "autocast":  # computed in bfloat16 from float32 weights: a float32 replay would differ
         module, x = module.float(), x.float()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = module(x)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = module(x)
+        except RuntimeError as e:  # oneDNN has no bfloat16 LSTM on some CPUs: torch itself cannot run it
+            pytest.skip(f"torch cannot run a bfloat16 LSTM on this CPU ({str(e)[:80]})")
         assert output[0].dtype == torch.bfloat16
     else:
         output = module(x)
