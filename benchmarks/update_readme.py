@@ -182,6 +182,20 @@ def zoo_speed_table(d: dict, source: str) -> str:
             f"Source: `{source}`.\n\n" + format_table(d["rows"], d["samples"], d["repeats"], d.get("size", "tiny")))
 
 
+def outer_sq_table(d: dict, source: str) -> str:
+    m = d["machine"]
+    lines = [f"N = {d['samples']} samples, float32, kernel on PyTorch's OpenMP threads: {d['threaded']}; "
+             f"{d['repeats']} round-robin repeats, medians; {_where(m)}, torch {m['torch']}, {m['date']}. "
+             f"Sequences up to {d['kernel_max_t']} positions go to the kernel by default. Source: `{source}`.", "",
+             "| positions | in | out | batched products ms | kernel ms | GFLOP/s products / kernel | kernel speed-up |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        flop = 2 * d["samples"] * r["T"] * r["in"] * r["out"]
+        lines.append(f"| {r['T']} | {r['in']} | {r['out']} | {r['products_s'] * 1e3:.3f} | {r['kernel_s'] * 1e3:.3f} | "
+                     f"{flop / r['products_s'] / 1e9:.0f} / {flop / r['kernel_s'] / 1e9:.0f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--machine", default=None,
@@ -193,7 +207,7 @@ def main(argv=None) -> None:
               "demo": ("demo_permuted.json", demo_table), "scale": ("scale_cpu.json", scale_table),
               "step_overhead": ("step_overhead_cpu.json", step_overhead_table), "merge": ("merge_cpu.json", merge_table),
               "demo_merge": ("demo_merge.json", demo_merge_table), "fisher_zoo": ("fisher_zoo.json", zoo_table),
-              "tracker": ("tracker_cpu.json", tracker_table),
+              "tracker": ("tracker_cpu.json", tracker_table), "outer_sq": ("outer_sq_cpu.json", outer_sq_table),
               "fisher_zoo_speed": ("fisher_zoo_speed.json", zoo_speed_table),
               "fisher_zoo_speed_tiny": ("fisher_zoo_speed_tiny.json", zoo_speed_table)}
     for block, (fname, make) in makers.items():

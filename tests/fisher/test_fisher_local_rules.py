@@ -4,6 +4,7 @@ rule registry, each against the per-sample reference loop in float64."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fastewc
 from fastewc import reference as R
@@ -110,25 +111,84 @@ class Offsets(nn.Module):
         return self.head(h.mean(1))
 
 
-@pytest.mark.parametrize("kind", ["empirical", "exact"])
-def test_broadcast_additions_of_bare_parameters_in_closed_form(kind, monkeypatch):
-    from fastewc.fisher.rules import local
-
+def _spy_closed_form(monkeypatch, local) -> list:
+    """Whether each operation's per-sample gradients came in closed form (True) or went to the
+    ``vmap`` replay (False)."""
     taken = []
-    real = local._additive_blocks
+    real = local._closed_form_blocks
 
     def spy(*a):
         got = real(*a)
         taken.append(got is not None)
         return got
 
-    monkeypatch.setattr(local, "_additive_blocks", spy)
+    monkeypatch.setattr(local, "_closed_form_blocks", spy)
+    return taken
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_broadcast_additions_of_bare_parameters_in_closed_form(kind, monkeypatch):
+    from fastewc.fisher.rules import local
+
+    taken = _spy_closed_form(monkeypatch, local)
     torch.manual_seed(5)
     model = Offsets().to(D)
     data = batches(torch.randn(7, 4, 3, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
     got, info = _run(model, data, kind=kind)
     assert all(info.methods[p] == "op-local" for p in ("pos", "row", "shift", "gap", "table")), info.methods
     assert taken and all(taken), taken  # no operation went to the vmap replay
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
+class BiasedAttention(nn.Module):
+    """Attention with a learned relative position bias, shaped as T5's and Swin's: the bias table is
+    looked up by relative position (no batch axis) and reaches the scores either as SDPA's
+    additive ``attn_mask`` or through ``torch.where`` with the padding mask (T5's encoder)."""
+
+    def __init__(self, how: str, vocab=11, d=8, heads=2, seq=5):
+        super().__init__()
+        self.how, self.heads = how, heads
+        self.tok = nn.Embedding(vocab, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.table = nn.Parameter(0.5 * torch.randn(2 * seq - 1, heads))
+        self.head = nn.Linear(d, 3)
+        rel = torch.arange(seq)[None, :] - torch.arange(seq)[:, None] + seq - 1
+        self.register_buffer("rel", rel)
+
+    def forward(self, xm):  # tokens and padding mask stacked: [N, 2, T]
+        x, mask = xm[:, 0], xm[:, 1]
+        n, T = x.shape
+        q, k, v = self.qkv(self.tok(x)).view(n, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.rel[:T, :T]].permute(2, 0, 1).unsqueeze(0)         # [1, H, T, T]
+        if self.how == "where":
+            keep = mask[:, None, None, :].bool()                                   # [N, 1, 1, T]
+            bias = torch.where(keep.expand(n, 1, T, T), bias, -1e4)
+        if self.how == "causal":  # a causal mask folded into the bias, as Hugging Face's decoders do
+            bias = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+        scale = 0.7 if self.how == "scaled" else None
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return self.head(o.transpose(1, 2).reshape(n, T, -1).mean(1))
+
+
+@pytest.mark.parametrize("how", ["mask", "causal", "scaled", "where"])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_learned_attention_bias_in_closed_form(how, kind, monkeypatch):
+    # The bias table's per-sample gradient through SDPA's attn_mask (or torch.where) in closed
+    # form, none of it through the vmap replay, and equal to the loop's.
+    from fastewc.fisher.rules import local
+
+    taken = _spy_closed_form(monkeypatch, local)
+    torch.manual_seed(6)
+    model = BiasedAttention(how).to(D)
+    # Batches of 3: in a batch of one sample, the bias (one row) could not be told from a batch.
+    x, mask = torch.randint(0, 11, (6, 5)), torch.ones(6, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[4, 4:] = 0
+    y = torch.randint(0, 3, (6,))
+    data = batches(torch.stack([x, mask], 1), y, batch_size=3)
+    got, info = _run(model, data, kind=kind)
+    assert info.methods["table"] == "op-local", info.methods
+    assert taken and all(taken), taken
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 
 

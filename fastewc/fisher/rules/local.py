@@ -155,31 +155,97 @@ _ADDITIVE = {torch.add: (1, 1), torch.Tensor.add: (1, 1), torch.Tensor.__add__: 
              torch.Tensor.__sub__: (1, -1), torch.Tensor.__rsub__: (-1, 1)}
 
 
-def _additive_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: int, j: int) -> dict | None:
-    """The per-sample gradients of ``a + b`` / ``a - b`` in closed form: for an argument ``b``
-    without a batch axis, sample ``n``'s gradient is ``G[n]`` summed over the axes ``b`` is
-    broadcast along; then back through the batch-free chain that built ``b`` from the
-    parameters (one ``vjp``, its pull-back mapped over the samples). None where it does not
-    apply (keyword arguments, another operation, an argument with a batch axis)."""
-    signs = _ADDITIVE.get(rec.func)
-    if signs is None or len(rec.leaves) != 2 or rec.spec != _TWO_ARGS_SPEC or len(grads) != 1:
+def _arguments(rec: Recorded) -> dict | None:
+    """``{argument name or position: leaf index}`` of a recorded call whose arguments are leaves
+    themselves (no tensor inside a tuple or dict); None otherwise."""
+    args, kwargs = tree_unflatten(list(range(len(rec.leaves))), rec.spec)
+    if not all(isinstance(a, int) for a in (*args, *kwargs.values())):
         return None
-    out_shape = rec.outputs[0].shape
+    return {**dict(enumerate(args)), **kwargs}
+
+
+def _sample_leaf(rec: Recorded, k: int, i: int, j: int) -> torch.Tensor:
+    """Leaf ``k`` for samples ``i..j``: its rows where it holds the samples, else as it is (broadcast)."""
+    x = rec.leaves[k]
+    return rec.samples(x, i, j) if k in rec.batched else x
+
+
+def _additive_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.Tensor | None:
+    if rec.spec != _TWO_ARGS_SPEC:
+        return None
+    return -G if _ADDITIVE[rec.func][k] < 0 else G
+
+
+def _where_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.Tensor | None:
+    """``torch.where(condition, input, other)``: the output gradient where the argument was taken."""
+    if rec.spec != _THREE_ARGS_SPEC or k not in (1, 2) or rec.fold > 1:
+        return None
+    cond = rec.leaves[0]
+    if not isinstance(cond, torch.Tensor) or cond.dtype != torch.bool:
+        return None
+    cond = _sample_leaf(rec, 0, i, j)
+    return G * (cond if k == 1 else ~cond).to(G.dtype)
+
+
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_mask_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.Tensor | None:
+    """``F.scaled_dot_product_attention``'s additive float ``attn_mask`` (a learned position bias):
+    its gradient is that of the attention scores, ``P * (dP - rowsum(dP * P))`` with ``P`` the
+    attention probabilities and ``dP = dO V^T``, recomputed for the samples in one batched pass."""
+    where = _arguments(rec)
+    if where is None or rec.fold > 1:
+        return None
+    named = {(_SDPA_NAMES[a] if isinstance(a, int) else a): leaf for a, leaf in where.items()}
+    value = {name: rec.leaves[leaf] for name, leaf in named.items()}
+    if (named.get("attn_mask") != k or value.get("dropout_p", 0.0) != 0.0 or value.get("enable_gqa", False)
+            or value.get("is_causal", False)  # torch allows no attn_mask with is_causal
+            or any(named.get(t) not in rec.batched for t in ("query", "key", "value"))):
+        return None
+    q, key, v = (_sample_leaf(rec, named[t], i, j) for t in ("query", "key", "value"))
+    mask = value["attn_mask"]
+    if not mask.is_floating_point() or q.shape[-3] != key.shape[-3]:
+        return None
+    scale = value.get("scale")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    P = torch.softmax((q @ key.transpose(-2, -1)) * scale + mask, -1).nan_to_num(0.0)  # a row masked entirely: none
+    dP = G @ v.transpose(-2, -1)
+    return P * (dP - (dP * P).sum(-1, keepdim=True))
+
+
+# Operations with the per-sample gradient w.r.t. an argument without a batch axis in closed form:
+# ``f(rec, k, G, i, j)`` gives it at the output's shape (for samples i..j), or None.
+_CLOSED_FORM = {**{f: _additive_grad for f in _ADDITIVE}, torch.where: _where_grad,
+                torch.nn.functional.scaled_dot_product_attention: _sdpa_mask_grad}
+
+
+def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: int, j: int) -> dict | None:
+    """The per-sample gradients of an argument ``b`` without a batch axis, in closed form, for the
+    operations of ``_CLOSED_FORM`` (``x + pos``, ``torch.where(mask, bias, -inf)``, an attention's
+    learned ``attn_mask``): sample ``n``'s gradient is that operation's gradient for ``b`` at the
+    output's shape, summed over the axes ``b`` is broadcast along; then back through the
+    batch-free chain that built ``b`` from the parameters (one ``vjp``, its pull-back mapped over
+    the samples). None where it does not apply, and the generic replay serves."""
+    grad_of = _CLOSED_FORM.get(rec.func)
+    if grad_of is None or len(grads) != 1:
+        return None
     G = rec.samples(grads[0], i, j)
     result: dict[str, torch.Tensor] = {}
     for k, build in rec.param_slots.items():
         b = rec.leaves[k]
-        shape = (1,) * (len(out_shape) - b.dim()) + tuple(b.shape)
-        if len(shape) != len(out_shape) or shape[0] != 1:
+        g = grad_of(rec, k, G, i, j)   # [samples, (fold,) *the shape b is broadcast to]
+        if g is None:
+            return None
+        rows = g.dim() - (1 if rec.fold > 1 else 0)
+        shape = (1,) * (rows - b.dim()) + tuple(b.shape)
+        if len(shape) != rows or shape[0] != 1:
             return None  # the argument is wider than the output, or spans the batch axis
-        full = out_shape
         if rec.fold > 1:  # the rows of a sample: one more axis the argument is broadcast along
-            shape, full = (1, *shape), (rec.n, rec.fold, *out_shape[1:])
-        axes = [d for d in range(1, len(shape)) if shape[d] == 1 and full[d] != 1]
-        g = G.sum(axes, keepdim=True) if axes else G
+            shape = (1, *shape)
+        axes = [d for d in range(1, len(shape)) if shape[d] == 1 and g.shape[d] != 1]
+        g = g.sum(axes, keepdim=True) if axes else g
         g = g.reshape(G.shape[0], *b.shape).to(b.dtype)
-        if signs[k] < 0:
-            g = -g
         if isinstance(build, ParamLeaf):
             got = {build.name: g}
         else:
@@ -192,6 +258,7 @@ def _additive_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list
 
 
 _TWO_ARGS_SPEC = tree_flatten(((torch.zeros(()), torch.zeros(())), {}))[1]
+_THREE_ARGS_SPEC = tree_flatten(((torch.zeros(()), torch.zeros(()), torch.zeros(())), {}))[1]
 
 
 def op_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: int, j: int) -> dict:
@@ -199,7 +266,7 @@ def op_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: in
     (``values``: name -> the parameter tensor the model saw). Each slot of ``rec.param_slots``
     rebuilds its argument from the parameters: the parameter itself, or a chain of operations
     without a batch axis applied to it (``pos[:T]``, ``scale * 2``)."""
-    got = _additive_blocks(rec, values, grads, i, j)
+    got = _closed_form_blocks(rec, values, grads, i, j)
     if got is not None:
         return got
 
