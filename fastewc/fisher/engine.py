@@ -26,8 +26,10 @@ from .plan import OPS, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
 from .rules import sq_sum_of
+from .rules.embedding import ROW_LOOKUPS, lookup_rows
 from .rules.local import op_blocks
 from .rules.replay import local_blocks, local_sq_sums
+from .rules.tied_head import head_and_rows_sq_sum, is_head
 from .sums import squares_of_uses
 
 
@@ -272,6 +274,13 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
         if total is not None:
             for a, p in site.params.items():
                 sums[p] = total[a]
+    # A weight shared by a Linear head and lookups of its rows (an LM head tied to its token
+    # embeddings): summed without dense per-sample blocks.
+    for p, us in uses.items():
+        if p not in sums:
+            got = _tied_head_sum(plan, rec, p, us, where, grads_per_col)
+            if got is not None:
+                sums[p] = got
     # Everything else: per-sample blocks of every use, added up, squared, summed.
     rest = {p: u for p, u in uses.items() if p not in sums}
     for p in plan.covered - uses.keys():
@@ -296,6 +305,38 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
 
         squares_of_uses(users, n, per, add_into, blocks, sums)
     return sums
+
+
+def _tied_head_sum(plan, rec, p: str, uses: list, where, grads_per_col) -> torch.Tensor | None:
+    """The sum for parameter ``p`` when its uses are one Linear head (``p`` its weight) and
+    lookups of its rows by embedding rules (``tied_head``); None when they are anything else."""
+    sites = [plan.sites.get(key) if key != OPS else None for key, _ in uses]
+    if any(site is None or site.rule is None or site.batch_free for site in sites):
+        return None
+    heads = [k for k, site in enumerate(sites) if is_head(site.rule) and site.params.get("weight") == p]
+    lookups = [k for k, site in enumerate(sites) if k not in heads]
+    if (len(heads) != 1 or not lookups
+            or any(sites[k].rule.per_sample not in ROW_LOOKUPS or dict(sites[k].params) != {"weight": p}
+                   for k in lookups)
+            or any(rec.calls[key][c].rec.fold > 1 for key, c in uses)):
+        return None
+    n = rec.n
+
+    def inputs(k):
+        r = rec.calls[uses[k][0]][uses[k][1]].rec
+        return r, r.samples(r.leaves[0].detach(), 0, n)
+
+    (hr, hA), total = inputs(heads[0]), None
+    with _failing_site(plan, rec, uses[heads[0]]):
+        for col in grads_per_col:  # the exact Fisher's columns add up
+            rows = []
+            for k in lookups:
+                r, A = inputs(k)
+                idx, (g,) = lookup_rows(sites[k].module, A, [r.samples(col[where[uses[k]][0]], 0, n)])
+                rows.append((idx, g))
+            got = head_and_rows_sq_sum(hA, hr.samples(col[where[uses[heads[0]]][0]], 0, n), rows)
+            total = got if total is None else total.add_(got)
+    return total
 
 
 @contextmanager

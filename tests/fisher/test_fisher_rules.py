@@ -363,15 +363,19 @@ def test_inplace_activation_after_a_ruled_layer():
 @pytest.mark.parametrize("chunk", ["two samples", "whole batch"])
 @pytest.mark.parametrize("add_into", [True, False])
 def test_tied_weights_sum_both_uses_before_squaring(add_into, chunk, monkeypatch):
-    # add_into: the embedding adds its rows into the tied Linear's dense block in place; without
-    # it, each use forms its own block and they are added. Chunks of two samples (the last one
-    # short) are squared sample by sample, a whole batch of six at once.
+    # The dense blocks' route, which the tied-head sum (tests/fisher/test_tied_head.py) takes over
+    # for a Linear head and embeddings, and which serves every other shared parameter: here it is
+    # made to serve by recognising no embedding use as a lookup of rows. add_into: the embedding
+    # adds its rows into the tied Linear's dense block in place; without it, each use forms its
+    # own block and they are added. Chunks of two samples (the last one short) are squared sample
+    # by sample, a whole batch of six at once.
     import dataclasses
 
-    from fastewc.fisher import sums
+    from fastewc.fisher import engine, sums
     from fastewc.fisher.rules import registry
     from models import Tied
 
+    monkeypatch.setattr(engine, "ROW_LOOKUPS", ())
     added = []
     rule = registry.rule_for(nn.Embedding(3, 2))[0]
 

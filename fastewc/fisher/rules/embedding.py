@@ -70,6 +70,16 @@ def embedding_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list) -> dict:
     return {"weight": table}
 
 
+def lookup_rows(m: nn.Embedding, A: torch.Tensor, Gs: list) -> tuple[torch.Tensor, list]:
+    """``(indices [n, L], [rows' gradients [n, L, dim] per output gradient])``: what each sample
+    looked up and the gradient of those rows (zero at the padding index), for either rule of
+    this file; a tied weight's other use adds them into its own (``fastewc.fisher.rules.tied_head``)."""
+    if type(m).forward is not nn.Embedding.forward:
+        A, Gs = _looked_up(m, A, Gs)
+    got = [_rows(m, A, G) for G in Gs]
+    return got[0][1], [Gf for _, _, Gf in got]
+
+
 def embedding_applies(m: nn.Embedding) -> bool:
     # max_norm renormalises the table in place during forward; scale_grad_by_freq scales by the
     # token counts of the whole batch, not of one sample: neither has a per-sample formula here.
@@ -172,3 +182,6 @@ def own_forward_add_into(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, into
 
 register_rule(_own_forward, own_forward_per_sample, name="embedding (own forward)", sq_sum=own_forward_sq_sum,
               add_into=own_forward_add_into, fits=own_forward_fits)
+
+# The per-sample functions of the rules whose uses ``lookup_rows`` serves.
+ROW_LOOKUPS = (embedding_per_sample, own_forward_per_sample)

@@ -1,0 +1,53 @@
+"""A weight shared by a Linear layer (a language model's head) and lookups of its rows (the token
+embeddings tied to it): the sum of squared per-sample gradients without a dense per-sample block.
+
+Sample n's gradient of the weight is ``H_n + E_n``: the head's ``H_n = G_n^T A_n`` (dense, every
+row of the vocabulary) plus the lookups' ``E_n``, nonzero only in the rows of the tokens the sample
+holds. So
+
+    sum_n (H_n + E_n)^2 = sum_n H_n^2 + sum_n sum_{v looked up by n} E_n[v] (2 H_n[v] + E_n[v]),
+
+the first term the Linear rule's own sum (the fused kernel where it serves), the second one row
+per (sample, token) pair: ``H_n[v]`` for those rows only, gathered from ``G_n``'s columns. Before,
+each sample's ``[V, d]`` block was formed, the rows added into it, and squared: for a vocabulary
+of thousands, most of the Fisher's time on the encoder-decoders.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear import _as_3d, linear_per_sample, sq_sum_linear
+
+
+def is_head(rule) -> bool:
+    """Whether a site's rule is the Linear rule (a head whose weight is ``[V, d]``)."""
+    return rule is not None and rule.per_sample is linear_per_sample
+
+
+def head_and_rows_sq_sum(A: torch.Tensor, G: torch.Tensor, lookups: list, **kernel) -> torch.Tensor:
+    """``sum_n g_n^2`` ``[V, d]`` for a weight used by a Linear head (input ``A`` ``[n, ..., d]``,
+    output gradient ``G`` ``[n, ..., V]``) and by lookups ``[(indices [n, L], rows' gradients
+    [n, L, d]), ...]`` of its rows by the same samples. ``kernel``: as ``sq_sum_linear``'s."""
+    total = sq_sum_linear(A, [G], False, **kernel)["weight"]
+    n, V, d = A.shape[0], total.shape[0], total.shape[1]
+    if n == 0 or not lookups:
+        return total
+    idx = torch.cat([i.reshape(n, -1) for i, _ in lookups], 1)                  # [n, L]
+    rows = torch.cat([r.reshape(n, -1, d) for _, r in lookups], 1).to(total.dtype)
+    # E_n[v]: the (sample, token) pairs, their rows added up
+    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+    pairs, inv = torch.unique(keys, return_inverse=True)
+    E = torch.zeros(pairs.numel(), d, dtype=total.dtype, device=total.device).index_add_(0, inv, rows.reshape(-1, d))
+    sample, row = pairs // V, pairs % V
+    # H_n[v] at the pairs: each sample's own pairs, padded to the most any sample has, in one product
+    counts = torch.bincount(sample, minlength=n)
+    slot = torch.arange(pairs.numel(), device=idx.device) - (torch.cumsum(counts, 0) - counts)[sample]
+    width = int(counts.max())
+    A3, G3 = _as_3d(A, G)
+    cols = torch.zeros(n, width, dtype=torch.long, device=idx.device)
+    cols[sample, slot] = row
+    H = torch.bmm(G3.gather(2, cols.unsqueeze(1).expand(-1, G3.shape[1], -1)).transpose(1, 2), A3)   # [n, width, d]
+    H = H[sample, slot].to(total.dtype)
+    total.index_add_(0, row, E * (2 * H + E))
+    return total

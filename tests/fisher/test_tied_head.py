@@ -1,0 +1,117 @@
+"""A weight shared by a Linear head and lookups of its rows (``fastewc.fisher.rules.tied_head``):
+the sum against a per-sample loop in float64, directly and through ``estimate_fisher``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastewc import reference as R
+from fastewc.fisher import engine
+from fastewc.fisher.rules import tied_head
+from models import Tied, assert_fisher_close, batches
+from test_fisher_local_rules import OwnForwardLM, ScaledEmbedding
+from test_fisher_rules import _run
+
+D = torch.float64
+
+
+def per_sample_loop(A, G, lookups, V):
+    """The definition: each sample's dense gradient, its looked-up rows added, squared."""
+    n, d = A.shape[0], A.shape[-1]
+    total = torch.zeros(V, d, dtype=D)
+    for k in range(n):
+        g = G[k].reshape(-1, V).double().t() @ A[k].reshape(-1, d).double()
+        for idx, rows in lookups:
+            g.index_add_(0, idx[k].reshape(-1), rows[k].reshape(-1, d).double())
+        total += g * g
+    return total
+
+
+@pytest.mark.parametrize("kernel", ["auto", None], ids=["kernel", "products"])
+@pytest.mark.parametrize("n,positions,lookup_lengths", [
+    (5, (4,), (3, 6)),        # two lookups (encoder and decoder embeddings), tokens repeated
+    (3, (), (2,)),            # a head on one vector per sample
+    (4, (2, 3), (1,)),        # a head over a 2-D grid of positions
+    (1, (5,), (7,)),          # one sample
+    (0, (3,), (2,)),          # no sample
+])
+def test_sum_matches_the_per_sample_loop(n, positions, lookup_lengths, kernel):
+    torch.manual_seed(n + len(positions))
+    V, d = 9, 7
+    A = torch.randn(n, *positions, d, dtype=D)
+    G = torch.randn(n, *positions, V, dtype=D)
+    lookups = []
+    for L in lookup_lengths:
+        idx = torch.randint(0, V, (n, L))
+        if L > 1 and n:
+            idx[:, 1] = idx[:, 0]  # a token twice in a sample: its rows add before squaring
+        lookups.append((idx, torch.randn(n, L, d, dtype=D)))
+    extra = {} if kernel == "auto" else {"kernel": None}
+    got = tied_head.head_and_rows_sq_sum(A, G, lookups, **extra)
+    want = per_sample_loop(A, G, lookups, V)
+    assert got.shape == (V, d) and float((got - want).abs().max()) <= 1e-12 * max(float(want.abs().max()), 1.0)
+
+
+def _spy_sum(monkeypatch) -> list:
+    taken = []
+    real = engine.head_and_rows_sq_sum
+
+    def spy(*a, **k):
+        taken.append(True)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "head_and_rows_sq_sum", spy)
+    return taken
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_estimate_fisher_sums_a_tied_head_without_blocks(kind, monkeypatch):
+    taken = _spy_sum(monkeypatch)
+    torch.manual_seed(3)
+    model = Tied().to(D)
+    data = batches(torch.randint(0, 11, (7, 4)), torch.randint(0, 11, (7,)), batch_size=3)
+    got, info = _run(model, data, kind=kind)
+    assert taken and info.methods["emb.weight"] == "embedding+linear"
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_a_scaled_embedding_subclass_tied_to_the_head(kind, monkeypatch):
+    # BART's and Gemma's case: the lookups come from one replay of the subclass's own forward, the
+    # padding row gets nothing.
+    taken = _spy_sum(monkeypatch)
+    torch.manual_seed(4)
+    model = OwnForwardLM(ScaledEmbedding(11, 6, padding_idx=0), True).to(D)
+    ids = torch.randint(1, 11, (6, 5))
+    ids[::2, -2:] = 0
+    data = batches(ids, torch.randint(0, 11, (6,)), batch_size=3)
+    got, info = _run(model, data, kind=kind)
+    assert taken and info.rules["emb"] == "embedding (own forward)"
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
+class TwoHeads(nn.Module):
+    """A weight used by two Linear layers and an embedding: not the tied-head case (two dense uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.a = nn.Linear(6, 11, bias=False)
+        self.b = nn.Linear(6, 11, bias=False)
+        self.a.weight = self.b.weight = self.emb.weight
+
+    def forward(self, x):
+        h = self.emb(x).mean(1)
+        return self.a(h) + self.b(torch.tanh(h))
+
+
+def test_two_dense_uses_go_by_blocks(monkeypatch):
+    taken = _spy_sum(monkeypatch)
+    torch.manual_seed(5)
+    model = TwoHeads().to(D)
+    data = batches(torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6,)), batch_size=3)
+    got, _ = _run(model, data)
+    assert not taken
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
