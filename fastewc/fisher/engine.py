@@ -26,10 +26,10 @@ from .plan import OPS, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
 from .rules import sq_sum_of
-from .rules.embedding import ROW_LOOKUPS, lookup_rows
+from .rules.embedding import lookup_rows
 from .rules.local import op_blocks
 from .rules.replay import local_blocks, local_sq_sums
-from .rules.tied_head import head_and_rows_sq_sum, is_head
+from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sums import squares_of_uses
 
 
@@ -308,33 +308,32 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
 
 
 def _tied_head_sum(plan, rec, p: str, uses: list, where, grads_per_col) -> torch.Tensor | None:
-    """The sum for parameter ``p`` when its uses are one Linear head (``p`` its weight) and
-    lookups of its rows by embedding rules (``tied_head``); None when they are anything else."""
-    sites = [plan.sites.get(key) if key != OPS else None for key, _ in uses]
-    if any(site is None or site.rule is None or site.batch_free for site in sites):
+    """The sum for parameter ``p`` when its uses are one Linear head and lookups of its rows by
+    embedding rules (``tied_head``); None when they are anything else."""
+    def site_of(use):
+        site = plan.sites.get(use[0]) if use[0] != OPS else None
+        ok = site is not None and not site.batch_free and rec.calls[use[0]][use[1]].rec.fold == 1
+        return site if ok else None
+
+    found = tied_uses(p, uses, site_of)
+    if found is None:
         return None
-    heads = [k for k, site in enumerate(sites) if is_head(site.rule) and site.params.get("weight") == p]
-    lookups = [k for k, site in enumerate(sites) if k not in heads]
-    if (len(heads) != 1 or not lookups
-            or any(sites[k].rule.per_sample not in ROW_LOOKUPS or dict(sites[k].params) != {"weight": p}
-                   for k in lookups)
-            or any(rec.calls[key][c].rec.fold > 1 for key, c in uses)):
-        return None
+    head, lookups = found
     n = rec.n
 
-    def inputs(k):
-        r = rec.calls[uses[k][0]][uses[k][1]].rec
-        return r, r.samples(r.leaves[0].detach(), 0, n)
+    def inputs(use, col):
+        r = rec.calls[use[0]][use[1]].rec
+        return r.samples(r.leaves[0].detach(), 0, n), r.samples(col[where[use][0]], 0, n)
 
-    (hr, hA), total = inputs(heads[0]), None
-    with _failing_site(plan, rec, uses[heads[0]]):
+    total = None
+    with _failing_site(plan, rec, head):
         for col in grads_per_col:  # the exact Fisher's columns add up
             rows = []
-            for k in lookups:
-                r, A = inputs(k)
-                idx, (g,) = lookup_rows(sites[k].module, A, [r.samples(col[where[uses[k]][0]], 0, n)])
+            for use in lookups:
+                A, G = inputs(use, col)
+                idx, (g,) = lookup_rows(plan.sites[use[0]].module, A, [G])
                 rows.append((idx, g))
-            got = head_and_rows_sq_sum(hA, hr.samples(col[where[uses[heads[0]]][0]], 0, n), rows)
+            got = head_and_rows_sq_sum(*inputs(head, col), rows)
             total = got if total is None else total.add_(got)
     return total
 

@@ -29,8 +29,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
 from .rules import sq_sum_of
+from .rules.embedding import lookup_rows
 from .rules.local import Recorded
 from .rules.replay import local_blocks, local_sq_sums, record_call
+from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
 
@@ -357,6 +359,7 @@ class _StepHooks:
         users = [(key, c) for key, calls in p.calls.items() for c, call in enumerate(calls)
                  if any(g is not None for g in call.grads)]
         users = [u for u in users if not self._local_sq_sums(p, *u)]
+        users = self._tied_heads(p, users)
         if not users:
             return
         names = {n for key, _ in users for n in self._sites[key].params.values()}
@@ -382,6 +385,29 @@ class _StepHooks:
         squares_of_uses(users, p.k, per, add_into, blocks, totals)
         for name, total in totals.items():
             self._add(p, name, total)
+
+    def _tied_heads(self, p: _Pass, users: list) -> list:
+        """Sum each weight shared by a Linear head and embedding lookups of its rows without
+        per-sample blocks (``tied_head``); the uses left for the blocks."""
+        by_param: dict[str, list] = {}
+        for u in users:
+            for q in self._sites[u[0]].params.values():
+                by_param.setdefault(q, []).append(u)
+        done = set()
+        for q, us in by_param.items():
+            found = tied_uses(q, us, lambda u: self._sites[u[0]])
+            if found is None or len(self._sites[found[0][0]].params) != 1:  # a head's bias goes by blocks
+                continue
+            head, lookups = found
+            A, _, (G,) = self._prepare(p, *head)
+            rows = []
+            for use in lookups:
+                Au, _, (Gu,) = self._prepare(p, *use)
+                idx, (g,) = lookup_rows(self._sites[use[0]].module, Au, [Gu])
+                rows.append((idx, g))
+            self._add(p, q, head_and_rows_sq_sum(A, G, rows))
+            done.update(us)
+        return [u for u in users if u not in done]
 
     def _local_sq_sums(self, p: _Pass, key: str, c: int) -> bool:
         """Add a module-local site's sums of squares without per-sample blocks where its layer

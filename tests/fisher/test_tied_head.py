@@ -115,3 +115,31 @@ def test_two_dense_uses_go_by_blocks(monkeypatch):
     got, _ = _run(model, data)
     assert not taken
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_the_tracker_sums_a_tied_head_without_blocks(fraction, monkeypatch):
+    # A training step with learning rate 0 over a tied model: the tracked Fisher takes the
+    # tied-head sum and equals estimate_fisher over the same samples.
+    from fastewc import FisherTracker, estimate_fisher
+    from fastewc.fisher import tracked_step
+
+    taken = []
+    real = tracked_step.head_and_rows_sq_sum
+    monkeypatch.setattr(tracked_step, "head_and_rows_sq_sum", lambda *a: taken.append(True) or real(*a))
+    torch.manual_seed(6)
+    model = Tied().to(D).eval()
+    data = batches(torch.randint(0, 11, (8, 4)), torch.randint(0, 11, (8,)), batch_size=4)
+    tracker = FisherTracker(model, fraction=fraction, seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with tracker:
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    g = torch.Generator().manual_seed(2)
+    k = int(4 * fraction)
+    subset = data if fraction == 1.0 else [(x[i], y[i]) for x, y in data
+                                            for i in [torch.randperm(len(y), generator=g)[:k].sort().values]]
+    assert taken
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, subset), rtol=1e-10)

@@ -1,6 +1,7 @@
 """Per-layer Fisher rules: one file per layer family, all registered in :mod:`.registry`.
 
-* :mod:`.linear`: ``nn.Linear`` and Hugging Face's ``Conv1D``;
+* :mod:`.linear`: ``nn.Linear`` and Hugging Face's ``Conv1D`` (:mod:`.outer_cpu`: its fused CPU
+  kernel over sequences);
 * :mod:`.conv`: ``nn.Conv1d`` / ``nn.Conv2d``;
 * :mod:`.embedding`: ``nn.Embedding``;
 * :mod:`.norm`: LayerNorm, RMSNorm (and RMSNorm-style modules of other libraries), GroupNorm,
@@ -9,7 +10,8 @@
 * :mod:`.rnn`: ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, their recurrence rerun for a chunk of samples;
 * :mod:`.local`: the module-local rule for any other module (``torch.func`` over that module
   alone), and the op-local rule for parameters used outside any module;
-* :mod:`.replay`: which layers the module-local rule records and replays their own way.
+* :mod:`.replay`: which layers the module-local rule records and replays their own way;
+* :mod:`.tied_head`: a weight shared by a Linear head and embedding lookups of its rows.
 
 Add a rule for your own layer with :func:`register_rule`.
 """

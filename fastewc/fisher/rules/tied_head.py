@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import torch
 
+from .embedding import ROW_LOOKUPS
 from .linear import _as_3d, linear_per_sample, sq_sum_linear
 
 
-def is_head(rule) -> bool:
-    """Whether a site's rule is the Linear rule (a head whose weight is ``[V, d]``)."""
-    return rule is not None and rule.per_sample is linear_per_sample
+def tied_uses(q: str, uses: list, site_of) -> tuple | None:
+    """``(the head's use, [the lookups' uses])`` when parameter ``q``'s ``uses`` are one Linear
+    rule site with ``q`` as its weight and embedding rule sites with ``q`` as their only
+    parameter; else None. ``site_of(use)``: the use's site (with ``rule`` and ``params``)."""
+    heads, rows = [], []
+    for use in uses:
+        site = site_of(use)
+        rule = None if site is None else site.rule
+        if rule is not None and rule.per_sample is linear_per_sample and site.params.get("weight") == q:
+            heads.append(use)
+        elif rule is not None and rule.per_sample in ROW_LOOKUPS and dict(site.params) == {"weight": q}:
+            rows.append(use)
+        else:
+            return None
+    return (heads[0], rows) if len(heads) == 1 and rows else None
 
 
 def head_and_rows_sq_sum(A: torch.Tensor, G: torch.Tensor, lookups: list, **kernel) -> torch.Tensor:
