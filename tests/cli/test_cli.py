@@ -181,7 +181,7 @@ def test_info_names_the_backend_per_device(capsys, monkeypatch):
     from fastewc.fisher.rules import outer_cpu
     outer = outer_cpu.kernel()
     if outer.why is None:
-        assert f"Fisher on CPU: fused C kernel for Linear layers over sequences available" in out
+        assert "Fisher on CPU: fused C kernel for Linear layers over sequences available" in out
         assert str(outer.library.path) in out
     else:
         assert f"Fisher on CPU: fused C kernel not available: {outer.why}; batched products instead" in out
