@@ -321,21 +321,15 @@ def _tied_head_sum(plan, rec, p: str, uses: list, where, grads_per_col) -> torch
     head, lookups = found
     n = rec.n
 
-    def inputs(use, col):
+    def inputs(use):
+        """A use's input and its output gradient in every column of the exact Fisher."""
         r = rec.calls[use[0]][use[1]].rec
-        return r.samples(r.leaves[0].detach(), 0, n), r.samples(col[where[use][0]], 0, n)
+        return r.samples(r.leaves[0].detach(), 0, n), [r.samples(col[where[use][0]], 0, n) for col in grads_per_col]
 
-    total = None
     with _failing_site(plan, rec, head):
-        for col in grads_per_col:  # the exact Fisher's columns add up
-            rows = []
-            for use in lookups:
-                A, G = inputs(use, col)
-                idx, (g,) = lookup_rows(plan.sites[use[0]].module, A, [G])
-                rows.append((idx, g))
-            got = head_and_rows_sq_sum(*inputs(head, col), rows)
-            total = got if total is None else total.add_(got)
-    return total
+        # One lookup (one replay of an embedding's own forward) serves every column.
+        rows = [lookup_rows(plan.sites[use[0]].module, *inputs(use)) for use in lookups]
+        return head_and_rows_sq_sum(*inputs(head), rows)
 
 
 @contextmanager

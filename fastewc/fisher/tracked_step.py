@@ -399,13 +399,12 @@ class _StepHooks:
             if found is None or len(self._sites[found[0][0]].params) != 1:  # a head's bias goes by blocks
                 continue
             head, lookups = found
-            A, _, (G,) = self._prepare(p, *head)
+            A, _, Gs = self._prepare(p, *head)
             rows = []
             for use in lookups:
-                Au, _, (Gu,) = self._prepare(p, *use)
-                idx, (g,) = lookup_rows(self._sites[use[0]].module, Au, [Gu])
-                rows.append((idx, g))
-            self._add(p, q, head_and_rows_sq_sum(A, G, rows))
+                Au, _, Gu = self._prepare(p, *use)
+                rows.append(lookup_rows(self._sites[use[0]].module, Au, Gu))
+            self._add(p, q, head_and_rows_sq_sum(A, Gs, rows))
             done.update(us)
         return [u for u in users if u not in done]
 

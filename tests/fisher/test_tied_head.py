@@ -17,19 +17,22 @@ from test_fisher_rules import _run
 D = torch.float64
 
 
-def per_sample_loop(A, G, lookups, V):
-    """The definition: each sample's dense gradient, its looked-up rows added, squared."""
+def per_sample_loop(A, Gs, lookups, V):
+    """The definition: each sample's dense gradient, its looked-up rows added, squared; summed
+    over the columns."""
     n, d = A.shape[0], A.shape[-1]
     total = torch.zeros(V, d, dtype=D)
-    for k in range(n):
-        g = G[k].reshape(-1, V).double().t() @ A[k].reshape(-1, d).double()
-        for idx, rows in lookups:
-            g.index_add_(0, idx[k].reshape(-1), rows[k].reshape(-1, d).double())
-        total += g * g
+    for c, G in enumerate(Gs):
+        for k in range(n):
+            g = G[k].reshape(-1, V).double().t() @ A[k].reshape(-1, d).double()
+            for idx, rows in lookups:
+                g.index_add_(0, idx[k].reshape(-1), rows[c][k].reshape(-1, d).double())
+            total += g * g
     return total
 
 
 @pytest.mark.parametrize("kernel", ["auto", None], ids=["kernel", "products"])
+@pytest.mark.parametrize("columns", [1, 3])
 @pytest.mark.parametrize("n,positions,lookup_lengths", [
     (5, (4,), (3, 6)),        # two lookups (encoder and decoder embeddings), tokens repeated
     (3, (), (2,)),            # a head on one vector per sample
@@ -37,21 +40,23 @@ def per_sample_loop(A, G, lookups, V):
     (1, (5,), (7,)),          # one sample
     (0, (3,), (2,)),          # no sample
 ])
-def test_sum_matches_the_per_sample_loop(n, positions, lookup_lengths, kernel):
-    torch.manual_seed(n + len(positions))
+def test_sum_matches_the_per_sample_loop(n, positions, lookup_lengths, columns, kernel):
+    # columns: the exact Fisher's, each with its own output gradient and rows' gradients
+    torch.manual_seed(n + len(positions) + columns)
     V, d = 9, 7
     A = torch.randn(n, *positions, d, dtype=D)
-    G = torch.randn(n, *positions, V, dtype=D)
+    Gs = [torch.randn(n, *positions, V, dtype=D) for _ in range(columns)]
     lookups = []
     for L in lookup_lengths:
         idx = torch.randint(0, V, (n, L))
         if L > 1 and n:
             idx[:, 1] = idx[:, 0]  # a token twice in a sample: its rows add before squaring
-        lookups.append((idx, torch.randn(n, L, d, dtype=D)))
+        lookups.append((idx, [torch.randn(n, L, d, dtype=D) for _ in range(columns)]))
     extra = {} if kernel == "auto" else {"kernel": None}
-    got = tied_head.head_and_rows_sq_sum(A, G, lookups, **extra)
-    want = per_sample_loop(A, G, lookups, V)
-    assert got.shape == (V, d) and float((got - want).abs().max()) <= 1e-12 * max(float(want.abs().max()), 1.0)
+    got = tied_head.head_and_rows_sq_sum(A, Gs, lookups, **extra)
+    want = per_sample_loop(A, Gs, lookups, V)
+    assert got.shape == (V, d)
+    assert float((got - want).abs().max()) <= 1e-12 * max(float(want.abs().max()), 1.0)
 
 
 def _spy_sum(monkeypatch) -> list:
@@ -77,19 +82,31 @@ def test_estimate_fisher_sums_a_tied_head_without_blocks(kind, monkeypatch):
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["empirical", "exact"])
-def test_a_scaled_embedding_subclass_tied_to_the_head(kind, monkeypatch):
-    # BART's and Gemma's case: the lookups come from one replay of the subclass's own forward, the
-    # padding row gets nothing.
+def test_a_scaled_embedding_subclass_tied_to_the_head(monkeypatch):
+    # BART's and Gemma's case: the lookups come from replays of the subclass's own forward, the
+    # padding row gets nothing; the exact Fisher's 11 columns share one replay per call, so it
+    # replays no more often than the empirical Fisher.
+    from fastewc.fisher import clear_plan_cache
+    from fastewc.fisher.rules import embedding
+
     taken = _spy_sum(monkeypatch)
+    replays = []
+    real = embedding._replay
+    monkeypatch.setattr(embedding, "_replay", lambda *a: replays.append(1) or real(*a))
     torch.manual_seed(4)
     model = OwnForwardLM(ScaledEmbedding(11, 6, padding_idx=0), True).to(D)
     ids = torch.randint(1, 11, (6, 5))
     ids[::2, -2:] = 0
     data = batches(ids, torch.randint(0, 11, (6,)), batch_size=3)
-    got, info = _run(model, data, kind=kind)
-    assert taken and info.rules["emb"] == "embedding (own forward)"
-    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+    count = {}
+    for kind in ("empirical", "exact"):
+        clear_plan_cache()
+        replays.clear()
+        got, info = _run(model, data, kind=kind)
+        count[kind] = len(replays)
+        assert taken and info.rules["emb"] == "embedding (own forward)"
+        assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+    assert count["exact"] == count["empirical"] > 0, count
 
 
 class TwoHeads(nn.Module):

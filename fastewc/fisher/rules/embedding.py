@@ -53,20 +53,29 @@ def embedding_add_into(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor, into: 
     return True
 
 
+def sample_token_pairs(idx: torch.Tensor, V: int):
+    """The distinct (sample, token) pairs of ``idx`` ``[n, L]`` (tokens below ``V``): ``(samples,
+    tokens, inverse)``, each pair once, and for each entry of ``idx`` (flattened) its pair's
+    position, to add up the rows a sample looked up more than once."""
+    n = idx.shape[0]
+    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+    pairs, inv = torch.unique(keys, return_inverse=True)
+    return pairs // V, pairs % V, inv
+
+
+def add_by_pair(inv: torch.Tensor, count: int, rows: torch.Tensor) -> torch.Tensor:
+    """``[count, dim]``: the rows ``[n, L, dim]`` added up per (sample, token) pair."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    return torch.zeros(count, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, inv, flat)
+
+
 def embedding_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list) -> dict:
     """Group the (sample, token) pairs, sum their rows, square, and add into the table: memory
     O(tokens x dim), never O(N x V)."""
-    n, V = A.shape[0], m.num_embeddings
-    idx = A.reshape(n, -1)
-    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    rows = uniq % V
+    _, tokens, inv = sample_token_pairs(A.reshape(A.shape[0], -1), m.num_embeddings)
     table = torch.zeros_like(m.weight, dtype=Gs[0].dtype)
     for G in Gs:
-        _, _, Gf = _rows(m, A, G)
-        Gf = Gf.reshape(-1, m.embedding_dim)
-        per_pair = torch.zeros(uniq.numel(), m.embedding_dim, dtype=Gf.dtype, device=Gf.device).index_add_(0, inv, Gf)
-        table.index_add_(0, rows, per_pair.square_())
+        table.index_add_(0, tokens, add_by_pair(inv, tokens.numel(), _rows(m, A, G)[2]).square_())
     return {"weight": table}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .embedding import ROW_LOOKUPS
+from .embedding import ROW_LOOKUPS, add_by_pair, sample_token_pairs
 from .linear import _as_3d, linear_per_sample, sq_sum_linear
 
 
@@ -38,29 +38,26 @@ def tied_uses(q: str, uses: list, site_of) -> tuple | None:
     return (heads[0], rows) if len(heads) == 1 and rows else None
 
 
-def head_and_rows_sq_sum(A: torch.Tensor, G: torch.Tensor, lookups: list, **kernel) -> torch.Tensor:
-    """``sum_n g_n^2`` ``[V, d]`` for a weight used by a Linear head (input ``A`` ``[n, ..., d]``,
-    output gradient ``G`` ``[n, ..., V]``) and by lookups ``[(indices [n, L], rows' gradients
-    [n, L, d]), ...]`` of its rows by the same samples. ``kernel``: as ``sq_sum_linear``'s."""
-    total = sq_sum_linear(A, [G], False, **kernel)["weight"]
+def head_and_rows_sq_sum(A: torch.Tensor, Gs: list, lookups: list, **kernel) -> torch.Tensor:
+    """``sum_k sum_n g_nk^2`` ``[V, d]`` for a weight used by a Linear head (input ``A`` ``[n, ...,
+    d]``, output gradients ``Gs[k]`` ``[n, ..., V]``, one per column of the exact Fisher) and by
+    lookups ``[(indices [n, L], [rows' gradients [n, L, d] per column]), ...]`` of its rows by the
+    same samples (``embedding.lookup_rows``). ``kernel``: as ``sq_sum_linear``'s."""
+    total = sq_sum_linear(A, Gs, False, **kernel)["weight"]
     n, V, d = A.shape[0], total.shape[0], total.shape[1]
     if n == 0 or not lookups:
         return total
-    idx = torch.cat([i.reshape(n, -1) for i, _ in lookups], 1)                  # [n, L]
-    rows = torch.cat([r.reshape(n, -1, d) for _, r in lookups], 1).to(total.dtype)
-    # E_n[v]: the (sample, token) pairs, their rows added up
-    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
-    pairs, inv = torch.unique(keys, return_inverse=True)
-    E = torch.zeros(pairs.numel(), d, dtype=total.dtype, device=total.device).index_add_(0, inv, rows.reshape(-1, d))
-    sample, row = pairs // V, pairs % V
+    sample, row, inv = sample_token_pairs(torch.cat([i.reshape(n, -1) for i, _ in lookups], 1), V)
     # H_n[v] at the pairs: each sample's own pairs, padded to the most any sample has, in one product
     counts = torch.bincount(sample, minlength=n)
-    slot = torch.arange(pairs.numel(), device=idx.device) - (torch.cumsum(counts, 0) - counts)[sample]
-    width = int(counts.max())
-    A3, G3 = _as_3d(A, G)
-    cols = torch.zeros(n, width, dtype=torch.long, device=idx.device)
+    slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[sample]
+    cols = torch.zeros(n, int(counts.max()), dtype=torch.long, device=row.device)
     cols[sample, slot] = row
-    H = torch.bmm(G3.gather(2, cols.unsqueeze(1).expand(-1, G3.shape[1], -1)).transpose(1, 2), A3)   # [n, width, d]
-    H = H[sample, slot].to(total.dtype)
-    total.index_add_(0, row, E * (2 * H + E))
+    for k, G in enumerate(Gs):
+        A3, G3 = _as_3d(A, G)
+        H = torch.bmm(G3.gather(2, cols.unsqueeze(1).expand(-1, G3.shape[1], -1)).transpose(1, 2), A3)
+        H = H[sample, slot].to(total.dtype)                                    # [pairs, d]
+        rows = torch.cat([r[k].reshape(n, -1, d) for _, r in lookups], 1).to(total.dtype)
+        E = add_by_pair(inv, row.numel(), rows)                                # E_n[v]
+        total.index_add_(0, row, E * (2 * H + E))
     return total
