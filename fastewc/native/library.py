@@ -15,13 +15,14 @@ import ctypes
 import platform
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .build import build_library, c_compiler, compiler_version, cpu_features, key_of, kernel_source
 
-__all__ = ["BASE_FLAGS", "NATIVE", "OPENMP", "Library", "load_library"]
+__all__ = ["BASE_FLAGS", "NATIVE", "OPENMP", "Library", "ProcessCopy", "load_library"]
 
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno")
 NATIVE = "-march=native"
@@ -83,3 +84,21 @@ def load_library(source_name: str, declare: Callable[[ctypes.CDLL], None], flag_
             built.cleanup()
         return Library(lib, None, cached, tuple(flags))
     return Library(None, f"the CPU kernel {source_name} could not be built: " + " | ".join(errors), None)
+
+
+class ProcessCopy:
+    """A process's one loaded copy of a kernel: ``get()`` loads it at the first call (``load(force)``)
+    and returns the same copy after that; ``get(force=True)`` loads it again when the copy it holds
+    could not be had (``usable(copy)`` false), retrying a build that failed (``fastewc info``).
+    ``value``: the copy held, None before the first call."""
+
+    def __init__(self, load: Callable[[bool], object], usable: Callable[[object], bool]):
+        self._load, self._usable = load, usable
+        self._lock = threading.Lock()
+        self.value = None
+
+    def get(self, force: bool = False):
+        with self._lock:
+            if self.value is None or (force and not self._usable(self.value)):
+                self.value = self._load(force)
+            return self.value

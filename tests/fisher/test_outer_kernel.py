@@ -125,7 +125,7 @@ def test_estimate_fisher_through_the_kernel_matches_the_reference(monkeypatch, m
     # The default path: the process's kernel serves the Linear layers over the sequence (counted),
     # and the Fisher is the reference loop's in float64.
     counting = Counting(KERNEL, threads=2)
-    monkeypatch.setattr(outer_cpu, "_loaded", counting)
+    monkeypatch.setattr(outer_cpu._process, "value", counting)
     torch.manual_seed(0)
     model, data = make(dtype=torch.float64)
     clear_plan_cache()

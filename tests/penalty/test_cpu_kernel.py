@@ -167,7 +167,7 @@ def test_build_is_cached_per_cpu(tmp_path):
 
 def test_auto_falls_back_and_forcing_says_why(monkeypatch):
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
-    monkeypatch.setattr(Q, "_loaded", Q.Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
+    monkeypatch.setattr(Q._process, "value", Q.Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
     monkeypatch.setattr(backends, "_TOLD_NO_CPU_KERNEL", False)
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match=r"fused CPU kernel is not available \(no C compiler found.*PyTorch backend"):

@@ -240,3 +240,15 @@ def test_quick_start_leaves_no_process_and_no_resource_warning(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ResourceWarning" not in r.stderr
     assert _libraries(tmp_path / "cache") and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_the_process_copy_loads_once_and_again_only_when_forced_after_a_failure():
+    from fastewc.native.library import ProcessCopy
+
+    loads = []
+    outcomes = iter(["failed", "built", "rebuilt"])
+    copy = ProcessCopy(lambda force: loads.append(force) or next(outcomes), lambda v: v != "failed")
+    assert copy.value is None
+    assert copy.get() == "failed" and copy.get() == "failed" and loads == [False]   # kept, not retried
+    assert copy.get(force=True) == "built" and loads == [False, True]              # `fastewc info` retries
+    assert copy.get(force=True) == "built" and loads == [False, True]              # a usable copy stays

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ...native.library import BASE_FLAGS, NATIVE, OPENMP, Library, load_library
+from ...native.library import BASE_FLAGS, NATIVE, OPENMP, Library, ProcessCopy, load_library
 
 __all__ = ["FUNCTIONS", "OuterKernel", "SOURCE_NAME", "kernel", "load", "status"]
 
@@ -114,18 +113,14 @@ def load(*, cc: list[str] | None = None, folder: Path | None = None, features: s
     return OuterKernel(lib, threaded)
 
 
-_lock = threading.Lock()
-_loaded: OuterKernel | None = None  # this process's kernel, loaded at the first call of kernel()
+# This process's kernel, loaded at the first call of kernel().
+_process = ProcessCopy(lambda force: load(force=force), lambda k: k.library.lib is not None)
 
 
 def kernel(*, force: bool = False) -> OuterKernel:
     """This process's kernel (built or loaded on the first call; ``why`` says why not).
     ``force``: build again now, retrying a build that failed (``fastewc info``)."""
-    global _loaded
-    with _lock:
-        if _loaded is None or (force and _loaded.library.lib is None):
-            _loaded = load(force=force)
-        return _loaded
+    return _process.get(force)
 
 
 def status() -> str | None:

@@ -10,11 +10,10 @@ verified cache, in the calling process. Without a working compiler ``status()`` 
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 from ...native.build import kernel_source
-from ...native.library import BASE_FLAGS, NATIVE, Library, load_library
+from ...native.library import BASE_FLAGS, NATIVE, Library, ProcessCopy, load_library
 
 __all__ = ["FLAGS", "Kernel", "SOURCE_NAME", "SUFFIX", "load", "library", "library_path", "source_path", "status"]
 
@@ -48,28 +47,22 @@ def load(*, cc: list[str] | None = None, folder: Path | None = None, features: s
                         force=force)
 
 
-_lock = threading.Lock()
-_loaded: Kernel | None = None  # this process's kernel, loaded at the first call of library()
+# This process's kernel, loaded at the first call of library().
+_process = ProcessCopy(lambda force: load(force=force), lambda k: k.lib is not None)
 
 
 def library(*, force: bool = False) -> ctypes.CDLL | None:
     """This process's kernel library (built or loaded on the first call), or None. ``force``:
     build again now, retrying a build that failed (``fastewc info``)."""
-    global _loaded
-    with _lock:
-        if _loaded is None or (force and _loaded.lib is None):
-            _loaded = load(force=force)
-        return _loaded.lib
+    return _process.get(force).lib
 
 
 def library_path() -> Path | None:
     """The cached file of the loaded library (None when there is none, or it was built in a
     temporary folder)."""
-    library()
-    return _loaded.path
+    return _process.get().path
 
 
 def status() -> str | None:
     """None when the fused CPU kernel is available; otherwise the reason it is not."""
-    library()
-    return _loaded.why
+    return _process.get().why
