@@ -168,7 +168,7 @@ def test_bench_unknown_fisher_model(capsys):
 def test_info_names_the_backend_per_device(capsys, monkeypatch):
     import fastewc.penalty.backends as backends
     from fastewc.penalty.backends import cpu_backend
-    from fastewc.native.library import ProcessCopy
+    from fastewc.native.library import Library, ProcessCopy
     from fastewc.penalty.native import quadratic
 
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
@@ -187,7 +187,7 @@ def test_info_names_the_backend_per_device(capsys, monkeypatch):
     else:
         assert f"Fisher on CPU: fused C kernel not available: {outer.why}; batched products instead" in out
     # Where the kernel cannot be built, the reason is printed and what 'auto' takes instead.
-    missing = quadratic.Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None)
+    missing = Library(None, "no C compiler found (set CC, or install cc, gcc or clang)", None)
     monkeypatch.setattr(quadratic, "_process", ProcessCopy(lambda force: missing, lambda k: False))  # no compiler here
     monkeypatch.setenv("FASTEWC_BACKEND", "torch")
     assert cli.main(["info"]) == 0

@@ -20,6 +20,7 @@ from fastewc import EWCRegularizer
 from fastewc import reference as R
 from fastewc.errors import EWCInputError
 from fastewc.penalty.backends import cpu_backend as C
+from fastewc.native.library import Library
 from fastewc.penalty.native import quadratic as Q
 from models import assert_penalty_steps, make_tasks, perturb, register_both
 from plans import SHAPES, assert_grads, check_all_ops, make_plan, reference, split_cpu, value_of
@@ -167,7 +168,7 @@ def test_build_is_cached_per_cpu(tmp_path):
 
 def test_auto_falls_back_and_forcing_says_why(monkeypatch):
     monkeypatch.delenv("FASTEWC_BACKEND", raising=False)
-    monkeypatch.setattr(Q._process, "value", Q.Kernel(None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
+    monkeypatch.setattr(Q._process, "value", Library(None, "no C compiler found (set CC, or install cc, gcc or clang)", None))
     monkeypatch.setattr(backends, "_TOLD_NO_CPU_KERNEL", False)
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match=r"fused CPU kernel is not available \(no C compiler found.*PyTorch backend"):

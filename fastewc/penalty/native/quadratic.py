@@ -15,13 +15,11 @@ from pathlib import Path
 from ...native.build import kernel_source
 from ...native.library import BASE_FLAGS, NATIVE, Library, ProcessCopy, load_library
 
-__all__ = ["FLAGS", "Kernel", "SOURCE_NAME", "SUFFIX", "load", "library", "library_path", "source_path", "status"]
+__all__ = ["SOURCE_NAME", "SUFFIX", "load", "library", "library_path", "source_path", "status"]
 
 SOURCE_NAME = "quadratic_cpu.c"
-FLAGS = BASE_FLAGS
 # torch dtype name -> the suffix of the kernel functions for it (``ewc_quadratic_<param>_<storage>``).
 SUFFIX = {"float32": "f32", "bfloat16": "bf16"}
-Kernel = Library  # a loaded kernel library (None where it could not be had, ``why`` saying why) and its file
 
 
 def source_path() -> Path:
@@ -39,11 +37,11 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def load(*, cc: list[str] | None = None, folder: Path | None = None, features: str | None = None,
-         force: bool = False) -> Kernel:
+         force: bool = False) -> Library:
     """Build (or find in the cache) and load the kernel. ``cc``, ``folder``, ``features``: the
     compiler command, cache folder and CPU flags to use instead of this machine's (tests);
     ``force``: retry builds that failed before."""
-    return load_library(SOURCE_NAME, _declare, [(*FLAGS, NATIVE), FLAGS], cc=cc, folder=folder, features=features,
+    return load_library(SOURCE_NAME, _declare, [(*BASE_FLAGS, NATIVE), BASE_FLAGS], cc=cc, folder=folder, features=features,
                         force=force)
 
 
