@@ -168,8 +168,9 @@ class Attention(nn.Module):
     def forward(self, ids):
         h = self.emb(ids)
         kv = self.memory(h).tanh() if self.inputs == "cross" else h
-        if not self.batch_first:  # the Linear layers above stay batch-first
-            h, kv = h.transpose(0, 1), (h.transpose(0, 1) if kv is h else kv.transpose(0, 1))
+        if not self.batch_first:  # the Linear layers above stay batch-first; self-attention: one tensor
+            h, kv = h.transpose(0, 1), kv.transpose(0, 1)
+            kv = h if self.inputs == "self" else kv
         kw = {}
         if self.mask == "bool":
             kw["key_padding_mask"] = ids == 0

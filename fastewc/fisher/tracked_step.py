@@ -31,7 +31,7 @@ from .problem import logits_of, plain_attention
 from .rules import sq_sum_of
 from .rules.embedding import lookup_rows
 from .rules.local import Recorded
-from .rules.replay import local_blocks, local_sq_sums, record_call
+from .rules.replay import local_blocks, local_sq_sums, observe_call, record_call
 from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
@@ -47,6 +47,7 @@ class _Call:
     rec: Recorded | None                   # module-local sites
     version: int                           # of A (rule sites): an in-place change makes A stale
     grads: list = field(default_factory=list)   # output gradients, stashed until the backward ends
+    observed: object = None                # module-local sites: what its own backward hands over
 
 
 @dataclass
@@ -66,6 +67,14 @@ class _Pass:
     @property
     def k(self) -> int:
         return self.n if self.idx is None else int(self.idx.numel())
+
+    def end(self, dropped: bool = False) -> None:
+        """Let go of what the forward recorded, when the pass is folded, dropped or replaced. A
+        module-local record holds the outputs whose gradient hooks hold this pass: a cycle through
+        autograd's nodes that Python's collector cannot see, which would keep each step's whole
+        graph alive."""
+        self.dropped = self.dropped or dropped
+        self.calls = {}
 
 
 class _StepHooks:
@@ -108,6 +117,8 @@ class _StepHooks:
         if self.fraction < 1.0:
             k = max(1, round(self.fraction * n))
             idx = torch.randperm(n, generator=self._generator)[:k].sort().values.to(leaves[0].device)
+        if self._pass is not None:
+            self._pass.end()  # a forward whose backward never ran (its backward, if it comes, is refused)
         self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites})
         return None
 
@@ -172,9 +183,14 @@ class _StepHooks:
             p = self._pass
             if p is None or not torch.is_grad_enabled():
                 return None
+            # a self-attention call whose projections its own backward hands over needs no
+            # replay, so its dropout is no obstacle (where it is the module's one use in the pass)
+            observed = observe_call(module, args, kwargs, output)
+            alone = observed is not None and not p.calls[key] and all(
+                len(self._uses[q]) == 1 for q in site.params.values())
             active = [name for name, m in module.named_modules()
                       if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0)
-                                         or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+                                         or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and not alone)
                                          or (isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1))]
             if active:
                 raise EWCInputError(
@@ -202,7 +218,7 @@ class _StepHooks:
                     leaves[k] = t if to_module is None else to_module(slot, t)
                 handed = tree_unflatten(leaves, spec)
             calls = p.calls[key]
-            calls.append(_Call(None, rec, 0, [None] * len(rec.outputs)))
+            calls.append(_Call(None, rec, 0, [None] * len(rec.outputs), observed))
             for slot, t in enumerate(rec.outputs):
                 if t.requires_grad:
                     t.register_hook(partial(self._on_grad, p, key, len(calls) - 1, slot))
@@ -351,9 +367,12 @@ class _StepHooks:
         if p is not self._pass:
             return
         self._pass = None
-        with torch.no_grad(), plain_attention():
-            self._shared(p)
-            self._fold(p)
+        try:
+            with torch.no_grad(), plain_attention():
+                self._shared(p)
+                self._fold(p)
+        finally:
+            p.end()
 
     def _shared(self, p: _Pass) -> None:
         users = [(key, c) for key, calls in p.calls.items() for c, call in enumerate(calls)
@@ -415,10 +434,14 @@ class _StepHooks:
         if site.rule is not None or not self._alone(p, key):
             return False
         _, rec, grads = self._prepare(p, key, c)
-        got = local_sq_sums(site.module, list(site.params), rec, grads)
+        dtype = self._site_dtype(site)
+        seen, attrs = p.calls[key][c].observed, list(site.params)
+        got = None if seen is None else seen.sq_sums(site.module, attrs, grads[0].to(dtype),
+                                                     lambda t: self._tracked(p, t, dtype), partial(self._scaled, p))
+        if got is None:
+            got = local_sq_sums(site.module, attrs, rec, grads)
         if got is None:
             return False
-        dtype = self._site_dtype(site)
         for attr, name in site.params.items():
             self._add(p, name, got[attr].to(dtype))
         return True

@@ -161,7 +161,7 @@ class FisherTracker(_StepHooks):
         for h in self._handles + self._site_handles:
             h.remove()
         if self._pass is not None:
-            self._pass.dropped = True  # the gradient hooks its forward left on tensors stay quiet
+            self._pass.end(dropped=True)  # the gradient hooks its forward left on tensors stay quiet
         self._handles, self._site_handles, self._flags, self._pass = [], [], None, None
         return self
 
@@ -193,6 +193,8 @@ class FisherTracker(_StepHooks):
         for s in self._sums.values():
             s.zero_()
         self.samples_seen = self.steps = self.steps_skipped = 0
+        if self._pass is not None:
+            self._pass.end()
         self._pass = None
 
     def state_dict(self) -> dict:

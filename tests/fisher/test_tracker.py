@@ -229,17 +229,21 @@ def test_hf_accumulation_and_num_items_in_batch_are_read_not_declared():
 
 
 @pytest.mark.parametrize("inputs", ["self", "cross"])
-@pytest.mark.parametrize("route", ["sums", "blocks"])
+@pytest.mark.parametrize("route", ["observed", "sums", "blocks"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_attention_sums_without_blocks_match_the_loop(inputs, route, fraction, monkeypatch):
-    """``nn.MultiheadAttention``'s parameters, used nowhere else, are summed from one batched
-    replay like Linear layers ("sums"); with that route refused, its per-sample blocks serve
-    ("blocks"). Both against the per-sample reference loop, key padding and a tracked subset included."""
+    """``nn.MultiheadAttention``'s parameters, used nowhere else: self-attention is read from the
+    training backward's own nodes ("observed"); where that is refused (and for cross-attention)
+    they are summed from one batched replay like Linear layers ("sums"); with that refused too,
+    its per-sample blocks serve ("blocks"). All against the per-sample reference loop, key
+    padding and a tracked subset included."""
     from fastewc import reference
     from fastewc.fisher.rules import attention, replay
 
-    served = spy(monkeypatch, replay.LOCAL_SQ_SUMS, nn.MultiheadAttention,
-                 attention.mha_sq_sums if route == "sums" else (lambda *a: None))
+    observed = spy(monkeypatch, replay.OBSERVERS, nn.MultiheadAttention,
+                   attention.observe_projections if route == "observed" else (lambda *a: None))
+    summed = spy(monkeypatch, replay.LOCAL_SQ_SUMS, nn.MultiheadAttention,
+                 (lambda *a: None) if route == "blocks" else attention.mha_sq_sums)
     torch.manual_seed(4)
     model = Attention(inputs).to(D)
     ids = torch.randint(1, 11, (8, 5))
@@ -251,7 +255,65 @@ def test_attention_sums_without_blocks_match_the_loop(inputs, route, fraction, m
         g = torch.Generator().manual_seed(2)
         want = [(x[i], y[i]) for x, y in data for i in [torch.randperm(len(y), generator=g)[:2].sort().values]]
     assert_fisher_close(tracker.fisher(), reference.estimate_fisher(model, want), **TOL)
-    assert served and all(served) == (route == "sums"), served
+    read = route == "observed" and inputs == "self"
+    assert observed and all(observed) == read, observed
+    assert (summed == []) if read else (summed and all(summed) == (route != "blocks")), summed
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("weights", ["none", "averaged"])
+def test_self_attention_in_training_mode_with_dropout_is_exact(batch_first, weights):
+    """Read from its own backward, a self-attention needs no replay, so its dropout (and the
+    encoder layer's) may stay on: the truth is the per-sample loop over the very same forward,
+    the dropout masks drawn again from the same seed, one sample's loss differentiated at a time."""
+    torch.manual_seed(5)
+    model = Attention("self", weights=weights, batch_first=batch_first).to(D)
+    model.attn.dropout = 0.3
+    model.train()
+    ids = torch.randint(1, 11, (6, 5))
+    ids[::2, -2:] = 0
+    y = torch.randint(0, 3, (6,))
+    tracker = FisherTracker(model)
+    with tracker:
+        torch.manual_seed(9)
+        F.cross_entropy(model(ids), y).backward()
+    torch.manual_seed(9)
+    losses = F.cross_entropy(model(ids), y, reduction="none")
+    params = dict(model.named_parameters())
+    truth = {n: torch.zeros_like(t) for n, t in params.items()}
+    for i in range(len(y)):
+        grads = torch.autograd.grad(losses[i], list(params.values()), retain_graph=True, allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:  # the cross-attention's memory layer is unused here
+                truth[n] += g * g / len(y)
+    assert_fisher_close(tracker.fisher(), truth, **TOL)
+
+
+@pytest.mark.parametrize("end", ["backward", "stop", "next forward"])
+def test_no_step_outlives_its_pass(end):
+    """What a tracked forward recorded is let go when its pass is folded, dropped by ``stop()`` or
+    replaced by the next forward: a module-local record holds outputs whose gradient hooks hold
+    the pass, a cycle through autograd's nodes that Python's collector cannot free, which kept
+    every step's graph (its activations) alive."""
+    import gc
+    import weakref
+
+    model = Attention("cross").to(D)  # replayed: a module-local record of its outputs
+    outputs = []
+    model.attn.register_forward_hook(lambda m, a, o: outputs.append(weakref.ref(o[0])))
+    ids, y = torch.randint(1, 11, (4, 5)), torch.randint(0, 3, (4,))
+    tracker = FisherTracker(model).start()
+    loss = F.cross_entropy(model(ids), y)
+    if end == "backward":
+        loss.backward()
+    elif end == "stop":
+        tracker.stop()
+    else:
+        model(ids)
+    del loss
+    gc.collect()
+    assert outputs[0]() is None
+    tracker.stop()
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -407,10 +469,12 @@ def test_batchnorm_in_training_mode_is_refused():
 
 
 def test_active_dropout_in_a_replayed_module_is_refused():
-    model, data = make_encoder(dtype=D)
+    """Cross-attention is replayed, and a replay would draw other dropout masks."""
+    model = Attention("cross").to(D)
+    model.attn.dropout = 0.1
     model.train()
-    with FisherTracker(model), pytest.raises(EWCInputError, match="self_attn .*dropout"):
-        model(data[0][0])
+    with FisherTracker(model), pytest.raises(EWCInputError, match="attn .*dropout"):
+        model(torch.randint(1, 11, (4, 5)))
 
 
 def test_hf_labels_without_backward_through_own_loss_is_refused():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -43,10 +44,14 @@ def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
     return mask.to(dtype)
 
 
+def _recordable(m: nn.MultiheadAttention) -> bool:
+    return (type(m) is nn.MultiheadAttention and m._qkv_same_embed_dim and m.bias_k is None
+            and not m.add_zero_attn and m.in_proj_weight is not None)
+
+
 def _covered(m: nn.MultiheadAttention) -> bool:
     # in training mode only without dropout: the same maths then, and no mask to draw again
-    return (type(m) is nn.MultiheadAttention and m._qkv_same_embed_dim and m.bias_k is None
-            and not m.add_zero_attn and (not m.training or m.dropout == 0.0) and m.in_proj_weight is not None)
+    return _recordable(m) and (not m.training or m.dropout == 0.0)
 
 
 def _applies(m: nn.MultiheadAttention) -> bool:
@@ -66,7 +71,7 @@ def mha_record(m: nn.MultiheadAttention, args, kwargs, output, n: int):
     happens to have N rows); None for a call not covered (the generic record takes it). A
     sequence-first module's (``batch_first=False``, ``[T, N, E]`` inputs) tensors are moved to
     samples-first: the layout comes from the module's flag, never from a size."""
-    if type(m) is not nn.MultiheadAttention or not _covered(m):
+    if not _recordable(m):
         return None
     try:
         bound = _SIGNATURE.bind(m, *args, **kwargs)
@@ -314,4 +319,104 @@ class RecordingAttention:
             return None
         inputs = [x[i:j].detach() for x in entry["inputs"]]
         return _blocks_from(self.m, attrs, inputs, entry["C"][i:j].detach(), G[i:j], [g[i:j] for g in gP])
+
+
+
+# -- a tracked training step: the projections read from the step's own autograd graph ------------
+# The tracker cannot change how the module computes (the training step must stay bit for bit the
+# same), so it cannot run it in the open as RecordingAttention does. Its backward still computes
+# the projections' output gradient gP, inside the nodes of F.multi_head_attention_forward's two
+# matmuls by the weights; a prehook on the in-projection's node receives gP, and the
+# out-projection's node holds its input C as a saved tensor. Both matmuls take sequence-first rows
+# (t, n): the functional's inputs are [T, N, E] and its output is the out-projection's rows viewed
+# as [T, N, E]. A graph of another shape (another backend's nodes, a compiled module) is not read:
+# the replay serves.
+_CASTS = ("TBackward0", "ToCopyBackward0")          # between a matmul and its weight's accumulator
+_MATMULS = {"AddmmBackward0": (2, "_saved_mat1"),   # node -> (operand of the weight, saved input)
+            "MmBackward0": (1, "_saved_self")}
+_SEARCHED = 256                                     # nodes of one call's graph looked at, at most
+
+
+def _reaches(fn, w: torch.Tensor) -> bool:
+    """Whether autograd node ``fn`` is ``w``'s gradient accumulator, through transposes and casts."""
+    while fn is not None:
+        if hasattr(fn, "variable"):
+            return fn.variable is w
+        if fn.name() not in _CASTS or len(fn.next_functions) != 1:
+            return False
+        fn = fn.next_functions[0][0]
+    return False
+
+
+def _matmul_by(nodes: list, w: torch.Tensor) -> list:
+    return [fn for fn in nodes if fn.name() in _MATMULS
+            and _reaches(fn.next_functions[_MATMULS[fn.name()][0]][0], w)]
+
+
+@dataclass
+class ObservedCall:
+    """One self-attention call of a tracked step, samples first: the projections' input ``X``
+    ``[N, T, E]``, the out-projection's input ``C`` ``[N, T, E]``, and ``gP`` ``[N, T, 3E]`` once
+    the backward has reached the in-projection."""
+
+    X: torch.Tensor
+    C: torch.Tensor
+    gP: torch.Tensor | None = None
+
+    def sq_sums(self, m: nn.Module, attrs: list[str], G: torch.Tensor, tracked, scaled) -> dict | None:
+        """``{attr: sum over samples of the squared per-sample gradient}`` given the module's
+        output gradient ``G`` ``[k, T, E]``, already restricted to the tracked samples and scaled;
+        ``tracked(t)`` restricts a recorded tensor the same way and ``scaled(t)`` scales a
+        gradient. None when the backward did not reach the in-projection."""
+        if self.gP is None:
+            return None
+        X, C, gP = (tracked(t) for t in (self.X, self.C, self.gP))
+        return _sq_sums_from(m, attrs, [X], C, [G], [[scaled(gP)]])
+
+    def take(self, grad_outputs) -> None:
+        """Prehook of the in-projection's node: keep its output gradient, samples first."""
+        g = grad_outputs[0]
+        T, N = self.X.shape[1], self.X.shape[0]
+        if g is not None and g.numel() == T * N * self.X.shape[2] * 3:
+            self.gP = g.detach().reshape(T, N, -1).transpose(0, 1)
+
+
+def observe_projections(m: nn.Module, args, kwargs, output) -> ObservedCall | None:
+    """The projections of one training call of ``nn.MultiheadAttention`` as its own backward
+    will compute them, for self-attention (query, key and value one tensor) with both weights
+    trained; None for any other call or a graph of another shape. The returned call's ``gP`` is
+    filled by a prehook on the in-projection's node, registered here: the node holds the hook and
+    the call, never the other way round (a cycle through autograd's nodes would keep the step's
+    graph alive)."""
+    if (type(m) is not nn.MultiheadAttention or not m._qkv_same_embed_dim or m.bias_k is not None
+            or not (m.in_proj_weight.requires_grad and m.out_proj.weight.requires_grad)):
+        return None
+    try:
+        bound = _SIGNATURE.bind(m, *args, **kwargs)
+    except TypeError:
+        return None
+    q, k, v = (bound.arguments.get(a) for a in ("query", "key", "value"))
+    out = output[0] if isinstance(output, tuple) and output else None
+    if not (isinstance(q, torch.Tensor) and q is k and k is v and q.dim() == 3
+            and isinstance(out, torch.Tensor) and out.grad_fn is not None):
+        return None
+    X = q if m.batch_first else q.transpose(0, 1)
+    N, T, E = X.shape
+    stop, seen, frontier, nodes = q.grad_fn, set(), [out.grad_fn], []
+    while frontier and len(nodes) < _SEARCHED:
+        fn = frontier.pop()
+        if fn is None or fn is stop or fn in seen:
+            continue
+        seen.add(fn)
+        nodes.append(fn)
+        frontier.extend(nxt for nxt, _ in fn.next_functions)
+    ins, outs = _matmul_by(nodes, m.in_proj_weight), _matmul_by(nodes, m.out_proj.weight)
+    if len(ins) != 1 or len(outs) != 1:
+        return None
+    C = getattr(outs[0], _MATMULS[outs[0].name()][1], None)
+    if not isinstance(C, torch.Tensor) or C.shape != (T * N, E):
+        return None
+    call = ObservedCall(X.detach(), C.detach().view(T, N, E).transpose(0, 1))
+    ins[0].register_prehook(call.take)
+    return call
 

@@ -8,6 +8,9 @@ A module without a hand rule is recorded by :func:`.local.record` and replayed p
 * the recurrent layers are recorded the same way and rerun in Python (:mod:`.rnn`);
 * ``nn.EmbeddingBag`` is recorded with its bags laid out samples-first (:mod:`.embedding_bag`).
 
+In a tracked training step a self-attention call needs no replay at all: its own backward hands
+over what the sums need (:func:`observe_call`).
+
 Both the rule engine and the tracker go through :func:`record_call` and :func:`local_blocks`, so
 a layer added here serves both. Where a layer's parameters have no other use,
 :func:`local_sq_sums` gives their sums of squares without per-sample blocks where the family has
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .attention import mha_blocks, mha_record, mha_sq_sums
+from .attention import mha_blocks, mha_record, mha_sq_sums, observe_projections
 from .embedding_bag import bag_blocks, bag_record, bag_sq_sums
 from .local import Recorded, module_blocks, record
 from .rnn import rnn_blocks, rnn_record
@@ -32,6 +35,9 @@ LOCAL_REPLAYS = {nn.MultiheadAttention: mha_blocks, nn.LSTM: rnn_blocks, nn.GRU:
                  nn.EmbeddingBag: bag_blocks}
 # module type -> f(module, attrs, recorded call, output gradients) -> sums of squares or None
 LOCAL_SQ_SUMS = {nn.MultiheadAttention: mha_sq_sums, nn.EmbeddingBag: bag_sq_sums}
+# module type -> f(module, args, kwargs, output) -> an observed call or None: in a tracked training
+# step, what the sums need read from the step's own backward, so that no replay runs
+OBSERVERS = {nn.MultiheadAttention: observe_projections}
 
 
 def record_call(module: nn.Module, args, kwargs, output, n: int, folds: bool = False, axis: int = 0):
@@ -57,3 +63,10 @@ def local_sq_sums(module: nn.Module, attrs: list[str], rec: Recorded, grads: lis
     (:func:`local_blocks` then serves)."""
     route = LOCAL_SQ_SUMS.get(type(module))
     return None if route is None or rec.fold != 1 else route(module, attrs, rec, grads)
+
+
+def observe_call(module: nn.Module, args, kwargs, output):
+    """The call observed in its own backward where the layer family can be (an object with
+    ``sq_sums(module, attrs, G, tracked, scaled)``), else None: it is replayed."""
+    observe = OBSERVERS.get(type(module))
+    return None if observe is None else observe(module, args, kwargs, output)
