@@ -319,10 +319,14 @@ class _StepHooks:
                 call.grads[slot] = G.detach()   # added to its other uses' when the backward ends
                 return None
             dtype = self._site_dtype(site)
-            A, G = self._tracked(p, self._input(site, call), dtype), self._scaled(p, self._tracked(p, G.detach(), dtype))
-            got = sq_sum_of(site.rule, site.module, A, [G])
+            A, G = self._tracked(p, self._input(site, call), dtype), self._tracked(p, G.detach(), dtype)
+            # a factor that is a number scales the sums of squares by its square as they are added
+            # in, with no scaled copy of G; a tensor (per-sample weights, a scaler's scale) scales G
+            f = p.factor
+            number = not isinstance(f, torch.Tensor)
+            got = sq_sum_of(site.rule, site.module, A, [G if number else self._scaled(p, G)])
             for attr, name in site.params.items():
-                self._add(p, name, got[attr])
+                self._add(p, name, got[attr], f * f if number else 1.0)
         return None
 
     def _alone(self, p: _Pass, key: str) -> bool:
@@ -353,13 +357,14 @@ class _StepHooks:
             return G * f.to(G.dtype).view(-1, *([1] * (G.dim() - 1)))
         return G * (f.to(G.dtype) if isinstance(f, torch.Tensor) else f)
 
-    def _add(self, p: _Pass, name: str, sq: torch.Tensor) -> None:
+    def _add(self, p: _Pass, name: str, sq: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale * sq`` into the running sum (or this step's buffer)."""
         if self.decay is None and self.scaler is None:
-            self._sums[name].add_(sq.to(self._dtypes[name]))
+            self._sums[name].add_(sq.to(self._dtypes[name]), alpha=scale)
         elif name in p.step:
-            p.step[name].add_(sq.to(self._dtypes[name]))
+            p.step[name].add_(sq.to(self._dtypes[name]), alpha=scale)
         else:
-            p.step[name] = sq.to(self._dtypes[name]).clone()
+            p.step[name] = sq.to(self._dtypes[name]) * scale
 
     def _finish(self, p: _Pass) -> None:
         """The backward through ``p`` ended: add up the uses of shared parameters and of the

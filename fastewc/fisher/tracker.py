@@ -80,7 +80,9 @@ class FisherTracker(_StepHooks):
     parameters used outside any module's forward (a bare ``nn.Parameter`` such as a class token;
     exclude them with ``params=``), BatchNorm normalising with batch statistics (training mode:
     samples interact, so no per-sample gradient exists in that pass), active dropout inside a
-    module without a hand rule (its replay would draw other masks), gradient checkpointing, two
+    module without a hand rule that must be replayed (the replay would draw other masks; a
+    self-attention ``nn.MultiheadAttention`` is read from its own backward instead), gradient
+    checkpointing, two
     forward passes feeding one backward, and Hugging Face losses whose per-sample weights it cannot
     prove. Assumed, not checked: the backward reaches the model's outputs only through the
     declared loss (an EWC penalty on the parameters is fine); each parameter is used only in the
