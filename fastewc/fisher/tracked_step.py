@@ -19,6 +19,7 @@ It holds no state of its own: it reads the tracker's plan (``_sites``, ``_uses``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -63,6 +64,7 @@ class _Pass:
     started: bool = False
     dropped: bool = False                  # the tracker stopped before this pass's backward
     step: dict = field(default_factory=dict)   # name -> this step's sum of squares (step buffers)
+    autocast: dict = field(default_factory=dict)   # the forward's autocast state, for replays
 
     @property
     def k(self) -> int:
@@ -75,6 +77,26 @@ class _Pass:
         graph alive."""
         self.dropped = self.dropped or dropped
         self.calls = {}
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> dict:
+    """``{device: dtype}`` of the autocast regions in force (none: ``{}``)."""
+    return {d: torch.get_autocast_dtype(d) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)}
+
+
+def _precision(state: dict) -> contextlib.ExitStack:
+    """Autocast exactly as ``state`` says, whatever is in force around. The tracker's own
+    arithmetic runs with none (a backward called inside an autocast region would otherwise form
+    the sums of squares in half precision); a replay runs as its forward ran, under the state
+    recorded then, so that it computes what the module computed."""
+    stack = contextlib.ExitStack()
+    for device in _AUTOCAST_DEVICES:
+        on = device in state
+        stack.enter_context(torch.autocast(device, dtype=state[device] if on else None, enabled=on))
+    return stack
 
 
 class _StepHooks:
@@ -119,7 +141,7 @@ class _StepHooks:
             idx = torch.randperm(n, generator=self._generator)[:k].sort().values.to(leaves[0].device)
         if self._pass is not None:
             self._pass.end()  # a forward whose backward never ran (its backward, if it comes, is refused)
-        self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites})
+        self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state())
         return None
 
     def _refuse_mixing(self) -> None:
@@ -310,7 +332,7 @@ class _StepHooks:
     def _on_grad(self, p: _Pass, key: str, c: int, slot: int, G: torch.Tensor):
         if p.dropped:
             return None  # its forward ran while tracked, its backward after stop(): not tracked
-        with torch.no_grad():
+        with torch.no_grad(), _precision({}):
             self._begin(p)
             call = p.calls[key][c]
             site = self._sites[key]
@@ -373,7 +395,7 @@ class _StepHooks:
             return
         self._pass = None
         try:
-            with torch.no_grad(), plain_attention():
+            with torch.no_grad(), plain_attention(), _precision({}):
                 self._shared(p)
                 self._fold(p)
         finally:
@@ -402,7 +424,7 @@ class _StepHooks:
 
         def blocks(use, i, j):
             site = self._sites[use[0]]
-            got = self._blocks(site, *prepared[use], i, j)
+            got = self._blocks(p, site, *prepared[use], i, j)
             return {site.params[a]: b for a, b in got.items() if a in site.params}
 
         totals: dict[str, torch.Tensor] = {}
@@ -444,7 +466,8 @@ class _StepHooks:
         got = None if seen is None else seen.sq_sums(site.module, attrs, grads[0].to(dtype),
                                                      lambda t: self._tracked(p, t, dtype), partial(self._scaled, p))
         if got is None:
-            got = local_sq_sums(site.module, attrs, rec, grads)
+            with _precision(p.autocast):
+                got = local_sq_sums(site.module, attrs, rec, grads)
         if got is None:
             return False
         for attr, name in site.params.items():
@@ -468,10 +491,11 @@ class _StepHooks:
             rec = Recorded(leaves, rec.spec, rec.outputs, rec.out_index, p.k)
         return None, rec, grads
 
-    def _blocks(self, site, A, rec, grads, i, j) -> dict:
+    def _blocks(self, p: _Pass, site, A, rec, grads, i, j) -> dict:
         if site.rule is not None:
             return site.rule.per_sample(site.module, A[i:j], grads[0][i:j])
-        got = local_blocks(site.module, list(site.params), rec, grads, i, j)
+        with _precision(p.autocast):
+            got = local_blocks(site.module, list(site.params), rec, grads, i, j)
         dtype = self._site_dtype(site)
         return {a: t.to(dtype) for a, t in got.items()}
 

@@ -316,6 +316,28 @@ def test_no_step_outlives_its_pass(end):
     tracker.stop()
 
 
+@pytest.mark.parametrize("inputs", ["self", "cross"])
+def test_a_backward_inside_autocast_sums_as_one_outside(inputs):
+    """The tracker's own arithmetic runs outside autocast: a backward called inside the autocast
+    region (read from the training backward, or replayed for cross-attention) sums the same as the
+    usual backward after it, where a replay's half-precision products met float32 inputs."""
+    torch.manual_seed(3)
+    model = Attention(inputs, mask="none")
+    ids, y = torch.randint(1, 11, (6, 5)), torch.randint(0, 3, (6,))
+    got = []
+    for inside in (True, False):
+        tracker = FisherTracker(model)
+        with tracker:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(ids).float(), y)
+                if inside:
+                    loss.backward()
+            if not inside:
+                loss.backward()
+        got.append(tracker.fisher())
+    assert_fisher_close(got[0], got[1], rtol=1e-6, atol_rel=1e-6)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_attention_mask_with_as_many_rows_as_samples_is_not_a_sample_axis(batch_first):
     """A causal mask ``[T, T]`` whose T equals the batch size is passed to every sample whole, not

@@ -146,7 +146,20 @@ def _replay(m: nn.MultiheadAttention, rec, grads: list, i: int, j: int):
             C = _combine(weights, Vh)
             shown = weights.mean(1) if a["average_attn_weights"] else weights
             gP = torch.autograd.grad([C, shown], P, [gC, Gw.to(shown.dtype)])
-    return inputs, C.detach(), G, gP
+    # Under autocast (the replay runs as its forward ran) the projections' products are in half
+    # precision and the recorded inputs in whatever dtype each came: the sums take one dtype.
+    parts = [*inputs, C, G, *gP]
+    dtype = _sums_dtype(parts)
+    inputs, (C, G), gP = ([t.to(dtype) for t in ts] for ts in (inputs, (C.detach(), G), gP))
+    return inputs, C, G, gP
+
+
+def _sums_dtype(tensors: list) -> torch.dtype:
+    """The dtype all of ``tensors`` promote to, float32 at least."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def mha_blocks(m: nn.MultiheadAttention, attrs: list[str], rec, grads: list, i: int, j: int) -> dict | None:
