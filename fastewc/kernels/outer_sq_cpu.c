@@ -33,7 +33,7 @@
 #define ROWS 6 /* rows of a register tile: 6 x 2 accumulators + 2 input vectors + 1 broadcast */
 #define L1_INPUT_BYTES 16384 /* a column block's inputs: half a typical L1 data cache */
 
-/* One dtype's kernel: V is its 32-byte vector type of W lanes, aligned as S is (unaligned
+/* One dtype's kernel: V is its vector type of W lanes (32 or 64 bytes, below), aligned as S is (unaligned
  * loads and stores; the GCC and Clang vector extension), SPLAT(x) the vector of W copies of x
  * (written out: compilers turn that into one broadcast, a loop over lanes into W inserts). */
 #define DEFINE_OUTER_SQ(NAME, S, V, W, SPLAT)                                                            \
@@ -45,28 +45,47 @@
         return s;                                                                                 \
     }                                                                                             \
                                                                                                   \
-    /* One tile: rows [o, o + R) and columns [i, i + 2W) of one sample's gradient, built in      \
-     * registers over the T positions, squared and added into total. R is a constant in each     \
-     * caller, so the loops over rows unroll and the accumulators stay in registers. */           \
+    /* One tile: rows [o, o + R) and columns [i, i + C W) of one sample's gradient (C = 2 vectors   \
+     * per row, or 1 for leftover columns), built in registers over the T positions, squared and    \
+     * added into total. R and C are constants in each caller, so the loops over rows and vectors  \
+     * unroll and the accumulators stay in registers. */                                          \
     static inline __attribute__((always_inline)) void NAME##_tile(                                \
-        int R, int64_t T, int64_t I, const S *Gs, int64_t sgt, int64_t sgo, const S *As,          \
+        int R, int C, int64_t T, int64_t I, const S *Gs, int64_t sgt, int64_t sgo, const S *As,   \
         int64_t sat, S *total, int64_t o, int64_t i) {                                            \
         V acc[ROWS][2];                                                                           \
         for (int r = 0; r < R; r++)                                                               \
-            acc[r][0] = acc[r][1] = (V){0};                                                       \
+            for (int c = 0; c < C; c++)                                                           \
+                acc[r][c] = (V){0};                                                               \
         for (int64_t t = 0; t < T; t++) {                                                         \
             const S *at = As + t * sat + i, *gt = Gs + t * sgt + o * sgo;                         \
-            V a0 = *(const V *)at, a1 = *(const V *)(at + W);                                     \
+            V a[2];                                                                               \
+            for (int c = 0; c < C; c++)                                                           \
+                a[c] = *(const V *)(at + c * W);                                                  \
             for (int r = 0; r < R; r++) {                                                         \
                 V g = SPLAT(gt[r * sgo]);                                                         \
-                acc[r][0] += g * a0;                                                              \
-                acc[r][1] += g * a1;                                                              \
+                for (int c = 0; c < C; c++)                                                       \
+                    acc[r][c] += g * a[c];                                                        \
             }                                                                                     \
         }                                                                                         \
-        for (int r = 0; r < R; r++) {                                                             \
-            S *dst = total + (o + r) * I + i;                                                     \
-            *(V *)dst += acc[r][0] * acc[r][0];                                                   \
-            *(V *)(dst + W) += acc[r][1] * acc[r][1];                                             \
+        for (int r = 0; r < R; r++)                                                               \
+            for (int c = 0; c < C; c++) {                                                         \
+                S *dst = total + (o + r) * I + i + c * W;                                         \
+                *(V *)dst += acc[r][c] * acc[r][c];                                               \
+            }                                                                                     \
+    }                                                                                             \
+                                                                                                  \
+    /* The tiles of rows [o, o + rows) and C vectors of columns from i: a constant row count per  \
+     * call of NAME##_tile. */                                                                    \
+    static inline __attribute__((always_inline)) void NAME##_tiles(                               \
+        int rows, int C, int64_t T, int64_t I, const S *Gs, int64_t sgt, int64_t sgo,             \
+        const S *As, int64_t sat, S *total, int64_t o, int64_t i) {                               \
+        switch (rows) {                                                                           \
+        case 6: NAME##_tile(6, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
+        case 5: NAME##_tile(5, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
+        case 4: NAME##_tile(4, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
+        case 3: NAME##_tile(3, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
+        case 2: NAME##_tile(2, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
+        default: NAME##_tile(1, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;              \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
@@ -86,14 +105,11 @@
                     int64_t i = i0;                                                               \
                     int rows = o1 - o < ROWS ? (int)(o1 - o) : ROWS;                              \
                     for (; i + 2 * W <= i1; i += 2 * W)                                           \
-                        switch (rows) { /* a constant row count per call: see NAME##_tile */      \
-                        case 6: NAME##_tile(6, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;  \
-                        case 5: NAME##_tile(5, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;  \
-                        case 4: NAME##_tile(4, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;  \
-                        case 3: NAME##_tile(3, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;  \
-                        case 2: NAME##_tile(2, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;  \
-                        default: NAME##_tile(1, T, I, Gs, sgt, sgo, As, sat, total, o, i); break; \
-                        }                                                                         \
+                        NAME##_tiles(rows, 2, T, I, Gs, sgt, sgo, As, sat, total, o, i);          \
+                    if (i + W <= i1) { /* leftover columns: a tile one vector wide */             \
+                        NAME##_tiles(rows, 1, T, I, Gs, sgt, sgo, As, sat, total, o, i);          \
+                        i += W;                                                                   \
+                    }                                                                             \
                     for (; i < i1; i++)                                                           \
                         for (int r = 0; r < rows; r++) {                                          \
                             S v = NAME##_dot(Gs + (o + r) * sgo, sgt, As + i, sat, T);            \
@@ -117,11 +133,24 @@
         }                                                                                         \
     }
 
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
-typedef double v4d __attribute__((vector_size(32), aligned(8)));
+#if defined(__AVX512F__)
+/* Built for a CPU with 64-byte vector registers (-march=native on one): tiles twice as wide, so
+ * each broadcast and each load feeds twice the multiply-adds; with 32-byte vectors the tiles'
+ * loads, not their arithmetic, bound the kernel there. */
+typedef float vf __attribute__((vector_size(64), aligned(4)));
+typedef double vd __attribute__((vector_size(64), aligned(8)));
+#define WF 16
+#define WD 8
+#define SPLATF(x) ((vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x})
+#define SPLATD(x) ((vd){x, x, x, x, x, x, x, x})
+#else
+typedef float vf __attribute__((vector_size(32), aligned(4)));
+typedef double vd __attribute__((vector_size(32), aligned(8)));
+#define WF 8
+#define WD 4
+#define SPLATF(x) ((vf){x, x, x, x, x, x, x, x})
+#define SPLATD(x) ((vd){x, x, x, x})
+#endif
 
-#define SPLAT8(x) ((v8f){x, x, x, x, x, x, x, x})
-#define SPLAT4(x) ((v4d){x, x, x, x})
-
-DEFINE_OUTER_SQ(outer_sq_f32, float, v8f, 8, SPLAT8)
-DEFINE_OUTER_SQ(outer_sq_f64, double, v4d, 4, SPLAT4)
+DEFINE_OUTER_SQ(outer_sq_f32, float, vf, WF, SPLATF)
+DEFINE_OUTER_SQ(outer_sq_f64, double, vd, WD, SPLATD)

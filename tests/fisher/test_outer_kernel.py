@@ -47,10 +47,13 @@ def assert_close(got, want, dtype):
 
 
 # n, T, O, I: odd sizes, every remainder of the 6-row tiles (O = 7..11), columns left over from the
-# 16- and 8-lane tiles, empty and one-element tensors, and a sequence long enough that one sample's
-# columns are split into several cache blocks (T = 64, I = 100).
+# two-vector tiles, for the one-vector tile and for the scalar loop, with 32-byte vectors (8 float32
+# or 4 float64 lanes) and 64-byte ones (16 or 8; I = 59 takes all three), empty and one-element
+# tensors, and a sequence long enough that one sample's columns are split into several cache
+# blocks (T = 64, I = 100).
 SHAPES = [(3, 5, 13, 7), (1, 1, 1, 1), (0, 4, 6, 16), (4, 0, 6, 16), (2, 3, 12, 32), (2, 2, 7, 17),
-          (2, 2, 8, 33), (3, 2, 9, 48), (2, 3, 10, 5), (2, 3, 11, 40), (2, 64, 14, 100), (5, 17, 30, 24)]
+          (2, 2, 8, 33), (3, 2, 9, 48), (2, 3, 10, 5), (2, 3, 11, 40), (2, 64, 14, 100), (5, 17, 30, 24),
+          (2, 3, 7, 59)]
 
 
 @needs_kernel
