@@ -64,8 +64,8 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[
         # forward and backward under one swap: a checkpointed block recomputes in the backward
         with torch.enable_grad(), swapped(problem.model, values):
             args, kwargs = forward_inputs(problem.model, batch)
-            if rec.mode is not None:
-                with rec.mode:
+            if rec.whole_forward is not None:
+                with rec.whole_forward:
                     output = problem.model(*args, **kwargs)
             else:
                 output = problem.model(*args, **kwargs)

@@ -3,7 +3,10 @@
 :func:`make_plan` finds every use of every selected parameter and gives it a :class:`Site`: a
 module with a per-layer rule (:mod:`.rules`), any other module (the module-local rule), or
 operations outside any module (the op-local rule, for a bare ``nn.Parameter`` used in
-``forward``). A tied parameter has several such sites. :class:`RulePlan` holds the sites and the
+``forward``). A module without a rule that uses its own parameters in operations (a class token
+concatenated, a position table added) first has them followed by the op-local rule inside its
+own forward (``RulePlan.scoped``), and goes module-local when that fails. A tied parameter has
+several such sites. :class:`RulePlan` holds the sites and the
 parameters that go per sample instead (with the reason), and changes as the batched pass
 (:mod:`.engine`) or the probe (:mod:`.probe`) finds what the structure alone did not tell.
 """
@@ -16,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .rules import rule_for
+from .rules.replay import RECORDS
 
 OPS = "<ops>"  # the site of parameters used by operations outside any module
 
@@ -56,6 +60,14 @@ class RulePlan:
     probe_seconds: float = 0.0
     root: nn.Module | None = None                            # the model
     proving: bool = False   # the probe's passes, whose sums it checks against the per-sample loop
+    # Op-local parameters followed only inside the forward of the module that holds them
+    # (parameter -> (module name, attribute)): a failure sends them module-local, once.
+    scoped: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The op recorder's operations as the probe saw them: (ordinal, operation, structure, each
+    # leaf's dims) -> (whether it met the batch, positions of the leaves holding the samples),
+    # None where the probe's passes disagreed; a later pass decides those operations as the probe
+    # did, not by a size that may coincide with its batch's (a [T, d] table with T = N).
+    op_layouts: dict = field(default_factory=dict)
 
     def copy(self, root: nn.Module | None = None) -> "RulePlan":
         """An independent copy; with ``root``, for that model (one with the same module names, a
@@ -67,13 +79,28 @@ class RulePlan:
                          dict(s.per_sample))
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
-                        self.probe_seconds, self.root if root is None else root)
+                        self.probe_seconds, self.root if root is None else root, scoped=dict(self.scoped),
+                        op_layouts=dict(self.op_layouts))
 
     @property
     def covered(self) -> set[str]:
         return {p for s in self.sites.values() for p in s.params.values()}
 
+    @property
+    def whole_forward(self) -> bool:
+        """Whether the op recorder must watch the whole forward: parameters used outside any
+        module, or a module's output without a batch axis followed into the model's operations
+        (rather than only the forwards of the modules in ``scoped``)."""
+        ops = self.sites.get(OPS)
+        return (ops is not None and any(p not in self.scoped for p in ops.params.values())) or any(
+            s.batch_free for s in self.sites.values())
+
     def drop_param(self, pname: str, why: str) -> None:
+        """Send ``pname`` per sample, with the reason; a parameter followed op-local inside its
+        module's forward goes module-local instead, the first time."""
+        if pname in self.scoped:
+            self._unscope(pname, why)
+            return
         for key in list(self.sites):
             site = self.sites[key]
             site.params = {a: p for a, p in site.params.items() if p != pname}
@@ -88,8 +115,20 @@ class RulePlan:
             self.drop_param(pname, why)
 
     def drop_all(self, why: str) -> None:
+        self.scoped.clear()  # nothing is retried: the whole plan failed
         for pname in sorted(self.covered):
             self.drop_param(pname, why)
+
+    def _unscope(self, pname: str, why: str) -> None:
+        mname, attr = self.scoped.pop(pname)
+        ops = self.sites[OPS]
+        del ops.params[pname]
+        if not ops.params:
+            del self.sites[OPS]
+        key = "local:" + mname
+        site = self.sites.setdefault(key, Site(key, mname, self.root.get_submodule(mname), None))
+        site.params[attr] = pname
+        self.notes[pname] = f"module-local: followed op by op inside {mname}, {why}"
 
     def to_local(self, key: str, why: str) -> None:
         """A rule site whose calls the rule cannot read (keyword arguments, several tensors) goes
@@ -190,6 +229,15 @@ def make_plan(model: nn.Module, selected: dict[str, torch.Tensor], checked_rules
                 site = plan.sites.setdefault(OPS, Site(OPS, "", None, None))
                 site.params[pname] = pname
                 plan.notes[pname] = "used outside any module"
+            elif checked_rules and type(m) not in RECORDS and len(uses) == 1 and any(True for _ in m.children()):
+                # A replay of the module would rerun its children's forwards too (ViT's patch
+                # embedding around its class token): only the operations on its own parameters
+                # are replayed instead. Proven by the probe, which sends it module-local (below)
+                # when that fails.
+                site = plan.sites.setdefault(OPS, Site(OPS, "", None, None))
+                site.params[pname] = pname
+                plan.scoped[pname] = (mname, attr)
+                plan.notes[pname] = f"{why}: followed op by op inside {mname}'s forward"
             else:
                 key = "local:" + mname
                 site = plan.sites.setdefault(key, Site(key, mname, m, None))

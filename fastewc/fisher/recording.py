@@ -88,7 +88,16 @@ class _Recorder:
         ops = plan.sites.get(OPS)
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
         watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
-        self.mode = _OpRecorder(self, watched) if needs_ops else None
+        self.mode = _OpRecorder(self, watched, plan.op_layouts) if needs_ops else None
+        # the mode the caller enters around the whole forward; else it is entered only inside
+        # the forwards of the modules whose own parameters it follows
+        self.whole_forward = self.mode if plan.whole_forward else None
+        self.scopes = 0  # scoped forwards now running (the mode is entered in the outermost)
+        if self.mode is not None and self.whole_forward is None:
+            for mname in sorted({m for m, _ in plan.scoped.values()}):
+                module = plan.root.get_submodule(mname)
+                self.handles += [module.register_forward_pre_hook(self._enter_scope),
+                                 module.register_forward_hook(self._exit_scope, always_call=True)]
         self.attention: dict[str, RecordingAttention] = {}
         for key, site in plan.sites.items():
             if key == OPS:
@@ -98,6 +107,16 @@ class _Recorder:
             if site.rule is None and not site.batch_free and type(site.module) is nn.MultiheadAttention:
                 self.attention[key] = RecordingAttention(site.module)
                 site.module.forward = self.attention[key].forward  # this instance, for this pass only
+
+    def _enter_scope(self, module, args):
+        self.scopes += 1
+        if self.scopes == 1:
+            self.mode.__enter__()
+
+    def _exit_scope(self, module, args, output):
+        self.scopes -= 1
+        if self.scopes == 0:
+            self.mode.__exit__(None, None, None)
 
     def _hook(self, key, clone):
         site = self.sites[key]
@@ -176,6 +195,9 @@ class _Recorder:
         return hook
 
     def remove(self):
+        if self.scopes:  # a scoped forward raised before its hook could leave the mode
+            self.scopes = 0
+            self.mode.__exit__(None, None, None)
         for h in self.handles:
             h.remove()
         for att in self.attention.values():
@@ -186,9 +208,11 @@ class _OpRecorder(TorchFunctionMode):
     """Records the operations that use watched tensors (parameters used outside any module, and
     tensors derived from them without a batch axis)."""
 
-    def __init__(self, recorder: _Recorder, watched: dict[int, str]):
+    def __init__(self, recorder: _Recorder, watched: dict[int, str], layouts: dict):
         super().__init__()
         self.recorder = recorder
+        self.layouts = layouts  # the plan's op_layouts: written while proving, read after
+        self.ordinal = 0        # of the next operation using a watched tensor in this pass
         self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
         self.sources = {i: {name} for i, name in watched.items()}
         self.keep = []  # keeps derived tensors alive so that their ids stay unique
@@ -224,10 +248,23 @@ class _OpRecorder(TorchFunctionMode):
         n = self.recorder.n
         sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
         fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n)
-        batched_in = any(isinstance(x, torch.Tensor) and k not in slots and x.dim() > 0 and x.shape[0] == n * fold
-                         for k, x in enumerate(leaves))
-        if not batched_in and not (out.dim() > 0 and out.shape[0] == n and any(
-                leaves[k].dim() > 0 and leaves[k].shape[0] == n for k in slots)):
+        by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
+                        and x.dim() > 0 and x.shape[0] == n * fold)
+        meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(
+            leaves[k].dim() > 0 and leaves[k].shape[0] == n for k in slots))
+        key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
+               tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
+        self.ordinal += 1
+        if self.recorder.proving:
+            seen = self.layouts.get(key, (meets, by_size))
+            self.layouts[key] = (meets, by_size) if seen == (meets, by_size) else None
+        elif self.layouts.get(key) is not None:
+            meets, proven = self.layouts[key]
+            if not set(proven) <= set(by_size):
+                self.op_trouble = f"used in {key[1]} whose arguments hold the samples elsewhere than in the probe"
+                return out
+            by_size = proven
+        if not meets:
             # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters.
             # A batch axis made by broadcasting (cls.expand(B, -1, -1): stride 0, every row the same
             # memory) is rebuilt with one row, as a sample replayed alone sees it; a size that only
@@ -246,7 +283,7 @@ class _OpRecorder(TorchFunctionMode):
         if out.dim() == 0 or out.shape[0] != n * fold:
             self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
             return out
-        rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources)
+        rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources, per_sample=list(by_size))
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
         self.recorder.ops.append(rec)

@@ -19,26 +19,31 @@ def _run(model, data, **kw):
 
 
 class KwargsBlock(nn.Module):
-    """No rule: keyword tensor arguments, a tuple output, its own parameters and a child Linear."""
+    """No rule: keyword tensor arguments, a tuple output, its own parameters and a child Linear
+    (``child``; else the same map as a parameter of its own, so that it has no child)."""
 
-    def __init__(self, d):
+    def __init__(self, d, child=True):
         super().__init__()
         self.scale = nn.Parameter(torch.rand(d) + 0.5)
-        self.mix = nn.Linear(d, d)
+        if child:
+            self.mix = nn.Linear(d, d)
+        else:
+            self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
 
     def forward(self, x, *, gate=None, offset=0.0):
-        h = torch.tanh(self.mix(x) * self.scale + offset)
+        mixed = self.mix(x) if hasattr(self, "mix") else x @ self.w.t()
+        h = torch.tanh(mixed * self.scale + offset)
         if gate is not None:
             h = h * gate
         return h, h.square().mean(-1)
 
 
 class WithBlock(nn.Module):
-    def __init__(self, d=5, seq=4):
+    def __init__(self, d=5, seq=4, child=True):
         super().__init__()
         self.emb = nn.Linear(3, d)
         self.pos = nn.Parameter(0.3 * torch.randn(seq + 2, d))     # sliced before it meets the batch
-        self.block = KwargsBlock(d)
+        self.block = KwargsBlock(d, child)
         self.head = nn.Linear(d + 1, 3)
 
     def forward(self, x):
@@ -49,14 +54,21 @@ class WithBlock(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["empirical", "sampled", "exact"])
-def test_module_local_with_keywords_and_op_local_through_a_slice(kind):
+@pytest.mark.parametrize("child", [True, False], ids=["composite", "leaf"])
+def test_module_local_with_keywords_and_op_local_through_a_slice(kind, child):
+    """A module without a rule called with keywords: a leaf module is replayed module-local; one
+    with a child (whose rule takes the child's parameters) has its own parameters followed op by
+    op inside its forward, so that no replay reruns the child."""
     torch.manual_seed(3)
-    model = WithBlock().to(D)
+    model = WithBlock(child=child).to(D)
     data = batches(torch.randn(7, 4, 3, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
     gen = (lambda: torch.Generator().manual_seed(2)) if kind == "sampled" else (lambda: None)
     got, info = _run(model, data, kind=kind, generator=gen())
-    assert info.methods["block.scale"] == "module-local" and info.methods["pos"] == "op-local"
-    assert info.methods["block.mix.weight"] == "linear"
+    own = ["block.scale"] + ([] if child else ["block.w"])
+    assert {p: info.methods[p] for p in own} == {p: "op-local" if child else "module-local" for p in own}, info
+    assert info.methods["pos"] == "op-local"
+    if child:
+        assert info.methods["block.mix.weight"] == "linear"
     assert not info.vmap_params and not info.loop_params, info
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind, generator=gen()), rtol=1e-10)
 
@@ -735,4 +747,84 @@ def test_a_call_the_probe_did_not_see_goes_per_sample():
     # per sample: the loop here, since the model's forward branches on the data (no vmap)
     assert "rot.scale" in info.loop_params and "probe did not see" in info.reasons["rot.scale"], info
     assert info.rules["inp"] == "linear"
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+class ScaledTable(nn.Module):
+    """A fixed ``[T, d]`` table (a buffer) scaled by a parameter, then added to every sample: the
+    operation on the parameter meets no batch, whatever T is."""
+
+    def __init__(self, d=3, seq=4):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+        self.register_buffer("table", torch.randn(seq, d))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inp(x) + self.table * self.scale).mean(1))
+
+
+def test_an_operation_decides_its_samples_as_the_probe_saw_them():
+    """The probe (2 samples) sees ``table * scale`` on a table of T = 4 rows: no batch. A later
+    batch of 4 samples must not take the table for one because its size now matches (the
+    operation's layout is the probe's, not a size's); taken for one, the Fisher of ``scale`` is
+    that of another model."""
+    torch.manual_seed(2)
+    model = ScaledTable().to(D)
+    x, y = torch.randn(8, 4, 3, dtype=D), torch.randint(0, 2, (8,))
+    data = batches(x, y, batch_size=4)
+    got, info = _run(model, data)
+    assert info.methods["scale"] == "op-local" and not info.vmap_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+class Fused(torch.autograd.Function):
+    """``h * s`` whose backward PyTorch's torch-function modes never see inside (``torch.func``
+    can replay it: its vmap rule is generated)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h, s):
+        return h * s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, s = ctx.saved_tensors
+        return g * s, (g * h).sum_to_size(s.shape)
+
+
+class Gated(nn.Module):
+    """A module without a rule, with a child Linear and its own parameters: ``pos`` added (followed
+    op by op), ``s`` through a custom autograd Function, which the op recorder cannot follow."""
+
+    def __init__(self, d=4, custom=False):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(5, d) * 0.3)
+        self.s = nn.Parameter(torch.rand(d) + 0.5)
+        self.custom = custom
+
+    def forward(self, x):
+        h = self.lin(x) + self.pos[: x.shape[1]]
+        return Fused.apply(h, self.s) if self.custom else h * self.s
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["operations", "custom function"])
+def test_a_composite_module_s_own_parameters_follow_its_operations_or_go_module_local(custom):
+    """Its own parameters are followed op by op inside its forward (its child Linear is not
+    replayed); one that goes through what the recorder cannot follow disagrees with the loop on
+    the probe and goes module-local, that one only, never per sample."""
+    torch.manual_seed(4)
+    model = nn.Sequential(Gated(custom=custom), nn.Flatten(), nn.Linear(12, 3)).to(D)
+    data = batches(torch.randn(7, 3, 4, dtype=D), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = _run(model, data)
+    want = {"0.pos": "op-local", "0.s": "module-local" if custom else "op-local"}
+    assert {p: info.methods[p] for p in want} == want, info
+    assert info.methods["0.lin.weight"] == "linear" and not info.vmap_params and not info.loop_params, info
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
