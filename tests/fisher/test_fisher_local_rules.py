@@ -152,6 +152,40 @@ def test_broadcast_additions_of_bare_parameters_in_closed_form(kind, monkeypatch
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 
 
+class Tokens(nn.Module):
+    """ViT's and DeiT's embeddings: class (and distillation) tokens spread over the batch and put
+    before the patches, on either side of a keyword ``dim``, then a position table added."""
+
+    def __init__(self, d=6, T=4):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.dist = nn.Parameter(torch.randn(1, d))
+        self.pos = nn.Parameter(torch.randn(1, T + 2, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = torch.cat((self.cls.expand(n, -1, -1), x), 1)
+        h = torch.cat([h, self.dist.expand(n, 1, -1)], dim=-2) + self.pos
+        return self.head(h.tanh().mean(1))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_tokens_concatenated_before_the_samples_in_closed_form(kind, monkeypatch):
+    """The per-sample gradient of a token spread over the batch and concatenated is the output
+    gradient's slice where it was put: no ``vmap`` replay of the concatenation."""
+    from fastewc.fisher.rules import local
+
+    taken = _spy_closed_form(monkeypatch, local)
+    torch.manual_seed(6)
+    model = Tokens().to(D)
+    data = batches(torch.randn(7, 4, 6, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
+    got, info = _run(model, data, kind=kind)
+    assert all(info.methods[p] == "op-local" for p in ("cls", "dist", "pos")), info.methods
+    assert taken and all(taken), taken
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
 class BiasedAttention(nn.Module):
     """Attention with a learned relative position bias, shaped as T5's and Swin's: the bias table is
     looked up by relative position (no batch axis) and reaches the scores either as SDPA's

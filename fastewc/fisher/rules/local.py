@@ -214,9 +214,28 @@ def _sdpa_mask_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> t
     return P * (dP - (dP * P).sum(-1, keepdim=True))
 
 
+def _cat_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.Tensor | None:
+    """``torch.cat(tensors, dim)`` along an axis other than the samples' (a class token put before
+    the patches): the output gradient's slice where the argument was placed."""
+    if rec.fold > 1:
+        return None
+    args, kwargs = tree_unflatten(list(range(len(rec.leaves))), rec.spec)
+    if not args or not isinstance(args[0], (tuple, list)) or k not in args[0] or len(args) > 2:
+        return None
+    dim = rec.leaves[args[1]] if len(args) == 2 else rec.leaves[kwargs["dim"]] if "dim" in kwargs else 0
+    if set(kwargs) - {"dim"} or not isinstance(dim, int):
+        return None
+    dim = dim % G.dim()
+    parts = [rec.leaves[t] for t in args[0]]
+    if dim == 0 or any(not isinstance(t, torch.Tensor) or t.dim() != G.dim() for t in parts):
+        return None
+    start = sum(t.shape[dim] for t in parts[: args[0].index(k)])
+    return G.narrow(dim, start, rec.leaves[k].shape[dim])
+
+
 # Operations with the per-sample gradient w.r.t. an argument without a batch axis in closed form:
 # ``f(rec, k, G, i, j)`` gives it at the output's shape (for samples i..j), or None.
-_CLOSED_FORM = {**{f: _additive_grad for f in _ADDITIVE}, torch.where: _where_grad,
+_CLOSED_FORM = {**{f: _additive_grad for f in _ADDITIVE}, torch.where: _where_grad, torch.cat: _cat_grad,
                 torch.nn.functional.scaled_dot_product_attention: _sdpa_mask_grad}
 
 
@@ -238,14 +257,17 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
         if g is None:
             return None
         rows = g.dim() - (1 if rec.fold > 1 else 0)
-        shape = (1,) * (rows - b.dim()) + tuple(b.shape)
+        # an argument spread over the samples by broadcasting (cls.expand(N, -1, -1)) is rebuilt
+        # with one row, as a sample alone sees it
+        bshape = (1, *b.shape[1:]) if b.dim() and b.shape[0] == rec.n > 1 and b.stride(0) == 0 else tuple(b.shape)
+        shape = (1,) * (rows - len(bshape)) + bshape
         if len(shape) != rows or shape[0] != 1:
             return None  # the argument is wider than the output, or spans the batch axis
         if rec.fold > 1:  # the rows of a sample: one more axis the argument is broadcast along
             shape = (1, *shape)
         axes = [d for d in range(1, len(shape)) if shape[d] == 1 and g.shape[d] != 1]
         g = g.sum(axes, keepdim=True) if axes else g
-        g = g.reshape(G.shape[0], *b.shape).to(b.dtype)
+        g = g.reshape(G.shape[0], *bshape).to(b.dtype)
         if isinstance(build, ParamLeaf):
             got = {build.name: g}
         else:
