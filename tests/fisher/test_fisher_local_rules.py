@@ -755,19 +755,6 @@ class WithAngles(nn.Module):
         return self.head(self.rot(self.inp(x), table, keep).mean(1))
 
 
-def test_a_table_with_as_many_rows_as_samples_is_not_split_between_them():
-    """The probe (2 samples) sees the angle table with T = 4 rows: not per sample. A later batch of
-    4 samples must pass it whole to every sample too, not split it because its size now matches;
-    it used to, and the Fisher of ``rot.scale`` came out 0.59 off."""
-    torch.manual_seed(0)
-    model = WithAngles().to(D)
-    x, y = torch.randn(8, 4, 3, dtype=D), torch.randint(0, 2, (8,))
-    data = batches(x, y, batch_size=4)
-    got, info = _run(model, data)
-    assert info.rules["rot"] == "module-local" and not info.vmap_params, info
-    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
-
-
 def test_a_call_the_probe_did_not_see_goes_per_sample():
     """A later batch calls the module-local module with an argument the probe's batch did not
     have (a per-sample mask): nothing proved which of its arguments hold the samples, so its
@@ -799,17 +786,20 @@ class ScaledTable(nn.Module):
         return self.head(torch.tanh(self.inp(x) + self.table * self.scale).mean(1))
 
 
-def test_an_operation_decides_its_samples_as_the_probe_saw_them():
-    """The probe (2 samples) sees ``table * scale`` on a table of T = 4 rows: no batch. A later
-    batch of 4 samples must not take the table for one because its size now matches (the
-    operation's layout is the probe's, not a size's); taken for one, the Fisher of ``scale`` is
-    that of another model."""
-    torch.manual_seed(2)
-    model = ScaledTable().to(D)
+@pytest.mark.parametrize(("make", "name", "rule"), [("angles", "rot.scale", "module-local"),
+                                                    ("scaled table", "scale", "op-local")])
+def test_a_table_with_as_many_rows_as_samples_is_not_split_between_them(make, name, rule):
+    """The probe (2 samples) sees a table of T = 4 rows: not per sample. A later batch of 4
+    samples must pass it whole to every sample too, not split it because its size now matches:
+    the module-local call's arguments (rotary angles) and the operation's (``table * scale``) hold
+    the samples where the probe saw them, not where a size says. Split, the angles' ``rot.scale``
+    came out 0.59 off."""
+    torch.manual_seed(0)
+    model = {"angles": WithAngles, "scaled table": ScaledTable}[make]().to(D)
     x, y = torch.randn(8, 4, 3, dtype=D), torch.randint(0, 2, (8,))
     data = batches(x, y, batch_size=4)
     got, info = _run(model, data)
-    assert info.methods["scale"] == "op-local" and not info.vmap_params, info
+    assert info.methods[name] == rule and not info.vmap_params, info
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
 
 
