@@ -109,11 +109,15 @@ class _Recorder:
                 site.module.forward = self.attention[key].forward  # this instance, for this pass only
 
     def _enter_scope(self, module, args):
+        if torch._C._current_graph_task_id() != -1:
+            return  # a checkpoint recomputing in the backward: its operations were recorded already
         self.scopes += 1
         if self.scopes == 1:
             self.mode.__enter__()
 
     def _exit_scope(self, module, args, output):
+        if torch._C._current_graph_task_id() != -1:
+            return
         self.scopes -= 1
         if self.scopes == 0:
             self.mode.__exit__(None, None, None)

@@ -839,6 +839,30 @@ class Gated(nn.Module):
         return Fused.apply(h, self.s) if self.custom else h * self.s
 
 
+class Checkpointed(nn.Module):
+    """A block under ``torch.utils.checkpoint`` after a first layer (as a model's checkpointed
+    layers follow its embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.gated, self.head = nn.Linear(4, 4), Gated(), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.gated, self.first(x), use_reentrant=False)
+        return self.head(h.flatten(1))
+
+
+def test_a_checkpointed_composite_module_is_followed_once():
+    """Recomputed in the backward, the module's operations are not recorded a second time (nor
+    is the mode entered there: the recomputation must build what the forward built)."""
+    torch.manual_seed(5)
+    model = Checkpointed().to(D)
+    data = batches(torch.randn(7, 3, 4, dtype=D), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = _run(model, data)
+    assert info.methods["gated.pos"] == "op-local" and info.methods["gated.s"] == "op-local", info
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
 @pytest.mark.parametrize("custom", [False, True], ids=["operations", "custom function"])
 def test_a_composite_module_s_own_parameters_follow_its_operations_or_go_module_local(custom):
     """Its own parameters are followed op by op inside its forward (its child Linear is not
