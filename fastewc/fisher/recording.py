@@ -74,6 +74,22 @@ def _prepare_outputs(outputs: list, clone: bool) -> tuple[list, dict]:
     return targets, handed
 
 
+def _handed(output, rec: Recorded, replaced: dict, to_module):
+    """The module's output with the recorded outputs' replacements put in (None: unchanged)."""
+    if to_module is not None:
+        # Recorded in another layout (a view of each output): the rest of the model must
+        # continue from those views, or their gradients would never arrive.
+        replaced = {k: replaced.get(k, t) for k, t in enumerate(rec.outputs)}
+    if not replaced:
+        return None
+    if isinstance(output, torch.Tensor):
+        return replaced[0] if to_module is None else to_module(0, replaced[0])
+    leaves, spec = tree_flatten(output)
+    for k, t in replaced.items():
+        leaves[rec.out_index[k]] = t if to_module is None else to_module(k, t)
+    return tree_unflatten(leaves, spec)
+
+
 class _Recorder:
     """Forward hooks on the module sites and, for the op site, a torch-function mode that records
     every operation using the watched parameters."""
@@ -126,13 +142,17 @@ class _Recorder:
         site = self.sites[key]
 
         def hook(module, args, kwargs, output):
-            if torch._C._current_graph_task_id() != -1:
-                # A forward inside the backward is a checkpoint recomputing what the first call
-                # computed (and this hook recorded): the backward follows the first call's graph.
-                return None
             # An RNN's outputs have the samples on axis 1 (h_n, and output unless batch_first): its
             # call is recorded with every tensor moved samples-first, and handed back moved back.
             rec, to_module = record_call(module, args, kwargs, output, self.n, folds=True, axis=site.axis)
+            if torch._C._current_graph_task_id() != -1:
+                # A forward inside the backward is a checkpoint recomputing what the first call
+                # computed (and this hook recorded): the backward follows the first call's graph.
+                # Nothing is recorded, but the rest of the block gets what the first call handed
+                # on (a first layer's output made to require grad), or the recomputation would
+                # save other tensors than the forward did and the checkpoint refuses it.
+                rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
+                return _handed(output, rec, replaced, to_module)
             one = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
             ok = (one and args[0].dim() > site.axis and args[0].shape[site.axis] == self.n * rec.fold
                   and len(rec.outputs) == 1)
@@ -141,19 +161,8 @@ class _Recorder:
             unproven = self._per_sample(site, rec) if site.rule is None and rec.per_sample is None else None
             versions_in = [rec.leaves[k]._version for k in rec.batched]
             rec.outputs, replaced = _prepare_outputs(rec.outputs, clone)
-            if to_module is not None:
-                # Recorded in another layout (a view of each output): the rest of the model must
-                # continue from those views, or their gradients would never arrive.
-                replaced = {k: replaced.get(k, t) for k, t in enumerate(rec.outputs)}
             self.calls[key].append(_Call(rec, ok, versions_in, [t._version for t in rec.outputs], other, unproven))
-            if not replaced:
-                return None
-            if isinstance(output, torch.Tensor):
-                return replaced[0] if to_module is None else to_module(0, replaced[0])
-            leaves, spec = tree_flatten(output)
-            for k, t in replaced.items():
-                leaves[rec.out_index[k]] = t if to_module is None else to_module(k, t)
-            return tree_unflatten(leaves, spec)
+            return _handed(output, rec, replaced, to_module)
         return hook
 
     def _per_sample(self, site: Site, rec: Recorded) -> str | None:

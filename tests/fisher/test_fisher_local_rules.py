@@ -840,27 +840,37 @@ class Gated(nn.Module):
 
 
 class Checkpointed(nn.Module):
-    """A block under ``torch.utils.checkpoint`` after a first layer (as a model's checkpointed
-    layers follow its embeddings)."""
+    """A block under ``torch.utils.checkpoint`` (non-reentrant): a composite module after a first
+    layer (as a model's checkpointed layers follow its embeddings), or a block that holds the
+    model's first layer itself."""
 
-    def __init__(self):
+    def __init__(self, first_inside: bool):
         super().__init__()
+        self.first_inside = first_inside
         self.first, self.gated, self.head = nn.Linear(4, 4), Gated(), nn.Linear(12, 3)
 
+    def block(self, x):
+        return self.gated(self.first(x)) if self.first_inside else self.gated(x)
+
     def forward(self, x):
-        h = torch.utils.checkpoint.checkpoint(self.gated, self.first(x), use_reentrant=False)
-        return self.head(h.flatten(1))
+        x = x if self.first_inside else self.first(x)
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False).flatten(1))
 
 
-def test_a_checkpointed_composite_module_is_followed_once():
-    """Recomputed in the backward, the module's operations are not recorded a second time (nor
-    is the mode entered there: the recomputation must build what the forward built)."""
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+@pytest.mark.parametrize("first_inside", [False, True], ids=["after the first layer", "first layer inside"])
+def test_a_checkpointed_block_is_recorded_once_and_recomputed_alike(first_inside, kind):
+    """Recomputed in the backward, the block's calls and operations are not recorded a second
+    time (nor is the op recorder entered there), and the recomputation hands on what the forward
+    did: a first layer's output made to require grad, or the checkpoint finds other tensors
+    saved and refuses (every parameter then went to the loop)."""
     torch.manual_seed(5)
-    model = Checkpointed().to(D)
+    model = Checkpointed(first_inside).to(D)
     data = batches(torch.randn(7, 3, 4, dtype=D), torch.randint(0, 3, (7,)), batch_size=4)
-    got, info = _run(model, data)
+    got, info = _run(model, data, kind=kind)
     assert info.methods["gated.pos"] == "op-local" and info.methods["gated.s"] == "op-local", info
-    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+    assert info.methods["first.weight"] == "linear" and not info.loop_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 
 
 @pytest.mark.parametrize("custom", [False, True], ids=["operations", "custom function"])
