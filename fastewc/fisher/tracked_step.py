@@ -205,8 +205,8 @@ class _StepHooks:
             p = self._pass
             if p is None or not torch.is_grad_enabled():
                 return None
-            # a self-attention call whose projections its own backward hands over needs no
-            # replay, so its dropout is no obstacle (where it is the module's one use in the pass)
+            # an attention call whose projections its own backward hands over needs no replay,
+            # so its dropout is no obstacle (where it is the module's one use in the pass)
             observed = observe_call(module, args, kwargs, output)
             alone = observed is not None and not p.calls[key] and all(
                 len(self._uses[q]) == 1 for q in site.params.values())

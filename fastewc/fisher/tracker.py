@@ -80,8 +80,8 @@ class FisherTracker(_StepHooks):
     parameters used outside any module's forward (a bare ``nn.Parameter`` such as a class token;
     exclude them with ``params=``), BatchNorm normalising with batch statistics (training mode:
     samples interact, so no per-sample gradient exists in that pass), active dropout inside a
-    module without a hand rule that must be replayed (the replay would draw other masks; a
-    self-attention ``nn.MultiheadAttention`` is read from its own backward instead), gradient
+    module without a hand rule that must be replayed (the replay would draw other masks; an
+    ``nn.MultiheadAttention`` called once a step is read from its own backward instead), gradient
     checkpointing, two
     forward passes feeding one backward, and Hugging Face losses whose per-sample weights it cannot
     prove. Assumed, not checked: the backward reaches the model's outputs only through the

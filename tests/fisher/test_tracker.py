@@ -232,11 +232,11 @@ def test_hf_accumulation_and_num_items_in_batch_are_read_not_declared():
 @pytest.mark.parametrize("route", ["observed", "sums", "blocks"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_attention_sums_without_blocks_match_the_loop(inputs, route, fraction, monkeypatch):
-    """``nn.MultiheadAttention``'s parameters, used nowhere else: self-attention is read from the
-    training backward's own nodes ("observed"); where that is refused (and for cross-attention)
-    they are summed from one batched replay like Linear layers ("sums"); with that refused too,
-    its per-sample blocks serve ("blocks"). All against the per-sample reference loop, key
-    padding and a tracked subset included."""
+    """``nn.MultiheadAttention``'s parameters, used nowhere else, are read from the training
+    backward's own nodes ("observed"); where that is refused they are summed from one batched
+    replay like Linear layers ("sums"); with that refused too, its per-sample blocks serve
+    ("blocks"). Self- and cross-attention, against the per-sample reference loop, key padding and
+    a tracked subset included."""
     from fastewc import reference
     from fastewc.fisher.rules import attention, replay
 
@@ -255,19 +255,20 @@ def test_attention_sums_without_blocks_match_the_loop(inputs, route, fraction, m
         g = torch.Generator().manual_seed(2)
         want = [(x[i], y[i]) for x, y in data for i in [torch.randperm(len(y), generator=g)[:2].sort().values]]
     assert_fisher_close(tracker.fisher(), reference.estimate_fisher(model, want), **TOL)
-    read = route == "observed" and inputs == "self"
+    read = route == "observed"
     assert observed and all(observed) == read, observed
     assert (summed == []) if read else (summed and all(summed) == (route != "blocks")), summed
 
 
+@pytest.mark.parametrize("inputs", ["self", "cross"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("weights", ["none", "averaged"])
-def test_self_attention_in_training_mode_with_dropout_is_exact(batch_first, weights):
-    """Read from its own backward, a self-attention needs no replay, so its dropout (and the
-    encoder layer's) may stay on: the truth is the per-sample loop over the very same forward,
-    the dropout masks drawn again from the same seed, one sample's loss differentiated at a time."""
+def test_attention_in_training_mode_with_dropout_is_exact(inputs, batch_first, weights):
+    """Read from its own backward, an attention needs no replay, so its dropout (and the encoder
+    layer's) may stay on: the truth is the per-sample loop over the very same forward, the dropout
+    masks drawn again from the same seed, one sample's loss differentiated at a time."""
     torch.manual_seed(5)
-    model = Attention("self", weights=weights, batch_first=batch_first).to(D)
+    model = Attention(inputs, weights=weights, batch_first=batch_first).to(D)
     model.attn.dropout = 0.3
     model.train()
     ids = torch.randint(1, 11, (6, 5))
@@ -298,7 +299,7 @@ def test_no_step_outlives_its_pass(end):
     import gc
     import weakref
 
-    model = Attention("cross").to(D)  # replayed: a module-local record of its outputs
+    model = Attention("cross").to(D)  # a module-local site: its record holds its hooked outputs
     outputs = []
     model.attn.register_forward_hook(lambda m, a, o: outputs.append(weakref.ref(o[0])))
     ids, y = torch.randint(1, 11, (4, 5)), torch.randint(0, 3, (4,))
@@ -317,10 +318,15 @@ def test_no_step_outlives_its_pass(end):
 
 
 @pytest.mark.parametrize("inputs", ["self", "cross"])
-def test_a_backward_inside_autocast_sums_as_one_outside(inputs):
-    """The tracker's own arithmetic runs outside autocast: a backward called inside the autocast
-    region (read from the training backward, or replayed for cross-attention) sums the same as the
-    usual backward after it, where a replay's half-precision products met float32 inputs."""
+@pytest.mark.parametrize("route", ["observed", "replayed"])
+def test_a_backward_inside_autocast_sums_as_one_outside(inputs, route, monkeypatch):
+    """The tracker's own arithmetic runs outside autocast, and a replay under the autocast its
+    forward ran in: a backward called inside the autocast region sums the same as the usual
+    backward after it (a replay's half-precision products used to meet float32 inputs)."""
+    from fastewc.fisher.rules import attention, replay
+
+    spy(monkeypatch, replay.OBSERVERS, nn.MultiheadAttention,
+        attention.observe_projections if route == "observed" else (lambda *a: None))
     torch.manual_seed(3)
     model = Attention(inputs, mask="none")
     ids, y = torch.randint(1, 11, (6, 5)), torch.randint(0, 3, (6,))
@@ -490,9 +496,24 @@ def test_batchnorm_in_training_mode_is_refused():
         model(data[0][0])
 
 
+class TwiceAttended(nn.Module):
+    """One attention applied twice in a forward: its per-sample gradients add up over the calls,
+    which the tracker forms from a replay of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.head = nn.Embedding(11, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
 def test_active_dropout_in_a_replayed_module_is_refused():
-    """Cross-attention is replayed, and a replay would draw other dropout masks."""
-    model = Attention("cross").to(D)
+    """An attention called twice in one step is replayed, and a replay would draw other dropout
+    masks."""
+    model = TwiceAttended().to(D)
     model.attn.dropout = 0.1
     model.train()
     with FisherTracker(model), pytest.raises(EWCInputError, match="attn .*dropout"):

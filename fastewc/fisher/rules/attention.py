@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -338,69 +339,88 @@ class RecordingAttention:
 # -- a tracked training step: the projections read from the step's own autograd graph ------------
 # The tracker cannot change how the module computes (the training step must stay bit for bit the
 # same), so it cannot run it in the open as RecordingAttention does. Its backward still computes
-# the projections' output gradient gP, inside the nodes of F.multi_head_attention_forward's two
-# matmuls by the weights; a prehook on the in-projection's node receives gP, and the
-# out-projection's node holds its input C as a saved tensor. Both matmuls take sequence-first rows
-# (t, n): the functional's inputs are [T, N, E] and its output is the out-projection's rows viewed
-# as [T, N, E]. A graph of another shape (another backend's nodes, a compiled module) is not read:
-# the replay serves.
-_CASTS = ("TBackward0", "ToCopyBackward0")          # between a matmul and its weight's accumulator
-_MATMULS = {"AddmmBackward0": (2, "_saved_mat1"),   # node -> (operand of the weight, saved input)
+# the projections' output gradients, inside the nodes of F.multi_head_attention_forward's matmuls
+# by the weights: a prehook on each in-projection's node receives its output gradient, and the
+# out-projection's node holds its input C as a saved tensor. Self-attention projects with all of
+# in_proj_weight at once; otherwise the weight's rows are split (query, and key and value
+# together when they are one tensor, else each) and the split's output index says which rows a
+# matmul uses. The matmuls take sequence-first rows (t, n): the functional's inputs are [L, N, E]
+# and its output is the out-projection's rows viewed as [T, N, E]. A graph of another shape
+# (another backend's nodes, a compiled module) is not read: the replay serves.
+_PASS = ("TBackward0", "ToCopyBackward0")                 # a weight transposed or cast
+_SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")  # its rows taken apart
+_MATMULS = {"AddmmBackward0": (2, "_saved_mat1"),        # node -> (operand of the weight, saved input)
             "MmBackward0": (1, "_saved_self")}
-_SEARCHED = 256                                     # nodes of one call's graph looked at, at most
+_SEARCHED = 256                                          # nodes of one call's graph looked at, at most
 
 
-def _reaches(fn, w: torch.Tensor) -> bool:
-    """Whether autograd node ``fn`` is ``w``'s gradient accumulator, through transposes and casts."""
+def _part_of(edge, w: torch.Tensor) -> int | None:
+    """The part of ``w`` that autograd edge ``(node, input number)`` leads to through transposes,
+    casts and at most one split: the split's output index (0 without one), or None where the
+    edge leads elsewhere."""
+    fn, nr = edge
+    part, split = 0, False
     while fn is not None:
-        if hasattr(fn, "variable"):
-            return fn.variable is w
-        if fn.name() not in _CASTS or len(fn.next_functions) != 1:
-            return False
-        fn = fn.next_functions[0][0]
-    return False
+        if fn.name() in _SPLITS:
+            if split:
+                return None
+            part, split = nr, True
+        elif hasattr(fn, "variable"):
+            return part if fn.variable is w else None
+        elif fn.name() not in _PASS:
+            return None
+        if len(fn.next_functions) != 1:
+            return None
+        fn, nr = fn.next_functions[0]
+    return None
 
 
-def _matmul_by(nodes: list, w: torch.Tensor) -> list:
-    return [fn for fn in nodes if fn.name() in _MATMULS
-            and _reaches(fn.next_functions[_MATMULS[fn.name()][0]][0], w)]
+def _matmuls_by(nodes: list, w: torch.Tensor) -> list:
+    """``[(node, part)]``: the matmul nodes that multiply by ``w`` or a part of its rows."""
+    found = []
+    for fn in nodes:
+        if fn.name() in _MATMULS:
+            part = _part_of(fn.next_functions[_MATMULS[fn.name()][0]], w)
+            if part is not None:
+                found.append((fn, part))
+    return found
 
 
 @dataclass
 class ObservedCall:
-    """One self-attention call of a tracked step, samples first: the projections' input ``X``
-    ``[N, T, E]``, the out-projection's input ``C`` ``[N, T, E]``, and ``gP`` ``[N, T, 3E]`` once
-    the backward has reached the in-projection."""
+    """One call of a tracked step, samples first: per in-projection (one for self-attention), its
+    input ``Xs[r]`` ``[N, L, E]`` and, once the backward has reached it, its output gradient
+    ``gPs[r]`` ``[N, L, rows]``; and the out-projection's input ``C`` ``[N, T, E]``."""
 
-    X: torch.Tensor
+    Xs: list
+    widths: list
     C: torch.Tensor
-    gP: torch.Tensor | None = None
+    gPs: list = field(default_factory=list)
 
     def sq_sums(self, m: nn.Module, attrs: list[str], G: torch.Tensor, tracked, scaled) -> dict | None:
         """``{attr: sum over samples of the squared per-sample gradient}`` given the module's
         output gradient ``G`` ``[k, T, E]``, already restricted to the tracked samples and scaled;
         ``tracked(t)`` restricts a recorded tensor the same way and ``scaled(t)`` scales a
-        gradient. None when the backward did not reach the in-projection."""
-        if self.gP is None:
+        gradient. None when the backward did not reach every in-projection."""
+        if any(g is None for g in self.gPs):
             return None
-        X, C, gP = (tracked(t) for t in (self.X, self.C, self.gP))
-        return _sq_sums_from(m, attrs, [X], C, [G], [[scaled(gP)]])
+        return _sq_sums_from(m, attrs, [tracked(x) for x in self.Xs], tracked(self.C), [G],
+                             [[scaled(tracked(g)) for g in self.gPs]])
 
-    def take(self, grad_outputs) -> None:
-        """Prehook of the in-projection's node: keep its output gradient, samples first."""
+    def take(self, r: int, grad_outputs) -> None:
+        """Prehook of in-projection ``r``'s node: keep its output gradient, samples first."""
         g = grad_outputs[0]
-        T, N = self.X.shape[1], self.X.shape[0]
-        if g is not None and g.numel() == T * N * self.X.shape[2] * 3:
-            self.gP = g.detach().reshape(T, N, -1).transpose(0, 1)
+        N, L = self.Xs[r].shape[:2]
+        if g is not None and g.numel() == L * N * self.widths[r]:
+            self.gPs[r] = g.detach().reshape(L, N, -1).transpose(0, 1)
 
 
 def observe_projections(m: nn.Module, args, kwargs, output) -> ObservedCall | None:
     """The projections of one training call of ``nn.MultiheadAttention`` as its own backward
-    will compute them, for self-attention (query, key and value one tensor) with both weights
-    trained; None for any other call or a graph of another shape. The returned call's ``gP`` is
-    filled by a prehook on the in-projection's node, registered here: the node holds the hook and
-    the call, never the other way round (a cycle through autograd's nodes would keep the step's
-    graph alive)."""
+    will compute them, with both weights trained; None for a graph of another shape. The returned
+    call's ``gPs`` are filled by prehooks on the in-projections' nodes, registered here: the nodes
+    hold the hooks and the call, never the other way round (a cycle through autograd's nodes
+    would keep the step's graph alive)."""
     if (type(m) is not nn.MultiheadAttention or not m._qkv_same_embed_dim or m.bias_k is not None
             or not (m.in_proj_weight.requires_grad and m.out_proj.weight.requires_grad)):
         return None
@@ -410,26 +430,31 @@ def observe_projections(m: nn.Module, args, kwargs, output) -> ObservedCall | No
         return None
     q, k, v = (bound.arguments.get(a) for a in ("query", "key", "value"))
     out = output[0] if isinstance(output, tuple) and output else None
-    if not (isinstance(q, torch.Tensor) and q is k and k is v and q.dim() == 3
+    if not (all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v))
             and isinstance(out, torch.Tensor) and out.grad_fn is not None):
         return None
-    X = q if m.batch_first else q.transpose(0, 1)
-    N, T, E = X.shape
-    stop, seen, frontier, nodes = q.grad_fn, set(), [out.grad_fn], []
+    E = m.embed_dim
+    # the in-projections, as the functional splits in_proj_weight's rows between its inputs
+    parts = [(q, 3 * E)] if q is k and k is v else [(q, E), (k, 2 * E)] if k is v else [(q, E), (k, E), (v, E)]
+    Xs = [x if m.batch_first else x.transpose(0, 1) for x, _ in parts]
+    N, T = Xs[0].shape[:2]
+    stops = {t.grad_fn for t in (q, k, v)}
+    seen, frontier, nodes = set(), [out.grad_fn], []
     while frontier and len(nodes) < _SEARCHED:
         fn = frontier.pop()
-        if fn is None or fn is stop or fn in seen:
+        if fn is None or fn in stops or fn in seen:
             continue
         seen.add(fn)
         nodes.append(fn)
         frontier.extend(nxt for nxt, _ in fn.next_functions)
-    ins, outs = _matmul_by(nodes, m.in_proj_weight), _matmul_by(nodes, m.out_proj.weight)
-    if len(ins) != 1 or len(outs) != 1:
+    ins, outs = _matmuls_by(nodes, m.in_proj_weight), _matmuls_by(nodes, m.out_proj.weight)
+    if sorted(r for _, r in ins) != list(range(len(parts))) or [r for _, r in outs] != [0]:
         return None
-    C = getattr(outs[0], _MATMULS[outs[0].name()][1], None)
+    C = getattr(outs[0][0], _MATMULS[outs[0][0].name()][1], None)
     if not isinstance(C, torch.Tensor) or C.shape != (T * N, E):
         return None
-    call = ObservedCall(X.detach(), C.detach().view(T, N, E).transpose(0, 1))
-    ins[0].register_prehook(call.take)
+    call = ObservedCall([x.detach() for x in Xs], [w for _, w in parts], C.detach().view(T, N, E).transpose(0, 1),
+                        [None] * len(parts))
+    for fn, r in ins:
+        fn.register_prehook(partial(call.take, r))
     return call
-

@@ -8,7 +8,7 @@ A module without a hand rule is recorded by :func:`.local.record` and replayed p
 * the recurrent layers are recorded the same way and rerun in Python (:mod:`.rnn`);
 * ``nn.EmbeddingBag`` is recorded with its bags laid out samples-first (:mod:`.embedding_bag`).
 
-In a tracked training step a self-attention call needs no replay at all: its own backward hands
+In a tracked training step an attention call needs no replay at all: its own backward hands
 over what the sums need (:func:`observe_call`).
 
 Both the rule engine and the tracker go through :func:`record_call` and :func:`local_blocks`, so
