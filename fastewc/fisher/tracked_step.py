@@ -87,11 +87,14 @@ def _autocast_state() -> dict:
     return {d: torch.get_autocast_dtype(d) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)}
 
 
-def _precision(state: dict) -> contextlib.ExitStack:
+def _precision(state: dict):
     """Autocast exactly as ``state`` says, whatever is in force around. The tracker's own
     arithmetic runs with none (a backward called inside an autocast region would otherwise form
     the sums of squares in half precision); a replay runs as its forward ran, under the state
-    recorded then, so that it computes what the module computed."""
+    recorded then, so that it computes what the module computed. Nothing is entered where that
+    is already the state (every gradient hook of a step without autocast)."""
+    if _autocast_state() == state:
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     for device in _AUTOCAST_DEVICES:
         on = device in state
@@ -208,8 +211,7 @@ class _StepHooks:
             # an attention call whose projections its own backward hands over needs no replay,
             # so its dropout is no obstacle (where it is the module's one use in the pass)
             observed = observe_call(module, args, kwargs, output)
-            alone = observed is not None and not p.calls[key] and all(
-                len(self._uses[q]) == 1 for q in site.params.values())
+            alone = observed is not None and not p.calls[key] and self._unshared(key)
             active = [name for name, m in module.named_modules()
                       if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0)
                                          or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and not alone)
@@ -354,7 +356,11 @@ class _StepHooks:
     def _alone(self, p: _Pass, key: str) -> bool:
         """Whether the site was called once in this pass and its parameters have no other use: then
         its sums of squares need no per-sample blocks added up with other uses'."""
-        return len(p.calls[key]) == 1 and all(len(self._uses[q]) == 1 for q in self._sites[key].params.values())
+        return len(p.calls[key]) == 1 and self._unshared(key)
+
+    def _unshared(self, key: str) -> bool:
+        """Whether the site's parameters have no use but this site."""
+        return all(len(self._uses[q]) == 1 for q in self._sites[key].params.values())
 
     @staticmethod
     def _input(site, call: _Call) -> torch.Tensor:
@@ -460,12 +466,15 @@ class _StepHooks:
         site = self._sites[key]
         if site.rule is not None or not self._alone(p, key):
             return False
-        _, rec, grads = self._prepare(p, key, c)
-        dtype = self._site_dtype(site)
-        seen, attrs = p.calls[key][c].observed, list(site.params)
-        got = None if seen is None else seen.sq_sums(site.module, attrs, grads[0].to(dtype),
-                                                     lambda t: self._tracked(p, t, dtype), partial(self._scaled, p))
+        call, dtype, attrs = p.calls[key][c], self._site_dtype(site), list(site.params)
+        got = None
+        if call.observed is not None and call.grads[0] is not None:
+            # read from the backward: only the output's gradient, restricted and scaled, is needed
+            tracked = partial(self._tracked, p, dtype=dtype)
+            got = call.observed.sq_sums(site.module, attrs, self._scaled(p, tracked(call.grads[0])), tracked,
+                                        partial(self._scaled, p))
         if got is None:
+            _, rec, grads = self._prepare(p, key, c)
             with _precision(p.autocast):
                 got = local_sq_sums(site.module, attrs, rec, grads)
         if got is None:

@@ -341,7 +341,9 @@ def test_a_backward_inside_autocast_sums_as_one_outside(inputs, route, monkeypat
             if not inside:
                 loss.backward()
         got.append(tracker.fisher())
-    assert_fisher_close(got[0], got[1], rtol=1e-6, atol_rel=1e-6)
+    # the same recorded tensors and the same float32 arithmetic: the same bits (in half precision
+    # the sums were 2e-3 off)
+    assert all(torch.equal(got[0][n], got[1][n]) for n in got[1]), {n: float((got[0][n] - got[1][n]).abs().max()) for n in got[1]}
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
