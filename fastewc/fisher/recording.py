@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .functional import call_once
 from .plan import OPS, RulePlan, Site
 from .rules.attention import RecordingAttention
-from .rules.local import ParamLeaf, Recorded, fold_of
+from .rules.local import ParamLeaf, Recorded, fold_of, spread_over
 from .rules.replay import record_call
 
 
@@ -44,6 +44,12 @@ def _other_axis(x, output, n: int) -> int | None:
     if len(axes) != 1 or output.dim() != x.dim() or output.shape[axes[0]] != n:
         return None
     return axes[0]
+
+
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward: a checkpoint recomputing what the forward
+    computed, and the hooks recorded, before."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _prepare_outputs(outputs: list, clone: bool) -> tuple[list, dict]:
@@ -125,14 +131,14 @@ class _Recorder:
                 site.module.forward = self.attention[key].forward  # this instance, for this pass only
 
     def _enter_scope(self, module, args):
-        if torch._C._current_graph_task_id() != -1:
-            return  # a checkpoint recomputing in the backward: its operations were recorded already
+        if _recomputing():
+            return  # its operations were recorded in the forward
         self.scopes += 1
         if self.scopes == 1:
             self.mode.__enter__()
 
     def _exit_scope(self, module, args, output):
-        if torch._C._current_graph_task_id() != -1:
+        if _recomputing():
             return
         self.scopes -= 1
         if self.scopes == 0:
@@ -145,7 +151,7 @@ class _Recorder:
             # An RNN's outputs have the samples on axis 1 (h_n, and output unless batch_first): its
             # call is recorded with every tensor moved samples-first, and handed back moved back.
             rec, to_module = record_call(module, args, kwargs, output, self.n, folds=True, axis=site.axis)
-            if torch._C._current_graph_task_id() != -1:
+            if _recomputing():
                 # A forward inside the backward is a checkpoint recomputing what the first call
                 # computed (and this hook recorded): the backward follows the first call's graph.
                 # Nothing is recorded, but the rest of the block gets what the first call handed
@@ -195,7 +201,7 @@ class _Recorder:
         """The module's output has no batch axis: follow it into the operations that use it,
         rebuilding it from the parameters by calling the module again."""
         def hook(module, args, kwargs, output):
-            if torch._C._current_graph_task_id() != -1:
+            if _recomputing():
                 return None  # a checkpoint's recomputation (see _hook)
             leaves, _ = tree_flatten(output)
             for k, t in enumerate(leaves):
@@ -278,11 +284,10 @@ class _OpRecorder(TorchFunctionMode):
                 return out
             by_size = proven
         if not meets:
-            # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters.
-            # A batch axis made by broadcasting (cls.expand(B, -1, -1): stride 0, every row the same
-            # memory) is rebuilt with one row, as a sample replayed alone sees it; a size that only
-            # equals the batch size is not taken for one.
-            spread = n > 1 and out.dim() > 0 and out.shape[0] == n and out.stride(0) == 0
+            # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters
+            # (a batch axis made by broadcasting with one row; a size that only equals the batch
+            # size is not taken for one).
+            spread = spread_over(out, n)
 
             def build(p, func=func, leaves=list(leaves), spec=spec, slots=slots, spread=spread):
                 ls = list(leaves)

@@ -155,10 +155,22 @@ _ADDITIVE = {torch.add: (1, 1), torch.Tensor.add: (1, 1), torch.Tensor.__add__: 
              torch.Tensor.__sub__: (1, -1), torch.Tensor.__rsub__: (-1, 1)}
 
 
+def spread_over(t: torch.Tensor, n: int) -> bool:
+    """Whether ``t`` has a batch axis made by broadcasting (``cls.expand(n, -1, -1)``: stride 0,
+    every row the same memory): the op-local rule rebuilds it with one row, as a sample replayed
+    alone sees it."""
+    return n > 1 and t.dim() > 0 and t.shape[0] == n and t.stride(0) == 0
+
+
+def _leaf_positions(rec: Recorded) -> tuple:
+    """``(args, kwargs)`` of a recorded call with each leaf replaced by its index in ``rec.leaves``."""
+    return tree_unflatten(list(range(len(rec.leaves))), rec.spec)
+
+
 def _arguments(rec: Recorded) -> dict | None:
     """``{argument name or position: leaf index}`` of a recorded call whose arguments are leaves
     themselves (no tensor inside a tuple or dict); None otherwise."""
-    args, kwargs = tree_unflatten(list(range(len(rec.leaves))), rec.spec)
+    args, kwargs = _leaf_positions(rec)
     if not all(isinstance(a, int) for a in (*args, *kwargs.values())):
         return None
     return {**dict(enumerate(args)), **kwargs}
@@ -219,7 +231,7 @@ def _cat_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.T
     the patches): the output gradient's slice where the argument was placed."""
     if rec.fold > 1:
         return None
-    args, kwargs = tree_unflatten(list(range(len(rec.leaves))), rec.spec)
+    args, kwargs = _leaf_positions(rec)
     if not args or not isinstance(args[0], (tuple, list)) or k not in args[0] or len(args) > 2:
         return None
     dim = rec.leaves[args[1]] if len(args) == 2 else rec.leaves[kwargs["dim"]] if "dim" in kwargs else 0
@@ -257,9 +269,7 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
         if g is None:
             return None
         rows = g.dim() - (1 if rec.fold > 1 else 0)
-        # an argument spread over the samples by broadcasting (cls.expand(N, -1, -1)) is rebuilt
-        # with one row, as a sample alone sees it
-        bshape = (1, *b.shape[1:]) if b.dim() and b.shape[0] == rec.n > 1 and b.stride(0) == 0 else tuple(b.shape)
+        bshape = (1, *b.shape[1:]) if spread_over(b, rec.n) else tuple(b.shape)  # what ``build`` gives
         shape = (1,) * (rows - len(bshape)) + bshape
         if len(shape) != rows or shape[0] != 1:
             return None  # the argument is wider than the output, or spans the batch axis

@@ -27,7 +27,7 @@ import torch
 
 from ...native.library import BASE_FLAGS, NATIVE, OPENMP, Library, ProcessCopy, load_library
 
-__all__ = ["FUNCTIONS", "OuterKernel", "SOURCE_NAME", "kernel", "load", "status"]
+__all__ = ["FUNCTIONS", "OuterKernel", "SOURCE_NAME", "kernel", "load"]
 
 SOURCE_NAME = "outer_sq_cpu.c"
 FUNCTIONS = {torch.float32: "outer_sq_f32", torch.float64: "outer_sq_f64"}
@@ -121,8 +121,3 @@ def kernel(*, force: bool = False) -> OuterKernel:
     """This process's kernel (built or loaded on the first call; ``why`` says why not).
     ``force``: build again now, retrying a build that failed (``fastewc info``)."""
     return _process.get(force)
-
-
-def status() -> str | None:
-    """None when the kernel is available; otherwise the reason it is not."""
-    return kernel().why
