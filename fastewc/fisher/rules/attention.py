@@ -335,7 +335,6 @@ class RecordingAttention:
         return _blocks_from(self.m, attrs, inputs, entry["C"][i:j].detach(), G[i:j], [g[i:j] for g in gP])
 
 
-
 # -- a tracked training step: the projections read from the step's own autograd graph ------------
 # The tracker cannot change how the module computes (the training step must stay bit for bit the
 # same), so it cannot run it in the open as RecordingAttention does. Its backward still computes
