@@ -113,6 +113,52 @@ def test_sq_sum_linear_kernel_and_products_agree_with_the_loop(dtype, transposed
     assert counting.calls == (0 if long_sequence else 2)
 
 
+def conv_per_sample_loop(conv: torch.nn.Module, A: torch.Tensor, Gs: list) -> dict:
+    """The definition for a convolution, one sample and one output gradient at a time in float64,
+    through the convolution's own backward."""
+    conv = conv.double()
+    total = {name: torch.zeros_like(p) for name, p in conv.named_parameters()}
+    for k in range(A.shape[0]):
+        for G in Gs:
+            grads = torch.autograd.grad(conv(A[k:k + 1].double()), list(conv.parameters()), G[k:k + 1].double())
+            for (name, _), g in zip(conv.named_parameters(), grads):
+                total[name] += g ** 2
+    return total
+
+
+# Convolutions: a patch embedding (stride = kernel), padded, dilated and reflected ones, a 1-D one,
+# more positions than the kernel takes, and a grouped one (the products serve those two).
+CONVS = [
+    (lambda: torch.nn.Conv2d(3, 13, 4, stride=4), (3, 16, 12), 1),
+    (lambda: torch.nn.Conv2d(2, 7, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (2, 9, 8), 1),
+    (lambda: torch.nn.Conv2d(3, 5, 3, padding="same", padding_mode="reflect", bias=False), (3, 7, 6), 1),
+    (lambda: torch.nn.Conv1d(2, 9, 3, stride=2, padding=1, dilation=2), (2, 11), 1),
+    (lambda: torch.nn.Conv2d(2, 3, 1), (2, 12, 11), 0),
+    (lambda: torch.nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 5), 0),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("conv,shape,fused", CONVS)
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_conv_sums_through_the_kernel_and_the_products_agree_with_the_loop(dtype, conv, shape, fused, n):
+    from fastewc.fisher.rules.conv import conv_sq_sum
+
+    torch.manual_seed(n + len(shape))
+    m = conv().to(dtype)
+    A = torch.randn(n, *shape, dtype=dtype)
+    out_shape = m(torch.zeros(1, *shape, dtype=dtype)).shape[1:]
+    Gs = [torch.randn(n, *out_shape, dtype=dtype) for _ in range(2)]
+    want = conv_per_sample_loop(m, A, Gs)
+    counting = Counting(KERNEL)
+    for kernel in (counting, None):
+        got = conv_sq_sum(m, A, Gs, kernel=kernel)
+        for name, w in want.items():
+            assert_close(got[name], w, dtype)
+    assert counting.calls == (2 * fused if n else 0)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_other_dtypes_go_to_the_products(dtype):

@@ -1,13 +1,24 @@
 """``nn.Conv1d`` / ``nn.Conv2d``: the weight is shared over positions, so per-sample gradients are
-formed from the unfolded input (``im2col``) chunk by chunk: ``g_n = G_n U_n^T`` per group."""
+formed from the unfolded input (``im2col``) chunk by chunk: ``g_n = G_n U_n^T`` per group.
+
+Without groups, a convolution is a linear map applied at each of its L output positions to that
+position's window of the input. Over few positions (a vision transformer's patch embedding, a
+CNN's late layers) its sums then go to the fused CPU kernel of the linear rule, which squares
+each sample's gradient in registers instead of forming it in memory."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import outer_cpu
+from .linear import KERNEL_MAX_T
 from .registry import chunks, register_rule
+
+_AUTO = object()
 
 
 def _conv_input(m: nn.Module, A: torch.Tensor):
@@ -23,17 +34,31 @@ def _conv_input(m: nn.Module, A: torch.Tensor):
     return A, m.kernel_size, m.dilation, pad, m.stride
 
 
+def _windows(A4: torch.Tensor, k, d, p, s) -> torch.Tensor:
+    """The padded input's windows as a strided view ``[n, C, Ho, Wo, kh, kw]``."""
+    if p[0] or p[1]:
+        A4 = F.pad(A4, (p[1], p[1], p[0], p[0]))
+    w = A4.unfold(2, (k[0] - 1) * d[0] + 1, s[0]).unfold(3, (k[1] - 1) * d[1] + 1, s[1])  # [n, C, Ho, Wo, kh', kw']
+    if d[0] > 1 or d[1] > 1:
+        w = w[..., :: d[0], :: d[1]]
+    return w
+
+
 def _im2col(A4: torch.Tensor, k, d, p, s) -> torch.Tensor:
     """``F.unfold(A4, k, dilation=d, padding=p, stride=s)``, ``[n, C*kh*kw, L]``, as one strided
     copy of the padded input's windows: the same values, without ``F.unfold``'s CPU kernel, which
     was most of the rule's time on the benchmarks' CNN (see the tracked-step table)."""
-    if p[0] or p[1]:
-        A4 = F.pad(A4, (p[1], p[1], p[0], p[0]))
-    n, C = A4.shape[:2]
-    w = A4.unfold(2, (k[0] - 1) * d[0] + 1, s[0]).unfold(3, (k[1] - 1) * d[1] + 1, s[1])  # [n, C, Ho, Wo, kh', kw']
-    if d[0] > 1 or d[1] > 1:
-        w = w[..., :: d[0], :: d[1]]
-    return w.permute(0, 1, 4, 5, 2, 3).reshape(n, C * k[0] * k[1], w.shape[2] * w.shape[3])
+    w = _windows(A4, k, d, p, s)
+    n, C, Ho, Wo = w.shape[:4]
+    return w.permute(0, 1, 4, 5, 2, 3).reshape(n, C * k[0] * k[1], Ho * Wo)
+
+
+def _im2rows(A4: torch.Tensor, k, d, p, s) -> torch.Tensor:
+    """The same windows a row per output position, ``[n, L, C*kh*kw]`` (the transpose of
+    ``_im2col``'s, laid out for the linear kernel: columns contiguous)."""
+    w = _windows(A4, k, d, p, s)
+    n, C, Ho, Wo = w.shape[:4]
+    return w.permute(0, 2, 3, 1, 4, 5).reshape(n, Ho * Wo, C * k[0] * k[1])
 
 
 def _unfolded(m: nn.Module, A: torch.Tensor):
@@ -57,22 +82,31 @@ def conv_per_sample(m: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict:
     return out
 
 
-def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
+def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list, *, kernel=_AUTO) -> dict:
     """The input is unfolded once per chunk and shared by every output gradient (the exact
-    Fisher's columns)."""
+    Fisher's columns). ``kernel``: the fused CPU kernel to use where it applies (default: this
+    process's, ``outer_cpu.kernel()``), or None for the batched products only."""
     n, cout = A.shape[0], m.out_channels
-    L = Gs[0][0].numel() // cout                                     # output positions per sample
-    per = (m.weight.numel() + m.weight.numel() // cout * m.groups * L) * A.element_size()
-    w = None
-    for i, j in chunks(n, per):
-        U = _unfolded(m, A[i:j])
-        for G in Gs:
-            b = _weight_grads(m, U, G[i:j])
-            s = b.mul_(b).sum(0)  # b is this chunk's own einsum result: no one else's memory
-            w = s if w is None else w.add_(s)
-    out = {"weight": w}
+    L = math.prod(Gs[0].shape[2:])                                   # output positions per sample
+    cols = m.weight.numel() // cout
+    if kernel is _AUTO:
+        kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
+    w = torch.zeros(cout, cols, dtype=A.dtype, device=A.device)
+    if kernel is not None and kernel.supports(A) and m.groups == 1 and L <= KERNEL_MAX_T:
+        for i, j in chunks(n, cols * L * A.element_size()):
+            A4, k, d, p, s = _conv_input(m, A[i:j])
+            U = _im2rows(A4, k, d, p, s)                             # [chunk, L, cols]
+            for G in Gs:
+                kernel(G[i:j].reshape(j - i, cout, L).transpose(1, 2), U, w)
+    else:
+        for i, j in chunks(n, (m.weight.numel() + cols * m.groups * L) * A.element_size()):
+            U = _unfolded(m, A[i:j])
+            for G in Gs:
+                b = _weight_grads(m, U, G[i:j])
+                w.add_(b.mul_(b).sum(0).view(cout, cols))  # b is this chunk's own einsum result
+    out = {"weight": w.view(m.weight.shape)}
     if m.bias is not None:
-        out["bias"] = sum(G.reshape(n, cout, -1).sum(2).square().sum(0) for G in Gs)
+        out["bias"] = sum(G.reshape(n, cout, L).sum(2).square().sum(0) for G in Gs)
     return out
 
 
