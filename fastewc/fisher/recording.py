@@ -269,8 +269,10 @@ class _OpRecorder(TorchFunctionMode):
         fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n)
         by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
                         and x.dim() > 0 and x.shape[0] == n * fold)
+        # A watched argument is built from parameters alone: its batch axis, if any, is one made by
+        # broadcasting; a first axis that only has the batch's size holds no samples.
         meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(
-            leaves[k].dim() > 0 and leaves[k].shape[0] == n for k in slots))
+            spread_over(leaves[k], n) for k in slots))
         key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
                tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
         self.ordinal += 1

@@ -282,11 +282,31 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
             got = {build.name: g}
         else:
             srcs = {name: values[name] for name in rec.sources}
-            _, pull = vjp(build, srcs)
-            got = vmap(pull)(g)[0]
+            same = _same_elements(build, srcs)
+            if same is not None:
+                got = {same: g.reshape(G.shape[0], *srcs[same].shape)}
+            else:
+                _, pull = vjp(build, srcs)
+                got = vmap(pull)(g)[0]
         for name, t in got.items():
             result[name] = t if name not in result else result[name] + t
     return result
+
+
+def _same_elements(build, srcs: dict) -> str | None:
+    """The name of the one parameter that ``build`` returns element for element (a view with its
+    shape, strides and first element, up to axes of one: ``cls.expand(n, -1, -1)`` rebuilt with
+    one row), whose pull-back is then the identity; None otherwise."""
+    if len(srcs) != 1:
+        return None
+    (name, p), = srcs.items()
+    with torch.no_grad():
+        b = build(srcs)
+    if not isinstance(b, torch.Tensor) or b.data_ptr() != p.data_ptr() or b.dtype != p.dtype:
+        return None
+    def layout(t):
+        return [(size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1]
+    return name if layout(b) == layout(p) else None
 
 
 _TWO_ARGS_SPEC = tree_flatten(((torch.zeros(()), torch.zeros(())), {}))[1]
