@@ -107,6 +107,7 @@ class _Recorder:
         self.calls: dict[str, list[_Call]] = {k: [] for k in plan.sites if k != OPS}
         self.handles = []
         self.ops: list[Recorded] = []
+        self.folds: set[int] = set()  # rows per sample the batch's own tensors had in this pass (> 1)
         ops = plan.sites.get(OPS)
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
         watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
@@ -151,6 +152,8 @@ class _Recorder:
             # An RNN's outputs have the samples on axis 1 (h_n, and output unless batch_first): its
             # call is recorded with every tensor moved samples-first, and handed back moved back.
             rec, to_module = record_call(module, args, kwargs, output, self.n, folds=True, axis=site.axis)
+            if rec.fold > 1:
+                self.folds.add(rec.fold)
             if _recomputing():
                 # A forward inside the backward is a checkpoint recomputing what the first call
                 # computed (and this hook recorded): the backward follows the first call's graph.
@@ -266,7 +269,9 @@ class _OpRecorder(TorchFunctionMode):
             return out
         n = self.recorder.n
         sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
-        fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n)
+        fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n, seen=frozenset(self.recorder.folds))
+        if fold > 1:
+            self.recorder.folds.add(fold)
         by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
                         and x.dim() > 0 and x.shape[0] == n * fold)
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
@@ -277,11 +282,11 @@ class _OpRecorder(TorchFunctionMode):
                tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
         self.ordinal += 1
         if self.recorder.proving:
-            seen = self.layouts.get(key, (meets, by_size))
-            self.layouts[key] = (meets, by_size) if seen == (meets, by_size) else None
+            seen = self.layouts.get(key, (meets, by_size, fold))
+            self.layouts[key] = (meets, by_size, fold) if seen == (meets, by_size, fold) else None
         elif self.layouts.get(key) is not None:
-            meets, proven = self.layouts[key]
-            if not set(proven) <= set(by_size):
+            meets, proven, proven_fold = self.layouts[key]
+            if not set(proven) <= set(by_size) or (meets and fold != proven_fold):
                 self.op_trouble = f"used in {key[1]} whose arguments hold the samples elsewhere than in the probe"
                 return out
             by_size = proven

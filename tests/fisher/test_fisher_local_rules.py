@@ -173,16 +173,41 @@ class Tokens(nn.Module):
         return self.head(h.tanh().mean(1))
 
 
-@pytest.mark.parametrize("build,same", [
-    (lambda p: p.expand(5, -1, -1)[:1], True), (lambda p: p[None], True), (lambda p: p.view(1, *p.shape), True),
-    (lambda p: p.transpose(-2, -1), False), (lambda p: p[:, :1], False), (lambda p: p * 1, False),
-    (lambda p: p.reshape(-1), False), (lambda p: p.flip(-1), False), (lambda p: p.double(), False)])
-def test_a_rebuilt_argument_is_taken_as_the_parameter_only_when_it_is_element_for_element(build, same):
-    from fastewc.fisher.rules.local import _same_elements
+def _padded(p, padding_idx=None, max_norm=None):
+    return F.embedding(torch.tensor([[2, 0], [1, 2]]), p.view(3, 2), padding_idx=padding_idx, max_norm=max_norm)
 
-    p = torch.randn(1, 3, 2)
-    assert _same_elements(lambda s: build(s["p"]), {"p": p}) == ("p" if same else None)
-    assert _same_elements(lambda s: s["p"] + s["q"], {"p": p, "q": p}) is None
+
+@pytest.mark.parametrize("build,selects", [
+    (lambda p: p, True), (lambda p: p.expand(5, -1, -1)[:1], True), (lambda p: p[None], True),
+    (lambda p: p.transpose(-2, -1), True), (lambda p: p[:, :1], True), (lambda p: p.reshape(-1), True),
+    (lambda p: p.flip(-1).contiguous(), True), (lambda p: p[0, torch.tensor([[2, 0], [2, 1]])].permute(2, 0, 1), True),
+    (lambda p: torch.cat([p, p[:, 1:]], 1).unsqueeze(0), True), (_padded, True),
+    (lambda p: torch.cat([p, torch.zeros(1, 1, 2, dtype=D)], 1), True),
+    (lambda p: torch.where(torch.eye(3, 2, dtype=torch.bool), p, -1e4), True),
+    (lambda p: p.masked_fill(torch.eye(3, 2, dtype=torch.bool), float("-inf")).repeat(1, 2, 1), True),
+    (lambda p: p * 1, False), (lambda p: p.float(), False), (lambda p: p.exp(), False),
+    (lambda p: torch.where(torch.eye(3, 2, dtype=torch.bool), p, p.flip(-1)) + 0, False),
+    (lambda p: torch.cat([p, torch.ones(1, 1, 2, dtype=D)], 1) * 2, False),
+    (lambda p: _padded(p, padding_idx=0), False), (lambda p: _padded(p.clone(), max_norm=0.5), False)])
+def test_a_rebuilt_argument_that_selects_elements_of_its_parameter_is_pulled_back_by_index(build, selects):
+    """Where the chain that rebuilds an argument from its parameter only selects elements of it
+    or constants (views, gathers, concatenations, masks' fills, an embedding without a padding
+    row), each sample's pull-back is one ``index_add``: it equals autograd's; anything else is
+    left to the ``vjp``."""
+    from fastewc.fisher.rules.local import _selection
+
+    p = torch.randn(1, 3, 2, dtype=D)
+    got = _selection(lambda s: build(s["p"]), {"p": p})
+    assert (got is not None) == selects
+    assert _selection(lambda s: s["p"] + s["q"], {"p": p, "q": p}) is None
+    if got is not None:
+        name, where = got
+        leaf = p.clone().requires_grad_()
+        out = build(leaf)
+        g = torch.randn(4, *out.shape, dtype=D)
+        want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
+        pulled = g.new_zeros(4, p.numel() + 1).index_add_(1, where, g.reshape(4, -1))[:, :-1].reshape(4, *p.shape)
+        assert name == "p" and torch.equal(pulled, want)
 
 
 @pytest.mark.parametrize("kind", ["empirical", "exact"])
@@ -204,51 +229,65 @@ def test_tokens_concatenated_before_the_samples_in_closed_form(kind, monkeypatch
 class BiasedAttention(nn.Module):
     """Attention with a learned relative position bias, shaped as T5's and Swin's: the bias table is
     looked up by relative position (no batch axis) and reaches the scores either as SDPA's
-    additive ``attn_mask`` or through ``torch.where`` with the padding mask (T5's encoder)."""
+    additive ``attn_mask`` or through ``torch.where`` with the padding mask (T5's encoder).
+    ``windows > 1``: each sample's tokens are cut into that many windows, attended separately with
+    the batch folded into rows (Swin's), and ``"cat"`` puts a learned token first in each window."""
 
-    def __init__(self, how: str, vocab=11, d=8, heads=2, seq=5):
+    def __init__(self, how: str, vocab=11, d=8, heads=2, seq=5, windows=1):
         super().__init__()
-        self.how, self.heads = how, heads
+        self.how, self.heads, self.windows = how, heads, windows
         self.tok = nn.Embedding(vocab, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
         self.qkv = nn.Linear(d, 3 * d)
         self.table = nn.Parameter(0.5 * torch.randn(2 * seq - 1, heads))
         self.head = nn.Linear(d, 3)
         rel = torch.arange(seq)[None, :] - torch.arange(seq)[:, None] + seq - 1
         self.register_buffer("rel", rel)
 
-    def forward(self, xm):  # tokens and padding mask stacked: [N, 2, T]
-        x, mask = xm[:, 0], xm[:, 1]
-        n, T = x.shape
-        q, k, v = self.qkv(self.tok(x)).view(n, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+    def forward(self, xm):  # tokens and padding mask stacked: [N, 2, windows * T]
+        n = xm.shape[0]
+        h = self.tok(xm[:, 0]).reshape(n * self.windows, -1, self.qkv.in_features)
+        mask = xm[:, 1].reshape(n * self.windows, -1)
+        rows, T = mask.shape
+        if self.how == "cat":
+            h = torch.cat((self.cls.expand(rows, -1, -1), h[:, 1:]), 1)
+        q, k, v = self.qkv(h).view(rows, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         bias = self.table[self.rel[:T, :T]].permute(2, 0, 1).unsqueeze(0)         # [1, H, T, T]
         if self.how == "where":
-            keep = mask[:, None, None, :].bool()                                   # [N, 1, 1, T]
-            bias = torch.where(keep.expand(n, 1, T, T), bias, -1e4)
+            keep = mask[:, None, None, :].bool()                                   # [rows, 1, 1, T]
+            bias = torch.where(keep.expand(rows, 1, T, T), bias, -1e4)
+        if self.how == "shifted":  # Swin's shifted windows: a fixed mask per window, copied per sample
+            shift = torch.zeros(self.windows, 1, T, T, dtype=bias.dtype, device=h.device)
+            shift[-1, :, : T // 2, T // 2:] = -1e4
+            bias = bias + shift.unsqueeze(0).expand(n, -1, -1, -1, -1).reshape(rows, 1, T, T)
         if self.how == "causal":  # a causal mask folded into the bias, as Hugging Face's decoders do
-            bias = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+            bias = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=h.device).tril(), float("-inf"))
         scale = 0.7 if self.how == "scaled" else None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        return self.head(o.transpose(1, 2).reshape(n, T, -1).mean(1))
+        return self.head(o.transpose(1, 2).reshape(n, self.windows * T, -1).mean(1))
 
 
-@pytest.mark.parametrize("how", ["mask", "causal", "scaled", "where"])
+@pytest.mark.parametrize("how", ["mask", "causal", "scaled", "where", "cat", "shifted"])
 @pytest.mark.parametrize("kind", ["empirical", "exact"])
-def test_learned_attention_bias_in_closed_form(how, kind, monkeypatch):
+@pytest.mark.parametrize("windows", [1, 3])
+def test_learned_attention_bias_in_closed_form(how, kind, windows, monkeypatch):
     # The bias table's per-sample gradient through SDPA's attn_mask (or torch.where) in closed
-    # form, none of it through the vmap replay, and equal to the loop's.
+    # form, also where each sample is several rows of the batch, none of it through the vmap
+    # replay, and equal to the loop's.
     from fastewc.fisher.rules import local
 
     taken = _spy_closed_form(monkeypatch, local)
     torch.manual_seed(6)
-    model = BiasedAttention(how).to(D)
+    model = BiasedAttention(how, windows=windows).to(D)
     # Batches of 3: in a batch of one sample, the bias (one row) could not be told from a batch.
-    x, mask = torch.randint(0, 11, (6, 5)), torch.ones(6, 5, dtype=torch.long)
-    mask[1, 3:] = 0
-    mask[4, 4:] = 0
+    x, mask = torch.randint(0, 11, (6, 5 * windows)), torch.ones(6, 5 * windows, dtype=torch.long)
+    mask[1, 3:5] = 0
+    mask[4, 4:5] = 0
     y = torch.randint(0, 3, (6,))
     data = batches(torch.stack([x, mask], 1), y, batch_size=3)
     got, info = _run(model, data, kind=kind)
     assert info.methods["table"] == "op-local", info.methods
+    assert how != "cat" or info.methods["cls"] == "op-local", info.methods
     assert taken and all(taken), taken
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 

@@ -74,17 +74,25 @@ def batched_outputs(output, n: int, fold: int = 1) -> tuple[list, list]:
     return [leaves[k] for k in idx], idx
 
 
-def fold_of(inputs: list, n: int) -> int:
+def fold_of(inputs: list, n: int, *, seen: frozenset = frozenset()) -> int:
     """Rows per sample of a call whose inputs have no axis of size ``n`` first: ``k`` when every
-    input that descends from the batch (requires grad) has ``n*k`` rows, ``k > 1``; else 1."""
+    input that descends from the batch (requires grad) has ``n*k`` rows, ``k > 1``; else 1.
+    Where no input requires grad (a parameter's bias added to a mask over the batch's windows),
+    ``k`` when every tensor input has ``n*k`` rows and ``k`` is among ``seen``, the folds that
+    inputs descending from the batch had earlier in the pass: a table whose rows are only a
+    multiple of the batch size is not taken for one."""
     if any(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n for x in inputs):
         return 1
     rows = {x.shape[0] for x in inputs
             if isinstance(x, torch.Tensor) and x.requires_grad and x.dim() > 0 and x.is_floating_point()}
+    allowed = None
+    if not rows and seen:
+        rows, allowed = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0}, seen
     if len(rows) != 1 or n < 1:
         return 1
     r = rows.pop()
-    return r // n if r > n and r % n == 0 else 1
+    k = r // n if r > n and r % n == 0 else 1
+    return k if allowed is None or k in allowed else 1
 
 
 _ONE_TENSOR_SPEC = tree_flatten(((torch.zeros(()),), {}))[1]
@@ -156,10 +164,10 @@ _ADDITIVE = {torch.add: (1, 1), torch.Tensor.add: (1, 1), torch.Tensor.__add__: 
 
 
 def spread_over(t: torch.Tensor, n: int) -> bool:
-    """Whether ``t`` has a batch axis made by broadcasting (``cls.expand(n, -1, -1)``: stride 0,
-    every row the same memory): the op-local rule rebuilds it with one row, as a sample replayed
-    alone sees it."""
-    return n > 1 and t.dim() > 0 and t.shape[0] == n and t.stride(0) == 0
+    """Whether ``t`` has a batch axis made by broadcasting (``cls.expand(n, -1, -1)``, or over
+    the ``n*k`` rows of a batch folded into rows: stride 0, every row the same memory): the
+    op-local rule rebuilds it with one row, as a sample replayed alone sees it."""
+    return n > 1 and t.dim() > 0 and t.shape[0] >= n and t.shape[0] % n == 0 and t.stride(0) == 0
 
 
 def _leaf_positions(rec: Recorded) -> tuple:
@@ -190,7 +198,7 @@ def _additive_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> to
 
 def _where_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.Tensor | None:
     """``torch.where(condition, input, other)``: the output gradient where the argument was taken."""
-    if rec.spec != _THREE_ARGS_SPEC or k not in (1, 2) or rec.fold > 1:
+    if rec.spec != _THREE_ARGS_SPEC or k not in (1, 2):
         return None
     cond = rec.leaves[0]
     if not isinstance(cond, torch.Tensor) or cond.dtype != torch.bool:
@@ -207,7 +215,7 @@ def _sdpa_mask_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> t
     its gradient is that of the attention scores, ``P * (dP - rowsum(dP * P))`` with ``P`` the
     attention probabilities and ``dP = dO V^T``, recomputed for the samples in one batched pass."""
     where = _arguments(rec)
-    if where is None or rec.fold > 1:
+    if where is None:
         return None
     named = {(_SDPA_NAMES[a] if isinstance(a, int) else a): leaf for a, leaf in where.items()}
     value = {name: rec.leaves[leaf] for name, leaf in named.items()}
@@ -229,20 +237,19 @@ def _sdpa_mask_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> t
 def _cat_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.Tensor | None:
     """``torch.cat(tensors, dim)`` along an axis other than the samples' (a class token put before
     the patches): the output gradient's slice where the argument was placed."""
-    if rec.fold > 1:
-        return None
     args, kwargs = _leaf_positions(rec)
     if not args or not isinstance(args[0], (tuple, list)) or k not in args[0] or len(args) > 2:
         return None
     dim = rec.leaves[args[1]] if len(args) == 2 else rec.leaves[kwargs["dim"]] if "dim" in kwargs else 0
     if set(kwargs) - {"dim"} or not isinstance(dim, int):
         return None
-    dim = dim % G.dim()
+    rows = 1 if rec.fold > 1 else 0   # G's axis of a sample's rows, where the batch is folded into rows
+    dim = dim % (G.dim() - rows)
     parts = [rec.leaves[t] for t in args[0]]
-    if dim == 0 or any(not isinstance(t, torch.Tensor) or t.dim() != G.dim() for t in parts):
+    if dim == 0 or any(not isinstance(t, torch.Tensor) or t.dim() != G.dim() - rows for t in parts):
         return None
     start = sum(t.shape[dim] for t in parts[: args[0].index(k)])
-    return G.narrow(dim, start, rec.leaves[k].shape[dim])
+    return G.narrow(dim + rows, start, rec.leaves[k].shape[dim])
 
 
 # Operations with the per-sample gradient w.r.t. an argument without a batch axis in closed form:
@@ -282,9 +289,13 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
             got = {build.name: g}
         else:
             srcs = {name: values[name] for name in rec.sources}
-            same = _same_elements(build, srcs)
-            if same is not None:
-                got = {same: g.reshape(G.shape[0], *srcs[same].shape)}
+            selected = _selection(build, srcs)
+            if selected is not None:
+                name, where = selected
+                p = srcs[name]
+                flat = g.new_zeros(g.shape[0], p.numel() + 1)   # the last column takes the constants'
+                flat.index_add_(1, where, g.reshape(g.shape[0], -1))
+                got = {name: flat[:, :-1].reshape(g.shape[0], *p.shape)}
             else:
                 _, pull = vjp(build, srcs)
                 got = vmap(pull)(g)[0]
@@ -293,20 +304,78 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
     return result
 
 
-def _same_elements(build, srcs: dict) -> str | None:
-    """The name of the one parameter that ``build`` returns element for element (a view with its
-    shape, strides and first element, up to axes of one: ``cls.expand(n, -1, -1)`` rebuilt with
-    one row), whose pull-back is then the identity; None otherwise."""
+# Backward nodes of operations whose every output element is one element of one input, as it is
+# (views, expansions, copies, gathers, concatenations, where / masked_fill): a chain of them has a
+# pull-back that adds each output gradient element into the parameter element it came from, if any.
+_SELECTING = frozenset({
+    "AliasBackward0", "AsStridedBackward0", "CatBackward0", "CloneBackward0", "DiagonalBackward0",
+    "ExpandBackward0", "FlipBackward0", "GatherBackward0", "IndexBackward0", "IndexSelectBackward0",
+    "MaskedFillBackward0", "NarrowBackward0", "PermuteBackward0", "RepeatBackward0", "RollBackward0",
+    "SelectBackward0", "SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "StackBackward0", "TBackward0",
+    "TransposeBackward0", "UnbindBackward0", "UnfoldBackward0", "UnsafeViewBackward0",
+    "UnsqueezeBackward0", "ViewBackward0", "WhereBackward0"})
+_NO_PADDING = (-1, 2**64 - 1)   # how an embedding's backward node stores padding_idx=None
+
+
+def _selects_from(node, leaf: torch.Tensor) -> bool:
+    """Whether the graph from ``node`` down to ``leaf`` is made of selecting operations only (an
+    embedding without a padding row or frequency scaling is one), whose inputs are ``leaf``,
+    another such operation or a constant (no gradient: a mask's fill value)."""
+    todo, seen = [node], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        name = type(fn).__name__
+        if name == "AccumulateGrad":
+            if fn.variable is not leaf:
+                return False
+            continue
+        if name == "EmbeddingBackward0":
+            if fn._saved_padding_idx not in _NO_PADDING or fn._saved_scale_grad_by_freq:
+                return False
+        elif name not in _SELECTING:
+            return False
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return True
+
+
+def _selection(build, srcs: dict) -> tuple[str, torch.Tensor] | None:
+    """``(name, where)`` when ``build`` only selects elements of the one parameter ``name`` or
+    constants (``cls.expand(n, -1, -1)`` rebuilt with one row, ``table[index].permute(2, 0, 1)``,
+    an embedding of fixed positions, a causal mask's fill): ``where[e]`` is the flat position in
+    the parameter of the rebuilt argument's element ``e``, or the parameter's size for a constant.
+    It is read by rebuilding the argument from the positions themselves, and from the positions
+    shifted by a constant, which moves the parameter's elements and no constant. Each sample's
+    pull-back is then one ``index_add`` for every sample at once. None otherwise (a chain with
+    arithmetic, a parameter too large for its positions to be exact in its dtype)."""
     if len(srcs) != 1:
         return None
     (name, p), = srcs.items()
-    with torch.no_grad():
-        b = build(srcs)
-    if not isinstance(b, torch.Tensor) or b.data_ptr() != p.data_ptr() or b.dtype != p.dtype:
+    size = p.numel()
+    exact_up_to = {torch.float32: 2**24, torch.float64: 2**53}.get(p.dtype, 0)
+    if 2 * size + 1 >= exact_up_to:
         return None
-    def layout(t):
-        return [(size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1]
-    return name if layout(b) == layout(p) else None
+    leaf = p.detach().requires_grad_()
+    with torch.enable_grad():
+        b = build({name: leaf})
+    if b is leaf:
+        return name, torch.arange(size, device=p.device)
+    if not isinstance(b, torch.Tensor) or b.grad_fn is None or not _selects_from(b.grad_fn, leaf):
+        return None
+    with torch.no_grad():
+        positions = torch.arange(size, dtype=p.dtype, device=p.device).view(p.shape)
+        at = build({name: positions}).reshape(-1)
+        moved = build({name: positions + (size + 1)}).reshape(-1) - at == size + 1
+        where = torch.where(moved, at, size).long()
+        got = b.detach().reshape(-1)
+        # the values themselves: the parameter's where it was selected, the constants elsewhere
+        # (an embedding's max_norm renormalises the parameter in place: not a selection)
+        if not torch.equal(got[moved], p.reshape(-1)[where[moved]]) or not torch.equal(got[~moved], at[~moved]):
+            return None
+    return name, where
 
 
 _TWO_ARGS_SPEC = tree_flatten(((torch.zeros(()), torch.zeros(())), {}))[1]
