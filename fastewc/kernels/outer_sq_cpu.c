@@ -1,6 +1,7 @@
 /* Squared per-sample gradients of a linear map over a short sequence, summed, on the CPU, fused:
  *
  *     total[o, i] += sum_n ( sum_t G[n, t, o] * A[n, t, i] )^2
+ *     bias[o]     += sum_n ( sum_t G[n, t, o] )^2           (when bias is not NULL)
  *
  * G holds the output gradients and A the inputs of n samples over T positions; the inner sum is
  * sample n's gradient of the weight. Compiled on the user's machine by
@@ -11,7 +12,8 @@
  * to square it. Here each 6 x 2W tile of one sample's gradient is built in registers over the T
  * positions, squared and added into the total while still in registers; the sample's inputs and
  * gradients stay in cache while its tiles are visited. Over long sequences the batched product
- * is efficient and the caller keeps it.
+ * is efficient and the caller keeps it. A bias's gradient is the weight's against an input of
+ * ones; its sums are formed from each sample's gradients while they are in cache too.
  *
  * Threads: the rows of total are split into one contiguous share per thread (no two threads
  * write the same row). Built with OpenMP, the parallel region runs on the process's OpenMP
@@ -24,6 +26,7 @@
  *   G, sgn, sgt, sgo    G[n, t, o] = G[n * sgn + t * sgt + o * sgo];
  *   A, san, sat         A[n, t, i] = A[n * san + t * sat + i] (columns contiguous);
  *   total               [O, I], row-major, contiguous: added into;
+ *   bias                [O], contiguous: added into; or NULL for no bias;
  *   threads             the most threads to use (1: the calling thread only).
  * Sums are kept in the data's dtype (float32 or float64), as the batched product does.
  */
@@ -93,12 +96,19 @@
      * inputs (T x block) stay in the L1 cache while every row tile passes over them. */          \
     static void NAME##_rows(int64_t n, int64_t T, int64_t I, const S *G, int64_t sgn,             \
                             int64_t sgt, int64_t sgo, const S *A, int64_t san, int64_t sat,       \
-                            S *total, int64_t o0, int64_t o1) {                                   \
+                            S *total, S *bias, int64_t o0, int64_t o1) {                          \
         int64_t block = L1_INPUT_BYTES / ((int64_t)sizeof(S) * (T > 0 ? T : 1)) / (2 * W) * (2 * W); \
         if (block < 2 * W)                                                                        \
             block = 2 * W;                                                                        \
         for (int64_t s = 0; s < n; s++) {                                                         \
             const S *Gs = G + s * sgn, *As = A + s * san;                                         \
+            if (bias)                                                                             \
+                for (int64_t o = o0; o < o1; o++) {                                               \
+                    S v = 0;                                                                      \
+                    for (int64_t t = 0; t < T; t++)                                               \
+                        v += Gs[t * sgt + o * sgo];                                               \
+                    bias[o] += v * v;                                                             \
+                }                                                                                 \
             for (int64_t i0 = 0; i0 < I; i0 += block) {                                           \
                 int64_t i1 = I - i0 < block ? I : i0 + block;                                     \
                 for (int64_t o = o0; o < o1; o += ROWS) {                                         \
@@ -121,7 +131,8 @@
     }                                                                                             \
                                                                                                   \
     void NAME(int64_t n, int64_t T, int64_t O, int64_t I, const S *G, int64_t sgn, int64_t sgt,   \
-              int64_t sgo, const S *A, int64_t san, int64_t sat, S *total, int64_t threads) {     \
+              int64_t sgo, const S *A, int64_t san, int64_t sat, S *total, S *bias,               \
+              int64_t threads) {                                                                  \
         int64_t tiles = (O + ROWS - 1) / ROWS;                                                    \
         int64_t parts = threads < tiles ? threads : tiles;                                        \
         if (parts < 1)                                                                            \
@@ -129,7 +140,7 @@
         _Pragma("omp parallel for num_threads(parts) schedule(static) if(parts > 1)")             \
         for (int64_t k = 0; k < parts; k++) {                                                     \
             int64_t lo = tiles * k / parts * ROWS, hi = tiles * (k + 1) / parts * ROWS;           \
-            NAME##_rows(n, T, I, G, sgn, sgt, sgo, A, san, sat, total, lo, hi < O ? hi : O);      \
+            NAME##_rows(n, T, I, G, sgn, sgt, sgo, A, san, sat, total, bias, lo, hi < O ? hi : O); \
         }                                                                                         \
     }
 

@@ -27,9 +27,9 @@ class Counting(outer_cpu.OuterKernel):
         super().__init__(kernel.library, kernel.threaded)
         self.calls, self.threads = 0, threads
 
-    def __call__(self, G, A, total, threads=None):
+    def __call__(self, G, A, total, threads=None, bias=None):
         self.calls += 1
-        super().__call__(G, A, total, self.threads if threads is None else threads)
+        super().__call__(G, A, total, self.threads if threads is None else threads, bias)
 
 
 def per_sample_loop(A3, G3) -> torch.Tensor:
@@ -60,13 +60,17 @@ SHAPES = [(3, 5, 13, 7), (1, 1, 1, 1), (0, 4, 6, 16), (4, 0, 6, 16), (2, 3, 12, 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("threads", [1, 3])
-def test_kernel_matches_the_per_sample_loop(dtype, shape, threads):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_the_per_sample_loop(dtype, shape, threads, with_bias):
     n, T, O, I = shape
     torch.manual_seed(sum(shape))
     A, G = torch.randn(n, T, I, dtype=dtype), torch.randn(n, T, O, dtype=dtype)
     total = torch.full((O, I), 0.5, dtype=dtype)  # it adds into what is there
-    KERNEL(G, A, total, threads)
+    bias = torch.full((O,), 0.25, dtype=dtype) if with_bias else None
+    KERNEL(G, A, total, threads, bias)
     assert_close(total, per_sample_loop(A, G) + 0.5, dtype)
+    if with_bias:  # the gradient against an input of ones
+        assert_close(bias, per_sample_loop(torch.ones(n, T, 1), G)[:, 0] + 0.25, dtype)
 
 
 @needs_kernel
@@ -75,9 +79,10 @@ def test_kernel_reads_strided_gradients_and_copies_strided_inputs():
     torch.manual_seed(0)
     G = torch.randn(4, 19, 9, dtype=torch.float64).transpose(1, 2)      # [n, T, O], o-stride T
     A = torch.randn(4, 21, 9, dtype=torch.float64).transpose(1, 2)      # [n, T, I], i-stride T
-    total = torch.zeros(19, 21, dtype=torch.float64)
-    KERNEL(G, A, total, 2)
+    total, bias = torch.zeros(19, 21, dtype=torch.float64), torch.zeros(19, dtype=torch.float64)
+    KERNEL(G, A, total, 2, bias)
     assert_close(total, per_sample_loop(A, G), torch.float64)
+    assert_close(bias, per_sample_loop(torch.ones(4, 9, 1), G)[:, 0], torch.float64)
 
 
 @needs_kernel
@@ -87,6 +92,10 @@ def test_kernel_refuses_tensors_that_do_not_fit_together():
         KERNEL(G, A, torch.zeros(4, 5))
     with pytest.raises(ValueError, match="do not fit together"):
         KERNEL(G, A.double(), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match=r"outer_sq: bias \(4,\) torch.float32 does not fit G \(2, 3, 5\)"):
+        KERNEL(G, A, torch.zeros(5, 4), bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="one entry per output"):
+        KERNEL(G, A, torch.zeros(5, 4), bias=torch.zeros(5, dtype=torch.float64))
 
 
 @needs_kernel

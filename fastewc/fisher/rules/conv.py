@@ -92,20 +92,23 @@ def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list, *, kernel=_AUTO) -> dic
     if kernel is _AUTO:
         kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
     w = torch.zeros(cout, cols, dtype=A.dtype, device=A.device)
+    out = {}
     if kernel is not None and kernel.supports(A) and m.groups == 1 and L <= KERNEL_MAX_T:
+        if m.bias is not None:  # summed by the kernel too
+            out["bias"] = torch.zeros(cout, dtype=A.dtype, device=A.device)
         for i, j in chunks(n, cols * L * A.element_size()):
             A4, k, d, p, s = _conv_input(m, A[i:j])
             U = _im2rows(A4, k, d, p, s)                             # [chunk, L, cols]
             for G in Gs:
-                kernel(G[i:j].reshape(j - i, cout, L).transpose(1, 2), U, w)
+                kernel(G[i:j].reshape(j - i, cout, L).transpose(1, 2), U, w, bias=out.get("bias"))
     else:
         for i, j in chunks(n, (m.weight.numel() + cols * m.groups * L) * A.element_size()):
             U = _unfolded(m, A[i:j])
             for G in Gs:
                 b = _weight_grads(m, U, G[i:j])
                 w.add_(b.mul_(b).sum(0).view(cout, cols))  # b is this chunk's own einsum result
-    out = {"weight": w.view(m.weight.shape)}
-    if m.bias is not None:
+    out["weight"] = w.view(m.weight.shape)
+    if m.bias is not None and "bias" not in out:
         out["bias"] = sum(G.reshape(n, cout, L).sum(2).square().sum(0) for G in Gs)
     return out
 

@@ -69,12 +69,15 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
     if kernel is _AUTO:
         kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
     if kernel is not None and kernel.supports(A) and math.prod(A.shape[1:-1]) <= KERNEL_MAX_T:
+        # the kernel sums a bias's squares too, where the output gradients are its G
+        if bias and not transposed:
+            out["bias"] = torch.zeros(w_shape[0], dtype=A.dtype, device=A.device)
         for G in Gs:
             A3, G3 = _as_3d(A, G)
             if transposed:  # total[i, o]: the roles of input and output swap
                 kernel(A3, G3, total)
             else:
-                kernel(G3, A3, total)
+                kernel(G3, A3, total, bias=out.get("bias"))
     elif block <= _SMALL_BLOCK_BYTES:
         # Small per-sample gradients: a product per sample would be dominated by its call
         # overhead. A chunk's gradients at once into a buffer that stays in cache, squared in
@@ -102,7 +105,7 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
                 buf = torch.mm(lt, rt, out=buf)
                 total.addcmul_(buf, buf)
     out["weight"] = total
-    if bias:
+    if bias and "bias" not in out:
         out["bias"] = sum(_as_3d(A, G)[1].sum(1).square().sum(0) for G in Gs)
     return out
 
