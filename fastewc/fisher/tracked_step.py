@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
-from .rules import sq_sum_of
+from .rules import add_sq_sums
 from .rules.embedding import lookup_rows
 from .rules.local import Recorded
 from .rules.replay import local_blocks, local_sq_sums, observe_call, record_call
@@ -348,9 +348,9 @@ class _StepHooks:
             # in, with no scaled copy of G; a tensor (per-sample weights, a scaler's scale) scales G
             f = p.factor
             number = not isinstance(f, torch.Tensor)
-            got = sq_sum_of(site.rule, site.module, A, [G if number else self._scaled(p, G)])
-            for attr, name in site.params.items():
-                self._add(p, name, got[attr], f * f if number else 1.0)
+            totals = {attr: self._running(p, name) for attr, name in site.params.items()}
+            add_sq_sums(site.rule, site.module, A, [G if number else self._scaled(p, G)], totals,
+                        f * f if number else 1.0)
         return None
 
     def _alone(self, p: _Pass, key: str) -> bool:
@@ -385,14 +385,18 @@ class _StepHooks:
             return G * f.to(G.dtype).view(-1, *([1] * (G.dim() - 1)))
         return G * (f.to(G.dtype) if isinstance(f, torch.Tensor) else f)
 
+    def _running(self, p: _Pass, name: str) -> torch.Tensor:
+        """Where this step's squares of ``name`` are added: the running sum, or this step's buffer
+        where a step is folded in as a whole (a decay, a scaler's step that may be skipped)."""
+        if self.decay is None and self.scaler is None:
+            return self._sums[name]
+        if name not in p.step:
+            p.step[name] = torch.zeros_like(self._sums[name])
+        return p.step[name]
+
     def _add(self, p: _Pass, name: str, sq: torch.Tensor, scale: float = 1.0) -> None:
         """Add ``scale * sq`` into the running sum (or this step's buffer)."""
-        if self.decay is None and self.scaler is None:
-            self._sums[name].add_(sq.to(self._dtypes[name]), alpha=scale)
-        elif name in p.step:
-            p.step[name].add_(sq.to(self._dtypes[name]), alpha=scale)
-        else:
-            p.step[name] = sq.to(self._dtypes[name]) * scale
+        self._running(p, name).add_(sq.to(self._dtypes[name]), alpha=scale)
 
     def _finish(self, p: _Pass) -> None:
         """The backward through ``p`` ended: add up the uses of shared parameters and of the

@@ -1,7 +1,7 @@
 /* Squared per-sample gradients of a linear map over a short sequence, summed, on the CPU, fused:
  *
- *     total[o, i] += sum_n ( sum_t G[n, t, o] * A[n, t, i] )^2
- *     bias[o]     += sum_n ( sum_t G[n, t, o] )^2           (when bias is not NULL)
+ *     total[o, i] += alpha * sum_n ( sum_t G[n, t, o] * A[n, t, i] )^2
+ *     bias[o]     += alpha * sum_n ( sum_t G[n, t, o] )^2           (when bias is not NULL)
  *
  * G holds the output gradients and A the inputs of n samples over T positions; the inner sum is
  * sample n's gradient of the weight. Compiled on the user's machine by
@@ -27,6 +27,7 @@
  *   A, san, sat         A[n, t, i] = A[n * san + t * sat + i] (columns contiguous);
  *   total               [O, I], row-major, contiguous: added into;
  *   bias                [O], contiguous: added into; or NULL for no bias;
+ *   alpha               the factor of every square (a mean loss's 1 / N^2; 1 for plain sums);
  *   threads             the most threads to use (1: the calling thread only).
  * Sums are kept in the data's dtype (float32 or float64), as the batched product does.
  */
@@ -54,7 +55,7 @@
      * unroll and the accumulators stay in registers. */                                          \
     static inline __attribute__((always_inline)) void NAME##_tile(                                \
         int R, int C, int64_t T, int64_t I, const S *Gs, int64_t sgt, int64_t sgo, const S *As,   \
-        int64_t sat, S *total, int64_t o, int64_t i) {                                            \
+        int64_t sat, S *total, S alpha, int64_t o, int64_t i) {                                   \
         V acc[ROWS][2];                                                                           \
         for (int r = 0; r < R; r++)                                                               \
             for (int c = 0; c < C; c++)                                                           \
@@ -73,7 +74,7 @@
         for (int r = 0; r < R; r++)                                                               \
             for (int c = 0; c < C; c++) {                                                         \
                 S *dst = total + (o + r) * I + i + c * W;                                         \
-                *(V *)dst += acc[r][c] * acc[r][c];                                               \
+                *(V *)dst += SPLAT(alpha) * acc[r][c] * acc[r][c];                                \
             }                                                                                     \
     }                                                                                             \
                                                                                                   \
@@ -81,14 +82,14 @@
      * call of NAME##_tile. */                                                                    \
     static inline __attribute__((always_inline)) void NAME##_tiles(                               \
         int rows, int C, int64_t T, int64_t I, const S *Gs, int64_t sgt, int64_t sgo,             \
-        const S *As, int64_t sat, S *total, int64_t o, int64_t i) {                               \
+        const S *As, int64_t sat, S *total, S alpha, int64_t o, int64_t i) {                      \
         switch (rows) {                                                                           \
-        case 6: NAME##_tile(6, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
-        case 5: NAME##_tile(5, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
-        case 4: NAME##_tile(4, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
-        case 3: NAME##_tile(3, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
-        case 2: NAME##_tile(2, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;               \
-        default: NAME##_tile(1, C, T, I, Gs, sgt, sgo, As, sat, total, o, i); break;              \
+        case 6: NAME##_tile(6, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 5: NAME##_tile(5, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 4: NAME##_tile(4, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 3: NAME##_tile(3, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 2: NAME##_tile(2, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        default: NAME##_tile(1, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;       \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
@@ -96,7 +97,7 @@
      * inputs (T x block) stay in the L1 cache while every row tile passes over them. */          \
     static void NAME##_rows(int64_t n, int64_t T, int64_t I, const S *G, int64_t sgn,             \
                             int64_t sgt, int64_t sgo, const S *A, int64_t san, int64_t sat,       \
-                            S *total, S *bias, int64_t o0, int64_t o1) {                          \
+                            S *total, S *bias, S alpha, int64_t o0, int64_t o1) {                 \
         int64_t block = L1_INPUT_BYTES / ((int64_t)sizeof(S) * (T > 0 ? T : 1)) / (2 * W) * (2 * W); \
         if (block < 2 * W)                                                                        \
             block = 2 * W;                                                                        \
@@ -107,7 +108,7 @@
                     S v = 0;                                                                      \
                     for (int64_t t = 0; t < T; t++)                                               \
                         v += Gs[t * sgt + o * sgo];                                               \
-                    bias[o] += v * v;                                                             \
+                    bias[o] += alpha * v * v;                                                     \
                 }                                                                                 \
             for (int64_t i0 = 0; i0 < I; i0 += block) {                                           \
                 int64_t i1 = I - i0 < block ? I : i0 + block;                                     \
@@ -115,15 +116,15 @@
                     int64_t i = i0;                                                               \
                     int rows = o1 - o < ROWS ? (int)(o1 - o) : ROWS;                              \
                     for (; i + 2 * W <= i1; i += 2 * W)                                           \
-                        NAME##_tiles(rows, 2, T, I, Gs, sgt, sgo, As, sat, total, o, i);          \
+                        NAME##_tiles(rows, 2, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i);   \
                     if (i + W <= i1) { /* leftover columns: a tile one vector wide */             \
-                        NAME##_tiles(rows, 1, T, I, Gs, sgt, sgo, As, sat, total, o, i);          \
+                        NAME##_tiles(rows, 1, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i);   \
                         i += W;                                                                   \
                     }                                                                             \
                     for (; i < i1; i++)                                                           \
                         for (int r = 0; r < rows; r++) {                                          \
                             S v = NAME##_dot(Gs + (o + r) * sgo, sgt, As + i, sat, T);            \
-                            total[(o + r) * I + i] += v * v;                                      \
+                            total[(o + r) * I + i] += alpha * v * v;                              \
                         }                                                                         \
                 }                                                                                 \
             }                                                                                     \
@@ -132,7 +133,7 @@
                                                                                                   \
     void NAME(int64_t n, int64_t T, int64_t O, int64_t I, const S *G, int64_t sgn, int64_t sgt,   \
               int64_t sgo, const S *A, int64_t san, int64_t sat, S *total, S *bias,               \
-              int64_t threads) {                                                                  \
+              double alpha, int64_t threads) {                                                    \
         int64_t tiles = (O + ROWS - 1) / ROWS;                                                    \
         int64_t parts = threads < tiles ? threads : tiles;                                        \
         if (parts < 1)                                                                            \
@@ -140,7 +141,8 @@
         _Pragma("omp parallel for num_threads(parts) schedule(static) if(parts > 1)")             \
         for (int64_t k = 0; k < parts; k++) {                                                     \
             int64_t lo = tiles * k / parts * ROWS, hi = tiles * (k + 1) / parts * ROWS;           \
-            NAME##_rows(n, T, I, G, sgn, sgt, sgo, A, san, sat, total, bias, lo, hi < O ? hi : O); \
+            NAME##_rows(n, T, I, G, sgn, sgt, sgo, A, san, sat, total, bias, (S)alpha, lo,        \
+                        hi < O ? hi : O);                                                         \
         }                                                                                         \
     }
 

@@ -421,6 +421,27 @@ def test_register_rule_rejects_what_is_not_a_module_type():
         fastewc.register_rule(int, lambda m, A, G: {})
     with pytest.raises(TypeError, match="per_sample must be callable"):
         fastewc.register_rule(Scale, 3)
+    with pytest.raises(TypeError, match="sums_into=True needs the sq_sum it describes"):
+        fastewc.register_rule(Scale, lambda m, A, G: {}, sums_into=True)
+
+
+@pytest.mark.parametrize("module", ["linear", "norm"])
+@pytest.mark.parametrize("dtype", [D, torch.float32])
+def test_add_sq_sums_adds_alpha_times_the_sums_into_running_sums(module, dtype):
+    # Through the rule's own sq_sum where it adds into running sums of the input's dtype (the
+    # Linear), else its sums added (the LayerNorm's, or running sums of another dtype).
+    from fastewc.fisher.rules import add_sq_sums, rule_for, sq_sum_of
+
+    torch.manual_seed(0)
+    m = (nn.Linear(5, 4) if module == "linear" else nn.LayerNorm(5)).to(D)
+    A, G = torch.randn(3, 2, 5, dtype=D), torch.randn(3, 2, 4 if module == "linear" else 5, dtype=D)
+    rule, _ = rule_for(m)
+    want = sq_sum_of(rule, m, A, [G])
+    start = {a: torch.rand(t.shape, dtype=dtype) for a, t in want.items()}
+    totals = {a: t.clone() for a, t in start.items()}
+    add_sq_sums(rule, m, A, [G], totals, alpha=0.3)
+    for a in want:
+        torch.testing.assert_close(totals[a], (start[a].double() + 0.3 * want[a]).to(dtype))
 
 
 @pytest.mark.parametrize("inputs", ["self", "cross"])

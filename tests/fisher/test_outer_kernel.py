@@ -27,9 +27,9 @@ class Counting(outer_cpu.OuterKernel):
         super().__init__(kernel.library, kernel.threaded)
         self.calls, self.threads = 0, threads
 
-    def __call__(self, G, A, total, threads=None, bias=None):
+    def __call__(self, G, A, total, threads=None, bias=None, alpha=1.0):
         self.calls += 1
-        super().__call__(G, A, total, self.threads if threads is None else threads, bias)
+        super().__call__(G, A, total, self.threads if threads is None else threads, bias, alpha)
 
 
 def per_sample_loop(A3, G3) -> torch.Tensor:
@@ -67,10 +67,11 @@ def test_kernel_matches_the_per_sample_loop(dtype, shape, threads, with_bias):
     A, G = torch.randn(n, T, I, dtype=dtype), torch.randn(n, T, O, dtype=dtype)
     total = torch.full((O, I), 0.5, dtype=dtype)  # it adds into what is there
     bias = torch.full((O,), 0.25, dtype=dtype) if with_bias else None
-    KERNEL(G, A, total, threads, bias)
-    assert_close(total, per_sample_loop(A, G) + 0.5, dtype)
+    alpha = 0.3 if with_bias else 1.0  # every square times alpha (a mean loss's factor)
+    KERNEL(G, A, total, threads, bias, alpha)
+    assert_close(total, alpha * per_sample_loop(A, G) + 0.5, dtype)
     if with_bias:  # the gradient against an input of ones
-        assert_close(bias, per_sample_loop(torch.ones(n, T, 1), G)[:, 0] + 0.25, dtype)
+        assert_close(bias, alpha * per_sample_loop(torch.ones(n, T, 1), G)[:, 0] + 0.25, dtype)
 
 
 @needs_kernel
@@ -166,6 +167,53 @@ def test_conv_sums_through_the_kernel_and_the_products_agree_with_the_loop(dtype
         for name, w in want.items():
             assert_close(got[name], w, dtype)
     assert counting.calls == (2 * fused if n else 0)
+
+
+# Inputs for each path of sq_sum_linear: no sequence axis, the kernel's short sequence, the batched
+# products' small blocks (kernel=None) and their one-sample-at-a-time large blocks.
+PATHS = {"rows": ((5, 11), 13, "kernel"), "kernel": ((5, 4, 11), 13, "kernel"),
+         "small blocks": ((5, 4, 11), 13, None), "large blocks": ((2, 3, 190), 180, None)}
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("attrs", [("weight", "bias"), ("weight",), ("bias",)], ids="+".join)
+def test_sq_sum_linear_adds_into_running_sums_for_the_attributes_given(path, transposed, attrs):
+    # alpha times the sums added in place into what the running sums hold; an attribute not given
+    # is not computed; the same values as fresh sums.
+    shape, O, kernel = PATHS[path]
+    torch.manual_seed(len(attrs))
+    A = torch.randn(*shape, dtype=torch.float64)
+    Gs = [torch.randn(*shape[:-1], O, dtype=torch.float64) for _ in range(2)]
+    kernel = Counting(KERNEL) if kernel else None
+    fresh = linear.sq_sum_linear(A, Gs, True, transposed, kernel=None)
+    start = {"weight": torch.rand(fresh["weight"].shape, dtype=torch.float64), "bias": torch.rand(O, dtype=torch.float64)}
+    into = {a: start[a].clone() for a in attrs}
+    got = linear.sq_sum_linear(A, Gs, True, transposed, kernel=kernel, into=into, alpha=0.3)
+    assert set(got) == set(attrs) and all(got[a] is into[a] for a in attrs)
+    for a in attrs:
+        assert_close(got[a] - start[a], 0.3 * fresh[a], torch.float64)
+    assert kernel is None or kernel.calls == (2 if path == "kernel" and "weight" in attrs else 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("conv,shape,fused", CONVS[:1] + CONVS[-1:])
+def test_conv_sums_add_into_running_sums(conv, shape, fused):
+    from fastewc.fisher.rules.conv import conv_sq_sum
+
+    torch.manual_seed(0)
+    m = conv().double()
+    A = torch.randn(3, *shape, dtype=torch.float64)
+    Gs = [torch.randn(3, *m(A[:1]).shape[1:], dtype=torch.float64)]
+    want = conv_per_sample_loop(m, A, Gs)
+    start = {"weight": torch.rand(m.weight.shape, dtype=torch.float64), "bias": torch.rand(m.out_channels, dtype=torch.float64)}
+    for attrs in (("weight", "bias"), ("weight",), ("bias",)):
+        into = {a: start[a].clone() for a in attrs}
+        got = conv_sq_sum(m, A, Gs, kernel=KERNEL, into=into, alpha=0.3)
+        assert set(got) == set(attrs)
+        for a in attrs:
+            assert_close(got[a] - start[a], 0.3 * want[a], torch.float64)
 
 
 @needs_kernel

@@ -17,8 +17,8 @@ Add a rule for your own layer with :func:`register_rule`.
 """
 
 from . import conv, embedding, linear, norm
-from .registry import BLOCK_BYTES, Rule, chunks, register_rule, rule_for, sq_sum_of, unregister_rule
+from .registry import BLOCK_BYTES, Rule, add_sq_sums, chunks, register_rule, rule_for, sq_sum_of, unregister_rule
 
 BUILTIN = (linear, conv, embedding, norm)  # importing them registered the built-in rules
 
-__all__ = ["Rule", "register_rule", "unregister_rule", "rule_for", "chunks", "sq_sum_of", "BLOCK_BYTES"]
+__all__ = ["Rule", "register_rule", "unregister_rule", "rule_for", "chunks", "sq_sum_of", "add_sq_sums", "BLOCK_BYTES"]

@@ -82,34 +82,41 @@ def conv_per_sample(m: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict:
     return out
 
 
-def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list, *, kernel=_AUTO) -> dict:
+def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list, *, kernel=_AUTO, into: dict | None = None,
+                alpha: float = 1.0) -> dict:
     """The input is unfolded once per chunk and shared by every output gradient (the exact
     Fisher's columns). ``kernel``: the fused CPU kernel to use where it applies (default: this
-    process's, ``outer_cpu.kernel()``), or None for the batched products only."""
+    process's, ``outer_cpu.kernel()``), or None for the batched products only. ``into`` and
+    ``alpha``: as ``linear.sq_sum_linear``'s."""
     n, cout = A.shape[0], m.out_channels
     L = math.prod(Gs[0].shape[2:])                                   # output positions per sample
     cols = m.weight.numel() // cout
     if kernel is _AUTO:
         kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
-    w = torch.zeros(cout, cols, dtype=A.dtype, device=A.device)
-    out = {}
-    if kernel is not None and kernel.supports(A) and m.groups == 1 and L <= KERNEL_MAX_T:
-        if m.bias is not None:  # summed by the kernel too
-            out["bias"] = torch.zeros(cout, dtype=A.dtype, device=A.device)
+    out = dict(into) if into is not None else {"weight": None, "bias": None} if m.bias is not None else {"weight": None}
+    for attr, shape in (("weight", m.weight.shape), ("bias", (cout,))):
+        if attr in out and out[attr] is None:
+            out[attr] = torch.zeros(shape, dtype=A.dtype, device=A.device)
+    w = out["weight"].view(cout, cols) if "weight" in out else None
+    biased = "bias" in out
+    if w is None:
+        pass  # the bias only
+    elif kernel is not None and kernel.supports(A) and m.groups == 1 and L <= KERNEL_MAX_T:
         for i, j in chunks(n, cols * L * A.element_size()):
             A4, k, d, p, s = _conv_input(m, A[i:j])
             U = _im2rows(A4, k, d, p, s)                             # [chunk, L, cols]
-            for G in Gs:
-                kernel(G[i:j].reshape(j - i, cout, L).transpose(1, 2), U, w, bias=out.get("bias"))
+            for G in Gs:  # the kernel sums the bias's squares too
+                kernel(G[i:j].reshape(j - i, cout, L).transpose(1, 2), U, w, bias=out.get("bias"), alpha=alpha)
+        biased = False
     else:
         for i, j in chunks(n, (m.weight.numel() + cols * m.groups * L) * A.element_size()):
             U = _unfolded(m, A[i:j])
             for G in Gs:
                 b = _weight_grads(m, U, G[i:j])
-                w.add_(b.mul_(b).sum(0).view(cout, cols))  # b is this chunk's own einsum result
-    out["weight"] = w.view(m.weight.shape)
-    if m.bias is not None and "bias" not in out:
-        out["bias"] = sum(G.reshape(n, cout, L).sum(2).square().sum(0) for G in Gs)
+                w.add_(b.mul_(b).sum(0).view(cout, cols), alpha=alpha)  # b is this chunk's own einsum result
+    if biased:
+        for G in Gs:
+            out["bias"].add_(G.reshape(n, cout, L).sum(2).square().sum(0), alpha=alpha)
     return out
 
 
@@ -117,5 +124,5 @@ def conv_applies(m: nn.Module) -> bool:
     return m.padding_mode in ("zeros", "reflect", "replicate", "circular")
 
 
-register_rule(nn.Conv1d, conv_per_sample, name="conv1d", sq_sum=conv_sq_sum, applies=conv_applies)
-register_rule(nn.Conv2d, conv_per_sample, name="conv2d", sq_sum=conv_sq_sum, applies=conv_applies)
+register_rule(nn.Conv1d, conv_per_sample, name="conv1d", sq_sum=conv_sq_sum, applies=conv_applies, sums_into=True)
+register_rule(nn.Conv2d, conv_per_sample, name="conv2d", sq_sum=conv_sq_sum, applies=conv_applies, sums_into=True)

@@ -46,38 +46,56 @@ def _per_sample(A, G, bias: bool, transposed: bool) -> dict:
     return out
 
 
-def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = False, *, kernel=_AUTO) -> dict:
+def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = False, *, kernel=_AUTO,
+                  into: dict | None = None, alpha: float = 1.0) -> dict:
     """``{"weight": [out, in] (or [in, out] when ``transposed``), "bias": [out]}``: sum over the
     samples and the columns ``Gs`` of the squared per-sample gradients of a linear map applied
     to input ``A`` ``[n, ..., in]`` with output gradients ``Gs[k]`` ``[n, ..., out]`` (same
-    dtype as ``A``). ``kernel``: the fused CPU kernel to use where it applies (default: this
-    process's, ``outer_cpu.kernel()``), or None for the batched products only."""
-    out = {}
+    dtype as ``A``), times ``alpha``. ``kernel``: the fused CPU kernel to use where it applies
+    (default: this process's, ``outer_cpu.kernel()``), or None for the batched products only.
+
+    ``into``: running sums to add into in place (contiguous, ``A``'s dtype), for the attributes
+    it holds only (``{"weight": w}`` computes no bias), returned; by default fresh sums are."""
+    w_shape = (A.shape[-1], Gs[0].shape[-1]) if transposed else (Gs[0].shape[-1], A.shape[-1])
+    if into is None:
+        out = {"weight": None, "bias": None} if bias else {"weight": None}
+    else:
+        out = dict(into)
     if A.dim() == 2:
         # The K columns of the exact Fisher share A: their G^2 add up before the one product.
         G2 = Gs[0].square()
         for G in Gs[1:]:
             G2.addcmul_(G, G)
-        out["weight"] = A.square().t() @ G2 if transposed else G2.t() @ A.square()
-        if bias:
-            out["bias"] = G2.sum(0)
+        if "weight" in out:
+            left, right = (A.square().t(), G2) if transposed else (G2.t(), A.square())
+            if out["weight"] is None:  # a fresh product: no zeros written first and read back
+                out["weight"] = torch.mm(left, right)
+                if alpha != 1.0:
+                    out["weight"].mul_(alpha)
+            else:
+                out["weight"].addmm_(left, right, alpha=alpha)
+        if "bias" in out:
+            _add(out, "bias", G2.sum(0), alpha)
         return out
     n = A.shape[0]
-    w_shape = (A.shape[-1], Gs[0].shape[-1]) if transposed else (Gs[0].shape[-1], A.shape[-1])
     block = w_shape[0] * w_shape[1] * A.element_size()
-    total = torch.zeros(w_shape, dtype=A.dtype, device=A.device)
     if kernel is _AUTO:
         kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
-    if kernel is not None and kernel.supports(A) and math.prod(A.shape[1:-1]) <= KERNEL_MAX_T:
-        # the kernel sums a bias's squares too, where the output gradients are its G
-        if bias and not transposed:
-            out["bias"] = torch.zeros(w_shape[0], dtype=A.dtype, device=A.device)
+    for attr, shape in (("weight", w_shape), ("bias", Gs[0].shape[-1:])):
+        if attr in out and out[attr] is None:
+            out[attr] = torch.zeros(shape, dtype=A.dtype, device=A.device)
+    total = out.get("weight")
+    biased = "bias" in out
+    if total is None:
+        pass  # the bias only
+    elif kernel is not None and kernel.supports(A) and math.prod(A.shape[1:-1]) <= KERNEL_MAX_T:
         for G in Gs:
             A3, G3 = _as_3d(A, G)
             if transposed:  # total[i, o]: the roles of input and output swap
-                kernel(A3, G3, total)
-            else:
-                kernel(G3, A3, total, bias=out.get("bias"))
+                kernel(A3, G3, total, alpha=alpha)
+            else:  # the kernel sums the bias's squares too, its G being the output gradient
+                kernel(G3, A3, total, bias=out.get("bias"), alpha=alpha)
+        biased = transposed and biased
     elif block <= _SMALL_BLOCK_BYTES:
         # Small per-sample gradients: a product per sample would be dominated by its call
         # overhead. A chunk's gradients at once into a buffer that stays in cache, squared in
@@ -93,7 +111,7 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
                 j = min(n, i + step)
                 b = torch.bmm(left[i:j], right[i:j], out=buf[: j - i])
                 b.square_()
-                flat.addmv_(b.view(j - i, -1).t(), ones[: j - i])
+                flat.addmv_(b.view(j - i, -1).t(), ones[: j - i], alpha=alpha)
     else:
         # One sample at a time into a reused buffer, squared into the sum while it is still in
         # cache: a [chunk, out, in] block of large gradients would go to memory and back.
@@ -103,22 +121,30 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
             left, right = (A3.transpose(1, 2), G3) if transposed else (G3.transpose(1, 2), A3)
             for lt, rt in zip(left.unbind(0), right.unbind(0)):
                 buf = torch.mm(lt, rt, out=buf)
-                total.addcmul_(buf, buf)
-    out["weight"] = total
-    if bias and "bias" not in out:
-        out["bias"] = sum(_as_3d(A, G)[1].sum(1).square().sum(0) for G in Gs)
+                total.addcmul_(buf, buf, value=alpha)
+    if biased:
+        for G in Gs:
+            out["bias"].add_(_as_3d(A, G)[1].sum(1).square().sum(0), alpha=alpha)
     return out
+
+
+def _add(out: dict, attr: str, t: torch.Tensor, alpha: float) -> None:
+    """``out[attr] += alpha * t`` in place, or ``alpha * t`` where ``out[attr]`` is still None."""
+    if out[attr] is None:
+        out[attr] = t.mul_(alpha) if alpha != 1.0 else t
+    else:
+        out[attr].add_(t, alpha=alpha)
 
 
 def linear_per_sample(m: nn.Linear, A: torch.Tensor, G: torch.Tensor) -> dict:
     return _per_sample(A, G, m.bias is not None, False)
 
 
-def linear_sq_sum(m: nn.Linear, A: torch.Tensor, Gs: list) -> dict:
-    return sq_sum_linear(A, Gs, m.bias is not None)
+def linear_sq_sum(m: nn.Linear, A: torch.Tensor, Gs: list, into: dict | None = None, alpha: float = 1.0) -> dict:
+    return sq_sum_linear(A, Gs, m.bias is not None, into=into, alpha=alpha)
 
 
-register_rule(nn.Linear, linear_per_sample, name="linear", sq_sum=linear_sq_sum, sequence=True)
+register_rule(nn.Linear, linear_per_sample, name="linear", sq_sum=linear_sq_sum, sequence=True, sums_into=True)
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -131,9 +157,10 @@ def conv1d_hf_per_sample(m, A: torch.Tensor, G: torch.Tensor) -> dict:
     return _per_sample(A, G, m.bias is not None, True)
 
 
-def conv1d_hf_sq_sum(m, A: torch.Tensor, Gs: list) -> dict:
-    return sq_sum_linear(A, Gs, m.bias is not None, transposed=True)
+def conv1d_hf_sq_sum(m, A: torch.Tensor, Gs: list, into: dict | None = None, alpha: float = 1.0) -> dict:
+    return sq_sum_linear(A, Gs, m.bias is not None, transposed=True, into=into, alpha=alpha)
 
 
 # Matched by name: transformers is optional and never imported here.
-register_rule(_is_hf_conv1d, conv1d_hf_per_sample, name="hf_conv1d", sq_sum=conv1d_hf_sq_sum, sequence=True)
+register_rule(_is_hf_conv1d, conv1d_hf_per_sample, name="hf_conv1d", sq_sum=conv1d_hf_sq_sum, sequence=True,
+              sums_into=True)

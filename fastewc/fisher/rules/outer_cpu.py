@@ -1,10 +1,10 @@
 """The launcher of the fused CPU kernel for squared per-sample gradients of a linear map over a
 short sequence (``fastewc/kernels/outer_sq_cpu.c``): built, loaded, its threads decided, called.
 
-The kernel computes ``total[o, i] += sum_n (sum_t G[n, t, o] A[n, t, i])^2`` without forming any
-sample's ``[O, I]`` gradient in memory, and a bias's ``sum_n (sum_t G[n, t, o])^2`` with it. Its plain twin is the batched product of
-``linear.sq_sum_linear``; which one serves is chosen there, from the tensors' device, dtype and
-sequence length, never by catching an error.
+The kernel computes ``total[o, i] += alpha sum_n (sum_t G[n, t, o] A[n, t, i])^2`` without forming
+any sample's ``[O, I]`` gradient in memory, and a bias's ``alpha sum_n (sum_t G[n, t, o])^2`` with
+it. Its plain twin is the batched product of ``linear.sq_sum_linear``; which one serves is chosen
+there, from the tensors' device, dtype and sequence length, never by catching an error.
 
 The first time a process asks for it, the source is compiled with the system C compiler (through
 ``fastewc.native``, cached and verified), preferably with ``-fopenmp -march=native``. Threads:
@@ -39,7 +39,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in FUNCTIONS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64]
+        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_double, i64]
         fn.restype = None
 
 
@@ -83,11 +83,12 @@ class OuterKernel:
         return self.library.lib is not None and t.device.type == "cpu" and t.dtype in FUNCTIONS
 
     def __call__(self, G: torch.Tensor, A: torch.Tensor, total: torch.Tensor, threads: int | None = None,
-                 bias: torch.Tensor | None = None) -> None:
-        """``total += sum_n (G[n]^T A[n])^2``: ``G`` ``[n, T, O]``, ``A`` ``[n, T, I]``, ``total``
-        ``[O, I]`` contiguous, all of one supported dtype; and, given ``bias`` ``[O]`` (contiguous,
-        of that dtype), ``bias += sum_n (sum_t G[n, t])^2``. ``threads``: at most this many
-        (default PyTorch's thread count where the kernel shares PyTorch's threads, else 1)."""
+                 bias: torch.Tensor | None = None, alpha: float = 1.0) -> None:
+        """``total += alpha * sum_n (G[n]^T A[n])^2``: ``G`` ``[n, T, O]``, ``A`` ``[n, T, I]``,
+        ``total`` ``[O, I]`` contiguous, all of one supported dtype; and, given ``bias`` ``[O]``
+        (contiguous, of that dtype), ``bias += alpha * sum_n (sum_t G[n, t])^2``. ``threads``: at
+        most this many (default PyTorch's thread count where the kernel shares PyTorch's threads,
+        else 1)."""
         n, T, O = G.shape
         I = A.shape[2]
         if A.stride(2) != 1:
@@ -105,7 +106,7 @@ class OuterKernel:
             threads = torch.get_num_threads() if self.threaded else 1
         fn = getattr(self.library.lib, FUNCTIONS[G.dtype])
         fn(n, T, O, I, G.data_ptr(), G.stride(0), G.stride(1), G.stride(2), A.data_ptr(), A.stride(0), A.stride(1),
-           total.data_ptr(), None if bias is None else bias.data_ptr(), threads)
+           total.data_ptr(), None if bias is None else bias.data_ptr(), float(alpha), threads)
 
 
 def load(*, cc: list[str] | None = None, folder: Path | None = None, features: str | None = None,

@@ -49,6 +49,7 @@ class Rule:
     add_into: AddInto | None = None
     sequence: bool = False   # per_sample / sq_sum take A [n, ..., d] with any axes between n and d
     fits: Callable[[nn.Module, torch.Tensor], "str | None"] | None = None   # a recorded call's check
+    sums_into: bool = False  # sq_sum takes into= and alpha= (see add_sq_sums)
 
 
 _BY_TYPE: dict[type, Rule] = {}
@@ -57,7 +58,7 @@ _BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], Rule]] = []
 
 def register_rule(module_type, per_sample: PerSample | None = None, *, name: str | None = None,
                   sq_sum: SqSum | None = None, applies: Callable[[nn.Module], bool] | None = None,
-                  add_into: AddInto | None = None, sequence: bool = False, fits=None):
+                  add_into: AddInto | None = None, sequence: bool = False, fits=None, sums_into: bool = False):
     """Register a Fisher rule for a module type (or for every module a predicate accepts).
 
     Use as a decorator on the per-sample function, or call with it::
@@ -86,16 +87,24 @@ def register_rule(module_type, per_sample: PerSample | None = None, *, name: str
         fits: optional ``f(module, A) -> None or why not``: whether calls on inputs like ``A``
             (one sample's) suit the rule, for what only a call shows (a subclass's own
             forward); where one does not, the module-local rule takes the module.
+        sums_into: True when ``sq_sum`` also takes keywords ``into={attr: running sum}`` and
+            ``alpha``, adds ``alpha`` times its sums into those tensors in place (for the
+            attributes given only) and returns them: no sums are formed in memory and added
+            again (``FisherTracker`` adds every step into its running sums this way).
 
     Later registrations take precedence. The rule is proven against the per-sample loop on a
     probe of the first samples before it is used, like the built-in ones.
     """
     if per_sample is None:
         return lambda fn: register_rule(module_type, fn, name=name, sq_sum=sq_sum, applies=applies,
-                                        add_into=add_into, sequence=sequence, fits=fits) or fn
+                                        add_into=add_into, sequence=sequence, fits=fits,
+                                        sums_into=sums_into) or fn
     if not callable(per_sample):
         raise TypeError(f"register_rule: per_sample must be callable, got {type(per_sample).__name__}")
-    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies, add_into, sequence, fits)
+    if sums_into and sq_sum is None:
+        raise TypeError("register_rule: sums_into=True needs the sq_sum it describes")
+    rule = Rule(name or getattr(per_sample, "__name__", "rule"), per_sample, sq_sum, applies, add_into, sequence,
+                fits, sums_into)
     if isinstance(module_type, type):
         if not issubclass(module_type, nn.Module):
             raise TypeError(f"register_rule: {module_type.__name__} is not an nn.Module subclass")
@@ -157,6 +166,18 @@ def add_squares(total: torch.Tensor, b: torch.Tensor) -> None:
             total.addcmul_(one, one)
     else:
         total.add_(b.square().sum(0))
+
+
+def add_sq_sums(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list, totals: dict, alpha: float = 1.0) -> None:
+    """``totals[attr] += alpha * sum_k sum_n g^2`` in place for the attributes ``totals`` holds:
+    through the rule's ``sq_sum`` itself where it adds into running sums (``sums_into``, and
+    sums of ``A``'s dtype), else its sums added."""
+    if rule.sums_into and all(t.dtype == A.dtype and t.is_contiguous() for t in totals.values()):
+        rule.sq_sum(m, A, Gs, into=totals, alpha=alpha)
+        return
+    got = sq_sum_of(rule, m, A, Gs)
+    for attr, t in totals.items():
+        t.add_(got[attr].to(t.dtype), alpha=alpha)
 
 
 def sq_sum_of(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list) -> dict:
