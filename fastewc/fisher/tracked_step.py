@@ -343,14 +343,22 @@ class _StepHooks:
                 call.grads[slot] = G.detach()   # added to its other uses' when the backward ends
                 return None
             dtype = self._site_dtype(site)
-            A, G = self._tracked(p, self._input(site, call), dtype), self._tracked(p, G.detach(), dtype)
-            # a factor that is a number scales the sums of squares by its square as they are added
-            # in, with no scaled copy of G; a tensor (per-sample weights, a scaler's scale) scales G
-            f = p.factor
-            number = not isinstance(f, torch.Tensor)
+            A, G, picks, f = self._input(site, call), G.detach(), p.idx, p.factor
+            # The rule reads the tracked samples where they are and scales each by its share of a
+            # token-mean loss (a kernel does so without copies); a factor that is a number scales
+            # the sums of squares by its square as they are added in. Copies only to convert the
+            # dtype, or to scale G by a scaler's scale.
+            scalar_tensor = isinstance(f, torch.Tensor) and f.dim() == 0
+            if A.dtype != dtype or G.dtype != dtype or scalar_tensor:
+                A, G, picks = self._tracked(p, A, dtype), self._tracked(p, G, dtype), None
+            if scalar_tensor:
+                G, alpha, weights = self._scaled(p, G), 1.0, None
+            elif isinstance(f, torch.Tensor):
+                alpha, weights = 1.0, f.to(dtype).contiguous()
+            else:
+                alpha, weights = f * f, None
             totals = {attr: self._running(p, name) for attr, name in site.params.items()}
-            add_sq_sums(site.rule, site.module, A, [G if number else self._scaled(p, G)], totals,
-                        f * f if number else 1.0)
+            add_sq_sums(site.rule, site.module, A, [G], totals, alpha, picks=picks, weights=weights)
         return None
 
     def _alone(self, p: _Pass, key: str) -> bool:

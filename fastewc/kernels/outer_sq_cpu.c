@@ -1,7 +1,7 @@
 /* Squared per-sample gradients of a linear map over a short sequence, summed, on the CPU, fused:
  *
- *     total[o, i] += alpha * sum_n ( sum_t G[n, t, o] * A[n, t, i] )^2
- *     bias[o]     += alpha * sum_n ( sum_t G[n, t, o] )^2           (when bias is not NULL)
+ *     total[o, i] += alpha * sum_s w[s]^2 ( sum_t G[n, t, o] * A[n, t, i] )^2,  n = picks[s]
+ *     bias[o]     += alpha * sum_s w[s]^2 ( sum_t G[n, t, o] )^2           (when bias is not NULL)
  *
  * G holds the output gradients and A the inputs of n samples over T positions; the inner sum is
  * sample n's gradient of the weight. Compiled on the user's machine by
@@ -28,6 +28,10 @@
  *   total               [O, I], row-major, contiguous: added into;
  *   bias                [O], contiguous: added into; or NULL for no bias;
  *   alpha               the factor of every square (a mean loss's 1 / N^2; 1 for plain sums);
+ *   picks               the n samples to sum, by their index in G and A (a tracked subset of a
+ *                       batch); or NULL for samples 0 .. n - 1;
+ *   weights             [n]: each picked sample's gradient is scaled by its weight (its loss's
+ *                       share of a token mean); or NULL for 1;
  *   threads             the most threads to use (1: the calling thread only).
  * Sums are kept in the data's dtype (float32 or float64), as the batched product does.
  */
@@ -97,18 +101,21 @@
      * inputs (T x block) stay in the L1 cache while every row tile passes over them. */          \
     static void NAME##_rows(int64_t n, int64_t T, int64_t I, const S *G, int64_t sgn,             \
                             int64_t sgt, int64_t sgo, const S *A, int64_t san, int64_t sat,       \
-                            S *total, S *bias, S alpha, int64_t o0, int64_t o1) {                 \
+                            S *total, S *bias, S alpha, const int64_t *picks, const S *weights,   \
+                            int64_t o0, int64_t o1) {                                             \
         int64_t block = L1_INPUT_BYTES / ((int64_t)sizeof(S) * (T > 0 ? T : 1)) / (2 * W) * (2 * W); \
         if (block < 2 * W)                                                                        \
             block = 2 * W;                                                                        \
         for (int64_t s = 0; s < n; s++) {                                                         \
-            const S *Gs = G + s * sgn, *As = A + s * san;                                         \
+            const int64_t at = picks ? picks[s] : s;                                              \
+            const S *Gs = G + at * sgn, *As = A + at * san;                                       \
+            const S a = weights ? alpha * weights[s] * weights[s] : alpha;                        \
             if (bias)                                                                             \
                 for (int64_t o = o0; o < o1; o++) {                                               \
                     S v = 0;                                                                      \
                     for (int64_t t = 0; t < T; t++)                                               \
                         v += Gs[t * sgt + o * sgo];                                               \
-                    bias[o] += alpha * v * v;                                                     \
+                    bias[o] += a * v * v;                                                         \
                 }                                                                                 \
             for (int64_t i0 = 0; i0 < I; i0 += block) {                                           \
                 int64_t i1 = I - i0 < block ? I : i0 + block;                                     \
@@ -116,15 +123,15 @@
                     int64_t i = i0;                                                               \
                     int rows = o1 - o < ROWS ? (int)(o1 - o) : ROWS;                              \
                     for (; i + 2 * W <= i1; i += 2 * W)                                           \
-                        NAME##_tiles(rows, 2, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i);   \
+                        NAME##_tiles(rows, 2, T, I, Gs, sgt, sgo, As, sat, total, a, o, i);       \
                     if (i + W <= i1) { /* leftover columns: a tile one vector wide */             \
-                        NAME##_tiles(rows, 1, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i);   \
+                        NAME##_tiles(rows, 1, T, I, Gs, sgt, sgo, As, sat, total, a, o, i);       \
                         i += W;                                                                   \
                     }                                                                             \
                     for (; i < i1; i++)                                                           \
                         for (int r = 0; r < rows; r++) {                                          \
                             S v = NAME##_dot(Gs + (o + r) * sgo, sgt, As + i, sat, T);            \
-                            total[(o + r) * I + i] += alpha * v * v;                              \
+                            total[(o + r) * I + i] += a * v * v;                                  \
                         }                                                                         \
                 }                                                                                 \
             }                                                                                     \
@@ -133,7 +140,7 @@
                                                                                                   \
     void NAME(int64_t n, int64_t T, int64_t O, int64_t I, const S *G, int64_t sgn, int64_t sgt,   \
               int64_t sgo, const S *A, int64_t san, int64_t sat, S *total, S *bias,               \
-              double alpha, int64_t threads) {                                                    \
+              double alpha, const int64_t *picks, const S *weights, int64_t threads) {            \
         int64_t tiles = (O + ROWS - 1) / ROWS;                                                    \
         int64_t parts = threads < tiles ? threads : tiles;                                        \
         if (parts < 1)                                                                            \
@@ -141,8 +148,8 @@
         _Pragma("omp parallel for num_threads(parts) schedule(static) if(parts > 1)")             \
         for (int64_t k = 0; k < parts; k++) {                                                     \
             int64_t lo = tiles * k / parts * ROWS, hi = tiles * (k + 1) / parts * ROWS;           \
-            NAME##_rows(n, T, I, G, sgn, sgt, sgo, A, san, sat, total, bias, (S)alpha, lo,        \
-                        hi < O ? hi : O);                                                         \
+            NAME##_rows(n, T, I, G, sgn, sgt, sgo, A, san, sat, total, bias, (S)alpha, picks,     \
+                        weights, lo, hi < O ? hi : O);                                            \
         }                                                                                         \
     }
 

@@ -27,9 +27,9 @@ class Counting(outer_cpu.OuterKernel):
         super().__init__(kernel.library, kernel.threaded)
         self.calls, self.threads = 0, threads
 
-    def __call__(self, G, A, total, threads=None, bias=None, alpha=1.0):
+    def __call__(self, G, A, total, threads=None, **kw):
         self.calls += 1
-        super().__call__(G, A, total, self.threads if threads is None else threads, bias, alpha)
+        super().__call__(G, A, total, self.threads if threads is None else threads, **kw)
 
 
 def per_sample_loop(A3, G3) -> torch.Tensor:
@@ -72,6 +72,37 @@ def test_kernel_matches_the_per_sample_loop(dtype, shape, threads, with_bias):
     assert_close(total, alpha * per_sample_loop(A, G) + 0.5, dtype)
     if with_bias:  # the gradient against an input of ones
         assert_close(bias, alpha * per_sample_loop(torch.ones(n, T, 1), G)[:, 0] + 0.25, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("picks", [[4, 0, 2], [], [1, 1], None], ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kernel_sums_the_picked_samples_where_they_are_each_scaled(dtype, picks, weighted):
+    # The picked samples only, read in place (a tracked subset of a batch), each sample's
+    # gradient scaled by its weight: the loop over the selected and scaled copies.
+    torch.manual_seed(len(picks or ()))
+    n, T, O, I = 5, 3, 13, 40
+    A, G = torch.randn(n, T, I, dtype=dtype), torch.randn(n, T, O, dtype=dtype)
+    rows = torch.arange(n) if picks is None else torch.tensor(picks, dtype=torch.int64)
+    w = torch.rand(len(rows), dtype=dtype) + 0.5 if weighted else None
+    total, bias = torch.zeros(O, I, dtype=dtype), torch.zeros(O, dtype=dtype)
+    KERNEL(G, A, total, 2, bias, 0.7, None if picks is None else rows, w)
+    Gw = G[rows] * (1 if w is None else w.view(-1, 1, 1))
+    assert_close(total, 0.7 * per_sample_loop(A[rows], Gw), dtype)
+    assert_close(bias, 0.7 * per_sample_loop(torch.ones(len(rows), T, 1), Gw)[:, 0], dtype)
+
+
+@needs_kernel
+def test_kernel_refuses_picks_and_weights_that_do_not_fit():
+    A, G, total = torch.randn(4, 3, 2), torch.randn(4, 3, 5), torch.zeros(5, 2)
+    with pytest.raises(ValueError, match=r"outer_sq: picks must index the 4 samples of G, got \[0, 4\]"):
+        KERNEL(G, A, total, picks=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="picks must be a 1-D int64 CPU tensor"):
+        KERNEL(G, A, total, picks=torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"outer_sq: weights \(4,\) torch.float32 do not fit the 2 samples summed"):
+        KERNEL(G, A, total, picks=torch.tensor([0, 1]), weights=torch.ones(4))
+    assert total.abs().sum() == 0
 
 
 @needs_kernel
@@ -179,18 +210,21 @@ PATHS = {"rows": ((5, 11), 13, "kernel"), "kernel": ((5, 4, 11), 13, "kernel"),
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("attrs", [("weight", "bias"), ("weight",), ("bias",)], ids="+".join)
-def test_sq_sum_linear_adds_into_running_sums_for_the_attributes_given(path, transposed, attrs):
+@pytest.mark.parametrize("subset", [False, True])
+def test_sq_sum_linear_adds_into_running_sums_for_the_attributes_given(path, transposed, attrs, subset):
     # alpha times the sums added in place into what the running sums hold; an attribute not given
-    # is not computed; the same values as fresh sums.
+    # is not computed; the same values as fresh sums (of the picked samples, each scaled).
     shape, O, kernel = PATHS[path]
     torch.manual_seed(len(attrs))
     A = torch.randn(*shape, dtype=torch.float64)
     Gs = [torch.randn(*shape[:-1], O, dtype=torch.float64) for _ in range(2)]
+    picks, w = (torch.tensor([shape[0] - 1, 0]), torch.tensor([0.5, 2.0], dtype=torch.float64)) if subset else (None, None)
     kernel = Counting(KERNEL) if kernel else None
-    fresh = linear.sq_sum_linear(A, Gs, True, transposed, kernel=None)
+    mine = [G[picks] * w.view(-1, *[1] * (G.dim() - 1)) for G in Gs] if subset else Gs
+    fresh = linear.sq_sum_linear(A[picks] if subset else A, mine, True, transposed, kernel=None)
     start = {"weight": torch.rand(fresh["weight"].shape, dtype=torch.float64), "bias": torch.rand(O, dtype=torch.float64)}
     into = {a: start[a].clone() for a in attrs}
-    got = linear.sq_sum_linear(A, Gs, True, transposed, kernel=kernel, into=into, alpha=0.3)
+    got = linear.sq_sum_linear(A, Gs, True, transposed, kernel=kernel, into=into, alpha=0.3, picks=picks, weights=w)
     assert set(got) == set(attrs) and all(got[a] is into[a] for a in attrs)
     for a in attrs:
         assert_close(got[a] - start[a], 0.3 * fresh[a], torch.float64)
@@ -214,6 +248,12 @@ def test_conv_sums_add_into_running_sums(conv, shape, fused):
         assert set(got) == set(attrs)
         for a in attrs:
             assert_close(got[a] - start[a], 0.3 * want[a], torch.float64)
+    # the samples picked, each gradient scaled
+    picks, w = torch.tensor([2, 0]), torch.tensor([0.5, 3.0], dtype=torch.float64)
+    want = conv_per_sample_loop(m, A[picks], [Gs[0][picks] * w.view(-1, *[1] * (Gs[0].dim() - 1))])
+    got = conv_sq_sum(m, A, Gs, kernel=KERNEL, picks=picks, weights=w)
+    for a in want:
+        assert_close(got[a], want[a], torch.float64)
 
 
 @needs_kernel

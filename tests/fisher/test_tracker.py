@@ -179,6 +179,23 @@ def test_hf_causal_lm_token_mean_with_padding_is_exact(case):
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), rtol=1e-6, atol_rel=1e-8)
 
 
+def test_hf_causal_lm_token_mean_on_a_tracked_subset_is_exact():
+    """A quarter-style subset of each batch with the token-mean loss: each tracked sample's share
+    of the batch's loss scales its gradient where the rules read it in place (the CPU kernel's
+    picked samples and weights); exact against the per-sample loop over the same subset."""
+    pytest.importorskip("transformers")
+    model, data = _hf("gpt2", fp64_loss=True, n=9, batch_size=4)
+    tracker = _hf_train(model, data, FisherTracker(model, fraction=0.5, seed=4))
+    g = torch.Generator().manual_seed(4)
+    subset = []
+    for b in data:
+        n = b["input_ids"].shape[0]
+        idx = torch.randperm(n, generator=g)[:max(1, round(0.5 * n))].sort().values
+        subset.append({k: v[idx] for k, v in b.items()})
+    assert tracker.samples_seen == sum(b["input_ids"].shape[0] for b in subset) == 5
+    assert_fisher_close(tracker.fisher(), _causal_truth(model, subset), **TOL)
+
+
 @pytest.mark.parametrize("case", ["t5", "bart"])
 def test_hf_encoder_decoder_token_mean_with_padding_is_exact(case):
     """An encoder-decoder's own loss: the mean over the batch's decoder labels that are not -100

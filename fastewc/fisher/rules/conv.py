@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import outer_cpu
 from .linear import KERNEL_MAX_T
-from .registry import chunks, register_rule
+from .registry import chunks, register_rule, select_samples
 
 _AUTO = object()
 
@@ -83,11 +83,13 @@ def conv_per_sample(m: nn.Module, A: torch.Tensor, G: torch.Tensor) -> dict:
 
 
 def conv_sq_sum(m: nn.Module, A: torch.Tensor, Gs: list, *, kernel=_AUTO, into: dict | None = None,
-                alpha: float = 1.0) -> dict:
+                alpha: float = 1.0, picks: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> dict:
     """The input is unfolded once per chunk and shared by every output gradient (the exact
     Fisher's columns). ``kernel``: the fused CPU kernel to use where it applies (default: this
-    process's, ``outer_cpu.kernel()``), or None for the batched products only. ``into`` and
-    ``alpha``: as ``linear.sq_sum_linear``'s."""
+    process's, ``outer_cpu.kernel()``), or None for the batched products only. ``into``,
+    ``alpha``, ``picks`` and ``weights``: as ``linear.sq_sum_linear``'s (the picked samples are
+    copied here: the input is unfolded anyway)."""
+    A, Gs = select_samples(A, Gs, picks, weights)
     n, cout = A.shape[0], m.out_channels
     L = math.prod(Gs[0].shape[2:])                                   # output positions per sample
     cols = m.weight.numel() // cout

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import outer_cpu
-from .registry import register_rule
+from .registry import register_rule, select_samples
 
 
 # Per-sample weight gradients up to this size are formed a chunk at a time, in chunks of about
@@ -47,7 +47,8 @@ def _per_sample(A, G, bias: bool, transposed: bool) -> dict:
 
 
 def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = False, *, kernel=_AUTO,
-                  into: dict | None = None, alpha: float = 1.0) -> dict:
+                  into: dict | None = None, alpha: float = 1.0, picks: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None) -> dict:
     """``{"weight": [out, in] (or [in, out] when ``transposed``), "bias": [out]}``: sum over the
     samples and the columns ``Gs`` of the squared per-sample gradients of a linear map applied
     to input ``A`` ``[n, ..., in]`` with output gradients ``Gs[k]`` ``[n, ..., out]`` (same
@@ -55,7 +56,15 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
     (default: this process's, ``outer_cpu.kernel()``), or None for the batched products only.
 
     ``into``: running sums to add into in place (contiguous, ``A``'s dtype), for the attributes
-    it holds only (``{"weight": w}`` computes no bias), returned; by default fresh sums are."""
+    it holds only (``{"weight": w}`` computes no bias), returned; by default fresh sums are.
+    ``picks``: the samples to sum (int64 indices; default all), the kernel reading them where
+    they are; ``weights``: one per summed sample, scaling its gradient (its loss's share)."""
+    if kernel is _AUTO:
+        kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
+    fused = kernel is not None and kernel.supports(A) and A.dim() > 2 and math.prod(A.shape[1:-1]) <= KERNEL_MAX_T
+    if not fused:  # the plain twin sums every sample it is given: the picked ones, each scaled
+        A, Gs = select_samples(A, Gs, picks, weights)
+        picks = weights = None
     w_shape = (A.shape[-1], Gs[0].shape[-1]) if transposed else (Gs[0].shape[-1], A.shape[-1])
     if into is None:
         out = {"weight": None, "bias": None} if bias else {"weight": None}
@@ -79,8 +88,6 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
         return out
     n = A.shape[0]
     block = w_shape[0] * w_shape[1] * A.element_size()
-    if kernel is _AUTO:
-        kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
     for attr, shape in (("weight", w_shape), ("bias", Gs[0].shape[-1:])):
         if attr in out and out[attr] is None:
             out[attr] = torch.zeros(shape, dtype=A.dtype, device=A.device)
@@ -88,13 +95,13 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
     biased = "bias" in out
     if total is None:
         pass  # the bias only
-    elif kernel is not None and kernel.supports(A) and math.prod(A.shape[1:-1]) <= KERNEL_MAX_T:
+    elif fused:
         for G in Gs:
             A3, G3 = _as_3d(A, G)
             if transposed:  # total[i, o]: the roles of input and output swap
-                kernel(A3, G3, total, alpha=alpha)
+                kernel(A3, G3, total, alpha=alpha, picks=picks, weights=weights)
             else:  # the kernel sums the bias's squares too, its G being the output gradient
-                kernel(G3, A3, total, bias=out.get("bias"), alpha=alpha)
+                kernel(G3, A3, total, bias=out.get("bias"), alpha=alpha, picks=picks, weights=weights)
         biased = transposed and biased
     elif block <= _SMALL_BLOCK_BYTES:
         # Small per-sample gradients: a product per sample would be dominated by its call
@@ -124,7 +131,10 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
                 total.addcmul_(buf, buf, value=alpha)
     if biased:
         for G in Gs:
-            out["bias"].add_(_as_3d(A, G)[1].sum(1).square().sum(0), alpha=alpha)
+            G3 = _as_3d(A, G)[1]
+            G3 = G3 if picks is None else G3.index_select(0, picks)
+            g = G3.sum(1) if weights is None else G3.sum(1) * weights.view(-1, 1)
+            out["bias"].add_(g.square().sum(0), alpha=alpha)
     return out
 
 
@@ -140,8 +150,8 @@ def linear_per_sample(m: nn.Linear, A: torch.Tensor, G: torch.Tensor) -> dict:
     return _per_sample(A, G, m.bias is not None, False)
 
 
-def linear_sq_sum(m: nn.Linear, A: torch.Tensor, Gs: list, into: dict | None = None, alpha: float = 1.0) -> dict:
-    return sq_sum_linear(A, Gs, m.bias is not None, into=into, alpha=alpha)
+def linear_sq_sum(m: nn.Linear, A: torch.Tensor, Gs: list, **into) -> dict:
+    return sq_sum_linear(A, Gs, m.bias is not None, **into)
 
 
 register_rule(nn.Linear, linear_per_sample, name="linear", sq_sum=linear_sq_sum, sequence=True, sums_into=True)
@@ -157,8 +167,8 @@ def conv1d_hf_per_sample(m, A: torch.Tensor, G: torch.Tensor) -> dict:
     return _per_sample(A, G, m.bias is not None, True)
 
 
-def conv1d_hf_sq_sum(m, A: torch.Tensor, Gs: list, into: dict | None = None, alpha: float = 1.0) -> dict:
-    return sq_sum_linear(A, Gs, m.bias is not None, transposed=True, into=into, alpha=alpha)
+def conv1d_hf_sq_sum(m, A: torch.Tensor, Gs: list, **into) -> dict:
+    return sq_sum_linear(A, Gs, m.bias is not None, transposed=True, **into)
 
 
 # Matched by name: transformers is optional and never imported here.

@@ -39,7 +39,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in FUNCTIONS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_double, i64]
+        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_double, ptr, ptr,
+                       i64]
         fn.restype = None
 
 
@@ -83,12 +84,15 @@ class OuterKernel:
         return self.library.lib is not None and t.device.type == "cpu" and t.dtype in FUNCTIONS
 
     def __call__(self, G: torch.Tensor, A: torch.Tensor, total: torch.Tensor, threads: int | None = None,
-                 bias: torch.Tensor | None = None, alpha: float = 1.0) -> None:
+                 bias: torch.Tensor | None = None, alpha: float = 1.0, picks: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None) -> None:
         """``total += alpha * sum_n (G[n]^T A[n])^2``: ``G`` ``[n, T, O]``, ``A`` ``[n, T, I]``,
         ``total`` ``[O, I]`` contiguous, all of one supported dtype; and, given ``bias`` ``[O]``
-        (contiguous, of that dtype), ``bias += alpha * sum_n (sum_t G[n, t])^2``. ``threads``: at
-        most this many (default PyTorch's thread count where the kernel shares PyTorch's threads,
-        else 1)."""
+        (contiguous, of that dtype), ``bias += alpha * sum_n (sum_t G[n, t])^2``. ``picks``: the
+        samples to sum (int64 indices into G and A; default all), read where they are with
+        no copy; ``weights``: one per summed sample, scaling its gradient (a loss's share).
+        ``threads``: at most this many (default PyTorch's thread count where the kernel shares
+        PyTorch's threads, else 1)."""
         n, T, O = G.shape
         I = A.shape[2]
         if A.stride(2) != 1:
@@ -100,13 +104,23 @@ class OuterKernel:
         if bias is not None and not (bias.is_contiguous() and bias.shape == (O,) and bias.dtype == G.dtype):
             raise ValueError(f"outer_sq: bias {tuple(bias.shape)} {bias.dtype} does not fit G {tuple(G.shape)} "
                              f"{G.dtype} (contiguous, one entry per output)")
+        if picks is not None:
+            if not (picks.dtype == torch.int64 and picks.dim() == 1 and picks.device.type == "cpu"):
+                raise ValueError(f"outer_sq: picks must be a 1-D int64 CPU tensor, got {tuple(picks.shape)} {picks.dtype}")
+            if picks.numel() and not (0 <= int(picks.min()) and int(picks.max()) < n):
+                raise ValueError(f"outer_sq: picks must index the {n} samples of G, got {picks.tolist()[:8]}")
+            picks, n = picks.contiguous(), picks.numel()
+        if weights is not None and not (weights.is_contiguous() and weights.shape == (n,) and weights.dtype == G.dtype):
+            raise ValueError(f"outer_sq: weights {tuple(weights.shape)} {weights.dtype} do not fit the {n} samples "
+                             f"summed ({G.dtype}, contiguous)")
         if n == 0 or T == 0 or O == 0:
             return
         if threads is None:
             threads = torch.get_num_threads() if self.threaded else 1
         fn = getattr(self.library.lib, FUNCTIONS[G.dtype])
         fn(n, T, O, I, G.data_ptr(), G.stride(0), G.stride(1), G.stride(2), A.data_ptr(), A.stride(0), A.stride(1),
-           total.data_ptr(), None if bias is None else bias.data_ptr(), float(alpha), threads)
+           total.data_ptr(), None if bias is None else bias.data_ptr(), float(alpha),
+           None if picks is None else picks.data_ptr(), None if weights is None else weights.data_ptr(), threads)
 
 
 def load(*, cc: list[str] | None = None, folder: Path | None = None, features: str | None = None,

@@ -87,9 +87,11 @@ def register_rule(module_type, per_sample: PerSample | None = None, *, name: str
         fits: optional ``f(module, A) -> None or why not``: whether calls on inputs like ``A``
             (one sample's) suit the rule, for what only a call shows (a subclass's own
             forward); where one does not, the module-local rule takes the module.
-        sums_into: True when ``sq_sum`` also takes keywords ``into={attr: running sum}`` and
-            ``alpha``, adds ``alpha`` times its sums into those tensors in place (for the
-            attributes given only) and returns them: no sums are formed in memory and added
+        sums_into: True when ``sq_sum`` also takes keywords ``into={attr: running sum}``,
+            ``alpha``, ``picks`` and ``weights``, adds ``alpha`` times its sums into those
+            tensors in place (for the attributes given only), over the samples ``picks`` only
+            (int64 indices, None: all), each sample's gradient scaled by its entry of
+            ``weights`` (None: 1), and returns them: no sums are formed in memory and added
             again (``FisherTracker`` adds every step into its running sums this way).
 
     Later registrations take precedence. The rule is proven against the per-sample loop on a
@@ -168,14 +170,26 @@ def add_squares(total: torch.Tensor, b: torch.Tensor) -> None:
         total.add_(b.square().sum(0))
 
 
-def add_sq_sums(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list, totals: dict, alpha: float = 1.0) -> None:
-    """``totals[attr] += alpha * sum_k sum_n g^2`` in place for the attributes ``totals`` holds:
-    through the rule's ``sq_sum`` itself where it adds into running sums (``sums_into``, and
-    sums of ``A``'s dtype), else its sums added."""
+def select_samples(A: torch.Tensor, Gs: list, picks: torch.Tensor | None, weights: torch.Tensor | None):
+    """``(A, Gs)`` for the samples ``picks`` only (default all), each output gradient scaled by
+    its sample's weight (default 1): copies."""
+    if picks is not None:
+        A, Gs = A.index_select(0, picks), [G.index_select(0, picks) for G in Gs]
+    if weights is not None:
+        Gs = [G * weights.to(G.dtype).view(-1, *([1] * (G.dim() - 1))) for G in Gs]
+    return A, Gs
+
+
+def add_sq_sums(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list, totals: dict, alpha: float = 1.0,
+                picks: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
+    """``totals[attr] += alpha * sum_k sum_n g^2`` in place for the attributes ``totals`` holds,
+    over the samples ``picks`` of ``A`` and ``Gs`` (default all), each sample's gradient scaled
+    by its entry of ``weights`` (default 1): through the rule's ``sq_sum`` itself where it adds
+    into running sums (``sums_into``, and sums of ``A``'s dtype), else its sums added."""
     if rule.sums_into and all(t.dtype == A.dtype and t.is_contiguous() for t in totals.values()):
-        rule.sq_sum(m, A, Gs, into=totals, alpha=alpha)
+        rule.sq_sum(m, A, Gs, into=totals, alpha=alpha, picks=picks, weights=weights)
         return
-    got = sq_sum_of(rule, m, A, Gs)
+    got = sq_sum_of(rule, m, *select_samples(A, Gs, picks, weights))
     for attr, t in totals.items():
         t.add_(got[attr].to(t.dtype), alpha=alpha)
 
