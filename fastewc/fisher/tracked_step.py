@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
 from .rules import add_sq_sums
+from .rules.attention import sq_sums_into
 from .rules.embedding import lookup_rows
 from .rules.local import Recorded
 from .rules.replay import local_blocks, local_sq_sums, observe_call, record_call
@@ -343,23 +344,47 @@ class _StepHooks:
                 call.grads[slot] = G.detach()   # added to its other uses' when the backward ends
                 return None
             dtype = self._site_dtype(site)
-            A, G, picks, f = self._input(site, call), G.detach(), p.idx, p.factor
-            # The rule reads the tracked samples where they are and scales each by its share of a
-            # token-mean loss (a kernel does so without copies); a factor that is a number scales
-            # the sums of squares by its square as they are added in. Copies only to convert the
-            # dtype, or to scale G by a scaler's scale.
-            scalar_tensor = isinstance(f, torch.Tensor) and f.dim() == 0
-            if A.dtype != dtype or G.dtype != dtype or scalar_tensor:
-                A, G, picks = self._tracked(p, A, dtype), self._tracked(p, G, dtype), None
-            if scalar_tensor:
-                G, alpha, weights = self._scaled(p, G), 1.0, None
-            elif isinstance(f, torch.Tensor):
-                alpha, weights = 1.0, f.to(dtype).contiguous()
-            else:
-                alpha, weights = f * f, None
-            totals = {attr: self._running(p, name) for attr, name in site.params.items()}
-            add_sq_sums(site.rule, site.module, A, [G], totals, alpha, picks=picks, weights=weights)
+            (A,), (G,), how = self._reading(p, dtype, [self._input(site, call)], [G.detach()])
+
+            def add(totals):
+                add_sq_sums(site.rule, site.module, A, [G], totals, **how)
+                return True
+            self._sums_into(p, site, dtype, add)
         return None
+
+    def _reading(self, p: _Pass, dtype, inputs: list, grads: list) -> tuple[list, list, dict]:
+        """``(inputs, grads, how)``: a site's inputs and output gradients as its sums read them,
+        and ``how`` (``alpha``, ``picks``, ``weights``) they are read. The tracked samples are read
+        where they are, each scaled by its share of a token-mean loss (a kernel does so with no
+        copy), and a factor that is a number scales the sums of squares by its square as they are
+        added in. Copies only to convert the dtype, or to scale the gradients by a scaler's scale."""
+        f = p.factor
+        scalar_tensor = isinstance(f, torch.Tensor) and f.dim() == 0
+        how = {"alpha": 1.0, "picks": p.idx, "weights": None}
+        if scalar_tensor or any(t.dtype != dtype for t in (*inputs, *grads)):
+            inputs, grads = [self._tracked(p, t, dtype) for t in inputs], [self._tracked(p, t, dtype) for t in grads]
+            how["picks"] = None
+        if scalar_tensor:
+            grads = [self._scaled(p, g) for g in grads]
+        elif isinstance(f, torch.Tensor):
+            how["weights"] = f.to(dtype).contiguous()
+        else:
+            how["alpha"] = f * f
+        return inputs, grads, how
+
+    def _sums_into(self, p: _Pass, site, dtype, add) -> bool:
+        """``add(totals)`` with the running sums (or this step's buffers) of the site's
+        parameters, where they have the site's dtype; else with fresh sums of that dtype, added
+        in afterwards. ``add`` returns whether it added (False: nothing added)."""
+        names = site.params
+        if all(self._dtypes[n] == dtype for n in names.values()):
+            return add({a: self._running(p, n) for a, n in names.items()})
+        totals = {a: torch.zeros_like(self._sums[n], dtype=dtype) for a, n in names.items()}
+        if not add(totals):
+            return False
+        for a, n in names.items():
+            self._add(p, n, totals[a])
+        return True
 
     def _alone(self, p: _Pass, key: str) -> bool:
         """Whether the site was called once in this pass and its parameters have no other use: then
@@ -479,16 +504,16 @@ class _StepHooks:
         if site.rule is not None or not self._alone(p, key):
             return False
         call, dtype, attrs = p.calls[key][c], self._site_dtype(site), list(site.params)
-        got = None
-        if call.observed is not None and call.grads[0] is not None:
-            # read from the backward: only the output's gradient, restricted and scaled, is needed
-            tracked = partial(self._tracked, p, dtype=dtype)
-            got = call.observed.sq_sums(site.module, attrs, self._scaled(p, tracked(call.grads[0])), tracked,
-                                        partial(self._scaled, p))
-        if got is None:
-            _, rec, grads = self._prepare(p, key, c)
-            with _precision(p.autocast):
-                got = local_sq_sums(site.module, attrs, rec, grads)
+        obs = call.observed
+        if obs is not None and call.grads[0] is not None and obs.reached:
+            # read from the backward: its projections' inputs and output gradients, in place
+            (*Xs, C), (G, *gPs), how = self._reading(p, dtype, [*obs.Xs, obs.C], [call.grads[0], *obs.gPs])
+            if self._sums_into(p, site, dtype, lambda totals: sq_sums_into(site.module, totals, Xs, C, [G], [gPs],
+                                                                            **how)):
+                return True
+        _, rec, grads = self._prepare(p, key, c)
+        with _precision(p.autocast):
+            got = local_sq_sums(site.module, attrs, rec, grads)
         if got is None:
             return False
         for attr, name in site.params.items():

@@ -259,28 +259,38 @@ def _blocks_from(m, attrs, inputs, C, G, gP) -> dict | None:
     return result
 
 
+_SUMMED = {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
+
+
+def sq_sums_into(m, totals: dict, inputs, C, Gs, gPs, alpha: float = 1.0, picks=None, weights=None) -> bool:
+    """Add ``alpha`` times the sums of squared per-sample gradients into ``totals`` (``{attr:
+    running sum}``, in place) from the projections' inputs and, per column, the output gradient
+    ``Gs[k]`` and the projections' output gradients ``gPs[k]``: the four projections are Linear
+    maps, summed like Linear layers over a sequence (``picks``, ``weights``: as theirs), each
+    input's projection into its rows of ``in_proj_*``. False, adding nothing, where ``totals``
+    holds a parameter this does not cover."""
+    if not set(totals) <= _SUMMED:
+        return False
+    w, b = totals.get("in_proj_weight"), totals.get("in_proj_bias")
+    if w is not None or b is not None:
+        start = 0
+        for r, x in enumerate(inputs):
+            rows = slice(start, start + gPs[0][r].shape[-1])
+            into = {a: t[rows] for a, t in (("weight", w), ("bias", b)) if t is not None}
+            sq_sum_linear(x, [g[r] for g in gPs], False, into=into, alpha=alpha, picks=picks, weights=weights)
+            start = rows.stop
+    into = {a: totals[k] for a, k in (("weight", "out_proj.weight"), ("bias", "out_proj.bias")) if k in totals}
+    if into:
+        sq_sum_linear(C, Gs, False, into=into, alpha=alpha, picks=picks, weights=weights)
+    return True
+
+
 def _sq_sums_from(m, attrs, inputs, C, Gs, gPs) -> dict | None:
-    """Sums of squared per-sample gradients from the projections' inputs and, per column, the
-    output gradient ``Gs[k]`` and the projections' output gradients ``gPs[k]``: the four
-    projections are Linear maps, summed like Linear layers over a sequence."""
-    result = {}
-    want_w, want_b = "in_proj_weight" in attrs, "in_proj_bias" in attrs and m.in_proj_bias is not None
-    if want_w or want_b:
-        # rows of in_proj_weight per input (all of them at once for self-attention)
-        parts = [sq_sum_linear(x, [g[r] for g in gPs], want_b) for r, x in enumerate(inputs)]
-        got = {a: _rows([p[a] for p in parts], 0) for a in parts[0]}
-        if want_w:
-            result["in_proj_weight"] = got["weight"]
-        if want_b:
-            result["in_proj_bias"] = got["bias"]
-    want_w, want_b = "out_proj.weight" in attrs, "out_proj.bias" in attrs and m.out_proj.bias is not None
-    if want_w or want_b:
-        got = sq_sum_linear(C, Gs, want_b)
-        if want_w:
-            result["out_proj.weight"] = got["weight"]
-        if want_b:
-            result["out_proj.bias"] = got["bias"]
-    return result if set(result) == set(attrs) else None
+    """``{attr: sum over samples and columns of the squared per-sample gradient}`` (see
+    :func:`sq_sums_into`), or None where an attribute is not covered."""
+    totals = {a: torch.zeros(m.get_parameter(a).shape, device=C.device,
+                             dtype=(C if a.startswith("out_proj") else inputs[0]).dtype) for a in attrs}
+    return totals if sq_sums_into(m, totals, inputs, C, Gs, gPs) else None
 
 
 class RecordingAttention:
@@ -396,15 +406,10 @@ class ObservedCall:
     C: torch.Tensor
     gPs: list = field(default_factory=list)
 
-    def sq_sums(self, m: nn.Module, attrs: list[str], G: torch.Tensor, tracked, scaled) -> dict | None:
-        """``{attr: sum over samples of the squared per-sample gradient}`` given the module's
-        output gradient ``G`` ``[k, T, E]``, already restricted to the tracked samples and scaled;
-        ``tracked(t)`` restricts a recorded tensor the same way and ``scaled(t)`` scales a
-        gradient. None when the backward did not reach every in-projection."""
-        if any(g is None for g in self.gPs):
-            return None
-        return _sq_sums_from(m, attrs, [tracked(x) for x in self.Xs], tracked(self.C), [G],
-                             [[scaled(tracked(g)) for g in self.gPs]])
+    @property
+    def reached(self) -> bool:
+        """Whether the backward reached every in-projection (gave each its output gradient)."""
+        return all(g is not None for g in self.gPs)
 
     def take(self, r: int, grad_outputs) -> None:
         """Prehook of in-projection ``r``'s node: keep its output gradient, samples first."""
