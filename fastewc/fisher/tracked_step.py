@@ -34,6 +34,7 @@ from .rules.attention import sq_sums_into
 from .rules.embedding import lookup_rows
 from .rules.local import Recorded
 from .rules.replay import local_blocks, local_sq_sums, observe_call, record_call
+from .recording import _other_axis
 from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
@@ -45,11 +46,12 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
 class _Call:
     """One call of a site in the tracked forward: a rule site's input, or a module-local record."""
 
-    A: torch.Tensor | None                 # rule sites: the input (detached)
+    A: torch.Tensor | None                 # rule sites: the input (detached), samples first
     rec: Recorded | None                   # module-local sites
     version: int                           # of A (rule sites): an in-place change makes A stale
-    grads: list = field(default_factory=list)   # output gradients, stashed until the backward ends
+    grads: list = field(default_factory=list)   # output gradients, samples first, stashed until the backward ends
     observed: object = None                # module-local sites: what its own backward hands over
+    axis: int = 0                          # rule sites: the axis of the input and output holding the samples
 
 
 @dataclass
@@ -185,22 +187,57 @@ class _StepHooks:
             if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called with keyword, "
                                     f"several or non-tensor arguments; its rule reads one input tensor")
-            A, handed = args[0], None
-            if A.dim() == 0 or A.shape[0] != p.n:
-                if (isinstance(module, nn.Embedding) and A.dim() > 0 and A.shape[0] == 1 and output.shape[0] == 1):
-                    A = A.expand(p.n, *A.shape[1:])
-                    output = handed = output.expand(p.n, *output.shape[1:])
-                else:
-                    raise EWCInputError(
-                        f"FisherTracker: {site.module_name} ({type(module).__name__}) is called on a tensor of shape "
-                        f"{tuple(A.shape)} whose first axis is not the batch of {p.n} samples; the per-sample rules "
-                        f"need the samples on dim 0")
+            A, handed, axis = args[0], None, 0
+            if (isinstance(module, nn.Embedding) and A.dim() > 0 and A.shape[0] == 1 and output.shape[0] == 1
+                    and p.n != 1):
+                A = A.expand(p.n, *A.shape[1:])
+                output = handed = output.expand(p.n, *output.shape[1:])
+            else:
+                axis = self._sample_axis(key, module, A, output, p.n)
             if output.requires_grad:
                 calls = p.calls[key]
-                calls.append(_Call(A.detach(), None, A._version))
+                calls.append(_Call(A.detach().movedim(axis, 0), None, A._version, axis=axis))
                 output.register_hook(partial(self._on_grad, p, key, len(calls) - 1, 0))
             return handed
         return hook
+
+    def _sample_axis(self, key: str, module: nn.Module, A: torch.Tensor, output, n: int) -> int:
+        """The axis of a rule site's input (and output) that holds the samples: the first, or an
+        inner one (a layer fed ``[T, N, d]``, as PyTorch's sequence-first layers are) for rules
+        that read any axes between the samples and the features. Read from the data: where the
+        first axis has the batch's size and another does too (T = N), the axis this site had
+        where that was unambiguous, else the first, and a later call that shows otherwise is an
+        error naming the steps taken the wrong way, never a silent sum."""
+        site = self._sites[key]
+        inner = _other_axis(A, output, n) if site.rule.sequence else None
+        known = self._axes.get(key)
+        if A.dim() > 0 and A.shape[0] == n:
+            if not (A.dim() >= 3 and n in A.shape[1:-1]):
+                axis = 0                      # unambiguous
+            else:
+                if known is None:
+                    self._assumed.add(key)    # T = N before this layer's layout was seen
+                return 0 if known is None else known
+        elif inner is not None:
+            axis = inner
+        else:
+            raise EWCInputError(
+                f"FisherTracker: {site.module_name} ({type(module).__name__}) is called on a tensor of shape "
+                f"{tuple(A.shape)} whose first axis is not the batch of {n} samples"
+                + (" and no other axis but the last is" if site.rule.sequence else "")
+                + "; its rule needs the samples on dim 0" + (" or on one inner axis" if site.rule.sequence else ""))
+        if known is None and axis != 0 and key in self._assumed:
+            raise EWCInputError(
+                f"FisherTracker: {site.module_name} ({type(module).__name__}) takes its samples on axis {axis} "
+                f"(shape {tuple(A.shape)} now), but earlier steps called it with as many positions as samples and "
+                f"were taken samples first: their sums are wrong. Call reset() and track with a batch size other "
+                f"than the sequence length for the first step, or feed the layer samples first")
+        if known is not None and known != axis:
+            raise EWCInputError(
+                f"FisherTracker: {site.module_name} ({type(module).__name__}) took its samples on axis {known} "
+                f"before and on axis {axis} now ({tuple(A.shape)})")
+        self._axes[key] = axis
+        return axis
 
     def _local_hook(self, key: str):
         site = self._sites[key]
@@ -339,6 +376,8 @@ class _StepHooks:
             self._begin(p)
             call = p.calls[key][c]
             site = self._sites[key]
+            if call.A is not None:
+                G = G.movedim(call.axis, 0)
             if site.rule is None or not self._alone(p, key):
                 call.grads = call.grads or [None]
                 call.grads[slot] = G.detach()   # added to its other uses' when the backward ends

@@ -141,6 +141,8 @@ class FisherTracker(_StepHooks):
         self._own_loss_checked = False
         self._head = model_head(self.model)  # which Hugging Face loss the model computes, if any
         self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments
+        self._axes: dict[str, int] = {}  # rule site -> the axis holding its samples, where that was unambiguous
+        self._assumed: set[str] = set()  # rule sites taken samples first while that was ambiguous (T = N)
         self.rules: dict[str, str] = {}
         self._plan()  # refuse what no rule covers now, not at the first step
 
@@ -194,6 +196,7 @@ class FisherTracker(_StepHooks):
         """Forget every step seen (the hooks stay as they are)."""
         for s in self._sums.values():
             s.zero_()
+        self._assumed.clear()  # what was summed under an assumed layout is gone
         self.samples_seen = self.steps = self.steps_skipped = 0
         if self._pass is not None:
             self._pass.end()

@@ -568,6 +568,73 @@ def test_layer_on_flattened_samples_is_refused():
         model(torch.randn(3, 2, 4, dtype=D))
 
 
+class SeqFirst(nn.Module):
+    """PyTorch's own layers in their default layout: an encoder layer fed ``[T, N, d]``, its
+    Linear layers and norms (rule sites) and attention all sequence first."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(13, d)
+        self.enc = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x).transpose(0, 1)).mean(0))
+
+
+def _seq_batches(lengths, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 13, (n, T), generator=g), torch.randint(0, 3, (n,), generator=g)) for T in lengths]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_sequence_first_layers_are_tracked_with_their_samples_on_axis_1(fraction):
+    # The second batch has as many positions as samples (T = N = 4): the axis seen before serves.
+    torch.manual_seed(0)
+    model = SeqFirst().to(D)
+    data = _seq_batches([5, 4, 3])
+    tracker = _train(model, data, FisherTracker(model, fraction=fraction, seed=1))
+    assert tracker.rules["enc.linear1.weight"] == "linear" and tracker.rules["enc.norm1.weight"] == "layernorm"
+    if fraction == 1.0:
+        want = data
+    else:
+        g = torch.Generator().manual_seed(1)
+        want = [(x[i], y[i]) for x, y in data for i in [torch.randperm(4, generator=g)[:2].sort().values]]
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, want), **TOL)
+
+
+def test_a_sequence_first_layer_first_seen_with_as_many_positions_as_samples_is_not_summed_silently():
+    # T = N on the first step: taken samples first (the common layout), which the next step (T != N)
+    # shows was wrong: an error naming the remedy, not a wrong Fisher; after reset() the sums are
+    # exact.
+    torch.manual_seed(0)
+    model = SeqFirst().to(D)
+    tracker = FisherTracker(model)
+    with pytest.raises(EWCInputError, match=r"enc\.\w+ \(\w+\) takes its samples on axis 1 \(shape \(5, 4, 8\) now\), "
+                                            r"but earlier steps called it with as many positions as samples .*reset\(\)"):
+        _train(model, _seq_batches([4, 5]), tracker)
+    tracker.reset()
+    data = _seq_batches([5, 4], seed=2)
+    _train(model, data, tracker)
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
+
+
+def test_a_convolution_fed_its_samples_on_another_axis_is_refused():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 2, 1)
+
+        def forward(self, x):  # [N, 5, L] handed as [5, N, L]: not a layout a convolution takes
+            return self.conv(x.transpose(0, 1)).sum()
+
+    model = Inner().to(D)
+    with FisherTracker(model), pytest.raises(EWCInputError, match=r"conv \(Conv1d\) is called on a tensor of shape "
+                                                                  r"\(5, 3, 4\) whose first axis is not the batch of 3 "
+                                                                  r"samples; its rule needs the samples on dim 0"):
+        model(torch.randn(3, 5, 4, dtype=D))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"reduction": "token"}, "reduction must be one of"),
     ({"accumulation_steps": 0}, "accumulation_steps must be a positive int"),
