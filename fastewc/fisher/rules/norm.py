@@ -34,10 +34,24 @@ def _affine_rule(name, xhat_of, shape_of, bias_of, channel_dim: bool):
         return out
 
     def sq_sum(m, A, Gs):
+        # xhat is this call's own tensor: the last output gradient multiplies into it and the
+        # others into one buffer, not into fresh memory each time (on the CPU a fresh block of
+        # this size is paid for in page faults, which cost more than the products)
         xhat, n, shape = xhat_of(m, A), A.shape[0], shape_of(m)
-        out = {"weight": sum(_reduce(G * xhat, n, shape, channel_dim).square().sum(0) for G in Gs)}
+        out = {}
         if bias_of(m):
             out["bias"] = sum(_reduce(G, n, shape, channel_dim).square().sum(0) for G in Gs)
+        w, buf = None, None
+        for k, G in enumerate(Gs):
+            if G.shape != xhat.shape or torch.result_type(G, xhat) != xhat.dtype:
+                prod = G * xhat
+            elif k == len(Gs) - 1:
+                prod = xhat.mul_(G)
+            else:
+                prod = buf = G * xhat if buf is None else torch.mul(G, xhat, out=buf)
+            s = _reduce(prod, n, shape, channel_dim).square().sum(0)
+            w = s if w is None else w.add_(s)
+        out["weight"] = w
         return out
 
     per_sample.__name__ = sq_sum.__name__ = name
@@ -54,7 +68,7 @@ def _rms_norm_xhat(m, A):
 
 def _batch_norm_xhat(m, A):
     shape = [1, -1] + [1] * (A.dim() - 2)
-    return (A - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+    return (A - m.running_mean.view(shape)).mul_(torch.rsqrt(m.running_var.view(shape) + m.eps))
 
 
 def batch_norm_applies(m) -> bool:
