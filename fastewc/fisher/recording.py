@@ -226,6 +226,18 @@ class _Recorder:
             del att.m.forward  # back to the class's forward
 
 
+_REPEATS = (torch.Tensor.repeat, torch.tile)
+
+
+def _repeats_one_row(func, leaves, slots, out: torch.Tensor, n: int) -> bool:
+    """Whether ``out`` is one row of a watched tensor copied along a new batch axis
+    (``cls.repeat(n, 1, 1)``): every row the same values, as a broadcast one's, in other memory."""
+    if func not in _REPEATS or 0 not in slots or out.dim() == 0 or out.shape[0] % n or out.shape[0] < n or n < 2:
+        return False
+    x = leaves[0]
+    return x.dim() < out.dim() or x.shape[0] == 1
+
+
 class _OpRecorder(TorchFunctionMode):
     """Records the operations that use watched tensors (parameters used outside any module, and
     tensors derived from them without a batch axis)."""
@@ -238,6 +250,7 @@ class _OpRecorder(TorchFunctionMode):
         self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
         self.sources = {i: {name} for i, name in watched.items()}
         self.keep = []  # keeps derived tensors alive so that their ids stay unique
+        self.spread: set[int] = set()  # ids of watched tensors with a batch axis made by copying one row
         self.op_trouble: str | None = None
 
     def watch(self, t: torch.Tensor, build, sources: set) -> None:
@@ -276,8 +289,8 @@ class _OpRecorder(TorchFunctionMode):
                         and x.dim() > 0 and x.shape[0] == n * fold)
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
         # broadcasting; a first axis that only has the batch's size holds no samples.
-        meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(
-            spread_over(leaves[k], n) for k in slots))
+        meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(id(leaves[k]) in self.spread
+                                                                            for k in slots))
         key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
                tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
         self.ordinal += 1
@@ -294,7 +307,7 @@ class _OpRecorder(TorchFunctionMode):
             # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters
             # (a batch axis made by broadcasting with one row; a size that only equals the batch
             # size is not taken for one).
-            spread = spread_over(out, n)
+            spread = spread_over(out, n) or _repeats_one_row(func, leaves, slots, out, n)
 
             def build(p, func=func, leaves=list(leaves), spec=spec, slots=slots, spread=spread):
                 ls = list(leaves)
@@ -304,11 +317,14 @@ class _OpRecorder(TorchFunctionMode):
                 y = func(*a, **kw)
                 return y[:1] if spread else y
             self.watch(out, build, sources)
+            if spread:
+                self.spread.add(id(out))
             return out
         if out.dim() == 0 or out.shape[0] != n * fold:
             self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
             return out
-        rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources, per_sample=list(by_size))
+        rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources, per_sample=list(by_size),
+                       spread={k for k in slots if id(leaves[k]) in self.spread})
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
         self.recorder.ops.append(rec)

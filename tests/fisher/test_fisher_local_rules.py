@@ -154,22 +154,27 @@ def test_broadcast_additions_of_bare_parameters_in_closed_form(kind, monkeypatch
 
 class Tokens(nn.Module):
     """ViT's and DeiT's embeddings: class (and distillation) tokens spread over the batch and put
-    before the patches, on either side of a keyword ``dim``, then a position table added; and two
+    before the patches, on either side of a keyword ``dim``, then a position table added; two
     tokens stored transposed: a view that is not the parameter element for element, with as many
-    rows as the probe has samples (a size that must not be taken for a batch axis)."""
+    rows as the probe has samples (a size that must not be taken for a batch axis); and tokens
+    copied over the batch (``repeat``, ``tile``) rather than broadcast."""
 
     def __init__(self, d=6, T=4):
         super().__init__()
         self.cls = nn.Parameter(torch.randn(1, 1, d))
         self.dist = nn.Parameter(torch.randn(1, d))
         self.mix = nn.Parameter(torch.randn(d, 2))
-        self.pos = nn.Parameter(torch.randn(1, T + 4, d))
+        self.rep = nn.Parameter(torch.randn(1, d))
+        self.tiled = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, T + 6, d))
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
         n = x.shape[0]
         h = torch.cat((self.cls.expand(n, -1, -1), x), 1)
-        h = torch.cat([h, self.dist.expand(n, 1, -1), self.mix.t().expand(n, -1, -1)], dim=-2) + self.pos
+        h = torch.cat([h, self.dist.expand(n, 1, -1), self.mix.t().expand(n, -1, -1)], dim=-2)
+        # copied rather than broadcast over the batch: every row the same values in their own memory
+        h = torch.cat([self.rep.repeat(n, 1, 1), h, torch.tile(self.tiled, (n, 1, 1))], 1) + self.pos
         return self.head(h.tanh().mean(1))
 
 
@@ -221,7 +226,7 @@ def test_tokens_concatenated_before_the_samples_in_closed_form(kind, monkeypatch
     model = Tokens().to(D)
     data = batches(torch.randn(7, 4, 6, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
     got, info = _run(model, data, kind=kind)
-    assert all(info.methods[p] == "op-local" for p in ("cls", "dist", "mix", "pos")), info.methods
+    assert all(info.methods[p] == "op-local" for p in ("cls", "dist", "mix", "rep", "tiled", "pos")), info.methods
     assert taken and all(taken), taken
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 

@@ -45,6 +45,8 @@ class Recorded:
     sources: set = field(default_factory=set)         # op-local: the parameters it depends on
     versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
     axis: int = 0                  # the samples' axis of a rule site's input and output (sequence first: 1)
+    spread: set = field(default_factory=set)  # op-local: slots rebuilt with one row of a batch axis
+                                              # made by broadcasting or copying (cls.expand(n, ...))
     per_sample: list | None = None # positions of the leaves holding the samples, where the layer
                                    # family's recorder names them (a mask [T, S] with T = N is not
                                    # one) or a check proved them; else (a generic record) by size
@@ -276,7 +278,7 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
         if g is None:
             return None
         rows = g.dim() - (1 if rec.fold > 1 else 0)
-        bshape = (1, *b.shape[1:]) if spread_over(b, rec.n) else tuple(b.shape)  # what ``build`` gives
+        bshape = (1, *b.shape[1:]) if k in rec.spread else tuple(b.shape)  # what ``build`` gives
         shape = (1,) * (rows - len(bshape)) + bshape
         if len(shape) != rows or shape[0] != 1:
             return None  # the argument is wider than the output, or spans the batch axis
