@@ -260,14 +260,18 @@ class _OpRecorder(TorchFunctionMode):
 
     def _touches_watched(self, args, kwargs) -> bool:
         """Whether a watched tensor is among the arguments (one level of lists and tuples deep,
-        as torch's operations take them): every operation of the forward passes through here."""
-        for x in (*args, *kwargs.values()):
-            if isinstance(x, torch.Tensor):
-                if id(x) in self.builders:
+        as torch's operations take them): every operation of the forward passes through here, so
+        it asks no type of a plain argument. The watched tensors are kept alive, so no other live
+        object has one of their ids."""
+        watched = self.builders
+        for group in (args, kwargs.values()):
+            for x in group:
+                if id(x) in watched:
                     return True
-            elif isinstance(x, (list, tuple)):
-                if any(isinstance(y, torch.Tensor) and id(y) in self.builders for y in x):
-                    return True
+                if type(x) is list or type(x) is tuple:
+                    for y in x:
+                        if id(y) in watched:
+                            return True
         return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
