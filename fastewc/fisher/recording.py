@@ -34,7 +34,7 @@ class _Call:
     unproven: str | None = None    # module-local: why its per-sample arguments are not the probe's
 
 
-def _other_axis(x, output, n: int) -> int | None:
+def inner_sample_axis(x, output, n: int) -> int | None:
     """The one axis between the first and the last of ``x`` (and of a same-shaped ``output``)
     whose size is the batch's, when the first's is not: where a layer fed ``[T, N, d]`` has its
     samples. None where no axis or several qualify."""
@@ -165,7 +165,7 @@ class _Recorder:
             one = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
             ok = (one and args[0].dim() > site.axis and args[0].shape[site.axis] == self.n * rec.fold
                   and len(rec.outputs) == 1)
-            other = (_other_axis(args[0], output, self.n) if one and not ok and not site.axis
+            other = (inner_sample_axis(args[0], output, self.n) if one and not ok and not site.axis
                      and site.rule is not None and site.rule.sequence else None)
             unproven = self._per_sample(site, rec) if site.rule is None and rec.per_sample is None else None
             versions_in = [rec.leaves[k]._version for k in rec.batched]

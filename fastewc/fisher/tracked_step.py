@@ -34,7 +34,7 @@ from .rules.attention import sq_sums_into
 from .rules.embedding import lookup_rows
 from .rules.local import Recorded
 from .rules.replay import local_blocks, local_sq_sums, observe_call, record_call
-from .recording import _other_axis
+from .recording import inner_sample_axis
 from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
@@ -209,10 +209,10 @@ class _StepHooks:
         where that was unambiguous, else the first, and a later call that shows otherwise is an
         error naming the steps taken the wrong way, never a silent sum."""
         site = self._sites[key]
-        inner = _other_axis(A, output, n) if site.rule.sequence else None
+        inner = inner_sample_axis(A, output, n) if site.rule.sequence else None
         known = self._axes.get(key)
         if A.dim() > 0 and A.shape[0] == n:
-            if not (A.dim() >= 3 and n in A.shape[1:-1]):
+            if not (site.rule.sequence and A.dim() >= 3 and n in A.shape[1:-1]):
                 axis = 0                      # unambiguous
             else:
                 if known is None:

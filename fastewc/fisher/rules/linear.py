@@ -61,6 +61,8 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
     they are; ``weights``: one per summed sample, scaling its gradient (its loss's share)."""
     if kernel is _AUTO:
         kernel = outer_cpu.kernel() if A.device.type == "cpu" else None
+    if weights is not None:
+        weights = weights.to(A.dtype).contiguous()
     fused = kernel is not None and kernel.supports(A) and A.dim() > 2 and math.prod(A.shape[1:-1]) <= KERNEL_MAX_T
     if not fused:  # the plain twin sums every sample it is given: the picked ones, each scaled
         A, Gs = select_samples(A, Gs, picks, weights)

@@ -49,7 +49,7 @@ class Rule:
     add_into: AddInto | None = None
     sequence: bool = False   # per_sample / sq_sum take A [n, ..., d] with any axes between n and d
     fits: Callable[[nn.Module, torch.Tensor], "str | None"] | None = None   # a recorded call's check
-    sums_into: bool = False  # sq_sum takes into= and alpha= (see add_sq_sums)
+    sums_into: bool = False  # sq_sum takes into=, alpha=, picks= and weights= (see add_sq_sums)
 
 
 _BY_TYPE: dict[type, Rule] = {}
