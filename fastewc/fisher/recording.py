@@ -292,7 +292,7 @@ class _OpRecorder(TorchFunctionMode):
         by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
                         and x.dim() > 0 and x.shape[0] == n * fold)
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
-        # broadcasting; a first axis that only has the batch's size holds no samples.
+        # broadcasting or copying one row; a first axis that only has the batch's size holds no samples.
         meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(id(leaves[k]) in self.spread
                                                                             for k in slots))
         key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
