@@ -4,8 +4,9 @@
 sequence ``h [B, T, d]`` (Linear, Conv1d, Conv2d, LayerNorm, BatchNorm in eval mode with
 non-trivial statistics, GroupNorm, MultiheadAttention and TransformerEncoderLayer with the batch
 first or second, a learned class token concatenated in front (often followed by positions, as in
-ViT), broadcast positional additions, two parameters added to the same sum, a parameter used
-twice, one block called at two places), after an Embedding or a Linear stem and
+ViT), a token broadcast or copied before a child's output, an attention with a relative-position
+table gathered into its mask (causal or not), broadcast positional additions, two parameters
+added to the same sum, a parameter used twice, one block called at two places), after an Embedding or a Linear stem and
 before a mean-pooled, first-token or per-token head, the head's weight sometimes tied to the
 embedding. Everything is drawn from the seed; the global RNG is left as it was.
 """
@@ -100,6 +101,44 @@ class ClsToken(nn.Module):
         return torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1)
 
 
+class TokenBefore(nn.Module):
+    """A learned token broadcast or copied over the batch (``expand``, ``repeat``, ``tile``) before a
+    child's output: a module with children, so its own parameter is followed op by op."""
+
+    def __init__(self, d, how):
+        super().__init__()
+        self.how = how
+        self.proj = nn.Linear(d, d)
+        self.tok = nn.Parameter(torch.randn(1, d) if how == "repeat" else torch.randn(1, 1, d))
+
+    def forward(self, h):
+        b = h.shape[0]
+        tok = {"expand": lambda: self.tok.expand(b, -1, -1), "repeat": lambda: self.tok.repeat(b, 1, 1),
+               "tile": lambda: torch.tile(self.tok, (b, 1, 1))}[self.how]()
+        return torch.cat([tok, self.proj(h)], 1)
+
+
+class RelBiasAttention(nn.Module):
+    """Attention with a relative-position bias gathered from a learned table and permuted (T5's and
+    Swin's), optionally under a causal mask's fill, as SDPA's additive mask; a residual."""
+
+    def __init__(self, d, heads, T, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(d, 3 * d)
+        self.table = nn.Parameter(0.5 * torch.randn(2 * T - 1, heads))
+        self.register_buffer("rel", torch.arange(T)[None, :] - torch.arange(T)[:, None] + T - 1)
+
+    def forward(self, h):
+        b, T, d = h.shape
+        q, k, v = self.qkv(h).view(b, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.rel].permute(2, 0, 1).unsqueeze(0)          # [1, H, T, T]
+        if self.causal:
+            bias = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=h.device).tril(), float("-inf"))
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return h + o.transpose(1, 2).reshape(b, T, d)
+
+
 class PosAdd(nn.Module):
     """A broadcast addition: ``[1, T, d]``, ``[T, d]``, a longer table sliced to ``T``, or ``[d]``."""
 
@@ -160,7 +199,7 @@ class RandomModel(nn.Module):
 def _block(rng: random.Random, d: int, T: int, heads: int):
     """One random block and the sequence length after it."""
     kind = rng.choice(["dense", "conv1d", "conv2d", "layernorm", "batchnorm", "groupnorm", "attention",
-                       "encoder", "cls", "pos", "pair", "twice"])
+                       "encoder", "cls", "pos", "pair", "twice", "token", "relbias"])
     bias = rng.random() < 0.7
     if kind == "dense":
         return Dense(d, bias), T
@@ -189,6 +228,10 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
         return PosAdd(T, d, rng.choice(["full", "2d", "table", "vector"])), T
     if kind == "pair":
         return PairAdd(T, d), T
+    if kind == "token":
+        return TokenBefore(d, rng.choice(["expand", "repeat", "tile"])), T + 1
+    if kind == "relbias":
+        return RelBiasAttention(d, heads, T, rng.random() < 0.5), T
     return UsedTwice(d), T
 
 
@@ -208,7 +251,7 @@ def make_random(seed: int, n: int = 5, batch_size: int = 3, dtype=torch.float64)
         for _ in range(rng.randint(1, 4)):
             if chain and rng.random() < 0.15:  # a block called again later: its parameters shared
                 block = rng.choice(chain)
-                if isinstance(block, (ClsToken, PosAdd, PairAdd)):
+                if isinstance(block, (ClsToken, TokenBefore, PosAdd, PairAdd, RelBiasAttention)):
                     continue  # would change the length or meet a table of another length
             else:
                 block, T = _block(rng, d, T, heads)
