@@ -111,7 +111,9 @@ class _Recorder:
         ops = plan.sites.get(OPS)
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
         watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
-        self.mode = _OpRecorder(self, watched, plan.op_layouts) if needs_ops else None
+        buffers = ({b.untyped_storage().data_ptr() for b in plan.root.buffers()} - {0}
+                   if needs_ops and plan.root is not None else set())
+        self.mode = _OpRecorder(self, watched, plan.op_layouts, buffers) if needs_ops else None
         # the mode the caller enters around the whole forward; else it is entered only inside
         # the forwards of the modules whose own parameters it follows
         self.whole_forward = self.mode if plan.whole_forward else None
@@ -242,9 +244,10 @@ class _OpRecorder(TorchFunctionMode):
     """Records the operations that use watched tensors (parameters used outside any module, and
     tensors derived from them without a batch axis)."""
 
-    def __init__(self, recorder: _Recorder, watched: dict[int, str], layouts: dict):
+    def __init__(self, recorder: _Recorder, watched: dict[int, str], layouts: dict, buffers: set[int]):
         super().__init__()
         self.recorder = recorder
+        self.buffers = buffers  # the model's buffers' storages: a module's own table holds no samples
         self.layouts = layouts  # the plan's op_layouts: written while proving, read after
         self.ordinal = 0        # of the next operation using a watched tensor in this pass
         self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
@@ -257,6 +260,12 @@ class _OpRecorder(TorchFunctionMode):
         self.builders[id(t)] = build
         self.sources[id(t)] = sources
         self.keep.append(t)
+
+    def _module_table(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is rows of one of the model's buffers (a relative-position index ``[T, T]``
+        with T = N), which hold no samples whatever their count; a buffer broadcast over the batch
+        (``position_ids.expand(N, T)``, stride 0) is left to the size rule like any batch tensor."""
+        return bool(self.buffers) and x.stride(0) != 0 and x.untyped_storage().data_ptr() in self.buffers
 
     def _touches_watched(self, args, kwargs) -> bool:
         """Whether a watched tensor is among the arguments (one level of lists and tuples deep,
@@ -290,7 +299,7 @@ class _OpRecorder(TorchFunctionMode):
         if fold > 1:
             self.recorder.folds.add(fold)
         by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
-                        and x.dim() > 0 and x.shape[0] == n * fold)
+                        and x.dim() > 0 and x.shape[0] == n * fold and not self._module_table(x))
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
         # broadcasting or copying one row; a first axis that only has the batch's size holds no samples.
         meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(id(leaves[k]) in self.spread
