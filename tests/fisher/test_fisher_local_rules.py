@@ -193,7 +193,8 @@ def _padded(p, padding_idx=None, max_norm=None):
     (lambda p: p * 1, False), (lambda p: p.float(), False), (lambda p: p.exp(), False),
     (lambda p: torch.where(torch.eye(3, 2, dtype=torch.bool), p, p.flip(-1)) + 0, False),
     (lambda p: torch.cat([p, torch.ones(1, 1, 2, dtype=D)], 1) * 2, False),
-    (lambda p: _padded(p, padding_idx=0), False), (lambda p: _padded(p.clone(), max_norm=0.5), False)])
+    (lambda p: _padded(p, padding_idx=0), False), (lambda p: _padded(p.clone(), max_norm=0.5), False),
+    (lambda p: p[p > 0], False)])
 def test_a_rebuilt_argument_that_selects_elements_of_its_parameter_is_pulled_back_by_index(build, selects):
     """Where the chain that rebuilds an argument from its parameter only selects elements of it
     or constants (views, gathers, concatenations, masks' fills, an embedding without a padding
@@ -201,7 +202,7 @@ def test_a_rebuilt_argument_that_selects_elements_of_its_parameter_is_pulled_bac
     left to the ``vjp``."""
     from fastewc.fisher.rules.local import _selection
 
-    p = torch.randn(1, 3, 2, dtype=D)
+    p = torch.randn(1, 3, 2, dtype=D, generator=torch.Generator().manual_seed(0))
     got = _selection(lambda s: build(s["p"]), {"p": p})
     assert (got is not None) == selects
     assert _selection(lambda s: s["p"] + s["q"], {"p": p, "q": p}) is None

@@ -370,9 +370,12 @@ def _selection(build, srcs: dict) -> tuple[str, torch.Tensor] | None:
     with torch.no_grad():
         positions = torch.arange(size, dtype=p.dtype, device=p.device).view(p.shape)
         at = build({name: positions}).reshape(-1)
-        moved = build({name: positions + (size + 1)}).reshape(-1) - at == size + 1
-        where = torch.where(moved, at, size).long()
+        shifted = build({name: positions + (size + 1)}).reshape(-1)
         got = b.detach().reshape(-1)
+        if not (at.shape == shifted.shape == got.shape):
+            return None  # which elements it takes depends on their values (p[p > 0])
+        moved = shifted - at == size + 1
+        where = torch.where(moved, at, size).long()
         # the values themselves: the parameter's where it was selected, the constants elsewhere
         # (an embedding's max_norm renormalises the parameter in place: not a selection)
         if not torch.equal(got[moved], p.reshape(-1)[where[moved]]) or not torch.equal(got[~moved], at[~moved]):
