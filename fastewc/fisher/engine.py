@@ -25,7 +25,7 @@ from .functional import swapped
 from .plan import OPS, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
-from .rules import sq_sum_of
+from .rules import add_sq_sums, sq_sum_of
 from .rules.embedding import lookup_rows
 from .rules.local import op_blocks
 from .rules.replay import local_blocks, local_sq_sums
@@ -45,11 +45,13 @@ def forward_inputs(model: nn.Module, batch: Batch):
     return (), kwargs
 
 
-def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[dict, dict]:
+def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dict | None = None) -> tuple[dict, dict]:
     """One batched forward + backward over ``batch`` with hooks.
 
     ``labels``: for kind 'sampled', the drawn labels or a :class:`SampledLabels` that draws them
-    from this pass's own logits; else None.
+    from this pass's own logits; else None. ``into``: running sums (name -> tensor) that rules
+    adding into running sums (``Rule.sums_into``) add this batch's squares to in place; such a
+    parameter's entry of ``sums`` is then that running sum itself, already added to.
 
     Returns ``(sums, trouble)``: ``sums`` maps each covered parameter to the sum over the batch of
     its squared per-sample gradients (exact kind: of the per-sample Fisher); ``trouble`` maps
@@ -87,7 +89,7 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels) -> tuple[
     grads_per_col = [[torch.zeros_like(o) if g is None else g.detach() for g, o in zip(col, outs)]
                      for col in grads_per_col]
     with torch.no_grad(), plain_attention():
-        return _sums(problem, plan, rec, where, grads_per_col, values), {}
+        return _sums(problem, plan, rec, where, grads_per_col, values, into), {}
 
 
 def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
@@ -224,7 +226,7 @@ class SiteFailed(RuntimeError):
         self.params = params
 
 
-def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
+def _sums(problem, plan, rec, where, grads_per_col, values, into=None) -> dict:
     sums: dict[str, torch.Tensor] = {}
     n = rec.n
     uses = _uses(plan, rec)
@@ -237,9 +239,15 @@ def _sums(problem, plan, rec, where, grads_per_col, values) -> dict:
         if not fast or (r.fold > 1 and not site.rule.sequence):
             continue
         A = r.samples(r.leaves[0].detach(), 0, n)
+        Gs = [r.samples(col[where[(key, 0)][0]], 0, n) for col in grads_per_col]
         with _failing_site(plan, rec, (key, 0)):  # a rule that raises costs its own parameters only
-            got = sq_sum_of(site.rule, site.module, A, [r.samples(col[where[(key, 0)][0]], 0, n)
-                                                        for col in grads_per_col])
+            if into is not None and site.rule.sums_into:
+                # straight into the running sums: no batch-sized sum formed and added again
+                totals = {a: into[p] for a, p in fast.items()}
+                add_sq_sums(site.rule, site.module, A, Gs, totals)
+                sums.update({p: totals[a] for a, p in fast.items()})
+                continue
+            got = sq_sum_of(site.rule, site.module, A, Gs)
         for a, p in fast.items():
             sums[p] = got[a]
     # One use of attention computed in the open, every parameter used there only: its

@@ -223,7 +223,7 @@ def _rules_part(problem, plan, part, generator, start, sums) -> torch.Tensor | N
     ``sums``. Returns the labels drawn for kind 'sampled' (from the pass's own logits), else None."""
     lab = SampledLabels(generator) if problem.kind == "sampled" else None
     for _ in range(6):
-        got, trouble = rules_pass(problem, plan, part, lab)
+        got, trouble = rules_pass(problem, plan, part, lab, into=sums)
         if not trouble:
             break
         # Data-dependent structure (a module skipped or called differently on this part): what the
@@ -234,12 +234,14 @@ def _rules_part(problem, plan, part, generator, start, sums) -> torch.Tensor | N
     else:
         raise RuntimeError("estimate_fisher: the rule engine's hooks did not settle; use method='vmap'")
     labels = None if lab is None else lab.labels
+    # a sum that is the running sum itself was added to in place (finite before this part)
     if not all_finite(got.values()):  # locate the sample and parameter, then raise
         bad = {n: torch.zeros_like(sums[n]) for n in got}
         ps.loop_squared_sums(problem.restrict(got), part, labels, start, bad, check_each=True)
         raise EWCInputError("the squared gradients overflowed (a gradient above ~1e19 in float32)")
     for n, t in got.items():
-        sums[n].add_(t.to(sums[n].dtype))
+        if t is not sums[n]:
+            sums[n].add_(t.to(sums[n].dtype))
     return labels
 
 

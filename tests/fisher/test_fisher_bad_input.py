@@ -123,6 +123,19 @@ def test_inf_gradient_detected():
         fastewc.estimate_fisher(model, data)
 
 
+@pytest.mark.parametrize("method", ["rules", "auto"])
+@pytest.mark.parametrize("at", [1, 4])
+def test_squares_that_overflow_in_a_later_batch_are_detected(method, at):
+    # Finite gradients (~1e30) whose squares overflow float32; in a later batch the rules have
+    # already added into the running sums, which are checked in place.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    x[at] *= 1e30
+    with pytest.raises(EWCInputError, match=r"the squared gradients overflowed \(a gradient above ~1e19 in float32\)"):
+        fastewc.estimate_fisher(model, batches(x, y, batch_size=3), method=method)
+
+
 # -- every argument's type and range (issue 23) ------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
