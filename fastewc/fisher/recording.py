@@ -111,9 +111,7 @@ class _Recorder:
         ops = plan.sites.get(OPS)
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
         watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
-        buffers = ({b.untyped_storage().data_ptr() for b in plan.root.buffers()} - {0}
-                   if needs_ops and plan.root is not None else set())
-        self.mode = _OpRecorder(self, watched, plan.op_layouts, buffers) if needs_ops else None
+        self.mode = _OpRecorder(self, watched, plan.op_layouts, plan.root) if needs_ops else None
         # the mode the caller enters around the whole forward; else it is entered only inside
         # the forwards of the modules whose own parameters it follows
         self.whole_forward = self.mode if plan.whole_forward else None
@@ -244,10 +242,11 @@ class _OpRecorder(TorchFunctionMode):
     """Records the operations that use watched tensors (parameters used outside any module, and
     tensors derived from them without a batch axis)."""
 
-    def __init__(self, recorder: _Recorder, watched: dict[int, str], layouts: dict, buffers: set[int]):
+    def __init__(self, recorder: _Recorder, watched: dict[int, str], layouts: dict, root: nn.Module | None):
         super().__init__()
         self.recorder = recorder
-        self.buffers = buffers  # the model's buffers' storages: a module's own table holds no samples
+        self.root = root
+        self._buffers: set[int] | None = None  # the model's buffers' storages, read when first asked
         self.layouts = layouts  # the plan's op_layouts: written while proving, read after
         self.ordinal = 0        # of the next operation using a watched tensor in this pass
         self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
@@ -265,7 +264,11 @@ class _OpRecorder(TorchFunctionMode):
         """Whether ``x`` is rows of one of the model's buffers (a relative-position index ``[T, T]``
         with T = N), which hold no samples whatever their count; a buffer broadcast over the batch
         (``position_ids.expand(N, T)``, stride 0) is left to the size rule like any batch tensor."""
-        return bool(self.buffers) and x.stride(0) != 0 and x.untyped_storage().data_ptr() in self.buffers
+        if x.stride(0) == 0 or self.root is None:
+            return False
+        if self._buffers is None:  # only an operation whose argument has the batch's rows asks
+            self._buffers = {b.untyped_storage().data_ptr() for b in self.root.buffers()} - {0}
+        return x.untyped_storage().data_ptr() in self._buffers
 
     def _touches_watched(self, args, kwargs) -> bool:
         """Whether a watched tensor is among the arguments (one level of lists and tuples deep,
