@@ -406,7 +406,7 @@ class _StepHooks:
         if scalar_tensor:
             grads = [self._scaled(p, g) for g in grads]
         elif isinstance(f, torch.Tensor):
-            how["weights"] = f.to(dtype).contiguous()
+            how["weights"] = f  # converted where a sum reads it
         else:
             how["alpha"] = f * f
         return inputs, grads, how
