@@ -476,8 +476,11 @@ class _StepHooks:
         if p is not self._pass:
             return
         self._pass = None
+        # Replays of module-local sites run attention as plain products; entering that mode
+        # costs more than a small model's whole step of sums, so only where a replay may run.
+        replays = any(calls and self._sites[key].rule is None for key, calls in p.calls.items())
         try:
-            with torch.no_grad(), plain_attention(), _precision({}):
+            with torch.no_grad(), plain_attention() if replays else contextlib.nullcontext(), _precision({}):
                 self._shared(p)
                 self._fold(p)
         finally:
