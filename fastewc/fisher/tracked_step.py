@@ -476,8 +476,9 @@ class _StepHooks:
         if p is not self._pass:
             return
         self._pass = None
-        # Replays of module-local sites run attention as plain products; entering that mode
-        # costs more than a small model's whole step of sums, so only where a replay may run.
+        # Replays of module-local sites run attention as plain products. Entering that mode goes
+        # through torch's Python operator layer at every step, so a step of rule sites alone,
+        # which replays nothing, skips it.
         replays = any(calls and self._sites[key].rule is None for key, calls in p.calls.items())
         try:
             with torch.no_grad(), plain_attention() if replays else contextlib.nullcontext(), _precision({}):
