@@ -3,6 +3,8 @@
  *     total[o, i] += alpha * sum_s w[s]^2 ( sum_t G[n, t, o] * A[n, t, i] )^2,  n = picks[s]
  *     bias[o]     += alpha * sum_s w[s]^2 ( sum_t G[n, t, o] )^2           (when bias is not NULL)
  *
+ * (either alone: total or bias may be NULL).
+ *
  * G holds the output gradients and A the inputs of n samples over T positions; the inner sum is
  * sample n's gradient of the weight. Compiled on the user's machine by
  * fastewc.fisher.rules.outer_cpu (with the system C compiler, cached) and called through ctypes.
@@ -25,7 +27,7 @@
  *   n, T, O, I          samples, positions, rows of total (outputs), columns of total (inputs);
  *   G, sgn, sgt, sgo    G[n, t, o] = G[n * sgn + t * sgt + o * sgo];
  *   A, san, sat         A[n, t, i] = A[n * san + t * sat + i] (columns contiguous);
- *   total               [O, I], row-major, contiguous: added into;
+ *   total               [O, I], row-major, contiguous: added into; or NULL for the bias alone;
  *   bias                [O], contiguous: added into; or NULL for no bias;
  *   alpha               the factor of every square (a mean loss's 1 / N^2; 1 for plain sums);
  *   picks               the n samples to sum, by their index in G and A (a tracked subset of a
@@ -40,6 +42,7 @@
 
 #define ROWS 6 /* rows of a register tile: 6 x 2 accumulators + 2 input vectors + 1 broadcast */
 #define L1_INPUT_BYTES 16384 /* a column block's inputs: half a typical L1 data cache */
+#define BIAS_ROWS 64 /* a bias's rows summed at once, in a local array */
 
 /* One dtype's kernel: V is its vector type of W lanes (32 or 64 bytes, below), aligned as S is (unaligned
  * loads and stores; the GCC and Clang vector extension), SPLAT(x) the vector of W copies of x
@@ -110,13 +113,22 @@
             const int64_t at = picks ? picks[s] : s;                                              \
             const S *Gs = G + at * sgn, *As = A + at * san;                                       \
             const S a = weights ? alpha * weights[s] * weights[s] : alpha;                        \
-            if (bias)                                                                             \
-                for (int64_t o = o0; o < o1; o++) {                                               \
-                    S v = 0;                                                                      \
-                    for (int64_t t = 0; t < T; t++)                                               \
-                        v += Gs[t * sgt + o * sgo];                                               \
-                    bias[o] += a * v * v;                                                         \
+            if (bias) /* BIAS_ROWS rows at once: the positions' rows added a vector at a time */  \
+                for (int64_t o = o0; o < o1; o += BIAS_ROWS) {                                    \
+                    const int64_t m = o1 - o < BIAS_ROWS ? o1 - o : BIAS_ROWS;                    \
+                    S v[BIAS_ROWS];                                                               \
+                    for (int64_t r = 0; r < m; r++)                                               \
+                        v[r] = 0;                                                                 \
+                    for (int64_t t = 0; t < T; t++) {                                             \
+                        const S *g = Gs + t * sgt + o * sgo;                                      \
+                        for (int64_t r = 0; r < m; r++)                                           \
+                            v[r] += g[r * sgo];                                                   \
+                    }                                                                             \
+                    for (int64_t r = 0; r < m; r++)                                               \
+                        bias[o + r] += a * v[r] * v[r];                                           \
                 }                                                                                 \
+            if (!total)                                                                           \
+                continue;                                                                         \
             for (int64_t i0 = 0; i0 < I; i0 += block) {                                           \
                 int64_t i1 = I - i0 < block ? I : i0 + block;                                     \
                 for (int64_t o = o0; o < o1; o += ROWS) {                                         \

@@ -94,6 +94,26 @@ def test_kernel_sums_the_picked_samples_where_they_are_each_scaled(dtype, picks,
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("O", [1, 63, 150])
+def test_kernel_sums_a_bias_alone(dtype, threads, O):
+    # total None: the bias only, more rows than one local block of the kernel holds, picked
+    # samples each scaled, output gradients laid out [n, O, T]; as the call with a total gives.
+    torch.manual_seed(O)
+    n, T, I = 6, 7, 5
+    G = torch.randn(n, O, T, dtype=dtype).transpose(1, 2)
+    A = torch.randn(n, T, I, dtype=dtype)
+    rows, w = torch.tensor([5, 0, 3, 3]), torch.rand(4, dtype=dtype) + 0.5
+    alone, both = torch.full((O,), 0.25, dtype=dtype), torch.full((O,), 0.25, dtype=dtype)
+    KERNEL(G, A, None, threads, alone, 0.7, rows, w)
+    KERNEL(G, A, torch.zeros(O, I, dtype=dtype), threads, both, 0.7, rows, w)
+    Gw = G[rows] * w.view(-1, 1, 1)
+    assert_close(alone, 0.7 * per_sample_loop(torch.ones(len(rows), T, 1, dtype=dtype), Gw)[:, 0] + 0.25, dtype)
+    assert torch.equal(alone, both)
+
+
+@needs_kernel
 def test_kernel_refuses_picks_and_weights_that_do_not_fit():
     A, G, total = torch.randn(4, 3, 2), torch.randn(4, 3, 5), torch.zeros(5, 2)
     with pytest.raises(ValueError, match=r"outer_sq: picks must index the 4 samples of G, got \[0, 4\]"):
@@ -128,6 +148,8 @@ def test_kernel_refuses_tensors_that_do_not_fit_together():
         KERNEL(G, A, torch.zeros(5, 4), bias=torch.zeros(4))
     with pytest.raises(ValueError, match="one entry per output"):
         KERNEL(G, A, torch.zeros(5, 4), bias=torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"outer_sq: nothing to sum into \(total and bias are both None\)"):
+        KERNEL(G, A, None)
 
 
 @needs_kernel
@@ -151,7 +173,8 @@ def test_sq_sum_linear_kernel_and_products_agree_with_the_loop(dtype, transposed
         assert_close(got["weight"], want, dtype)
         assert_close(got["bias"], sum(G.reshape(n, -1, O).double().sum(1).square().sum(0) for G in Gs), dtype)
     long_sequence = positions[0] > linear.KERNEL_MAX_T
-    assert counting.calls == (0 if long_sequence else 2)
+    # one call per column; a transposed weight's bias in a second one, the bias alone
+    assert counting.calls == (0 if long_sequence else 2 * (2 if transposed else 1))
 
 
 def conv_per_sample_loop(conv: torch.nn.Module, A: torch.Tensor, Gs: list) -> dict:
@@ -228,7 +251,10 @@ def test_sq_sum_linear_adds_into_running_sums_for_the_attributes_given(path, tra
     assert set(got) == set(attrs) and all(got[a] is into[a] for a in attrs)
     for a in attrs:
         assert_close(got[a] - start[a], 0.3 * fresh[a], torch.float64)
-    assert kernel is None or kernel.calls == (2 if path == "kernel" and "weight" in attrs else 0)
+    # per column: the weight's call, which sums a bias too where the weight is not transposed;
+    # else the bias's own call
+    calls = ("weight" in attrs) + ("bias" in attrs and (transposed or "weight" not in attrs))
+    assert kernel is None or kernel.calls == (2 * calls if path == "kernel" else 0)
 
 
 @needs_kernel

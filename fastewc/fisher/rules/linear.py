@@ -95,16 +95,20 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
             out[attr] = torch.zeros(shape, dtype=A.dtype, device=A.device)
     total = out.get("weight")
     biased = "bias" in out
-    if total is None:
-        pass  # the bias only
-    elif fused:
+    if fused:
+        how = {"alpha": alpha, "picks": picks, "weights": weights}
         for G in Gs:
             A3, G3 = _as_3d(A, G)
-            if transposed:  # total[i, o]: the roles of input and output swap
-                kernel(A3, G3, total, alpha=alpha, picks=picks, weights=weights)
-            else:  # the kernel sums the bias's squares too, its G being the output gradient
-                kernel(G3, A3, total, bias=out.get("bias"), alpha=alpha, picks=picks, weights=weights)
-        biased = transposed and biased
+            if total is not None and not transposed:  # the kernel sums the bias's squares too
+                kernel(G3, A3, total, bias=out.get("bias"), **how)
+                continue
+            if total is not None:  # total[i, o]: the roles of input and output swap
+                kernel(A3, G3, total, **how)
+            if biased:  # the bias alone, from the output gradients where they are
+                kernel(G3, A3, None, bias=out["bias"], **how)
+        biased = False
+    elif total is None:
+        pass  # the bias only
     elif block <= _SMALL_BLOCK_BYTES:
         # Small per-sample gradients: a product per sample would be dominated by its call
         # overhead. A chunk's gradients at once into a buffer that stays in cache, squared in

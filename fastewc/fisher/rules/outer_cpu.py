@@ -83,22 +83,24 @@ class OuterKernel:
         """Whether tensors like ``t`` can go to the kernel (CPU, float32 or float64)."""
         return self.library.lib is not None and t.device.type == "cpu" and t.dtype in FUNCTIONS
 
-    def __call__(self, G: torch.Tensor, A: torch.Tensor, total: torch.Tensor, threads: int | None = None,
+    def __call__(self, G: torch.Tensor, A: torch.Tensor, total: torch.Tensor | None, threads: int | None = None,
                  bias: torch.Tensor | None = None, alpha: float = 1.0, picks: torch.Tensor | None = None,
                  weights: torch.Tensor | None = None) -> None:
         """``total += alpha * sum_n (G[n]^T A[n])^2``: ``G`` ``[n, T, O]``, ``A`` ``[n, T, I]``,
         ``total`` ``[O, I]`` contiguous, all of one supported dtype; and, given ``bias`` ``[O]``
-        (contiguous, of that dtype), ``bias += alpha * sum_n (sum_t G[n, t])^2``. ``picks``: the
-        samples to sum (int64 indices into G and A; default all), read where they are with
-        no copy; ``weights``: one per summed sample, scaling its gradient (a loss's share).
-        ``threads``: at most this many (default PyTorch's thread count where the kernel shares
+        (contiguous, of that dtype), ``bias += alpha * sum_n (sum_t G[n, t])^2``; ``total``
+        None: the bias alone. ``picks``: the samples to sum (int64 indices into G and A; default
+        all), read where they are with no copy; ``weights``: one per summed sample, scaling its
+        gradient (a loss's share). ``threads``: at most this many (default PyTorch's thread count where the kernel shares
         PyTorch's threads, else 1)."""
         n, T, O = G.shape
         I = A.shape[2]
         if A.stride(2) != 1:
             A = A.contiguous()
-        if not (total.is_contiguous() and total.shape == (O, I) and A.shape[:2] == (n, T)
-                and G.dtype == A.dtype == total.dtype):
+        if total is None and bias is None:
+            raise ValueError("outer_sq: nothing to sum into (total and bias are both None)")
+        if total is not None and not (total.is_contiguous() and total.shape == (O, I) and A.shape[:2] == (n, T)
+                                      and G.dtype == A.dtype == total.dtype):
             raise ValueError(f"outer_sq: G {tuple(G.shape)}, A {tuple(A.shape)} and total {tuple(total.shape)} "
                              "(contiguous) do not fit together")
         if bias is not None and not (bias.is_contiguous() and bias.shape == (O,) and bias.dtype == G.dtype):
@@ -119,7 +121,7 @@ class OuterKernel:
             threads = torch.get_num_threads() if self.threaded else 1
         fn = getattr(self.library.lib, FUNCTIONS[G.dtype])
         fn(n, T, O, I, G.data_ptr(), G.stride(0), G.stride(1), G.stride(2), A.data_ptr(), A.stride(0), A.stride(1),
-           total.data_ptr(), None if bias is None else bias.data_ptr(), float(alpha),
+           None if total is None else total.data_ptr(), None if bias is None else bias.data_ptr(), float(alpha),
            None if picks is None else picks.data_ptr(), None if weights is None else weights.data_ptr(), threads)
 
 
