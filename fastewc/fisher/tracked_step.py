@@ -68,6 +68,7 @@ class _Pass:
     dropped: bool = False                  # the tracker stopped before this pass's backward
     step: dict = field(default_factory=dict)   # name -> this step's sum of squares (step buffers)
     autocast: dict = field(default_factory=dict)   # the forward's autocast state, for replays
+    inputs: tuple = ((), {})               # the model's arguments, for the probe of the layers' axes
 
     @property
     def k(self) -> int:
@@ -80,6 +81,7 @@ class _Pass:
         graph alive."""
         self.dropped = self.dropped or dropped
         self.calls = {}
+        self.inputs = ((), {})
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -147,8 +149,39 @@ class _StepHooks:
             idx = torch.randperm(n, generator=self._generator)[:k].sort().values.to(leaves[0].device)
         if self._pass is not None:
             self._pass.end()  # a forward whose backward never ran (its backward, if it comes, is refused)
-        self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state())
+        self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state(),
+                           inputs=(args, kwargs))
         return None
+
+    def _probe_axes(self, p: _Pass) -> None:
+        """Read which axis of each sequence layer's input holds the samples, once, from the model run
+        on the first sample of pass ``p``'s batch alone: that axis has size 1 there. Called by the
+        first layer whose input has as many positions as samples (T = N), whose shapes cannot tell
+        ``[T, N, d]`` from ``[N, T, d]``, in the middle of the step's forward. The run is without
+        gradients (the hooks only note the shapes, nothing is summed) and with the random state
+        saved and restored around it (the rest of the step draws the dropout masks it would draw
+        untracked); a model that cannot run one sample leaves the axes to the steps' shapes."""
+        self._probed = True
+        n = p.n
+        args, kwargs = p.inputs
+        leaves, spec = tree_flatten((args, kwargs))
+        one = [x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n else x for x in leaves]
+        args1, kwargs1 = tree_unflatten(one, spec)
+        cuda = sorted({x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.device.type == "cuda"})
+        self._probing = {}
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                self.model(*args1, **kwargs1)
+        except Exception:  # noqa: BLE001 - a model that needs more than one sample: no probe
+            pass
+        finally:
+            shapes, self._probing = self._probing, None
+        for key, shape in shapes.items():
+            inner = [k for k in range(1, len(shape) - 1) if shape[k] == 1]
+            if shape and shape[0] == 1 and not inner:
+                self._axes.setdefault(key, 0)
+            elif shape and shape[0] != 1 and len(inner) == 1:
+                self._axes.setdefault(key, inner[0])
 
     def _refuse_mixing(self) -> None:
         for name, m in self.model.named_modules():
@@ -181,6 +214,10 @@ class _StepHooks:
             """Record the input. A position table called without a batch axis (``wpe(arange(T)[None])``,
             added to a batch by broadcasting) hands on ``output.expand(N, ...)``: the same values,
             broadcast as the addition would, so that its gradient arrives per sample."""
+            if self._probing is not None:  # the one-sample forward of _probe_axes: its shape only
+                if site.rule.sequence and args and isinstance(args[0], torch.Tensor):
+                    self._probing.setdefault(key, tuple(args[0].shape))
+                return None
             p = self._pass
             if p is None or not torch.is_grad_enabled():
                 return None
@@ -206,8 +243,9 @@ class _StepHooks:
         inner one (a layer fed ``[T, N, d]``, as PyTorch's sequence-first layers are) for rules
         that read any axes between the samples and the features. Read from the data: where the
         first axis has the batch's size and another does too (T = N), the axis this site had
-        where that was unambiguous, else the first, and a later call that shows otherwise is an
-        error naming the steps taken the wrong way, never a silent sum."""
+        where that was unambiguous or in the probe (``_probe_axes``), else the first, and a later
+        call that shows otherwise is an error naming the steps taken the wrong way, never a
+        silent sum."""
         site = self._sites[key]
         inner = inner_sample_axis(A, output, n) if site.rule.sequence else None
         known = self._axes.get(key)
@@ -215,8 +253,11 @@ class _StepHooks:
             if not (site.rule.sequence and A.dim() >= 3 and n in A.shape[1:-1]):
                 axis = 0                      # unambiguous
             else:
+                if known is None and not self._probed:
+                    self._probe_axes(self._pass)
+                    known = self._axes.get(key)
                 if known is None:
-                    self._assumed.add(key)    # T = N before this layer's layout was seen
+                    self._assumed.add(key)    # T = N, and neither a step nor the probe told the layout
                 return 0 if known is None else known
         elif inner is not None:
             axis = inner

@@ -90,7 +90,10 @@ class FisherTracker(_StepHooks):
     a model). A module without a hand rule is run on one sample the first time a call of its
     structure is seen, to prove which of its arguments hold the samples (a table shared by all
     samples may have as many rows as the batch); one that cannot reproduce its batched output
-    alone (its samples interact) is refused by name.
+    alone (its samples interact) is refused by name. The first time a Linear or norm layer's input
+    has as many positions as samples (``[T, N, d]`` or ``[N, T, d]`` with T = N), the model is run
+    once more on the batch's first sample, without gradients and with the random state restored,
+    to read which axis holds the samples.
     """
 
     def __init__(self, model: nn.Module, *, params=None, reduction: str = "mean", accumulation_steps: int = 1,
@@ -143,6 +146,8 @@ class FisherTracker(_StepHooks):
         self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments
         self._axes: dict[str, int] = {}  # rule site -> the axis holding its samples, where that was unambiguous
         self._assumed: set[str] = set()  # rule sites taken samples first while that was ambiguous (T = N)
+        self._probed = False             # the one-sample forward that reads the axes has run
+        self._probing: dict | None = None  # while it runs: rule site -> the shape of its first input
         self.rules: dict[str, str] = {}
         self._plan()  # refuse what no rule covers now, not at the first step
 

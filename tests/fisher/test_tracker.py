@@ -5,6 +5,7 @@ training steps must equal ``estimate_fisher(kind="empirical")`` over the same ba
 the loss's reduction, gradient accumulation or GradScaler does to the backward. Float64 tiny
 models throughout."""
 
+import contextlib
 import math
 
 import pytest
@@ -572,14 +573,24 @@ class SeqFirst(nn.Module):
     """PyTorch's own layers in their default layout: an encoder layer fed ``[T, N, d]``, its
     Linear layers and norms (rule sites) and attention all sequence first."""
 
-    def __init__(self, d=8):
+    def __init__(self, d=8, dropout=0.0):
         super().__init__()
         self.emb = nn.Embedding(13, d)
-        self.enc = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0)
+        self.enc = nn.TransformerEncoderLayer(d, 2, 16, dropout=dropout)
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
         return self.head(self.enc(self.emb(x).transpose(0, 1)).mean(0))
+
+
+class SeqFirstOfTwoOrMore(SeqFirst):
+    """A model that refuses to run fewer than two samples: the tracker's one-sample probe of the
+    layers' axes cannot run, so their layouts are read from the steps' shapes alone."""
+
+    def forward(self, x):
+        if x.shape[0] < 2:
+            raise ValueError("at least two samples")
+        return super().forward(x)
 
 
 def _seq_batches(lengths, n=4, seed=0):
@@ -603,12 +614,38 @@ def test_sequence_first_layers_are_tracked_with_their_samples_on_axis_1(fraction
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, want), **TOL)
 
 
-def test_a_sequence_first_layer_first_seen_with_as_many_positions_as_samples_is_not_summed_silently():
-    # T = N on the first step: taken samples first (the common layout), which the next step (T != N)
-    # shows was wrong: an error naming the remedy, not a wrong Fisher; after reset() the sums are
-    # exact.
+def test_a_sequence_first_layer_with_as_many_positions_as_samples_at_every_step_is_exact():
+    # T = N at every step: no step's shapes tell [T, N, d] from [N, T, d]; the model run on one
+    # sample at the first step does.
     torch.manual_seed(0)
     model = SeqFirst().to(D)
+    data = _seq_batches([4, 4, 4])
+    tracker = _train(model, data, FisherTracker(model))
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
+
+
+def test_the_probe_of_the_axes_leaves_the_training_step_unchanged():
+    # It runs in the middle of the first tracked step with T = N, with dropout active: the rest of
+    # the step draws the masks it draws untracked, so its gradients are the same bit for bit.
+    torch.manual_seed(0)
+    model = SeqFirst(dropout=0.3).to(D).train()
+    x, y = _seq_batches([4])[0]
+    grads = []
+    for tracked in (False, True):
+        model.zero_grad()
+        torch.manual_seed(7)
+        with FisherTracker(model) if tracked else contextlib.nullcontext():
+            F.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_without_the_probe_a_layer_first_seen_with_as_many_positions_as_samples_is_not_summed_silently():
+    # The probe cannot run (the model needs two samples): T = N on the first step is taken samples
+    # first (the common layout), which the next step (T != N) shows was wrong: an error naming the
+    # remedy, not a wrong Fisher; after reset() the sums are exact.
+    torch.manual_seed(0)
+    model = SeqFirstOfTwoOrMore().to(D)
     tracker = FisherTracker(model)
     with pytest.raises(EWCInputError, match=r"enc\.\w+ \(\w+\) takes its samples on axis 1 \(shape \(5, 4, 8\) now\), "
                                             r"but earlier steps called it with as many positions as samples .*reset\(\)"):
@@ -616,7 +653,9 @@ def test_a_sequence_first_layer_first_seen_with_as_many_positions_as_samples_is_
     tracker.reset()
     data = _seq_batches([5, 4], seed=2)
     _train(model, data, tracker)
-    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
+    twin = SeqFirst().to(D)  # the same weights, for the engine's probe and loop on one sample
+    twin.load_state_dict(model.state_dict())
+    assert_fisher_close(tracker.fisher(), estimate_fisher(twin, data), **TOL)
 
 
 def test_a_convolution_fed_its_samples_on_another_axis_is_refused():
