@@ -162,6 +162,18 @@ def test_hf_classifiers_equal_estimate_fisher(case):
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
 
 
+def test_hf_causal_lm_with_as_many_positions_as_samples_is_exact():
+    """Batches of 8 sequences of 8 tokens: every layer's input is ambiguous in its shape, so the
+    first step probes the model on one sample (its own loss, the position table without a batch
+    axis); the layers are batch first, and the sums stay exact."""
+    pytest.importorskip("transformers")
+    model, data = _hf("gpt2", fp64_loss=True, n=16, batch_size=8)
+    assert all(b["input_ids"].shape == (8, 8) for b in data)
+    tracker = _hf_train(model, data, FisherTracker(model))
+    assert tracker.samples_seen == 16
+    assert_fisher_close(tracker.fisher(), _causal_truth(model, data), **TOL)
+
+
 @pytest.mark.parametrize("case", ["gpt2", "llama"])
 def test_hf_causal_lm_token_mean_with_padding_is_exact(case):
     """Token mean over the batch's non-padding labels, the shift, a tied head (GPT-2), a position
