@@ -112,6 +112,42 @@ def test_embedding_rule_with_padding_and_repeats():
     assert float(got["emb.weight"][0].abs().max()) == 0.0  # the padding row gets no gradient
 
 
+@pytest.mark.parametrize("subset", [False, True])
+def test_embedding_sums_add_into_running_sums(subset):
+    # alpha times the squared per-sample gradients, each sample's scaled by its weight, over the
+    # picked samples, added in place into a running sum (the tracker's and estimate_fisher's
+    # route); the padding row untouched. Truth: one sample at a time through F.embedding's
+    # backward.
+    import dataclasses
+
+    from fastewc.fisher.rules.registry import add_sq_sums, rule_for
+
+    torch.manual_seed(0)
+    m = nn.Embedding(9, 5, padding_idx=0).to(D)
+    A = torch.randint(0, 6, (4, 7))
+    A[1] = 3  # one token repeated: its rows add up before the square
+    G = torch.randn(4, 7, 5, dtype=D)
+    picks, w = (torch.tensor([3, 1]), torch.tensor([0.5, 2.0], dtype=D)) if subset else (None, None)
+    want = torch.zeros(9, 5, dtype=D)
+    for r, wt in zip(*(([3, 1], [0.5, 2.0]) if subset else (range(4), [1.0] * 4))):
+        W = m.weight.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((F.embedding(A[r], W, padding_idx=0) * G[r]).sum() * wt, W)
+        want += g.square()
+    rule, _ = rule_for(m)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("into"))
+        return rule.sq_sum(*args, **kwargs)
+
+    start = torch.rand(9, 5, dtype=D)
+    totals = {"weight": start.clone()}
+    add_sq_sums(dataclasses.replace(rule, sq_sum=spy), m, A, [G], totals, alpha=0.3, picks=picks, weights=w)
+    assert seen == [totals]  # int64 indices, float64 sums: still added in place
+    torch.testing.assert_close(totals["weight"] - start, 0.3 * want)
+    assert torch.equal(totals["weight"][0], start[0])
+
+
 def test_sequence_linear_does_not_take_the_2d_shortcut():
     """Weight shared over positions: the 2-D formula (G^2)^T (A^2) would be far off; the engine
     must form per-sample gradients and agree with the loop."""

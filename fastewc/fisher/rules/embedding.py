@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ...errors import EWCInputError
-from .registry import register_rule
+from .registry import register_rule, select_samples
 
 
 def _rows(m: nn.Embedding, A: torch.Tensor, G: torch.Tensor):
@@ -69,13 +69,18 @@ def add_by_pair(inv: torch.Tensor, count: int, rows: torch.Tensor) -> torch.Tens
     return torch.zeros(count, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, inv, flat)
 
 
-def embedding_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list) -> dict:
+def embedding_sq_sum(m: nn.Embedding, A: torch.Tensor, Gs: list, *, into: dict | None = None, alpha: float = 1.0,
+                     picks: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> dict:
     """Group the (sample, token) pairs, sum their rows, square, and add into the table: memory
-    O(tokens x dim), never O(N x V)."""
+    O(tokens x dim), never O(N x V). ``into``, ``alpha``, ``picks``, ``weights``: as
+    ``add_sq_sums`` describes; by default a fresh table. Added into a running sum, a step
+    touches the rows of its tokens only: a vocabulary-sized table of zeros, added again, would
+    cost more than the sums on a large vocabulary."""
+    A, Gs = select_samples(A, Gs, picks, weights)  # indices and rows: O(tokens x dim) copies
     _, tokens, inv = sample_token_pairs(A.reshape(A.shape[0], -1), m.num_embeddings)
-    table = torch.zeros_like(m.weight, dtype=Gs[0].dtype)
+    table = torch.zeros_like(m.weight, dtype=Gs[0].dtype) if into is None else into["weight"]
     for G in Gs:
-        table.index_add_(0, tokens, add_by_pair(inv, tokens.numel(), _rows(m, A, G)[2]).square_())
+        table.index_add_(0, tokens, add_by_pair(inv, tokens.numel(), _rows(m, A, G)[2]).square_(), alpha=alpha)
     return {"weight": table}
 
 
@@ -96,7 +101,7 @@ def embedding_applies(m: nn.Embedding) -> bool:
 
 
 register_rule(nn.Embedding, embedding_per_sample, name="embedding", sq_sum=embedding_sq_sum,
-              applies=embedding_applies, add_into=embedding_add_into, sequence=True)
+              applies=embedding_applies, add_into=embedding_add_into, sequence=True, sums_into=True)
 
 
 # -- subclasses with a forward of their own ---------------------------------------------------

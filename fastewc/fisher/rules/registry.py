@@ -185,8 +185,8 @@ def add_sq_sums(rule: Rule, m: nn.Module, A: torch.Tensor, Gs: list, totals: dic
     """``totals[attr] += alpha * sum_k sum_n g^2`` in place for the attributes ``totals`` holds,
     over the samples ``picks`` of ``A`` and ``Gs`` (default all), each sample's gradient scaled
     by its entry of ``weights`` (default 1): through the rule's ``sq_sum`` itself where it adds
-    into running sums (``sums_into``, and sums of ``A``'s dtype), else its sums added."""
-    if rule.sums_into and all(t.dtype == A.dtype and t.is_contiguous() for t in totals.values()):
+    into running sums (``sums_into``, and sums of the gradients' dtype), else its sums added."""
+    if rule.sums_into and all(t.dtype == Gs[0].dtype and t.is_contiguous() for t in totals.values()):
         rule.sq_sum(m, A, Gs, into=totals, alpha=alpha, picks=picks, weights=weights)
         return
     got = sq_sum_of(rule, m, *select_samples(A, Gs, picks, weights))
