@@ -160,11 +160,15 @@ class _StepHooks:
         ``[T, N, d]`` from ``[N, T, d]``, in the middle of the step's forward. The run is without
         gradients (the hooks only note the shapes, nothing is summed) and with the random state
         saved and restored around it (the rest of the step draws the dropout masks it would draw
-        untracked); a model that cannot run one sample leaves the axes to the steps' shapes."""
+        untracked); a model that cannot run one sample, or is given an argument that its forward
+        might change (anything but tensors and plain values: a key-value cache), leaves the axes
+        to the steps' shapes."""
         self._probed = True
         n = p.n
         args, kwargs = p.inputs
         leaves, spec = tree_flatten((args, kwargs))
+        if not all(x is None or isinstance(x, (torch.Tensor, bool, int, float, str)) for x in leaves):
+            return  # an object the forward may change (a key-value cache): the step's call alone uses it
         one = [x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n else x for x in leaves]
         args1, kwargs1 = tree_unflatten(one, spec)
         cuda = sorted({x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.device.type == "cuda"})

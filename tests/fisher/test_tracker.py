@@ -652,6 +652,30 @@ def test_the_probe_of_the_axes_leaves_the_training_step_unchanged():
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
+class Calls:
+    """An object handed to the forward, which the forward changes (as a key-value cache is)."""
+
+    def __init__(self):
+        self.sizes = []
+
+
+class SeqFirstWithState(SeqFirst):
+    def forward(self, x, calls):
+        calls.sizes.append(x.shape[0])
+        return super().forward(x)
+
+
+def test_the_probe_leaves_an_object_the_forward_changes_alone():
+    # T = N, so the probe would run; the forward is given an object it changes, so the probe does
+    # not run (its call would change that object too) and the step calls the model once.
+    torch.manual_seed(0)
+    model, calls = SeqFirstWithState().to(D), Calls()
+    x, y = _seq_batches([4])[0]
+    with FisherTracker(model):
+        F.cross_entropy(model(x, calls), y).backward()
+    assert calls.sizes == [4]
+
+
 def test_without_the_probe_a_layer_first_seen_with_as_many_positions_as_samples_is_not_summed_silently():
     # The probe cannot run (the model needs two samples): T = N on the first step is taken samples
     # first (the common layout), which the next step (T != N) shows was wrong: an error naming the
