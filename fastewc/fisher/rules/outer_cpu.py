@@ -89,13 +89,13 @@ class OuterKernel:
         """``total += alpha * sum_n (G[n]^T A[n])^2``: ``G`` ``[n, T, O]``, ``A`` ``[n, T, I]``,
         ``total`` ``[O, I]`` contiguous, all of one supported dtype; and, given ``bias`` ``[O]``
         (contiguous, of that dtype), ``bias += alpha * sum_n (sum_t G[n, t])^2``; ``total``
-        None: the bias alone. ``picks``: the samples to sum (int64 indices into G and A; default
-        all), read where they are with no copy; ``weights``: one per summed sample, scaling its
-        gradient (a loss's share). ``threads``: at most this many (default PyTorch's thread count where the kernel shares
-        PyTorch's threads, else 1)."""
+        None: the bias alone (``A`` is not read). ``picks``: the samples to sum (int64 indices
+        into G and A; default all), read where they are with no copy; ``weights``: one per
+        summed sample, scaling its gradient (a loss's share). ``threads``: at most this many
+        (default PyTorch's thread count where the kernel shares PyTorch's threads, else 1)."""
         n, T, O = G.shape
         I = A.shape[2]
-        if A.stride(2) != 1:
+        if total is not None and A.stride(2) != 1:
             A = A.contiguous()
         if total is None and bias is None:
             raise ValueError("outer_sq: nothing to sum into (total and bias are both None)")
