@@ -576,12 +576,12 @@ class _StepHooks:
             if found is None or len(self._sites[found[0][0]].params) != 1:  # a head's bias goes by blocks
                 continue
             head, lookups = found
-            A, _, Gs = self._prepare(p, *head)
+            A, _, Gs = self._prepare(p, *head, scaled=False)  # the head's factor goes to the sum
             rows = []
             for use in lookups:
                 Au, _, Gu = self._prepare(p, *use)
                 rows.append(lookup_rows(self._sites[use[0]].module, Au, Gu))
-            self._add(p, q, head_and_rows_sq_sum(A, Gs, rows))
+            self._add(p, q, head_and_rows_sq_sum(A, Gs, rows, scale=p.factor))
             done.update(us)
         return [u for u in users if u not in done]
 
@@ -608,13 +608,14 @@ class _StepHooks:
             self._add(p, name, got[attr].to(dtype))
         return True
 
-    def _prepare(self, p: _Pass, key: str, c: int):
-        """``(A, rec, grads)`` of one stashed use, restricted to the tracked samples and scaled."""
+    def _prepare(self, p: _Pass, key: str, c: int, scaled: bool = True):
+        """``(A, rec, grads)`` of one stashed use, restricted to the tracked samples and scaled
+        (a rule site's output gradients left unscaled with ``scaled=False``)."""
         site, call = self._sites[key], p.calls[key][c]
         dtype = self._site_dtype(site)
         if site.rule is not None:
-            return (self._tracked(p, self._input(site, call), dtype), None,
-                    [self._scaled(p, self._tracked(p, call.grads[0], dtype))])
+            G = self._tracked(p, call.grads[0], dtype)
+            return self._tracked(p, self._input(site, call), dtype), None, [self._scaled(p, G) if scaled else G]
         rec = call.rec
         grads = [self._scaled(p, self._tracked(p, torch.zeros_like(o) if g is None else g, o.dtype))
                  for g, o in zip(call.grads, rec.outputs)]

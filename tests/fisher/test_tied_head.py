@@ -59,6 +59,31 @@ def test_sum_matches_the_per_sample_loop(n, positions, lookup_lengths, columns, 
     assert float((got - want).abs().max()) <= 1e-12 * max(float(want.abs().max()), 1.0)
 
 
+@pytest.mark.parametrize("kernel", ["auto", None], ids=["kernel", "products"])
+@pytest.mark.parametrize("scale", ["number", "per sample", "0-d"])
+@pytest.mark.parametrize("positions", [(4,), ()], ids=str)
+def test_a_scale_on_the_head_gradients_is_applied_where_they_are_read(scale, positions, kernel):
+    # The tracker's factor (a mean loss's 1/N, each sample's share of a token mean, a scaler's
+    # 1/scale) on the head's output gradients, given as scale=: the definition on the gradients
+    # scaled beforehand, the lookups' rows carrying their factor already.
+    torch.manual_seed(len(positions))
+    n, V, d = 5, 9, 7
+    A = torch.randn(n, *positions, d, dtype=D)
+    G = torch.randn(n, *positions, V, dtype=D)
+    idx = torch.randint(0, V, (n, 3))
+    idx[:, 1] = idx[:, 0]
+    rows = torch.randn(n, 3, d, dtype=D)
+    s = {"number": 0.3, "per sample": torch.rand(n, dtype=D) + 0.5, "0-d": torch.tensor(0.7, dtype=D)}[scale]
+    per = (s if isinstance(s, torch.Tensor) and s.dim() else torch.full((n,), float(s), dtype=D))
+    scaled = G * per.view(-1, *[1] * (G.dim() - 1))
+    extra = {} if kernel == "auto" else {"kernel": None}
+    before = G.clone()
+    got = tied_head.head_and_rows_sq_sum(A, [G], [(idx, [rows])], scale=s, **extra)
+    want = per_sample_loop(A, [scaled], [(idx, [rows])], V)
+    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+    assert torch.equal(G, before)  # read where it is, not scaled in place
+
+
 def _spy_sum(monkeypatch) -> list:
     taken = []
     real = engine.head_and_rows_sq_sum
@@ -143,7 +168,7 @@ def test_the_tracker_sums_a_tied_head_without_blocks(fraction, monkeypatch):
 
     taken = []
     real = tracked_step.head_and_rows_sq_sum
-    monkeypatch.setattr(tracked_step, "head_and_rows_sq_sum", lambda *a: taken.append(True) or real(*a))
+    monkeypatch.setattr(tracked_step, "head_and_rows_sq_sum", lambda *a, **k: taken.append(True) or real(*a, **k))
     torch.manual_seed(6)
     model = Tied().to(D).eval()
     data = batches(torch.randint(0, 11, (8, 4)), torch.randint(0, 11, (8,)), batch_size=4)

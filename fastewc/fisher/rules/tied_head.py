@@ -38,12 +38,21 @@ def tied_uses(q: str, uses: list, site_of) -> tuple | None:
     return (heads[0], rows) if len(heads) == 1 and rows else None
 
 
-def head_and_rows_sq_sum(A: torch.Tensor, Gs: list, lookups: list, **kernel) -> torch.Tensor:
+def head_and_rows_sq_sum(A: torch.Tensor, Gs: list, lookups: list, scale=None, **kernel) -> torch.Tensor:
     """``sum_k sum_n g_nk^2`` ``[V, d]`` for a weight used by a Linear head (input ``A`` ``[n, ...,
     d]``, output gradients ``Gs[k]`` ``[n, ..., V]``, one per column of the exact Fisher) and by
     lookups ``[(indices [n, L], [rows' gradients [n, L, d] per column]), ...]`` of its rows by the
-    same samples (``embedding.lookup_rows``). ``kernel``: as ``sq_sum_linear``'s."""
-    total = sq_sum_linear(A, Gs, False, **kernel)["weight"]
+    same samples (``embedding.lookup_rows``). ``kernel``: as ``sq_sum_linear``'s.
+
+    ``scale``: each sample's factor on ``Gs`` (a number, or a tensor ``[n]`` or 0-d), applied
+    where the sums read them: a scaled copy of ``Gs``, vocabulary-wide, would cost more than the
+    scaling. The lookups' rows carry their factor already."""
+    alpha, weights = 1.0, None
+    if isinstance(scale, torch.Tensor):
+        weights = scale.reshape(1).expand(A.shape[0]) if scale.dim() == 0 else scale
+    elif scale is not None:
+        alpha = float(scale) ** 2
+    total = sq_sum_linear(A, Gs, False, alpha=alpha, weights=weights, **kernel)["weight"]
     n, V, d = A.shape[0], total.shape[0], total.shape[1]
     if n == 0 or not lookups:
         return total
@@ -57,6 +66,10 @@ def head_and_rows_sq_sum(A: torch.Tensor, Gs: list, lookups: list, **kernel) -> 
         A3, G3 = _as_3d(A, G)
         H = torch.bmm(G3.gather(2, cols.unsqueeze(1).expand(-1, G3.shape[1], -1)).transpose(1, 2), A3)
         H = H[sample, slot].to(total.dtype)                                    # [pairs, d]
+        if weights is not None:
+            H = H * weights.to(H.dtype)[sample].unsqueeze(1)
+        elif scale is not None:
+            H = H * float(scale)
         rows = torch.cat([r[k].reshape(n, -1, d) for _, r in lookups], 1).to(total.dtype)
         E = add_by_pair(inv, row.numel(), rows)                                # E_n[v]
         total.index_add_(0, row, E * (2 * H + E))
