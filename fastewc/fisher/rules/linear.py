@@ -135,12 +135,9 @@ def sq_sum_linear(A: torch.Tensor, Gs: list, bias: bool, transposed: bool = Fals
             for lt, rt in zip(left.unbind(0), right.unbind(0)):
                 buf = torch.mm(lt, rt, out=buf)
                 total.addcmul_(buf, buf, value=alpha)
-    if biased:
+    if biased:  # the products' paths: the samples were selected and scaled above
         for G in Gs:
-            G3 = _as_3d(A, G)[1]
-            G3 = G3 if picks is None else G3.index_select(0, picks)
-            g = G3.sum(1) if weights is None else G3.sum(1) * weights.view(-1, 1)
-            out["bias"].add_(g.square().sum(0), alpha=alpha)
+            out["bias"].add_(_as_3d(A, G)[1].sum(1).square().sum(0), alpha=alpha)
     return out
 
 
