@@ -251,7 +251,6 @@ class _StepHooks:
         call that shows otherwise is an error naming the steps taken the wrong way, never a
         silent sum."""
         site = self._sites[key]
-        inner = inner_sample_axis(A, output, n) if site.rule.sequence else None
         known = self._axes.get(key)
         if A.dim() > 0 and A.shape[0] == n:
             if not (site.rule.sequence and A.dim() >= 3 and n in A.shape[1:-1]):
@@ -263,8 +262,8 @@ class _StepHooks:
                 if known is None:
                     self._assumed.add(key)    # T = N, and neither a step nor the probe told the layout
                 return 0 if known is None else known
-        elif inner is not None:
-            axis = inner
+        elif site.rule.sequence and (inner := inner_sample_axis(A, output, n)) is not None:
+            axis = inner                      # sequence first: read only where dim 0 is not the batch
         else:
             raise EWCInputError(
                 f"FisherTracker: {site.module_name} ({type(module).__name__}) is called on a tensor of shape "
