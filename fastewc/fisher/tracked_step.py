@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import EWCInputError
 from .problem import logits_of, plain_attention
 from .rules import add_sq_sums
+from .rules.registry import factor_terms
 from .rules.attention import sq_sums_into
 from .rules.embedding import lookup_rows
 from .rules.local import Recorded
@@ -438,21 +439,13 @@ class _StepHooks:
     def _reading(self, p: _Pass, dtype, inputs: list, grads: list) -> tuple[list, list, dict]:
         """``(inputs, grads, how)``: a site's inputs and output gradients as its sums read them,
         and ``how`` (``alpha``, ``picks``, ``weights``) they are read. The tracked samples are read
-        where they are, each scaled by its share of a token-mean loss (a kernel does so with no
-        copy), and a factor that is a number scales the sums of squares by its square as they are
-        added in. Copies only to convert the dtype, or to scale the gradients by a scaler's scale."""
-        f = p.factor
-        scalar_tensor = isinstance(f, torch.Tensor) and f.dim() == 0
-        how = {"alpha": 1.0, "picks": p.idx, "weights": None}
-        if scalar_tensor or any(t.dtype != dtype for t in (*inputs, *grads)):
+        where they are, and the per-sample factor is applied as the sums read them
+        (``factor_terms``: a kernel does so with no copy). Copies only to convert the dtype."""
+        alpha, weights = factor_terms(p.factor, p.k)
+        how = {"alpha": alpha, "picks": p.idx, "weights": weights}
+        if any(t.dtype != dtype for t in (*inputs, *grads)):
             inputs, grads = [self._tracked(p, t, dtype) for t in inputs], [self._tracked(p, t, dtype) for t in grads]
             how["picks"] = None
-        if scalar_tensor:
-            grads = [self._scaled(p, g) for g in grads]
-        elif isinstance(f, torch.Tensor):
-            how["weights"] = f  # converted where a sum reads it
-        else:
-            how["alpha"] = f * f
         return inputs, grads, how
 
     def _sums_into(self, p: _Pass, site, dtype, add) -> bool:

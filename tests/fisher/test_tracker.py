@@ -57,12 +57,22 @@ def test_gradient_accumulation_of_three():
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
 
 
-def test_grad_scaler_is_divided_out():
-    model, data = make_mlp(dtype=D)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    tracker = _train(model, data, FisherTracker(model, scaler=scaler, accumulation_steps=2), accumulate=2,
-                     scaler=scaler)
+@pytest.mark.parametrize("name", ["mlp", "encoder", "tied"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_grad_scaler_is_divided_out(name, fraction):
+    # The scale is a tensor the tracker never reads on the host: one weight per sample where the
+    # sums read the gradients (the products, the kernel over a sequence, the attention read from
+    # its backward, a tied head), whatever the samples tracked.
+    model, data = MAKERS[name](dtype=D)
+    model.eval()
+    scaler = torch.amp.GradScaler("cpu", init_scale=3.0 * 2.0**10)  # not a power of 2: no exact shortcut
+    tracker = _train(model, data, FisherTracker(model, scaler=scaler, accumulation_steps=2, fraction=fraction, seed=3),
+                     accumulate=2, scaler=scaler)
     assert tracker.steps_skipped == 0
+    if fraction < 1.0:
+        g = torch.Generator().manual_seed(3)
+        data = [(x[i], y[i]) for x, y in data
+                for i in [torch.randperm(len(y), generator=g)[:max(1, round(fraction * len(y)))].sort().values]]
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
 
 

@@ -170,6 +170,18 @@ def add_squares(total: torch.Tensor, b: torch.Tensor) -> None:
         total.add_(b.square().sum(0))
 
 
+def factor_terms(factor, n: int) -> tuple[float, torch.Tensor | None]:
+    """``(alpha, weights)`` that apply ``factor``, each sample's multiplier on its output
+    gradients, where the sums read them: a number squares into ``alpha`` (1.0 for None); a
+    tensor (``[n]``, or 0-d for one factor held on its device, such as a loss scaler's) becomes
+    one weight per sample, with no host read of its value and no scaled copy of the gradients."""
+    if factor is None:
+        return 1.0, None
+    if isinstance(factor, torch.Tensor):
+        return 1.0, factor.reshape(1).expand(n) if factor.dim() == 0 else factor
+    return float(factor) ** 2, None
+
+
 def select_samples(A: torch.Tensor, Gs: list, picks: torch.Tensor | None, weights: torch.Tensor | None):
     """``(A, Gs)`` for the samples ``picks`` only (default all), each output gradient scaled by
     its sample's weight (default 1): copies."""

@@ -19,6 +19,7 @@ import torch
 
 from .embedding import ROW_LOOKUPS, add_by_pair, sample_token_pairs
 from .linear import _as_3d, linear_per_sample, sq_sum_linear
+from .registry import factor_terms
 
 
 def tied_uses(q: str, uses: list, site_of) -> tuple | None:
@@ -47,11 +48,7 @@ def head_and_rows_sq_sum(A: torch.Tensor, Gs: list, lookups: list, scale=None, *
     ``scale``: each sample's factor on ``Gs`` (a number, or a tensor ``[n]`` or 0-d), applied
     where the sums read them: a scaled copy of ``Gs``, vocabulary-wide, would cost more than the
     scaling. The lookups' rows carry their factor already."""
-    alpha, weights = 1.0, None
-    if isinstance(scale, torch.Tensor):
-        weights = scale.reshape(1).expand(A.shape[0]) if scale.dim() == 0 else scale
-    elif scale is not None:
-        alpha = float(scale) ** 2
+    alpha, weights = factor_terms(scale, A.shape[0])
     total = sq_sum_linear(A, Gs, False, alpha=alpha, weights=weights, **kernel)["weight"]
     n, V, d = A.shape[0], total.shape[0], total.shape[1]
     if n == 0 or not lookups:
