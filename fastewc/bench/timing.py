@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -62,15 +63,23 @@ def time_side_by_side(cases: dict[str, Callable[[], object]], *, repeats: int, w
                       on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each case, measured round-robin (one call of every case per round) so
     that machine noise hits all cases alike; ratios of medians are what to report.
-    ``on_round(k)`` is called after round k (progress display)."""
+    ``on_round(k)`` is called after round k (progress display).
+
+    Each round runs the cases in a new order (shuffled with a fixed seed, so a run is
+    reproducible): a case that always ran right after the same other one would always find the
+    caches and the allocator as that one left them (cold after a slow reference loop), and the
+    ratio would carry that bias. ``times[name]`` keeps the rounds' order."""
     device = torch.device(device)
+    order, shuffle = list(cases), random.Random(0).shuffle
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for r in range(repeats):
-        for name, fn in cases.items():
+        shuffle(order)
+        for name in order:
+            fn = cases[name]
             sync(device)
             t0 = time.perf_counter()
             fn()

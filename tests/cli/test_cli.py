@@ -194,3 +194,22 @@ def test_info_names_the_backend_per_device(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "not available: no C compiler found (set CC, or install cc, gcc or clang); 'auto' takes 'torch'" in out
     assert "FASTEWC_BACKEND: torch" in out
+
+
+def test_side_by_side_rounds_run_every_case_once_in_orders_that_vary():
+    from fastewc.bench.timing import time_side_by_side
+
+    def runs(repeats):
+        calls = []
+        cases = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+        times = time_side_by_side(cases, repeats=repeats, warmup=0)
+        assert {k: len(v) for k, v in times.items()} == {"a": repeats, "b": repeats, "c": repeats}
+        return [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+
+    rounds = runs(12)
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    # no case always follows the same one: each is run right after each other case at least once
+    follows = {(prev[-1] if k else None, r[0]) for k, (prev, r) in enumerate(zip([()] + rounds, rounds))}
+    follows |= {(r[i], r[i + 1]) for r in rounds for i in range(2)}
+    assert {(x, y) for x in "abc" for y in "abc" if x != y} <= follows
+    assert runs(12) == rounds  # seeded: a rerun times the same orders
