@@ -340,7 +340,8 @@ class _OpRecorder(TorchFunctionMode):
             self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
             return out
         rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources, per_sample=list(by_size),
-                       spread={k for k in slots if id(leaves[k]) in self.spread})
+                       spread={k for k in slots if id(leaves[k]) in self.spread},
+                       slot_sources={k: self.sources[id(leaves[k])] for k in slots})
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
         self.recorder.ops.append(rec)

@@ -219,16 +219,22 @@ def test_a_rebuilt_argument_that_selects_elements_of_its_parameter_is_pulled_bac
 @pytest.mark.parametrize("kind", ["empirical", "exact"])
 def test_tokens_concatenated_before_the_samples_in_closed_form(kind, monkeypatch):
     """The per-sample gradient of a token spread over the batch and concatenated is the output
-    gradient's slice where it was put: no ``vmap`` replay of the concatenation."""
+    gradient's slice where it was put: no ``vmap`` replay of the concatenation, and each token
+    pulled back by index, also where two tokens meet in one concatenation (DeiT's class and
+    distillation tokens), with no ``vjp`` of the chain that spread it."""
     from fastewc.fisher.rules import local
 
     taken = _spy_closed_form(monkeypatch, local)
+    pulled = []
+    real_vjp = local.vjp
+    monkeypatch.setattr(local, "vjp", lambda *a, **k: pulled.append(a) or real_vjp(*a, **k))
     torch.manual_seed(6)
     model = Tokens().to(D)
     data = batches(torch.randn(7, 4, 6, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
     got, info = _run(model, data, kind=kind)
     assert all(info.methods[p] == "op-local" for p in ("cls", "dist", "mix", "rep", "tiled", "pos")), info.methods
     assert taken and all(taken), taken
+    assert not pulled, f"{len(pulled)} arguments rebuilt through a vjp"
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 
 

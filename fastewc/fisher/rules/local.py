@@ -43,6 +43,8 @@ class Recorded:
     param_slots: dict = field(default_factory=dict)   # op-local: leaf position -> f(params) giving that leaf
     func: Callable | None = None   # op-local: the operation
     sources: set = field(default_factory=set)         # op-local: the parameters it depends on
+    slot_sources: dict = field(default_factory=dict)  # op-local: leaf position -> the parameters its
+                                                      # argument is built from (one slot's, of those)
     versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
     axis: int = 0                  # the samples' axis of a rule site's input and output (sequence first: 1)
     spread: set = field(default_factory=set)  # op-local: slots rebuilt with one row of a batch axis
@@ -290,7 +292,9 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
         if isinstance(build, ParamLeaf):
             got = {build.name: g}
         else:
-            srcs = {name: values[name] for name in rec.sources}
+            # this argument's own parameters: a selection reads one (the class token of a
+            # concatenation with a distillation token is its own selection, not one of both)
+            srcs = {name: values[name] for name in rec.slot_sources.get(k, rec.sources)}
             selected = _selection(build, srcs)
             if selected is not None:
                 name, where = selected
