@@ -26,7 +26,7 @@ from . import per_sample as ps
 from .arguments import _check_arguments, _output_check, select_parameters
 from .batches import iter_batches, read_batch
 from .engine import rules_pass
-from .probe import cached_plan
+from .probe import cached_labels, cached_plan
 from .problem import Problem, SampledLabels, logits_of, per_sample_ce, sample_labels, with_decoder_inputs
 from .report import FisherReport
 from .sums import all_finite, all_reduce_sums
@@ -165,10 +165,13 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                     raise EWCInputError("kind='empirical' needs labels: batches must be (inputs, targets), or dicts "
                                         "with 'labels'; use kind='sampled' or 'exact' for unlabelled data")
                 if labels_spec is None:
-                    labels_spec = _output_check(model, batch.take(1).to(device), kind, loss_fn)
+                    # a plan proven for this model and input signature kept what the check found
+                    labels_spec = cached_labels(problem, batch) if method in ("auto", "rules") else None
+                    if labels_spec is None:
+                        labels_spec = _output_check(model, batch.take(1).to(device), kind, loss_fn)
                 batch = labels_spec.check(batch, seen).to(device)
                 if plan is None and method in ("auto", "rules"):
-                    plan, report.plan_cached = cached_plan(problem, batch, probe=True)
+                    plan, report.plan_cached = cached_plan(problem, batch, probe=True, labels=labels_spec)
                     left = problem.restrict(plan.leftover)
                 # Part by part (chunk_size, else the whole batch): a site the rules drop on one
                 # part goes per sample from that part on, and no part is counted twice.

@@ -68,6 +68,9 @@ class RulePlan:
     # None where the probe's passes disagreed; a later pass decides those operations as the probe
     # did, not by a size that may coincide with its batch's (a [T, d] table with T = N).
     op_layouts: dict = field(default_factory=dict)
+    # What the first call's one-sample forward found of the model's output (``arguments._Labels``:
+    # its classes and loss), kept with the plan, whose signature it shares: a later call skips it.
+    labels: object = None
 
     def copy(self, root: nn.Module | None = None) -> "RulePlan":
         """An independent copy; with ``root``, for that model (one with the same module names, a
@@ -80,7 +83,7 @@ class RulePlan:
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
                         self.probe_seconds, self.root if root is None else root, scoped=dict(self.scoped),
-                        op_layouts=dict(self.op_layouts))
+                        op_layouts=dict(self.op_layouts), labels=self.labels)
 
     @property
     def covered(self) -> set[str]:

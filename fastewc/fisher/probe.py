@@ -264,15 +264,28 @@ def _signature(problem: Problem, batch: Batch) -> tuple:
     return modules, params, problem.kind, id(problem.loss_fn), problem.top_k, sig_in, batch.targets is None
 
 
-def cached_plan(problem: Problem, batch: Batch, probe: bool) -> tuple[RulePlan, bool]:
+def cached_labels(problem: Problem, batch: Batch):
+    """What the output check found on the call that proved the plan for this model and input
+    signature (:attr:`RulePlan.labels`), or None (no such plan, or nothing kept)."""
+    try:
+        hit = _CACHE.get(problem.model, {}).get(_signature(problem, batch))
+    except TypeError:  # a model that cannot be weakly referenced: no cache
+        return None
+    return None if hit is None else hit.labels
+
+
+def cached_plan(problem: Problem, batch: Batch, probe: bool, labels=None) -> tuple[RulePlan, bool]:
     """``(plan, from_cache)``: the plan proven for this model and input signature, or a new one
-    (probed when ``probe``)."""
+    (probed when ``probe``). ``labels``: what the output check found, kept with the plan for
+    :func:`cached_labels`."""
     try:
         per_model = _CACHE.setdefault(problem.model, {})
     except TypeError:  # a model that cannot be weakly referenced: no cache
         per_model = {}
     sig = _signature(problem, batch)
     if sig in per_model:
+        if labels is not None:
+            per_model[sig].labels = labels
         return per_model[sig].copy(), True
     plan = make_plan(problem.model, problem.selected)
     if probe and plan.sites:
@@ -282,6 +295,7 @@ def cached_plan(problem: Problem, batch: Batch, probe: bool) -> tuple[RulePlan, 
         else:
             plan = _probe_in_float32(problem, batch, *copied)
     per_model.clear()  # one proven plan per model: the latest structure
+    plan.labels = labels
     per_model[sig] = plan.copy()
     return plan, False
 

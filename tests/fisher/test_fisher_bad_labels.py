@@ -172,3 +172,28 @@ def test_output_without_logits_works_with_loss_fn():
     loss = lambda out, y: F.cross_entropy(out[0], y)  # noqa: E731
     ref = R.estimate_fisher(model.lin, data)  # the same loss on the logits alone
     assert_fisher_close(fastewc.estimate_fisher(model, data, loss_fn=loss), {f"lin.{n}": f for n, f in ref.items()})
+
+
+def test_a_second_call_keeps_the_output_check_with_the_proven_plan_and_still_checks_every_label():
+    """The one-sample forward that reads the model's output runs on the call that proves the plan;
+    a later call with the same model and input signature takes what it found from the plan, so it
+    runs one forward per batch, and its labels are still checked against the same classes."""
+    fastewc.fisher.clear_plan_cache()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    x = torch.randn(8, 4, dtype=torch.float64)
+    data = batches(x, torch.tensor([0, 1, 2, 0, 1, 2, 2, 0]), batch_size=4)
+    first = fastewc.estimate_fisher(model, data)
+    assert 1 in calls  # the output check's forward of one sample
+    calls.clear()
+    again = fastewc.estimate_fisher(model, data)
+    assert calls == [4, 4]
+    assert_fisher_close(again, first, rtol=1e-12)
+    assert_fisher_close(again, R.estimate_fisher(model, data), rtol=1e-10)
+    with pytest.raises(EWCInputError, match=r"^batch 1, sample 2 \(sample 6 of the data\): label 3 is out of range"):
+        fastewc.estimate_fisher(model, batches(x, torch.tensor([0, 1, 2, 0, 1, 2, 3, 0]), batch_size=4))
+    calls.clear()
+    fastewc.estimate_fisher(model, data, kind="sampled")  # another kind: another plan, checked again
+    assert calls[0] == 1
