@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .functional import call_once
 from .plan import OPS, RulePlan, Site
 from .rules.attention import RecordingAttention
-from .rules.local import ParamLeaf, Recorded, fold_of, spread_over
+from .rules.local import ParamLeaf, Rebuild, Recorded, fold_of, spread_over
 from .rules.replay import record_call
 
 
@@ -324,15 +324,7 @@ class _OpRecorder(TorchFunctionMode):
             # (a batch axis made by broadcasting with one row; a size that only equals the batch
             # size is not taken for one).
             spread = spread_over(out, n) or _repeats_one_row(func, leaves, slots, out, n)
-
-            def build(p, func=func, leaves=list(leaves), spec=spec, slots=slots, spread=spread):
-                ls = list(leaves)
-                for k, b in slots.items():
-                    ls[k] = b(p)
-                a, kw = tree_unflatten(ls, spec)
-                y = func(*a, **kw)
-                return y[:1] if spread else y
-            self.watch(out, build, sources)
+            self.watch(out, Rebuild(func, list(leaves), spec, slots, spread), sources)
             if spread:
                 self.spread.add(id(out))
             return out

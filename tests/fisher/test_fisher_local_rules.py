@@ -986,3 +986,53 @@ def test_a_composite_module_s_own_parameters_follow_its_operations_or_go_module_
     assert {p: info.methods[p] for p in want} == want, info
     assert info.methods["0.lin.weight"] == "linear" and not info.vmap_params and not info.loop_params, info
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
+def _chain(*steps, spread=False):
+    """A :class:`Rebuild` chain from the parameter ``p``: ``(func, *other arguments)`` per step."""
+    from torch.utils._pytree import tree_flatten
+
+    from fastewc.fisher.rules.local import ParamLeaf, Rebuild
+
+    build = ParamLeaf("p")
+    for k, (func, *args) in enumerate(steps):
+        leaves, spec = tree_flatten(((torch.zeros(()), *args), {}))
+        build = Rebuild(func, leaves, spec, {0: build}, spread and k == len(steps) - 1)
+    return build
+
+
+@pytest.mark.parametrize("steps,spread,by_position", [
+    ([(torch.Tensor.expand, 5, -1, -1)], True, True),
+    ([(torch.Tensor.transpose, -2, -1), (torch.Tensor.expand, 4, -1, -1)], True, True),
+    ([(torch.Tensor.__getitem__, (slice(None), slice(1, None))), (torch.Tensor.flip, -1)], False, True),
+    ([(torch.Tensor.reshape, (-1,)), (torch.Tensor.repeat, 2), (torch.Tensor.view, (3, 4))], False, True),
+    ([(torch.Tensor.permute, 2, 0, 1), (torch.Tensor.contiguous,), (torch.Tensor.unsqueeze, 0)], False, True),
+    ([(torch.Tensor.__getitem__, (0, torch.tensor([[2, 0], [2, 1]])))], False, False),  # a tensor index
+    ([(torch.Tensor.view, torch.int64)], False, False),                                  # its bits
+    ([(torch.Tensor.mul, 2.0)], False, False),
+    ([(torch.Tensor.expand, 5, -1, -1), (torch.Tensor.exp,)], False, False),
+])
+def test_a_chain_of_positional_operations_is_pulled_back_by_index_without_rebuilding_it_with_gradients(
+        steps, spread, by_position):
+    """The op recorder's chains of views, expansions, slices, flips and copies on one parameter,
+    with no tensor among their other arguments, select by position: what a rebuild of the
+    positions gives is the selection, without the graph walk and the shifted rebuild that an
+    arbitrary chain needs; the same as those find, and autograd's pull-back."""
+    from fastewc.fisher.rules.local import _by_position, _selection
+
+    p = torch.randn(1, 3, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+    build = _chain(*steps, spread=spread)
+    assert _by_position(build) == by_position
+    got, general = _selection(build, {"p": p}), _selection(lambda s: build(s), {"p": p})
+    if not by_position:  # the general finding serves, as before
+        assert (got is None) == (general is None)
+        assert got is None or (got[0] == general[0] and torch.equal(got[1], general[1]))
+        return
+    name, where = got
+    assert name == "p" and general is not None and torch.equal(where, general[1])
+    leaf = p.clone().requires_grad_()
+    out = build({"p": leaf})
+    g = torch.randn(3, *out.shape, dtype=D)
+    want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
+    pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, where, g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
+    assert torch.equal(pulled, want)

@@ -160,6 +160,50 @@ class ParamLeaf:
         return p[self.name]
 
 
+@dataclass(frozen=True, eq=False)
+class Rebuild:
+    """An argument without a batch axis, rebuilt from the parameters: the operation ``func`` on
+    the recorded arguments ``leaves`` (structure ``spec``), those at ``slots`` rebuilt in turn;
+    ``spread``: the result had a batch axis made by broadcasting one row, and one row is kept."""
+
+    func: Callable
+    leaves: list
+    spec: object
+    slots: dict
+    spread: bool = False
+
+    def __call__(self, p: dict) -> torch.Tensor:
+        ls = list(self.leaves)
+        for k, b in self.slots.items():
+            ls[k] = b(p)
+        a, kw = tree_unflatten(ls, self.spec)
+        y = self.func(*a, **kw)
+        return y[:1] if self.spread else y
+
+
+# Operations that give each output element one input element chosen by position alone, when no
+# other argument is a tensor (or a dtype, which ``view`` would reinterpret the bits as).
+_BY_POSITION = frozenset({
+    torch.Tensor.expand, torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.permute, torch.permute,
+    torch.Tensor.transpose, torch.transpose, torch.Tensor.t, torch.t, torch.Tensor.unsqueeze, torch.unsqueeze,
+    torch.Tensor.squeeze, torch.squeeze, torch.Tensor.flatten, torch.flatten, torch.Tensor.unflatten,
+    torch.Tensor.__getitem__, torch.Tensor.contiguous, torch.Tensor.narrow, torch.narrow, torch.Tensor.select,
+    torch.select, torch.Tensor.repeat, torch.tile, torch.Tensor.flip, torch.flip, torch.Tensor.movedim,
+    torch.movedim})
+
+
+def _by_position(build) -> bool:
+    """Whether ``build`` is its parameter itself or a chain of :data:`_BY_POSITION` operations on
+    it whose other arguments are plain numbers, slices and the like (``cls.expand(n, -1, -1)``
+    with one row kept): each element it gives is a parameter element, chosen by position."""
+    if isinstance(build, ParamLeaf):
+        return True
+    return (isinstance(build, Rebuild) and build.func in _BY_POSITION and len(build.slots) == 1
+            and not any(isinstance(x, (torch.Tensor, torch.dtype)) for k, x in enumerate(build.leaves)
+                        if k not in build.slots)
+            and _by_position(next(iter(build.slots.values()))))
+
+
 # Operations whose gradient w.r.t. a broadcast argument is the output gradient summed over the
 # broadcast axes, times a sign per argument position: ``x + pos``, ``pos + x``, ``x - bias``.
 _ADDITIVE = {torch.add: (1, 1), torch.Tensor.add: (1, 1), torch.Tensor.__add__: (1, 1),
@@ -364,6 +408,11 @@ def _selection(build, srcs: dict) -> tuple[str, torch.Tensor] | None:
     exact_up_to = {torch.float32: 2**24, torch.float64: 2**53}.get(p.dtype, 0)
     if 2 * size + 1 >= exact_up_to:
         return None
+    if _by_position(build):
+        # known to select by position, with no constant: the positions rebuilt say which
+        with torch.no_grad():
+            at = build({name: torch.arange(size, dtype=p.dtype, device=p.device).view(p.shape)})
+        return name, at.reshape(-1).long()
     leaf = p.detach().requires_grad_()
     with torch.enable_grad():
         b = build({name: leaf})
