@@ -5,7 +5,9 @@ module with a per-layer rule (:mod:`.rules`), any other module (the module-local
 operations outside any module (the op-local rule, for a bare ``nn.Parameter`` used in
 ``forward``). A module without a rule that uses its own parameters in operations (a class token
 concatenated, a position table added) first has them followed by the op-local rule inside its
-own forward (``RulePlan.scoped``), and goes module-local when that fails. A tied parameter has
+own forward (``RulePlan.scoped``), and goes module-local when that fails. A module whose output
+has no batch axis (a position table) is followed into the operations that use that output, inside
+its parent's forward, or through the whole forward when the output leaves it. A tied parameter has
 several such sites. :class:`RulePlan` holds the sites and the
 parameters that go per sample instead (with the reason), and changes as the batched pass
 (:mod:`.engine`) or the probe (:mod:`.probe`) finds what the structure alone did not tell.
@@ -35,6 +37,8 @@ class Site:
     params: dict[str, str] = field(default_factory=dict)   # attr (relative name) -> selected name
     batch_free: bool = False       # called on inputs without a batch axis (position tables): its
                                    # output is followed into the operations that meet the batch
+    follow_in: str = ""            # batch-free sites: the module inside whose forward those are
+                                   # followed (its parent, first; "": the whole forward)
     axis: int = 0                  # rule sites: the samples' axis of the input and output, 0 unless
                                    # the probe proved another (a layer fed [T, N, d])
     per_sample: dict = field(default_factory=dict)   # module-local sites: call structure -> the
@@ -78,8 +82,8 @@ class RulePlan:
         def module(s):
             return s.module if root is None or s.module is None else root.get_submodule(s.module_name)
 
-        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.axis,
-                         dict(s.per_sample))
+        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.follow_in,
+                         s.axis, dict(s.per_sample))
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
                         self.probe_seconds, self.root if root is None else root, scoped=dict(self.scoped),
@@ -93,16 +97,34 @@ class RulePlan:
     def whole_forward(self) -> bool:
         """Whether the op recorder must watch the whole forward: parameters used outside any
         module, or a module's output without a batch axis followed into the model's operations
-        (rather than only the forwards of the modules in ``scoped``)."""
+        beyond its parent's forward (rather than only the forwards of :attr:`scopes`)."""
         ops = self.sites.get(OPS)
         return (ops is not None and any(p not in self.scoped for p in ops.params.values())) or any(
-            s.batch_free for s in self.sites.values())
+            s.batch_free and not s.follow_in for s in self.sites.values())
+
+    @property
+    def scopes(self) -> set[str]:
+        """The modules inside whose forwards the op recorder runs: those holding the parameters
+        of ``scoped``, and the parents of batch-free modules (``Site.follow_in``)."""
+        return {m for m, _ in self.scoped.values()} | {s.follow_in for s in self.sites.values()
+                                                        if s.batch_free and s.follow_in}
+
+    @property
+    def narrowed(self) -> tuple:
+        """What the op recorder follows inside one module's forward only, each of which a
+        disagreement with the per-sample loop widens (:meth:`drop_param`) before anything is dropped."""
+        return frozenset(self.scoped), frozenset((k, s.follow_in) for k, s in self.sites.items() if s.batch_free)
 
     def drop_param(self, pname: str, why: str) -> None:
         """Send ``pname`` per sample, with the reason; a parameter followed op-local inside its
         module's forward goes module-local instead, the first time."""
         if pname in self.scoped:
             self._unscope(pname, why)
+            return
+        followed = [s for s in self.sites.values() if s.batch_free and s.follow_in and pname in s.params.values()]
+        if followed:
+            for site in followed:
+                self.follow_everywhere(site.key, why)
             return
         for key in list(self.sites):
             site = self.sites[key]
@@ -132,6 +154,16 @@ class RulePlan:
         site = self.sites.setdefault(key, Site(key, mname, self.root.get_submodule(mname), None))
         site.params[attr] = pname
         self.notes[pname] = f"module-local: followed op by op inside {mname}, {why}"
+
+    def follow_everywhere(self, key: str, why: str) -> None:
+        """A batch-free module's output reaches operations outside its parent's forward (returned
+        by it, kept for later, or the module called elsewhere): followed through the whole
+        forward from now on."""
+        site = self.sites[key]
+        for p in site.params.values():
+            self.notes[p] = f"{site.module_name} returns no batch axis: followed into the operations that use its " \
+                            f"output, in the whole forward ({site.follow_in}: {why})"
+        site.follow_in = ""
 
     def to_local(self, key: str, why: str) -> None:
         """A rule site whose calls the rule cannot read (keyword arguments, several tensors) goes
@@ -178,9 +210,15 @@ class RulePlan:
                 for p in self.sites[key].params.values():
                     self.notes.setdefault(p, why)
             elif action == "batch_free":
-                self.sites[key].batch_free = True
-                for p in self.sites[key].params.values():
-                    self.notes.setdefault(p, why)
+                site = self.sites[key]
+                site.batch_free = True
+                # first inside its parent's forward, where a module is called
+                site.follow_in = site.module_name.rpartition(".")[0]
+                inside = f", inside {site.follow_in}'s forward" if site.follow_in else ""
+                for p in site.params.values():
+                    self.notes.setdefault(p, why + inside)
+            elif action == "follow_everywhere":
+                self.follow_everywhere(key, why)
             else:
                 self.drop_site(key, why)
 

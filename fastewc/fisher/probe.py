@@ -179,7 +179,7 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch, values: bool = True) 
         return
     if not values:
         return
-    scoped = set(plan.scoped)
+    narrowed = plan.narrowed
     covered = plan.covered
     # A Hugging Face head computes its own loss in float32 (logits.float()), also for a float64
     # model: then both sides agree to float32 rounding only.
@@ -195,8 +195,9 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch, values: bool = True) 
         if b.numel() and float((a - b).abs().max()) > rtol * scale + rtol * rtol * largest + 1e-30:
             plan.drop_param(pname, f"its rule disagreed with the per-sample loop on a probe (is {pname!r} used "
                                    f"outside its module's forward?)")
-    if set(plan.scoped) != scoped:
-        # parameters followed op by op that disagreed went module-local: prove that in turn
+    if plan.narrowed != narrowed:
+        # parameters followed op by op inside one module's forward that disagreed went
+        # module-local, or are followed through the whole forward: prove that in turn
         _probe(problem, plan, batch, values)
 
 

@@ -116,11 +116,13 @@ class _Recorder:
         # the forwards of the modules whose own parameters it follows
         self.whole_forward = self.mode if plan.whole_forward else None
         self.scopes = 0  # scoped forwards now running (the mode is entered in the outermost)
+        self.escaped: set[str] = set()  # batch-free sites whose output left the forward that followed it
         if self.mode is not None and self.whole_forward is None:
-            for mname in sorted({m for m, _ in plan.scoped.values()}):
+            for mname in sorted(plan.scopes):
                 module = plan.root.get_submodule(mname)
+                followed = [k for k, s in plan.sites.items() if s.batch_free and s.follow_in == mname]
                 self.handles += [module.register_forward_pre_hook(self._enter_scope),
-                                 module.register_forward_hook(self._exit_scope, always_call=True)]
+                                 module.register_forward_hook(self._exit_scope(followed), always_call=True)]
         self.attention: dict[str, RecordingAttention] = {}
         for key, site in plan.sites.items():
             if key == OPS:
@@ -138,12 +140,20 @@ class _Recorder:
         if self.scopes == 1:
             self.mode.__enter__()
 
-    def _exit_scope(self, module, args, output):
-        if _recomputing():
-            return
-        self.scopes -= 1
-        if self.scopes == 0:
-            self.mode.__exit__(None, None, None)
+    def _exit_scope(self, followed: list):
+        """The forward hook leaving a scope. ``followed``: the batch-free sites followed inside
+        this module's forward; one whose output (or a tensor made from it without meeting the
+        batch) is in this module's output would meet the batch where nothing follows it."""
+        def hook(module, args, output):
+            if _recomputing():
+                return
+            self.scopes -= 1
+            if self.scopes == 0:
+                self.mode.__exit__(None, None, None)
+            if followed and any(isinstance(t, torch.Tensor) and id(t) in self.mode.builders
+                                for t in tree_flatten(output)[0]):
+                self.escaped.update(followed)
+        return hook
 
     def _hook(self, key, clone):
         site = self.sites[key]
@@ -206,6 +216,8 @@ class _Recorder:
         def hook(module, args, kwargs, output):
             if _recomputing():
                 return None  # a checkpoint's recomputation (see _hook)
+            if self.whole_forward is None and not self.scopes:
+                self.escaped.add(site.key)  # called outside the forward expected to call it
             leaves, _ = tree_flatten(output)
             for k, t in enumerate(leaves):
                 if isinstance(t, torch.Tensor) and t.is_floating_point():

@@ -342,6 +342,59 @@ def test_batch_free_module_is_followed_into_the_operation_that_meets_the_batch()
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
 
 
+class Followed(nn.Module):
+    """A position table (batch-free) looked up inside a block's forward, and what may become of it
+    there: used inside only (Swin's relative position bias), returned to the caller, kept on the
+    block for the caller to read, or looked up by the caller itself."""
+
+    def __init__(self, how, vocab=9, d=6, seq=5):
+        super().__init__()
+        self.how = how
+        self.tok = nn.Embedding(vocab, d)
+        self.block = nn.Module()
+        self.block.posemb = nn.Embedding(seq, d)
+        self.block.lin = nn.Linear(d, d)
+        self.block.forward = self._block
+        self.head = nn.Linear(d, 3)
+
+    def _block(self, h):
+        b = self.block
+        table = b.posemb(torch.arange(h.shape[1])) if self.how != "outside" else self.table
+        if self.how == "returned":
+            return b.lin(h + table), table * 2
+        if self.how == "kept":
+            b.kept = table.flip(0)
+        return b.lin(h + table)
+
+    def forward(self, ids):
+        h = self.tok(ids)
+        if self.how == "outside":
+            self.table = self.block.posemb(torch.arange(ids.shape[1]))
+        out = self.block(h)
+        h = out[0] + out[1] if self.how == "returned" else out + self.block.kept if self.how == "kept" else out
+        return self.head(h.tanh().mean(1))
+
+
+@pytest.mark.parametrize("how", ["inside", "returned", "kept", "outside"])
+def test_a_batch_free_output_is_followed_inside_its_parents_forward_or_everywhere_when_it_leaves(how):
+    """The op recorder follows a batch-free module's output inside its parent's forward only,
+    where such a module is called; when the output leaves that forward (returned, or the module
+    called elsewhere: seen in the pass; kept on the module for later: the probe's comparison with
+    the per-sample loop), it is followed through the whole forward instead, and the report says
+    so. Exact in every case."""
+    fastewc.fisher.clear_plan_cache()
+    torch.manual_seed(7)
+    model = Followed(how).to(D)
+    data = batches(torch.randint(0, 9, (7, 5)), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = _run(model, data)
+    note = info.notes["block.posemb.weight"]
+    assert info.methods["block.posemb.weight"] == "embedding" and "returns no batch axis" in note, note
+    assert ("inside block's forward" in note) == (how == "inside"), note
+    assert ("in the whole forward" in note) == (how != "inside"), note
+    assert not info.vmap_params and not info.loop_params
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)])
 def test_hf_conv1d_rule_on_random_shapes(shape):
     transformers = pytest.importorskip("transformers")
