@@ -241,6 +241,10 @@ class _Recorder:
 _REPEATS = (torch.Tensor.repeat, torch.tile)
 
 
+def _no_table(x: torch.Tensor) -> bool:
+    return False
+
+
 def _repeats_one_row(func, leaves, slots, out: torch.Tensor, n: int) -> bool:
     """Whether ``out`` is one row of a watched tensor copied along a new batch axis
     (``cls.repeat(n, 1, 1)``): every row the same values, as a broadcast one's, in other memory."""
@@ -313,15 +317,18 @@ class _OpRecorder(TorchFunctionMode):
         fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n, seen=frozenset(self.recorder.folds))
         if fold > 1:
             self.recorder.folds.add(fold)
+        key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
+               tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
+        self.ordinal += 1
+        # Where the probe settled this operation's layout, the proven positions are taken below and
+        # a module's table among these only widens the set they must lie in: not looked for.
+        table = self._module_table if self.recorder.proving or self.layouts.get(key) is None else _no_table
         by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
-                        and x.dim() > 0 and x.shape[0] == n * fold and not self._module_table(x))
+                        and x.dim() > 0 and x.shape[0] == n * fold and not table(x))
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
         # broadcasting or copying one row; a first axis that only has the batch's size holds no samples.
         meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(id(leaves[k]) in self.spread
                                                                             for k in slots))
-        key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
-               tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
-        self.ordinal += 1
         if self.recorder.proving:
             seen = self.layouts.get(key, (meets, by_size, fold))
             self.layouts[key] = (meets, by_size, fold) if seen == (meets, by_size, fold) else None

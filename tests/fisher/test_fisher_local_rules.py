@@ -304,13 +304,16 @@ def test_learned_attention_bias_in_closed_form(how, kind, windows, monkeypatch):
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 
 
-def test_a_module_buffer_with_as_many_rows_as_the_probes_samples_holds_none():
+@pytest.mark.parametrize("seq", [2, 3])
+def test_a_module_buffer_with_as_many_rows_as_the_probes_samples_holds_none(seq):
     # A relative-position index [T, T] with T = 2, the probe's sample count: the module's own
     # buffer, so no samples whatever its rows; before, the table's gather was taken for a batched
-    # operation and the table went per sample.
+    # operation and the table went per sample. T = 3: as many rows as the later passes' samples,
+    # which take the layout the probe proved without looking for the model's buffers.
+    fastewc.fisher.clear_plan_cache()
     torch.manual_seed(6)
-    model = BiasedAttention("mask", seq=2).to(D)
-    x, mask = torch.randint(0, 11, (6, 2)), torch.ones(6, 2, dtype=torch.long)
+    model = BiasedAttention("mask", seq=seq).to(D)
+    x, mask = torch.randint(0, 11, (6, seq)), torch.ones(6, seq, dtype=torch.long)
     data = batches(torch.stack([x, mask], 1), torch.randint(0, 3, (6,)), batch_size=3)
     got, info = _run(model, data)
     assert info.methods["table"] == "op-local", info
