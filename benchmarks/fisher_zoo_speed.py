@@ -17,9 +17,10 @@ estimate time (target: >= 1.5). The probe's cost on a first call and what auto c
 the JSON.
 
     python benchmarks/fisher_zoo_speed.py [--size small|tiny] [--models bert,llama] [--samples 128] [--repeats 3]
+                                          [--device cpu|cuda]
 
 Default JSON: ``benchmarks/results/<machine>/fisher_zoo_speed.json`` (``fisher_zoo_speed_tiny.json``
-for the tiny size).
+for the tiny size; ``_cuda`` before ``.json`` on a GPU, in the GPU's folder).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import warnings
 import torch
 
 import fastewc
-from fastewc import reference
+from fastewc import EWCInputError, reference
 from fastewc.bench import timing
+from fastewc.bench.device import resolve_device
 from fastewc.bench.fisher import _train_pass
 from fastewc.fisher import clear_plan_cache
 from results_path import results_path
@@ -67,12 +69,15 @@ def problem(name: str, n: int, batch_size: int, size: str = "small"):
     return model, data
 
 
-def measure(name: str, n: int, batch_size: int, repeats: int, size: str = "small") -> dict:
+def measure(name: str, n: int, batch_size: int, repeats: int, size: str = "small",
+            device: torch.device = torch.device("cpu")) -> dict:
     model, data = problem(name, n, batch_size, size)
+    model = model.to(device)
+    data = [{k: v.to(device) for k, v in b.items()} for b in data]
     cases = {"fastewc auto": lambda: fastewc.estimate_fisher(model, data, kind="empirical"),
              "training pass": lambda: _train_pass(model, data),
              "reference loop": lambda: reference.estimate_fisher(model, data, kind="empirical")}
-    times = timing.time_side_by_side(cases, repeats=repeats, warmup=1)
+    times = timing.time_side_by_side(cases, repeats=repeats, warmup=1, device=device)
     med = {k: timing.median(v) for k, v in times.items()}
     clear_plan_cache()
     _, info = fastewc.estimate_fisher(model, data, kind="empirical", return_info=True)
@@ -110,20 +115,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None, help="default: benchmarks/results/<machine>/fisher_zoo_speed.json")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--json", default=None, help="default: benchmarks/results/<machine>/fisher_zoo_speed.json "
+                                                 "(fisher_zoo_speed_cuda.json on a GPU)")
     args = ap.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except EWCInputError as e:
+        ap.error(str(e))
     warnings.filterwarnings("ignore")  # fallback warnings are in the report's counts
     rows = []
     for name in args.models.split(","):
         t0 = time.perf_counter()
         try:
-            row = measure(name, args.samples, args.batch_size, args.repeats, args.size)
+            row = measure(name, args.samples, args.batch_size, args.repeats, args.size, device)
         except Exception as e:  # noqa: BLE001 - a crash is a row of the table, not the end of it
             row = {"model": name, "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         print(f"{name}: {row.get('x_floor', row.get('error'))} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     ok = [r for r in rows if "error" not in r]
-    result = {"machine": timing.machine_info("cpu"), "size": args.size, "samples": args.samples,
+    result = {"machine": timing.machine_info(device), "device": str(device), "size": args.size, "samples": args.samples,
               "batch_size": args.batch_size,
               "dtype": "float32", "kind": "empirical", "method": "auto", "repeats": args.repeats,
               "targets": {"x_floor_max": TARGET_FLOOR, "vs_loop_min": TARGET_LOOP}, "rows": rows,
@@ -131,8 +142,8 @@ def main(argv=None) -> dict:
     print()
     print(format_table(rows, args.samples, args.repeats, args.size))
     print(f"\nmissing a target: {', '.join(result['missed']) or 'none'}")
-    suffix = "" if args.size == "small" else f"_{args.size}"
-    path = args.json or results_path(f"fisher_zoo_speed{suffix}.json")
+    suffix = ("" if args.size == "small" else f"_{args.size}") + ("" if device.type == "cpu" else f"_{device.type}")
+    path = args.json or results_path(f"fisher_zoo_speed{suffix}.json", device)
     print(f"\nwrote {timing.write_json(path, result)}")
     return result
 

@@ -182,6 +182,15 @@ def zoo_speed_table(d: dict, source: str) -> str:
             f"Source: `{source}`.\n\n" + format_table(d["rows"], d["samples"], d["repeats"], d.get("size", "tiny")))
 
 
+def penalty_gpu_table(d: dict, source: str) -> str:
+    from bench_penalty_gpu import table
+
+    m = d["machine"]
+    return (f"{_where(m)}, torch {m['torch']}, triton {m.get('triton')}, {m['date']}; {d['timing']}, "
+            f"{d['repeats']} repeats; {d['tasks']} tasks; copy bandwidth {d['copy_GBps']:.0f} GB/s; floor: "
+            f"{d['floor']}. Source: `{source}`.\n\n" + table(d["rows"], d["copy_GBps"] * 1e9))
+
+
 def outer_sq_table(d: dict, source: str) -> str:
     m = d["machine"]
     lines = [f"N = {d['samples']} samples, float32, kernel on PyTorch's OpenMP threads: {d['threaded']}; "
@@ -209,7 +218,11 @@ def main(argv=None) -> None:
               "demo_merge": ("demo_merge.json", demo_merge_table), "fisher_zoo": ("fisher_zoo.json", zoo_table),
               "tracker": ("tracker_cpu.json", tracker_table), "outer_sq": ("outer_sq_cpu.json", outer_sq_table),
               "fisher_zoo_speed": ("fisher_zoo_speed.json", zoo_speed_table),
-              "fisher_zoo_speed_tiny": ("fisher_zoo_speed_tiny.json", zoo_speed_table)}
+              "fisher_zoo_speed_tiny": ("fisher_zoo_speed_tiny.json", zoo_speed_table),
+              # a lent GPU's (benchmarks/gpu_suite.sh)
+              "penalty_gpu": ("penalty_gpu.json", penalty_gpu_table), "fisher_cuda": ("fisher_cuda.json", fisher_table),
+              "fisher_zoo_speed_cuda": ("fisher_zoo_speed_cuda.json", zoo_speed_table),
+              "tracker_cuda": ("tracker_cuda.json", tracker_table)}
     for block, (fname, make) in makers.items():
         machine = _latest(fname, args.machine)
         d = _load(machine, fname) if machine is not None else None
