@@ -1,6 +1,7 @@
 """Smoke runs of the scripts behind the GPU tables, on the CPU: the zoo's speed and the tracked
-steps on any device (tiny sizes, one round), a clear refusal of a device this torch cannot use,
-and ``gpu_suite.sh`` refusing to start without a CUDA GPU."""
+steps on any device (tiny sizes, one round), their JSON and the penalty's (a dry run) made into
+the README's tables, a clear refusal of a device this torch cannot use, and ``gpu_suite.sh``
+refusing to start without a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_penalty_gpu  # noqa: E402
 import bench_tracker  # noqa: E402
 import fisher_zoo_speed  # noqa: E402
+import update_readme  # noqa: E402
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA GPU is seen")
 
@@ -29,6 +32,8 @@ def test_zoo_speed_on_a_named_device(tmp_path):
     assert all("error" not in r and r["x_floor"] > 0 and r["vmap_params"] == r["loop_params"] == 0
                for r in result["rows"]), result["rows"]
     assert json.loads(out.read_text())["rows"][1]["model"] == "vit"
+    table = update_readme.zoo_speed_table(json.loads(out.read_text()), "src")
+    assert "| bert " in table and "| vit " in table and "Source: `src`" in table
 
 
 def test_tracked_steps_on_a_named_device(tmp_path):
@@ -38,6 +43,15 @@ def test_tracked_steps_on_a_named_device(tmp_path):
     assert result["device"] == "cpu" and [r["model"] for r in result["rows"]] == ["mlp", "transformer"]
     assert all(r["tracked_over_plain"] > 0 for r in result["rows"])
     assert json.loads(out.read_text())["rows"][0]["model"] == "mlp"
+    table = update_readme.tracker_table(json.loads(out.read_text()), "src")
+    assert "| mlp | 64 |" in table and "| transformer | 64 |" in table
+
+
+def test_penalty_gpu_json_makes_the_readme_table(tmp_path):
+    out = tmp_path / "penalty.json"
+    bench_penalty_gpu.main(["--dry-run", "--storage", "float32", "--json", str(out)])
+    table = update_readme.penalty_gpu_table(json.loads(out.read_text()), "src")
+    assert "| reference loop |" in table and "copy bandwidth" in table and "Source: `src`" in table
 
 
 @no_cuda
