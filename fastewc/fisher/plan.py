@@ -77,10 +77,13 @@ class RulePlan:
     labels: object = None
 
     def copy(self, root: nn.Module | None = None) -> "RulePlan":
-        """An independent copy; with ``root``, for that model (one with the same module names, a
-        float32 twin's plan carried over to the model itself), its modules looked up by name."""
+        """An independent copy; with ``root``, for that model (one with the same module names: a
+        float32 twin's plan carried over to the model itself, or a :meth:`detached` plan given
+        its model back), its modules looked up by name."""
         def module(s):
-            return s.module if root is None or s.module is None else root.get_submodule(s.module_name)
+            if root is None:
+                return s.module
+            return None if s.key == OPS else root.get_submodule(s.module_name)
 
         sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.follow_in,
                          s.axis, dict(s.per_sample))
@@ -88,6 +91,17 @@ class RulePlan:
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
                         self.probe_seconds, self.root if root is None else root, scoped=dict(self.scoped),
                         op_layouts=dict(self.op_layouts), labels=self.labels)
+
+    def detached(self) -> "RulePlan":
+        """A copy that holds no reference to the model (its modules are named only), for the plan
+        cache, which must not keep a model alive: its key is a weak reference to the model, and
+        a value referring to the key would make that key live as long as the cache.
+        ``copy(model)`` gives the model back."""
+        plan = self.copy()
+        plan.root = None
+        for site in plan.sites.values():
+            site.module = None
+        return plan
 
     @property
     def covered(self) -> set[str]:

@@ -287,7 +287,7 @@ def cached_plan(problem: Problem, batch: Batch, probe: bool, labels=None) -> tup
     if sig in per_model:
         if labels is not None:
             per_model[sig].labels = labels
-        return per_model[sig].copy(), True
+        return per_model[sig].copy(problem.model), True
     plan = make_plan(problem.model, problem.selected)
     if probe and plan.sites:
         copied = _float32_copy(problem, batch) if _low_precision(problem) else None
@@ -297,7 +297,7 @@ def cached_plan(problem: Problem, batch: Batch, probe: bool, labels=None) -> tup
             plan = _probe_in_float32(problem, batch, *copied)
     per_model.clear()  # one proven plan per model: the latest structure
     plan.labels = labels
-    per_model[sig] = plan.copy()
+    per_model[sig] = plan.detached()
     return plan, False
 
 
