@@ -206,6 +206,11 @@ def test_a_rebuilt_argument_that_selects_elements_of_its_parameter_is_pulled_bac
     got = _selection(lambda s: build(s["p"]), {"p": p})
     assert (got is not None) == selects
     assert _selection(lambda s: s["p"] + s["q"], {"p": p, "q": p}) is None
+    # given the argument as a pass computed it (no rebuild from the parameter): the same finding
+    given = _selection(lambda s: build(s["p"]), {"p": p}, build(p.clone()))
+    assert (given is None) == (got is None) and (got is None or torch.equal(given[1], got[1]))
+    if got is not None:  # an argument the parameter's values do not give is no such selection
+        assert _selection(lambda s: build(s["p"]), {"p": p}, build(p.clone()) + 1) is None
     if got is not None:
         name, where = got
         leaf = p.clone().requires_grad_()

@@ -339,7 +339,8 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
             # this argument's own parameters: a selection reads one (the class token of a
             # concatenation with a distillation token is its own selection, not one of both)
             srcs = {name: values[name] for name in rec.slot_sources.get(k, rec.sources)}
-            selected = _selection(build, srcs)
+            # the argument as the pass computed it (one row of a spread one, as ``build`` gives)
+            selected = _selection(build, srcs, rec.leaves[k][:1] if k in rec.spread else rec.leaves[k])
             if selected is not None:
                 name, where = selected
                 p = srcs[name]
@@ -392,15 +393,18 @@ def _selects_from(node, leaf: torch.Tensor) -> bool:
     return True
 
 
-def _selection(build, srcs: dict) -> tuple[str, torch.Tensor] | None:
+def _selection(build, srcs: dict, actual: torch.Tensor | None = None) -> tuple[str, torch.Tensor] | None:
     """``(name, where)`` when ``build`` only selects elements of the one parameter ``name`` or
     constants (``cls.expand(n, -1, -1)`` rebuilt with one row, ``table[index].permute(2, 0, 1)``,
     an embedding of fixed positions, a causal mask's fill): ``where[e]`` is the flat position in
     the parameter of the rebuilt argument's element ``e``, or the parameter's size for a constant.
-    It is read by rebuilding the argument from the positions themselves, and from the positions
-    shifted by a constant, which moves the parameter's elements and no constant. Each sample's
-    pull-back is then one ``index_add`` for every sample at once. None otherwise (a chain with
-    arithmetic, a parameter too large for its positions to be exact in its dtype)."""
+    It is read by rebuilding the argument from the positions themselves (with gradients, whose
+    graph says whether the chain only selects), and from the positions shifted by a constant,
+    which moves the parameter's elements and no constant. Each sample's pull-back is then one
+    ``index_add`` for every sample at once. None otherwise (a chain with arithmetic, a parameter
+    too large for its positions to be exact in its dtype). ``actual``: the argument as the pass
+    computed it, which the selection must reproduce from the parameter's values (by default
+    rebuilt from them)."""
     if len(srcs) != 1:
         return None
     (name, p), = srcs.items()
@@ -413,18 +417,21 @@ def _selection(build, srcs: dict) -> tuple[str, torch.Tensor] | None:
         with torch.no_grad():
             at = build({name: torch.arange(size, dtype=p.dtype, device=p.device).view(p.shape)})
         return name, at.reshape(-1).long()
-    leaf = p.detach().requires_grad_()
+    def positions(shift: int = 0) -> torch.Tensor:
+        return torch.arange(shift, shift + size, dtype=p.dtype, device=p.device).view(p.shape)
+
+    leaf = positions().requires_grad_()
     with torch.enable_grad():
         b = build({name: leaf})
-    if b is leaf:
-        return name, torch.arange(size, device=p.device)
+    if b is leaf:  # the parameter itself
+        same = actual is None or (actual.shape == p.shape and torch.equal(actual.detach(), p.detach()))
+        return (name, torch.arange(size, device=p.device)) if same else None
     if not isinstance(b, torch.Tensor) or b.grad_fn is None or not _selects_from(b.grad_fn, leaf):
         return None
     with torch.no_grad():
-        positions = torch.arange(size, dtype=p.dtype, device=p.device).view(p.shape)
-        at = build({name: positions}).reshape(-1)
-        shifted = build({name: positions + (size + 1)}).reshape(-1)
-        got = b.detach().reshape(-1)
+        at = b.detach().reshape(-1)
+        shifted = build({name: positions(size + 1)}).reshape(-1)
+        got = (build({name: p.detach()}) if actual is None else actual).detach().reshape(-1)
         if not (at.shape == shifted.shape == got.shape):
             return None  # which elements it takes depends on their values (p[p > 0])
         moved = shifted - at == size + 1
