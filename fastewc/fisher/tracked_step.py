@@ -20,6 +20,7 @@ It holds no state of its own: it reads the tracker's plan (``_sites``, ``_uses``
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -108,6 +109,11 @@ def _precision(state: dict):
     return stack
 
 
+# The steps of a declared loss whose output gradient is read for samples of unequal lengths: the
+# read is small (two positions), but a host sync on a GPU; padding shows in the first steps.
+_POSITION_CHECKS = 8
+
+
 class _StepHooks:
     """The forward and backward hooks of :class:`~.tracker.FisherTracker` (a base class of it)."""
 
@@ -188,6 +194,40 @@ class _StepHooks:
             elif shape and shape[0] != 1 and len(inner) == 1:
                 self._axes.setdefault(key, inner[0])
 
+    def _watch_positions(self, p: _Pass, output) -> None:
+        """The first steps of a declared loss on outputs with positions (``[N, T, C]`` logits):
+        read the output gradient for samples of different lengths (:meth:`_unequal_lengths`)."""
+        if self._positions_checked >= _POSITION_CHECKS:
+            return
+        out = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+        if (isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 3 and out.shape[0] == p.n
+                and out.shape[1] > 1):
+            self._positions_checked += 1
+            out.register_hook(self._unequal_lengths)
+
+    def _unequal_lengths(self, G: torch.Tensor) -> None:
+        """Warn, once, where some samples have a gradient at their first or last position and
+        others none (padding the loss ignores, at sequences of different lengths). There a loss
+        averaged over the batch's tokens weighs each sample by its length, which neither declared
+        reduction describes (a mean over samples weighs each 1/N), and the tracked Fisher would be
+        off without an error; a loss averaged per sample first is right, and only it."""
+        if G is None or self._positions_checked > _POSITION_CHECKS:
+            return None
+        ends = G.detach()[:, [0, -1]].flatten(2).ne(0).any(-1)  # [N, 2]: a gradient at the first / last position
+        if bool((ends.any(0) & ~ends.all(0)).any()):
+            self._positions_checked = _POSITION_CHECKS + 1  # said once
+            warnings.warn(
+                f"FisherTracker: the model's output has positions, and in this batch some samples have a gradient "
+                f"at their first or last position and others none (padding the loss ignores). reduction="
+                f"{self.reduction!r} means your loss is the {self.reduction} over the batch's samples of each "
+                f"sample's own loss. A loss averaged over the batch's tokens (F.cross_entropy(logits.flatten(0, 1), "
+                f"targets.flatten()) with ignored positions) weighs each sample by its number of tokens instead, and "
+                f"the tracked Fisher would be off: average per sample first, e.g. F.cross_entropy(logits.transpose(1, "
+                f"2), targets, reduction='none').sum(1) / (targets != -100).sum(1), then .mean(). If your loss does "
+                f"that already, this warning does not apply. (A Hugging Face model called with labels needs "
+                f"nothing: its own loss is weighed as it computes it.)", UserWarning, stacklevel=2)
+        return None
+
     def _refuse_mixing(self) -> None:
         for name, m in self.model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
@@ -199,7 +239,10 @@ class _StepHooks:
 
     def _post_hook(self, module, args, kwargs, output):
         p = self._pass
-        if p is None or p.weights is None or not torch.is_grad_enabled():
+        if p is None or not torch.is_grad_enabled():
+            return None
+        if p.weights is None:  # a loss of the user's own, declared
+            self._watch_positions(p, output)
             return None
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, dict):

@@ -64,6 +64,10 @@ class FisherTracker(_StepHooks):
             ``"mean"`` (default) or ``"sum"`` over dim 0. Not used for a Hugging Face model called
             with ``labels`` whose own ``output.loss`` you back-propagate: the tracker reads the
             labels and weighs each sample as that loss does (a token mean for language models).
+            A loss of your own over sequences must average (or sum) per sample first: a mean over
+            the batch's tokens weighs each sample by its length where lengths differ, which
+            neither reduction describes; the first steps read the output gradient for that case
+            and warn once.
         accumulation_steps: ``k`` when you divide the loss by ``k`` for gradient accumulation.
         scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` you back-propagate; its scale
             is divided out, and steps whose gradients overflow (which the scaler skips) are not
@@ -142,6 +146,7 @@ class FisherTracker(_StepHooks):
         self._sites: dict = {}
         self._pass: _Pass | None = None
         self._own_loss_checked = False
+        self._positions_checked = 0  # steps whose output gradient was read for unequal sequence lengths
         self._head = model_head(self.model)  # which Hugging Face loss the model computes, if any
         self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments
         self._axes: dict[str, int] = {}  # rule site -> the axis holding its samples, where that was unambiguous

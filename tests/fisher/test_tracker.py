@@ -766,3 +766,59 @@ def test_a_module_that_writes_into_its_input_is_refused_by_name():
     model = nn.Sequential(nn.Linear(3, 5), Doubling(), nn.Tanh(), nn.Linear(5, 2)).to(D)
     with FisherTracker(model), pytest.raises(EWCInputError, match=r"1 \(Doubling\) has no hand rule"):
         model(torch.randn(4, 3, dtype=D))
+
+
+class _Tagger(nn.Module):
+    """Per-position logits ``[N, T, 3]``: a token tagger."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(self.emb(x))))
+
+
+def _tagged(padded: bool):
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 9, (6, 5), generator=g), torch.randint(0, 3, (6, 5), generator=g)
+    if padded:  # right padding the loss ignores: lengths 5, 4, 3, 5, 4, 3
+        y[torch.arange(5)[None] >= (5 - torch.arange(6) % 3)[:, None]] = -100
+    return [(x[i:i + 3], y[i:i + 3]) for i in (0, 3)]
+
+
+def _tag_loss(out, y, per_sample: bool):
+    if per_sample:  # each sample's mean over its own tokens, then the mean over samples
+        return (F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1) / (y != -100).sum(1)).mean()
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())  # the mean over the batch's tokens
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_a_declared_loss_over_sequences_of_unequal_lengths_is_warned_about(padded, per_sample, recwarn):
+    """A loss averaged over the batch's tokens weighs each sample by its number of tokens, which
+    no declared reduction describes: where the samples' lengths differ (padding the loss ignores)
+    the tracked Fisher is off, and a warning says so and how to average per sample instead. Equal
+    lengths make the two losses one; averaged per sample first, the Fisher is exact."""
+    torch.manual_seed(0)
+    model = _Tagger().to(D)
+    data = _tagged(padded)
+    tracker = FisherTracker(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with tracker:
+        for x, y in data:
+            opt.zero_grad()
+            _tag_loss(model(x), y, per_sample).backward()
+            opt.step()
+    said = [w for w in recwarn.list if "FisherTracker: the model's output has positions" in str(w.message)]
+    assert len(said) == (1 if padded else 0)
+    if padded:
+        assert "average per sample first" in str(said[0].message)
+    want = estimate_fisher(model, data, kind="empirical")
+    if per_sample or not padded:
+        assert_fisher_close(tracker.fisher(), want, **TOL)
+    else:  # what the warning is about: the token mean's Fisher is another one
+        got = tracker.fisher()
+        assert max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want) > 1e-3
