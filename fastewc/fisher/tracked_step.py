@@ -313,7 +313,12 @@ class _StepHooks:
                 f"FisherTracker: {site.module_name} ({type(module).__name__}) is called on a tensor of shape "
                 f"{tuple(A.shape)} whose first axis is not the batch of {n} samples"
                 + (" and no other axis but the last is" if site.rule.sequence else "")
-                + "; its rule needs the samples on dim 0" + (" or on one inner axis" if site.rule.sequence else ""))
+                + "; its rule needs the samples on dim 0" + (" or on one inner axis" if site.rule.sequence else "")
+                + (f". Its first axis is {A.shape[0] // n} rows per sample: a model that folds its batch into rows "
+                   f"(OPT's layers on [N*T, d], Swin's attention on [N*windows, ...]) is not tracked; "
+                   f"estimate_fisher covers it after training" if A.dim() > 0 and A.shape[0] > n and A.shape[0] % n == 0
+                   else "")
+                + f", or leave {site.module_name}'s parameters out with params=")
         if known is None and axis != 0 and key in self._assumed:
             raise EWCInputError(
                 f"FisherTracker: {site.module_name} ({type(module).__name__}) takes its samples on axis {axis} "
