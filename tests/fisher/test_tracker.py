@@ -720,28 +720,6 @@ def test_a_convolution_fed_its_samples_on_another_axis_is_refused():
         model(torch.randn(3, 5, 4, dtype=D))
 
 
-def test_a_batch_folded_into_rows_is_refused_saying_what_covers_it():
-    class Folded(nn.Module):  # OPT's pattern: the layers take the batch's positions as rows, [N*T, d]
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(9, 4)
-            self.lin = nn.Linear(4, 4)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = self.emb(x)
-            return self.head(torch.tanh(self.lin(h.flatten(0, 1))).view(*h.shape).mean(1))
-
-    model = Folded().to(D)
-    with FisherTracker(model), pytest.raises(EWCInputError, match=r"lin \(Linear\) is called on a tensor of shape "
-                                                                  r"\(15, 4\) whose first axis is not the batch of 3 "
-                                                                  r"samples.* 5 rows per sample: a model that folds its "
-                                                                  r"batch into rows .* is not tracked; estimate_fisher "
-                                                                  r"covers it after training, or leave lin's "
-                                                                  r"parameters out with params="):
-        F.cross_entropy(model(torch.randint(0, 9, (3, 5))), torch.tensor([0, 1, 2])).backward()
-
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"reduction": "token"}, "reduction must be one of"),
     ({"accumulation_steps": 0}, "accumulation_steps must be a positive int"),
@@ -844,3 +822,22 @@ def test_a_declared_loss_over_sequences_of_unequal_lengths_is_warned_about(padde
     else:  # what the warning is about: the token mean's Fisher is another one
         got = tracker.fisher()
         assert max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want) > 1e-3
+
+
+class _Folded(_Tagger):
+    """OPT's pattern: the layers take the batch's positions as rows, ``[N*T, d]``."""
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(torch.tanh(self.lin(h.flatten(0, 1))).view(*h.shape).mean(1))
+
+
+def test_a_batch_folded_into_rows_is_refused_saying_what_covers_it():
+    model = _Folded().to(D)
+    with FisherTracker(model), pytest.raises(EWCInputError, match=r"lin \(Linear\) is called on a tensor of shape "
+                                                                  r"\(15, 6\) whose first axis is not the batch of 3 "
+                                                                  r"samples.* 5 rows per sample: a model that folds its "
+                                                                  r"batch into rows .* is not tracked; estimate_fisher "
+                                                                  r"covers it after training, or leave lin's "
+                                                                  r"parameters out with params="):
+        F.cross_entropy(model(torch.randint(0, 9, (3, 5))), torch.tensor([0, 1, 2])).backward()
