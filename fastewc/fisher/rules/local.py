@@ -393,7 +393,7 @@ def _selects_from(node, leaf: torch.Tensor) -> bool:
     return True
 
 
-def _selection(build, srcs: dict, actual: torch.Tensor | None = None) -> tuple[str, torch.Tensor] | None:
+def _selection(build, srcs: dict, actual: torch.Tensor) -> tuple[str, torch.Tensor] | None:
     """``(name, where)`` when ``build`` only selects elements of the one parameter ``name`` or
     constants (``cls.expand(n, -1, -1)`` rebuilt with one row, ``table[index].permute(2, 0, 1)``,
     an embedding of fixed positions, a causal mask's fill): ``where[e]`` is the flat position in
@@ -403,8 +403,7 @@ def _selection(build, srcs: dict, actual: torch.Tensor | None = None) -> tuple[s
     which moves the parameter's elements and no constant. Each sample's pull-back is then one
     ``index_add`` for every sample at once. None otherwise (a chain with arithmetic, a parameter
     too large for its positions to be exact in its dtype). ``actual``: the argument as the pass
-    computed it, which the selection must reproduce from the parameter's values (by default
-    rebuilt from them)."""
+    computed it, which the selection must reproduce from the parameter's values."""
     if len(srcs) != 1:
         return None
     (name, p), = srcs.items()
@@ -412,26 +411,26 @@ def _selection(build, srcs: dict, actual: torch.Tensor | None = None) -> tuple[s
     exact_up_to = {torch.float32: 2**24, torch.float64: 2**53}.get(p.dtype, 0)
     if 2 * size + 1 >= exact_up_to:
         return None
-    if _by_position(build):
-        # known to select by position, with no constant: the positions rebuilt say which
-        with torch.no_grad():
-            at = build({name: torch.arange(size, dtype=p.dtype, device=p.device).view(p.shape)})
-        return name, at.reshape(-1).long()
+
     def positions(shift: int = 0) -> torch.Tensor:
         return torch.arange(shift, shift + size, dtype=p.dtype, device=p.device).view(p.shape)
 
+    if _by_position(build):
+        # known to select by position, with no constant: the positions rebuilt say which
+        with torch.no_grad():
+            return name, build({name: positions()}).reshape(-1).long()
     leaf = positions().requires_grad_()
     with torch.enable_grad():
         b = build({name: leaf})
     if b is leaf:  # the parameter itself
-        same = actual is None or (actual.shape == p.shape and torch.equal(actual.detach(), p.detach()))
+        same = actual.shape == p.shape and torch.equal(actual.detach(), p.detach())
         return (name, torch.arange(size, device=p.device)) if same else None
     if not isinstance(b, torch.Tensor) or b.grad_fn is None or not _selects_from(b.grad_fn, leaf):
         return None
     with torch.no_grad():
         at = b.detach().reshape(-1)
         shifted = build({name: positions(size + 1)}).reshape(-1)
-        got = (build({name: p.detach()}) if actual is None else actual).detach().reshape(-1)
+        got = actual.detach().reshape(-1)
         if not (at.shape == shifted.shape == got.shape):
             return None  # which elements it takes depends on their values (p[p > 0])
         moved = shifted - at == size + 1
