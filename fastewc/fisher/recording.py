@@ -241,10 +241,6 @@ class _Recorder:
 _REPEATS = (torch.Tensor.repeat, torch.tile)
 
 
-def _no_table(x: torch.Tensor) -> bool:
-    return False
-
-
 def _repeats_one_row(func, leaves, slots, out: torch.Tensor, n: int) -> bool:
     """Whether ``out`` is one row of a watched tensor copied along a new batch axis
     (``cls.repeat(n, 1, 1)``): every row the same values, as a broadcast one's, in other memory."""
@@ -322,9 +318,9 @@ class _OpRecorder(TorchFunctionMode):
         self.ordinal += 1
         # Where the probe settled this operation's layout, the proven positions are taken below and
         # a module's table among these only widens the set they must lie in: not looked for.
-        table = self._module_table if self.recorder.proving or self.layouts.get(key) is None else _no_table
+        settled = not self.recorder.proving and self.layouts.get(key) is not None
         by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
-                        and x.dim() > 0 and x.shape[0] == n * fold and not table(x))
+                        and x.dim() > 0 and x.shape[0] == n * fold and (settled or not self._module_table(x)))
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
         # broadcasting or copying one row; a first axis that only has the batch's size holds no samples.
         meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(id(leaves[k]) in self.spread
