@@ -109,6 +109,19 @@ def _precision(state: dict):
     return stack
 
 
+def _own_arithmetic():
+    """What the tracker's own arithmetic in a gradient hook runs under: no autograd recording and
+    no autocast. Inside a backward both are off already unless the user asked otherwise
+    (``create_graph=True``, a backward called within an autocast region on the CPU); then, at
+    every hook of every step, nothing is entered."""
+    if not torch.is_grad_enabled() and not any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(_precision({}))
+    return stack
+
+
 # The steps of a declared loss whose output gradient is read for samples of unequal lengths: the
 # read is small (two positions), but a host sync on a GPU; padding shows in the first steps.
 _POSITION_CHECKS = 8
@@ -134,7 +147,7 @@ class _StepHooks:
             raise EWCInputError("FisherTracker: the model's forward runs inside a backward (gradient checkpointing "
                                 "recomputes it): the tracker cannot tell that forward from a training one; turn "
                                 "checkpointing off while tracking")
-        flags = tuple(m.training for m in self.model.modules())
+        flags = tuple([m.training for m in self._modules])  # a list read at start(): no walk a step
         if flags != self._flags:  # a BatchNorm's mode is among the flags: checked when they change
             self._refuse_mixing()
             self._install_site_hooks()
@@ -334,6 +347,9 @@ class _StepHooks:
 
     def _local_hook(self, key: str):
         site = self._sites[key]
+        # what may draw random masks in a replay (read when the modes change: the hooks are new then)
+        masks = [(name, m) for name, m in site.module.named_modules()
+                  if isinstance(m, (*_DROPOUTS, nn.MultiheadAttention, nn.RNNBase))]
 
         def hook(module, args, kwargs, output):
             p = self._pass
@@ -343,7 +359,7 @@ class _StepHooks:
             # so its dropout is no obstacle (where it is the module's one use in the pass)
             observed = observe_call(module, args, kwargs, output)
             alone = observed is not None and not p.calls[key] and self._unshared(key)
-            active = [name for name, m in module.named_modules()
+            active = [name for name, m in masks
                       if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0)
                                          or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and not alone)
                                          or (isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1))]
@@ -465,7 +481,7 @@ class _StepHooks:
     def _on_grad(self, p: _Pass, key: str, c: int, slot: int, G: torch.Tensor):
         if p.dropped:
             return None  # its forward ran while tracked, its backward after stop(): not tracked
-        with torch.no_grad(), _precision({}):
+        with _own_arithmetic():
             self._begin(p)
             call = p.calls[key][c]
             site = self._sites[key]
@@ -566,7 +582,7 @@ class _StepHooks:
         # which replays nothing, skips it.
         replays = any(calls and self._sites[key].rule is None for key, calls in p.calls.items())
         try:
-            with torch.no_grad(), plain_attention() if replays else contextlib.nullcontext(), _precision({}):
+            with _own_arithmetic(), plain_attention() if replays else contextlib.nullcontext():
                 self._shared(p)
                 self._fold(p)
         finally:

@@ -143,6 +143,7 @@ class FisherTracker(_StepHooks):
         self._handles: list = []
         self._site_handles: list = []
         self._flags = None
+        self._modules: list = []
         self._sites: dict = {}
         self._pass: _Pass | None = None
         self._own_loss_checked = False
@@ -168,6 +169,7 @@ class FisherTracker(_StepHooks):
         self._handles = [self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                          self.model.register_forward_hook(self._post_hook, with_kwargs=True)]
         self._flags = None  # the site hooks follow the modules' modes, installed at the first forward
+        self._modules = list(self.model.modules())  # whose modes those are
         return self
 
     def stop(self) -> "FisherTracker":

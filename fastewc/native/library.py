@@ -98,6 +98,8 @@ class ProcessCopy:
         self.value = None
 
     def get(self, force: bool = False):
+        if self.value is not None and not force:
+            return self.value  # the common case, asked at every call of a kernel: no lock taken
         with self._lock:
             if self.value is None or (force and not self._usable(self.value)):
                 self.value = self._load(force)

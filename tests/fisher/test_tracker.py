@@ -51,6 +51,23 @@ def test_plain_models_equal_estimate_fisher(name, reduction):
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, data), **TOL)
 
 
+@pytest.mark.parametrize("name", ["mlp", "encoder", "tied"])
+def test_a_backward_that_builds_a_graph_sums_the_same_and_records_nothing(name):
+    """``backward(create_graph=True)`` (a gradient penalty's first backward) runs the hooks with
+    autograd recording: the tracker's own arithmetic must stay out of the graph and sum the same."""
+    model, data = MAKERS[name](dtype=D)
+    model.eval()
+    tracker = FisherTracker(model)
+    with tracker:
+        for x, y in data:
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward(create_graph=True)
+    fisher = tracker.fisher()
+    assert not any(t.requires_grad for t in tracker._sums.values())
+    assert_fisher_close(fisher, estimate_fisher(model, data), **TOL)
+    model.zero_grad(set_to_none=True)  # the graphs the gradients hold refer to the parameters
+
+
 def test_gradient_accumulation_of_three():
     model, data = make_mlp(n=27, batch_size=4, dtype=D)
     tracker = _train(model, data, FisherTracker(model, accumulation_steps=3), accumulate=3)
@@ -560,6 +577,30 @@ def test_active_dropout_in_a_replayed_module_is_refused():
     model.train()
     with FisherTracker(model), pytest.raises(EWCInputError, match="attn .*dropout"):
         model(torch.randint(1, 11, (4, 5)))
+
+
+def test_a_mode_changed_between_steps_is_seen_at_the_next_forward():
+    """The modules' modes are read at every tracked forward, not once: a BatchNorm put in
+    training mode, or a replayed module's dropout switched on, after a tracked step is refused at
+    the next forward."""
+    model, data = make_cnn(dtype=D)
+    model.eval()
+    with FisherTracker(model) as tracker:
+        F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+        model.bn.train()
+        with pytest.raises(EWCInputError, match="BatchNorm 'bn' normalises with the batch"):
+            model(data[1][0])
+    assert tracker.samples_seen == len(data[0][1])
+    model = TwiceAttended().to(D)
+    model.attn.dropout = 0.1
+    model.eval()
+    ids, y = torch.randint(1, 11, (4, 5)), torch.randint(0, 3, (4,))
+    with FisherTracker(model) as tracker:
+        F.cross_entropy(model(ids), y).backward()
+        model.train()
+        with pytest.raises(EWCInputError, match="attn .*dropout"):
+            model(ids)
+    assert tracker.samples_seen == 4
 
 
 def test_hf_labels_without_backward_through_own_loss_is_refused():
