@@ -51,7 +51,7 @@ step() {
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" > "$logs/versions.log" 2>&1
 step gpu_tests 120 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 step zoo_speed 150 "$PY" benchmarks/fisher_zoo_speed.py --device cuda --repeats 5
-step tracker 90 "$PY" benchmarks/bench_tracker.py --device cuda --samples 512 --hf-samples 128 --repeats 7
+step tracker 120 "$PY" benchmarks/bench_tracker.py --device cuda --samples 512 --hf-samples 128 --repeats 7
 step fisher 150 "$PY" benchmarks/bench_fisher.py --device cuda --samples 512 --hf-samples 128 --repeats 3
 step penalty 150 "$PY" benchmarks/bench_penalty_gpu.py --repeats 20
 
