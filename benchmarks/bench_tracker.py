@@ -7,6 +7,7 @@ four ways:
 * ``plain``: forward, loss, backward, optimizer step;
 * ``tracked``: the same under ``FisherTracker`` (``fraction=1``);
 * ``tracked_0.25``: ``FisherTracker(fraction=0.25)``;
+* ``tracked_1in4``: ``FisherTracker(one_in=4)``, every sample of one step in four (SGD only);
 * ``estimate_fisher``: the separate pass over the same samples that the tracker replaces;
 
 and the first three again with AdamW in place of SGD (``*_adamw``): the tracker adds the same
@@ -53,6 +54,7 @@ def _cases(model, data, params, own_loss: bool) -> dict:
         return run
 
     full, quarter = FisherTracker(model, params=params), FisherTracker(model, params=params, fraction=0.25)
+    one_in_4 = FisherTracker(model, params=params, one_in=4)
 
     def tracked(tracker, opt):
         def run():
@@ -60,7 +62,8 @@ def _cases(model, data, params, own_loss: bool) -> dict:
                 epoch(opt)()
         return run
 
-    cases = {"estimate_fisher": lambda: estimate_fisher(model, data, params=params)}
+    cases = {"estimate_fisher": lambda: estimate_fisher(model, data, params=params),
+             "tracked_1in4": tracked(one_in_4, sgd)}
     for suffix, opt in (("", sgd), ("_adamw", adamw)):
         cases.update({"plain" + suffix: epoch(opt), "tracked" + suffix: tracked(full, opt),
                       "tracked_0.25" + suffix: tracked(quarter, opt)})
@@ -99,17 +102,19 @@ def main(argv=None) -> dict:
         rows.append({"model": name, "samples": n, "seconds": med, "times": times,
                      "tracked_over_plain": med["tracked"] / med["plain"],
                      "tracked_0.25_over_plain": med["tracked_0.25"] / med["plain"],
+                     "tracked_1in4_over_plain": med["tracked_1in4"] / med["plain"],
                      "adamw_tracked_over_plain": med["tracked_adamw"] / med["plain_adamw"],
                      "adamw_tracked_0.25_over_plain": med["tracked_0.25_adamw"] / med["plain_adamw"],
                      "extra_tracked_over_estimate_fisher": (med["tracked"] - med["plain"]) / med["estimate_fisher"],
                      "estimate_fisher_over_plain": med["estimate_fisher"] / med["plain"]})
         print(f"done {name}", flush=True)
-    print(f"\n{'model':12} {'N':>5} {'SGD s':>8} {'tracked':>8} {'f=0.25':>7} {'AdamW s':>8} {'tracked':>8} "
+    print(f"\n{'model':12} {'N':>5} {'SGD s':>8} {'tracked':>8} {'f=0.25':>7} {'1 in 4':>7} {'AdamW s':>8} {'tracked':>8} "
           f"{'f=0.25':>7} {'estimate':>9} {'extra/est':>9}")
     for r in rows:
         s = r["seconds"]
         print(f"{r['model']:12} {r['samples']:5d} {s['plain']:8.3f} {r['tracked_over_plain']:8.2f} "
-              f"{r['tracked_0.25_over_plain']:7.2f} {s['plain_adamw']:8.3f} {r['adamw_tracked_over_plain']:8.2f} "
+              f"{r['tracked_0.25_over_plain']:7.2f} {r['tracked_1in4_over_plain']:7.2f} {s['plain_adamw']:8.3f} "
+              f"{r['adamw_tracked_over_plain']:8.2f} "
               f"{r['adamw_tracked_0.25_over_plain']:7.2f} {r['estimate_fisher_over_plain']:9.2f} "
               f"{r['extra_tracked_over_estimate_fisher']:9.2f}")
     result = {"machine": machine_info(device), "device": str(device), "repeats": args.repeats, "rows": rows,

@@ -44,7 +44,7 @@ def test_tracked_steps_on_a_named_device(tmp_path):
     assert all(r["tracked_over_plain"] > 0 and r["adamw_tracked_0.25_over_plain"] > 0 for r in result["rows"])
     assert json.loads(out.read_text())["rows"][0]["model"] == "mlp"
     table = update_readme.tracker_table(json.loads(out.read_text()), "src")
-    assert "| mlp | 64 |" in table and "| transformer | 64 |" in table and "plain epoch s (AdamW)" in table
+    assert "| mlp | 64 |" in table and "| transformer | 64 |" in table and "plain epoch s (AdamW)" in table and "one step in 4" in table
 
 
 def test_penalty_gpu_json_makes_the_readme_table(tmp_path):

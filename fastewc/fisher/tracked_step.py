@@ -12,8 +12,9 @@ per-sample gradients are added up, squared and summed, and the step is folded in
 Fisher (mean or moving average; skipped with the scaler's overflowing steps).
 
 It holds no state of its own: it reads the tracker's plan (``_sites``, ``_uses``), options
-(``fraction``, ``reduction``, ``accumulation_steps``, ``scaler``, ``decay``) and sums
-(``_sums``, ``_dtypes``, ``samples_seen``, ``steps``, ``steps_skipped``), all set by
+(``fraction``, ``one_in``, ``reduction``, ``accumulation_steps``, ``scaler``, ``decay``), sums
+(``_sums``, ``_dtypes``, ``samples_seen``, ``steps``, ``steps_skipped``) and where the run of
+``one_in`` forwards stands (``_forwards``, ``_pick``), all set by
 :class:`~.tracker.FisherTracker`, and calls its ``_plan()`` when the modules' modes change.
 """
 
@@ -152,6 +153,11 @@ class _StepHooks:
             self._refuse_mixing()
             self._install_site_hooks()
             self._flags = flags
+        if self.one_in > 1 and not self._tracks_this_forward():
+            if self._pass is not None:
+                self._pass.end()  # as below: a later backward through it is refused
+            self._pass = None     # the hooks do nothing without a pass
+            return None
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
         if not leaves:
             raise EWCInputError("FisherTracker: the model was called without a tensor input with a batch axis")
@@ -172,6 +178,15 @@ class _StepHooks:
         self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state(),
                            inputs=(args, kwargs))
         return None
+
+    def _tracks_this_forward(self) -> bool:
+        """Whether this training forward is the one of its run of ``one_in`` that is tracked (its
+        position drawn when the run starts, so that a loader's period cannot line up with it)."""
+        at = self._forwards % self.one_in
+        if at == 0:
+            self._pick = int(torch.randint(self.one_in, (1,), generator=self._generator))
+        self._forwards += 1
+        return at == self._pick
 
     def _probe_axes(self, p: _Pass) -> None:
         """Read which axis of each sequence layer's input holds the samples, once, from the model run

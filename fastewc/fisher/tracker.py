@@ -75,10 +75,16 @@ class FisherTracker(_StepHooks):
         fraction: track a subset of each batch, ``max(1, round(fraction * N))`` samples drawn
             without replacement by a generator seeded with ``seed`` (``torch.randperm(N)[:k]``,
             sorted), to cut the cost.
+        one_in: track one training forward (and its backward) in every ``one_in``, its position
+            in each run of ``one_in`` forwards drawn by the same generator; the others run
+            untouched. Each tracked step costs what it costs with ``one_in=1``, but a step's fixed
+            part (every tracked weight's sum read and written, each layer's hooks) is paid once
+            per run instead of at every step, which ``fraction`` cannot save. Combines with
+            ``fraction``.
         decay: None (the mean over all samples seen), or a number in [0, 1): an exponential
             moving average over steps (EWC++), ``F <- decay * F + (1 - decay) * F_step`` with
             ``F_step`` the mean over the step's tracked samples; the first step sets ``F``.
-        seed: the seed of the ``fraction`` draw.
+        seed: the seed of the ``fraction`` and ``one_in`` draws.
 
     Refused with :class:`~fastewc.EWCInputError` (the message names what and how to fix it):
     parameters used outside any module's forward (a bare ``nn.Parameter`` such as a class token;
@@ -101,7 +107,7 @@ class FisherTracker(_StepHooks):
     """
 
     def __init__(self, model: nn.Module, *, params=None, reduction: str = "mean", accumulation_steps: int = 1,
-                 scaler=None, fraction: float = 1.0, decay: float | None = None, seed: int = 0):
+                 scaler=None, fraction: float = 1.0, one_in: int = 1, decay: float | None = None, seed: int = 0):
         if not isinstance(model, nn.Module):
             raise EWCInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if reduction not in REDUCTIONS:
@@ -114,6 +120,9 @@ class FisherTracker(_StepHooks):
         if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
                 or not 0.0 < float(fraction) <= 1.0):
             raise EWCInputError(f"fraction must be a number in (0, 1]; got {fraction!r}")
+        if isinstance(one_in, bool) or not isinstance(one_in, numbers.Integral) or one_in < 1:
+            raise EWCInputError(f"one_in must be a positive int (track one training step in every one_in); got "
+                                f"{one_in!r}")
         if decay is not None and (isinstance(decay, bool) or not isinstance(decay, numbers.Real)
                                   or not 0.0 <= float(decay) < 1.0):
             raise EWCInputError(f"decay must be None (mean over all samples) or a number in [0, 1); got {decay!r}")
@@ -132,6 +141,9 @@ class FisherTracker(_StepHooks):
         self.accumulation_steps = int(accumulation_steps)
         self.scaler = scaler
         self.fraction = float(fraction)
+        self.one_in = int(one_in)
+        self._forwards = 0  # training forwards seen (one_in > 1): where the current run stands
+        self._pick = 0      # the position tracked in the current run
         self.decay = None if decay is None else float(decay)
         self._generator = torch.Generator().manual_seed(int(seed))
         self._dtypes = {n: torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -210,6 +222,7 @@ class FisherTracker(_StepHooks):
             s.zero_()
         self._assumed.clear()  # what was summed under an assumed layout is gone
         self.samples_seen = self.steps = self.steps_skipped = 0
+        self._forwards = 0  # the next training forward starts a run of one_in
         if self._pass is not None:
             self._pass.end()
         self._pass = None
@@ -217,7 +230,8 @@ class FisherTracker(_StepHooks):
     def state_dict(self) -> dict:
         return {"format": _FORMAT, "sums": {n: s.clone() for n, s in self._sums.items()},
                 "samples_seen": self.samples_seen, "steps": self.steps, "steps_skipped": self.steps_skipped,
-                "decay": self.decay, "generator": self._generator.get_state()}
+                "decay": self.decay, "generator": self._generator.get_state(), "forwards": self._forwards,
+                "pick": self._pick}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved, into a tracker of the same model and ``decay``."""
@@ -239,6 +253,7 @@ class FisherTracker(_StepHooks):
         self.samples_seen, self.steps = int(state["samples_seen"]), int(state["steps"])
         self.steps_skipped = int(state["steps_skipped"])
         self._generator.set_state(state["generator"])
+        self._forwards, self._pick = int(state.get("forwards", 0)), int(state.get("pick", 0))
 
     # -- the plan: which module covers which parameter ----------------------------------------
     def _plan(self) -> None:

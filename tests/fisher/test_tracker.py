@@ -472,6 +472,61 @@ def test_fraction_on_tied_and_module_local_sites():
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, subset), **TOL)
 
 
+def _tracked_batches(model, data, tracker) -> list[int]:
+    """Train over ``data`` at lr 0 under ``tracker``, one step per batch: which batches it tracked."""
+    tracked = []
+    with tracker:
+        for b, (x, y) in enumerate(data):
+            steps = tracker.steps
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if tracker.steps > steps:
+                tracked.append(b)
+    return tracked
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_one_in_tracks_one_step_of_each_run_exactly(fraction):
+    """``one_in=3``: one batch of each run of three, at the position the seeded generator drew
+    when the run began, and only its samples (a seeded subset of them with ``fraction``)."""
+    model, data = make_mlp(n=80, batch_size=8, dtype=D)   # ten batches: three runs and one begun
+    tracked = _tracked_batches(model, data, FisherTracker(model, one_in=3, fraction=fraction, seed=5))
+    g = torch.Generator().manual_seed(5)
+    want, subset = [], []
+    for start in range(0, len(data), 3):
+        pick = int(torch.randint(3, (1,), generator=g))
+        if start + pick < len(data):
+            want.append(start + pick)
+            x, y = data[start + pick]
+            if fraction < 1:
+                idx = torch.randperm(len(y), generator=g)[:4].sort().values
+                x, y = x[idx], y[idx]
+            subset.append((x, y))
+    assert tracked == want and len(set(b // 3 for b in tracked)) == len(tracked)
+    tracker = FisherTracker(model, one_in=3, fraction=fraction, seed=5)
+    _tracked_batches(model, data, tracker)
+    assert tracker.samples_seen == sum(len(y) for _, y in subset)
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, subset), **TOL)
+    other = _tracked_batches(model, data, FisherTracker(model, one_in=3, fraction=fraction, seed=6))
+    assert all(b // 3 == i for i, b in enumerate(other)) and other != tracked  # another seed, other picks
+
+
+def test_one_in_counts_training_forwards_only_and_resumes_from_its_state():
+    """Forwards without gradients (an evaluation) are no step of a run; a tracker restored from
+    ``state_dict`` in the middle of a run picks what the uninterrupted one picks."""
+    model, data = make_mlp(n=64, batch_size=8, dtype=D)
+    whole = _tracked_batches(model, data, FisherTracker(model, one_in=4, seed=1))
+    first = FisherTracker(model, one_in=4, seed=1)
+    head = _tracked_batches(model, data[:3], first)
+    with torch.no_grad(), first:
+        model(data[0][0])
+    rest = FisherTracker(model, one_in=4, seed=1)
+    rest.load_state_dict(first.state_dict())
+    tail = [b + 3 for b in _tracked_batches(model, data[3:], rest)]
+    assert head + tail == whole and len(whole) == 2
+    assert rest.samples_seen == 8 * len(whole)
+
+
 def test_decay_is_the_moving_average_over_steps():
     model, data = make_mlp(n=21, batch_size=7, dtype=D)
     tracker = _train(model, data, FisherTracker(model, decay=0.75))
@@ -766,6 +821,9 @@ def test_a_convolution_fed_its_samples_on_another_axis_is_refused():
     ({"accumulation_steps": 0}, "accumulation_steps must be a positive int"),
     ({"fraction": 0.0}, r"fraction must be a number in \(0, 1\]"),
     ({"decay": 1.0}, r"decay must be None .* or a number in \[0, 1\)"),
+    ({"one_in": 0}, "one_in must be a positive int"),
+    ({"one_in": 2.5}, "one_in must be a positive int"),
+    ({"one_in": True}, "one_in must be a positive int"),
     ({"scaler": object()}, "scaler must be a torch.amp.GradScaler"),
     ({"params": ["nope.*"]}, "params: nothing in the model matches"),
 ])
