@@ -17,10 +17,9 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .functional import call_once
 from .plan import OPS, RulePlan, Site
 from .rules.attention import RecordingAttention
-from .rules.local import ParamLeaf, Rebuild, Recorded, fold_of, spread_over
+from .rules.local import ModuleCall, ParamLeaf, Rebuild, Recorded, fold_of, spread_over
 from .rules.replay import record_call
 
 
@@ -221,10 +220,8 @@ class _Recorder:
             leaves, _ = tree_flatten(output)
             for k, t in enumerate(leaves):
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    def build(p, k=k):
-                        mine = {a: p[n] for a, n in site.params.items()}
-                        return tree_flatten(call_once(module, mine, args, kwargs))[0][k]
-                    self.mode.watch(t, build, set(site.params.values()))
+                    self.mode.watch(t, ModuleCall(module, dict(site.params), args, kwargs, k),
+                                    set(site.params.values()))
             return None
         return hook
 

@@ -1095,3 +1095,57 @@ def test_a_chain_of_positional_operations_is_pulled_back_by_index_without_rebuil
     want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
     pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, where, g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
     assert torch.equal(pulled, want)
+
+
+def _embedding(**kwargs):
+    return nn.Embedding(6, 2, **kwargs).to(D)
+
+
+class _OwnLookup(nn.Embedding):
+    def forward(self, idx):
+        return super().forward(idx) * 2
+
+
+@pytest.mark.parametrize("make,by_position", [
+    (_embedding, True),
+    (lambda: _embedding(padding_idx=0), False),      # the padding row's gradient is kept at zero
+    (lambda: _embedding(scale_grad_by_freq=True), False),
+    (lambda: _embedding(max_norm=1.0), False),       # renormalises the weight in place
+    (lambda: _OwnLookup(6, 2).to(D), False),         # a forward of its own
+])
+def test_an_embeddings_lookup_of_fixed_rows_selects_by_position(make, by_position):
+    """A module called without a batch axis is rebuilt by calling it again (T5's relative position
+    bias: an ``nn.Embedding`` of bucket indices, permuted and unsqueezed). A plain embedding's
+    lookup of fixed indices selects by position, the chain above it too: one rebuild of the
+    positions gives the selection, the same as the general finding and autograd's pull-back; the
+    lookups that are not plain selections go the general way, and indices changed in place since
+    the call are not taken by position."""
+    from torch.utils._pytree import tree_flatten
+
+    from fastewc.fisher.rules.local import ModuleCall, Rebuild, _by_position, _selection
+
+    torch.manual_seed(0)
+    m = make()
+    idx = torch.tensor([[0, 3, 5], [3, 3, 1]])
+    build = ModuleCall(m, {"weight": "p"}, (idx,), {}, 0)
+    for func, *args in [(torch.Tensor.permute, 2, 0, 1), (torch.Tensor.unsqueeze, 0)]:
+        leaves, spec = tree_flatten(((torch.zeros(()), *args), {}))
+        build = Rebuild(func, leaves, spec, {0: build})
+    assert _by_position(build) == by_position
+    p = m.weight.detach().clone()
+    actual = build({"p": p})
+    got, general = _selection(build, {"p": p}, actual), _selection(lambda s: build(s), {"p": p}, actual)
+    if not by_position:
+        assert (got is None) == (general is None)
+        return
+    name, where = got
+    assert name == "p" and general is not None and torch.equal(where, general[1])
+    leaf = p.clone().requires_grad_()
+    out = build({"p": leaf})
+    g = torch.randn(3, *out.shape, dtype=D)
+    want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
+    pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, where, g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
+    assert torch.equal(pulled, want)
+    idx[0, 0] = 4  # changed in place after the call: the recorded lookup is no longer what a rebuild gives
+    assert not _by_position(build)
+

@@ -181,6 +181,40 @@ class Rebuild:
         return y[:1] if self.spread else y
 
 
+@dataclass
+class ModuleCall:
+    """The output of a module called without a batch axis (a position table), rebuilt from the
+    parameters: the module called again on the recorded arguments, its parameters ``params``
+    (attribute -> parameter name) in place; ``k``: which flattened output."""
+
+    module: torch.nn.Module
+    params: dict
+    args: tuple
+    kwargs: dict
+    k: int
+    versions: tuple = ()  # of the tensor arguments, at the call
+
+    def __post_init__(self):
+        self.versions = tuple(x._version for x in tree_flatten((self.args, self.kwargs))[0]
+                              if isinstance(x, torch.Tensor))
+
+    def __call__(self, p: dict) -> torch.Tensor:
+        mine = {a: p[n] for a, n in self.params.items()}
+        return tree_flatten(call_once(self.module, mine, self.args, self.kwargs))[0][self.k]
+
+    def looks_up_rows(self) -> bool:
+        """Whether the call is a plain ``nn.Embedding``'s lookup of fixed indices: its every
+        output element is a weight element chosen by position, and its backward adds each
+        output gradient back there (no padding row kept at zero, no frequency scaling, no
+        renormalisation of the weight in place)."""
+        m, idx = self.module, self.args[0] if len(self.args) == 1 else None
+        return (isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward
+                and "forward" not in vars(m) and set(self.params) == {"weight"} and m.padding_idx is None
+                and m.max_norm is None and not m.scale_grad_by_freq and not self.kwargs and self.k == 0
+                and isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex()
+                and (idx._version,) == self.versions)  # the indices as they were at the call
+
+
 # Operations that give each output element one input element chosen by position alone, when no
 # other argument is a tensor (or a dtype, which ``view`` would reinterpret the bits as).
 _BY_POSITION = frozenset({
@@ -193,11 +227,14 @@ _BY_POSITION = frozenset({
 
 
 def _by_position(build) -> bool:
-    """Whether ``build`` is its parameter itself or a chain of :data:`_BY_POSITION` operations on
-    it whose other arguments are plain numbers, slices and the like (``cls.expand(n, -1, -1)``
-    with one row kept): each element it gives is a parameter element, chosen by position."""
+    """Whether ``build`` is its parameter itself, an embedding's lookup of fixed rows of it, or a
+    chain of :data:`_BY_POSITION` operations on those whose other arguments are plain numbers,
+    slices and the like (``cls.expand(n, -1, -1)`` with one row kept): each element it gives is
+    a parameter element, chosen by position."""
     if isinstance(build, ParamLeaf):
         return True
+    if isinstance(build, ModuleCall):
+        return build.looks_up_rows()
     return (isinstance(build, Rebuild) and build.func in _BY_POSITION and len(build.slots) == 1
             and not any(isinstance(x, (torch.Tensor, torch.dtype)) for k, x in enumerate(build.leaves)
                         if k not in build.slots)
