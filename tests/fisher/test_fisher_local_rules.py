@@ -1149,3 +1149,44 @@ def test_an_embeddings_lookup_of_fixed_rows_selects_by_position(make, by_positio
     idx[0, 0] = 4  # changed in place after the call: the recorded lookup is no longer what a rebuild gives
     assert not _by_position(build)
 
+
+_MASK = torch.tensor([[True, False, True], [False, True, True]])
+
+
+@pytest.mark.parametrize("func,args,slot,by_position", [
+    (torch.where, (_MASK, None, -1e9), 1, True),                   # a causal mask's fill
+    (torch.where, (_MASK, float("-inf"), None), 2, True),
+    (torch.Tensor.masked_fill, (None, ~_MASK, 0.0), 0, True),
+    (torch.where, (_MASK, None, torch.tensor(-1e9, dtype=D)), 1, False),   # a tensor fill
+    (torch.Tensor.masked_fill, (None, ~_MASK, torch.tensor(0.0, dtype=D)), 0, False),
+])
+def test_a_chain_that_fills_a_fixed_mask_with_a_number_selects_by_position(func, args, slot, by_position):
+    """``torch.where(mask, bias, min)`` (a causal mask laid over a position bias) and
+    ``masked_fill``: each element is the parameter's at its position or the constant, found from
+    the positions and the positions shifted, without the graph walk; the same as the general
+    finding and autograd's pull-back. A mask changed in place since the call is not taken so."""
+    from torch.utils._pytree import tree_flatten
+
+    from fastewc.fisher.rules.local import ParamLeaf, Rebuild, _by_position, _selection
+
+    p = torch.randn(2, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    mask = args[0 if func is torch.where else 1].clone()
+    args = tuple(mask if k == (0 if func is torch.where else 1) else a for k, a in enumerate(args))
+    leaves, spec = tree_flatten((tuple(torch.zeros(()) if a is None else a for a in args), {}))
+    build = Rebuild(func, leaves, spec, {slot: ParamLeaf("p")})
+    assert _by_position(build) == by_position
+    actual = build({"p": p})
+    got, general = _selection(build, {"p": p}, actual), _selection(lambda s: build(s), {"p": p}, actual)
+    if not by_position:  # the general finding serves, as before
+        assert (got is None) == (general is None)
+        return
+    assert general is not None and got[0] == "p" and torch.equal(got[1], general[1])
+    leaf = p.clone().requires_grad_()
+    out = build({"p": leaf})
+    g = torch.randn(3, *out.shape, dtype=D)
+    want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
+    pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, got[1], g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
+    assert torch.equal(pulled, want)
+    mask.logical_not_()  # changed in place after the call
+    assert not _by_position(build)
+

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -171,6 +172,11 @@ class Rebuild:
     spec: object
     slots: dict
     spread: bool = False
+    versions: tuple = ()  # of each recorded tensor argument, at the call (None elsewhere)
+
+    def __post_init__(self):
+        object.__setattr__(self, "versions", tuple(x._version if isinstance(x, torch.Tensor) else None
+                                                   for x in self.leaves))
 
     def __call__(self, p: dict) -> torch.Tensor:
         ls = list(self.leaves)
@@ -181,7 +187,7 @@ class Rebuild:
         return y[:1] if self.spread else y
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class ModuleCall:
     """The output of a module called without a batch axis (a position table), rebuilt from the
     parameters: the module called again on the recorded arguments, its parameters ``params``
@@ -195,24 +201,28 @@ class ModuleCall:
     versions: tuple = ()  # of the tensor arguments, at the call
 
     def __post_init__(self):
-        self.versions = tuple(x._version for x in tree_flatten((self.args, self.kwargs))[0]
-                              if isinstance(x, torch.Tensor))
+        object.__setattr__(self, "versions", tuple(x._version for x in tree_flatten((self.args, self.kwargs))[0]
+                                                   if isinstance(x, torch.Tensor)))
 
     def __call__(self, p: dict) -> torch.Tensor:
+        if self._plain_lookup():  # what its forward computes, without swapping the module's weight
+            return F.embedding(self.args[0], p[self.params["weight"]])
         mine = {a: p[n] for a, n in self.params.items()}
         return tree_flatten(call_once(self.module, mine, self.args, self.kwargs))[0][self.k]
+
+    def _plain_lookup(self) -> bool:
+        m, idx = self.module, self.args[0] if len(self.args) == 1 else None
+        return (isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward
+                and "forward" not in vars(m) and set(self.params) == {"weight"} and m.padding_idx is None
+                and m.max_norm is None and not m.scale_grad_by_freq and not self.kwargs and self.k == 0
+                and isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex())
 
     def looks_up_rows(self) -> bool:
         """Whether the call is a plain ``nn.Embedding``'s lookup of fixed indices: its every
         output element is a weight element chosen by position, and its backward adds each
         output gradient back there (no padding row kept at zero, no frequency scaling, no
         renormalisation of the weight in place)."""
-        m, idx = self.module, self.args[0] if len(self.args) == 1 else None
-        return (isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward
-                and "forward" not in vars(m) and set(self.params) == {"weight"} and m.padding_idx is None
-                and m.max_norm is None and not m.scale_grad_by_freq and not self.kwargs and self.k == 0
-                and isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex()
-                and (idx._version,) == self.versions)  # the indices as they were at the call
+        return self._plain_lookup() and (self.args[0]._version,) == self.versions  # the indices as at the call
 
 
 # Operations that give each output element one input element chosen by position alone, when no
@@ -229,16 +239,41 @@ _BY_POSITION = frozenset({
 def _by_position(build) -> bool:
     """Whether ``build`` is its parameter itself, an embedding's lookup of fixed rows of it, or a
     chain of :data:`_BY_POSITION` operations on those whose other arguments are plain numbers,
-    slices and the like (``cls.expand(n, -1, -1)`` with one row kept): each element it gives is
-    a parameter element, chosen by position."""
+    slices and the like (``cls.expand(n, -1, -1)`` with one row kept), or fills of a fixed mask
+    (:func:`_fills`): each element it gives is a parameter element, chosen by position, or a
+    constant."""
     if isinstance(build, ParamLeaf):
         return True
     if isinstance(build, ModuleCall):
         return build.looks_up_rows()
-    return (isinstance(build, Rebuild) and build.func in _BY_POSITION and len(build.slots) == 1
-            and not any(isinstance(x, (torch.Tensor, torch.dtype)) for k, x in enumerate(build.leaves)
-                        if k not in build.slots)
+    return (isinstance(build, Rebuild) and len(build.slots) == 1
+            and (_fills(build) or build.func in _BY_POSITION and not any(
+                isinstance(x, (torch.Tensor, torch.dtype)) for k, x in enumerate(build.leaves) if k not in build.slots))
             and _by_position(next(iter(build.slots.values()))))
+
+
+def _fills(build: Rebuild) -> bool:
+    """Whether ``build`` is ``torch.where(mask, x, fill)`` (or ``where(mask, fill, x)``) or
+    ``x.masked_fill(mask, fill)`` of its one rebuilt argument ``x``, with a boolean ``mask``
+    unchanged since the call and a number ``fill`` (a causal mask's): each element is ``x``'s
+    at its position, or the constant."""
+    if build.spec != _THREE_ARGS_SPEC or len(build.slots) != 1:
+        return False
+    (k,) = build.slots
+    if build.func is torch.where and k in (1, 2):
+        m, fill = 0, 3 - k
+    elif build.func is torch.Tensor.masked_fill and k == 0:
+        m, fill = 1, 2
+    else:
+        return False
+    mask, value = build.leaves[m], build.leaves[fill]
+    return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask._version == build.versions[m]
+            and isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _with_fills(build) -> bool:
+    """Whether a chain that selects by position puts constants in (:func:`_fills`)."""
+    return isinstance(build, Rebuild) and (_fills(build) or any(_with_fills(b) for b in build.slots.values()))
 
 
 # Operations whose gradient w.r.t. a broadcast argument is the output gradient summed over the
@@ -453,9 +488,14 @@ def _selection(build, srcs: dict, actual: torch.Tensor) -> tuple[str, torch.Tens
         return torch.arange(shift, shift + size, dtype=p.dtype, device=p.device).view(p.shape)
 
     if _by_position(build):
-        # known to select by position, with no constant: the positions rebuilt say which
+        # known to select by position: the positions rebuilt say which, and where constants are
+        # filled in, the positions shifted by a constant say where (a constant does not move)
         with torch.no_grad():
-            return name, build({name: positions()}).reshape(-1).long()
+            at = build({name: positions()}).reshape(-1)
+            if not _with_fills(build):
+                return name, at.long()
+            moved = build({name: positions(size + 1)}).reshape(-1) - at == size + 1
+            return name, torch.where(moved, at, size).long()
     leaf = positions().requires_grad_()
     with torch.enable_grad():
         b = build({name: leaf})
