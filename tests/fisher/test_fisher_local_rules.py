@@ -1059,6 +1059,28 @@ def _chain(*steps, spread=False):
     return build
 
 
+def _check_selection(build, p: torch.Tensor, by_position: bool) -> None:
+    """``build`` (from the parameter ``p``) is taken by position or not as expected; its selection
+    is the general finding's, and pulls sample gradients back as autograd does."""
+    from fastewc.fisher.rules.local import _by_position, _selection
+
+    assert _by_position(build) == by_position
+    actual = build({"p": p})
+    got, general = _selection(build, {"p": p}, actual), _selection(lambda s: build(s), {"p": p}, actual)
+    if not by_position:  # the general finding serves, as before
+        assert (got is None) == (general is None)
+        assert got is None or (got[0] == general[0] and torch.equal(got[1], general[1]))
+        return
+    name, where = got
+    assert name == "p" and general is not None and torch.equal(where, general[1])
+    leaf = p.clone().requires_grad_()
+    out = build({"p": leaf})
+    g = torch.randn(3, *out.shape, dtype=D)
+    want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
+    pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, where, g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
+    assert torch.equal(pulled, want)
+
+
 @pytest.mark.parametrize("steps,spread,by_position", [
     ([(torch.Tensor.expand, 5, -1, -1)], True, True),
     ([(torch.Tensor.transpose, -2, -1), (torch.Tensor.expand, 4, -1, -1)], True, True),
@@ -1076,25 +1098,8 @@ def test_a_chain_of_positional_operations_is_pulled_back_by_index_without_rebuil
     with no tensor among their other arguments, select by position: what a rebuild of the
     positions gives is the selection, without the graph walk and the shifted rebuild that an
     arbitrary chain needs; the same as those find, and autograd's pull-back."""
-    from fastewc.fisher.rules.local import _by_position, _selection
-
     p = torch.randn(1, 3, 2, dtype=D, generator=torch.Generator().manual_seed(0))
-    build = _chain(*steps, spread=spread)
-    assert _by_position(build) == by_position
-    actual = build({"p": p})
-    got, general = _selection(build, {"p": p}, actual), _selection(lambda s: build(s), {"p": p}, actual)
-    if not by_position:  # the general finding serves, as before
-        assert (got is None) == (general is None)
-        assert got is None or (got[0] == general[0] and torch.equal(got[1], general[1]))
-        return
-    name, where = got
-    assert name == "p" and general is not None and torch.equal(where, general[1])
-    leaf = p.clone().requires_grad_()
-    out = build({"p": leaf})
-    g = torch.randn(3, *out.shape, dtype=D)
-    want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
-    pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, where, g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
-    assert torch.equal(pulled, want)
+    _check_selection(_chain(*steps, spread=spread), p, by_position)
 
 
 def _embedding(**kwargs):
@@ -1122,7 +1127,7 @@ def test_an_embeddings_lookup_of_fixed_rows_selects_by_position(make, by_positio
     the call are not taken by position."""
     from torch.utils._pytree import tree_flatten
 
-    from fastewc.fisher.rules.local import ModuleCall, Rebuild, _by_position, _selection
+    from fastewc.fisher.rules.local import ModuleCall, Rebuild, _by_position
 
     torch.manual_seed(0)
     m = make()
@@ -1131,21 +1136,9 @@ def test_an_embeddings_lookup_of_fixed_rows_selects_by_position(make, by_positio
     for func, *args in [(torch.Tensor.permute, 2, 0, 1), (torch.Tensor.unsqueeze, 0)]:
         leaves, spec = tree_flatten(((torch.zeros(()), *args), {}))
         build = Rebuild(func, leaves, spec, {0: build})
-    assert _by_position(build) == by_position
-    p = m.weight.detach().clone()
-    actual = build({"p": p})
-    got, general = _selection(build, {"p": p}, actual), _selection(lambda s: build(s), {"p": p}, actual)
+    _check_selection(build, m.weight.detach().clone(), by_position)
     if not by_position:
-        assert (got is None) == (general is None)
         return
-    name, where = got
-    assert name == "p" and general is not None and torch.equal(where, general[1])
-    leaf = p.clone().requires_grad_()
-    out = build({"p": leaf})
-    g = torch.randn(3, *out.shape, dtype=D)
-    want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
-    pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, where, g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
-    assert torch.equal(pulled, want)
     idx[0, 0] = 4  # changed in place after the call: the recorded lookup is no longer what a rebuild gives
     assert not _by_position(build)
 
@@ -1167,26 +1160,16 @@ def test_a_chain_that_fills_a_fixed_mask_with_a_number_selects_by_position(func,
     finding and autograd's pull-back. A mask changed in place since the call is not taken so."""
     from torch.utils._pytree import tree_flatten
 
-    from fastewc.fisher.rules.local import ParamLeaf, Rebuild, _by_position, _selection
+    from fastewc.fisher.rules.local import ParamLeaf, Rebuild, _by_position
 
     p = torch.randn(2, 3, dtype=D, generator=torch.Generator().manual_seed(1))
     mask = args[0 if func is torch.where else 1].clone()
     args = tuple(mask if k == (0 if func is torch.where else 1) else a for k, a in enumerate(args))
     leaves, spec = tree_flatten((tuple(torch.zeros(()) if a is None else a for a in args), {}))
     build = Rebuild(func, leaves, spec, {slot: ParamLeaf("p")})
-    assert _by_position(build) == by_position
-    actual = build({"p": p})
-    got, general = _selection(build, {"p": p}, actual), _selection(lambda s: build(s), {"p": p}, actual)
-    if not by_position:  # the general finding serves, as before
-        assert (got is None) == (general is None)
+    _check_selection(build, p, by_position)
+    if not by_position:
         return
-    assert general is not None and got[0] == "p" and torch.equal(got[1], general[1])
-    leaf = p.clone().requires_grad_()
-    out = build({"p": leaf})
-    g = torch.randn(3, *out.shape, dtype=D)
-    want = torch.stack([torch.autograd.grad(out, leaf, gk, retain_graph=True)[0] for gk in g])
-    pulled = g.new_zeros(3, p.numel() + 1).index_add_(1, got[1], g.reshape(3, -1))[:, :-1].reshape(3, *p.shape)
-    assert torch.equal(pulled, want)
     mask.logical_not_()  # changed in place after the call
     assert not _by_position(build)
 
