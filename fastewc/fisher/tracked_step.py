@@ -67,6 +67,7 @@ class _Pass:
     calls: dict                            # site key -> [_Call]
     multiplier: torch.Tensor | None = None # d(objective)/d(model's own loss), seen in the backward
     factor: object = None                  # 1 / (M w_n) of the tracked samples: float or [k] tensor
+    terms: tuple = (1.0, None)             # the factor as the sums read it (``factor_terms``)
     started: bool = False
     dropped: bool = False                  # the tracker stopped before this pass's backward
     step: dict = field(default_factory=dict)   # name -> this step's sum of squares (step buffers)
@@ -491,6 +492,7 @@ class _StepHooks:
                 scale = self.scaler.get_scale() if not isinstance(scale, torch.Tensor) else scale.reshape(()).double()
             # the loss was multiplied by scale / k and weighs each sample by w_n
             p.factor = declared_factor(self.reduction, p.n) * self.accumulation_steps / scale
+        p.terms = factor_terms(p.factor, p.k)
         torch.autograd.Variable._execution_engine.queue_callback(partial(self._finish, p))
 
     def _on_grad(self, p: _Pass, key: str, c: int, slot: int, G: torch.Tensor):
@@ -500,7 +502,7 @@ class _StepHooks:
             self._begin(p)
             call = p.calls[key][c]
             site = self._sites[key]
-            if call.A is not None:
+            if call.A is not None and call.axis:
                 G = G.movedim(call.axis, 0)
             if site.rule is None or not self._alone(p, key):
                 call.grads = call.grads or [None]
@@ -520,7 +522,7 @@ class _StepHooks:
         and ``how`` (``alpha``, ``picks``, ``weights``) they are read. The tracked samples are read
         where they are, and the per-sample factor is applied as the sums read them
         (``factor_terms``: a kernel does so with no copy). Copies only to convert the dtype."""
-        alpha, weights = factor_terms(p.factor, p.k)
+        alpha, weights = p.terms
         how = {"alpha": alpha, "picks": p.idx, "weights": weights}
         if any(t.dtype != dtype for t in (*inputs, *grads)):
             inputs, grads = [self._tracked(p, t, dtype) for t in inputs], [self._tracked(p, t, dtype) for t in grads]
@@ -548,7 +550,7 @@ class _StepHooks:
 
     def _unshared(self, key: str) -> bool:
         """Whether the site's parameters have no use but this site."""
-        return all(len(self._uses[q]) == 1 for q in self._sites[key].params.values())
+        return key in self._unshared_sites
 
     @staticmethod
     def _input(site, call: _Call) -> torch.Tensor:
@@ -559,7 +561,7 @@ class _StepHooks:
         return call.A
 
     def _site_dtype(self, site) -> torch.dtype:
-        return torch.float64 if any(self._dtypes[n] == torch.float64 for n in site.params.values()) else torch.float32
+        return self._site_dtypes[site.key]
 
     @staticmethod
     def _tracked(p: _Pass, t: torch.Tensor, dtype) -> torch.Tensor:
