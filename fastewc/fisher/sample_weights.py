@@ -35,10 +35,13 @@ def own_loss_weights(model, head: str | None, labels: torch.Tensor, num_items=No
     :func:`~fastewc.fisher.problem.model_loss_per_sample` forms it).
 
     Token heads (causal LM with its shift, an encoder-decoder's LM over its decoder's labels, token
-    classification, masked LM) take the mean over the batch's counted tokens, or their sum over ``num_items_in_batch`` when the caller passes it (the
-    ``Trainer`` under gradient accumulation): ``w_n = T_n / T``. Sequence classification: the mean
-    over the samples whose label is not ``-100`` (single-label), or over all samples
-    (regression, multi-label)."""
+    classification, masked LM) take the mean over the batch's counted tokens: ``w_n = T_n / T``.
+    Sequence classification: the mean over the samples whose label is not ``-100``
+    (single-label), or over all samples (regression, multi-label). ``num_items``: the
+    ``num_items_in_batch`` the caller passed (the ``Trainer`` under gradient accumulation), for a
+    model whose loss sums over it instead of taking the mean (``T`` is then that number); a
+    model's own loss may or may not (Hugging Face's shared loss functions do, a loss written in
+    the model's forward does not): :func:`own_loss_matches` tells which."""
     cls = type(model).__name__
     if head is None or head not in TOKEN_HEADS + ("sequence_classification",):
         raise EWCInputError(
@@ -60,17 +63,29 @@ def own_loss_weights(model, head: str | None, labels: torch.Tensor, num_items=No
     return counts / total
 
 
+def _weighted_loss(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> float:
+    """``sum_n w_n loss_n`` from the model's logits."""
+    with torch.no_grad():
+        per = model_loss_per_sample(model, head, logits.detach(), labels)
+        return float((weights.to(per.device, torch.float64) * per.double()).sum())
+
+
+def own_loss_matches(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                     loss: torch.Tensor) -> bool:
+    """Whether the model's batch loss is ``sum_n w_n loss_n`` with these weights (to the float32
+    rounding the heads compute their loss in: causal LM and token classification upcast with
+    ``.float()``)."""
+    got = float(loss.detach())
+    return abs(_weighted_loss(model, head, logits, labels, weights) - got) <= 1e-4 * max(abs(got), 1e-6)
+
+
 def check_own_loss(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                    loss: torch.Tensor) -> None:
     """Raise unless the model's batch loss is ``sum_n w_n loss_n`` with the weights the tracker uses:
     proven on the model's first tracked forward, so that a head whose loss is formed differently
     (another reduction, label smoothing, a custom ``loss_function``) is refused, not mis-scaled."""
-    with torch.no_grad():
-        per = model_loss_per_sample(model, head, logits.detach(), labels)
-        mine = float((weights.to(per.device, torch.float64) * per.double()).sum())
-    got = float(loss.detach())
-    # The heads compute their loss in float32 (causal LM, token classification upcast with .float()).
-    if not abs(mine - got) <= 1e-4 * max(abs(got), 1e-6):
+    if not own_loss_matches(model, head, logits, labels, weights, loss):
+        mine, got = _weighted_loss(model, head, logits, labels, weights), float(loss.detach())
         raise EWCInputError(
             f"FisherTracker: {type(model).__name__}'s own loss ({got:.6g}) is not the weighted mean of its per-sample "
             f"{head} losses the tracker assumes ({mine:.6g}), so each sample's share of it is unknown; call the model "

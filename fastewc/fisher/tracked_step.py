@@ -39,7 +39,7 @@ from .rules.local import Recorded
 from .rules.replay import local_blocks, local_sq_sums, observe_call, record_call
 from .recording import inner_sample_axis
 from .rules.tied_head import head_and_rows_sq_sum, tied_uses
-from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_weights
+from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_matches, own_loss_weights
 from .sums import all_finite, squares_of_uses
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -68,6 +68,8 @@ class _Pass:
     multiplier: torch.Tensor | None = None # d(objective)/d(model's own loss), seen in the backward
     factor: object = None                  # 1 / (M w_n) of the tracked samples: float or [k] tensor
     terms: tuple = (1.0, None)             # the factor as the sums read it (``factor_terms``)
+    weights_without_num_items: torch.Tensor | None = None  # w_n were the model's loss to ignore
+                                           # num_items_in_batch, while which it does is unknown
     started: bool = False
     dropped: bool = False                  # the tracker stopped before this pass's backward
     step: dict = field(default_factory=dict)   # name -> this step's sum of squares (step buffers)
@@ -169,7 +171,12 @@ class _StepHooks:
             if args:
                 raise EWCInputError("FisherTracker: a model called with labels= computes its own loss; pass its "
                                     "inputs as keywords too (model(**batch)) so that the tracker reads the batch")
-            weights = own_loss_weights(self.model, self._head, labels, kwargs.get("num_items_in_batch"))
+            num_items = kwargs.get("num_items_in_batch")
+            weights = own_loss_weights(self.model, self._head, labels,
+                                       None if self._sums_over_num_items is False else num_items)
+            if num_items is not None and self._sums_over_num_items is None:
+                # which convention the model's loss follows is read after the forward (_post_hook)
+                without = own_loss_weights(self.model, self._head, labels, None)
         idx = None
         if self.fraction < 1.0:
             k = max(1, round(self.fraction * n))
@@ -178,6 +185,8 @@ class _StepHooks:
             self._pass.end()  # a forward whose backward never ran (its backward, if it comes, is refused)
         self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state(),
                            inputs=(args, kwargs))
+        if labels is not None and num_items is not None and self._sums_over_num_items is None:
+            self._pass.weights_without_num_items = without
         return None
 
     def _tracks_this_forward(self) -> bool:
@@ -278,11 +287,29 @@ class _StepHooks:
             loss = output.get("loss")
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             return None
-        if not self._own_loss_checked:
+        if p.weights_without_num_items is not None:
+            self._read_num_items_convention(p, logits_of(output), kwargs["labels"], loss)
+        elif not self._own_loss_checked:
             check_own_loss(self.model, self._head, logits_of(output), kwargs["labels"], p.weights, loss)
             self._own_loss_checked = True
         loss.register_hook(partial(self._on_loss_grad, p))
         return None
+
+    def _read_num_items_convention(self, p: _Pass, logits, labels, loss) -> None:
+        """The model was given ``num_items_in_batch`` (the ``Trainer`` under gradient
+        accumulation): Hugging Face's shared loss functions sum over it, a loss written in the
+        model's own forward (BERT's classification heads) takes the mean over the batch and
+        ignores it. Where the two give this batch different weights, the loss the model computed
+        says which it follows, for every later step; until then (the same weights) the step is
+        checked as any first step is. Neither: refused by :func:`check_own_loss`."""
+        without = p.weights_without_num_items
+        if not torch.equal(p.weights, without):
+            if own_loss_matches(self.model, self._head, logits, labels, without, loss):
+                self._sums_over_num_items, p.weights = False, without
+            else:
+                self._sums_over_num_items = True
+        check_own_loss(self.model, self._head, logits, labels, p.weights, loss)
+        self._own_loss_checked = True
 
     def _rule_hook(self, key: str):
         site = self._sites[key]

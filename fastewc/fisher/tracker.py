@@ -159,6 +159,7 @@ class FisherTracker(_StepHooks):
         self._sites: dict = {}
         self._pass: _Pass | None = None
         self._own_loss_checked = False
+        self._sums_over_num_items: bool | None = None  # whether the model's own loss does (unknown: None)
         self._positions_checked = 0  # steps whose output gradient was read for unequal sequence lengths
         self._head = model_head(self.model)  # which Hugging Face loss the model computes, if any
         self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments

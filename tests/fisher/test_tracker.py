@@ -285,6 +285,27 @@ def test_hf_accumulation_and_num_items_in_batch_are_read_not_declared():
     assert_fisher_close(tracker.fisher(), truth, **TOL)
 
 
+@pytest.mark.parametrize("case", ["bert", "bert_tok", "gpt2"])
+def test_whether_the_models_loss_sums_over_num_items_in_batch_is_read_from_the_loss(case):
+    """Given ``num_items_in_batch`` (the Trainer's keyword under accumulation), Hugging Face's
+    shared loss functions sum over it (GPT-2), a loss written in the model's forward ignores it
+    (BERT's classification heads). The first batch here gets its own count, where both
+    conventions weigh the samples alike; the later ones twice it, where the model's loss says
+    which convention it follows. Either way the tracker equals the per-sample truth."""
+    pytest.importorskip("transformers")
+    model, data = _hf(case, fp64_loss=case == "gpt2")
+    tracker = FisherTracker(model)
+    with tracker:
+        for b, batch in enumerate(data):
+            labels = batch["labels"][:, 1:] if case == "gpt2" else batch["labels"]
+            count = int((labels != -100).sum())
+            model.zero_grad()
+            model(**batch, num_items_in_batch=torch.tensor(count if b == 0 else 2 * count)).loss.backward()
+    assert tracker._sums_over_num_items is (case == "gpt2")
+    truth = _causal_truth(model, data) if case == "gpt2" else estimate_fisher(model, data, kind="empirical")
+    assert_fisher_close(tracker.fisher(), truth, **TOL)
+
+
 @pytest.mark.parametrize("inputs", ["self", "cross"])
 @pytest.mark.parametrize("route", ["observed", "sums", "blocks"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])

@@ -45,7 +45,7 @@ def count_forwards(model):
     return calls
 
 
-@pytest.mark.parametrize("name, accumulation", [("bert", 1), ("gpt2", 2)])
+@pytest.mark.parametrize("name, accumulation", [("bert", 1), ("bert", 2), ("gpt2", 2)])
 def test_consolidate_registers_the_tracked_fisher_without_a_second_pass(tmp_path, caplog, name, accumulation):
     """GPT-2 with accumulation 2: the Trainer passes num_items_in_batch (a token sum over both
     micro-batches) to the model's own loss; BERT's loss is divided by the Trainer instead. The
@@ -63,6 +63,26 @@ def test_consolidate_registers_the_tracked_fisher_without_a_second_pass(tmp_path
     model.eval()
     batches = [{k: torch.stack([s[k] for s in data[i:i + 3]]) for k in data[0]} for i in range(0, len(data), 3)]
     assert_fisher_close(fisher, estimate_fisher(model, batches, kind="empirical"), **TOL[name])
+
+
+def test_one_in_tracks_one_micro_batch_of_each_run(tmp_path):
+    """``track_fisher={"one_in": 2}`` with accumulation 2: one of each two forwards the Trainer
+    runs (micro-batches, shuffled by its sampler) is tracked, at the position the tracker's
+    generator drew, and consolidate() registers exactly those samples' Fisher."""
+    data = samples("bert", n=12)
+    model, trainer = make(tmp_path, "bert", data, track_fisher={"one_in": 2}, gradient_accumulation_steps=2)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append({k: v.clone() for k, v in kwargs.items()
+                                             if torch.is_tensor(v) and k != "num_items_in_batch"}),
+        with_kwargs=True)
+    trainer.train()
+    assert len(seen) == 4 and trainer.tracked_fisher.steps == 2 and trainer.tracked_fisher.samples_seen == 6
+    g = torch.Generator().manual_seed(0)
+    picks = [run + int(torch.randint(2, (1,), generator=g)) for run in range(0, len(seen), 2)]
+    fisher = trainer.consolidate()
+    model.eval()
+    assert_fisher_close(fisher, estimate_fisher(model, [seen[i] for i in picks], kind="empirical"), **TOL["bert"])
 
 
 def test_a_dataset_or_options_ask_for_an_estimate_and_without_tracking_nothing_changes(tmp_path):
