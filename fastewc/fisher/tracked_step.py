@@ -126,6 +126,9 @@ def _own_arithmetic():
     return stack
 
 
+# Keywords a Hugging Face model hands to its own loss that change which labels it counts.
+_LOSS_READS = ("shift_labels", "ignore_index")
+
 # The steps of a declared loss whose output gradient is read for samples of unequal lengths: the
 # read is small (two positions), but a host sync on a GPU; padding shows in the first steps.
 _POSITION_CHECKS = 8
@@ -171,6 +174,13 @@ class _StepHooks:
             if args:
                 raise EWCInputError("FisherTracker: a model called with labels= computes its own loss; pass its "
                                     "inputs as keywords too (model(**batch)) so that the tracker reads the batch")
+            other = sorted(k for k in _LOSS_READS if kwargs.get(k) is not None)
+            if other:
+                raise EWCInputError(
+                    f"FisherTracker: the model is called with {other} besides labels=; its own loss then reads "
+                    f"them, and the tracker, which weighs each sample by its counted labels (-100 ignored), could "
+                    f"not know each sample's share. Call it with labels= alone, or compute the loss yourself as a "
+                    f"mean or sum over the batch's samples and declare it: FisherTracker(model, reduction=...)")
             num_items = kwargs.get("num_items_in_batch")
             weights = own_loss_weights(self.model, self._head, labels,
                                        None if self._sums_over_num_items is False else num_items)

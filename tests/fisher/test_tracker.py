@@ -687,6 +687,19 @@ def test_hf_labels_without_backward_through_own_loss_is_refused():
         out.logits.square().mean().backward()
 
 
+@pytest.mark.parametrize("extra", ["shift_labels", "ignore_index"])
+def test_hf_keywords_that_change_which_labels_the_loss_counts_are_refused(extra):
+    """``shift_labels`` (context-parallel training) or ``ignore_index`` go to the model's own loss,
+    which then counts other tokens than ``labels`` says: each sample's share is unknown, and a
+    first step where they agree would prove nothing for the later ones."""
+    pytest.importorskip("transformers")
+    model, data = _hf("gpt2")
+    b = data[0]
+    value = F.pad(b["labels"], (0, 1), value=-100)[:, 1:] if extra == "shift_labels" else -1
+    with FisherTracker(model), pytest.raises(EWCInputError, match=rf"called with \['{extra}'\] besides labels="):
+        model(**b, **{extra: value})
+
+
 def test_two_forwards_into_one_backward_are_refused():
     model, data = make_mlp(dtype=D)
     (x, y), (x2, y2) = data[:2]
