@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import EWCInputError
-from .problem import logits_of, plain_attention
+from .problem import logits_of, model_loss_per_sample, plain_attention
 from .rules import add_sq_sums
 from .rules.registry import factor_terms
 from .rules.attention import sq_sums_into
@@ -125,6 +125,10 @@ def _own_arithmetic():
     stack.enter_context(_precision({}))
     return stack
 
+
+# The steps of a model's own loss whose logits' gradient is checked against that loss's alone: an
+# extra loss on the outputs is there from the first step on.
+_OWN_PATH_CHECKS = 3
 
 # Keywords a Hugging Face model hands to its own loss that change which labels it counts.
 _LOSS_READS = ("shift_labels", "ignore_index")
@@ -303,6 +307,35 @@ class _StepHooks:
             check_own_loss(self.model, self._head, logits_of(output), kwargs["labels"], p.weights, loss)
             self._own_loss_checked = True
         loss.register_hook(partial(self._on_loss_grad, p))
+        logits = logits_of(output)
+        if self._own_paths_checked < _OWN_PATH_CHECKS and isinstance(logits, torch.Tensor) and logits.requires_grad:
+            self._own_paths_checked += 1
+            logits.register_hook(partial(self._only_through_own_loss, p, logits.detach()[:1], kwargs["labels"][:1]))
+        return None
+
+    def _only_through_own_loss(self, p: _Pass, logits: torch.Tensor, labels: torch.Tensor, G: torch.Tensor):
+        """The first steps of a model's own loss: the gradient reaching the first sample's logits
+        must be what ``output.loss`` alone sends there (the multiplier read on it, times that
+        sample's share of the loss's gradient, recomputed from its logits: a sample's cost, not
+        the batch's). A loss added on the outputs besides it (distillation on the logits) sends
+        more, which no sample share of ``output.loss`` accounts for."""
+        if p.dropped or p.multiplier is None or G is None:
+            return None  # not tracked, or refused by _begin
+        with torch.enable_grad():
+            z = logits.requires_grad_()
+            own = p.weights[0].double() * model_loss_per_sample(self.model, self._head, z, labels).double().sum()
+            (g,) = torch.autograd.grad(own, z)
+        want, G = g * p.multiplier.to(g.dtype), G[:1]
+        scale = float(want.abs().max())
+        # far above the rounding of logits' gradients in their dtype (the loss itself is float32)
+        tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(G.dtype, 1e-4)
+        if float((G.to(want.dtype) - want).abs().max()) > tol * max(scale, 1e-30):
+            raise EWCInputError(
+                f"FisherTracker: the backward reaches {type(self.model).__name__}'s logits through more than its "
+                f"output.loss (a loss added on the outputs besides it, such as distillation): each sample's "
+                f"gradient then has a part that its share of output.loss does not account for. Call the model "
+                f"without labels, compute the whole loss yourself as a mean or sum over the batch's samples of "
+                f"each sample's own loss, and declare it: FisherTracker(model, reduction=...)")
         return None
 
     def _read_num_items_convention(self, p: _Pass, logits, labels, loss) -> None:

@@ -94,8 +94,11 @@ class FisherTracker(_StepHooks):
     ``nn.MultiheadAttention`` called once a step is read from its own backward instead), gradient
     checkpointing, two
     forward passes feeding one backward, and Hugging Face losses whose per-sample weights it cannot
-    prove. Assumed, not checked: the backward reaches the model's outputs only through the
-    declared loss (an EWC penalty on the parameters is fine); each parameter is used only in the
+    prove, or that get ``shift_labels`` / ``ignore_index`` beside ``labels``. The backward must reach
+    the model's outputs only through the loss (an EWC penalty on the parameters is fine): checked
+    for a model's own loss on its first steps (the first sample's logits get that loss's gradient
+    alone, or a loss added on the outputs, such as distillation, is refused), assumed for a
+    declared one. Assumed, not checked: each parameter is used only in the
     forward of the module that holds it (``estimate_fisher(..., return_info=True)`` proves both for
     a model). A module without a hand rule is run on one sample the first time a call of its
     structure is seen, to prove which of its arguments hold the samples (a table shared by all
@@ -160,6 +163,7 @@ class FisherTracker(_StepHooks):
         self._pass: _Pass | None = None
         self._own_loss_checked = False
         self._sums_over_num_items: bool | None = None  # whether the model's own loss does (unknown: None)
+        self._own_paths_checked = 0  # steps whose logits' gradient was checked against output.loss's alone
         self._positions_checked = 0  # steps whose output gradient was read for unequal sequence lengths
         self._head = model_head(self.model)  # which Hugging Face loss the model computes, if any
         self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments

@@ -687,6 +687,27 @@ def test_hf_labels_without_backward_through_own_loss_is_refused():
         out.logits.square().mean().backward()
 
 
+@pytest.mark.parametrize("case", ["bert", "gpt2"])
+def test_a_loss_added_on_the_outputs_besides_the_models_own_is_refused(case):
+    """Distillation on the logits beside ``output.loss``: the logits' gradient has a part no
+    sample share of ``output.loss`` accounts for, and the tracked Fisher would mix it in; refused
+    in the backward of the first steps. A scaled own loss plus a penalty on the parameters
+    (an EWC term) is what the tracker handles, and passes."""
+    pytest.importorskip("transformers")
+    model, data = _hf(case)
+    b = data[0]
+    with FisherTracker(model) as tracker:
+        out = model(**b)
+        (3.0 * out.loss + sum(p.square().sum() for p in model.parameters())).backward()
+        assert tracker.samples_seen == len(b["labels"])
+        model.zero_grad()
+        out = model(**b)
+        with pytest.raises(EWCInputError, match="reaches .* logits through more than its output.loss"):
+            teacher = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(0), dtype=D).mul(5).softmax(-1)
+            kd = F.kl_div(out.logits.log_softmax(-1), teacher, reduction="batchmean")
+            (out.loss + 0.01 * kd).backward()
+
+
 @pytest.mark.parametrize("extra", ["shift_labels", "ignore_index"])
 def test_hf_keywords_that_change_which_labels_the_loss_counts_are_refused(extra):
     """``shift_labels`` (context-parallel training) or ``ignore_index`` go to the model's own loss,
