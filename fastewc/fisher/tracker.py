@@ -92,15 +92,14 @@ class FisherTracker(_StepHooks):
     samples interact, so no per-sample gradient exists in that pass), active dropout inside a
     module without a hand rule that must be replayed (the replay would draw other masks; an
     ``nn.MultiheadAttention`` called once a step is read from its own backward instead), gradient
-    checkpointing, two
-    forward passes feeding one backward, and Hugging Face losses whose per-sample weights it cannot
-    prove, or that get ``shift_labels`` / ``ignore_index`` beside ``labels``. The backward must reach
-    the model's outputs only through the loss (an EWC penalty on the parameters is fine): checked
-    for a model's own loss on its first steps (the first sample's logits get that loss's gradient
-    alone, or a loss added on the outputs, such as distillation, is refused), assumed for a
-    declared one. Assumed, not checked: each parameter is used only in the
-    forward of the module that holds it (``estimate_fisher(..., return_info=True)`` proves both for
-    a model). A module without a hand rule is run on one sample the first time a call of its
+    checkpointing, two forward passes feeding one backward, and Hugging Face losses whose
+    per-sample weights it cannot prove, or that get ``shift_labels`` / ``ignore_index`` beside
+    ``labels``. The backward must reach the model's outputs only through the loss (an EWC penalty
+    on the parameters is fine): checked for a model's own loss on its first steps (the first
+    sample's logits must get that loss's gradient alone: a loss added on the outputs, such as
+    distillation, is refused), assumed for a declared one. Assumed, not checked: each parameter
+    is used only in the forward of the module that holds it (``estimate_fisher(...,
+    return_info=True)`` proves both for a model). A module without a hand rule is run on one sample the first time a call of its
     structure is seen, to prove which of its arguments hold the samples (a table shared by all
     samples may have as many rows as the batch); one that cannot reproduce its batched output
     alone (its samples interact) is refused by name. The first time a Linear or norm layer's input
