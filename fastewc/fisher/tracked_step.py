@@ -126,6 +126,23 @@ def _own_arithmetic():
     return stack
 
 
+def _loss_and_logits(output) -> tuple:
+    """``(loss, logits)`` of a Hugging Face model called with labels: ``output.loss`` and
+    ``output.logits``, or the first two entries of the tuple it returns with
+    ``return_dict=False`` (the loss first). ``(None, None)`` without a loss. Which tensors they
+    are is then proven by :func:`check_own_loss` (the loss is the weighted per-sample losses of
+    those logits)."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is not None:
+        return loss, logits_of(output)
+    if (isinstance(output, tuple) and len(output) >= 2 and all(isinstance(t, torch.Tensor) for t in output[:2])
+            and output[0].dim() == 0):
+        return output[0], output[1]
+    return None, None
+
+
 # The steps of a model's own loss whose logits' gradient is checked against that loss's alone: an
 # extra loss on the outputs is there from the first step on.
 _OWN_PATH_CHECKS = 3
@@ -296,18 +313,15 @@ class _StepHooks:
         if p.weights is None:  # a loss of the user's own, declared
             self._watch_positions(p, output)
             return None
-        loss = getattr(output, "loss", None)
-        if loss is None and isinstance(output, dict):
-            loss = output.get("loss")
+        loss, logits = _loss_and_logits(output)
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             return None
         if p.weights_without_num_items is not None:
-            self._read_num_items_convention(p, logits_of(output), kwargs["labels"], loss)
+            self._read_num_items_convention(p, logits, kwargs["labels"], loss)
         elif not self._own_loss_checked:
-            check_own_loss(self.model, self._head, logits_of(output), kwargs["labels"], p.weights, loss)
+            check_own_loss(self.model, self._head, logits, kwargs["labels"], p.weights, loss)
             self._own_loss_checked = True
         loss.register_hook(partial(self._on_loss_grad, p))
-        logits = logits_of(output)
         if self._own_paths_checked < _OWN_PATH_CHECKS and isinstance(logits, torch.Tensor) and logits.requires_grad:
             self._own_paths_checked += 1
             logits.register_hook(partial(self._only_through_own_loss, p, logits.detach()[:1], kwargs["labels"][:1]))

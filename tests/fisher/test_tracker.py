@@ -688,6 +688,23 @@ def test_hf_labels_without_backward_through_own_loss_is_refused():
 
 
 @pytest.mark.parametrize("case", ["bert", "gpt2"])
+def test_a_model_returning_a_tuple_is_read_as_its_output_object(case):
+    """``return_dict=False``: the loss comes first in the tuple, the logits second; before, the
+    tracker found no ``output.loss`` and refused with a message about a backward that did not go
+    through it."""
+    pytest.importorskip("transformers")
+    model, data = _hf(case, fp64_loss=case == "gpt2")
+    tracker = FisherTracker(model)
+    with tracker:
+        for b in data:
+            model.zero_grad()
+            model(**b, return_dict=False)[0].backward()
+    truth = _causal_truth(model, data) if case == "gpt2" else estimate_fisher(model, data, kind="empirical")
+    assert tracker.samples_seen == sum(len(b["labels"]) for b in data)
+    assert_fisher_close(tracker.fisher(), truth, **TOL)
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2"])
 def test_a_loss_added_on_the_outputs_besides_the_models_own_is_refused(case):
     """Distillation on the logits beside ``output.loss``: the logits' gradient has a part no
     sample share of ``output.loss`` accounts for, and the tracked Fisher would mix it in; refused
