@@ -63,34 +63,36 @@ def own_loss_weights(model, head: str | None, labels: torch.Tensor, num_items=No
     return counts / total
 
 
-def _weighted_loss(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> float:
-    """``sum_n w_n loss_n`` from the model's logits."""
+def own_losses(model, head: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float64: each sample's own loss from the model's logits, without gradients, for
+    :func:`own_loss_matches` and :func:`check_own_loss` (one computation serves both)."""
     with torch.no_grad():
-        per = model_loss_per_sample(model, head, logits.detach(), labels)
-        return float((weights.to(per.device, torch.float64) * per.double()).sum())
+        return model_loss_per_sample(model, head, logits.detach(), labels).double()
 
 
-def own_loss_matches(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                     loss: torch.Tensor) -> bool:
-    """Whether the model's batch loss is ``sum_n w_n loss_n`` with these weights (to the float32
-    rounding the heads compute their loss in: causal LM and token classification upcast with
-    ``.float()``)."""
+def _weighted(per: torch.Tensor, weights: torch.Tensor) -> float:
+    return float((weights.to(per.device, torch.float64) * per).sum())
+
+
+def own_loss_matches(per: torch.Tensor, weights: torch.Tensor, loss: torch.Tensor) -> bool:
+    """Whether the model's batch loss is ``sum_n w_n loss_n`` with these weights and the samples'
+    own losses ``per`` (to the float32 rounding the heads compute their loss in: causal LM and
+    token classification upcast with ``.float()``)."""
     got = float(loss.detach())
-    return abs(_weighted_loss(model, head, logits, labels, weights) - got) <= 1e-4 * max(abs(got), 1e-6)
+    return abs(_weighted(per, weights) - got) <= 1e-4 * max(abs(got), 1e-6)
 
 
-def check_own_loss(model, head: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                   loss: torch.Tensor) -> None:
-    """Raise unless the model's batch loss is ``sum_n w_n loss_n`` with the weights the tracker uses:
-    proven on the model's first tracked forward, so that a head whose loss is formed differently
-    (another reduction, label smoothing, a custom ``loss_function``) is refused, not mis-scaled."""
-    if not own_loss_matches(model, head, logits, labels, weights, loss):
-        mine, got = _weighted_loss(model, head, logits, labels, weights), float(loss.detach())
+def check_own_loss(model, head: str, per: torch.Tensor, weights: torch.Tensor, loss: torch.Tensor) -> None:
+    """Raise unless the model's batch loss is ``sum_n w_n loss_n`` with the weights the tracker uses
+    (``per``: :func:`own_losses`): proven on the model's first tracked forward, so that a head
+    whose loss is formed differently (another reduction, label smoothing, a custom
+    ``loss_function``) is refused, not mis-scaled."""
+    if not own_loss_matches(per, weights, loss):
         raise EWCInputError(
-            f"FisherTracker: {type(model).__name__}'s own loss ({got:.6g}) is not the weighted mean of its per-sample "
-            f"{head} losses the tracker assumes ({mine:.6g}), so each sample's share of it is unknown; call the model "
-            f"without 'labels', compute a loss that is a mean or sum over the batch's samples, and declare it with "
-            f"reduction='mean' or 'sum'")
+            f"FisherTracker: {type(model).__name__}'s own loss ({float(loss.detach()):.6g}) is not the weighted mean "
+            f"of its per-sample {head} losses the tracker assumes ({_weighted(per, weights):.6g}), so each sample's "
+            f"share of it is unknown; call the model without 'labels', compute a loss that is a mean or sum over the "
+            f"batch's samples, and declare it with reduction='mean' or 'sum'")
 
 
 def inverse(weights: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from .rules.local import Recorded
 from .rules.replay import local_blocks, local_sq_sums, observe_call, record_call
 from .recording import inner_sample_axis
 from .rules.tied_head import head_and_rows_sq_sum, tied_uses
-from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_matches, own_loss_weights
+from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_matches, own_loss_weights, own_losses
 from .sums import all_finite, squares_of_uses
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -319,10 +319,11 @@ class _StepHooks:
         if p.weights_without_num_items is not None:
             self._read_num_items_convention(p, logits, kwargs["labels"], loss)
         elif not self._own_loss_checked:
-            check_own_loss(self.model, self._head, logits, kwargs["labels"], p.weights, loss)
+            check_own_loss(self.model, self._head, own_losses(self.model, self._head, logits, kwargs["labels"]),
+                           p.weights, loss)
             self._own_loss_checked = True
         loss.register_hook(partial(self._on_loss_grad, p))
-        if self._own_paths_checked < _OWN_PATH_CHECKS and isinstance(logits, torch.Tensor) and logits.requires_grad:
+        if self._own_paths_checked < _OWN_PATH_CHECKS and logits.requires_grad:
             self._own_paths_checked += 1
             logits.register_hook(partial(self._only_through_own_loss, p, logits.detach()[:1], kwargs["labels"][:1]))
         return None
@@ -359,13 +360,13 @@ class _StepHooks:
         ignores it. Where the two give this batch different weights, the loss the model computed
         says which it follows, for every later step; until then (the same weights) the step is
         checked as any first step is. Neither: refused by :func:`check_own_loss`."""
-        without = p.weights_without_num_items
+        without, per = p.weights_without_num_items, own_losses(self.model, self._head, logits, labels)
         if not torch.equal(p.weights, without):
-            if own_loss_matches(self.model, self._head, logits, labels, without, loss):
+            if own_loss_matches(per, without, loss):
                 self._sums_over_num_items, p.weights = False, without
             else:
                 self._sums_over_num_items = True
-        check_own_loss(self.model, self._head, logits, labels, p.weights, loss)
+        check_own_loss(self.model, self._head, per, p.weights, loss)
         self._own_loss_checked = True
 
     def _rule_hook(self, key: str):
