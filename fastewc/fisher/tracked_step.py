@@ -67,7 +67,6 @@ class _Pass:
     calls: dict                            # site key -> [_Call]
     multiplier: torch.Tensor | None = None # d(objective)/d(model's own loss), seen in the backward
     factor: object = None                  # 1 / (M w_n) of the tracked samples: float or [k] tensor
-    terms: tuple = (1.0, None)             # the factor as the sums read it (``factor_terms``)
     weights_without_num_items: torch.Tensor | None = None  # w_n were the model's loss to ignore
                                            # num_items_in_batch, while which it does is unknown
     started: bool = False
@@ -577,7 +576,6 @@ class _StepHooks:
                 scale = self.scaler.get_scale() if not isinstance(scale, torch.Tensor) else scale.reshape(()).double()
             # the loss was multiplied by scale / k and weighs each sample by w_n
             p.factor = declared_factor(self.reduction, p.n) * self.accumulation_steps / scale
-        p.terms = factor_terms(p.factor, p.k)
         torch.autograd.Variable._execution_engine.queue_callback(partial(self._finish, p))
 
     def _on_grad(self, p: _Pass, key: str, c: int, slot: int, G: torch.Tensor):
@@ -607,7 +605,7 @@ class _StepHooks:
         and ``how`` (``alpha``, ``picks``, ``weights``) they are read. The tracked samples are read
         where they are, and the per-sample factor is applied as the sums read them
         (``factor_terms``: a kernel does so with no copy). Copies only to convert the dtype."""
-        alpha, weights = p.terms
+        alpha, weights = factor_terms(p.factor, p.k)
         how = {"alpha": alpha, "picks": p.idx, "weights": weights}
         if any(t.dtype != dtype for t in (*inputs, *grads)):
             inputs, grads = [self._tracked(p, t, dtype) for t in inputs], [self._tracked(p, t, dtype) for t in grads]
@@ -635,7 +633,7 @@ class _StepHooks:
 
     def _unshared(self, key: str) -> bool:
         """Whether the site's parameters have no use but this site."""
-        return key in self._unshared_sites
+        return all(len(self._uses[q]) == 1 for q in self._sites[key].params.values())
 
     @staticmethod
     def _input(site, call: _Call) -> torch.Tensor:
@@ -646,7 +644,7 @@ class _StepHooks:
         return call.A
 
     def _site_dtype(self, site) -> torch.dtype:
-        return self._site_dtypes[site.key]
+        return torch.float64 if any(self._dtypes[n] == torch.float64 for n in site.params.values()) else torch.float32
 
     @staticmethod
     def _tracked(p: _Pass, t: torch.Tensor, dtype) -> torch.Tensor:

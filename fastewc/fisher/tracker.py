@@ -283,8 +283,3 @@ class FisherTracker(_StepHooks):
         for key, site in self._sites.items():
             for p in site.params.values():
                 self._uses.setdefault(p, []).append(key)
-        # read by every gradient hook of every step: worked out once per plan
-        self._unshared_sites = {key for key, site in self._sites.items()
-                                if all(len(self._uses[q]) == 1 for q in site.params.values())}
-        self._site_dtypes = {key: torch.float64 if any(self._dtypes[n] == torch.float64 for n in site.params.values())
-                             else torch.float32 for key, site in self._sites.items()}
