@@ -100,8 +100,9 @@ class FisherTracker(_StepHooks):
     distillation, is refused), assumed for a declared one. Assumed, not checked: each parameter
     is used only in the forward of the module that holds it (``estimate_fisher(...,
     return_info=True)`` proves this and the loss's path for a model). A module without a hand
-    rule is run on one sample the first time a call of its structure is seen, to prove which of its arguments hold the samples (a table shared by all
-    samples may have as many rows as the batch); one that cannot reproduce its batched output
+    rule is run on one sample the first time a call of its structure is seen, to prove which of
+    its arguments hold the samples (a table shared by all samples may have as many rows as the
+    batch); one that cannot reproduce its batched output
     alone (its samples interact) is refused by name. The first time a Linear or norm layer's input
     has as many positions as samples (``[T, N, d]`` or ``[N, T, d]`` with T = N), the model is run
     once more on the batch's first sample, without gradients and with the random state restored,
