@@ -430,6 +430,29 @@ def test_a_backward_inside_autocast_sums_as_one_outside(inputs, route, monkeypat
     assert all(torch.equal(got[0][n], got[1][n]) for n in got[1]), {n: float((got[0][n] - got[1][n]).abs().max()) for n in got[1]}
 
 
+def test_a_tied_heads_sum_keeps_float32_in_a_backward_inside_autocast():
+    """A tied head's sum runs a matrix product of its own (over the rows the lookups took), which
+    an autocast region still around the backward would run in bfloat16: it must give the bits it
+    gives after it."""
+    model, data = make_tied()
+    model.eval()
+    got = []
+    for inside in (True, False):
+        tracker = FisherTracker(model)
+        with tracker:
+            for x, y in data:
+                model.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x).float(), y)
+                    if inside:
+                        loss.backward()
+                if not inside:
+                    loss.backward()
+        got.append(tracker.fisher())
+    assert all(torch.equal(got[0][n], got[1][n]) for n in got[1]), \
+        {n: float((got[0][n] - got[1][n]).abs().max()) for n in got[1]}
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_attention_mask_with_as_many_rows_as_samples_is_not_a_sample_axis(batch_first):
     """A causal mask ``[T, T]`` whose T equals the batch size is passed to every sample whole, not
