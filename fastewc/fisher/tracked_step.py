@@ -189,7 +189,7 @@ class _StepHooks:
             raise EWCInputError("FisherTracker: the model was called without a tensor input with a batch axis")
         n = leaves[0].shape[0]
         labels = kwargs.get("labels") if isinstance(kwargs.get("labels"), torch.Tensor) else None
-        weights = None
+        weights = without = None
         if labels is not None:
             if args:
                 raise EWCInputError("FisherTracker: a model called with labels= computes its own loss; pass its "
@@ -214,9 +214,7 @@ class _StepHooks:
         if self._pass is not None:
             self._pass.end()  # a forward whose backward never ran (its backward, if it comes, is refused)
         self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state(),
-                           inputs=(args, kwargs))
-        if labels is not None and num_items is not None and self._sums_over_num_items is None:
-            self._pass.weights_without_num_items = without
+                           inputs=(args, kwargs), weights_without_num_items=without)
         return None
 
     def _tracks_this_forward(self) -> bool:
