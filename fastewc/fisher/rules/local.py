@@ -207,19 +207,17 @@ class ModuleCall:
         mine = {a: p[n] for a, n in self.params.items()}
         return tree_flatten(call_once(self.module, mine, self.args, self.kwargs))[0][self.k]
 
-    def _plain_lookup(self) -> bool:
-        m, idx = self.module, self.args[0] if len(self.args) == 1 else None
-        return (isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward
-                and "forward" not in vars(m) and set(self.params) == {"weight"} and m.padding_idx is None
-                and m.max_norm is None and not m.scale_grad_by_freq and not self.kwargs and self.k == 0
-                and isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex())
-
     def looks_up_rows(self) -> bool:
         """Whether the call is a plain ``nn.Embedding``'s lookup of fixed indices: its every
         output element is a weight element chosen by position, and its backward adds each
         output gradient back there (no padding row kept at zero, no frequency scaling, no
         renormalisation of the weight in place)."""
-        return self._plain_lookup() and (self.args[0]._version,) == self.versions  # the indices as at the call
+        m, idx = self.module, self.args[0] if len(self.args) == 1 else None
+        return (isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward
+                and "forward" not in vars(m) and set(self.params) == {"weight"} and m.padding_idx is None
+                and m.max_norm is None and not m.scale_grad_by_freq and not self.kwargs and self.k == 0
+                and isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex()
+                and (idx._version,) == self.versions)  # the indices as they were at the call
 
 
 # Operations that give each output element one input element chosen by position alone, when no
