@@ -12,7 +12,8 @@ per-sample gradients are added up, squared and summed, and the step is folded in
 Fisher (mean or moving average; skipped with the scaler's overflowing steps).
 
 It holds no state of its own: it reads the tracker's plan (``_sites``, ``_uses``), options
-(``fraction``, ``one_in``, ``reduction``, ``accumulation_steps``, ``scaler``, ``decay``), sums
+(``fraction``, ``one_in``, ``reduction``, ``accumulation_steps``, ``scaler``, ``decay``), the
+modes whose plan's parameter uses a forward has checked (``_uses_checked``, :mod:`.tracked_uses`), sums
 (``_sums``, ``_dtypes``, ``samples_seen``, ``steps``, ``steps_skipped``) and where the run of
 ``one_in`` forwards stands (``_forwards``, ``_pick``), all set by
 :class:`~.tracker.FisherTracker`, and calls its ``_plan()`` when the modules' modes change.
@@ -41,6 +42,7 @@ from .recording import inner_sample_axis
 from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sample_weights import check_own_loss, declared_factor, inverse, own_loss_matches, own_loss_weights, own_losses
 from .sums import all_finite, squares_of_uses
+from .tracked_uses import UseCheck
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -215,7 +217,29 @@ class _StepHooks:
             self._pass.end()  # a forward whose backward never ran (its backward, if it comes, is refused)
         self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state(),
                            inputs=(args, kwargs), weights_without_num_items=without)
+        if flags not in self._uses_checked:  # the first tracked forward of these modes' plan
+            UseCheck(self.model, self.selected, {n: [self._sites[k].module for k in keys] for n, keys in self._uses.items()},
+                     partial(self._used_outside, self._pass, flags))
         return None
+
+    def _used_outside(self, p: _Pass, flags: tuple, outside: dict) -> None:
+        """The end of a forward watched by :class:`.tracked_uses.UseCheck`: refuse parameters used
+        outside the modules whose hooks read them (their gradient would have parts no hook sees)."""
+        if not outside:
+            self._uses_checked.add(flags)
+            return
+        p.end(dropped=True)
+        if self._pass is p:
+            self._pass = None
+        names = sorted(outside)
+        where = "; ".join(f"{n!r} by {outside[n]}" for n in names[:4])
+        raise EWCInputError(
+            f"FisherTracker: {names[:6]} are used in the model's forward outside the modules whose hooks read their "
+            f"per-sample gradients ({where}): e.g. a layer's weight passed to F.linear in its parent's forward, or "
+            f"a child module never called whose parameters its parent reads. That use's share of each sample's "
+            f"gradient passes no hook, so their tracked Fisher would be wrong. Leave them out: params=lambda n, p: "
+            f"p.requires_grad and n not in {names[:6]}, and estimate them with estimate_fisher (which finds such "
+            f"uses); or use each parameter only through the module that holds it")
 
     def _tracks_this_forward(self) -> bool:
         """Whether this training forward is the one of its run of ``one_in`` that is tracked (its

@@ -97,9 +97,11 @@ class FisherTracker(_StepHooks):
     ``labels``. The backward must reach the model's outputs only through the loss (an EWC penalty
     on the parameters is fine): checked for a model's own loss on its first steps (the first
     sample's logits must get that loss's gradient alone: a loss added on the outputs, such as
-    distillation, is refused), assumed for a declared one. Assumed, not checked: each parameter
-    is used only in the forward of the module that holds it (``estimate_fisher(...,
-    return_info=True)`` proves this and the loss's path for a model). A module without a hand
+    distillation, is refused), assumed for a declared one. Each parameter must be used only in
+    the forward of the module that holds it (or, for ``out_proj``, of its MultiheadAttention):
+    the first tracked forward (again after the modules' modes change) is watched op by op, and a
+    use elsewhere that adds to the parameter's gradient (``F.linear(h, self.lin.weight)`` in a
+    parent's forward) is refused by name. A module without a hand
     rule is run on one sample the first time a call of its structure is seen, to prove which of
     its arguments hold the samples (a table shared by all samples may have as many rows as the
     batch); one that cannot reproduce its batched output
@@ -171,6 +173,8 @@ class FisherTracker(_StepHooks):
         self._assumed: set[str] = set()  # rule sites taken samples first while that was ambiguous (T = N)
         self._probed = False             # the one-sample forward that reads the axes has run
         self._probing: dict | None = None  # while it runs: rule site -> the shape of its first input
+        self._uses_checked: set = set()  # the modules' modes under which a forward showed every
+                                         # parameter used only at its plan's sites (tracked_uses)
         self.rules: dict[str, str] = {}
         self._plan()  # refuse what no rule covers now, not at the first step
 

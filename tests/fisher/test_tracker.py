@@ -645,6 +645,87 @@ def test_parameter_outside_any_module_is_refused_by_name_and_can_be_left_out():
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, [(x, y)], params=["lin.*"]), **TOL)
 
 
+class _ReusedWeight(nn.Module):
+    """``lin``'s weight used again by ``F.linear`` in the parent's forward, outside ``lin``'s."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(torch.tanh(self.lin(x)), self.lin.weight)))
+
+
+class _ReadByParent(nn.Module):
+    """A child never called: its parameters read by the parent's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.lin.weight.T + self.lin.bias))
+
+
+class _OutsideWithoutGradient(nn.Module):
+    """Reads of ``lin``'s weight outside ``lin`` that add nothing to its gradient: its dtype,
+    a detached copy, a product under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = x.to(self.lin.weight.dtype) + self.lin.weight.detach().sum() * 0
+        with torch.no_grad():
+            norm = self.lin.weight.norm()
+        return self.head(torch.tanh(self.lin(x)) * (norm / norm))
+
+
+@pytest.mark.parametrize("cls, names", [(_ReusedWeight, r"\['lin.weight'\] are used in the model's forward outside"),
+                                        (_ReadByParent, r"\['lin.bias', 'lin.weight'\] are used in the model's forward "
+                                                        r"outside")])
+def test_a_parameter_used_outside_the_module_whose_hooks_read_it_is_refused(cls, names):
+    """Without the check both were tracked without a word: lin.weight 0.8 (reused) and 1.0 (never
+    called: sums of zero) off the per-sample truth, relative to its largest entry."""
+    torch.manual_seed(0)
+    model = cls().to(D)
+    x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+    tracker = FisherTracker(model)
+    with tracker, pytest.raises(EWCInputError, match=names):
+        F.cross_entropy(model(x), y).backward()
+    assert tracker.samples_seen == 0 and not any(bool(s.any()) for s in tracker._sums.values())
+    # nothing of the check outlives the refused forward: no mode on the stack, the model's hooks
+    # are the tracker's own until it stops
+    assert torch._C._len_torch_function_stack() == 0
+    assert not model._forward_hooks and not model.lin._forward_pre_hooks
+    # left out, the rest is exact
+    kept = FisherTracker(model, params=["head.*"])
+    _train(model, [(x[:3], y[:3]), (x[3:], y[3:])], kept)
+    assert_fisher_close(kept.fisher(), estimate_fisher(model, [(x[:3], y[:3]), (x[3:], y[3:])], params=["head.*"]),
+                        **TOL)
+
+
+def test_reads_of_a_parameter_that_add_nothing_to_its_gradient_are_not_uses():
+    torch.manual_seed(0)
+    model = _OutsideWithoutGradient().to(D)
+    data = [(torch.randn(3, 4, dtype=D), torch.randint(0, 3, (3,))) for _ in range(2)]
+    assert_fisher_close(_train(model, data, FisherTracker(model)).fisher(), estimate_fisher(model, data), **TOL)
+
+
+def test_a_forward_that_raises_while_its_uses_are_watched_leaves_nothing_behind():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    tracker = FisherTracker(model)
+    with tracker:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            model(torch.randn(3, 5, dtype=D))
+        assert torch._C._len_torch_function_stack() == 0
+        assert len(model._forward_hooks) == 1 and not model[0]._forward_pre_hooks  # the tracker's own
+        # the next forward is watched instead, and tracked
+        F.cross_entropy(model(torch.randn(3, 4, dtype=D)), torch.randint(0, 3, (3,))).backward()
+    assert tracker.samples_seen == 3
+
+
 def test_batchnorm_in_training_mode_is_refused():
     model, data = make_cnn(dtype=D)
     model.train()
