@@ -151,9 +151,9 @@ _OWN_PATH_CHECKS = 3
 # Keywords a Hugging Face model hands to its own loss that change which labels it counts.
 _LOSS_READS = ("shift_labels", "ignore_index")
 
-# The steps of a declared loss whose output gradient is read for samples of unequal lengths: the
-# read is small (two positions), but a host sync on a GPU; padding shows in the first steps.
-_POSITION_CHECKS = 8
+# The steps of a declared loss whose output gradient is read for samples left out of the loss or of
+# unequal lengths: the read is small, but a host sync on a GPU; either shows in the first steps.
+_OUTPUT_CHECKS = 8
 
 
 class _StepHooks:
@@ -284,32 +284,52 @@ class _StepHooks:
             elif shape and shape[0] != 1 and len(inner) == 1:
                 self._axes.setdefault(key, inner[0])
 
-    def _watch_positions(self, p: _Pass, output) -> None:
-        """The first steps of a declared loss on outputs with positions (``[N, T, C]`` logits):
-        read the output gradient for samples of different lengths (:meth:`_unequal_lengths`)."""
-        if self._positions_checked >= _POSITION_CHECKS:
+    def _watch_outputs(self, p: _Pass, output) -> None:
+        """The first steps of a declared loss: read the output gradient (:meth:`_read_output_gradient`)
+        for what a declared reduction cannot describe."""
+        if self._outputs_checked >= _OUTPUT_CHECKS:
             return
         out = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
-        if (isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 3 and out.shape[0] == p.n
-                and out.shape[1] > 1):
-            self._positions_checked += 1
-            out.register_hook(self._unequal_lengths)
+        if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 1 and out.shape[0] == p.n > 1:
+            self._outputs_checked += 1
+            out.register_hook(partial(self._read_output_gradient, self.reduction))
 
-    def _unequal_lengths(self, G: torch.Tensor) -> None:
-        """Warn, once, where some samples have a gradient at their first or last position and
-        others none (padding the loss ignores, at sequences of different lengths). There a loss
-        averaged over the batch's tokens weighs each sample by its length, which neither declared
-        reduction describes (a mean over samples weighs each 1/N), and the tracked Fisher would be
-        off without an error; a loss averaged per sample first is right, and only it."""
-        if G is None or self._positions_checked > _POSITION_CHECKS:
+    def _read_output_gradient(self, reduction: str, G: torch.Tensor) -> None:
+        """Warn, once each, where the output gradient shows a loss that is not the declared
+        reduction over the batch's samples of each sample's own loss:
+
+        * some samples get no gradient at all and others do (a loss over a masked or filtered
+          subset): a mean over the K kept samples weighs each 1/K, not 1/N, and the left-out
+          samples would be counted as samples of zero gradient;
+        * outputs with positions (``[N, T, C]`` logits) where some samples have a gradient at their
+          first or last position and others none (padding the loss ignores, at sequences of
+          different lengths): a loss averaged over the batch's tokens weighs each sample by its
+          length, which neither declared reduction describes (a mean over samples weighs each
+          1/N), and the tracked Fisher would be off without an error; a loss averaged per sample
+          first is right, and only it."""
+        if G is None:
+            return None
+        rows = G.detach().reshape(G.shape[0], -1).ne(0).any(1)
+        if "left out" not in self._warned and bool(rows.any()) and not bool(rows.all()):
+            self._warned.add("left out")
+            warnings.warn(
+                f"FisherTracker: in this batch {int((~rows).sum())} of {rows.numel()} samples get no gradient at the "
+                f"model's output, so your loss leaves them out (a mask or filter on the outputs). reduction="
+                f"{reduction!r} means your loss is the {reduction} over all the batch's samples of each sample's own "
+                f"loss; a {reduction} over the kept samples alone weighs them otherwise, and the left-out samples "
+                f"would be counted with a gradient of zero: the tracked Fisher would be off. Filter the batch before "
+                f"the forward (model(x[keep])), so that every sample the model sees is in the loss. If a sample's "
+                f"gradient is zero for another reason (a saturated softmax), this warning does not apply.",
+                UserWarning, stacklevel=2)
+        if G.dim() < 3 or G.shape[1] < 2 or "positions" in self._warned:
             return None
         ends = G.detach()[:, [0, -1]].flatten(2).ne(0).any(-1)  # [N, 2]: a gradient at the first / last position
         if bool((ends.any(0) & ~ends.all(0)).any()):
-            self._positions_checked = _POSITION_CHECKS + 1  # said once
+            self._warned.add("positions")
             warnings.warn(
                 f"FisherTracker: the model's output has positions, and in this batch some samples have a gradient "
                 f"at their first or last position and others none (padding the loss ignores). reduction="
-                f"{self.reduction!r} means your loss is the {self.reduction} over the batch's samples of each "
+                f"{reduction!r} means your loss is the {reduction} over the batch's samples of each "
                 f"sample's own loss. A loss averaged over the batch's tokens (F.cross_entropy(logits.flatten(0, 1), "
                 f"targets.flatten()) with ignored positions) weighs each sample by its number of tokens instead, and "
                 f"the tracked Fisher would be off: average per sample first, e.g. F.cross_entropy(logits.transpose(1, "
@@ -332,7 +352,7 @@ class _StepHooks:
         if p is None or not torch.is_grad_enabled():
             return None
         if p.weights is None:  # a loss of the user's own, declared
-            self._watch_positions(p, output)
+            self._watch_outputs(p, output)
             return None
         loss, logits = _loss_and_logits(output)
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:

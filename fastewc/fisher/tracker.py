@@ -67,7 +67,9 @@ class FisherTracker(_StepHooks):
             A loss of your own over sequences must average (or sum) per sample first: a mean over
             the batch's tokens weighs each sample by its length where lengths differ, which
             neither reduction describes; the first steps read the output gradient for that case
-            and warn once.
+            and warn once. Every sample the model sees must be in the loss (filter a batch
+            before the forward, not its outputs): the first steps warn where some samples get no
+            output gradient.
         accumulation_steps: ``k`` when you divide the loss by ``k`` for gradient accumulation.
         scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` you back-propagate; its scale
             is divided out, and steps whose gradients overflow (which the scaler skips) are not
@@ -166,7 +168,8 @@ class FisherTracker(_StepHooks):
         self._own_loss_checked = False
         self._sums_over_num_items: bool | None = None  # whether the model's own loss does (unknown: None)
         self._own_paths_checked = 0  # steps whose logits' gradient was checked against output.loss's alone
-        self._positions_checked = 0  # steps whose output gradient was read for unequal sequence lengths
+        self._outputs_checked = 0  # steps whose output gradient was read (samples left out, unequal lengths)
+        self._warned: set[str] = set()  # what those reads warned about (once each)
         self._head = model_head(self.model)  # which Hugging Face loss the model computes, if any
         self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments
         self._axes: dict[str, int] = {}  # rule site -> the axis holding its samples, where that was unambiguous
