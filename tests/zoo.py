@@ -253,6 +253,23 @@ def wav2vec2(padded):
     return _hf(T.Wav2Vec2ForSequenceClassification(cfg)), data
 
 
+def whisper(padded):
+    """Whisper: an audio encoder (two convolutions over log-mel frames) and a text decoder. Given
+    labels, the model shifts them into its decoder's inputs inside its forward (it has no
+    ``prepare_decoder_input_ids_from_labels``)."""
+    T, S = _T(), SIZE
+    cfg = T.WhisperConfig(vocab_size=S.vocab, num_mel_bins=8, encoder_layers=_half_layers(),
+                          decoder_layers=_half_layers(), encoder_attention_heads=S.heads,
+                          decoder_attention_heads=S.heads, encoder_ffn_dim=S.ffn, decoder_ffn_dim=S.ffn,
+                          d_model=S.width, max_source_positions=8, max_target_positions=16, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None,
+                          begin_suppress_tokens=None)
+    x = torch.randn(N, 8, 16, generator=_gen(7), dtype=D)  # [N, mel bins, 2 * max_source_positions frames]
+    labels = torch.cat([b["labels"] for b in seq2seq(padded)])
+    data = [{"input_features": x[i : i + 3], "labels": labels[i : i + 3]} for i in range(0, N, 3)]
+    return _hf(T.WhisperForConditionalGeneration(cfg)), data
+
+
 class RNNClassifier(nn.Module):
     """Embedding -> batch-first LSTM / GRU -> the last step's hidden state -> Linear."""
 
@@ -361,6 +378,7 @@ CASES = [
     Case("convnext", convnext, paddings=(False,)),
     Case("resnet", resnet, paddings=(False,)),
     Case("wav2vec2", wav2vec2, paddings=(False,)),
+    Case("whisper", whisper, top_k=2),
     Case("lstm", _rnn(nn.LSTM), paddings=(False,)),
     Case("gru", _rnn(nn.GRU), paddings=(False,)),
     Case("torch_encoder", torch_encoder),

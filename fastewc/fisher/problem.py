@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -294,20 +295,59 @@ def with_decoder_inputs(model, batch: Batch) -> Batch:
     """``batch`` with the decoder inputs of an encoder-decoder made explicit: a Hugging Face
     encoder-decoder given ``labels`` and no decoder inputs shifts the labels right into
     ``decoder_input_ids``; the batched passes call the model without ``labels`` (their per-sample
-    losses come from the logits), where the model would then have no decoder inputs (T5) or
-    derive them from ``input_ids`` (BART). Made once here and passed to every engine, the
+    losses come from the logits), where the model would then have no decoder inputs (T5, Whisper)
+    or derive them from ``input_ids`` (BART). Made once here and passed to every engine, the
     decoder inputs are the same in the batched passes, the per-sample engines and the draw of
     sampled labels, and mark the logits as decoder positions (:func:`position_mask`). Other
-    batches are returned as they are."""
+    batches are returned as they are.
+
+    The model's ``prepare_decoder_input_ids_from_labels`` makes them where it has one; a model
+    without it (Whisper) shifts its labels inside its forward, so that forward is run with the
+    labels, without gradients, as far as its decoder's call, whose ``input_ids`` are taken."""
     inputs = batch.inputs
-    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if (not batch.is_dict or shift is None or "labels" not in inputs or "decoder_input_ids" in inputs
+    if (not batch.is_dict or "labels" not in inputs or "decoder_input_ids" in inputs
             or "decoder_inputs_embeds" in inputs
             or not getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
         return batch
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     with torch.no_grad():
-        decoder_ids = shift(labels=inputs["labels"])
+        decoder_ids = shift(labels=inputs["labels"]) if shift is not None else _decoder_inputs_of(model, inputs)
+    if decoder_ids is None:
+        return batch
     return Batch({**inputs, "decoder_input_ids": decoder_ids}, batch.targets, batch.size, batch.index)
+
+
+class _DecoderReached(Exception):
+    """Ends the forward of :func:`_decoder_inputs_of` at its decoder's call."""
+
+
+def _decoder_inputs_of(model, inputs: dict) -> torch.Tensor | None:
+    """The ``input_ids`` that ``model(**inputs)`` passes to its decoder (``model.get_decoder()``),
+    read from a pre-hook that ends the forward there (the decoder and the head are not run), with
+    the random state restored. None where the model has no decoder to hook, or its decoder gets
+    embeddings instead."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if not isinstance(decoder, nn.Module):
+        return None
+    seen = {}
+
+    def reached(module, args, kwargs):
+        seen["ids"] = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        raise _DecoderReached
+
+    handle = decoder.register_forward_pre_hook(reached, with_kwargs=True)
+    devices = sorted({v.device.index or 0 for v in inputs.values()
+                      if isinstance(v, torch.Tensor) and v.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model(**inputs)
+    except _DecoderReached:
+        pass
+    finally:
+        handle.remove()
+    ids = seen.get("ids")
+    return ids if isinstance(ids, torch.Tensor) else None
 
 
 def _batched(inputs):

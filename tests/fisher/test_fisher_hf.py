@@ -138,3 +138,29 @@ def test_second_call_reuses_the_proven_plan():
     assert fastewc.estimate_fisher(model, data, return_info=True)[1].plan_cached
     model.transformer.h[0].mlp.c_fc = type(model.transformer.h[0].mlp.c_fc)(64, 16).to(D)  # new module
     assert not fastewc.estimate_fisher(model, data, return_info=True)[1].plan_cached
+
+
+def test_decoder_inputs_of_a_model_that_shifts_its_labels_in_its_forward():
+    """Whisper makes its decoder's inputs from ``labels`` inside its forward and has no
+    ``prepare_decoder_input_ids_from_labels``: the batched passes (called without labels) had no
+    decoder inputs, and every kind raised the model's own ValueError. The inputs are read from the
+    model's forward, stopped at its decoder's call: the labels shifted right, the random state and
+    the model's hooks as they were."""
+    import zoo
+    from fastewc.fisher.batches import Batch
+    from fastewc.fisher.problem import with_decoder_inputs
+
+    model, data = zoo.whisper(padded=True)
+    b = data[0]
+    state = torch.random.get_rng_state()
+    got = with_decoder_inputs(model, Batch(b, None, 3, 0)).inputs["decoder_input_ids"]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    labels = b["labels"]
+    want = torch.cat([torch.full((3, 1), model.config.decoder_start_token_id), labels[:, :-1]], 1)
+    assert torch.equal(got, want.masked_fill(want == -100, model.config.pad_token_id))
+    got, info = fastewc.estimate_fisher(model, data, kind="sampled", generator=torch.Generator().manual_seed(1),
+                                        return_info=True)
+    assert not info.vmap_params and not info.loop_params
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind="sampled", generator=torch.Generator().manual_seed(1)),
+                        rtol=1e-8, atol_rel=1e-8)
