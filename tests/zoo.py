@@ -171,6 +171,17 @@ def electra(padded):
     return _hf(T.ElectraForMaskedLM(cfg)), text("lm", padded)
 
 
+def deberta(padded):
+    """DeBERTa-v2 with relative attention: its position projections apply to a table without a
+    batch axis, ``[1, 2k, d]``, repeated over a batch folded with the heads into ``[N*heads, ...]``
+    rows. ``problem_type`` set: without it the model takes its loss in float32."""
+    T = _T()
+    cfg = T.DebertaV2Config(**_small(num_labels=3, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                     max_relative_positions=-1, type_vocab_size=0, pad_token_id=0,
+                                     problem_type="single_label_classification"))
+    return _hf(T.DebertaV2ForSequenceClassification(cfg)), text("cls", padded)
+
+
 def _lm(cls_name, cfg_name, cfg: Callable[[], dict]):
     def build(padded):
         T = _T()
@@ -363,6 +374,7 @@ CASES = [
     Case("distilbert", distilbert),
     Case("albert", albert),
     Case("electra", electra, top_k=2),
+    Case("deberta", deberta),
     Case("gpt2", gpt2, top_k=2),
     Case("gpt_neox", gpt_neox, top_k=2),
     Case("llama", llama, top_k=2, fp32=_RMS),

@@ -238,13 +238,19 @@ class _Recorder:
 _REPEATS = (torch.Tensor.repeat, torch.tile)
 
 
-def _repeats_one_row(func, leaves, slots, out: torch.Tensor, n: int) -> bool:
-    """Whether ``out`` is one row of a watched tensor copied along a new batch axis
-    (``cls.repeat(n, 1, 1)``): every row the same values, as a broadcast one's, in other memory."""
+def _repeated_rows(func, leaves, slots, out: torch.Tensor, n: int) -> int:
+    """The rows of one copy where ``out`` is a watched tensor copied ``n`` times along its first
+    axis, in other memory than a broadcast: 1 for one row copied along a new batch axis
+    (``cls.repeat(n, 1, 1)``); ``r`` for ``r`` rows tiled ``n`` times, which is what each sample
+    of a batch folded into rows of ``r`` sees (DeBERTa's position projections ``[heads, 2k, d]``
+    repeated beside queries ``[N*heads, T, d]``); 0 otherwise. The probe checks what the rows
+    are taken for against the per-sample loop."""
     if func not in _REPEATS or 0 not in slots or out.dim() == 0 or out.shape[0] % n or out.shape[0] < n or n < 2:
-        return False
+        return 0
     x = leaves[0]
-    return x.dim() < out.dim() or x.shape[0] == 1
+    if x.dim() < out.dim() or x.shape[0] == 1:
+        return 1
+    return x.shape[0] if out.shape[0] == n * x.shape[0] else 0
 
 
 class _OpRecorder(TorchFunctionMode):
@@ -261,7 +267,8 @@ class _OpRecorder(TorchFunctionMode):
         self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
         self.sources = {i: {name} for i, name in watched.items()}
         self.keep = []  # keeps derived tensors alive so that their ids stay unique
-        self.spread: set[int] = set()  # ids of watched tensors with a batch axis made by copying one row
+        self.spread: dict[int, int] = {}  # id of a watched tensor with a batch axis made by copying -> the
+                                          # rows of one copy (Rebuild.spread)
         self.op_trouble: str | None = None
 
     def watch(self, t: torch.Tensor, build, sources: set) -> None:
@@ -335,16 +342,16 @@ class _OpRecorder(TorchFunctionMode):
             # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters
             # (a batch axis made by broadcasting with one row; a size that only equals the batch
             # size is not taken for one).
-            spread = spread_over(out, n) or _repeats_one_row(func, leaves, slots, out, n)
+            spread = 1 if spread_over(out, n) else _repeated_rows(func, leaves, slots, out, n)
             self.watch(out, Rebuild(func, list(leaves), spec, slots, spread), sources)
             if spread:
-                self.spread.add(id(out))
+                self.spread[id(out)] = spread
             return out
         if out.dim() == 0 or out.shape[0] != n * fold:
             self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
             return out
         rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources, per_sample=list(by_size),
-                       spread={k for k in slots if id(leaves[k]) in self.spread},
+                       spread={k: self.spread[id(leaves[k])] for k in slots if id(leaves[k]) in self.spread},
                        slot_sources={k: self.sources[id(leaves[k])] for k in slots})
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)

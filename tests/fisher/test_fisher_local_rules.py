@@ -1055,7 +1055,7 @@ def _chain(*steps, spread=False):
     build = ParamLeaf("p")
     for k, (func, *args) in enumerate(steps):
         leaves, spec = tree_flatten(((torch.zeros(()), *args), {}))
-        build = Rebuild(func, leaves, spec, {0: build}, spread and k == len(steps) - 1)
+        build = Rebuild(func, leaves, spec, {0: build}, 1 if spread and k == len(steps) - 1 else 0)
     return build
 
 

@@ -47,8 +47,9 @@ class Recorded:
                                                       # argument is built from (one slot's, of those)
     versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
     axis: int = 0                  # the samples' axis of a rule site's input and output (sequence first: 1)
-    spread: set = field(default_factory=set)  # op-local: slots rebuilt with one row of a batch axis
-                                              # made by broadcasting or copying (cls.expand(n, ...))
+    spread: dict = field(default_factory=dict)  # op-local: slot -> the rows its rebuild keeps of a batch
+                                                # axis made by broadcasting or copying: 1 (cls.expand(n,
+                                                # ...)), or r rows tiled for a batch folded into rows of r
     per_sample: list | None = None # positions of the leaves holding the samples, where the layer
                                    # family's recorder names them (a mask [T, S] with T = N is not
                                    # one) or a check proved them; else (a generic record) by size
@@ -164,13 +165,14 @@ class ParamLeaf:
 class Rebuild:
     """An argument without a batch axis, rebuilt from the parameters: the operation ``func`` on
     the recorded arguments ``leaves`` (structure ``spec``), those at ``slots`` rebuilt in turn;
-    ``spread``: the result had a batch axis made by broadcasting one row, and one row is kept."""
+    ``spread``: the result had a batch axis made by broadcasting or copying, and this many rows of
+    it are kept (one; or the ``r`` rows a sample of a batch folded into rows of ``r`` sees), 0: all."""
 
     func: Callable
     leaves: list
     spec: object
     slots: dict
-    spread: bool = False
+    spread: int = 0
     versions: tuple = ()  # of each recorded tensor argument, at the call (None elsewhere)
 
     def __post_init__(self):
@@ -183,7 +185,7 @@ class Rebuild:
             ls[k] = b(p)
         a, kw = tree_unflatten(ls, self.spec)
         y = self.func(*a, **kw)
-        return y[:1] if self.spread else y
+        return y[: self.spread] if self.spread else y
 
 
 @dataclass(frozen=True, eq=False)
@@ -391,7 +393,8 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
         if g is None:
             return None
         rows = g.dim() - (1 if rec.fold > 1 else 0)
-        bshape = (1, *b.shape[1:]) if k in rec.spread else tuple(b.shape)  # what ``build`` gives
+        kept = rec.spread.get(k)
+        bshape = (kept, *b.shape[1:]) if kept else tuple(b.shape)  # what ``build`` gives
         shape = (1,) * (rows - len(bshape)) + bshape
         if len(shape) != rows or shape[0] != 1:
             return None  # the argument is wider than the output, or spans the batch axis
@@ -406,8 +409,8 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
             # this argument's own parameters: a selection reads one (the class token of a
             # concatenation with a distillation token is its own selection, not one of both)
             srcs = {name: values[name] for name in rec.slot_sources.get(k, rec.sources)}
-            # the argument as the pass computed it (one row of a spread one, as ``build`` gives)
-            selected = _selection(build, srcs, rec.leaves[k][:1] if k in rec.spread else rec.leaves[k])
+            # the argument as the pass computed it (the rows of a spread one ``build`` gives)
+            selected = _selection(build, srcs, rec.leaves[k][:kept] if kept else rec.leaves[k])
             if selected is not None:
                 name, where = selected
                 p = srcs[name]
