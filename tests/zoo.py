@@ -182,6 +182,17 @@ def deberta(padded):
     return _hf(T.DebertaV2ForSequenceClassification(cfg)), text("cls", padded)
 
 
+def deberta_v3(padded):
+    """DeBERTa-v3's configuration: the position table normalised by a LayerNorm, and each layer's
+    query and key projections applied both to the hidden states and to that table
+    (``share_att_key``), with log-bucketed relative positions."""
+    T = _T()
+    cfg = T.DebertaV2Config(**_small(num_labels=3, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                     position_buckets=4, share_att_key=True, norm_rel_ebd="layer_norm",
+                                     max_relative_positions=-1, type_vocab_size=0, pad_token_id=0))
+    return _hf(T.DebertaV2ForTokenClassification(cfg)), text("tok", padded)
+
+
 def _lm(cls_name, cfg_name, cfg: Callable[[], dict]):
     def build(padded):
         T = _T()
@@ -375,6 +386,7 @@ CASES = [
     Case("albert", albert),
     Case("electra", electra, top_k=2),
     Case("deberta", deberta),
+    Case("deberta_v3", deberta_v3),
     Case("gpt2", gpt2, top_k=2),
     Case("gpt_neox", gpt_neox, top_k=2),
     Case("llama", llama, top_k=2, fp32=_RMS),

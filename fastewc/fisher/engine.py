@@ -56,7 +56,7 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dic
     Returns ``(sums, trouble)``: ``sums`` maps each covered parameter to the sum over the batch of
     its squared per-sample gradients (exact kind: of the per-sample Fisher); ``trouble`` maps
     site keys that broke the plan's assumptions to ``(action, reason)``, an action of
-    :meth:`RulePlan.absorb` (``"clone"``, ``"local"``, ``"parent"``, ``"unused"``, ``"batch_free"``,
+    :meth:`RulePlan.absorb` (``"clone"``, ``"local"``, ``"parent"``, ``"unused"``, ``"batch_free"``, ``"split=..."``,
     ``"follow_everywhere"`` or ``"drop"``). With any trouble, ``sums`` is empty.
     """
     n = batch.size
@@ -126,7 +126,15 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
                                          f"uses the parameters directly")
             continue
         if any(not c.rec.outputs for c in calls):
-            trouble[key] = ("drop", f"{site.module_name} returns a batch axis in some calls and none in others")
+            if plan.proving and site.rule is not None and not site.free_calls:
+                # The calls without one (a projection of a position table) are followed into the
+                # operations that meet the batch, beside the rule's own calls; which calls they are
+                # is taken from the probe, whose batch size no table's rows can be taken for.
+                free = ",".join(str(c) for c, call in enumerate(calls) if not call.rec.outputs)
+                trouble[key] = (f"split={free}", f"{site.module_name} returns no batch axis in some calls: those are "
+                                                 f"followed into the operations that use their output")
+            else:
+                trouble[key] = ("drop", f"{site.module_name} returns a batch axis in some calls and none in others")
             continue
         if site.rule is not None and not all(c.ok_for_rule for c in calls):
             trouble[key] = ("local", f"{type(site.module).__name__} is called with keyword, several or non-tensor "

@@ -24,6 +24,7 @@ from .rules import rule_for
 from .rules.replay import RECORDS
 
 OPS = "<ops>"  # the site of parameters used by operations outside any module
+FREE = "free:"  # the key prefix of a rule site's twin that follows its calls without a batch axis
 
 
 @dataclass
@@ -44,6 +45,10 @@ class Site:
     per_sample: dict = field(default_factory=dict)   # module-local sites: call structure -> the
                                    # positions of its arguments that held the samples in the probe
                                    # (None: its calls disagreed)
+    free_calls: tuple = ()         # a rule site and its batch-free twin (FREE + module name): the
+                                   # calls of a pass, by order, that had no batch axis in the probe,
+                                   # which the twin follows (DeBERTa's query projection applied to
+                                   # the hidden states and to the relative-position table)
 
     @property
     def label(self) -> str:
@@ -86,7 +91,7 @@ class RulePlan:
             return None if s.key == OPS else root.get_submodule(s.module_name)
 
         sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.follow_in,
-                         s.axis, dict(s.per_sample))
+                         s.axis, dict(s.per_sample), s.free_calls)
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
                         self.probe_seconds, self.root if root is None else root, scoped=dict(self.scoped),
@@ -223,8 +228,13 @@ class RulePlan:
                 self.sites[key].axis = int(action[len("axis="):])
                 for p in self.sites[key].params.values():
                     self.notes.setdefault(p, why)
-            elif action == "batch_free":
+            elif action == "batch_free" or action.startswith("split="):
                 site = self.sites[key]
+                if action.startswith("split="):  # the calls with a batch axis stay with the rule
+                    site.free_calls = tuple(int(c) for c in action[len("split="):].split(","))
+                    site = self.sites[FREE + site.module_name] = Site(
+                        FREE + site.module_name, site.module_name, site.module, None, dict(site.params),
+                        free_calls=site.free_calls)
                 site.batch_free = True
                 # first inside its parent's forward, where a module is called
                 site.follow_in = site.module_name.rpartition(".")[0]

@@ -87,8 +87,9 @@ def check_forward(problem: Problem, batch: Batch) -> tuple[str | None, torch.Ten
     return None, z
 
 
-def _plain_truth(problem: Problem, batch: Batch, labels, names) -> dict[str, torch.Tensor]:
-    """``{name: sum over batch's samples of the squared gradient}`` for ``names``, by the plainest
+def _plain_truth(problem: Problem, batch: Batch, labels, names) -> tuple[dict[str, torch.Tensor], bool]:
+    """``({name: sum over batch's samples of the squared gradient}, whether a loss was float32)``
+    for ``names``, by the plainest
     loop: per sample, one forward of the model on that sample alone, its loss, one
     ``torch.autograd.grad``, each gradient squared out of place into a sum of its own.
 
@@ -102,6 +103,7 @@ def _plain_truth(problem: Problem, batch: Batch, labels, names) -> dict[str, tor
     # float64 sums for float64 parameters, float32 otherwise: the truth rounds no worse than the rules
     dtypes = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
     total = [torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, dtypes)]
+    fp32 = False
     for i in range(batch.size):
         if batch.is_dict:
             x = {k: v[i] for k, v in batch.inputs.items()}
@@ -114,11 +116,12 @@ def _plain_truth(problem: Problem, batch: Batch, labels, names) -> dict[str, tor
         with torch.enable_grad():
             loss = problem.loss(problem.call({}, x, functional=False), x, target)
             gs = torch.autograd.grad(loss, params, allow_unused=True)
+        fp32 = fp32 or loss.dtype == torch.float32
         for k, g in enumerate(gs):
             if g is not None:
                 g = g.detach().to(dtypes[k])
                 total[k] = total[k] + g * g
-    return dict(zip(names, total))
+    return dict(zip(names, total)), fp32
 
 
 def probe_plan(problem: Problem, plan: RulePlan, batch: Batch) -> None:
@@ -181,16 +184,16 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch, values: bool = True) 
         return
     narrowed = plan.narrowed
     covered = plan.covered
-    # A Hugging Face head computes its own loss in float32 (logits.float()), also for a float64
-    # model: then both sides agree to float32 rounding only.
-    own_loss_fp32 = batch.is_dict and problem.kind == "empirical" and problem.loss_fn is None
-    ref = _plain_truth(check, part, labels, [n for n in problem.selected if n in covered])
+    # A Hugging Face causal LM computes its own loss in float32 (logits.float()), also for a
+    # float64 model: then both sides agree to float32 rounding only. Read from the loss itself: a
+    # float64 loss is held to float64's tolerance, where a rule off by 1e-4 must not pass.
+    ref, loss_fp32 = _plain_truth(check, part, labels, [n for n in problem.selected if n in covered])
     # Entries far below the model's largest (a key bias, whose gradient attention's softmax
     # cancels to rounding noise) are compared on an absolute scale of rtol^2 x that largest entry.
     largest = max((float(t.abs().max()) for t in ref.values() if t.numel()), default=0.0)
     for pname in sorted(ref):
         a, b = sums[pname].to(ref[pname].dtype), ref[pname]
-        rtol = PROBE_RTOL.get(torch.float32 if own_loss_fp32 else problem.selected[pname].dtype, 1e-3)
+        rtol = PROBE_RTOL.get(torch.float32 if loss_fp32 else problem.selected[pname].dtype, 1e-3)
         scale = float(b.abs().max()) if b.numel() else 0.0
         if b.numel() and float((a - b).abs().max()) > rtol * scale + rtol * rtol * largest + 1e-30:
             plan.drop_param(pname, f"its rule disagreed with the per-sample loop on a probe (is {pname!r} used "

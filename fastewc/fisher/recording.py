@@ -107,6 +107,7 @@ class _Recorder:
         self.handles = []
         self.ops: list[Recorded] = []
         self.folds: set[int] = set()  # rows per sample the batch's own tensors had in this pass (> 1)
+        self.call_counts: dict[str, int] = {}  # sites split by their calls: calls seen so far (_next_call)
         ops = plan.sites.get(OPS)
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
         watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
@@ -131,6 +132,12 @@ class _Recorder:
             if site.rule is None and not site.batch_free and type(site.module) is nn.MultiheadAttention:
                 self.attention[key] = RecordingAttention(site.module)
                 site.module.forward = self.attention[key].forward  # this instance, for this pass only
+
+    def _next_call(self, key: str) -> int:
+        """The order of this call among the calls of site ``key``'s module in this pass."""
+        c = self.call_counts.get(key, 0)
+        self.call_counts[key] = c + 1
+        return c
 
     def _enter_scope(self, module, args):
         if _recomputing():
@@ -160,7 +167,11 @@ class _Recorder:
         def hook(module, args, kwargs, output):
             # An RNN's outputs have the samples on axis 1 (h_n, and output unless batch_first): its
             # call is recorded with every tensor moved samples-first, and handed back moved back.
+            if site.free_calls and not _recomputing() and self._next_call(key) in site.free_calls:
+                return None  # a call without a batch axis: its batch-free twin follows it
             rec, to_module = record_call(module, args, kwargs, output, self.n, folds=True, axis=site.axis)
+            if site.free_calls and _recomputing() and not rec.outputs:
+                return None
             if rec.fold > 1:
                 self.folds.add(rec.fold)
             if _recomputing():
@@ -215,13 +226,19 @@ class _Recorder:
         def hook(module, args, kwargs, output):
             if _recomputing():
                 return None  # a checkpoint's recomputation (see _hook)
+            if site.free_calls and self._next_call(site.key) not in site.free_calls:
+                return None  # a call with the batch: its rule site's
             if self.whole_forward is None and not self.scopes:
                 self.escaped.add(site.key)  # called outside the forward expected to call it
+            # an argument itself built from parameters is rebuilt with them (ModuleCall.slots)
+            inputs, _ = tree_flatten((args, kwargs))
+            slots = {k: self.mode.builders[id(x)] for k, x in enumerate(inputs)
+                     if isinstance(x, torch.Tensor) and id(x) in self.mode.builders}
+            sources = set(site.params.values()).union(*(self.mode.sources[id(inputs[k])] for k in slots))
             leaves, _ = tree_flatten(output)
             for k, t in enumerate(leaves):
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    self.mode.watch(t, ModuleCall(module, dict(site.params), args, kwargs, k),
-                                    set(site.params.values()))
+                    self.mode.watch(t, ModuleCall(module, dict(site.params), args, kwargs, k, slots), sources)
             return None
         return hook
 

@@ -192,13 +192,17 @@ class Rebuild:
 class ModuleCall:
     """The output of a module called without a batch axis (a position table), rebuilt from the
     parameters: the module called again on the recorded arguments, its parameters ``params``
-    (attribute -> parameter name) in place; ``k``: which flattened output."""
+    (attribute -> parameter name) in place; ``k``: which flattened output. ``slots``: the
+    arguments (by position among the flattened ``(args, kwargs)``) that are themselves built from
+    parameters (DeBERTa's normalised position table, projected by each layer's query), rebuilt in
+    turn, so that the gradient reaches those parameters too."""
 
     module: torch.nn.Module
     params: dict
     args: tuple
     kwargs: dict
     k: int
+    slots: dict = field(default_factory=dict)
     versions: tuple = ()  # of the tensor arguments, at the call
 
     def __post_init__(self):
@@ -207,7 +211,13 @@ class ModuleCall:
 
     def __call__(self, p: dict) -> torch.Tensor:
         mine = {a: p[n] for a, n in self.params.items()}
-        return tree_flatten(call_once(self.module, mine, self.args, self.kwargs))[0][self.k]
+        args, kwargs = self.args, self.kwargs
+        if self.slots:
+            leaves, spec = tree_flatten((args, kwargs))
+            for k, build in self.slots.items():
+                leaves[k] = build(p)
+            args, kwargs = tree_unflatten(leaves, spec)
+        return tree_flatten(call_once(self.module, mine, args, kwargs))[0][self.k]
 
     def looks_up_rows(self) -> bool:
         """Whether the call is a plain ``nn.Embedding``'s lookup of fixed indices: its every
@@ -215,7 +225,7 @@ class ModuleCall:
         output gradient back there (no padding row kept at zero, no frequency scaling, no
         renormalisation of the weight in place)."""
         m, idx = self.module, self.args[0] if len(self.args) == 1 else None
-        return (isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward
+        return (isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward and not self.slots
                 and "forward" not in vars(m) and set(self.params) == {"weight"} and m.padding_idx is None
                 and m.max_norm is None and not m.scale_grad_by_freq and not self.kwargs and self.k == 0
                 and isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex()
