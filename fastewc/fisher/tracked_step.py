@@ -127,6 +127,19 @@ def _own_arithmetic():
     return stack
 
 
+def _output_tensors(output, where: str = "output") -> list:
+    """``[(where, tensor)]``: the tensors of a model's output, through tuples, lists and dicts
+    (a Hugging Face output is a dict), named by where they sit."""
+    if isinstance(output, torch.Tensor):
+        return [(where, output)]
+    if isinstance(output, dict):
+        return [t for k, v in output.items() for t in _output_tensors(v, f"{where}[{k!r}]" if where != "output"
+                                                                        else f"output.{k}")]
+    if isinstance(output, (tuple, list)):
+        return [t for i, v in enumerate(output) for t in _output_tensors(v, f"{where}[{i}]")]
+    return []
+
+
 def _loss_and_logits(output) -> tuple:
     """``(loss, logits)`` of a Hugging Face model called with labels: ``output.loss`` and
     ``output.logits``, or the first two entries of the tuple it returns with
@@ -286,13 +299,32 @@ class _StepHooks:
 
     def _watch_outputs(self, p: _Pass, output) -> None:
         """The first steps of a declared loss: read the output gradient (:meth:`_read_output_gradient`)
-        for what a declared reduction cannot describe."""
+        for what a declared reduction cannot describe, and refuse a loss that uses an output
+        without a batch axis (:meth:`_batch_term`)."""
         if self._outputs_checked >= _OUTPUT_CHECKS:
             return
+        self._outputs_checked += 1
         out = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
         if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 1 and out.shape[0] == p.n > 1:
-            self._outputs_checked += 1
             out.register_hook(partial(self._read_output_gradient, self.reduction))
+        for where, t in _output_tensors(output):
+            if t.requires_grad and t.is_floating_point() and (t.dim() == 0 or t.shape[0] % p.n):
+                t.register_hook(partial(self._batch_term, p, where))
+
+    def _batch_term(self, p: _Pass, where: str, G: torch.Tensor) -> None:
+        """A gradient reaches an output without a batch axis (Mixtral's ``aux_loss``, a
+        load-balancing term over all the batch's tokens): that part of the loss belongs to the
+        batch as a whole, so no sample has a gradient of a loss of its own, and its share of every
+        sample's gradient would be summed as if it had."""
+        if G is None or p.dropped or not bool(G.detach().ne(0).any()):
+            return None
+        p.end(dropped=True)
+        raise EWCInputError(
+            f"FisherTracker: the loss uses {where}, an output of the model without a batch axis (a term over the "
+            f"whole batch, such as a mixture of experts' load-balancing aux_loss): reduction={self.reduction!r} "
+            f"means the loss is the {self.reduction} over the batch's samples of each sample's own loss, which such "
+            f"a term is not, so no per-sample gradient exists for it. Track without that term in the loss, or "
+            f"estimate the Fisher with estimate_fisher after training")
 
     def _read_output_gradient(self, reduction: str, G: torch.Tensor) -> None:
         """Warn, once each, where the output gradient shows a loss that is not the declared
