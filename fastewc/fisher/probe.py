@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from ..errors import EWCInputError
 from .batches import Batch
 from .engine import SiteFailed, forward_inputs, rules_pass
 from .plan import RulePlan, make_plan
@@ -66,6 +67,13 @@ def check_forward(problem: Problem, batch: Batch) -> tuple[str | None, torch.Ten
         if z is None and (problem.kind != "empirical" or not batch.is_dict):
             return "the model output has no logits", None
         full = rows(out, n)
+        bad = next((t for t in full if bool(torch.isnan(t).any())), None)
+        if bad is not None:
+            raise EWCInputError(
+                f"estimate_fisher: the model's output on the first {n} samples of the data holds NaN (an output "
+                f"of shape {tuple(bad.shape)}), so the Fisher of any loss computed from it would be NaN too. (Seen "
+                f"with some float64 Hugging Face models on left-padded batches: their eager attention takes a "
+                f"float32 softmax over a float64 mask, and a fully masked row becomes NaN.)")
         mine = model_loss_per_sample(model, head, z, batch.labels) if own_loss else None
         for i in range(n):
             one = batch.slice(i, i + 1)

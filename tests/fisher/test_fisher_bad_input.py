@@ -215,3 +215,23 @@ def test_consolidate_refuses_what_is_not_a_regularizer():
     model, data = make_mlp()
     with pytest.raises(EWCInputError, match=r"regularizer must be an EWCRegularizer or OnlineEWC.*got Sequential"):
         fastewc.consolidate(model, model, data)  # arguments swapped
+
+
+def test_an_output_holding_nan_is_refused_saying_so():
+    """A model whose output is NaN for a sample (a float64 Hugging Face model with eager attention
+    on a left-padded batch) raised torch's 'atol must be greater than or equal to zero, but got
+    -nan' from inside the probe's comparison."""
+    class NaNRow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.lin(x)
+            return torch.where(x[:, :1] > 100, torch.full_like(out, float("nan")), out)
+
+    model = NaNRow().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    x[1, 0] = 1000.0
+    with pytest.raises(fastewc.EWCInputError, match=r"output on the first 4 samples of the data holds NaN"):
+        fastewc.estimate_fisher(model, [(x, torch.zeros(4, dtype=torch.long))])
