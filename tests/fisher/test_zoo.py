@@ -38,6 +38,17 @@ def test_matches_the_reference_loop(name, kind, padded):
                          f"(worst {r['worst']}: {r['max_rel_error']:.3g}): {r['off']}")
 
 
+@pytest.mark.parametrize("name,padded", [pytest.param(c.name, p, id=f"{c.name}-{'padded' if p else 'unpadded'}")
+                                         for c in zoo.CASES for p in c.paddings])
+def test_matches_the_reference_loop_with_trained_sized_weights(name, padded):
+    """The empirical kind again with every weight matrix times ``zoo.TRAINED``: attention away from
+    uniform, so that the query and key projections' Fisher is within the comparison's scale."""
+    r = zoo.run(zoo.BY_NAME[name], "empirical", padded, scale=zoo.TRAINED)
+    assert r["passed"], (f"{name}: {len(r['off'])} of {r['params']} tensors off by more than {r['tol']:g} "
+                         f"(worst {r['worst']}: {r['max_rel_error']:.3g}): {r['off']}")
+    assert not r["coverage"]["vmap_params"] and not r["coverage"]["loop_params"], r["coverage"]
+
+
 @pytest.mark.parametrize("name,kind,padded", [_param(*c) for c in COMBOS])
 def test_every_parameter_by_rules(name, kind, padded):
     cov = _run(name, kind, padded)["coverage"]
