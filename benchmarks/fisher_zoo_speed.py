@@ -45,8 +45,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import zoo  # noqa: E402
 
 SIZES = {"small": (zoo.SMALL, 64), "tiny": (zoo.Size(), 16)}   # name -> (model shape, text tokens)
-TEXT = {"bert": "cls", "roberta": "tok", "distilbert": "cls", "albert": "cls", "electra": "lm", "gpt2": "lm",
-        "gpt_neox": "lm", "llama": "lm", "mistral": "lm", "qwen2": "lm", "phi": "lm", "opt": "lm"}
+TEXT = {"bert": "cls", "roberta": "tok", "distilbert": "cls", "albert": "cls", "electra": "lm", "deberta": "cls",
+        "deberta_v3": "tok", "gpt2": "lm", "gpt_neox": "lm", "llama": "lm", "mistral": "lm", "qwen2": "lm", "phi": "lm",
+        "opt": "lm"}
 SEQ2SEQ = ("t5", "bart")
 VISION = ("vit", "deit", "swin")
 TRANSFORMERS = tuple(TEXT) + SEQ2SEQ + VISION

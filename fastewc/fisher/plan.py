@@ -197,7 +197,8 @@ class RulePlan:
     def to_parent(self, key: str, why: str) -> None:
         """A module that is never called: its parent's forward uses the parameters directly
         (MultiheadAttention's ``out_proj``, say), so the parent's module-local rule takes them;
-        under the root, the operations that use them (op-local)."""
+        where the parent has other children, or under the root, the operations that use them
+        (op-local)."""
         site = self.sites[key]
         if site.module_name == "":
             self.drop_site(key, why)
@@ -205,6 +206,17 @@ class RulePlan:
         del self.sites[key]
         parent_name, _, child = site.module_name.rpartition(".")
         parent = self.root.get_submodule(parent_name)
+        if parent_name and any(name != child for name, _ in parent.named_children()):
+            # A replay of the parent would rerun its other children's forwards too (DeBERTa's
+            # encoder, which reads its position table's weight, around all its layers): the
+            # operations on these parameters are followed inside its forward instead, and the
+            # parent's module-local rule takes them only where that fails (_unscope).
+            ops = self.sites.setdefault(OPS, Site(OPS, "", None, None))
+            for attr, p in site.params.items():
+                ops.params[p] = p
+                self.scoped[p] = (parent_name, f"{child}.{attr}")
+                self.notes[p] = f"{why}: followed op by op inside {parent_name}'s forward"
+            return
         key2 = OPS if parent_name == "" and any(True for _ in parent.children()) else "local:" + parent_name
         new = self.sites.setdefault(key2, Site(key2, parent_name, parent if key2 != OPS else None, None))
         for attr, p in site.params.items():

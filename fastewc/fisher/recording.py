@@ -270,6 +270,23 @@ def _repeated_rows(func, leaves, slots, out: torch.Tensor, n: int) -> int:
     return x.shape[0] if out.shape[0] == n * x.shape[0] else 0
 
 
+_TRANSPOSES = (torch.Tensor.transpose, torch.transpose)
+
+
+def _keeps_rows(func, leaves, slots, out: torch.Tensor, spread: dict) -> int:
+    """The rows kept of a tensor copied over the batch (``spread``: id -> rows) that ``out``
+    still has on its first axis: a transpose of two other axes (``keys.transpose(-1, -2)``
+    after the repeat), or a contiguous copy; 0 otherwise."""
+    if 0 not in slots or id(leaves[0]) not in spread or out.dim() == 0 or out.shape[0] != leaves[0].shape[0]:
+        return 0
+    if func is torch.Tensor.contiguous:
+        return spread[id(leaves[0])]
+    if func in _TRANSPOSES and len(leaves) == 3 and all(isinstance(a, int) for a in leaves[1:]):
+        if all(a % out.dim() != 0 for a in leaves[1:]):
+            return spread[id(leaves[0])]
+    return 0
+
+
 class _OpRecorder(TorchFunctionMode):
     """Records the operations that use watched tensors (parameters used outside any module, and
     tensors derived from them without a batch axis)."""
@@ -359,7 +376,8 @@ class _OpRecorder(TorchFunctionMode):
             # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters
             # (a batch axis made by broadcasting with one row; a size that only equals the batch
             # size is not taken for one).
-            spread = 1 if spread_over(out, n) else _repeated_rows(func, leaves, slots, out, n)
+            spread = (1 if spread_over(out, n) else _repeated_rows(func, leaves, slots, out, n)
+                      or _keeps_rows(func, leaves, slots, out, self.spread))
             self.watch(out, Rebuild(func, list(leaves), spec, slots, spread), sources)
             if spread:
                 self.spread[id(out)] = spread

@@ -1173,3 +1173,55 @@ def test_a_chain_that_fills_a_fixed_mask_with_a_number_selects_by_position(func,
     mask.logical_not_()  # changed in place after the call
     assert not _by_position(build)
 
+
+
+class RelativeKeys(nn.Module):
+    """DeBERTa's pattern, written plainly: a relative-position table ``[2k, d]`` projected by a
+    Linear called without a batch axis (and, with ``shared``, by the same Linear that projects
+    the queries), split into heads, repeated over the batch folded with the heads into
+    ``[N*heads, ...]`` rows (``repeat``: copies, not a broadcast), and multiplied with the
+    queries by ``torch.bmm`` (either side of it)."""
+
+    def __init__(self, shared: bool, keys_first: bool, d=8, heads=2, span=4, vocab=11):
+        super().__init__()
+        self.shared, self.keys_first, self.heads = shared, keys_first, heads
+        self.emb = nn.Embedding(vocab, d)
+        self.table = nn.Embedding(2 * span, d)
+        self.norm = nn.LayerNorm(d)
+        self.query = nn.Linear(d, d)
+        self.pos = self.query if shared else nn.Linear(d, d)
+        self.head = nn.Linear(2 * span, 3)
+
+    def _split(self, t):  # [B, L, d] -> [B*heads, L, d / heads]
+        B, L, _ = t.shape
+        return t.view(B, L, self.heads, -1).permute(0, 2, 1, 3).reshape(B * self.heads, L, -1)
+
+    def forward(self, x):
+        n = x.shape[0]
+        q = self._split(self.query(torch.tanh(self.emb(x))))                            # [n*h, T, dh]
+        keys = self._split(self.pos(self.norm(self.table.weight).unsqueeze(0)))        # [h, 2k, dh]
+        keys = keys.repeat(n, 1, 1)                                                     # [n*h, 2k, dh]
+        scores = torch.bmm(keys, q.transpose(1, 2)).transpose(1, 2) if self.keys_first else \
+            torch.bmm(q, keys.transpose(1, 2))                                          # [n*h, T, 2k]
+        return self.head(torch.tanh(scores).view(n, self.heads, *scores.shape[1:]).mean((1, 2)))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("keys_first", [False, True])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_a_table_repeated_over_a_batch_folded_with_the_heads_by_rules(shared, keys_first, kind, monkeypatch):
+    """The table's per-sample gradient at the bmm in closed form (one sample's rows of it, no vmap
+    replay), back through the repeat, the head split, the Linear (shared with the queries' or
+    its own) and the LayerNorm, and equal to the loop's."""
+    from fastewc.fisher.rules import local
+
+    taken = _spy_closed_form(monkeypatch, local)
+    torch.manual_seed(7)
+    model = RelativeKeys(shared, keys_first).to(D)
+    # batches of 3: in a batch of one, a table repeated once cannot be told from the batch (the
+    # vmap replay serves there, as the probe proved it)
+    data = batches(torch.randint(0, 11, (6, 5)), torch.randint(0, 3, (6,)), batch_size=3)
+    got, info = _run(model, data, kind=kind)
+    assert not info.vmap_params and not info.loop_params, info.summary()
+    assert taken and all(taken), taken
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)

@@ -379,10 +379,29 @@ def _cat_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.T
     return G.narrow(dim + rows, start, rec.leaves[k].shape[dim])
 
 
+def _batched_matmul_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int) -> torch.Tensor | None:
+    """``torch.bmm(a, b)`` (``[R, T, d] @ [R, d, S]``) with one argument a table copied over the
+    batch's rows (DeBERTa's relative-position keys, repeated for the batch folded with the heads
+    into ``R = N*heads`` rows): that argument's per-sample gradient, at one sample's rows of it,
+    ``a_n^T G_n`` or ``G_n b_n^T``, ``[samples, rows, d, S]`` (``[samples, rows, T, d]``)."""
+    if rec.spec != _TWO_ARGS_SPEC or len(rec.param_slots) != 1 or rec.spread.get(k) not in (1, rec.fold):
+        return None
+    other = 1 - k
+    x = rec.leaves[other]
+    if other not in rec.batched or x.dim() != 3 or rec.leaves[k].dim() != 3:
+        return None
+    x = rec.samples(x, i, j)                  # [samples, (rows,) T, d] or [samples, (rows,) d, S]
+    if rec.fold == 1:
+        x, G = x.unsqueeze(1), G.unsqueeze(1)
+    return x.transpose(-1, -2) @ G if k == 1 else G @ x.transpose(-1, -2)
+
+
 # Operations with the per-sample gradient w.r.t. an argument without a batch axis in closed form:
 # ``f(rec, k, G, i, j)`` gives it at the output's shape (for samples i..j), or None.
 _CLOSED_FORM = {**{f: _additive_grad for f in _ADDITIVE}, torch.where: _where_grad, torch.cat: _cat_grad,
                 torch.nn.functional.scaled_dot_product_attention: _sdpa_mask_grad}
+# The same at the argument's own shape (one sample's rows of it): nothing is broadcast.
+_AT_ARGUMENT = {torch.bmm: _batched_matmul_grad, torch.Tensor.bmm: _batched_matmul_grad}
 
 
 def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: list, i: int, j: int) -> dict | None:
@@ -392,7 +411,8 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
     output's shape, summed over the axes ``b`` is broadcast along; then back through the
     batch-free chain that built ``b`` from the parameters (one ``vjp``, its pull-back mapped over
     the samples). None where it does not apply, and the generic replay serves."""
-    grad_of = _CLOSED_FORM.get(rec.func)
+    at_argument = _AT_ARGUMENT.get(rec.func)
+    grad_of = at_argument or _CLOSED_FORM.get(rec.func)
     if grad_of is None or len(grads) != 1:
         return None
     G = rec.samples(grads[0], i, j)
@@ -402,16 +422,17 @@ def _closed_form_blocks(rec: Recorded, values: dict[str, torch.Tensor], grads: l
         g = grad_of(rec, k, G, i, j)   # [samples, (fold,) *the shape b is broadcast to]
         if g is None:
             return None
-        rows = g.dim() - (1 if rec.fold > 1 else 0)
         kept = rec.spread.get(k)
         bshape = (kept, *b.shape[1:]) if kept else tuple(b.shape)  # what ``build`` gives
-        shape = (1,) * (rows - len(bshape)) + bshape
-        if len(shape) != rows or shape[0] != 1:
-            return None  # the argument is wider than the output, or spans the batch axis
-        if rec.fold > 1:  # the rows of a sample: one more axis the argument is broadcast along
-            shape = (1, *shape)
-        axes = [d for d in range(1, len(shape)) if shape[d] == 1 and g.shape[d] != 1]
-        g = g.sum(axes, keepdim=True) if axes else g
+        if at_argument is None:
+            rows = g.dim() - (1 if rec.fold > 1 else 0)
+            shape = (1,) * (rows - len(bshape)) + bshape
+            if len(shape) != rows or shape[0] != 1:
+                return None  # the argument is wider than the output, or spans the batch axis
+            if rec.fold > 1:  # the rows of a sample: one more axis the argument is broadcast along
+                shape = (1, *shape)
+            axes = [d for d in range(1, len(shape)) if shape[d] == 1 and g.shape[d] != 1]
+            g = g.sum(axes, keepdim=True) if axes else g
         g = g.reshape(G.shape[0], *bshape).to(b.dtype)
         if isinstance(build, ParamLeaf):
             got = {build.name: g}
