@@ -140,6 +140,26 @@ def _output_tensors(output, where: str = "output") -> list:
     return []
 
 
+def _cross_entropy_factors(z: torch.Tensor, G: torch.Tensor) -> torch.Tensor | None:
+    """Float64 ``c_n`` with ``G_n = c_n (softmax(z_n) - e_y)``, ``y`` the class where ``G_n`` is
+    least (the gradient of ``c_n`` times a cross-entropy of the logits ``z_n``), for the rows not
+    too confident to tell (``softmax`` within 1e-3 of one-hot); None where a row is not of that
+    form (another loss), or none can tell."""
+    if not bool(torch.isfinite(G).all()) or not bool(torch.isfinite(z).all()):
+        return None
+    G64 = G.double().cpu()
+    d = torch.softmax(z.double().cpu(), -1)
+    d[torch.arange(d.shape[0]), G64.argmin(-1)] -= 1.0
+    norm = d.square().sum(-1)
+    c = (G64 * d).sum(-1) / norm.clamp_min(1e-300)
+    tol = 1e-6 if G.dtype == torch.float64 else 1e-3 if G.dtype == torch.float32 else 3e-2
+    told = norm > 1e-6
+    resid = (G64 - c[:, None] * d).norm(dim=-1)
+    if not bool(told.any()) or not bool((resid[told] <= tol * G64[told].norm(dim=-1)).all()):
+        return None
+    return c[told]
+
+
 def _loss_and_logits(output) -> tuple:
     """``(loss, logits)`` of a Hugging Face model called with labels: ``output.loss`` and
     ``output.logits``, or the first two entries of the tuple it returns with
@@ -307,9 +327,55 @@ class _StepHooks:
         out = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
         if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() >= 1 and out.shape[0] == p.n > 1:
             out.register_hook(partial(self._read_output_gradient, self.reduction))
+            if out.dim() == 2 and out.shape[1] > 1:
+                out.register_hook(partial(self._cross_entropy_weights, p, out.detach()))
         for where, t in _output_tensors(output):
             if t.requires_grad and t.is_floating_point() and (t.dim() == 0 or t.shape[0] % p.n):
                 t.register_hook(partial(self._batch_term, p, where))
+
+    def _cross_entropy_weights(self, p: _Pass, z: torch.Tensor, G: torch.Tensor) -> None:
+        """Where the gradient reaching the logits ``[N, C]`` is a cross-entropy's, ``G_n = c_n
+        (softmax(z_n) - e_y)``, ``c_n`` is what the loss weighs sample ``n`` by, against what the
+        declaration says (``1 / factor``). Warn, once, where the two differ by a factor common to
+        all samples (a loss multiplied by a constant, or divided by accumulation steps the tracker
+        was not told of: the tracked Fisher is off by its square), or by per-sample factors that
+        average exactly one over the batch (class weights in ``F.cross_entropy`` with
+        ``reduction="mean"``, which divides by the batch's total weight: each sample's tracked
+        gradient then carries a factor that depends on the rest of its batch). Per-sample weights
+        that are the samples' own (``reduction="none"`` times weights, then ``.mean()``) are a
+        loss of each sample's own and are not judged; nor is any other loss on the logits (label
+        smoothing, a sum of losses), which is not of that form."""
+        if G is None or p.dropped or p is not self._pass or "weights" in self._warned:
+            return None
+        self._begin(p)
+        c = _cross_entropy_factors(z, G.detach())
+        if c is None:
+            return None
+        f = p.factor
+        ratio = c * (f.double().cpu() if isinstance(f, torch.Tensor) else float(f))
+        tol = 1e-2 if G.dtype in (torch.float32, torch.float64) else 5e-2  # far above the rounding of c_n
+        if bool(((ratio - 1).abs() <= tol).all()):
+            return None
+        uniform = bool(((ratio - ratio[0]).abs() <= tol * ratio[0].abs()).all())
+        normalised = ratio.numel() == z.shape[0] and abs(float(ratio.mean()) - 1.0) <= tol / 10
+        if uniform:
+            what = (f"scales every sample's gradient by {float(ratio[0]):.4g} against what reduction="
+                    f"{self.reduction!r}{'' if self.accumulation_steps == 1 else f' and accumulation_steps={self.accumulation_steps}'}"
+                    f" say (a loss multiplied by a constant, or divided by accumulation steps not declared): the "
+                    f"tracked Fisher would be {float(ratio[0]) ** 2:.4g} times the samples' own. Declare what "
+                    f"multiplies the loss (accumulation_steps=, scaler=)")
+        elif normalised:
+            what = (f"weighs the samples by factors from {float(ratio.min()):.3g} to {float(ratio.max()):.3g} that "
+                    f"average exactly one over the batch, as class weights in F.cross_entropy with reduction='mean' "
+                    f"do (it divides by the batch's total weight, not by N): each sample's tracked gradient would "
+                    f"carry a factor that depends on the rest of its batch. Take each sample's weighted loss and "
+                    f"average over the samples: F.cross_entropy(logits, y, weight=w, reduction='none').mean()")
+        else:
+            return None
+        self._warned.add("weights")
+        warnings.warn(f"FisherTracker: the gradient reaching the logits is a cross-entropy's that {what}.",
+                      UserWarning, stacklevel=2)
+        return None
 
     def _batch_term(self, p: _Pass, where: str, G: torch.Tensor) -> None:
         """A gradient reaches an output without a batch axis (Mixtral's ``aux_loss``, a

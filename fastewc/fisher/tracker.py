@@ -69,7 +69,9 @@ class FisherTracker(_StepHooks):
             neither reduction describes; the first steps read the output gradient for that case
             and warn once. Every sample the model sees must be in the loss (filter a batch
             before the forward, not its outputs): the first steps warn where some samples get no
-            output gradient.
+            output gradient. A cross-entropy on ``[N, C]`` logits is read there too: one scaled
+            by a constant not declared, or with class weights and ``reduction="mean"`` (which
+            divides by the batch's total weight), is warned about.
         accumulation_steps: ``k`` when you divide the loss by ``k`` for gradient accumulation.
         scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` you back-propagate; its scale
             is divided out, and steps whose gradients overflow (which the scaler skips) are not

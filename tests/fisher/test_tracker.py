@@ -7,6 +7,7 @@ models throughout."""
 
 import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -111,11 +112,46 @@ def test_a_step_the_scaler_skips_is_not_counted():
 
 def test_undeclared_accumulation_is_off_by_exactly_k_squared():
     """The tracker never guesses: a loss divided by k but not declared gives the Fisher / k^2,
-    which is what it must give (the declaration is what makes it right)."""
+    which is what it must give (the declaration is what makes it right). The gradient reaching
+    the logits shows a cross-entropy weighing each sample 1/k of what was declared, and a
+    warning says so."""
     model, data = make_mlp(dtype=D)
-    tracker = _train(model, data, FisherTracker(model), accumulate=3)
+    with pytest.warns(UserWarning, match=r"scales every sample's gradient by 0\.3333 .* the tracked Fisher would "
+                                         r"be 0\.1111 times"):
+        tracker = _train(model, data, FisherTracker(model), accumulate=3)
     ref = estimate_fisher(model, data)
     assert_fisher_close({n: 9 * t for n, t in tracker.fisher().items()}, ref, **TOL)
+
+
+@pytest.mark.parametrize("loss, warned", [
+    ("class weights, mean", r"average exactly one over the batch, as class weights in F\.cross_entropy"),
+    ("class weights per sample, then mean", None),
+    ("times 0.5", r"scales every sample's gradient by 0\.5 "),
+    ("label smoothing", None),
+    ("plain", None)])
+def test_a_cross_entropy_weighing_samples_otherwise_than_declared_is_warned_about(loss, warned, recwarn):
+    """Read from the gradient reaching the logits on the first steps: a cross-entropy's is
+    ``c_n (softmax - onehot)``, and ``c_n`` must be what the declaration says. Class weights with
+    reduction='mean' divide by the batch's total weight (the tracked gradients carried
+    N w_y / sum(w) without a word); a loss times a constant scales the Fisher by its square. Each
+    sample's own weighted loss averaged over the samples, and label smoothing, are not judged."""
+    torch.manual_seed(0)
+    model, data = make_mlp(dtype=D)
+    w = torch.linspace(0.5, 3.0, 5, dtype=D)
+    losses = {"class weights, mean": lambda o, y: F.cross_entropy(o, y, weight=w),
+              "class weights per sample, then mean": lambda o, y: F.cross_entropy(o, y, weight=w, reduction="none").mean(),
+              "times 0.5": lambda o, y: 0.5 * F.cross_entropy(o, y),
+              "label smoothing": lambda o, y: F.cross_entropy(o, y, label_smoothing=0.1),
+              "plain": lambda o, y: F.cross_entropy(o, y)}
+    with FisherTracker(model):
+        for x, y in data:
+            model.zero_grad()
+            losses[loss](model(x), y).backward()
+    said = [str(m.message) for m in recwarn.list if "the gradient reaching the logits" in str(m.message)]
+    if warned is None:
+        assert not said
+    else:
+        assert len(said) == 1 and re.search(warned, said[0]), said
 
 
 def test_training_step_is_unchanged():
