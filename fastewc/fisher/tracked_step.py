@@ -200,7 +200,9 @@ class _StepHooks:
         self._site_handles = []
         for key, site in self._sites.items():
             hook = self._rule_hook(key) if site.rule is not None else self._local_hook(key)
-            self._site_handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            # first of the module's forward hooks: what the module computed, before a hook of the
+            # user's changes it (scales, masks), which the rules could not know of
+            self._site_handles.append(site.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
 
     def _pre_hook(self, module, args, kwargs):
         if not torch.is_grad_enabled():
@@ -373,7 +375,8 @@ class _StepHooks:
         else:
             return None
         self._warned.add("weights")
-        warnings.warn(f"FisherTracker: the gradient reaching the logits is a cross-entropy's that {what}.",
+        warnings.warn(f"FisherTracker: the gradient reaching the logits is a cross-entropy's that {what}. If each "
+                      f"sample's own loss is meant to carry these factors, this warning does not apply.",
                       UserWarning, stacklevel=2)
         return None
 
@@ -536,6 +539,8 @@ class _StepHooks:
                 calls = p.calls[key]
                 calls.append(_Call(A.detach().movedim(axis, 0), None, A._version, axis=axis))
                 output.register_hook(partial(self._on_grad, p, key, len(calls) - 1, 0))
+            else:
+                self._refuse_frozen(site)
             return handed
         return hook
 
@@ -617,6 +622,7 @@ class _StepHooks:
                                     f"the batch of {p.n} samples on dim 0 of its inputs and outputs")
             outs = [t for t in rec.outputs if t.requires_grad]
             if not outs:
+                self._refuse_frozen(site)
                 return None
             handed = None
             if len(rec.outputs) > 1 or to_module is not None:
@@ -635,6 +641,19 @@ class _StepHooks:
                     t.register_hook(partial(self._on_grad, p, key, len(calls) - 1, slot))
             return handed
         return hook
+
+    def _refuse_frozen(self, site) -> None:
+        """A site's output needs no gradient in a tracked step. Where that is because its
+        parameters were frozen after the tracker was made (the first layer, whose input needs
+        none either), no gradient of theirs arrives, and their sums would stop while every later
+        sample is still counted: refused, not diluted."""
+        frozen = [n for n in site.params.values() if not self.selected[n].requires_grad]
+        if frozen:
+            raise EWCInputError(
+                f"FisherTracker: {frozen[:4]} no longer require grad (frozen after the tracker was made), so no "
+                f"training backward computes their gradient, while the samples of the steps go on being counted. "
+                f"Read this tracker's fisher() (or state_dict()) for the steps so far, and track on with a new "
+                f"FisherTracker of the parameters that train (params=)")
 
     def _sample_arguments(self, key: str, module: nn.Module, rec: Recorded) -> list[int]:
         """The positions of a module-local call's arguments that hold the samples, proven on its

@@ -46,9 +46,11 @@ class UseCheck(TorchFunctionMode):
         self._handles = []
         for m in {id(m): m for ms in sites.values() for m in ms}.values():
             if m is not model:
+                # the module's forward itself, inside the user's own hooks of it: what a hook does
+                # with the parameters passes no hook of the tracker's either
                 self._handles.append(m.register_forward_pre_hook(self._enter))
-                self._handles.append(m.register_forward_hook(self._exit, always_call=True))
-        self._handles.append(model.register_forward_pre_hook(self._enter))
+                self._handles.append(m.register_forward_hook(self._exit, always_call=True, prepend=True))
+        self._handles.append(model.register_forward_pre_hook(self._enter, prepend=True))
         self._handles.append(model.register_forward_hook(self._model_exit, always_call=True))
         self.__enter__()
 

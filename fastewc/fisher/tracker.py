@@ -105,7 +105,11 @@ class FisherTracker(_StepHooks):
     the forward of the module that holds it (or, for ``out_proj``, of its MultiheadAttention):
     the first tracked forward (again after the modules' modes change) is watched op by op, and a
     use elsewhere that adds to the parameter's gradient (``F.linear(h, self.lin.weight)`` in a
-    parent's forward) is refused by name. A module without a hand
+    parent's forward) is refused by name. Assumed, not checked: the samples are on dim 0 of the
+    model's first tensor argument (a sequence-first input ``[T, N, d]`` would be taken as T
+    samples), and the loss combines per-row losses of its own: a loss that couples rows
+    (in-batch negatives, two views of a sample concatenated in one forward and compared across
+    rows) has no per-sample gradient. A module without a hand
     rule is run on one sample the first time a call of its structure is seen, to prove which of
     its arguments hold the samples (a table shared by all samples may have as many rows as the
     batch); one that cannot reproduce its batched output

@@ -762,6 +762,40 @@ def test_a_forward_that_raises_while_its_uses_are_watched_leaves_nothing_behind(
     assert tracker.samples_seen == 3
 
 
+def test_a_users_hook_that_changes_a_layers_output_is_seen_after_the_trackers():
+    """A forward hook of the user's that scales a layer's output (registered before the tracker):
+    the tracker's hook ran after it and read the scaled output as the layer's, so the layer's
+    Fisher came out at a quarter of the truth without a word. The tracker's hooks now come first;
+    a hook that uses the layer's weight itself is a use outside its forward, refused by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).to(D)
+    handle = model[2].register_forward_hook(lambda m, args, out: out * 2.0)
+    data = [(torch.randn(5, 6, dtype=D), torch.randint(0, 4, (5,))) for _ in range(2)]
+    assert_fisher_close(_train(model, data, FisherTracker(model)).fisher(), estimate_fisher(model, data), **TOL)
+    handle.remove()
+    model[2].register_forward_hook(lambda m, args, out: out + 0.1 * F.linear(args[0], m.weight))
+    with FisherTracker(model), pytest.raises(EWCInputError, match=r"\['2.weight'\] are used in the model's forward "
+                                                                  r"outside"):
+        F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+
+
+def test_parameters_frozen_while_tracking_are_refused_not_diluted():
+    """The first layer frozen after the tracker was made: no gradient of its parameters arrives
+    any more, while the steps' samples went on being counted (its Fisher came out diluted by the
+    share of steps before the freeze). Refused at the first step after it; the steps before stay
+    readable."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).to(D)
+    data = [(torch.randn(5, 6, dtype=D), torch.randint(0, 4, (5,))) for _ in range(2)]
+    tracker = _train(model, data[:1], FisherTracker(model))
+    model[0].requires_grad_(False)
+    with tracker, pytest.raises(EWCInputError, match=r"\['0.weight', '0.bias'\] no longer require grad"):
+        F.cross_entropy(model(data[1][0]), data[1][1]).backward()
+    model[0].requires_grad_(True)
+    assert tracker.samples_seen == 5
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data[:1]), **TOL)
+
+
 def test_batchnorm_in_training_mode_is_refused():
     model, data = make_cnn(dtype=D)
     model.train()
