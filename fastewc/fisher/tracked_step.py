@@ -615,6 +615,16 @@ class _StepHooks:
                     f"({site.module_name + ('.' + active[0] if active[0] else '')}) is active: a replay draws other "
                     f"masks. Set that dropout to 0 (or the module to eval mode), or leave its parameters out with params=")
             rec, to_module = record_call(module, args, kwargs, output, p.n)  # RNNs: samples first
+            x = args[0] if args else None
+            if (isinstance(module, nn.RNNBase) and to_module is None and isinstance(x, torch.Tensor) and x.dim() == 3
+                    and x.shape[0 if module.batch_first else 1] != p.n):
+                # its own layout says where its batch is; dim 0 (time, sequence first) would
+                # reproduce its first row on one "sample" and pass the check below
+                raise EWCInputError(
+                    f"FisherTracker: {site.module_name} ({type(module).__name__}, batch_first={module.batch_first}) "
+                    f"is called on a batch of {x.shape[0 if module.batch_first else 1]}, but the tracker took {p.n} "
+                    f"samples from dim 0 of the model's first tensor argument: the model's inputs must hold the "
+                    f"samples on dim 0 (a sequence-first input [T, N, ...] is taken as T samples)")
             if rec.per_sample is None:  # a generic record: which arguments hold the samples is proven
                 rec.per_sample = self._sample_arguments(key, module, rec)
             if not rec.batched or not rec.outputs:

@@ -796,6 +796,24 @@ def test_parameters_frozen_while_tracking_are_refused_not_diluted():
     assert_fisher_close(tracker.fisher(), estimate_fisher(model, data[:1]), **TOL)
 
 
+def test_a_sequence_first_model_input_into_an_rnn_is_refused_by_name():
+    """Tokens fed sequence first ([T, N]) to an embedding and a GRU: the tracker takes dim 0 as the
+    samples, and the GRU (its batch on axis 1) ran into a RuntimeError from inside torch.func in
+    the backward. Its own layout says where its batch is: refused in the forward, by name."""
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.head = nn.Embedding(11, 8), nn.GRU(8, 8), nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            return self.head(self.rnn(self.emb(tokens))[0])
+
+    model = Tagger().to(D)
+    with FisherTracker(model), pytest.raises(EWCInputError, match=r"rnn \(GRU, batch_first=False\) is called on a "
+                                                                  r"batch of 6, but the tracker took 4 samples"):
+        model(torch.randint(0, 11, (4, 6)))
+
+
 def test_batchnorm_in_training_mode_is_refused():
     model, data = make_cnn(dtype=D)
     model.train()
