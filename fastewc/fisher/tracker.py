@@ -12,7 +12,9 @@ called without a batch axis hands on a broadcast view of its own output).
 This file holds what the user holds: the class, its arguments, ``start`` / ``stop``,
 ``fisher()``, the saved state, and the plan (which module's rule covers which parameter,
 :func:`.plan.make_plan`, refused at construction when a parameter has no per-sample hook). The
-hooks that run inside each training step, forward and backward, are :mod:`.tracked_step`'s.
+hooks that run inside each training step, forward and backward, are :mod:`.tracked_step`'s
+(those checking the loss :mod:`.tracked_loss`'s, where the parameters are used
+:mod:`.tracked_uses`').
 
 ``G[n]`` is ``M w_n`` times the gradient of sample ``n``'s own loss (:mod:`.sample_weights`); the
 tracker multiplies it by ``1 / (M w_n)`` before the rules, so what it sums is the square of each
