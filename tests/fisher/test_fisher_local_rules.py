@@ -1179,12 +1179,13 @@ class RelativeKeys(nn.Module):
     """DeBERTa's pattern, written plainly: a relative-position table ``[2k, d]`` projected by a
     Linear called without a batch axis (and, with ``shared``, by the same Linear that projects
     the queries), split into heads, repeated over the batch folded with the heads into
-    ``[N*heads, ...]`` rows (``repeat``: copies, not a broadcast), and multiplied with the
-    queries by ``torch.bmm`` (either side of it)."""
+    ``[N*heads, ...]`` rows (``repeat``: copies, not a broadcast; ``broadcast``: the first head's
+    keys expanded over every row instead), and multiplied with the queries by ``torch.bmm``
+    (either side of it)."""
 
-    def __init__(self, shared: bool, keys_first: bool, d=8, heads=2, span=4, vocab=11):
+    def __init__(self, shared: bool, keys_first: bool, broadcast: bool = False, d=8, heads=2, span=4, vocab=11):
         super().__init__()
-        self.shared, self.keys_first, self.heads = shared, keys_first, heads
+        self.shared, self.keys_first, self.heads, self.broadcast = shared, keys_first, heads, broadcast
         self.emb = nn.Embedding(vocab, d)
         self.table = nn.Embedding(2 * span, d)
         self.norm = nn.LayerNorm(d)
@@ -1200,7 +1201,7 @@ class RelativeKeys(nn.Module):
         n = x.shape[0]
         q = self._split(self.query(torch.tanh(self.emb(x))))                            # [n*h, T, dh]
         keys = self._split(self.pos(self.norm(self.table.weight).unsqueeze(0)))        # [h, 2k, dh]
-        keys = keys.repeat(n, 1, 1)                                                     # [n*h, 2k, dh]
+        keys = keys[:1].expand(n * self.heads, -1, -1) if self.broadcast else keys.repeat(n, 1, 1)  # [n*h, 2k, dh]
         scores = torch.bmm(keys, q.transpose(1, 2)).transpose(1, 2) if self.keys_first else \
             torch.bmm(q, keys.transpose(1, 2))                                          # [n*h, T, 2k]
         return self.head(torch.tanh(scores).view(n, self.heads, *scores.shape[1:]).mean((1, 2)))
@@ -1208,16 +1209,18 @@ class RelativeKeys(nn.Module):
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("keys_first", [False, True])
+@pytest.mark.parametrize("broadcast", [False, True])
 @pytest.mark.parametrize("kind", ["empirical", "exact"])
-def test_a_table_repeated_over_a_batch_folded_with_the_heads_by_rules(shared, keys_first, kind, monkeypatch):
+def test_a_table_repeated_over_a_batch_folded_with_the_heads_by_rules(shared, keys_first, broadcast, kind, monkeypatch):
     """The table's per-sample gradient at the bmm in closed form (one sample's rows of it, no vmap
-    replay), back through the repeat, the head split, the Linear (shared with the queries' or
-    its own) and the LayerNorm, and equal to the loop's."""
+    replay; summed over them where one row was broadcast over all, which went to vmap before),
+    back through the repeat, the head split, the Linear (shared with the queries' or its own)
+    and the LayerNorm, and equal to the loop's."""
     from fastewc.fisher.rules import local
 
     taken = _spy_closed_form(monkeypatch, local)
     torch.manual_seed(7)
-    model = RelativeKeys(shared, keys_first).to(D)
+    model = RelativeKeys(shared, keys_first, broadcast).to(D)
     # batches of 3: in a batch of one, a table repeated once cannot be told from the batch (the
     # vmap replay serves there, as the probe proved it)
     data = batches(torch.randint(0, 11, (6, 5)), torch.randint(0, 3, (6,)), batch_size=3)

@@ -383,8 +383,10 @@ def _batched_matmul_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int)
     """``torch.bmm(a, b)`` (``[R, T, d] @ [R, d, S]``) with one argument a table copied over the
     batch's rows (DeBERTa's relative-position keys, repeated for the batch folded with the heads
     into ``R = N*heads`` rows): that argument's per-sample gradient, at one sample's rows of it,
-    ``a_n^T G_n`` or ``G_n b_n^T``, ``[samples, rows, d, S]`` (``[samples, rows, T, d]``)."""
-    if rec.spec != _TWO_ARGS_SPEC or len(rec.param_slots) != 1 or rec.spread.get(k) not in (1, rec.fold):
+    ``a_n^T G_n`` or ``G_n b_n^T``, ``[samples, rows, d, S]`` (``[samples, rows, T, d]``); summed
+    over a sample's rows where one row of the table was broadcast over all of them."""
+    kept = rec.spread.get(k)
+    if rec.spec != _TWO_ARGS_SPEC or len(rec.param_slots) != 1 or kept not in (1, rec.fold):
         return None
     other = 1 - k
     x = rec.leaves[other]
@@ -393,7 +395,8 @@ def _batched_matmul_grad(rec: Recorded, k: int, G: torch.Tensor, i: int, j: int)
     x = rec.samples(x, i, j)                  # [samples, (rows,) T, d] or [samples, (rows,) d, S]
     if rec.fold == 1:
         x, G = x.unsqueeze(1), G.unsqueeze(1)
-    return x.transpose(-1, -2) @ G if k == 1 else G @ x.transpose(-1, -2)
+    g = x.transpose(-1, -2) @ G if k == 1 else G @ x.transpose(-1, -2)
+    return g.sum(1, keepdim=True) if kept < g.shape[1] else g
 
 
 # Operations with the per-sample gradient w.r.t. an argument without a batch axis in closed form:
