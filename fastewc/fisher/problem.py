@@ -317,6 +317,14 @@ def with_decoder_inputs(model, batch: Batch) -> Batch:
     return Batch({**inputs, "decoder_input_ids": decoder_ids}, batch.targets, batch.size, batch.index)
 
 
+def untouched_rng(tensors):
+    """The random states of the CPU and of the CUDA devices ``tensors`` are on, restored after the
+    block: a forward run only to read something (its dropout masks) leaves the caller's stream as
+    it was."""
+    devices = sorted({t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
+
+
 class _DecoderReached(Exception):
     """Ends the forward of :func:`_decoder_inputs_of` at its decoder's call."""
 
@@ -337,10 +345,8 @@ def _decoder_inputs_of(model, inputs: dict) -> torch.Tensor | None:
         raise _DecoderReached
 
     handle = decoder.register_forward_pre_hook(reached, with_kwargs=True)
-    devices = sorted({v.device.index or 0 for v in inputs.values()
-                      if isinstance(v, torch.Tensor) and v.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices):
+        with untouched_rng(inputs.values()):
             model(**inputs)
     except _DecoderReached:
         pass

@@ -53,9 +53,9 @@ def _cross_entropy_factors(z: torch.Tensor, G: torch.Tensor) -> torch.Tensor | N
     form (another loss), or none can tell."""
     if not bool(torch.isfinite(G).all()) or not bool(torch.isfinite(z).all()):
         return None
-    G64 = G.double().cpu()
-    d = torch.softmax(z.double().cpu(), -1)
-    d[torch.arange(d.shape[0]), G64.argmin(-1)] -= 1.0
+    G64 = G.double()
+    d = torch.softmax(z.double(), -1)
+    d[torch.arange(d.shape[0], device=d.device), G64.argmin(-1)] -= 1.0
     norm = d.square().sum(-1)
     c = (G64 * d).sum(-1) / norm.clamp_min(1e-300)
     tol = 1e-6 if G.dtype == torch.float64 else 1e-3 if G.dtype == torch.float32 else 3e-2
@@ -196,7 +196,7 @@ class _LossChecks:
         if c is None:
             return None
         f = p.factor
-        ratio = c * (f.double().cpu() if isinstance(f, torch.Tensor) else float(f))
+        ratio = c * (f.double() if isinstance(f, torch.Tensor) else float(f))
         tol = 1e-2 if G.dtype in (torch.float32, torch.float64) else 5e-2  # far above the rounding of c_n
         if bool(((ratio - 1).abs() <= tol).all()):
             return None

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import EWCInputError
-from .problem import plain_attention
+from .problem import plain_attention, untouched_rng
 from .rules import add_sq_sums
 from .rules.registry import factor_terms
 from .rules.attention import sq_sums_into
@@ -246,10 +246,9 @@ class _StepHooks(_LossChecks):
             return  # an object the forward may change (a key-value cache): the step's call alone uses it
         one = [x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n else x for x in leaves]
         args1, kwargs1 = tree_unflatten(one, spec)
-        cuda = sorted({x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.device.type == "cuda"})
         self._probing = {}
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            with torch.no_grad(), untouched_rng(leaves):
                 self.model(*args1, **kwargs1)
         except Exception:  # noqa: BLE001 - a model that needs more than one sample: no probe
             pass
