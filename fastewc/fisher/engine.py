@@ -64,7 +64,7 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dic
     rec = _Recorder(plan, n, values)
     try:
         # forward and backward under one swap: a checkpointed block recomputes in the backward
-        with torch.enable_grad(), swapped(problem.model, values):
+        with torch.enable_grad(), swapped(problem.model, rec.values):
             args, kwargs = forward_inputs(problem.model, batch)
             if rec.whole_forward is not None:
                 with rec.whole_forward:

@@ -1,20 +1,20 @@
 """Recording the batched forward of the rule engine: what each site's calls took and returned.
 
 :class:`_Recorder` puts a forward hook on every module site of a :class:`~.plan.RulePlan` and,
-when the plan has an op site (or a module called without a batch axis), enters
-:class:`_OpRecorder`, a torch-function mode that records every operation using the watched
-parameters. Each record keeps a call's inputs and the outputs the loss is differentiated with
+when the plan has an op site (or a module called without a batch axis), runs the forward with
+those parameters (and those modules' outputs) as :class:`Watched` tensors, whose operations
+:class:`_OpRecorder` records. Each record keeps a call's inputs and the outputs the loss is differentiated with
 respect to (:func:`_prepare_outputs`), with the tensors' versions at the call, so that
 :mod:`.engine` can tell when a later in-place op changed them.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .plan import OPS, RulePlan, Site
@@ -96,8 +96,8 @@ def _handed(output, rec: Recorded, replaced: dict, to_module):
 
 
 class _Recorder:
-    """Forward hooks on the module sites and, for the op site, a torch-function mode that records
-    every operation using the watched parameters."""
+    """Forward hooks on the module sites and, for the op site and batch-free modules, an op
+    recorder of every operation using the watched tensors."""
 
     def __init__(self, plan: RulePlan, n: int, values: dict[str, torch.Tensor]):
         self.n = n
@@ -110,8 +110,11 @@ class _Recorder:
         self.call_counts: dict[str, int] = {}  # sites split by their calls: calls seen so far (_next_call)
         ops = plan.sites.get(OPS)
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
-        watched = {id(values[p]): p for p in ops.params.values()} if ops is not None else {}
-        self.mode = _OpRecorder(self, watched, plan.op_layouts, plan.root) if needs_ops else None
+        watched = {p: values[p] for p in ops.params.values()} if ops is not None else {}
+        self.mode = (_OpRecorder(n, self.proving, self.folds, self.ops, watched, plan.op_layouts, plan.root)
+                     if needs_ops else None)
+        # what the forward runs with: the parameters the op recorder follows as watched aliases
+        self.values = values if not watched else {**values, **self.mode.params}
         # the mode the caller enters around the whole forward; else it is entered only inside
         # the forwards of the modules whose own parameters it follows
         self.whole_forward = self.mode if plan.whole_forward else None
@@ -235,11 +238,12 @@ class _Recorder:
             slots = {k: self.mode.builders[id(x)] for k, x in enumerate(inputs)
                      if isinstance(x, torch.Tensor) and id(x) in self.mode.builders}
             sources = set(site.params.values()).union(*(self.mode.sources[id(inputs[k])] for k in slots))
-            leaves, _ = tree_flatten(output)
+            leaves, spec = tree_flatten(output)
             for k, t in enumerate(leaves):
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    self.mode.watch(t, ModuleCall(module, dict(site.params), args, kwargs, k, slots), sources)
-            return None
+                    leaves[k] = self.mode.watch(t, ModuleCall(module, dict(site.params), args, kwargs, k, slots),
+                                                sources)
+            return tree_unflatten(leaves, spec)
         return hook
 
     def remove(self):
@@ -287,28 +291,86 @@ def _keeps_rows(func, leaves, slots, out: torch.Tensor, spread: dict) -> int:
     return 0
 
 
-class _OpRecorder(TorchFunctionMode):
-    """Records the operations that use watched tensors (parameters used outside any module, and
-    tensors derived from them without a batch axis)."""
+class Watched(torch.Tensor):
+    """A tensor the op recorder follows: a parameter used outside any module, or a tensor built
+    from parameters without a batch axis (a position table, a class token expanded). Only
+    operations with such an argument reach Python (:meth:`_OpRecorder.op`), which returns a plain
+    tensor once the batch is met, so the rest of the forward runs at torch's own speed; a
+    torch-function mode would see every operation of the forward. After the pass (or in a
+    checkpoint's recomputation, which the forward already recorded) it acts as a plain tensor."""
 
-    def __init__(self, recorder: _Recorder, watched: dict[int, str], layouts: dict, root: nn.Module | None):
-        super().__init__()
-        self.recorder = recorder
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+            ops = _recorder_of(args, kwargs)
+            if ops is None or _recomputing():
+                return out
+            return ops.op(func, args, kwargs, out)
+
+
+def _recorder_of(args, kwargs):
+    """The open op recorder of a watched argument (one level of lists and tuples deep, as torch's
+    operations take them), else None."""
+    for group in (args, kwargs.values()):
+        for x in group:
+            if type(x) is list or type(x) is tuple:
+                for y in x:
+                    ops = y._fastewc_ops() if type(y) is Watched else None
+                    if ops is not None and ops.recording:
+                        return ops
+            elif type(x) is Watched:
+                ops = x._fastewc_ops()
+                if ops is not None and ops.recording:
+                    return ops
+    return None
+
+
+class _OpRecorder:
+    """Records the operations that use watched tensors (:class:`Watched`: parameters used outside
+    any module, and tensors derived from them without a batch axis) while :attr:`recording`: in
+    the whole forward, or inside the forwards of the plan's scopes (entered as a context)."""
+
+    def __init__(self, n: int, proving: bool, folds: set, ops: list, watched: dict[str, torch.Tensor],
+                 layouts: dict, root: nn.Module | None):
+        # The recorder's own batch size, mode, folds and record list, not the recorder itself: a
+        # reference back would make a cycle that keeps the pass's recorded tensors alive until
+        # Python's cycle collector runs, well after the pass.
+        self.n, self.proving, self.folds, self.ops = n, proving, folds, ops
         self.root = root
+        self.recording = False
         self._buffers: set[int] | None = None  # the model's buffers' storages, read when first asked
         self.layouts = layouts  # the plan's op_layouts: written while proving, read after
         self.ordinal = 0        # of the next operation using a watched tensor in this pass
-        self.builders = {i: ParamLeaf(name) for i, name in watched.items()}
-        self.sources = {i: {name} for i, name in watched.items()}
+        self.builders: dict[int, object] = {}
+        self.sources: dict[int, set] = {}
         self.keep = []  # keeps derived tensors alive so that their ids stay unique
         self.spread: dict[int, int] = {}  # id of a watched tensor with a batch axis made by copying -> the
                                           # rows of one copy (Rebuild.spread)
         self.op_trouble: str | None = None
+        self._ref = weakref.ref(self)
+        # the parameters' stand-ins for the forward: name -> its watched alias
+        self.params = {name: self.watch(t, ParamLeaf(name), {name}) for name, t in watched.items()}
 
-    def watch(self, t: torch.Tensor, build, sources: set) -> None:
+    def __enter__(self):
+        self.recording = True
+        return self
+
+    def __exit__(self, *exc):
+        self.recording = False
+
+    def watch(self, t: torch.Tensor, build, sources: set) -> Watched:
+        """Follow ``t`` from here on, rebuilt by ``build`` from ``sources``: its watched alias
+        (``t`` itself when it is one)."""
+        if type(t) is not Watched:
+            t = t.as_subclass(Watched)
+        t._fastewc_ops = self._ref  # weak: this recorder keeps its watched tensors (and what is built
+                                    # from them) alive, and a cycle would outlive the pass
         self.builders[id(t)] = build
         self.sources[id(t)] = sources
         self.keep.append(t)
+        return t
 
     def _module_table(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is rows of one of the model's buffers (a relative-position index ``[T, T]``
@@ -320,50 +382,35 @@ class _OpRecorder(TorchFunctionMode):
             self._buffers = {b.untyped_storage().data_ptr() for b in self.root.buffers()} - {0}
         return x.untyped_storage().data_ptr() in self._buffers
 
-    def _touches_watched(self, args, kwargs) -> bool:
-        """Whether a watched tensor is among the arguments (one level of lists and tuples deep,
-        as torch's operations take them): every operation of the forward passes through here, so
-        it asks no type of a plain argument. The watched tensors are kept alive, so no other live
-        object has one of their ids."""
-        watched = self.builders
-        for group in (args, kwargs.values()):
-            for x in group:
-                if id(x) in watched:
-                    return True
-                if type(x) is list or type(x) is tuple:
-                    for y in x:
-                        if id(y) in watched:
-                            return True
-        return False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not self._touches_watched(args, kwargs):
+    def op(self, func, args, kwargs, out):
+        """Record one operation with a watched argument; returns what the model continues with
+        (a watched alias of an output without a batch axis; the output or its stand-in for the
+        backward where the batch is met)."""
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
         leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
         slots = {k: self.builders[id(x)] for k, x in enumerate(leaves)
                  if isinstance(x, torch.Tensor) and id(x) in self.builders}
         if not slots or not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
-        n = self.recorder.n
+        n = self.n
         sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
-        fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n, seen=frozenset(self.recorder.folds))
+        fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n, seen=frozenset(self.folds))
         if fold > 1:
-            self.recorder.folds.add(fold)
+            self.folds.add(fold)
         key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
                tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
         self.ordinal += 1
         # Where the probe settled this operation's layout, the proven positions are taken below and
         # a module's table among these only widens the set they must lie in: not looked for.
-        settled = not self.recorder.proving and self.layouts.get(key) is not None
+        settled = not self.proving and self.layouts.get(key) is not None
         by_size = tuple(k for k, x in enumerate(leaves) if isinstance(x, torch.Tensor) and k not in slots
                         and x.dim() > 0 and x.shape[0] == n * fold and (settled or not self._module_table(x)))
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
         # broadcasting or copying one row; a first axis that only has the batch's size holds no samples.
         meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(id(leaves[k]) in self.spread
                                                                             for k in slots))
-        if self.recorder.proving:
+        if self.proving:
             seen = self.layouts.get(key, (meets, by_size, fold))
             self.layouts[key] = (meets, by_size, fold) if seen == (meets, by_size, fold) else None
         elif self.layouts.get(key) is not None:
@@ -378,7 +425,7 @@ class _OpRecorder(TorchFunctionMode):
             # size is not taken for one).
             spread = (1 if spread_over(out, n) else _repeated_rows(func, leaves, slots, out, n)
                       or _keeps_rows(func, leaves, slots, out, self.spread))
-            self.watch(out, Rebuild(func, list(leaves), spec, slots, spread), sources)
+            out = self.watch(out, Rebuild(func, list(leaves), spec, slots, spread), sources)
             if spread:
                 self.spread[id(out)] = spread
             return out
@@ -390,5 +437,5 @@ class _OpRecorder(TorchFunctionMode):
                        slot_sources={k: self.sources[id(leaves[k])] for k in slots})
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
-        self.recorder.ops.append(rec)
+        self.ops.append(rec)
         return replaced.get(0, out)
