@@ -3,7 +3,8 @@ N = 128 samples in batches of 32. ``--size small`` (the default): 128 wide, 2 la
 stack for the encoder-decoders and ViT / DeiT), 4 heads, feed-forward 512, vocabulary 2000,
 right-padded text of 64 tokens, 32x32 images; ``--size tiny``: the tests' configs (16 wide),
 text of 16 tokens, 16x16 images, where the fixed cost of each call rather than the work per
-sample decides the time. Encoder-decoders: source of 7 tokens, targets of 5. Per model, round-robin (``fastewc.bench.timing.time_side_by_side``),
+sample decides the time. Encoder-decoders: a source as long as the text (64 / 16 tokens) and
+targets half as long (32 / 8). Per model, round-robin (``fastewc.bench.timing.time_side_by_side``),
 medians of ``--repeats`` rounds after one warm-up (the warm-up proves the plan; the timed calls
 reuse it, as a user's second call does):
 
@@ -63,7 +64,7 @@ def problem(name: str, n: int, batch_size: int, size: str = "small"):
     if name in TEXT:
         data = zoo.text(TEXT[name], True, n=n, seq=seq, batch_size=batch_size)
     elif name in SEQ2SEQ:
-        data = zoo.seq2seq(True, n=n, batch_size=batch_size)
+        data = zoo.seq2seq(True, n=n, batch_size=batch_size, seq=seq, tgt=seq // 2)
     else:
         data = [{k: v.float() if v.is_floating_point() else v for k, v in b.items()}
                 for b in zoo.images(n=n, batch_size=batch_size)]

@@ -75,16 +75,16 @@ def text(labels: str | None, padded: bool, *, n=N, seq=SEQ, vocab=None, num_labe
     return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
 
 
-def seq2seq(padded: bool, *, n=N, vocab=None, batch_size=3):
-    """Source of SEQ tokens, targets of TGT tokens; padded: source and target padding (-100)."""
+def seq2seq(padded: bool, *, n=N, vocab=None, batch_size=3, seq=SEQ, tgt=TGT):
+    """Source of ``seq`` tokens, targets of ``tgt`` tokens; padded: source and target padding (-100)."""
     vocab = vocab or SIZE.vocab
-    data = text(None, padded, n=n, vocab=vocab, batch_size=n)
+    data = text(None, padded, n=n, seq=seq, vocab=vocab, batch_size=n)
     full = data[0]
     g = _gen(1)
-    labels = torch.randint(3, vocab, (n, TGT), generator=g)
+    labels = torch.randint(3, vocab, (n, tgt), generator=g)
     if padded:
-        lengths = TGT - torch.arange(n) % 3
-        labels = labels.masked_fill(torch.arange(TGT)[None] >= lengths[:, None], -100)
+        lengths = tgt - torch.arange(n) % 3
+        labels = labels.masked_fill(torch.arange(tgt)[None] >= lengths[:, None], -100)
     full["labels"] = labels
     return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
 
