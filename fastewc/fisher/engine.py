@@ -57,7 +57,7 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dic
     its squared per-sample gradients (exact kind: of the per-sample Fisher); ``trouble`` maps
     site keys that broke the plan's assumptions to ``(action, reason)``, an action of
     :meth:`RulePlan.absorb` (``"clone"``, ``"local"``, ``"parent"``, ``"unused"``, ``"batch_free"``, ``"split=..."``,
-    ``"follow_everywhere"`` or ``"drop"``). With any trouble, ``sums`` is empty.
+    or ``"drop"``). With any trouble, ``sums`` is empty.
     """
     n = batch.size
     values = {k: v.detach() for k, v in {**problem.frozen, **problem.selected}.items()}
@@ -66,10 +66,7 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dic
         # forward and backward under one swap: a checkpointed block recomputes in the backward
         with torch.enable_grad(), swapped(problem.model, rec.values):
             args, kwargs = forward_inputs(problem.model, batch)
-            if rec.whole_forward is not None:
-                with rec.whole_forward:
-                    output = problem.model(*args, **kwargs)
-            else:
+            with rec.recording():
                 output = problem.model(*args, **kwargs)
             if isinstance(labels, SampledLabels):
                 labels = labels.of(output)  # drawn once, kept for a retry after trouble
@@ -153,9 +150,6 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             if any(t._version != v for t, v in zip(c.rec.outputs, c.versions_out)):
                 trouble[key] = ("clone", "its output is modified in place")
                 break
-    for key in rec.escaped:
-        site = plan.sites[key]
-        trouble[key] = ("follow_everywhere", f"its output is used outside {site.follow_in}'s forward")
     if rec.mode is not None:
         bad = rec.mode.op_trouble
         if bad is None and any(any(r.leaves[k]._version != v for k, v in zip(r.batched, r.versions_in))

@@ -4,11 +4,10 @@
 module with a per-layer rule (:mod:`.rules`), any other module (the module-local rule), or
 operations outside any module (the op-local rule, for a bare ``nn.Parameter`` used in
 ``forward``). A module without a rule that uses its own parameters in operations (a class token
-concatenated, a position table added) first has them followed by the op-local rule inside its
-own forward (``RulePlan.scoped``), and goes module-local when that fails. A module whose output
-has no batch axis (a position table) is followed into the operations that use that output, inside
-its parent's forward, or through the whole forward when the output leaves it. A tied parameter has
-several such sites. :class:`RulePlan` holds the sites and the
+concatenated, a position table added) first has them followed by the op-local rule
+(``RulePlan.scoped``), and goes module-local when that fails. A module whose output has no batch
+axis (a position table) is followed into the operations that use that output, wherever they are.
+A tied parameter has several such sites. :class:`RulePlan` holds the sites and the
 parameters that go per sample instead (with the reason), and changes as the batched pass
 (:mod:`.engine`) or the probe (:mod:`.probe`) finds what the structure alone did not tell.
 """
@@ -38,8 +37,6 @@ class Site:
     params: dict[str, str] = field(default_factory=dict)   # attr (relative name) -> selected name
     batch_free: bool = False       # called on inputs without a batch axis (position tables): its
                                    # output is followed into the operations that meet the batch
-    follow_in: str = ""            # batch-free sites: the module inside whose forward those are
-                                   # followed (its parent, first; "": the whole forward)
     axis: int = 0                  # rule sites: the samples' axis of the input and output, 0 unless
                                    # the probe proved another (a layer fed [T, N, d])
     per_sample: dict = field(default_factory=dict)   # module-local sites: call structure -> the
@@ -90,8 +87,8 @@ class RulePlan:
                 return s.module
             return None if s.key == OPS else root.get_submodule(s.module_name)
 
-        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.follow_in,
-                         s.axis, dict(s.per_sample), s.free_calls)
+        sites = {k: Site(s.key, s.module_name, module(s), s.rule, dict(s.params), s.batch_free, s.axis,
+                         dict(s.per_sample), s.free_calls)
                  for k, s in self.sites.items()}
         return RulePlan(sites, list(self.leftover), dict(self.reasons), dict(self.notes), set(self.clone),
                         self.probe_seconds, self.root if root is None else root, scoped=dict(self.scoped),
@@ -113,37 +110,16 @@ class RulePlan:
         return {p for s in self.sites.values() for p in s.params.values()}
 
     @property
-    def whole_forward(self) -> bool:
-        """Whether the op recorder must watch the whole forward: parameters used outside any
-        module, or a module's output without a batch axis followed into the model's operations
-        beyond its parent's forward (rather than only the forwards of :attr:`scopes`)."""
-        ops = self.sites.get(OPS)
-        return (ops is not None and any(p not in self.scoped for p in ops.params.values())) or any(
-            s.batch_free and not s.follow_in for s in self.sites.values())
-
-    @property
-    def scopes(self) -> set[str]:
-        """The modules inside whose forwards the op recorder runs: those holding the parameters
-        of ``scoped``, and the parents of batch-free modules (``Site.follow_in``)."""
-        return {m for m, _ in self.scoped.values()} | {s.follow_in for s in self.sites.values()
-                                                        if s.batch_free and s.follow_in}
-
-    @property
-    def narrowed(self) -> tuple:
-        """What the op recorder follows inside one module's forward only, each of which a
-        disagreement with the per-sample loop widens (:meth:`drop_param`) before anything is dropped."""
-        return frozenset(self.scoped), frozenset((k, s.follow_in) for k, s in self.sites.items() if s.batch_free)
+    def narrowed(self) -> frozenset:
+        """The op-local parameters that a disagreement with the per-sample loop sends module-local
+        (:meth:`drop_param`) before anything is dropped."""
+        return frozenset(self.scoped)
 
     def drop_param(self, pname: str, why: str) -> None:
         """Send ``pname`` per sample, with the reason; a parameter followed op-local inside its
         module's forward goes module-local instead, the first time."""
         if pname in self.scoped:
             self._unscope(pname, why)
-            return
-        followed = [s for s in self.sites.values() if s.batch_free and s.follow_in and pname in s.params.values()]
-        if followed:
-            for site in followed:
-                self.follow_everywhere(site.key, why)
             return
         for key in list(self.sites):
             site = self.sites[key]
@@ -173,16 +149,6 @@ class RulePlan:
         site = self.sites.setdefault(key, Site(key, mname, self.root.get_submodule(mname), None))
         site.params[attr] = pname
         self.notes[pname] = f"module-local: followed op by op inside {mname}, {why}"
-
-    def follow_everywhere(self, key: str, why: str) -> None:
-        """A batch-free module's output reaches operations outside its parent's forward (returned
-        by it, kept for later, or the module called elsewhere): followed through the whole
-        forward from now on."""
-        site = self.sites[key]
-        for p in site.params.values():
-            self.notes[p] = f"{site.module_name} returns no batch axis: followed into the operations that use its " \
-                            f"output, in the whole forward ({site.follow_in}: {why})"
-        site.follow_in = ""
 
     def to_local(self, key: str, why: str) -> None:
         """A rule site whose calls the rule cannot read (keyword arguments, several tensors) goes
@@ -215,7 +181,7 @@ class RulePlan:
             for attr, p in site.params.items():
                 ops.params[p] = p
                 self.scoped[p] = (parent_name, f"{child}.{attr}")
-                self.notes[p] = f"{why}: followed op by op inside {parent_name}'s forward"
+                self.notes[p] = f"{why}: followed op by op (module-local in {parent_name} if that fails)"
             return
         key2 = OPS if parent_name == "" and any(True for _ in parent.children()) else "local:" + parent_name
         new = self.sites.setdefault(key2, Site(key2, parent_name, parent if key2 != OPS else None, None))
@@ -248,13 +214,8 @@ class RulePlan:
                         FREE + site.module_name, site.module_name, site.module, None, dict(site.params),
                         free_calls=site.free_calls)
                 site.batch_free = True
-                # first inside its parent's forward, where a module is called
-                site.follow_in = site.module_name.rpartition(".")[0]
-                inside = f", inside {site.follow_in}'s forward" if site.follow_in else ""
                 for p in site.params.values():
-                    self.notes.setdefault(p, why + inside)
-            elif action == "follow_everywhere":
-                self.follow_everywhere(key, why)
+                    self.notes.setdefault(p, why)
             else:
                 self.drop_site(key, why)
 
@@ -314,7 +275,7 @@ def make_plan(model: nn.Module, selected: dict[str, torch.Tensor], checked_rules
                 site = plan.sites.setdefault(OPS, Site(OPS, "", None, None))
                 site.params[pname] = pname
                 plan.scoped[pname] = (mname, attr)
-                plan.notes[pname] = f"{why}: followed op by op inside {mname}'s forward"
+                plan.notes[pname] = f"{why}: followed op by op (module-local if that fails)"
             else:
                 key = "local:" + mname
                 site = plan.sites.setdefault(key, Site(key, mname, m, None))

@@ -207,8 +207,7 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch, values: bool = True) 
             plan.drop_param(pname, f"its rule disagreed with the per-sample loop on a probe (is {pname!r} used "
                                    f"outside its module's forward?)")
     if plan.narrowed != narrowed:
-        # parameters followed op by op inside one module's forward that disagreed went
-        # module-local, or are followed through the whole forward: prove that in turn
+        # op-local parameters that disagreed went module-local: prove that in turn
         _probe(problem, plan, batch, values)
 
 

@@ -11,6 +11,7 @@ respect to (:func:`_prepare_outputs`), with the tensors' versions at the call, s
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -115,17 +116,6 @@ class _Recorder:
                      if needs_ops else None)
         # what the forward runs with: the parameters the op recorder follows as watched aliases
         self.values = values if not watched else {**values, **self.mode.params}
-        # the mode the caller enters around the whole forward; else it is entered only inside
-        # the forwards of the modules whose own parameters it follows
-        self.whole_forward = self.mode if plan.whole_forward else None
-        self.scopes = 0  # scoped forwards now running (the mode is entered in the outermost)
-        self.escaped: set[str] = set()  # batch-free sites whose output left the forward that followed it
-        if self.mode is not None and self.whole_forward is None:
-            for mname in sorted(plan.scopes):
-                module = plan.root.get_submodule(mname)
-                followed = [k for k, s in plan.sites.items() if s.batch_free and s.follow_in == mname]
-                self.handles += [module.register_forward_pre_hook(self._enter_scope),
-                                 module.register_forward_hook(self._exit_scope(followed), always_call=True)]
         self.attention: dict[str, RecordingAttention] = {}
         for key, site in plan.sites.items():
             if key == OPS:
@@ -141,28 +131,6 @@ class _Recorder:
         c = self.call_counts.get(key, 0)
         self.call_counts[key] = c + 1
         return c
-
-    def _enter_scope(self, module, args):
-        if _recomputing():
-            return  # its operations were recorded in the forward
-        self.scopes += 1
-        if self.scopes == 1:
-            self.mode.__enter__()
-
-    def _exit_scope(self, followed: list):
-        """The forward hook leaving a scope. ``followed``: the batch-free sites followed inside
-        this module's forward; one whose output (or a tensor made from it without meeting the
-        batch) is in this module's output would meet the batch where nothing follows it."""
-        def hook(module, args, output):
-            if _recomputing():
-                return
-            self.scopes -= 1
-            if self.scopes == 0:
-                self.mode.__exit__(None, None, None)
-            if followed and any(isinstance(t, torch.Tensor) and id(t) in self.mode.builders
-                                for t in tree_flatten(output)[0]):
-                self.escaped.update(followed)
-        return hook
 
     def _hook(self, key, clone):
         site = self.sites[key]
@@ -231,8 +199,6 @@ class _Recorder:
                 return None  # a checkpoint's recomputation (see _hook)
             if site.free_calls and self._next_call(site.key) not in site.free_calls:
                 return None  # a call with the batch: its rule site's
-            if self.whole_forward is None and not self.scopes:
-                self.escaped.add(site.key)  # called outside the forward expected to call it
             # an argument itself built from parameters is rebuilt with them (ModuleCall.slots)
             inputs, _ = tree_flatten((args, kwargs))
             slots = {k: self.mode.builders[id(x)] for k, x in enumerate(inputs)
@@ -246,10 +212,11 @@ class _Recorder:
             return tree_unflatten(leaves, spec)
         return hook
 
+    def recording(self):
+        """The context of the forward: the op recorder records inside it only."""
+        return self.mode if self.mode is not None else nullcontext()
+
     def remove(self):
-        if self.scopes:  # a scoped forward raised before its hook could leave the mode
-            self.scopes = 0
-            self.mode.__exit__(None, None, None)
         for h in self.handles:
             h.remove()
         for att in self.attention.values():
@@ -330,7 +297,7 @@ def _recorder_of(args, kwargs):
 class _OpRecorder:
     """Records the operations that use watched tensors (:class:`Watched`: parameters used outside
     any module, and tensors derived from them without a batch axis) while :attr:`recording`: in
-    the whole forward, or inside the forwards of the plan's scopes (entered as a context)."""
+    the forward, entered as a context (not in the loss after it, nor after the pass)."""
 
     def __init__(self, n: int, proving: bool, folds: set, ops: list, watched: dict[str, torch.Tensor],
                  layouts: dict, root: nn.Module | None):
