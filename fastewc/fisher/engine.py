@@ -25,7 +25,7 @@ from .functional import swapped
 from .plan import OPS, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
-from .rules import add_sq_sums, sq_sum_of
+from .rules import add_sq_sums, chunks, sq_sum_of
 from .rules.embedding import lookup_rows
 from .rules.local import op_blocks
 from .rules.replay import local_blocks, local_sq_sums
@@ -255,6 +255,22 @@ def _sums(problem, plan, rec, where, grads_per_col, values, into=None) -> dict:
             got = sq_sum_of(site.rule, site.module, A, Gs)
         for a, p in fast.items():
             sums[p] = got[a]
+    # A rule site called several times (ALBERT's layers sharing one block, a layer applied
+    # twice), its rule position-wise and every parameter used there only: a sample's gradient is
+    # the sum over every call's positions, so the calls are summed as one call over their
+    # positions joined, without per-sample blocks of each call added up.
+    for key, site in plan.sites.items():
+        if key == OPS or site.rule is None or not site.rule.sequence or site.batch_free:
+            continue
+        calls = rec.calls[key]
+        if len(calls) < 2 or any(p in sums or len(uses.get(p, [])) != len(calls) for p in site.params.values()):
+            continue
+        with _failing_site(plan, rec, (key, 0)):
+            got = _joined_sq_sums(site, calls, [where[(key, c)][0] for c in range(len(calls))], grads_per_col, n,
+                                  {a: into[p] for a, p in site.params.items()} if into is not None else None,
+                                  {a: problem.selected[p] for a, p in site.params.items()})
+        if got is not None:
+            sums.update({p: got[a] for a, p in site.params.items()})
     # One use of attention computed in the open, every parameter used there only: its
     # projections summed like Linear layers.
     for key, att in rec.attention.items():
@@ -318,6 +334,30 @@ def _sums(problem, plan, rec, where, grads_per_col, values, into=None) -> dict:
 
         squares_of_uses(users, n, per, add_into, blocks, sums)
     return sums
+
+
+def _joined_sq_sums(site, calls, outs: list, grads_per_col, n: int, into: dict | None,
+                    params: dict) -> dict | None:
+    """``{attr: sum}`` over the calls of a position-wise rule site taken as one call whose
+    positions are every call's (each call's input ``[n, *positions, d]``, its output gradient
+    ``[n, *positions, d_out]``), added into ``into`` (the running sums) where given; None where
+    a call's input is not a floating tensor with a last axis shared by every call (an embedding's
+    indices). The joined copy goes in chunks of samples of at most the rules' block budget."""
+    As = [c.rec.samples(c.rec.leaves[0].detach(), 0, n) for c in calls]
+    if any(not A.is_floating_point() or A.dim() < 2 or A.shape[-1] != As[0].shape[-1] for A in As):
+        return None
+    Gss = [[c.rec.samples(col[k], 0, n) for c, k in zip(calls, outs)] for col in grads_per_col]
+
+    def rows(x):  # [n, positions, d]
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    per = sum(A[:1].numel() + sum(Gs[c][:1].numel() for Gs in Gss) for c, A in enumerate(As)) * As[0].element_size()
+    totals = into if into is not None else {a: torch.zeros_like(t, dtype=As[0].dtype) for a, t in params.items()}
+    for i, j in chunks(n, per):
+        A = torch.cat([rows(A[i:j]) for A in As], 1)
+        Gs = [torch.cat([rows(G[i:j]) for G in Gs], 1) for Gs in Gss]
+        add_sq_sums(site.rule, site.module, A, Gs, totals)
+    return totals
 
 
 def _tied_head_sum(plan, rec, p: str, uses: list, where, grads_per_col) -> torch.Tensor | None:

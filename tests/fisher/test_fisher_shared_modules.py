@@ -64,3 +64,61 @@ def test_module_placed_twice(method, kind):
         # one site per module, two uses: no per-sample fallback
         assert info.methods["chain.0.weight"] == "linear" and info.methods["chain.1.g"] == "module-local"
         assert not info.vmap_params and not info.loop_params, info.summary()
+
+
+class PosScale(nn.Module):
+    """A position-wise scale with a registered rule (``sequence``), to see what the rule is given."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class SharedBlock(nn.Module):
+    """ALBERT's sharing: one Linear, one LayerNorm and one scale applied to the hidden states
+    three times; the Linear also to a pooled summary (no position axis) and to a view with two
+    position axes, so that its calls have 3 x T, 1 and 4 positions."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.emb, self.lin, self.norm, self.scale = nn.Linear(3, d), nn.Linear(d, d), nn.LayerNorm(d), PosScale(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for _ in range(3):
+            h = self.norm(self.scale(torch.tanh(self.lin(h))))
+        pooled = self.lin(h.mean(1))
+        pairs = self.lin(h[:, :2].unsqueeze(2).expand(-1, -1, 2, -1))
+        return self.head(pooled + pairs.mean((1, 2)))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "sampled", "exact"])
+def test_a_position_wise_layer_called_several_times_is_summed_as_one_call(kind):
+    """Each call's positions are joined into one call (the rule sees every call's positions at
+    once, no per-sample blocks of each call added up); exact against the reference loop."""
+    seen = []
+
+    @fastewc.register_rule(PosScale, sequence=True)
+    def pos_scale(module, A, G):
+        seen.append(A.shape[1:-1].numel())
+        return {"weight": (G * A).reshape(A.shape[0], -1, A.shape[-1]).sum(1)}
+
+    try:
+        torch.manual_seed(5)
+        model = SharedBlock().to(D)
+        data = batches(torch.randn(7, 4, 3, dtype=D), torch.randint(0, 3, (7,)), batch_size=4)
+        fastewc.fisher.clear_plan_cache()
+        gen = torch.Generator().manual_seed(1)
+        got, info = fastewc.estimate_fisher(model, data, kind=kind, method="rules", return_info=True, generator=gen)
+        ref = R.estimate_fisher(model, data, kind=kind, generator=torch.Generator().manual_seed(1))
+        assert_fisher_close(got, ref, rtol=1e-10)
+        assert {info.methods[p] for p in ("lin.weight", "norm.weight", "scale.weight")} == \
+            {"linear", "layernorm", "pos_scale"}, info.summary()
+        assert not info.vmap_params and not info.loop_params
+        assert seen and set(seen) == {3 * 4}, seen  # the three calls' 4 positions each, joined
+    finally:
+        fastewc.fisher.unregister_rule(PosScale)

@@ -81,7 +81,9 @@ def register_rule(module_type, per_sample: PerSample | None = None, *, name: str
             gradients into existing blocks ``[n, *param.shape]`` of a shared parameter in place.
         sequence: True when ``per_sample`` and ``sq_sum`` accept inputs with any number of
             axes between the samples and the features (``[n, T, d]``, ``[n, k, T, d]``), as a
-            Linear rule does. A module fed the batch flattened with another axis (``[n*k, d]``)
+            Linear rule does, the layer acting on each position alike (a sample's gradient is
+            the sum over its positions: a module called several times is summed as one call
+            over every call's positions). A module fed the batch flattened with another axis (``[n*k, d]``)
             then gets ``A`` viewed as ``[n, k, d]``; otherwise its rule runs on the rows and
             each sample's ``k`` row gradients are added up.
         fits: optional ``f(module, A) -> None or why not``: whether calls on inputs like ``A``
