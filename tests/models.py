@@ -187,6 +187,17 @@ class Attention(nn.Module):
         return y
 
 
+class Scale(nn.Module):
+    """A position-wise scale with no built-in rule: the tests register rules for it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight
+
+
 def spy(monkeypatch, table: dict, key, real) -> list:
     """Put a spy on ``table[key]`` (one of the rule tables: records, replays, sums) calling
     ``real``; the returned list gets, per call, whether ``real`` served (returned non-None)."""

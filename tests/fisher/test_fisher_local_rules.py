@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastewc
 from fastewc import reference as R
 
-from models import Attention, assert_fisher_close, batches, spy
+from models import Attention, Scale, assert_fisher_close, batches, spy
 
 D = torch.float64
 
@@ -464,15 +464,6 @@ def test_rmsnorm_style_rule_matches_in_float32():
     got, info = _run(model, data)
     assert info.rules["1"] == "rmsnorm_style"
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=2e-5, atol_rel=1e-6)
-
-
-class Scale(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return x * self.weight
 
 
 def test_register_rule_is_used_and_proven():

@@ -11,7 +11,7 @@ import fastewc
 from fastewc import reference as R
 from fastewc.fisher.functional import call_once
 
-from models import assert_fisher_close, batches
+from models import Scale, assert_fisher_close, batches
 from random_models import UsedTwice
 
 D = torch.float64
@@ -66,17 +66,6 @@ def test_module_placed_twice(method, kind):
         assert not info.vmap_params and not info.loop_params, info.summary()
 
 
-class PosScale(nn.Module):
-    """A position-wise scale with a registered rule (``sequence``), to see what the rule is given."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return x * self.weight
-
-
 class SharedBlock(nn.Module):
     """ALBERT's sharing: one Linear, one LayerNorm and one scale applied to the hidden states
     three times; the Linear also to a pooled summary (no position axis) and to a view with two
@@ -84,7 +73,7 @@ class SharedBlock(nn.Module):
 
     def __init__(self, d=5):
         super().__init__()
-        self.emb, self.lin, self.norm, self.scale = nn.Linear(3, d), nn.Linear(d, d), nn.LayerNorm(d), PosScale(d)
+        self.emb, self.lin, self.norm, self.scale = nn.Linear(3, d), nn.Linear(d, d), nn.LayerNorm(d), Scale(d)
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
@@ -102,7 +91,7 @@ def test_a_position_wise_layer_called_several_times_is_summed_as_one_call(kind):
     once, no per-sample blocks of each call added up); exact against the reference loop."""
     seen = []
 
-    @fastewc.register_rule(PosScale, sequence=True)
+    @fastewc.register_rule(Scale, sequence=True)
     def pos_scale(module, A, G):
         seen.append(A.shape[1:-1].numel())
         return {"weight": (G * A).reshape(A.shape[0], -1, A.shape[-1]).sum(1)}
@@ -121,4 +110,4 @@ def test_a_position_wise_layer_called_several_times_is_summed_as_one_call(kind):
         assert not info.vmap_params and not info.loop_params
         assert seen and set(seen) == {3 * 4}, seen  # the three calls' 4 positions each, joined
     finally:
-        fastewc.fisher.unregister_rule(PosScale)
+        fastewc.fisher.unregister_rule(Scale)
