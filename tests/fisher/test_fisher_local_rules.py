@@ -424,6 +424,7 @@ def test_a_pass_leaves_no_tensor_to_the_cycle_collector(make):
         if enabled:
             gc.enable()
     assert left == []
+    assert all(type(t) is torch.Tensor for t in again.values())  # no recorder's tensor type handed out
     assert_fisher_close(again, got, rtol=1e-12)
 
 
