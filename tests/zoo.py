@@ -240,6 +240,18 @@ def bart(padded):
     return _hf(T.BartForConditionalGeneration(cfg)), seq2seq(padded)
 
 
+def marian(padded):
+    """MarianMT: an encoder-decoder whose class is not named ``...ForConditionalGeneration``
+    (its head is found from what it is, not from its name), with sinusoidal positions."""
+    T, S = _T(), SIZE
+    cfg = T.MarianConfig(vocab_size=S.vocab, d_model=S.width, encoder_layers=_half_layers(),
+                         decoder_layers=_half_layers(), encoder_attention_heads=S.heads,
+                         decoder_attention_heads=S.heads, encoder_ffn_dim=S.ffn, decoder_ffn_dim=S.ffn,
+                         max_position_embeddings=S.positions, pad_token_id=1, eos_token_id=2,
+                         decoder_start_token_id=1)
+    return _hf(T.MarianMTModel(cfg)), seq2seq(padded)
+
+
 def _vision(cls_name, cfg_name, cfg: Callable[[], dict]):
     def build(padded):
         T = _T()
@@ -396,6 +408,7 @@ CASES = [
     Case("opt", opt, top_k=2),
     Case("t5", t5, top_k=2, fp32={"*": "T5LayerNorm computes in float32"}),
     Case("bart", bart, top_k=2),
+    Case("marian", marian, top_k=2),
     Case("vit", vit, paddings=(False,)),
     Case("deit", deit, paddings=(False,)),
     Case("swin", swin, paddings=(False,)),

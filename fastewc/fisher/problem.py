@@ -124,6 +124,11 @@ def model_head(model) -> str | None:
         return "token_classification"
     if name.endswith("ForMaskedLM"):
         return "masked_lm"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and callable(
+            getattr(model, "get_decoder", None)):
+        # An encoder-decoder named otherwise (MarianMTModel): its labels are the decoder's targets
+        # as in every seq2seq LM of transformers; check_forward proves it on the first samples.
+        return "seq2seq_lm"
     # A PEFT model built without task_type is a plain PeftModel whose forward is its base model's:
     # the loss is the base model's, whatever the wrapper's name.
     base = getattr(model, "get_base_model", None)
