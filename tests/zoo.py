@@ -171,6 +171,14 @@ def electra(padded):
     return _hf(T.ElectraForMaskedLM(cfg)), text("lm", padded)
 
 
+def bigbird(padded):
+    """BigBird with full attention: its embeddings add the position table in place
+    (``embeddings += position_embeddings``)."""
+    T = _T()
+    cfg = T.BigBirdConfig(**_small(num_labels=3, attention_type="original_full"))
+    return _hf(T.BigBirdForSequenceClassification(cfg)), text("cls", padded)
+
+
 def deberta(padded):
     """DeBERTa-v2 with relative attention: its position projections apply to a table without a
     batch axis, ``[1, 2k, d]``, repeated over a batch folded with the heads into ``[N*heads, ...]``
@@ -397,6 +405,7 @@ CASES = [
     Case("distilbert", distilbert),
     Case("albert", albert),
     Case("electra", electra, top_k=2),
+    Case("bigbird", bigbird),
     Case("deberta", deberta),
     Case("deberta_v3", deberta_v3),
     Case("gpt2", gpt2, top_k=2),

@@ -103,7 +103,8 @@ def test_tied_weight_and_a_bare_parameter_sum_every_use_per_sample():
 
 class Offsets(nn.Module):
     """Bare parameters added or subtracted with broadcasting, on either side, through a
-    batch-free chain (``table[:T] * 0.5``) and twice (``shift``)."""
+    batch-free chain (``table[:T] * 0.5``), twice (``shift``) and in place (``h += up``, as
+    BigBird's embeddings add their positions)."""
 
     def __init__(self, d=5, seq=4):
         super().__init__()
@@ -113,6 +114,8 @@ class Offsets(nn.Module):
         self.shift = nn.Parameter(0.3 * torch.randn(d))
         self.gap = nn.Parameter(0.3 * torch.randn(d))
         self.table = nn.Parameter(0.3 * torch.randn(seq + 2, d))
+        self.up = nn.Parameter(0.3 * torch.randn(seq, d))
+        self.down = nn.Parameter(0.3 * torch.randn(d))
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
@@ -121,8 +124,11 @@ class Offsets(nn.Module):
         h = torch.sub(h, self.shift)
         h = self.gap - torch.tanh(h)
         h = torch.tanh(h) - self.table[: x.shape[1]] * 0.5
-        h = torch.tanh(h).add(self.shift)
-        return self.head(h.mean(1))
+        h = torch.tanh(h).add(self.shift) * 1.5
+        h += self.up
+        h = torch.tanh(h) * 2.0
+        h.sub_(self.down)
+        return self.head(torch.tanh(h).mean(1))
 
 
 def _spy_closed_form(monkeypatch, local) -> list:
@@ -149,7 +155,8 @@ def test_broadcast_additions_of_bare_parameters_in_closed_form(kind, monkeypatch
     model = Offsets().to(D)
     data = batches(torch.randn(7, 4, 3, dtype=D), torch.randint(0, 3, (7,)), batch_size=3)
     got, info = _run(model, data, kind=kind)
-    assert all(info.methods[p] == "op-local" for p in ("pos", "row", "shift", "gap", "table")), info.methods
+    assert all(info.methods[p] == "op-local" for p in ("pos", "row", "shift", "gap", "table", "up", "down")), \
+        info.methods
     assert taken and all(taken), taken  # no operation went to the vmap replay
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
 

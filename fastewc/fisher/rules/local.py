@@ -284,10 +284,13 @@ def _with_fills(build) -> bool:
 
 
 # Operations whose gradient w.r.t. a broadcast argument is the output gradient summed over the
-# broadcast axes, times a sign per argument position: ``x + pos``, ``pos + x``, ``x - bias``.
+# broadcast axes, times a sign per argument position: ``x + pos``, ``pos + x``, ``x - bias``, and
+# in place, ``x += pos`` (BigBird's embeddings), whose replay under ``torch.func`` would fail.
 _ADDITIVE = {torch.add: (1, 1), torch.Tensor.add: (1, 1), torch.Tensor.__add__: (1, 1),
              torch.Tensor.__radd__: (1, 1), torch.sub: (1, -1), torch.Tensor.sub: (1, -1),
-             torch.Tensor.__sub__: (1, -1), torch.Tensor.__rsub__: (-1, 1)}
+             torch.Tensor.__sub__: (1, -1), torch.Tensor.__rsub__: (-1, 1),
+             torch.Tensor.add_: (1, 1), torch.Tensor.__iadd__: (1, 1), torch.Tensor.sub_: (1, -1),
+             torch.Tensor.__isub__: (1, -1)}
 
 
 def spread_over(t: torch.Tensor, n: int) -> bool:
