@@ -278,6 +278,9 @@ deit = _vision("DeiTForImageClassification", "DeiTConfig", _vit_like)
 swin = _vision("SwinForImageClassification", "SwinConfig", lambda: dict(
     image_size=SIZE.image, patch_size=4, embed_dim=SIZE.width // 2, depths=[1, 1],
     num_heads=[max(1, SIZE.heads // 2), SIZE.heads], window_size=SIZE.window))
+swinv2 = _vision("Swinv2ForImageClassification", "Swinv2Config", lambda: dict(
+    image_size=SIZE.image, patch_size=4, embed_dim=SIZE.width // 2, depths=[1, 1],
+    num_heads=[max(1, SIZE.heads // 2), SIZE.heads], window_size=SIZE.window))  # a position-bias MLP
 convnext = _vision("ConvNextForImageClassification", "ConvNextConfig", lambda: dict(
     hidden_sizes=[SIZE.width // 2, SIZE.width], depths=[1, 1], num_stages=2, patch_size=4))
 resnet = _vision("ResNetForImageClassification", "ResNetConfig", lambda: dict(
@@ -421,6 +424,7 @@ CASES = [
     Case("vit", vit, paddings=(False,)),
     Case("deit", deit, paddings=(False,)),
     Case("swin", swin, paddings=(False,)),
+    Case("swinv2", swinv2, paddings=(False,)),
     Case("convnext", convnext, paddings=(False,)),
     Case("resnet", resnet, paddings=(False,)),
     Case("wav2vec2", wav2vec2, paddings=(False,)),

@@ -307,7 +307,7 @@ class _OpRecorder:
         self.n, self.proving, self.folds, self.ops = n, proving, folds, ops
         self.root = root
         self.recording = False
-        self._buffers: set[int] | None = None  # the model's buffers' storages, read when first asked
+        self._tables: set[int] | None = None  # the model's buffers' and parameters' storages, read when first asked
         self.layouts = layouts  # the plan's op_layouts: written while proving, read after
         self.ordinal = 0        # of the next operation using a watched tensor in this pass
         self.builders: dict[int, object] = {}
@@ -340,14 +340,16 @@ class _OpRecorder:
         return t
 
     def _module_table(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is rows of one of the model's buffers (a relative-position index ``[T, T]``
-        with T = N), which hold no samples whatever their count; a buffer broadcast over the batch
+        """Whether ``x`` is rows of one of the model's buffers or parameters (a relative-position
+        index ``[T, T]`` with T = N; SwinV2's position-bias MLP's last weight, with as many rows
+        as heads), which hold no samples whatever their count; a buffer broadcast over the batch
         (``position_ids.expand(N, T)``, stride 0) is left to the size rule like any batch tensor."""
         if x.stride(0) == 0 or self.root is None:
             return False
-        if self._buffers is None:  # only an operation whose argument has the batch's rows asks
-            self._buffers = {b.untyped_storage().data_ptr() for b in self.root.buffers()} - {0}
-        return x.untyped_storage().data_ptr() in self._buffers
+        if self._tables is None:  # only an operation whose argument has the batch's rows asks
+            self._tables = {t.untyped_storage().data_ptr()
+                            for t in (*self.root.buffers(), *self.root.parameters())} - {0}
+        return x.untyped_storage().data_ptr() in self._tables
 
     def op(self, func, args, kwargs, out):
         """Record one operation with a watched argument; returns what the model continues with

@@ -331,6 +331,40 @@ def test_a_module_buffer_with_as_many_rows_as_the_probes_samples_holds_none(seq)
     assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
 
 
+class BiasMLP(nn.Module):
+    """SwinV2's continuous position bias: an MLP on a fixed table of relative coordinates (a
+    buffer, no batch axis) whose last Linear has as many output rows as heads (2, the probe's
+    sample count), the bias added to each sample's attention scores."""
+
+    def __init__(self, d=4, T=3, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.register_buffer("coords", torch.randn(1, T, T, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads, bias=False))
+        self.qk = nn.Linear(d, 2 * heads * 3)
+        self.head = nn.Linear(heads, 3)
+
+    def forward(self, x):
+        q, k = self.qk(x).unflatten(-1, (2, self.heads, 3)).permute(2, 0, 3, 1, 4)   # [N, heads, T, 3] each
+        bias = self.mlp(self.coords).permute(0, 3, 1, 2)                            # [1, heads, T, T]
+        scores = torch.softmax(q @ k.transpose(-1, -2) + bias, -1)
+        return self.head(scores.mean((2, 3)))
+
+
+def test_a_weight_with_as_many_rows_as_the_probes_samples_holds_none():
+    """The position-bias MLP's last weight has 2 rows, as many as the probe's samples: a model
+    parameter holds no samples whatever its rows, so its product with the batch-free table is
+    followed, not taken for an operation that meets the batch (which sent the MLP to vmap)."""
+    fastewc.fisher.clear_plan_cache()
+    torch.manual_seed(8)
+    model = BiasMLP().to(D)
+    data = batches(torch.randn(7, 3, 4, dtype=D), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = _run(model, data)
+    assert {info.methods[p] for p in ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight")} == {"linear"}, info.methods
+    assert not info.vmap_params and not info.loop_params
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
+
+
 class PositionTable(nn.Module):
     """A learned position table called on positions only (no batch axis), broadcast-added."""
 
