@@ -108,9 +108,14 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             continue
         if calls and all(not c.rec.outputs for c in calls):
             # Its output has no batch axis (a position table, whatever its input): the same for every
-            # sample, so it is followed into the operations that meet the batch.
-            trouble[key] = ("batch_free", f"{site.module_name} returns no batch axis: followed into "
-                                          f"the operations that use its output")
+            # sample, so it is followed into the operations that meet the batch; proved on the probe,
+            # where no size can be taken for the batch's. A module that shows no batch axis only in a
+            # later pass (a sequence-first layer whose batch is not its first axis) goes per sample.
+            if plan.proving:
+                trouble[key] = ("batch_free", f"{site.module_name} returns no batch axis: followed into "
+                                              f"the operations that use its output")
+            else:
+                trouble[key] = ("drop", f"{site.module_name} returned no batch axis in a pass after the probe")
             continue
         if not calls:
             if all(any(p in other.params.values() and (k2 == OPS or rec.calls.get(k2))

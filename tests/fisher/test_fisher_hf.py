@@ -160,3 +160,21 @@ def test_decoder_inputs_of_a_model_that_shifts_its_labels_in_its_forward():
     want = torch.cat([torch.full((3, 1), model.config.decoder_start_token_id), labels[:, :-1]], 1)
     assert torch.equal(got, want.masked_fill(want == -100, model.config.pad_token_id))
     # the Fisher of every kind against the reference loop: tests/fisher/test_zoo.py (case "whisper")
+
+
+def test_a_module_without_the_batch_axis_only_after_the_probe_goes_per_sample():
+    """Longformer feeds its attention projections ``[T, N, d]``: with T = 8 and the probe's two
+    samples the rows read as a batch folded by 4, with a later batch of three as a module without
+    the batch. That later reading was taken unproven (its outputs followed as a position table),
+    and the replay failed with a raw ``SiteFailed``; the module now goes per sample there."""
+    import transformers as T
+
+    cfg = T.LongformerConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=24, max_position_embeddings=32, attention_window=4,
+                             pad_token_id=1, num_labels=3)
+    torch.manual_seed(0)
+    model = T.LongformerForSequenceClassification(cfg).to(D).eval()
+    data = hf_batches(4, 7, 40, "cls", batch_size=3)
+    got, info = fastewc.estimate_fisher(model, data, kind="empirical", return_info=True)
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind="empirical"), rtol=1e-10)
+    assert info.rule_params  # the other layers keep their rules
