@@ -26,7 +26,7 @@ from . import per_sample as ps
 from .arguments import _check_arguments, _output_check, select_parameters
 from .batches import iter_batches, read_batch
 from .engine import rules_pass
-from .probe import cached_labels, cached_plan
+from .probe import PROBE_SAMPLES, cached_labels, cached_plan
 from .problem import Problem, SampledLabels, logits_of, per_sample_ce, sample_labels, with_decoder_inputs
 from .report import FisherReport
 from .sums import all_finite, all_reduce_sums
@@ -154,6 +154,7 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     report = FisherReport(method)
     use = "loop" if method == "loop" else "vmap"   # engine for what the rules do not cover
     plan = None                                    # rules plan, made (or found proven) on the first batch
+    one_sample_proof = False                       # that plan was proven on a batch of one sample
     left = problem                                 # the problem restricted to uncovered parameters
     seen = 0
     labels_spec = None                             # what the dataset labels index, from the first batch
@@ -170,8 +171,14 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                     if labels_spec is None:
                         labels_spec = _output_check(model, batch.take(1).to(device), kind, loss_fn)
                 batch = labels_spec.check(batch, seen).to(device)
-                if plan is None and method in ("auto", "rules"):
-                    plan, report.plan_cached = cached_plan(problem, batch, probe=True, labels=labels_spec)
+                if method in ("auto", "rules") and (plan is None or (one_sample_proof and batch.size > 1)):
+                    # A plan proven on one sample (no size there tells the batch axis from any
+                    # other) serves batches of one only: the first larger batch proves it again,
+                    # and it is never cached for a later call.
+                    one_sample_proof = batch.size < PROBE_SAMPLES
+                    plan, report.plan_cached = cached_plan(problem, batch, probe=True, labels=labels_spec,
+                                                           keep=not one_sample_proof)
+                    one_sample_proof = one_sample_proof and not report.plan_cached
                     left = problem.restrict(plan.leftover)
                 # Part by part (chunk_size, else the whole batch): a site the rules drop on one
                 # part goes per sample from that part on, and no part is counted twice.

@@ -285,10 +285,10 @@ def cached_labels(problem: Problem, batch: Batch):
     return None if hit is None else hit.labels
 
 
-def cached_plan(problem: Problem, batch: Batch, probe: bool, labels=None) -> tuple[RulePlan, bool]:
+def cached_plan(problem: Problem, batch: Batch, probe: bool, labels=None, keep: bool = True) -> tuple[RulePlan, bool]:
     """``(plan, from_cache)``: the plan proven for this model and input signature, or a new one
-    (probed when ``probe``). ``labels``: what the output check found, kept with the plan for
-    :func:`cached_labels`."""
+    (probed when ``probe``; cached for later calls when ``keep``). ``labels``: what the output
+    check found, kept with the plan for :func:`cached_labels`."""
     try:
         per_model = _CACHE.setdefault(problem.model, {})
     except TypeError:  # a model that cannot be weakly referenced: no cache
@@ -305,9 +305,10 @@ def cached_plan(problem: Problem, batch: Batch, probe: bool, labels=None) -> tup
             probe_plan(problem, plan, batch)
         else:
             plan = _probe_in_float32(problem, batch, *copied)
-    per_model.clear()  # one proven plan per model: the latest structure
     plan.labels = labels
-    per_model[sig] = plan.detached()
+    if keep:
+        per_model.clear()  # one proven plan per model: the latest structure
+        per_model[sig] = plan.detached()
     return plan, False
 
 
