@@ -171,14 +171,14 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
                     if labels_spec is None:
                         labels_spec = _output_check(model, batch.take(1).to(device), kind, loss_fn)
                 batch = labels_spec.check(batch, seen).to(device)
-                if method in ("auto", "rules") and (plan is None or (one_sample_proof and batch.size > 1)):
+                if method in ("auto", "rules") and (plan is None or (one_sample_proof and batch.size >= PROBE_SAMPLES)):
                     # A plan proven on one sample (no size there tells the batch axis from any
                     # other) serves batches of one only: the first larger batch proves it again,
                     # and it is never cached for a later call.
-                    one_sample_proof = batch.size < PROBE_SAMPLES
+                    one_sample = batch.size < PROBE_SAMPLES
                     plan, report.plan_cached = cached_plan(problem, batch, probe=True, labels=labels_spec,
-                                                           keep=not one_sample_proof)
-                    one_sample_proof = one_sample_proof and not report.plan_cached
+                                                           keep=not one_sample)
+                    one_sample_proof = one_sample and not report.plan_cached
                     left = problem.restrict(plan.leftover)
                 # Part by part (chunk_size, else the whole batch): a site the rules drop on one
                 # part goes per sample from that part on, and no part is counted twice.

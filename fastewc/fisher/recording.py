@@ -360,7 +360,7 @@ class _OpRecorder:
         leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
         slots = {k: self.builders[id(x)] for k, x in enumerate(leaves)
                  if isinstance(x, torch.Tensor) and id(x) in self.builders}
-        if not slots or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        if not slots:
             return out
         n = self.n
         sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
