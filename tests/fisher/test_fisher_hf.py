@@ -180,10 +180,8 @@ def test_a_module_without_the_batch_axis_only_after_the_probe_goes_per_sample():
     assert info.rule_params  # the other layers keep their rules
 
 
-def test_a_first_batch_of_one_sample_proves_no_plan_for_larger_batches():
-    """WavLM's attention takes ``[T, N, d]``; a plan proven on a first batch of one sample (where
-    no size tells the batch axis from another) failed on the next batch of three with a raw
-    ``SiteFailed``. The first batch of more than one sample proves the plan again."""
+def _wavlm(scale: float):
+    """A tiny WavLM classifier, its attention weights times ``scale``, and four clips."""
     import transformers as T
 
     cfg = T.WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
@@ -191,14 +189,36 @@ def test_a_first_batch_of_one_sample_proves_no_plan_for_larger_batches():
                         num_conv_pos_embedding_groups=2, num_labels=3, num_buckets=8, max_bucket_distance=16)
     torch.manual_seed(0)
     model = T.WavLMForSequenceClassification(cfg).to(D).eval()
-    with torch.no_grad():  # attention weights of a trained model's size (at init its query and key
-        for name, p in model.named_parameters():  # Fisher is ~1e-11 of the largest entry)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
             if ".attention." in name and p.dim() == 2:
-                p.mul_(8)
+                p.mul_(scale)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(4, 400, generator=g, dtype=D), torch.randint(0, 3, (4,), generator=g)
+    return model, torch.randn(4, 400, generator=g, dtype=D), torch.randint(0, 3, (4,), generator=g)
+
+
+def test_a_first_batch_of_one_sample_proves_no_plan_for_larger_batches():
+    """WavLM's attention takes ``[T, N, d]``; a plan proven on a first batch of one sample (where
+    no size tells the batch axis from another) failed on the next batch of three with a raw
+    ``SiteFailed``. The first batch of more than one sample proves the plan again. Attention
+    weights of a trained model's size: at initialisation WavLM's query and key Fisher is wrong
+    below the probe's floor, the open case of the next test."""
+    model, x, y = _wavlm(8.0)
     data = [{"input_values": x[:1], "labels": y[:1]}, {"input_values": x[1:], "labels": y[1:]}]
     fastewc.fisher.clear_plan_cache()
     got, info = fastewc.estimate_fisher(model, data, kind="empirical", return_info=True)
     assert_fisher_close(got, R.estimate_fisher(model, data, kind="empirical"))
     assert info.rule_params and not info.plan_cached
+
+
+@pytest.mark.xfail(strict=True, reason="open: WavLM's query and key projections, passed to "
+                   "F.multi_head_attention_forward on a sequence-first input, get a Fisher of 0 from the op-local "
+                   "rule where the truth is ~1e-11 of the largest entry, below the probe's floor")
+def test_wavlm_query_and_key_at_initialisation():
+    model, x, y = _wavlm(1.0)
+    data = [{"input_values": x[:2], "labels": y[:2]}, {"input_values": x[2:], "labels": y[2:]}]
+    fastewc.fisher.clear_plan_cache()
+    got = fastewc.estimate_fisher(model, data, kind="empirical")
+    ref = R.estimate_fisher(model, data, kind="empirical")
+    name = "wavlm.encoder.layers.0.attention.q_proj.weight"
+    assert_fisher_close({name: got[name]}, {name: ref[name]})
