@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .batches import Batch
 from .functional import swapped
-from .plan import OPS, RulePlan
+from .plan import OPS, PARAM, RulePlan
 from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
 from .recording import _Recorder
 from .rules import add_sq_sums, chunks, sq_sum_of
@@ -156,14 +156,14 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
                 trouble[key] = ("clone", "its output is modified in place")
                 break
     if rec.mode is not None:
-        bad = rec.mode.op_trouble
-        if bad is None and any(any(r.leaves[k]._version != v for k, v in zip(r.batched, r.versions_in))
-                               for r in rec.ops):
-            bad = "an input of an operation using it is modified in place afterwards"
-        if bad is not None:
-            for key, site in plan.sites.items():
-                if key == OPS or site.batch_free:
-                    trouble[key] = ("drop", bad)
+        # what the op recorder could not follow costs those parameters only
+        bad = dict(rec.mode.op_trouble)
+        for r in rec.ops:
+            if any(r.leaves[k]._version != v for k, v in zip(r.batched, r.versions_in)):
+                for p in r.sources:
+                    bad.setdefault(p, "an input of an operation using it is modified in place afterwards")
+        for p, why in bad.items():
+            trouble[PARAM + p] = ("drop", why)
     return trouble
 
 

@@ -24,6 +24,7 @@ from .rules.replay import RECORDS
 
 OPS = "<ops>"  # the site of parameters used by operations outside any module
 FREE = "free:"  # the key prefix of a rule site's twin that follows its calls without a batch axis
+PARAM = "param:"  # the key prefix of a trouble that concerns one parameter, not a site (RulePlan.absorb)
 
 
 @dataclass
@@ -192,6 +193,10 @@ class RulePlan:
     def absorb(self, trouble: dict[str, tuple[str, str]]) -> None:
         """Act on what :func:`.engine.rules_pass` reported: ``(action, reason)`` per site key."""
         for key, (action, why) in trouble.items():
+            if key.startswith(PARAM):  # "drop": what the op recorder could not follow
+                if key[len(PARAM):] in self.covered:
+                    self.drop_param(key[len(PARAM):], why)
+                continue
             if key not in self.sites:
                 continue
             if action == "clone" and key not in self.clone:

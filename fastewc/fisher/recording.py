@@ -315,7 +315,7 @@ class _OpRecorder:
         self.keep = []  # keeps derived tensors alive so that their ids stay unique
         self.spread: dict[int, int] = {}  # id of a watched tensor with a batch axis made by copying -> the
                                           # rows of one copy (Rebuild.spread)
-        self.op_trouble: str | None = None
+        self.op_trouble: dict[str, str] = {}  # parameter -> why this pass cannot follow it op by op
         self._ref = weakref.ref(self)
         # the parameters' stand-ins for the forward: name -> its watched alias
         self.params = {name: self.watch(t, ParamLeaf(name), {name}) for name, t in watched.items()}
@@ -351,11 +351,22 @@ class _OpRecorder:
                             for t in (*self.root.buffers(), *self.root.parameters())} - {0}
         return x.untyped_storage().data_ptr() in self._tables
 
+    def _trouble(self, sources: set, why: str) -> None:
+        """This pass cannot follow the parameters ``sources`` op by op: they go module-local, or
+        per sample (:meth:`RulePlan.drop_param`), with ``why``; the others keep their rules."""
+        for p in sources:
+            self.op_trouble.setdefault(p, why)
+
     def op(self, func, args, kwargs, out):
         """Record one operation with a watched argument; returns what the model continues with
-        (a watched alias of an output without a batch axis; the output or its stand-in for the
+        (watched aliases of results without a batch axis; the results or their stand-ins for the
         backward where the batch is met)."""
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        single = isinstance(out, torch.Tensor)
+        if single and not out.is_floating_point():
+            return out
+        results, out_spec = ([out], None) if single else tree_flatten(out)
+        floating = [k for k, t in enumerate(results) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not floating:
             return out
         leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
         slots = {k: self.builders[id(x)] for k, x in enumerate(leaves)
@@ -363,12 +374,12 @@ class _OpRecorder:
         if not slots:
             return out
         n = self.n
+        name = getattr(func, "__name__", str(func))
         sources = set().union(*(self.sources[id(leaves[k])] for k in slots))
         fold = fold_of([x for k, x in enumerate(leaves) if k not in slots], n, seen=frozenset(self.folds))
         if fold > 1:
             self.folds.add(fold)
-        key = (self.ordinal, getattr(func, "__name__", str(func)), str(spec),
-               tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
+        key = (self.ordinal, name, str(spec), tuple(x.dim() if isinstance(x, torch.Tensor) else None for x in leaves))
         self.ordinal += 1
         # Where the probe settled this operation's layout, the proven positions are taken below and
         # a module's table among these only widens the set they must lie in: not looked for.
@@ -377,34 +388,59 @@ class _OpRecorder:
                         and x.dim() > 0 and x.shape[0] == n * fold and (settled or not self._module_table(x)))
         # A watched argument is built from parameters alone: its batch axis, if any, is one made by
         # broadcasting or copying one row; a first axis that only has the batch's size holds no samples.
-        meets = bool(by_size) or (out.dim() > 0 and out.shape[0] == n and any(id(leaves[k]) in self.spread
-                                                                            for k in slots))
+        meets = bool(by_size) or (single and out.dim() > 0 and out.shape[0] == n
+                                  and any(id(leaves[k]) in self.spread for k in slots))
         if self.proving:
             seen = self.layouts.get(key, (meets, by_size, fold))
             self.layouts[key] = (meets, by_size, fold) if seen == (meets, by_size, fold) else None
         elif self.layouts.get(key) is not None:
             meets, proven, proven_fold = self.layouts[key]
             if not set(proven) <= set(by_size) or (meets and fold != proven_fold):
-                self.op_trouble = f"used in {key[1]} whose arguments hold the samples elsewhere than in the probe"
+                self._trouble(sources, f"used in {name} whose arguments hold the samples elsewhere than in the probe")
                 return out
             by_size = proven
         if not meets:
-            # No batch axis yet (pos[:T], scale * 2): remember how to rebuild it from the parameters
-            # (a batch axis made by broadcasting with one row; a size that only equals the batch
-            # size is not taken for one).
-            spread = (1 if spread_over(out, n) else _repeated_rows(func, leaves, slots, out, n)
-                      or _keeps_rows(func, leaves, slots, out, self.spread))
-            out = self.watch(out, Rebuild(func, list(leaves), spec, slots, spread), sources)
-            if spread:
-                self.spread[id(out)] = spread
+            if any(isinstance(x, torch.Tensor) and k not in slots and x.requires_grad and x.is_floating_point()
+                   for k, x in enumerate(leaves)):
+                # Another argument descends from the batch (in this pass only those require grad)
+                # without holding the samples on its first axis ([T, N, d]): rebuilt from the whole
+                # batch, the result would mix every sample's rows into each sample's gradient.
+                self._trouble(sources, f"used in {name} with the samples on another axis than the first")
+                return out
+            # No batch axis yet (pos[:T], scale * 2, biases.chunk(3)): remember how to rebuild each
+            # result from the parameters (a batch axis made by broadcasting with one row; a size
+            # that only equals the batch size is not taken for one).
+            for k in floating:
+                t, build = results[k], func if single else _Part(func, k)
+                spread = (1 if spread_over(t, n) else 0) or (single and (
+                    _repeated_rows(func, leaves, slots, t, n) or _keeps_rows(func, leaves, slots, t, self.spread)))
+                results[k] = self.watch(t, Rebuild(build, list(leaves), spec, slots, spread), sources)
+                if spread:
+                    self.spread[id(results[k])] = spread
+            return results[0] if single else tree_unflatten(results, out_spec)
+        outs = [results[k] for k in floating]
+        if any(t.dim() == 0 or t.shape[0] != n * fold for t in outs):
+            self._trouble(sources, f"used in {name} whose result has no batch axis")
             return out
-        if out.dim() == 0 or out.shape[0] != n * fold:
-            self.op_trouble = f"used in {getattr(func, '__name__', func)!s} whose result has no batch axis"
-            return out
-        rec = Recorded(leaves, spec, [out], [0], n, fold, slots, func, sources, per_sample=list(by_size),
+        rec = Recorded(leaves, spec, outs, floating, n, fold, slots, func, sources, per_sample=list(by_size),
                        spread={k: self.spread[id(leaves[k])] for k in slots if id(leaves[k]) in self.spread},
                        slot_sources={k: self.sources[id(leaves[k])] for k in slots})
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
         rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
         self.ops.append(rec)
-        return replaced.get(0, out)
+        if not replaced:
+            return out
+        for i, t in replaced.items():
+            results[floating[i]] = t
+        return results[0] if single else tree_unflatten(results, out_spec)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """The ``k``-th of an operation's results (``biases.chunk(3)[k]``), as :class:`Rebuild` calls it."""
+
+    func: object
+    k: int
+
+    def __call__(self, *args, **kwargs):
+        return tree_flatten(self.func(*args, **kwargs))[0][self.k]

@@ -1288,3 +1288,109 @@ def test_a_table_repeated_over_a_batch_folded_with_the_heads_by_rules(shared, ke
     assert not info.vmap_params and not info.loop_params, info.summary()
     assert taken and all(taken), taken
     assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
+# -- operations with several results, and operations that meet the batch on another axis ----------
+class SplitTable(nn.Module):
+    """Parameters joined and split again before they meet the batch, as attention modules pass
+    their projections' biases (``torch.cat(biases).chunk(3)``): each part is followed on."""
+
+    def __init__(self, how, d=6):
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(9, d)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+        self.shift = nn.Parameter(0.3 * torch.randn(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        both = torch.cat([self.scale, self.shift])
+        if self.how == "chunk":
+            a, b = both.chunk(2)
+        elif self.how == "split":
+            a, b = torch.split(both, [6, 6])
+        else:
+            a, b = both.view(2, -1).unbind(0)
+        h = self.emb(ids) * a + b
+        return self.head(h.tanh().mean(1))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind"])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_an_operation_with_several_results_is_followed_into_each(how, kind):
+    torch.manual_seed(11)
+    model = SplitTable(how).to(D)
+    data = batches(torch.randint(0, 9, (7, 5)), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = _run(model, data, kind=kind)
+    assert info.methods["scale"] == info.methods["shift"] == "op-local", info
+    assert not info.vmap_params and not info.loop_params, info
+    assert_fisher_close(got, R.estimate_fisher(model, data, kind=kind), rtol=1e-10)
+
+
+class JoinedProjections(nn.Module):
+    """WavLM's attention: its projections are never called; their weights, and their biases
+    joined, go to ``F.multi_head_attention_forward`` on the input made sequence-first,
+    ``[T, N, d]``. ``gain`` scales the query weight."""
+
+    def __init__(self, d, heads, gain):
+        super().__init__()
+        self.heads, self.gain = heads, gain
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self, name, nn.Linear(d, d))
+
+    def forward(self, x):
+        h = x.transpose(0, 1)
+        out, _ = F.multi_head_attention_forward(
+            h, h, h, h.shape[-1], self.heads, None, torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            None, None, False, 0.0, self.out_proj.weight, self.out_proj.bias, training=False,
+            use_separate_proj_weight=True, q_proj_weight=self.q_proj.weight * self.gain,
+            k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight)
+        return out.transpose(0, 1)
+
+
+class SequenceFirstUse(nn.Module):
+    """Parameters meeting the batch on axis 1 (``[T, N, d]``, a sequence-first layout) outside
+    their modules: a weight of the model's own in ``F.linear``, or inside WavLM's attention
+    (:class:`JoinedProjections`). ``gain`` scales their share of the output: small, their Fisher
+    lies far below the model's largest entry, where the probe's comparison cannot tell a wrong
+    value from a right one."""
+
+    def __init__(self, how, gain, d=6, heads=2):
+        super().__init__()
+        self.how, self.gain = how, gain
+        self.emb = nn.Embedding(9, d)
+        if how == "linear":
+            self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
+        else:
+            self.attn = JoinedProjections(d, heads, gain)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.how == "linear":
+            h = h.transpose(0, 1)  # [T, N, d]
+            h = (h + self.gain * F.linear(h, self.w)).transpose(0, 1)
+        else:
+            h = h + self.attn(h)
+        return self.head(h.tanh().mean(1))
+
+
+@pytest.mark.parametrize("how", ["linear", "attention"])
+@pytest.mark.parametrize("gain", [1.0, 1e-5])
+def test_a_parameter_meeting_the_samples_on_another_axis_is_never_taken_for_a_table(how, gain):
+    """The op recorder took an operation whose other arguments hold the samples on axis 1 for
+    one without a batch axis, rebuilding its result from the whole batch: the query and key
+    projections of WavLM got a Fisher of 0, below the probe's floor, so nothing caught it. Such an
+    operation now sends its parameters module-local (or per sample at the root): exact, whatever
+    the scale."""
+    fastewc.fisher.clear_plan_cache()
+    torch.manual_seed(12)
+    model = SequenceFirstUse(how, gain).to(D)
+    data = batches(torch.randint(0, 9, (7, 5)), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10, atol_rel=1e-12)
+    if how == "attention":
+        assert {info.methods[f"attn.{p}_proj.{t}"] for p in ("q", "k", "v", "out") for t in ("weight", "bias")} == {"module-local"}, info
+    else:
+        assert "w" in info.vmap_params, info
+    assert info.methods["head.weight"] == "linear", info
