@@ -102,6 +102,12 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             a = others.pop()
             trouble[key] = (f"axis={a}", f"{site.module_name} takes its samples on axis {a}")
             continue
+        if any(not c.rec.outputs and _descends_from_batch(c.rec) for c in calls):
+            # No output with the samples first, yet an input descends from the batch: the samples
+            # are on another axis ([T, N, d] throughout XLNet), not absent. Taken for a position
+            # table, its output would be rebuilt from the whole batch for every sample.
+            trouble[key] = ("drop", f"{site.module_name} takes the samples on another axis than the first")
+            continue
         unproven = next((c.unproven for c in calls if c.unproven), None)
         if unproven is not None:
             trouble[key] = ("drop", unproven)   # per sample: nothing proved this call's layout
@@ -165,6 +171,12 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
         for p, why in bad.items():
             trouble[PARAM + p] = ("drop", why)
     return trouble
+
+
+def _descends_from_batch(r) -> bool:
+    """Whether a recorded call has an argument computed from the batch: in the rules pass the
+    parameters are detached, so only those require grad."""
+    return any(isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point() for x in r.leaves)
 
 
 def _outputs(plan: RulePlan, rec: _Recorder):

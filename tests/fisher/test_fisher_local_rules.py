@@ -1394,3 +1394,49 @@ def test_a_parameter_meeting_the_samples_on_another_axis_is_never_taken_for_a_ta
     else:
         assert "w" in info.vmap_params, info
     assert info.methods["head.weight"] == "linear", info
+
+
+class SequenceFirstBlock(nn.Module):
+    """A module without a rule, called with ``[T, N, d]`` and a mask (XLNet's attention): no
+    output has the samples first, yet it is no position table, since its input comes from the
+    batch."""
+
+    def __init__(self, d, gain):
+        super().__init__()
+        self.gain = gain
+        self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.u = nn.Parameter(torch.randn(d))
+
+    def forward(self, h, mask):
+        scores = torch.einsum("ind,jnd->nij", h @ self.w, h).masked_fill(mask, -1e4)
+        return h + self.gain * torch.einsum("nij,jnd->ind", scores.softmax(-1), h) * self.u
+
+
+class WithSequenceFirstBlock(nn.Module):
+    def __init__(self, gain, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(9, d)
+        self.block = SequenceFirstBlock(d, gain)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        h = self.block(self.emb(ids).transpose(0, 1), torch.ones(T, T, dtype=torch.bool).triu(1))
+        return self.head(h.tanh().mean(0))
+
+
+@pytest.mark.parametrize("gain", [1.0, 1e-5])
+def test_a_module_fed_the_samples_on_another_axis_is_never_taken_for_a_position_table(gain):
+    """A module whose outputs have no batch axis first was taken for a position table and
+    rebuilt from the whole batch for every sample (XLNet's second layer: its attention's Fisher
+    off by 100%, below the probe's floor). When an input comes from the batch, the module goes
+    per sample instead: exact, whatever the scale."""
+    fastewc.fisher.clear_plan_cache()
+    torch.manual_seed(13)
+    model = WithSequenceFirstBlock(gain).to(D)
+    data = batches(torch.randint(0, 9, (7, 5)), torch.randint(0, 3, (7,)), batch_size=4)
+    got, info = fastewc.estimate_fisher(model, data, return_info=True)
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10, atol_rel=1e-12)
+    assert {"block.w", "block.u"} <= set(info.vmap_params), info
+    assert "another axis" in info.reasons["block.w"], info.reasons
+    assert info.methods["head.weight"] == "linear" and info.methods["emb.weight"] == "embedding", info
