@@ -94,6 +94,26 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_state() -> dict:
+    """``{device: dtype}`` of the autocast regions in force (none: ``{}``)."""
+    return {d: torch.get_autocast_dtype(d) for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)}
+
+
+def precision(state: dict):
+    """Autocast exactly as ``state`` says (:func:`autocast_state`), whatever is in force around;
+    ``{}``: none. Nothing is entered where that is already the state."""
+    if autocast_state() == state:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for device in AUTOCAST_DEVICES:
+        on = device in state
+        stack.enter_context(torch.autocast(device, dtype=state[device] if on else None, enabled=on))
+    return stack
+
+
 def available_memory(device: torch.device | str = "cpu") -> int:
     """Bytes that can still be allocated on ``device`` (host: MemAvailable; CUDA: free memory)."""
     device = torch.device(device)

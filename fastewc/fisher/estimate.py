@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from .._utils import available_memory, eval_mode, is_sharded, require, unwrap_model
+from .._utils import available_memory, eval_mode, is_sharded, precision, require, unwrap_model
 from ..errors import EWCInputError
 from . import per_sample as ps
 from .arguments import _check_arguments, _output_check, select_parameters
@@ -115,6 +115,9 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
         return_info: also return a :class:`FisherReport` (which rule covered which parameter,
             which went per sample and why, the probe's cost).
 
+    The passes run in the parameters' own precision: an autocast region around the call is
+    switched off for them (cast the model to bfloat16 for half-precision passes).
+
     Returns:
         ``{name: tensor}`` shaped like the parameters, float32 (float64 for float64
         parameters), on the parameters' device. With ``torch.distributed`` initialised, sums and
@@ -159,7 +162,10 @@ def estimate_fisher(model: nn.Module, data: Iterable, *, loss_fn: Callable | Non
     seen = 0
     labels_spec = None                             # what the dataset labels index, from the first batch
     try:
-        with eval_mode(model):
+        # In the parameters' own precision: an autocast region around the call is left off for
+        # its passes (the rules read each layer's input and output gradient in one dtype, and the
+        # probe holds them to the loop at the parameters' tolerance).
+        with eval_mode(model), precision({}):
             for batch in iter_batches(data, num_samples):
                 batch = with_decoder_inputs(model, batch)  # one decoder input for every engine
                 if kind == "empirical" and batch.labels is None and not (batch.is_dict and loss_fn is not None):

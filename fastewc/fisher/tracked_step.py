@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._utils import AUTOCAST_DEVICES, autocast_state, precision
 from ..errors import EWCInputError
 from .problem import plain_attention, untouched_rng
 from .rules import add_sq_sums
@@ -93,39 +94,16 @@ class _Pass:
         self.inputs = ((), {})
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-def _autocast_state() -> dict:
-    """``{device: dtype}`` of the autocast regions in force (none: ``{}``)."""
-    return {d: torch.get_autocast_dtype(d) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)}
-
-
-def _precision(state: dict):
-    """Autocast exactly as ``state`` says, whatever is in force around. The tracker's own
-    arithmetic runs with none (a backward called inside an autocast region would otherwise form
-    the sums of squares in half precision); a replay runs as its forward ran, under the state
-    recorded then, so that it computes what the module computed. Nothing is entered where that
-    is already the state (every gradient hook of a step without autocast)."""
-    if _autocast_state() == state:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for device in _AUTOCAST_DEVICES:
-        on = device in state
-        stack.enter_context(torch.autocast(device, dtype=state[device] if on else None, enabled=on))
-    return stack
-
-
 def _own_arithmetic():
     """What the tracker's own arithmetic in a gradient hook runs under: no autograd recording and
     no autocast. Inside a backward both are off already unless the user asked otherwise
     (``create_graph=True``, a backward called within an autocast region on the CPU); then, at
     every hook of every step, nothing is entered."""
-    if not torch.is_grad_enabled() and not any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES):
+    if not torch.is_grad_enabled() and not any(torch.is_autocast_enabled(d) for d in AUTOCAST_DEVICES):
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.no_grad())
-    stack.enter_context(_precision({}))
+    stack.enter_context(precision({}))
     return stack
 
 
@@ -193,7 +171,7 @@ class _StepHooks(_LossChecks):
             idx = torch.randperm(n, generator=self._generator)[:k].sort().values.to(leaves[0].device)
         if self._pass is not None:
             self._pass.end()  # a forward whose backward never ran (its backward, if it comes, is refused)
-        self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=_autocast_state(),
+        self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=autocast_state(),
                            inputs=(args, kwargs), weights_without_num_items=without)
         if flags not in self._uses_checked:  # the first tracked forward of these modes' plan
             UseCheck(self.model, self.selected, {n: [self._sites[k].module for k in keys] for n, keys in self._uses.items()},
@@ -684,7 +662,7 @@ class _StepHooks(_LossChecks):
                                                                             **how)):
                 return True
         _, rec, grads = self._prepare(p, key, c)
-        with _precision(p.autocast):
+        with precision(p.autocast):  # a replay computes what the module computed: as its forward ran
             got = local_sq_sums(site.module, attrs, rec, grads)
         if got is None:
             return False
@@ -713,7 +691,7 @@ class _StepHooks(_LossChecks):
     def _blocks(self, p: _Pass, site, A, rec, grads, i, j) -> dict:
         if site.rule is not None:
             return site.rule.per_sample(site.module, A[i:j], grads[0][i:j])
-        with _precision(p.autocast):
+        with precision(p.autocast):
             got = local_blocks(site.module, list(site.params), rec, grads, i, j)
         dtype = self._site_dtype(site)
         return {a: t.to(dtype) for a, t in got.items()}

@@ -540,6 +540,29 @@ def test_a_wrong_registered_rule_is_caught_by_the_probe():
         fastewc.fisher.unregister_rule(Scale)
 
 
+def test_a_wrong_rule_on_a_parameter_with_a_small_fisher_is_caught_in_float32():
+    """The probe compares entries far below the model's largest on that largest's scale (a key
+    bias's Fisher is rounding noise): a wrong rule on a parameter whose Fisher is ~1e-7 of the
+    largest passed in float32 when that floor was rtol^2 (4e-6); the floor is 1e-9 there now."""
+    fastewc.register_rule(Scale, lambda module, A, G: {"weight": (G * A).reshape(A.shape[0], -1, A.shape[-1]).sum(1) * 2})
+    try:
+        torch.manual_seed(14)
+        model = nn.Sequential(nn.Linear(4, 4), Scale(4), nn.Linear(4, 3))
+        with torch.no_grad():
+            model[0].weight.mul_(3e-4)
+            model[0].bias.zero_()
+        data = batches(torch.randn(6, 4), torch.randint(0, 3, (6,)), batch_size=3)
+        fastewc.fisher.clear_plan_cache()
+        got, info = _run(model, data)
+        ref = R.estimate_fisher(model, data)
+        small = float(ref["1.weight"].max()) / max(float(t.max()) for t in ref.values())
+        assert 1e-9 < small < 4e-6, small  # between the two floors
+        assert "1.weight" in info.vmap_params and "disagreed" in info.reasons["1.weight"], info
+        assert_fisher_close(got, ref, rtol=1e-4)
+    finally:
+        fastewc.fisher.unregister_rule(Scale)
+
+
 @pytest.mark.parametrize("where", ["per_sample", "sq_sum"])
 def test_a_registered_rule_that_raises_costs_its_own_parameters_only(where):
     def broken(module, A, G):

@@ -106,6 +106,24 @@ def test_training_flags_restored_on_error(method):
     assert model.flags() == before
 
 
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
+def test_an_autocast_region_around_the_call_is_left_off(method):
+    """Called inside the user's ``torch.autocast`` (bfloat16), the passes run in the parameters'
+    own precision: the same Fisher as outside it, every rule kept (in bfloat16 the rules read a
+    layer's float32 input beside a bfloat16 output gradient, and went to the loop), and the
+    region is in force again after the call."""
+    torch.manual_seed(15)
+    model, data = make_encoder(dtype=torch.float32)
+    fastewc.fisher.clear_plan_cache()
+    want, info = fastewc.estimate_fisher(model, data, method=method, return_info=True)
+    fastewc.fisher.clear_plan_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, inside = fastewc.estimate_fisher(model, data, method=method, return_info=True)
+        assert torch.is_autocast_enabled("cpu")
+    assert (inside.methods, inside.loop_params) == (info.methods, info.loop_params), inside
+    assert_fisher_close(got, want, rtol=1e-5, atol_rel=1e-7)
+
+
 def test_model_weights_and_grads_untouched():
     model, data = make_cnn(dtype=D)
     state = {k: v.clone() for k, v in model.state_dict().items()}
