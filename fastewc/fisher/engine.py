@@ -164,10 +164,20 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
     if rec.mode is not None:
         # what the op recorder could not follow costs those parameters only
         bad = dict(rec.mode.op_trouble)
+        modified = "the result of an operation using it is modified in place later"
         for r in rec.ops:
             if any(r.leaves[k]._version != v for k, v in zip(r.batched, r.versions_in)):
                 for p in r.sources:
                     bad.setdefault(p, "an input of an operation using it is modified in place afterwards")
+            if any(t._version != v for t, v in zip(r.outputs, r.versions_out)):
+                # Modified in place through a view (Funnel's `positional_attn *= cls_mask`), a result
+                # is no longer the tensor the loss depends on, and its gradient would read as zero:
+                # the model continues with copies; where it already did, these go per sample.
+                if OPS not in plan.clone:
+                    trouble[OPS] = ("clone", modified)
+                else:
+                    for p in r.sources:
+                        bad.setdefault(p, modified)
         for p, why in bad.items():
             trouble[PARAM + p] = ("drop", why)
     return trouble

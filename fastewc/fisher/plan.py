@@ -64,6 +64,7 @@ class RulePlan:
     reasons: dict[str, str] = field(default_factory=dict)    # leftover parameter -> why
     notes: dict[str, str] = field(default_factory=dict)      # covered parameter -> why no hand rule
     clone: set = field(default_factory=set)                  # sites whose output a later op modifies in place
+                                                             # (OPS: the op recorder's results)
     probe_seconds: float = 0.0
     root: nn.Module | None = None                            # the model
     proving: bool = False   # the probe's passes, whose sums it checks against the per-sample loop
@@ -196,6 +197,9 @@ class RulePlan:
             if key.startswith(PARAM):  # "drop": what the op recorder could not follow
                 if key[len(PARAM):] in self.covered:
                     self.drop_param(key[len(PARAM):], why)
+                continue
+            if key == OPS and action == "clone":  # the op recorder's results (its sites or batch-free modules')
+                self.clone.add(OPS)
                 continue
             if key not in self.sites:
                 continue

@@ -112,8 +112,8 @@ class _Recorder:
         ops = plan.sites.get(OPS)
         needs_ops = ops is not None or any(s.batch_free for s in plan.sites.values())
         watched = {p: values[p] for p in ops.params.values()} if ops is not None else {}
-        self.mode = (_OpRecorder(n, self.proving, self.folds, self.ops, watched, plan.op_layouts, plan.root)
-                     if needs_ops else None)
+        self.mode = (_OpRecorder(n, self.proving, self.folds, self.ops, watched, plan.op_layouts, plan.root,
+                                 OPS in plan.clone) if needs_ops else None)
         # what the forward runs with: the parameters the op recorder follows as watched aliases
         self.values = values if not watched else {**values, **self.mode.params}
         self.attention: dict[str, RecordingAttention] = {}
@@ -300,12 +300,13 @@ class _OpRecorder:
     the forward, entered as a context (not in the loss after it, nor after the pass)."""
 
     def __init__(self, n: int, proving: bool, folds: set, ops: list, watched: dict[str, torch.Tensor],
-                 layouts: dict, root: nn.Module | None):
+                 layouts: dict, root: nn.Module | None, clone: bool):
         # The recorder's own batch size, mode, folds and record list, not the recorder itself: a
         # reference back would make a cycle that keeps the pass's recorded tensors alive until
         # Python's cycle collector runs, well after the pass.
         self.n, self.proving, self.folds, self.ops = n, proving, folds, ops
         self.root = root
+        self.clone = clone  # a later op modifies some result in place: the model continues with copies
         self.recording = False
         self._tables: set[int] | None = None  # the model's buffers' and parameters' storages, read when first asked
         self.layouts = layouts  # the plan's op_layouts: written while proving, read after
@@ -426,7 +427,8 @@ class _OpRecorder:
                        spread={k: self.spread[id(leaves[k])] for k in slots if id(leaves[k]) in self.spread},
                        slot_sources={k: self.sources[id(leaves[k])] for k in slots})
         rec.versions_in = [rec.leaves[k]._version for k in rec.batched]
-        rec.outputs, replaced = _prepare_outputs(rec.outputs, False)
+        rec.outputs, replaced = _prepare_outputs(rec.outputs, self.clone)
+        rec.versions_out = [t._version for t in rec.outputs]
         self.ops.append(rec)
         if not replaced:
             return out

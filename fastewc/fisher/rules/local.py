@@ -46,6 +46,7 @@ class Recorded:
     slot_sources: dict = field(default_factory=dict)  # op-local: leaf position -> the parameters its
                                                       # argument is built from (one slot's, of those)
     versions_in: list = field(default_factory=list)   # op-local: batched inputs' versions at the call
+    versions_out: list = field(default_factory=list)  # op-local: outputs' versions once recorded
     axis: int = 0                  # the samples' axis of a rule site's input and output (sequence first: 1)
     spread: dict = field(default_factory=dict)  # op-local: slot -> the rows its rebuild keeps of a batch
                                                 # axis made by broadcasting or copying: 1 (cls.expand(n,
