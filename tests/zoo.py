@@ -179,6 +179,15 @@ def bigbird(padded):
     return _hf(T.BigBirdForSequenceClassification(cfg)), text("cls", padded)
 
 
+def funnel(padded):
+    """Funnel Transformer: relative-position attention whose scores are masked in place after a
+    reshape (``positional_attn *= cls_mask``), and a pooled second block."""
+    T = _T()
+    cfg = T.FunnelConfig(vocab_size=SIZE.vocab, block_sizes=[1, 1], d_model=SIZE.width, n_head=SIZE.heads, d_head=8,
+                         d_inner=SIZE.ffn, num_labels=3)
+    return _hf(T.FunnelForSequenceClassification(cfg)), text("cls", padded)
+
+
 def deberta(padded):
     """DeBERTa-v2 with relative attention: its position projections apply to a table without a
     batch axis, ``[1, 2k, d]``, repeated over a batch folded with the heads into ``[N*heads, ...]``
@@ -409,6 +418,7 @@ CASES = [
     Case("albert", albert),
     Case("electra", electra, top_k=2),
     Case("bigbird", bigbird),
+    Case("funnel", funnel, fp32={"*": "Funnel's attention takes its scores' softmax in float32"}),
     Case("deberta", deberta),
     Case("deberta_v3", deberta_v3),
     Case("gpt2", gpt2, top_k=2),

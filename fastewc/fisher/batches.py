@@ -51,6 +51,12 @@ class Batch:
             return Batch({k: v[i:j] for k, v in self.inputs.items()}, None, j - i, self.index)
         return Batch(self.inputs[i:j], None if self.targets is None else self.targets[i:j], j - i, self.index)
 
+    def pick(self, rows: list[int]) -> "Batch":
+        """The samples at ``rows``, in that order."""
+        if self.is_dict:
+            return Batch({k: v[rows] for k, v in self.inputs.items()}, None, len(rows), self.index)
+        return Batch(self.inputs[rows], None if self.targets is None else self.targets[rows], len(rows), self.index)
+
     def to(self, device: torch.device) -> "Batch":
         if self.is_dict:
             return Batch({k: v.to(device) for k, v in self.inputs.items()}, None, self.size, self.index)

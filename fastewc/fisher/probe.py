@@ -44,6 +44,21 @@ PROBE_SAMPLES = 2
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _probe_rows(batch: Batch) -> list[int]:
+    """The samples the probe proves the plan on: the first ``PROBE_SAMPLES``, except that where a
+    dict batch's ``attention_mask`` gives its samples different lengths, the last of them is the
+    one among the first four whose length differs most from the first's. Padding takes other
+    paths through a model than full rows (masks, positions modified in place), and a plan proven
+    on two full rows alone would never have seen them."""
+    n = min(PROBE_SAMPLES, batch.size)
+    mask = batch.inputs.get("attention_mask") if batch.is_dict else None
+    if n < 2 or not isinstance(mask, torch.Tensor) or mask.dim() < 2:
+        return list(range(n))
+    lengths = (mask[:4] != 0).reshape(min(4, batch.size), -1).sum(1)
+    far = int((lengths - lengths[0]).abs().argmax())
+    return list(range(n)) if far < n else [*range(n - 1), far]
+
+
 def check_forward(problem: Problem, batch: Batch) -> tuple[str | None, torch.Tensor | None]:
     """One batched forward over ``batch`` and one forward per sample: why the rules cannot take
     the problem (None if they can), and the batched logits (None without logits).
@@ -162,11 +177,12 @@ def _probe(problem: Problem, plan: RulePlan, batch: Batch, values: bool = True) 
         return
     if z is None and problem.kind != "empirical":
         return
-    part = batch.slice(0, min(PROBE_SAMPLES, batch.size))
+    rows = _probe_rows(batch)
+    part = batch.pick(rows)
     if problem.kind == "empirical":
         check, labels = problem, None
     else:
-        labels = z[: part.size].argmax(-1)
+        labels = z[rows].argmax(-1)
         check = Problem(problem.model, "sampled", problem.loss_fn if problem.kind == "sampled" else None,
                         None, problem.selected, problem.frozen)
     for _ in range(6 + len(plan.sites)):  # each failed site leaves the plan smaller

@@ -54,3 +54,24 @@ def test_a_later_call_reuses_the_plan_and_the_model_is_freed_when_let_go(make):
     gc.collect()
     assert alive() is None, "the plan cache keeps the model alive"
     assert len(probe._CACHE) == 0
+
+
+def test_the_probe_proves_the_plan_on_a_padded_sample_too(monkeypatch):
+    """Padding takes other paths through a model than full rows (Funnel's masked relative
+    attention went wrong on padded samples only): where the first samples' lengths differ, the
+    probe compares the first with the one among the first four whose length differs most."""
+    seen = []
+    real = probe._plain_truth
+
+    def truth(check, part, labels, names):
+        seen.append(part.inputs["attention_mask"].sum(1).tolist())
+        return real(check, part, labels, names)
+
+    monkeypatch.setattr(probe, "_plain_truth", truth)
+    pytest.importorskip("transformers")
+    model = hf_model("bert").eval()
+    data = hf_batches(7, 8, 40, "cls", batch_size=4)   # lengths 8, 7, 6, 8, ...
+    fastewc.fisher.clear_plan_cache()
+    got = fastewc.estimate_fisher(model, data)
+    assert seen and all(lengths == [8, 6] for lengths in seen), seen
+    assert_fisher_close(got, R.estimate_fisher(model, data), rtol=1e-10)
