@@ -45,6 +45,20 @@ def forward_inputs(model: nn.Module, batch: Batch):
     return (), kwargs
 
 
+def _from_the_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The batch's floating inputs as copies that require grad. The parameters are detached in
+    the rules pass, so what requires grad is then exactly what descends from the batch: how a
+    module or operation fed the samples on another axis than the first (``x.transpose(0, 1)``)
+    is told from a position table, also where it is the model's first. Copies, because a model
+    may modify its input in place. Masks are left as they are: attention would form a gradient
+    for a mask that requires one."""
+    def mark(key, x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad and "mask" not in str(key):
+            return x.detach().requires_grad_().clone()
+        return x
+    return tuple(mark(k, a) for k, a in enumerate(args)), {k: mark(k, v) for k, v in kwargs.items()}
+
+
 def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dict | None = None) -> tuple[dict, dict]:
     """One batched forward + backward over ``batch`` with hooks.
 
@@ -65,7 +79,7 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dic
     try:
         # forward and backward under one swap: a checkpointed block recomputes in the backward
         with torch.enable_grad(), swapped(problem.model, rec.values):
-            args, kwargs = forward_inputs(problem.model, batch)
+            args, kwargs = _from_the_batch(*forward_inputs(problem.model, batch))
             with rec.recording():
                 output = problem.model(*args, **kwargs)
             if isinstance(labels, SampledLabels):
