@@ -6,7 +6,9 @@ non-trivial statistics, GroupNorm, MultiheadAttention and TransformerEncoderLaye
 first or second, a learned class token concatenated in front (often followed by positions, as in
 ViT), a token broadcast or copied before a child's output, an attention with a relative-position
 table gathered into its mask (causal or not), broadcast positional additions, two parameters
-added to the same sum, a parameter used twice, one block called at two places), after an Embedding or a Linear stem and
+added to the same sum, a parameter used twice, one block called at two places, a block taking
+``[T, B, d]`` with a mask (XLNet's layout), parameters joined and split again, a table's scores
+masked in place through a view), after an Embedding or a Linear stem and
 before a mean-pooled, first-token or per-token head, the head's weight sometimes tied to the
 embedding. Everything is drawn from the seed; the global RNG is left as it was.
 """
@@ -177,6 +179,58 @@ class UsedTwice(nn.Module):
         return torch.tanh(h * self.g) + self.g
 
 
+class SequenceFirst(nn.Module):
+    """XLNet's layout: the block takes ``[T, B, d]`` and a mask beside it, its own parameters
+    used op by op, no rule. ``gain`` scales its share (small: its Fisher far below the model's
+    largest entry, where the probe cannot tell a wrong value)."""
+
+    def __init__(self, d, gain):
+        super().__init__()
+        self.gain = gain
+        self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.u = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, h):
+        T = h.shape[1]
+        x = h.transpose(0, 1)
+        scores = torch.einsum("ind,jnd->nij", x @ self.w, x).masked_fill(
+            torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1), -1e4)
+        return h + self.gain * (torch.einsum("nij,jnd->ind", scores.softmax(-1), x) * self.u).transpose(0, 1)
+
+
+class Split(nn.Module):
+    """Two parameters joined and split again before they meet the batch (attention modules'
+    ``torch.cat(biases).chunk(3)``), around a child; ``gain`` as :class:`SequenceFirst`'s."""
+
+    def __init__(self, d, how, gain):
+        super().__init__()
+        self.how, self.gain = how, gain
+        self.lin = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+        self.shift = nn.Parameter(0.3 * torch.randn(d))
+
+    def forward(self, h):
+        both = torch.cat([self.scale, self.shift])
+        a, b = both.chunk(2) if self.how == "chunk" else both.view(2, -1).unbind(0)
+        return torch.tanh(self.lin(h) * (1 + self.gain * a) + self.gain * b)
+
+
+class MaskedAfter(nn.Module):
+    """A learned table meeting the batch in ``einsum``, the result masked in place through a view
+    (Funnel's relative attention); ``gain`` as :class:`SequenceFirst`'s."""
+
+    def __init__(self, d, T, gain):
+        super().__init__()
+        self.gain = gain
+        self.table = nn.Parameter(torch.randn(T, d) / d**0.5)
+
+    def forward(self, h):
+        T = h.shape[1]
+        scores = torch.einsum("bid,jd->bij", h, self.table[:T])
+        scores.view(scores.shape[0], -1)[:, ::2] *= 0.5
+        return h + self.gain * (scores.softmax(-1) @ h)
+
+
 class RandomModel(nn.Module):
     def __init__(self, stem, chain, head, pool):
         super().__init__()
@@ -199,7 +253,8 @@ class RandomModel(nn.Module):
 def _block(rng: random.Random, d: int, T: int, heads: int):
     """One random block and the sequence length after it."""
     kind = rng.choice(["dense", "conv1d", "conv2d", "layernorm", "batchnorm", "groupnorm", "attention",
-                       "encoder", "cls", "pos", "pair", "twice", "token", "relbias"])
+                       "encoder", "cls", "pos", "pair", "twice", "token", "relbias", "seqfirst", "split",
+                       "masked"])
     bias = rng.random() < 0.7
     if kind == "dense":
         return Dense(d, bias), T
@@ -232,6 +287,13 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
         return TokenBefore(d, rng.choice(["expand", "repeat", "tile"])), T + 1
     if kind == "relbias":
         return RelBiasAttention(d, heads, T, rng.random() < 0.5), T
+    gain = rng.choice([1.0, 1e-5])
+    if kind == "seqfirst":
+        return SequenceFirst(d, gain), T
+    if kind == "split":
+        return Split(d, rng.choice(["chunk", "unbind"]), gain), T
+    if kind == "masked":
+        return MaskedAfter(d, T, gain), T
     return UsedTwice(d), T
 
 
@@ -251,7 +313,7 @@ def make_random(seed: int, n: int = 5, batch_size: int = 3, dtype=torch.float64)
         for _ in range(rng.randint(1, 4)):
             if chain and rng.random() < 0.15:  # a block called again later: its parameters shared
                 block = rng.choice(chain)
-                if isinstance(block, (ClsToken, TokenBefore, PosAdd, PairAdd, RelBiasAttention)):
+                if isinstance(block, (ClsToken, TokenBefore, PosAdd, PairAdd, RelBiasAttention, MaskedAfter)):
                     continue  # would change the length or meet a table of another length
             else:
                 block, T = _block(rng, d, T, heads)

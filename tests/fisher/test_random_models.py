@@ -1,8 +1,11 @@
 """Random models against the truth: every seeded model of tests/random_models.py (Linear, Conv1d/2d,
 Embedding, LayerNorm, BatchNorm, GroupNorm, attention with the batch first or second, encoder
 layers, a class token, a token broadcast or copied, a relative-position table gathered into an
-attention mask, broadcast additions, tied and shared parameters, a parameter used twice),
-float64, ``fastewc.estimate_fisher`` per tensor against ``fastewc.reference.estimate_fisher``.
+attention mask, broadcast additions, tied and shared parameters, a parameter used twice, a
+block on ``[T, B, d]`` with a mask, parameters joined and split, scores masked in place through a
+view; the last three sometimes with a share of the output so small that their Fisher lies below
+the probe's floor), float64, ``fastewc.estimate_fisher`` per tensor against
+``fastewc.reference.estimate_fisher``.
 
 Each seed checks one kind (empirical, sampled, exact in turn) with ``method="auto"`` and one other
 method (rules, vmap, loop in turn), so that every (kind, method) pair meets many models while the
