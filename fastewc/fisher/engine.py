@@ -15,7 +15,7 @@ Which sites there are comes from :mod:`.plan`; the plan is proven (and cached) b
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,8 @@ import torch.nn as nn
 from .batches import Batch
 from .functional import swapped
 from .plan import OPS, PARAM, RulePlan
-from .problem import Problem, SampledLabels, exact_columns, logits_of, plain_attention, position_mask
+from .problem import (Problem, SampledLabels, contiguous_norm_gradients, exact_columns, logits_of, plain_attention,
+                      position_mask)
 from .recording import _Recorder
 from .rules import add_sq_sums, chunks, sq_sum_of
 from .rules.embedding import lookup_rows
@@ -78,7 +79,9 @@ def rules_pass(problem: Problem, plan: RulePlan, batch: Batch, labels, into: dic
     rec = _Recorder(plan, n, values)
     try:
         # forward and backward under one swap: a checkpointed block recomputes in the backward
-        with torch.enable_grad(), swapped(problem.model, rec.values):
+        # (a batch of one sample meets PyTorch's batch norm backward defect: contiguous_norm_gradients)
+        one = contiguous_norm_gradients(problem.model) if n == 1 else nullcontext()
+        with torch.enable_grad(), swapped(problem.model, rec.values), one:
             args, kwargs = _from_the_batch(*forward_inputs(problem.model, batch))
             with rec.recording():
                 output = problem.model(*args, **kwargs)

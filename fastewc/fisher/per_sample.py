@@ -27,7 +27,8 @@ from torch.func import grad, vjp, vmap
 
 from ..errors import EWCInputError
 from .batches import Batch
-from .problem import Problem, _batched, exact_columns, logits_of, plain_attention, position_mask
+from .problem import (Problem, _batched, contiguous_norm_gradients, exact_columns, logits_of, plain_attention,
+                      position_mask)
 
 
 def bad_gradient(name: str, sample: int) -> EWCInputError:
@@ -80,6 +81,11 @@ def loop_squared_sums(problem: Problem, batch: Batch, labels: torch.Tensor | Non
     the sample (``start`` = index of the batch's first sample in the data). Off in the normal
     pass, where the caller checks the sums once per chunk and re-runs the chunk with it on only
     when they are not finite (a per-sample check costs a pass over P and a sync per parameter)."""
+    with contiguous_norm_gradients(problem.model):
+        _loop(problem, batch, labels, start, sums, check_each)
+
+
+def _loop(problem, batch, labels, start, sums, check_each) -> None:
     names = list(problem.selected)
     plist = [problem.selected[n] for n in names]
     for i in range(batch.size):

@@ -367,6 +367,30 @@ def _batched(inputs):
 
 
 @contextlib.contextmanager
+def contiguous_norm_gradients(model: nn.Module):
+    """Every batch norm of ``model`` gets its output gradient contiguous, for a backward over one
+    sample. PyTorch's CPU batch norm backward (eval mode, seen in 2.13) returns wrong input,
+    weight and bias gradients for a batch of one whose output gradient has a channels-last
+    layout, as ``x.flatten(2).transpose(1, 2)`` after it hands back (LeViT's patch embedding):
+    every layer below it then gets a wrong gradient. Batched passes are not affected."""
+    handles = [m.register_forward_hook(_contiguous_gradient) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _contiguous_gradient(module, args, output):
+    # A hook on the output tensor, not a module backward hook: those wrap the output in a view
+    # that an in-place op after the norm (ResNet's ReLU) may not modify. A tensor hook fires with
+    # the gradient of the output as the norm produced it, also after such an op.
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        output.register_hook(torch.Tensor.contiguous)
+
+
+@contextlib.contextmanager
 def plain_attention():
     """Attention as plain batched matmuls and softmax, which ``vmap`` and hooks can see through.
 

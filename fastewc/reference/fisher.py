@@ -4,6 +4,7 @@ summed in Python (see the package docstring for what differs from the original c
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -14,6 +15,25 @@ from .._utils import eval_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+
+
+@contextmanager
+def _one_sample_batch_norm(model: nn.Module):
+    """PyTorch's CPU batch norm backward (eval mode, seen in 2.13) gives wrong input, weight and
+    bias gradients for a batch of one whose output gradient has a channels-last layout, as
+    ``x.flatten(2).transpose(1, 2)`` after it hands back: every batch norm gets its output
+    gradient made contiguous first, for these one-sample loops."""
+    def contiguous(module, args, output):  # on the output tensor: an in-place ReLU may follow
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda g: g.contiguous())
+
+    handles = [m.register_forward_hook(contiguous) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     # named_parameters() yields a tied parameter once, under its first name, as in the original.
@@ -31,7 +51,7 @@ def _per_sample_fisher(
     params = _trainable(model)
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     seen = 0
-    with eval_mode(model):
+    with eval_mode(model), _one_sample_batch_norm(model):
         for batch in data:
             if seen >= num_samples:
                 break
@@ -99,7 +119,7 @@ def compute_exact_fisher(
     params = _trainable(model)
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     seen = 0
-    with eval_mode(model):
+    with eval_mode(model), _one_sample_batch_norm(model):
         for batch in data_loader:
             if seen >= num_samples:
                 break
@@ -251,7 +271,7 @@ def estimate_fisher(
             fisher[n] += weight * g.pow(2)
 
     seen = 0
-    with eval_mode(model):
+    with eval_mode(model), _one_sample_batch_norm(model):
         for batch in data:
             if seen >= limit:
                 break

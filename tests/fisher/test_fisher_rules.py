@@ -589,3 +589,59 @@ def test_squares_of_uses_adds_uses_before_squaring(samples_per_chunk):
     torch.testing.assert_close(totals["b"], ((shared + u2) ** 2).sum(0), rtol=1e-13, atol=0)
     torch.testing.assert_close(totals["c"], ((shared + u3) ** 2).sum(0), rtol=1e-13, atol=0)
     assert torch.equal(base, before[0]) and torch.equal(shared, before[1])  # the caller's tensors untouched
+
+
+# -- PyTorch's batch norm backward on one sample ----------------------------------------------------
+class ConvTokens(nn.Module):
+    """LeViT's patch embedding: convolution, batch norm (eval mode), then the feature map as
+    tokens (``flatten(2).transpose(1, 2)``) into a residual block, whose backward hands the batch
+    norm an output gradient with a channels-last layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+
+    def forward(self, x):
+        tokens = self.bn(self.conv(F.hardswish(x))).flatten(2).transpose(1, 2)
+        h = torch.tanh(self.mix(tokens)) + tokens   # a residual: its gradient reaches the tokens as is
+        return self.head(torch.tanh(h).sum(1))
+
+
+def _two_copies_truth(model, x, y):
+    """Each sample's squared gradient, from a batch of two copies of it with the loss of the first
+    only: a batch of two, where PyTorch's batch norm backward is right."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1].expand(2, -1, -1, -1))
+        gs = torch.autograd.grad(F.cross_entropy(out[:1], y[i : i + 1]), list(params.values()))
+        for n, g in zip(params, gs):
+            total[n] += g * g
+    return {n: t / x.shape[0] for n, t in total.items()}
+
+
+@pytest.mark.parametrize("method", ["reference", "auto", "vmap", "loop"])
+def test_a_batch_norm_before_tokens_on_one_sample(method):
+    """PyTorch's CPU batch norm backward (eval mode) returns wrong input, weight and bias
+    gradients for a batch of one whose output gradient has a channels-last layout: the
+    reference loop, the loop engine and the rules on a batch of one sample were wrong for LeViT
+    (the rules and vmap on larger batches were right). Each batch norm now gets its output
+    gradient made contiguous on those paths; every method matches a truth formed on batches of
+    two copies of each sample."""
+    torch.manual_seed(18)
+    model = ConvTokens().to(D).eval()
+    x, y = torch.randn(4, 3, 8, 8, dtype=D), torch.randint(0, 3, (4,))
+    want = _two_copies_truth(model, x, y)
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]  # the last batch holds one sample
+    fastewc.fisher.clear_plan_cache()
+    got = (R.estimate_fisher(model, data) if method == "reference"
+           else fastewc.estimate_fisher(model, data, method=method))
+    assert_fisher_close(got, want, rtol=1e-10)
