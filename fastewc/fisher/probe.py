@@ -23,7 +23,7 @@ from ..errors import EWCInputError
 from .batches import Batch
 from .engine import SiteFailed, forward_inputs, rules_pass
 from .plan import RulePlan, make_plan
-from .problem import Problem, contiguous_norm_gradients, logits_of, model_head, model_loss_per_sample
+from .problem import Problem, backward_failed, contiguous_norm_gradients, logits_of, model_head, model_loss_per_sample
 
 # Relative tolerance of the probe that checks the plan against the per-sample loop, by dtype:
 # both sides are exact up to rounding (float32 sums of ~1e3 products differ by ~1e-6 relative;
@@ -145,7 +145,10 @@ def _plain_truth(problem: Problem, batch: Batch, labels, names) -> tuple[dict[st
             target = None if batch.targets is None else batch.targets[i]
         with torch.enable_grad(), contiguous_norm_gradients(problem.model):
             loss = problem.loss(problem.call({}, x, functional=False), x, target)
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            try:
+                gs = torch.autograd.grad(loss, params, allow_unused=True)
+            except RuntimeError as e:
+                raise backward_failed(e) from e
         fp32 = fp32 or loss.dtype == torch.float32
         for k, g in enumerate(gs):
             if g is not None:

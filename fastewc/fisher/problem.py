@@ -366,6 +366,15 @@ def _batched(inputs):
     return {k: v.unsqueeze(0) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs
 
 
+def backward_failed(error: RuntimeError) -> EWCInputError:
+    """The error for a model whose backward over one sample fails in autograd itself."""
+    first = (str(error).splitlines() or [""])[0][:200]
+    return EWCInputError(
+        f"the model's backward for one sample failed ({type(error).__name__}: {first}). estimate_fisher "
+        f"differentiates each sample's loss with the model in eval mode; a model whose eval-mode forward cannot be "
+        f"differentiated (some update a recurrent state in place there) gives no per-sample gradient")
+
+
 @contextlib.contextmanager
 def contiguous_norm_gradients(model: nn.Module):
     """Every batch norm of ``model`` gets its output gradient contiguous, for a backward over one

@@ -235,3 +235,27 @@ def test_an_output_holding_nan_is_refused_saying_so():
     x[1, 0] = 1000.0
     with pytest.raises(fastewc.EWCInputError, match=r"output on the first 4 samples of the data holds NaN"):
         fastewc.estimate_fisher(model, [(x, torch.zeros(4, dtype=torch.long))])
+
+
+class StateInPlace(nn.Module):
+    """In eval mode its forward changes in place a tensor its backward needs (RWKV's eval path in
+    transformers does): no per-sample gradient exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.sigmoid(self.lin(x))
+        if not self.training:
+            y.mul_(2.0)
+        return y
+
+
+@pytest.mark.parametrize("method", ["auto", "loop"])
+def test_a_model_whose_eval_forward_cannot_be_differentiated(method):
+    """A clear error naming what failed and why, not autograd's traceback from inside the probe."""
+    model = StateInPlace()
+    data = batches(torch.randn(6, 4), torch.randint(0, 3, (6,)), batch_size=3)
+    with pytest.raises(EWCInputError, match="backward for one sample failed .*modified by an inplace operation.*eval mode"):
+        fastewc.estimate_fisher(model, data, method=method)
