@@ -4,7 +4,7 @@ summed in Python (see the package docstring for what differs from the original c
 from __future__ import annotations
 
 import fnmatch
-from contextlib import contextmanager
+from contextlib import ExitStack
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -17,23 +17,22 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 
-@contextmanager
-def _one_sample_batch_norm(model: nn.Module):
+def _one_sample_batch_norm(model: nn.Module) -> ExitStack:
     """PyTorch's CPU batch norm backward (eval mode, seen in 2.13) gives wrong input, weight and
     bias gradients for a batch of one whose output gradient has a channels-last layout, as
-    ``x.flatten(2).transpose(1, 2)`` after it hands back: every batch norm gets its output
-    gradient made contiguous first, for these one-sample loops."""
-    def contiguous(module, args, output):  # on the output tensor: an in-place ReLU may follow
+    ``x.flatten(2).transpose(1, 2)`` after it hands back: while the returned context is open,
+    every batch norm has its output gradient made contiguous first, for these one-sample loops
+    (by a hook on the output tensor, since an in-place ReLU may follow the norm)."""
+    def on_output(module, args, output):
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda g: g.contiguous())
 
-    handles = [m.register_forward_hook(contiguous) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    stack = ExitStack()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            stack.callback(m.register_forward_hook(on_output).remove)
+    return stack
+
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     # named_parameters() yields a tied parameter once, under its first name, as in the original.
