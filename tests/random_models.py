@@ -8,7 +8,8 @@ ViT), a token broadcast or copied before a child's output, an attention with a r
 table gathered into its mask (causal or not), broadcast positional additions, two parameters
 added to the same sum, a parameter used twice, one block called at two places, a block taking
 ``[T, B, d]`` with a mask (XLNet's layout), parameters joined and split again, a table's scores
-masked in place through a view), after an Embedding or a Linear stem and
+masked in place through a view, a batch norm whose output becomes tokens into a residual),
+after an Embedding or a Linear stem and
 before a mean-pooled, first-token or per-token head, the head's weight sometimes tied to the
 embedding. Everything is drawn from the seed; the global RNG is left as it was.
 """
@@ -231,6 +232,26 @@ class MaskedAfter(nn.Module):
         return h + self.gain * (scores.softmax(-1) @ h)
 
 
+class NormTokens(nn.Module):
+    """The sequence as a feature map ``[B, d, T, 1]`` through BatchNorm2d (eval mode, non-trivial
+    statistics), back to tokens (``flatten(2).transpose(1, 2)``) into a residual, as LeViT's patch
+    embedding: on a batch of one sample PyTorch's batch norm backward gets a channels-last output
+    gradient there."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(d)
+        self.lin = nn.Linear(d, d)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.randn(d) * 0.5)
+            self.bn.running_var.copy_(torch.rand(d) + 0.5)
+
+    def forward(self, h):
+        b, T, d = h.shape
+        t = self.bn(h.transpose(1, 2).reshape(b, d, T, 1).contiguous()).flatten(2).transpose(1, 2)
+        return torch.tanh(self.lin(t)) + t
+
+
 class RandomModel(nn.Module):
     def __init__(self, stem, chain, head, pool):
         super().__init__()
@@ -254,7 +275,7 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
     """One random block and the sequence length after it."""
     kind = rng.choice(["dense", "conv1d", "conv2d", "layernorm", "batchnorm", "groupnorm", "attention",
                        "encoder", "cls", "pos", "pair", "twice", "token", "relbias", "seqfirst", "split",
-                       "masked"])
+                       "masked", "normtokens"])
     bias = rng.random() < 0.7
     if kind == "dense":
         return Dense(d, bias), T
@@ -294,13 +315,15 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
         return Split(d, rng.choice(["chunk", "unbind"]), gain), T
     if kind == "masked":
         return MaskedAfter(d, T, gain), T
+    if kind == "normtokens":
+        return NormTokens(d), T
     return UsedTwice(d), T
 
 
-def make_random(seed: int, n: int = 5, batch_size: int = 3, dtype=torch.float64):
+def make_random(seed: int, n: int = 5, dtype=torch.float64):
     """``(model, data, description)`` for ``seed``: a model in eval mode and ``n`` samples in
-    batches of ``batch_size`` (``(inputs, targets)``; targets ``[n]``, or ``[n, T]`` for a
-    per-token head)."""
+    batches of 2, 3 or 4 (drawn; with ``n = 5`` two of three end in a batch of one sample)
+    (``(inputs, targets)``; targets ``[n]``, or ``[n, T]`` for a per-token head)."""
     rng = random.Random(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -335,5 +358,7 @@ def make_random(seed: int, n: int = 5, batch_size: int = 3, dtype=torch.float64)
         y = torch.randint(0, classes, (n, T) if pool == "tokens" else (n,))
     desc = (f"{'tokens' if tokens else 'features'} d={d} -> " + " -> ".join(names or ["-"])
             + f" -> {pool}{' tied' if tied else ''}")
+    batch_size = rng.choice([2, 3, 4])
+    desc += f" (batches of {batch_size})"
     return model, batches(x, y, batch_size=batch_size), desc
 

@@ -4,8 +4,9 @@ layers, a class token, a token broadcast or copied, a relative-position table ga
 attention mask, broadcast additions, tied and shared parameters, a parameter used twice, a
 block on ``[T, B, d]`` with a mask, parameters joined and split, scores masked in place through a
 view; the last three sometimes with a share of the output so small that their Fisher lies below
-the probe's floor), float64, ``fastewc.estimate_fisher`` per tensor against
-``fastewc.reference.estimate_fisher``.
+the probe's floor; a batch norm whose output becomes tokens into a residual), in batches of 2,
+3 or 4 of 5 samples (most end in a batch of one), float64, ``fastewc.estimate_fisher`` per tensor
+against ``fastewc.reference.estimate_fisher``.
 
 Each seed checks one kind (empirical, sampled, exact in turn) with ``method="auto"`` and one other
 method (rules, vmap, loop in turn), so that every (kind, method) pair meets many models while the
