@@ -28,7 +28,7 @@ from .problem import (Problem, SampledLabels, contiguous_norm_gradients, exact_c
 from .recording import _Recorder
 from .rules import add_sq_sums, chunks, sq_sum_of
 from .rules.embedding import lookup_rows
-from .rules.local import op_blocks
+from .rules.local import from_the_batch, op_blocks
 from .rules.replay import local_blocks, local_sq_sums
 from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sums import squares_of_uses
@@ -119,7 +119,7 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             a = others.pop()
             trouble[key] = (f"axis={a}", f"{site.module_name} takes its samples on axis {a}")
             continue
-        if any(not c.rec.outputs and _descends_from_batch(c.rec) for c in calls):
+        if any(not c.rec.outputs and from_the_batch(c.rec.leaves) for c in calls):
             # No output with the samples first, yet an input descends from the batch: the samples
             # are on another axis ([T, N, d] throughout XLNet), not absent. Taken for a position
             # table, its output would be rebuilt from the whole batch for every sample.
@@ -130,10 +130,10 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
             trouble[key] = ("drop", unproven)   # per sample: nothing proved this call's layout
             continue
         if calls and all(not c.rec.outputs for c in calls):
-            # Its output has no batch axis (a position table, whatever its input): the same for every
-            # sample, so it is followed into the operations that meet the batch; proved on the probe,
-            # where no size can be taken for the batch's. A module that shows no batch axis only in a
-            # later pass (a sequence-first layer whose batch is not its first axis) goes per sample.
+            # Its output has no batch axis and its inputs do not come from the batch (a position
+            # table): the same for every sample, so it is followed into the operations that meet
+            # the batch; proved on the probe. A module that shows no batch axis only in a later pass
+            # goes per sample: nothing compared that with the loop.
             if plan.proving:
                 trouble[key] = ("batch_free", f"{site.module_name} returns no batch axis: followed into "
                                               f"the operations that use its output")
@@ -198,12 +198,6 @@ def _check_calls(plan: RulePlan, rec: _Recorder) -> dict:
         for p, why in bad.items():
             trouble[PARAM + p] = ("drop", why)
     return trouble
-
-
-def _descends_from_batch(r) -> bool:
-    """Whether a recorded call has an argument computed from the batch: in the rules pass the
-    parameters are detached, so only those require grad."""
-    return any(isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point() for x in r.leaves)
 
 
 def _outputs(plan: RulePlan, rec: _Recorder):

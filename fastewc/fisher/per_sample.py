@@ -27,7 +27,7 @@ from torch.func import grad, vjp, vmap
 
 from ..errors import EWCInputError
 from .batches import Batch
-from .problem import (Problem, _batched, backward_failed, contiguous_norm_gradients, exact_columns, logits_of,
+from .problem import (Problem, _batched, contiguous_norm_gradients, exact_columns, logits_of, one_sample_grads,
                       plain_attention, position_mask)
 
 
@@ -98,13 +98,13 @@ def _loop(problem, batch, labels, start, sums, check_each) -> None:
                 V = exact_columns(z, position_mask(z, one.inputs), problem.top_k)
                 sq = [torch.zeros_like(p, dtype=sums[n].dtype) for n, p in zip(names, plist)]
                 for k in range(V.shape[0]):
-                    gs = _grad(z, plist, grad_outputs=V[k], retain_graph=True)
+                    gs = one_sample_grads(z, plist, grad_outputs=V[k], retain_graph=True)
                     for a, g in zip(sq, gs):
                         if g is not None:
                             a.addcmul_(g, g)
             else:
                 t = labels[i] if labels is not None else (one.targets[0] if one.targets is not None else None)
-                gs = _grad(problem.loss(output, x, t), plist)
+                gs = one_sample_grads(problem.loss(output, x, t), plist)
                 sq = [None if g is None else g * g for g in gs]  # out of place: gs may share memory
         for n, q in zip(names, sq):
             if q is None:
@@ -112,10 +112,3 @@ def _loop(problem, batch, labels, start, sums, check_each) -> None:
             if check_each and not bool(torch.isfinite(q).all()):
                 raise bad_gradient(n, start + i)
             sums[n].add_(q)
-
-
-def _grad(out, params, **kw):
-    try:
-        return torch.autograd.grad(out, params, allow_unused=True, **kw)
-    except RuntimeError as e:
-        raise backward_failed(e) from e

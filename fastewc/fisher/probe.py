@@ -23,7 +23,7 @@ from ..errors import EWCInputError
 from .batches import Batch
 from .engine import SiteFailed, forward_inputs, rules_pass
 from .plan import RulePlan, make_plan
-from .problem import Problem, backward_failed, contiguous_norm_gradients, logits_of, model_head, model_loss_per_sample
+from .problem import Problem, contiguous_norm_gradients, logits_of, model_head, model_loss_per_sample, one_sample_grads
 
 # Relative tolerance of the probe that checks the plan against the per-sample loop, by dtype:
 # both sides are exact up to rounding (float32 sums of ~1e3 products differ by ~1e-6 relative;
@@ -128,32 +128,32 @@ def _plain_truth(problem: Problem, batch: Batch, labels, names) -> tuple[dict[st
     shared defect (squaring in place a buffer that autograd handed to two parameters) would make
     the probe agree with the wrong engine and reject the right rule. Only the definition of one
     sample's input and loss (:class:`.problem.Problem`'s ``call`` and ``loss``, which every engine
-    differentiates) is shared. ``labels``: the probe's labels for kind 'sampled', or None."""
+    differentiates) is shared, and with the loop engine the call of autograd for one sample
+    (:func:`.problem.one_sample_grads`: its error when autograd fails) under the batch norm
+    workaround (:func:`.problem.contiguous_norm_gradients`), neither of which touches a value.
+    ``labels``: the probe's labels for kind 'sampled', or None."""
     params = [problem.selected[n] for n in names]
     # float64 sums for float64 parameters, float32 otherwise: the truth rounds no worse than the rules
     dtypes = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
     total = [torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, dtypes)]
     fp32 = False
-    for i in range(batch.size):
-        if batch.is_dict:
-            x = {k: v[i] for k, v in batch.inputs.items()}
-        else:
-            x = batch.inputs[i]
-        if labels is not None:
-            target = labels[i]
-        else:
-            target = None if batch.targets is None else batch.targets[i]
-        with torch.enable_grad(), contiguous_norm_gradients(problem.model):
+    with torch.enable_grad(), contiguous_norm_gradients(problem.model):
+        for i in range(batch.size):
+            if batch.is_dict:
+                x = {k: v[i] for k, v in batch.inputs.items()}
+            else:
+                x = batch.inputs[i]
+            if labels is not None:
+                target = labels[i]
+            else:
+                target = None if batch.targets is None else batch.targets[i]
             loss = problem.loss(problem.call({}, x, functional=False), x, target)
-            try:
-                gs = torch.autograd.grad(loss, params, allow_unused=True)
-            except RuntimeError as e:
-                raise backward_failed(e) from e
-        fp32 = fp32 or loss.dtype == torch.float32
-        for k, g in enumerate(gs):
-            if g is not None:
-                g = g.detach().to(dtypes[k])
-                total[k] = total[k] + g * g
+            gs = one_sample_grads(loss, params)
+            fp32 = fp32 or loss.dtype == torch.float32
+            for k, g in enumerate(gs):
+                if g is not None:
+                    g = g.detach().to(dtypes[k])
+                    total[k] = total[k] + g * g
     return dict(zip(names, total)), fp32
 
 

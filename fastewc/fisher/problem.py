@@ -366,13 +366,22 @@ def _batched(inputs):
     return {k: v.unsqueeze(0) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs
 
 
-def backward_failed(error: RuntimeError) -> EWCInputError:
-    """The error for a model whose backward over one sample fails in autograd itself."""
-    first = (str(error).splitlines() or [""])[0][:200]
-    return EWCInputError(
-        f"the model's backward for one sample failed ({type(error).__name__}: {first}). estimate_fisher "
-        f"differentiates each sample's loss with the model in eval mode; a model whose eval-mode forward cannot be "
-        f"differentiated (some update a recurrent state in place there) gives no per-sample gradient")
+def one_sample_grads(output: torch.Tensor, params: list, **kwargs) -> tuple:
+    """``torch.autograd.grad(output, params, allow_unused=True, **kwargs)`` for one sample's loss
+    (or logits), where autograd's own failure (a model whose eval-mode forward changes in place a
+    tensor its backward needs, as RWKV's in transformers does) becomes an error that says so;
+    running out of memory stays what it is."""
+    try:
+        return torch.autograd.grad(output, params, allow_unused=True, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise EWCInputError(
+            f"the model's backward for one sample failed ({type(e).__name__}: {first}). estimate_fisher "
+            f"differentiates each sample's loss with the model in eval mode; a model whose eval-mode forward "
+            f"cannot be differentiated (some update a recurrent state in place there) gives no per-sample "
+            f"gradient") from e
 
 
 @contextlib.contextmanager

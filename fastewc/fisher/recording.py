@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .plan import OPS, RulePlan, Site
 from .rules.attention import RecordingAttention
-from .rules.local import ModuleCall, ParamLeaf, Rebuild, Recorded, fold_of, spread_over
+from .rules.local import ModuleCall, ParamLeaf, Rebuild, Recorded, fold_of, from_the_batch, spread_over
 from .rules.replay import record_call
 
 
@@ -401,11 +401,10 @@ class _OpRecorder:
                 return out
             by_size = proven
         if not meets:
-            if any(isinstance(x, torch.Tensor) and k not in slots and x.requires_grad and x.is_floating_point()
-                   for k, x in enumerate(leaves)):
-                # Another argument descends from the batch (in this pass only those require grad)
-                # without holding the samples on its first axis ([T, N, d]): rebuilt from the whole
-                # batch, the result would mix every sample's rows into each sample's gradient.
+            if from_the_batch(leaves):
+                # Another argument comes from the batch (watched ones never do) without holding
+                # the samples on its first axis ([T, N, d]): rebuilt from the whole batch, the
+                # result would mix every sample's rows into each sample's gradient.
                 self._trouble(sources, f"used in {name} with the samples on another axis than the first")
                 return out
             # No batch axis yet (pos[:T], scale * 2, biases.chunk(3)): remember how to rebuild each

@@ -16,7 +16,6 @@ from .._utils import eval_mode
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-
 def _one_sample_batch_norm(model: nn.Module) -> ExitStack:
     """PyTorch's CPU batch norm backward (eval mode, seen in 2.13) gives wrong input, weight and
     bias gradients for a batch of one whose output gradient has a channels-last layout, as

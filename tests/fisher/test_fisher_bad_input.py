@@ -259,3 +259,29 @@ def test_a_model_whose_eval_forward_cannot_be_differentiated(method):
     data = batches(torch.randn(6, 4), torch.randint(0, 3, (6,)), batch_size=3)
     with pytest.raises(EWCInputError, match="backward for one sample failed .*modified by an inplace operation.*eval mode"):
         fastewc.estimate_fisher(model, data, method=method)
+
+
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise torch.OutOfMemoryError("out of memory (simulated in a backward)")
+
+
+class OutOfMemory(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _OutOfMemoryInBackward.apply(self.lin(x))
+
+
+def test_running_out_of_memory_in_a_one_sample_backward_is_not_reworded():
+    """Only autograd's own failure becomes the model error above: memory is the caller's to free."""
+    data = batches(torch.randn(6, 4), torch.randint(0, 3, (6,)), batch_size=3)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated in a backward"):
+        fastewc.estimate_fisher(OutOfMemory(), data, method="loop")

@@ -247,5 +247,5 @@ def test_levit_with_a_last_batch_of_one_sample():
     got, info = fastewc.estimate_fisher(model, data, return_info=True)
     ref = R.estimate_fisher(model, data)
     assert not info.vmap_params and not info.loop_params, info
-    assert_fisher_close(got, ref, rtol=1e-8, atol_rel=1e-12)
-    assert_fisher_close(fastewc.estimate_fisher(model, data, method="vmap"), ref, rtol=1e-8, atol_rel=1e-12)
+    assert_fisher_close(got, ref, rtol=1e-10, atol_rel=1e-12)
+    assert_fisher_close(fastewc.estimate_fisher(model, data, method="vmap"), ref, rtol=1e-10, atol_rel=1e-12)

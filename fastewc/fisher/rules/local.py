@@ -80,6 +80,12 @@ def batched_outputs(output, n: int, fold: int = 1) -> tuple[list, list]:
     return [leaves[k] for k in idx], idx
 
 
+def from_the_batch(leaves) -> bool:
+    """Whether any of a call's arguments is computed from the batch: in the rules pass the
+    parameters are detached and the model's floating inputs require grad, so exactly those do."""
+    return any(isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point() for x in leaves)
+
+
 def fold_of(inputs: list, n: int, *, seen: frozenset = frozenset()) -> int:
     """Rows per sample of a call whose inputs have no axis of size ``n`` first: ``k`` when every
     input that descends from the batch (requires grad) has ``n*k`` rows, ``k > 1``; else 1.
