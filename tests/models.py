@@ -435,6 +435,11 @@ def hf_model(name, dtype=torch.float64, **overrides):
                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                  max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
                                                  pad_token_id=0, **overrides))
+    elif name == "opt":
+        # its decoder layers' feed-forward block and final norm take the batch's tokens as rows, [N*T, d]
+        model = T.OPTForCausalLM(T.OPTConfig(vocab_size=40, hidden_size=16, ffn_dim=24, num_hidden_layers=2,
+                                             num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16,
+                                             bos_token_id=0, eos_token_id=0, pad_token_id=1, **overrides))
     elif name == "gemma":
         # a scaled word embedding (an nn.Embedding subclass with its own forward) tied to the head
         model = T.GemmaForCausalLM(T.GemmaConfig(vocab_size=40, hidden_size=16, intermediate_size=24,

@@ -8,7 +8,8 @@ ViT), a token broadcast or copied before a child's output, an attention with a r
 table gathered into its mask (causal or not), broadcast positional additions, two parameters
 added to the same sum, a parameter used twice, one block called at two places, a block taking
 ``[T, B, d]`` with a mask (XLNet's layout), parameters joined and split again, a table's scores
-masked in place through a view, a batch norm whose output becomes tokens into a residual),
+masked in place through a view, a batch norm whose output becomes tokens into a residual, the
+batch folded into rows sample by sample, of single tokens or of windows),
 after an Embedding or a Linear stem and
 before a mean-pooled, first-token or per-token head, the head's weight sometimes tied to the
 embedding. Everything is drawn from the seed; the global RNG is left as it was.
@@ -252,6 +253,25 @@ class NormTokens(nn.Module):
         return torch.tanh(self.lin(t)) + t
 
 
+class Folded(nn.Module):
+    """The batch folded into rows sample by sample around a Linear and a LayerNorm: OPT's
+    feed-forward block on ``[B*T, d]`` (``window`` 0, or one that does not divide the length), or
+    Swin's windows ``[B*windows, window, d]``, whose shapes read as a sequence-first ``[T, B, d]``
+    where the window has as many tokens as the batch has samples."""
+
+    def __init__(self, d, window, bias):
+        super().__init__()
+        self.window = window
+        self.lin = nn.Linear(d, d, bias=bias)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, h):
+        b, T, d = h.shape
+        w = self.window
+        rows = h.reshape(b * (T // w), w, d) if w and T % w == 0 else h.reshape(b * T, d)
+        return h + torch.tanh(self.norm(self.lin(rows))).reshape(b, T, d)
+
+
 class RandomModel(nn.Module):
     def __init__(self, stem, chain, head, pool):
         super().__init__()
@@ -275,7 +295,7 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
     """One random block and the sequence length after it."""
     kind = rng.choice(["dense", "conv1d", "conv2d", "layernorm", "batchnorm", "groupnorm", "attention",
                        "encoder", "cls", "pos", "pair", "twice", "token", "relbias", "seqfirst", "split",
-                       "masked", "normtokens"])
+                       "masked", "normtokens", "folded"])
     bias = rng.random() < 0.7
     if kind == "dense":
         return Dense(d, bias), T
@@ -317,6 +337,8 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
         return MaskedAfter(d, T, gain), T
     if kind == "normtokens":
         return NormTokens(d), T
+    if kind == "folded":
+        return Folded(d, rng.choice([0, 1, 2]), bias), T
     return UsedTwice(d), T
 
 

@@ -60,6 +60,7 @@ class _Call:
     grads: list = field(default_factory=list)   # output gradients, samples first, stashed until the backward ends
     observed: object = None                # module-local sites: what its own backward hands over
     axis: int = 0                          # rule sites: the axis of the input and output holding the samples
+    fold: int = 1                          # rule sites: rows per sample of a batch folded into rows (A: [n, fold, ...])
 
 
 @dataclass
@@ -78,7 +79,8 @@ class _Pass:
     dropped: bool = False                  # the tracker stopped before this pass's backward
     step: dict = field(default_factory=dict)   # name -> this step's sum of squares (step buffers)
     autocast: dict = field(default_factory=dict)   # the forward's autocast state, for replays
-    inputs: tuple = ((), {})               # the model's arguments, for the probe of the layers' axes
+    inputs: tuple = ((), {})               # the model's arguments, for the probe of the layers' layouts
+    probe: dict | None = None              # what the probe saw on this pass's first sample (_probe)
 
     @property
     def k(self) -> int:
@@ -92,6 +94,7 @@ class _Pass:
         self.dropped = self.dropped or dropped
         self.calls = {}
         self.inputs = ((), {})
+        self.probe = None
 
 
 def _own_arithmetic():
@@ -105,6 +108,26 @@ def _own_arithmetic():
     stack.enter_context(torch.no_grad())
     stack.enter_context(precision({}))
     return stack
+
+
+def _fingerprint(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` (its first axis) projected on one fixed random direction, in float64, and
+    the same for the rows' magnitudes: rows compared without being kept."""
+    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    v = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(flat.device)
+    return flat @ v, flat.abs() @ v.abs()
+
+
+def _first_rows(A: torch.Tensor, k: int, seen: tuple) -> bool:
+    """Whether the step's input ``A`` (a batch folded into rows) begins with the ``k`` rows that the
+    probe's first sample got (``seen``: their :func:`_fingerprint`), to the rounding of a batched
+    against a one-sample pass. Rows all alike are refused: they could be any sample's."""
+    want, scale = seen
+    if want.numel() != k or bool((want == want[0]).all()):
+        return False
+    got, _ = _fingerprint(A[:k])
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(A.dtype, 0.0 if not A.is_floating_point() else 1e-2)
+    return bool(((got - want).abs() <= tol * scale).all())
 
 
 # Keywords a Hugging Face model hands to its own loss that change which labels it counts.
@@ -206,22 +229,28 @@ class _StepHooks(_LossChecks):
         self._forwards += 1
         return at == self._pick
 
-    def _probe_axes(self, p: _Pass) -> None:
-        """Read which axis of each sequence layer's input holds the samples, once, from the model run
-        on the first sample of pass ``p``'s batch alone: that axis has size 1 there. Called by the
-        first layer whose input has as many positions as samples (T = N), whose shapes cannot tell
-        ``[T, N, d]`` from ``[N, T, d]``, in the middle of the step's forward. The run is without
-        gradients (the hooks only note the shapes, nothing is summed) and with the random state
-        saved and restored around it (the rest of the step draws the dropout masks it would draw
-        untracked); a model that cannot run one sample, or is given an argument that its forward
-        might change (anything but tensors and plain values: a key-value cache), leaves the axes
-        to the steps' shapes."""
+    def _probe(self, p: _Pass) -> dict:
+        """What each sequence layer's first call gets when the model runs on the first sample of pass
+        ``p``'s batch alone: ``{site key: (input shape, its rows' fingerprints)}``. Run
+        at most once a pass, by a layer whose layout its shapes cannot tell: an input with as many
+        positions as samples (T = N: ``[T, N, d]`` or ``[N, T, d]``), or one whose first axis is not
+        the batch's (sequence first, or the batch folded into rows). On one sample the samples' axis
+        is the one of size 1, and a batch folded into rows gives that sample's rows alone. The run
+        is nested in the step's forward, without gradients (the hooks only note what the layers
+        get, nothing is summed) and with the random state saved and restored around it (the rest
+        of the step draws the dropout masks it would draw untracked). The shapes it shows are kept
+        (:meth:`_axis_shown`). Empty for a model that cannot run one sample, or is
+        given an argument that its forward might change (anything but tensors and plain values: a
+        key-value cache)."""
+        if p.probe is not None:
+            return p.probe
         self._probed = True
+        p.probe = {}
         n = p.n
         args, kwargs = p.inputs
         leaves, spec = tree_flatten((args, kwargs))
         if not all(x is None or isinstance(x, (torch.Tensor, bool, int, float, str)) for x in leaves):
-            return  # an object the forward may change (a key-value cache): the step's call alone uses it
+            return p.probe  # an object the forward may change (a key-value cache): the step's call alone uses it
         one = [x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n else x for x in leaves]
         args1, kwargs1 = tree_unflatten(one, spec)
         self._probing = {}
@@ -229,15 +258,23 @@ class _StepHooks(_LossChecks):
             with torch.no_grad(), untouched_rng(leaves):
                 self.model(*args1, **kwargs1)
         except Exception:  # noqa: BLE001 - a model that needs more than one sample: no probe
-            pass
+            self._probing = {}
         finally:
-            shapes, self._probing = self._probing, None
-        for key, shape in shapes.items():
-            inner = [k for k in range(1, len(shape) - 1) if shape[k] == 1]
-            if shape and shape[0] == 1 and not inner:
-                self._axes.setdefault(key, 0)
-            elif shape and shape[0] != 1 and len(inner) == 1:
-                self._axes.setdefault(key, inner[0])
+            p.probe, self._probing = self._probing, None
+        for key, (shape, _) in p.probe.items():
+            self._shapes_seen.setdefault(key, shape)
+        return p.probe
+
+    def _axis_shown(self, key: str, A: torch.Tensor) -> int | None:
+        """The axis of ``A`` that the probe showed holds the samples: the one whose size the
+        one-sample input had as 1, all others equal; None where the probe showed none (or ran on
+        a batch of other shapes)."""
+        shape = self._shapes_seen.get(key)
+        if shape is None or len(shape) != A.dim():
+            return None
+        axes = [a for a in range(A.dim() - 1)
+                if shape[a] == 1 and shape[:a] + shape[a + 1:] == tuple(A.shape[:a]) + tuple(A.shape[a + 1:])]
+        return axes[0] if len(axes) == 1 else None
 
     def _refuse_mixing(self) -> None:
         for name, m in self.model.named_modules():
@@ -255,9 +292,10 @@ class _StepHooks(_LossChecks):
             """Record the input. A position table called without a batch axis (``wpe(arange(T)[None])``,
             added to a batch by broadcasting) hands on ``output.expand(N, ...)``: the same values,
             broadcast as the addition would, so that its gradient arrives per sample."""
-            if self._probing is not None:  # the one-sample forward of _probe_axes: its shape only
-                if site.rule.sequence and args and isinstance(args[0], torch.Tensor):
-                    self._probing.setdefault(key, tuple(args[0].shape))
+            if self._probing is not None:  # the one-sample forward of _probe: what the layer gets
+                if site.rule.sequence and args and isinstance(args[0], torch.Tensor) and key not in self._probing:
+                    x = args[0]
+                    self._probing[key] = (tuple(x.shape), _fingerprint(x) if x.dim() else None)
                 return None
             p = self._pass
             if p is None or not torch.is_grad_enabled():
@@ -265,54 +303,71 @@ class _StepHooks(_LossChecks):
             if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called with keyword, "
                                     f"several or non-tensor arguments; its rule reads one input tensor")
-            A, handed, axis = args[0], None, 0
+            A, handed, axis, fold = args[0], None, 0, 1
             if (isinstance(module, nn.Embedding) and A.dim() > 0 and A.shape[0] == 1 and output.shape[0] == 1
                     and p.n != 1):
                 A = A.expand(p.n, *A.shape[1:])
                 output = handed = output.expand(p.n, *output.shape[1:])
             else:
-                axis = self._sample_axis(key, module, A, output, p.n)
+                axis, fold = self._sample_axis(key, module, A, output, p.n)
             if output.requires_grad:
                 calls = p.calls[key]
-                calls.append(_Call(A.detach().movedim(axis, 0), None, A._version, axis=axis))
+                mine = A.detach().movedim(axis, 0) if fold == 1 else A.detach().unflatten(0, (p.n, fold))
+                calls.append(_Call(mine, None, A._version, axis=axis, fold=fold))
                 output.register_hook(partial(self._on_grad, p, key, len(calls) - 1, 0))
             else:
                 self._refuse_frozen(site)
             return handed
         return hook
 
-    def _sample_axis(self, key: str, module: nn.Module, A: torch.Tensor, output, n: int) -> int:
-        """The axis of a rule site's input (and output) that holds the samples: the first, or an
-        inner one (a layer fed ``[T, N, d]``, as PyTorch's sequence-first layers are) for rules
-        that read any axes between the samples and the features. Read from the data: where the
-        first axis has the batch's size and another does too (T = N), the axis this site had
-        where that was unambiguous or in the probe (``_probe_axes``), else the first, and a later
-        call that shows otherwise is an error naming the steps taken the wrong way, never a
-        silent sum."""
+    def _sample_axis(self, key: str, module: nn.Module, A: torch.Tensor, output, n: int) -> tuple[int, int]:
+        """``(axis, fold)``: the axis of a rule site's input (and output) that holds the samples, and
+        the rows each sample has there when the batch is folded into rows (else 1).
+
+        The first axis, where it has the batch's size and no other axis does. Else the layout is
+        read from the probe (:meth:`_probe`) the first time: an inner axis where the probe's input
+        has size 1 there and the step's has the batch (a layer fed ``[T, N, d]``, as PyTorch's
+        sequence-first layers are), or ``k`` rows per sample where the step's first axis is ``N k``
+        and the probe's ``k``, its rows those the step's input begins with (the batch folded into
+        rows sample by sample: OPT's layers on ``[N*T, d]``, Swin's attention on ``[N*windows, ...]``;
+        a fold in another order, ``[T*N, d]``, shows other rows first). Shapes alone cannot tell a
+        fold ``[N*k, N, d]`` from a sequence-first input, so without a probe an inner axis is read
+        from them only where the first axis is not a multiple of the batch. Where the first axis
+        has the batch's size and another does too (T = N), the axis this site had where that was
+        unambiguous or in the probe serves, else the first, and a later call that shows otherwise
+        is an error naming the steps taken the wrong way, never a silent sum."""
         site = self._sites[key]
         known = self._axes.get(key)
         if A.dim() > 0 and A.shape[0] == n:
             if not (site.rule.sequence and A.dim() >= 3 and n in A.shape[1:-1]):
                 axis = 0                      # unambiguous
             else:
-                if known is None and not self._probed:
-                    self._probe_axes(self._pass)
-                    known = self._axes.get(key)
+                if known is None:
+                    if not self._probed:
+                        self._probe(self._pass)
+                    known = self._axis_shown(key, A)
+                    if known is not None:
+                        self._axes[key] = known
                 if known is None:
                     self._assumed.add(key)    # T = N, and neither a step nor the probe told the layout
-                return 0 if known is None else known
-        elif site.rule.sequence and (inner := inner_sample_axis(A, output, n)) is not None:
-            axis = inner                      # sequence first: read only where dim 0 is not the batch
+                return (0 if known is None else known), 1
+        elif site.rule.sequence and (layout := self._not_first(key, A, output, n)) is not None:
+            axis, fold = layout
+            if fold > 1:
+                return 0, fold
         else:
+            folded = A.dim() > 0 and A.shape[0] > n and A.shape[0] % n == 0
             raise EWCInputError(
                 f"FisherTracker: {site.module_name} ({type(module).__name__}) is called on a tensor of shape "
                 f"{tuple(A.shape)} whose first axis is not the batch of {n} samples"
-                + (" and no other axis but the last is" if site.rule.sequence else "")
-                + "; its rule needs the samples on dim 0" + (" or on one inner axis" if site.rule.sequence else "")
-                + (f". Its first axis is {A.shape[0] // n} rows per sample: a model that folds its batch into rows "
-                   f"(OPT's layers on [N*T, d], Swin's attention on [N*windows, ...]) is not tracked; "
-                   f"estimate_fisher covers it after training" if A.dim() > 0 and A.shape[0] > n and A.shape[0] % n == 0
-                   else "")
+                + ("; its rule needs the samples on dim 0" if not site.rule.sequence else
+                   ", and the model run on its first sample alone does not show where the samples are there (on "
+                   "one inner axis, or folded into the first axis sample by sample, as its rule needs)")
+                + (f". The first axis is {A.shape[0] // n} rows per sample: "
+                   + ("a layer without sequence axes on a batch folded into rows is not tracked"
+                      if not site.rule.sequence else "a batch folded into rows is tracked where the model's forward "
+                      "runs on one sample and that sample's rows come first")
+                   + "; estimate_fisher covers it after training" if folded else "")
                 + f", or leave {site.module_name}'s parameters out with params=")
         if known is None and axis != 0 and key in self._assumed:
             raise EWCInputError(
@@ -325,7 +380,32 @@ class _StepHooks(_LossChecks):
                 f"FisherTracker: {site.module_name} ({type(module).__name__}) took its samples on axis {known} "
                 f"before and on axis {axis} now ({tuple(A.shape)})")
         self._axes[key] = axis
-        return axis
+        return axis, 1
+
+    def _not_first(self, key: str, A: torch.Tensor, output, n: int) -> tuple[int, int] | None:
+        """``(axis, fold)`` of a sequence layer's input whose first axis is not the batch's (see
+        :meth:`_sample_axis`), or None where neither an inner axis nor a fold is shown."""
+        if not isinstance(output, torch.Tensor) or A.dim() < 2 or output.dim() < 1:
+            return None
+        rows = A.shape[0]
+        if key in self._folds:  # proven on an earlier call; the rows per sample may change (T)
+            return (0, rows // n) if rows > n and rows % n == 0 and output.shape[0] == rows else None
+        inner = inner_sample_axis(A, output, n)
+        known = self._axes.get(key)
+        if known is not None and known != 0:  # an inner axis, read before
+            return (inner, 1) if inner is not None else None
+        seen = self._probe(self._pass).get(key) if not self._pass.calls[key] else None
+        if seen is None:  # no probe: from the shapes only where no fold can have made them
+            return (inner, 1) if inner is not None and rows % n else None
+        shape, rows_seen = seen
+        if inner is not None and self._axis_shown(key, A) == inner:
+            return inner, 1
+        k = shape[0] if shape else 0
+        if (k > 1 and rows == n * k and shape[1:] == tuple(A.shape[1:]) and output.shape[0] == rows
+                and _first_rows(A, k, rows_seen)):
+            self._folds.add(key)
+            return 0, k
+        return None
 
     def _local_hook(self, key: str):
         site = self._sites[key]
@@ -493,6 +573,8 @@ class _StepHooks(_LossChecks):
             site = self._sites[key]
             if call.A is not None and call.axis:
                 G = G.movedim(call.axis, 0)
+            elif call.A is not None and call.fold > 1:
+                G = G.unflatten(0, (p.n, call.fold))
             if site.rule is None or not self._alone(p, key):
                 call.grads = call.grads or [None]
                 call.grads[slot] = G.detach()   # added to its other uses' when the backward ends

@@ -116,9 +116,12 @@ class FisherTracker(_StepHooks):
     its arguments hold the samples (a table shared by all samples may have as many rows as the
     batch); one that cannot reproduce its batched output
     alone (its samples interact) is refused by name. The first time a Linear or norm layer's input
-    has as many positions as samples (``[T, N, d]`` or ``[N, T, d]`` with T = N), the model is run
-    once more on the batch's first sample, without gradients and with the random state restored,
-    to read which axis holds the samples.
+    does not show by its shapes where the samples are (as many positions as samples, ``[T, N, d]``
+    or ``[N, T, d]`` with T = N; or a first axis other than the batch's: a sequence-first
+    ``[T, N, d]``, or the batch folded into rows, OPT's ``[N*T, d]`` and Swin's ``[N*windows, ...]``),
+    the model is run once more on the batch's first sample, without gradients and with the random
+    state restored: the samples' axis is the one of size 1 there, and a batch folded into rows
+    sample by sample begins with that sample's rows. A layout it does not show is refused by name.
     """
 
     def __init__(self, model: nn.Module, *, params=None, reduction: str = "mean", accumulation_steps: int = 1,
@@ -182,8 +185,10 @@ class FisherTracker(_StepHooks):
         self._layouts: dict = {}  # module-local call structure -> positions of its per-sample arguments
         self._axes: dict[str, int] = {}  # rule site -> the axis holding its samples, where that was unambiguous
         self._assumed: set[str] = set()  # rule sites taken samples first while that was ambiguous (T = N)
-        self._probed = False             # the one-sample forward that reads the axes has run
-        self._probing: dict | None = None  # while it runs: rule site -> the shape of its first input
+        self._folds: set[str] = set()    # rule sites proven fed the batch folded into rows, sample by sample
+        self._probed = False             # a one-sample forward (_probe) has read the layers' layouts
+        self._shapes_seen: dict[str, tuple] = {}  # rule site -> its first input's shape in that forward
+        self._probing: dict | None = None  # while it runs: rule site -> what its first call gets
         self._uses_checked: set = set()  # the modules' modes under which a forward showed every
                                          # parameter used only at its plan's sites (tracked_uses)
         self.rules: dict[str, str] = {}

@@ -177,7 +177,7 @@ def test_training_step_is_unchanged():
 
 # -- Hugging Face models: their own loss, read from the labels ----------------------------------
 HF = {"bert": ("bert", "cls", {}), "bert_reg": ("bert", "reg", {"num_labels": 1}), "bert_tok": ("bert_tok", "tok", {}),
-      "gpt2": ("gpt2", "lm", {}), "llama": ("llama", "lm", {})}
+      "gpt2": ("gpt2", "lm", {}), "llama": ("llama", "lm", {}), "opt": ("opt", "lm", {})}
 
 
 def _causal_lm_loss_fp64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
@@ -243,12 +243,12 @@ def test_hf_causal_lm_with_as_many_positions_as_samples_is_exact():
     assert_fisher_close(tracker.fisher(), _causal_truth(model, data), **TOL)
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama"])
+@pytest.mark.parametrize("case", ["gpt2", "llama", "opt"])
 def test_hf_causal_lm_token_mean_with_padding_is_exact(case):
     """Token mean over the batch's non-padding labels, the shift, a tied head (GPT-2), a position
     table without a batch axis: exact in float64 against the per-sample loop, and against
-    estimate_fisher to the float32 rounding of the Hugging Face loss both use. Llama's RMSNorm
-    normalises in float32 even in a float64 model, so a batched pass and a sample alone may round
+    estimate_fisher to the float32 rounding of the Hugging Face loss both use. OPT's feed-forward
+    layers take the batch's tokens as rows, ``[N*T, d]``. Llama's RMSNorm normalises in float32 even in a float64 model, so a batched pass and a sample alone may round
     a value differently there: its bound is float32 rounding too."""
     pytest.importorskip("transformers")
     model, data = _hf(case, fp64_loss=True)
@@ -300,6 +300,27 @@ def test_hf_encoder_decoder_token_mean_with_padding_is_exact(case):
     # T5's layer norm computes in float32 inside a float64 model
     tol = dict(rtol=1e-6, atol_rel=1e-8) if case == "t5" else TOL
     assert_fisher_close(tracker.fisher(), {n: t for n, t in want.items() if skip not in n}, **tol)
+
+
+@pytest.mark.parametrize("case", ["swin", "swinv2"])
+def test_hf_windows_folded_into_rows_are_exact(case):
+    """Swin's attention and feed-forward layers take each image's windows as rows,
+    ``[N*windows, tokens, d]``. A batch of 4 images with windows of 2x2 tokens fits the shapes of
+    a sequence-first layer too, which the tracker took them for (q, k, v 5-80% off, no error).
+    Left out, by ``params=``: the position-bias tables, called without the batch."""
+    pytest.importorskip("transformers")
+    import zoo
+    from fastewc import reference
+
+    torch.manual_seed(0)
+    model, _ = zoo.BY_NAME[case].build(False)
+    model = model.to(D).eval()
+    data = zoo.images(n=8, batch_size=4)
+    skip = ("relative_position_bias", "continuous_position_bias_mlp", "logit_scale")
+    tracker = _hf_train(model, data, FisherTracker(model, params=lambda n, p: not any(s in n for s in skip)))
+    assert tracker.samples_seen == 8 and len(tracker.fisher()) >= 41
+    want = reference.estimate_fisher(model, data)
+    assert_fisher_close(tracker.fisher(), {n: want[n] for n in tracker.fisher()}, **TOL)
 
 
 def test_hf_loss_of_an_unknown_head_is_refused_by_name():
@@ -935,20 +956,6 @@ def test_two_forwards_into_one_backward_are_refused():
         (F.cross_entropy(model(x), y) + F.cross_entropy(model(x2), y2)).backward()
 
 
-def test_layer_on_flattened_samples_is_refused():
-    class Flat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x.reshape(-1, 4)).reshape(x.shape[0], -1)
-
-    model = Flat().to(D)
-    with FisherTracker(model), pytest.raises(EWCInputError, match=r"lin \(Linear\) is called on a tensor of shape"):
-        model(torch.randn(3, 2, 4, dtype=D))
-
-
 class SeqFirst(nn.Module):
     """PyTorch's own layers in their default layout: an encoder layer fed ``[T, N, d]``, its
     Linear layers and norms (rule sites) and attention all sequence first."""
@@ -1060,6 +1067,17 @@ def test_without_the_probe_a_layer_first_seen_with_as_many_positions_as_samples_
     twin = SeqFirst().to(D)  # the same weights, for the engine's probe and loop on one sample
     twin.load_state_dict(model.state_dict())
     assert_fisher_close(tracker.fisher(), estimate_fisher(twin, data), **TOL)
+
+
+def test_without_the_probe_a_first_axis_that_is_a_multiple_of_the_batch_is_refused():
+    # [8, 4, d] is a sequence-first layer's [T, N, d], or a batch of 4 folded into rows of 2 with 4
+    # positions ([N*2, 4, d], Swin's windows at a batch of 4): only the probe, which this model
+    # cannot run, could tell. Refused by name, never summed on a guessed axis.
+    model = SeqFirstOfTwoOrMore().to(D)
+    with pytest.raises(EWCInputError, match=r"enc\.\w+ \(\w+\) is called on a tensor of shape \(8, 4, 8\) whose "
+                                            r"first axis is not the batch of 4 samples, and the model run on its "
+                                            r"first sample alone does not show where the samples are"):
+        _train(model, _seq_batches([8]), FisherTracker(model))
 
 
 def test_a_convolution_fed_its_samples_on_another_axis_is_refused():
@@ -1253,19 +1271,121 @@ def test_a_loss_with_a_term_over_the_whole_batch_is_refused():
 
 
 class _Folded(_Tagger):
-    """OPT's pattern: the layers take the batch's positions as rows, ``[N*T, d]``."""
+    """OPT's pattern: the layers take the batch's positions as rows, ``[N*T, d]``, sample by sample
+    (``order="samples"``); or, a fold the tracker must not take for one, position by position
+    (``"positions"``, ``[T*N, d]``)."""
+
+    def __init__(self, order="samples"):
+        super().__init__()
+        self.order = order
 
     def forward(self, x):
         h = self.emb(x)
-        return self.head(torch.tanh(self.lin(h.flatten(0, 1))).view(*h.shape).mean(1))
+        if self.order == "samples":
+            return self.head(torch.tanh(self.lin(h.flatten(0, 1))).view(*h.shape).mean(1))
+        rows = torch.tanh(self.lin(h.transpose(0, 1).flatten(0, 1)))
+        return self.head(rows.view(h.shape[1], h.shape[0], -1).transpose(0, 1).mean(1))
 
 
-def test_a_batch_folded_into_rows_is_refused_saying_what_covers_it():
+class _Windows(nn.Module):
+    """Swin's pattern: each sample's tokens cut into windows that are batched as rows,
+    ``[N*windows, tokens, d]``, sample by sample. With as many tokens per window as samples the
+    shapes also read as a sequence-first layer's ``[T, N, d]``: the tracker took them so and
+    summed the windows' positions as samples (80% off on Swin at a batch of 4 with 2x2 windows,
+    no error)."""
+
+    def __init__(self, tokens=4, d=5):
+        super().__init__()
+        self.tokens = tokens
+        self.lin, self.norm, self.head = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):  # x [N, windows * tokens, d]
+        w = x.reshape(-1, self.tokens, x.shape[-1])          # [N*windows, tokens, d]
+        h = torch.tanh(self.norm(self.lin(w))).reshape(x.shape)
+        return self.head(h.mean(1))
+
+
+def _reference(model, data):
+    from fastewc import reference
+
+    return reference.estimate_fisher(model, data)
+
+
+def test_a_batch_folded_into_rows_sample_by_sample_is_exact():
+    """The first folded call runs the model on the batch's first sample alone, whose rows are
+    the step's first rows: the rows go to the rule as ``[N, T, d]``. Batches of 3 and 2 samples,
+    the rows per sample changing with the length."""
+    torch.manual_seed(0)
     model = _Folded().to(D)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 9, (3, 5), generator=g), torch.tensor([0, 1, 2])),
+            (torch.randint(0, 9, (2, 4), generator=g), torch.tensor([2, 0]))]
+    tracker = _train(model, data, FisherTracker(model))
+    assert tracker.samples_seen == 5
+    assert_fisher_close(tracker.fisher(), _reference(model, data), **TOL)
+
+
+def test_a_layer_on_samples_flattened_into_rows_is_exact():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x.reshape(-1, 4)).reshape(x.shape[0], -1)
+
+    torch.manual_seed(0)
+    model = Flat().to(D)
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(3, 2, 4, generator=g, dtype=D), torch.randint(0, 6, (3,), generator=g)) for _ in range(2)]
+    tracker = _train(model, data, FisherTracker(model))
+    assert_fisher_close(tracker.fisher(), _reference(model, data), **TOL)
+
+
+@pytest.mark.parametrize("n", [4, 3])
+def test_windows_as_many_tokens_as_samples_are_not_taken_for_a_sequence_first_layer(n):
+    """Windows of 4 tokens: at a batch of 4 the shapes ``[N*2, 4, d]`` fit a sequence-first layer
+    too; the probe's one sample shows ``[2, 4, d]``, windows of one sample, not ``[.., 1, d]``."""
+    torch.manual_seed(0)
+    model = _Windows().to(D)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(n, 8, 5, generator=g, dtype=D), torch.randint(0, 3, (n,), generator=g)) for _ in range(2)]
+    tracker = _train(model, data, FisherTracker(model))
+    assert_fisher_close(tracker.fisher(), _reference(model, data), **TOL)
+
+
+def test_a_batch_folded_position_by_position_is_refused():
+    """``[T*N, d]``: its first rows are every sample's first position, not the first sample's rows."""
+    model = _Folded(order="positions").to(D)
     with FisherTracker(model), pytest.raises(EWCInputError, match=r"lin \(Linear\) is called on a tensor of shape "
                                                                   r"\(15, 6\) whose first axis is not the batch of 3 "
-                                                                  r"samples.* 5 rows per sample: a model that folds its "
-                                                                  r"batch into rows .* is not tracked; estimate_fisher "
-                                                                  r"covers it after training, or leave lin's "
-                                                                  r"parameters out with params="):
+                                                                  r"samples, and the model run on its first sample "
+                                                                  r"alone does not show where the samples are there .* "
+                                                                  r"The first axis is 5 rows per sample: a batch folded "
+                                                                  r"into rows is tracked where .*; estimate_fisher "
+                                                                  r"covers it after training, or leave lin's parameters "
+                                                                  r"out with params="):
         F.cross_entropy(model(torch.randint(0, 9, (3, 5))), torch.tensor([0, 1, 2])).backward()
+
+
+def test_a_convolution_on_a_batch_folded_into_rows_is_refused_saying_what_covers_it():
+    """A video model's frames as rows ``[N*frames, C, H, W]``: a convolution's rule takes no axes
+    between the samples and the channels."""
+
+    class Frames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):  # [N, frames, C, H, W]
+            h = self.conv(x.flatten(0, 1)).mean((2, 3))
+            return self.head(h.view(x.shape[0], x.shape[1], -1).mean(1))
+
+    model = Frames().to(D)
+    with FisherTracker(model), pytest.raises(EWCInputError, match=r"conv \(Conv2d\) is called on a tensor of shape "
+                                                                  r"\(6, 2, 5, 5\) whose first axis is not the batch "
+                                                                  r"of 3 samples; its rule needs the samples on dim 0\. "
+                                                                  r"The first axis is 2 rows per sample: a layer without "
+                                                                  r"sequence axes on a batch folded into rows is not "
+                                                                  r"tracked; estimate_fisher covers it after training"):
+        F.cross_entropy(model(torch.randn(3, 2, 2, 5, 5, dtype=D)), torch.tensor([0, 1, 0])).backward()
