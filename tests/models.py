@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def batches(*tensors, batch_size):
@@ -414,6 +415,15 @@ def hf_batches(n, seq, vocab, labels, *, batch_size, num_labels=3, seed=0):
     elif labels == "tok":
         full["labels"] = torch.randint(0, num_labels, (n, seq), generator=g).masked_fill(mask == 0, -100)
     return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
+
+
+def causal_lm_loss_fp64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    """transformers' causal-LM loss without its upcast: a float64 model keeps float64 (their
+    ``logits.float()`` would round a float64 model's loss to float32)."""
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
+    red = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.reshape(-1, vocab_size), shifted, ignore_index=ignore_index, reduction=red)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
 
 
 def hf_model(name, dtype=torch.float64, **overrides):

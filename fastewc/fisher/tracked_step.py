@@ -446,7 +446,9 @@ class _StepHooks(_LossChecks):
                 rec.per_sample = self._sample_arguments(key, module, rec)
             if not rec.batched or not rec.outputs:
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
-                                    f"the batch of {p.n} samples on dim 0 of its inputs and outputs")
+                                    f"the batch of {p.n} samples on dim 0 of its inputs and outputs: a table the "
+                                    f"model calls without the batch gets its gradient summed over the samples. Leave "
+                                    f"its parameters out with params= (estimate_fisher covers them after training)")
             outs = [t for t in rec.outputs if t.requires_grad]
             if not outs:
                 self._refuse_frozen(site)

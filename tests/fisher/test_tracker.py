@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from fastewc import EWCInputError, FisherTracker, estimate_fisher
 
-from models import (Attention, assert_fisher_close, hf_batches, hf_model, make_cnn, make_encoder, make_mlp,
-                    make_tied, spy)
+from models import (Attention, assert_fisher_close, causal_lm_loss_fp64, hf_batches, hf_model, make_cnn,
+                    make_encoder, make_mlp, make_tied, spy)
 
 D = torch.float64
 TOL = dict(rtol=1e-10, atol_rel=1e-10)
@@ -180,20 +180,11 @@ HF = {"bert": ("bert", "cls", {}), "bert_reg": ("bert", "reg", {"num_labels": 1}
       "gpt2": ("gpt2", "lm", {}), "llama": ("llama", "lm", {}), "opt": ("opt", "lm", {})}
 
 
-def _causal_lm_loss_fp64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
-    """transformers' causal-LM loss without its upcast: a float64 model keeps float64 (their
-    ``logits.float()`` would round a float64 model's loss to float32)."""
-    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
-    red = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(logits.reshape(-1, vocab_size), shifted, ignore_index=ignore_index, reduction=red)
-    return loss / num_items_in_batch if num_items_in_batch is not None else loss
-
-
 def _hf(case, fp64_loss=False, n=7, batch_size=3):
     name, labels, overrides = HF[case]
     model = hf_model(name, **overrides)
     if fp64_loss:
-        model.loss_function = _causal_lm_loss_fp64
+        model.loss_function = causal_lm_loss_fp64
     return model, hf_batches(n, 8, 40, labels, batch_size=batch_size)
 
 
