@@ -9,6 +9,13 @@ four ways:
 * ``tracked_0.25``: ``FisherTracker(fraction=0.25)``;
 * ``tracked_1in4``: ``FisherTracker(one_in=4)``, every sample of one step in four (SGD only);
 * ``estimate_fisher``: the separate pass over the same samples that the tracker replaces;
+* ``floor`` and ``floor_0.25``: what any tracker that adds each step's squares into running sums
+  must at least do, on all samples and on a quarter: for every Linear and convolution layer
+  (Hugging Face's ``Conv1D`` too), one product of its weight gradient's size over the tracked
+  samples, added into a parameter-sized sum, in a bare hook (:class:`_Floor`). For the MLP that
+  is exactly the Fisher's product ``(G o G)^T (A o A)``; for layers over sequences or positions
+  it is less than per-sample squares need (each sample's gradient squared before the sum), and
+  attention's in-projection, embeddings and norms get nothing: a floor, not a tracker;
 
 and the first three again with AdamW in place of SGD (``*_adamw``): the tracker adds the same
 seconds to either step, a smaller share of AdamW's.
@@ -37,6 +44,56 @@ from fastewc.bench.timing import machine_info, median, time_side_by_side, write_
 from results_path import results_path
 
 
+class _Floor:
+    """While active, every training backward adds, for each Linear / convolution layer, one
+    product of its weight gradient's size over the step's tracked samples (a seeded ``fraction``
+    of the batch) into a parameter-sized sum: the floor of the ``floor`` columns (module
+    docstring). Its sums are not a Fisher and are never read."""
+
+    def __init__(self, model, fraction: float = 1.0):
+        self.model, self.fraction = model, fraction
+        self.layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))
+                       or type(m).__name__ == "Conv1D"]
+        self.sums = {m: torch.zeros_like(m.weight) for m in self.layers}
+        self.generator = torch.Generator().manual_seed(0)
+        self.idx, self.handles = None, []
+
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self._pick, with_kwargs=True)]
+        self.handles += [m.register_forward_hook(self._record) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _pick(self, module, args, kwargs):
+        x = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        n = x.shape[0]
+        k = max(1, round(self.fraction * n))
+        self.idx = None if k == n else torch.randperm(n, generator=self.generator)[:k].sort().values.to(x.device)
+
+    def _record(self, m, args, out):
+        if out.requires_grad:
+            A, idx = args[0].detach(), self.idx
+            out.register_hook(lambda G: self._add(m, A, G, idx))
+
+    def _add(self, m, A, G, idx):
+        if idx is not None:
+            A, G = A.index_select(0, idx), G.index_select(0, idx)
+        S = self.sums[m]
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            dims = len(m.kernel_size)
+            S.add_(torch.ops.aten.convolution_backward(G, A, m.weight, None, m.stride, m.padding, m.dilation, False,
+                                                       [0] * dims, m.groups, [False, False, True])[1])
+        elif A.dim() == 2:  # the MLP's layers: the Fisher's own product
+            S.addmm_(G.square().t(), A.square())
+        elif isinstance(m, torch.nn.Linear):
+            S.addmm_(G.reshape(-1, G.shape[-1]).t(), A.reshape(-1, A.shape[-1]))
+        else:  # Conv1D: weight [in, out]
+            S.addmm_(A.reshape(-1, A.shape[-1]).t(), G.reshape(-1, G.shape[-1]))
+
+
 
 def _cases(model, data, params, own_loss: bool) -> dict:
     """The timed cases: each way of running the epoch with a plain SGD step (the cheapest step, so
@@ -63,7 +120,8 @@ def _cases(model, data, params, own_loss: bool) -> dict:
         return run
 
     cases = {"estimate_fisher": lambda: estimate_fisher(model, data, params=params),
-             "tracked_1in4": tracked(one_in_4, sgd)}
+             "tracked_1in4": tracked(one_in_4, sgd),
+             "floor": tracked(_Floor(model), sgd), "floor_0.25": tracked(_Floor(model, 0.25), sgd)}
     for suffix, opt in (("", sgd), ("_adamw", adamw)):
         cases.update({"plain" + suffix: epoch(opt), "tracked" + suffix: tracked(full, opt),
                       "tracked_0.25" + suffix: tracked(quarter, opt)})
@@ -103,17 +161,20 @@ def main(argv=None) -> dict:
                      "tracked_over_plain": med["tracked"] / med["plain"],
                      "tracked_0.25_over_plain": med["tracked_0.25"] / med["plain"],
                      "tracked_1in4_over_plain": med["tracked_1in4"] / med["plain"],
+                     "floor_over_plain": med["floor"] / med["plain"],
+                     "floor_0.25_over_plain": med["floor_0.25"] / med["plain"],
                      "adamw_tracked_over_plain": med["tracked_adamw"] / med["plain_adamw"],
                      "adamw_tracked_0.25_over_plain": med["tracked_0.25_adamw"] / med["plain_adamw"],
                      "extra_tracked_over_estimate_fisher": (med["tracked"] - med["plain"]) / med["estimate_fisher"],
                      "estimate_fisher_over_plain": med["estimate_fisher"] / med["plain"]})
         print(f"done {name}", flush=True)
-    print(f"\n{'model':12} {'N':>5} {'SGD s':>8} {'tracked':>8} {'f=0.25':>7} {'1 in 4':>7} {'AdamW s':>8} {'tracked':>8} "
-          f"{'f=0.25':>7} {'estimate':>9} {'extra/est':>9}")
+    print(f"\n{'model':12} {'N':>5} {'SGD s':>8} {'tracked':>8} {'f=0.25':>7} {'1 in 4':>7} {'floor':>6} {'fl 0.25':>7} "
+          f"{'AdamW s':>8} {'tracked':>8} {'f=0.25':>7} {'estimate':>9} {'extra/est':>9}")
     for r in rows:
         s = r["seconds"]
         print(f"{r['model']:12} {r['samples']:5d} {s['plain']:8.3f} {r['tracked_over_plain']:8.2f} "
-              f"{r['tracked_0.25_over_plain']:7.2f} {r['tracked_1in4_over_plain']:7.2f} {s['plain_adamw']:8.3f} "
+              f"{r['tracked_0.25_over_plain']:7.2f} {r['tracked_1in4_over_plain']:7.2f} {r['floor_over_plain']:6.2f} "
+              f"{r['floor_0.25_over_plain']:7.2f} {s['plain_adamw']:8.3f} "
               f"{r['adamw_tracked_over_plain']:8.2f} "
               f"{r['adamw_tracked_0.25_over_plain']:7.2f} {r['estimate_fisher_over_plain']:9.2f} "
               f"{r['extra_tracked_over_estimate_fisher']:9.2f}")

@@ -165,13 +165,15 @@ def tracker_table(d: dict, source: str) -> str:
     lines = [f"One epoch per case, round-robin, {d['repeats']} repeats, medians; {_where(m)}, torch {m['torch']}, "
              f"{m['date']}. x plain: the tracked epoch's time over the plain one's with the same optimizer. "
              f"Source: `{source}`.", "",
-             "| model | samples | plain epoch s (SGD) | tracked | fraction 0.25 | one step in 4 | plain epoch s (AdamW) "
-             "| tracked | fraction 0.25 | estimate_fisher s | x plain (SGD) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | samples | plain epoch s (SGD) | tracked | fraction 0.25 | one step in 4 | floor | floor 0.25 "
+             "| plain epoch s (AdamW) | tracked | fraction 0.25 | estimate_fisher s | x plain (SGD) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in d["rows"]:
         s = r["seconds"]
+        floor = (f"{r['floor_over_plain']:.2f}x | {r['floor_0.25_over_plain']:.2f}x" if "floor_over_plain" in r
+                 else "- | -")
         lines.append(f"| {r['model']} | {r['samples']} | {s['plain']:.3f} | {r['tracked_over_plain']:.2f}x | "
-                     f"{r['tracked_0.25_over_plain']:.2f}x | {r['tracked_1in4_over_plain']:.2f}x | "
+                     f"{r['tracked_0.25_over_plain']:.2f}x | {r['tracked_1in4_over_plain']:.2f}x | {floor} | "
                      f"{s['plain_adamw']:.3f} | {r['adamw_tracked_over_plain']:.2f}x | "
                      f"{r['adamw_tracked_0.25_over_plain']:.2f}x | {s['estimate_fisher']:.3f} | "
                      f"{r['estimate_fisher_over_plain']:.2f}x |")

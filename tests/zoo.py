@@ -487,10 +487,9 @@ def coverage(info) -> dict:
 TRAINED = 8.0
 
 
-def run(case: Case, kind: str, padded: bool, scale: float = 1.0) -> dict:
-    """fastewc (method auto) against the reference loop on one case: per-tensor errors, the
-    worst, the tolerance and the coverage. ``scale``: every weight matrix (parameters of two or
-    more dimensions) multiplied by it first (:data:`TRAINED`)."""
+def build_scaled(case: Case, padded: bool, scale: float = 1.0) -> tuple:
+    """``case.build(padded)`` from seed 0, every weight matrix (parameters of two or more
+    dimensions) multiplied by ``scale`` (:data:`TRAINED`)."""
     torch.manual_seed(0)
     model, data = case.build(padded)
     if scale != 1.0:
@@ -498,6 +497,13 @@ def run(case: Case, kind: str, padded: bool, scale: float = 1.0) -> dict:
             for p in model.parameters():
                 if p.dim() >= 2:
                     p.mul_(scale)
+    return model, data
+
+
+def run(case: Case, kind: str, padded: bool, scale: float = 1.0) -> dict:
+    """fastewc (method auto) against the reference loop on one case: per-tensor errors, the
+    worst, the tolerance and the coverage. ``scale``: as :func:`build_scaled`'s."""
+    model, data = build_scaled(case, padded, scale)
     top_k = case.top_k if kind == "exact" else None
     gen = (lambda: _gen(11)) if kind == "sampled" else (lambda: None)
     with warnings.catch_warnings():

@@ -87,13 +87,7 @@ def _truth(model, data):
 def test_tracked_matches_the_reference_loop(case, padded, scale):
     """``scale``: every weight matrix times ``zoo.TRAINED`` first, so that attention is away from
     uniform and the query and key projections' Fisher is within the comparison's scale."""
-    torch.manual_seed(0)
-    model, data = case.build(padded)
-    if scale != 1.0:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.mul_(scale)
+    model, data = zoo.build_scaled(case, padded, scale)
     _fp64_loss(model)
     skip = LEFT_OUT.get(case.name, ((), ""))[0]
     keep = (lambda n, p: p.requires_grad and not any(s in n for s in skip)) if skip else None
