@@ -197,6 +197,7 @@ class _StepHooks(_LossChecks):
         self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=autocast_state(),
                            inputs=(args, kwargs), weights_without_num_items=without)
         if flags not in self._uses_checked:  # the first tracked forward of these modes' plan
+            self._probe(self._pass)  # each site's first call is checked against it (_batch_free)
             UseCheck(self.model, self.selected, {n: [self._sites[k].module for k in keys] for n, keys in self._uses.items()},
                      partial(self._used_outside, self._pass, flags))
         return None
@@ -230,12 +231,16 @@ class _StepHooks(_LossChecks):
         return at == self._pick
 
     def _probe(self, p: _Pass) -> dict:
-        """What each sequence layer's first call gets when the model runs on the first sample of pass
-        ``p``'s batch alone: ``{site key: (input shape, its rows' fingerprints)}``. Run
-        at most once a pass, by a layer whose layout its shapes cannot tell: an input with as many
-        positions as samples (T = N: ``[T, N, d]`` or ``[N, T, d]``), or one whose first axis is not
-        the batch's (sequence first, or the batch folded into rows). On one sample the samples' axis
-        is the one of size 1, and a batch folded into rows gives that sample's rows alone. The run
+        """What each site's first call gets when the model runs on the first sample of pass ``p``'s
+        batch alone: ``{site key: (input shape, its rows' fingerprints)}`` for a rule site, ``{site
+        key: (its tensor arguments' shapes, its outputs' shapes)}`` for a module-local one. Run at
+        most once a pass: at the first tracked forward of each set of modules' modes (before it, so
+        that each site's first call there is checked against it: :meth:`_batch_free`), and by a
+        layer whose layout its shapes cannot tell: an input with as many positions as samples (T =
+        N: ``[T, N, d]`` or ``[N, T, d]``), or one whose first axis is not the batch's (sequence
+        first, or the batch folded into rows). On one sample the samples' axis is the one of size
+        1, a batch folded into rows gives that sample's rows alone, and a table the model calls
+        without the batch has the shape it has in the step. The run
         is nested in the step's forward, without gradients (the hooks only note what the layers
         get, nothing is summed) and with the random state saved and restored around it (the rest
         of the step draws the dropout masks it would draw untracked). The shapes it shows are kept
@@ -262,7 +267,8 @@ class _StepHooks(_LossChecks):
         finally:
             p.probe, self._probing = self._probing, None
         for key, (shape, _) in p.probe.items():
-            self._shapes_seen.setdefault(key, shape)
+            if self._sites[key].rule is not None:
+                self._shapes_seen.setdefault(key, shape)
         return p.probe
 
     def _axis_shown(self, key: str, A: torch.Tensor) -> int | None:
@@ -293,7 +299,7 @@ class _StepHooks(_LossChecks):
             added to a batch by broadcasting) hands on ``output.expand(N, ...)``: the same values,
             broadcast as the addition would, so that its gradient arrives per sample."""
             if self._probing is not None:  # the one-sample forward of _probe: what the layer gets
-                if site.rule.sequence and args and isinstance(args[0], torch.Tensor) and key not in self._probing:
+                if args and isinstance(args[0], torch.Tensor) and key not in self._probing:
                     x = args[0]
                     self._probing[key] = (tuple(x.shape), _fingerprint(x) if x.dim() else None)
                 return None
@@ -339,6 +345,7 @@ class _StepHooks(_LossChecks):
         site = self._sites[key]
         known = self._axes.get(key)
         if A.dim() > 0 and A.shape[0] == n:
+            self._batch_free(key, [A], [output])
             if not (site.rule.sequence and A.dim() >= 3 and n in A.shape[1:-1]):
                 axis = 0                      # unambiguous
             else:
@@ -382,6 +389,36 @@ class _StepHooks(_LossChecks):
         self._axes[key] = axis
         return axis, 1
 
+    def _batch_free(self, key: str, inputs: list, outputs: list) -> list[int]:
+        """Which of a site's ``inputs`` (tensors, or None) hold the samples on dim 0 only by
+        coincidence: the positions of those the probe saw with the same shape on one sample as
+        here (a table the model calls without the batch, with as many rows as the batch has
+        samples: T5's relative position buckets ``[T, S]`` at T = N). Read on the site's first
+        call in a pass that ran the probe. Where every output also has its shape there, the site
+        is refused by name: its gradient arrives summed over the samples (it was summed as
+        per-sample rows, the table's Fisher 70-75% off on T5 at T = N, without an error)."""
+        p = self._pass
+        seen = None if p.probe is None or p.n == 1 or p.calls[key] else p.probe.get(key)
+        if seen is None:
+            return []
+        site = self._sites[key]
+        if site.rule is not None:
+            seen = ([seen[0]], None)
+        shapes = lambda ts: [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in ts]  # noqa: E731
+        if len(seen[0]) != len(inputs):  # a call of another structure
+            return []
+        same = [k for k, (a, b) in enumerate(zip(shapes(inputs), seen[0])) if a is not None and a == b and a[:1] == (p.n,)]
+        outs = [t for t in outputs if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == p.n]
+        if same and (site.rule is not None or seen[1] is not None and outs
+                     and all(o in seen[1] for o in shapes(outs))):
+            raise EWCInputError(
+                f"FisherTracker: {site.module_name} ({type(site.module).__name__}) is called on a tensor of shape "
+                f"{shapes(inputs)[same[0]]} whose first axis has the batch's size ({p.n}), but run on one sample the "
+                f"model calls it with the same shape: it is a table called without the batch, whose gradient is "
+                f"summed over the samples. Leave its parameters out with params= (estimate_fisher covers them after "
+                f"training)")
+        return same
+
     def _not_first(self, key: str, A: torch.Tensor, output, n: int) -> tuple[int, int] | None:
         """``(axis, fold)`` of a sequence layer's input whose first axis is not the batch's (see
         :meth:`_sample_axis`), or None where neither an inner axis nor a fold is shown."""
@@ -414,6 +451,12 @@ class _StepHooks(_LossChecks):
                   if isinstance(m, (*_DROPOUTS, nn.MultiheadAttention, nn.RNNBase))]
 
         def hook(module, args, kwargs, output):
+            if self._probing is not None:  # the one-sample forward of _probe: the call's shapes
+                if key not in self._probing:
+                    shapes = lambda ts: tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None  # noqa: E731
+                                              for t in ts)
+                    self._probing[key] = (shapes(tree_flatten((args, kwargs))[0]), shapes(tree_flatten(output)[0]))
+                return None
             p = self._pass
             if p is None or not torch.is_grad_enabled():
                 return None
@@ -443,7 +486,8 @@ class _StepHooks(_LossChecks):
                     f"samples from dim 0 of the model's first tensor argument: the model's inputs must hold the "
                     f"samples on dim 0 (a sequence-first input [T, N, ...] is taken as T samples)")
             if rec.per_sample is None:  # a generic record: which arguments hold the samples is proven
-                rec.per_sample = self._sample_arguments(key, module, rec)
+                rec.per_sample = self._sample_arguments(key, module, rec, self._batch_free(key, rec.leaves,
+                                                                                          rec.outputs))
             if not rec.batched or not rec.outputs:
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
                                     f"the batch of {p.n} samples on dim 0 of its inputs and outputs: a table the "
@@ -484,21 +528,22 @@ class _StepHooks(_LossChecks):
                 f"Read this tracker's fisher() (or state_dict()) for the steps so far, and track on with a new "
                 f"FisherTracker of the parameters that train (params=)")
 
-    def _sample_arguments(self, key: str, module: nn.Module, rec: Recorded) -> list[int]:
+    def _sample_arguments(self, key: str, module: nn.Module, rec: Recorded, shared: list[int]) -> list[int]:
         """The positions of a module-local call's arguments that hold the samples, proven on its
         first sample the first time a call of this structure is seen, then kept.
 
-        Candidates are the tensors whose first axis has the batch's size. The tracker has no probe
-        with another sample count to tell a shared table with as many rows (rotary angles
-        ``[T, d]`` with T = N) from a per-sample tensor, so the module is run on sample 0 alone
-        (no grad: no hook records it) and must reproduce row 0 of the batched call; where it does
-        not, a candidate passed whole instead is tried."""
+        Candidates are the tensors whose first axis has the batch's size, less those ``shared``:
+        the probe saw them with that shape on one sample (:meth:`_batch_free`). A shared table
+        with as many rows (rotary angles ``[T, d]`` with T = N) may still be among them where the
+        probe did not run, so the module is run on sample 0 alone (no grad: no hook records it)
+        and must reproduce row 0 of the batched call; where it does not, a candidate passed whole
+        instead is tried."""
         shape = (key, str(rec.spec), tuple(isinstance(x, torch.Tensor) for x in rec.leaves))
         known = self._layouts.get(shape)
         if known is not None:
             return list(known)
-        candidates = rec.batched
-        options = [candidates] + [[k for k in candidates if k != shared] for shared in candidates]
+        candidates = [k for k in rec.batched if k not in shared]
+        options = [candidates] + [[k for k in candidates if k != one] for one in candidates]
         want = [o.detach()[:1] for o in rec.outputs]
         for option in options:
             if option and self._reproduces(module, rec, option, want):

@@ -115,13 +115,16 @@ class FisherTracker(_StepHooks):
     rule is run on one sample the first time a call of its structure is seen, to prove which of
     its arguments hold the samples (a table shared by all samples may have as many rows as the
     batch); one that cannot reproduce its batched output
-    alone (its samples interact) is refused by name. The first time a Linear or norm layer's input
-    does not show by its shapes where the samples are (as many positions as samples, ``[T, N, d]``
-    or ``[N, T, d]`` with T = N; or a first axis other than the batch's: a sequence-first
-    ``[T, N, d]``, or the batch folded into rows, OPT's ``[N*T, d]`` and Swin's ``[N*windows, ...]``),
-    the model is run once more on the batch's first sample, without gradients and with the random
-    state restored: the samples' axis is the one of size 1 there, and a batch folded into rows
-    sample by sample begins with that sample's rows. A layout it does not show is refused by name.
+    alone (its samples interact) is refused by name. The first tracked step (again after the
+    modules' modes change), and any step where a Linear or norm layer's input does not show by its
+    shapes where the samples are (as many positions as samples, ``[T, N, d]`` or ``[N, T, d]`` with
+    T = N; or a first axis other than the batch's: a sequence-first ``[T, N, d]``, or the batch
+    folded into rows, OPT's ``[N*T, d]`` and Swin's ``[N*windows, ...]``), run the model once more on
+    the batch's first sample, without gradients and with the random state restored: the samples'
+    axis is the one of size 1 there, a batch folded into rows sample by sample begins with that
+    sample's rows, and a table called without the batch keeps its shape (one with as many rows as
+    samples, T5's position buckets at T = N, is refused by name). A layout it does not show is
+    refused by name.
     """
 
     def __init__(self, model: nn.Module, *, params=None, reduction: str = "mean", accumulation_steps: int = 1,

@@ -314,6 +314,22 @@ def test_hf_windows_folded_into_rows_are_exact(case):
     assert_fisher_close(tracker.fisher(), {n: want[n] for n in tracker.fisher()}, **TOL)
 
 
+@pytest.mark.parametrize("case", ["t5", "bart"])
+def test_hf_encoder_decoder_tables_at_as_many_positions_as_samples_are_refused(case):
+    """Batches of 4 sequences of 4 tokens (source and target): T5's relative position buckets
+    ``[T, T]`` have the batch's size on dim 0; the table was summed as 4 samples' rows (70-75%
+    off, no error). Refused by name at the first step."""
+    pytest.importorskip("transformers")
+    import zoo
+
+    torch.manual_seed(0)
+    model, _ = zoo.BY_NAME[case].build(False)
+    data = zoo.seq2seq(False, n=8, batch_size=4, seq=4, tgt=4)
+    table = "relative_attention_bias" if case == "t5" else "embed_positions"
+    with pytest.raises(EWCInputError, match=rf"FisherTracker: .*{table} .*Leave its parameters out with params="):
+        _hf_train(model.to(D).eval(), data, FisherTracker(model))
+
+
 def test_hf_loss_of_an_unknown_head_is_refused_by_name():
     transformers = pytest.importorskip("transformers")
     model = transformers.BertForMultipleChoice(transformers.BertConfig(
@@ -1357,6 +1373,49 @@ def test_a_batch_folded_position_by_position_is_refused():
                                                                   r"covers it after training, or leave lin's parameters "
                                                                   r"out with params="):
         F.cross_entropy(model(torch.randint(0, 9, (3, 5))), torch.tensor([0, 1, 2])).backward()
+
+
+class _Positions(nn.Module):
+    """Token embeddings plus a position table looked up on ``arange(T)`` without a batch axis,
+    by an ``nn.Embedding`` (a rule site) or by a module of its own (module-local)."""
+
+    class Table(nn.Module):
+        def __init__(self, T, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(T, d))
+
+        def forward(self, positions):
+            return self.weight[positions] * 1.5
+
+    def __init__(self, own_module: bool, T=4, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(9, d)
+        self.pos = self.Table(T, d) if own_module else nn.Embedding(T, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x) + self.pos(torch.arange(x.shape[1]))).mean(1))
+
+
+@pytest.mark.parametrize("own_module", [False, True])
+def test_a_table_with_as_many_rows_as_samples_is_refused_not_summed_as_samples(own_module):
+    """``pos(arange(T))`` at T = N: its input and output have the batch's size on dim 0, and the
+    table's gradient was taken as N samples' (T5's relative position bias at T = N: 70-75% off,
+    no error). The probe's one-sample forward calls it with the same shape: refused by name."""
+    torch.manual_seed(0)
+    model = _Positions(own_module).to(D)
+    x, y = torch.randint(0, 9, (4, 4)), torch.tensor([0, 1, 2, 0])
+    name = "pos \\(Table\\)" if own_module else "pos \\(Embedding\\)"
+    with FisherTracker(model), pytest.raises(EWCInputError, match=name + r" is called on a tensor of shape \(4,\) "
+                                             r"whose first axis has the batch's size \(4\), but run on one sample the "
+                                             r"model calls it with the same shape: it is a table called without the "
+                                             r"batch.*Leave its parameters out with params="):
+        F.cross_entropy(model(x), y).backward()
+    # left out, the rest is exact
+    data = [(x, y), (torch.randint(0, 9, (4, 4)), torch.tensor([2, 2, 1, 0]))]
+    tracker = _train(model, data, FisherTracker(model, params=lambda n, p: not n.startswith("pos")))
+    assert_fisher_close(tracker.fisher(), {n: t for n, t in _reference(model, data).items() if not n.startswith("pos")},
+                        **TOL)
 
 
 def test_a_convolution_on_a_batch_folded_into_rows_is_refused_saying_what_covers_it():

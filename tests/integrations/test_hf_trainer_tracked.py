@@ -72,9 +72,10 @@ def test_one_in_tracks_one_micro_batch_of_each_run(tmp_path):
     data = samples("bert", n=12)
     model, trainer = make(tmp_path, "bert", data, track_fisher={"one_in": 2}, gradient_accumulation_steps=2)
     seen = []
-    model.register_forward_pre_hook(
+    model.register_forward_pre_hook(  # the training forwards (not the tracker's probe, run without gradients)
         lambda m, args, kwargs: seen.append({k: v.clone() for k, v in kwargs.items()
-                                             if torch.is_tensor(v) and k != "num_items_in_batch"}),
+                                             if torch.is_tensor(v) and k != "num_items_in_batch"})
+        if torch.is_grad_enabled() else None,
         with_kwargs=True)
     trainer.train()
     assert len(seen) == 4 and trainer.tracked_fisher.steps == 2 and trainer.tracked_fisher.samples_seen == 6

@@ -64,7 +64,9 @@ def test_fit_registers_the_tracked_fisher_without_a_second_pass(caplog, accumula
     track = True if reduction == "mean" else {"reduction": reduction}
     with caplog.at_level(logging.INFO, logger="fastewc.integrations"):
         fit(module, EWCCallback(ewc, track_fisher=track), accumulate_grad_batches=accumulate)
-    assert module.forwards == 3  # the three training steps; no pass at the end
+    # the three training steps and, at the first, the tracker's probe on one sample (without
+    # gradients); no pass at the end
+    assert module.forwards == 4
     assert "no extra pass over the data" in caplog.text
     assert ewc.tasks_seen == 1 and len(registered) == 1
     assert_fisher_close(registered[0], estimate_fisher(module, loader(), kind="empirical"), **TOL)
