@@ -110,6 +110,11 @@ def _own_arithmetic():
     return stack
 
 
+def _shapes(values) -> tuple:
+    """The shape of each tensor among ``values`` (None for anything else)."""
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values)
+
+
 def _fingerprint(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of ``x`` (its first axis) projected on one fixed random direction, in float64, and
     the same for the rows' magnitudes: rows compared without being kept."""
@@ -402,20 +407,19 @@ class _StepHooks(_LossChecks):
         if seen is None:
             return []
         site = self._sites[key]
-        if site.rule is not None:
-            seen = ([seen[0]], None)
-        shapes = lambda ts: [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in ts]  # noqa: E731
-        if len(seen[0]) != len(inputs):  # a call of another structure
+        # the probe's one sample: a rule site's input shape; a module-local call's arguments' and outputs'
+        one_in, one_out = ((seen[0],), None) if site.rule is not None else seen
+        here = _shapes(inputs)
+        if len(one_in) != len(here):  # a call of another structure
             return []
-        same = [k for k, (a, b) in enumerate(zip(shapes(inputs), seen[0])) if a is not None and a == b and a[:1] == (p.n,)]
-        outs = [t for t in outputs if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == p.n]
-        if same and (site.rule is not None or seen[1] is not None and outs
-                     and all(o in seen[1] for o in shapes(outs))):
+        same = [k for k, (a, b) in enumerate(zip(here, one_in)) if a is not None and a == b and a[:1] == (p.n,)]
+        outs = [o for o in _shapes(outputs) if o and o[0] == p.n]
+        if same and (site.rule is not None or (one_out is not None and outs and all(o in one_out for o in outs))):
             raise EWCInputError(
                 f"FisherTracker: {site.module_name} ({type(site.module).__name__}) is called on a tensor of shape "
-                f"{shapes(inputs)[same[0]]} whose first axis has the batch's size ({p.n}), but run on one sample the "
-                f"model calls it with the same shape: it is a table called without the batch, whose gradient is "
-                f"summed over the samples. Leave its parameters out with params= (estimate_fisher covers them after "
+                f"{here[same[0]]} whose first axis has the batch's size ({p.n}), but run on one sample the model "
+                f"calls it with the same shape: it is a table called without the batch, whose gradient is summed "
+                f"over the samples. Leave its parameters out with params= (estimate_fisher covers them after "
                 f"training)")
         return same
 
@@ -453,9 +457,7 @@ class _StepHooks(_LossChecks):
         def hook(module, args, kwargs, output):
             if self._probing is not None:  # the one-sample forward of _probe: the call's shapes
                 if key not in self._probing:
-                    shapes = lambda ts: tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None  # noqa: E731
-                                              for t in ts)
-                    self._probing[key] = (shapes(tree_flatten((args, kwargs))[0]), shapes(tree_flatten(output)[0]))
+                    self._probing[key] = (_shapes(tree_flatten((args, kwargs))[0]), _shapes(tree_flatten(output)[0]))
                 return None
             p = self._pass
             if p is None or not torch.is_grad_enabled():
