@@ -61,6 +61,9 @@ class _Call:
     observed: object = None                # module-local sites: what its own backward hands over
     axis: int = 0                          # rule sites: the axis of the input and output holding the samples
     fold: int = 1                          # rule sites: rows per sample of a batch folded into rows (A: [n, fold, ...])
+    shapes: dict = field(default_factory=dict)  # output slot -> its shape, where the hook sits on the product
+                                           # the output reshapes (_hook_target)
+    versions: list = field(default_factory=list)  # module-local sites: the aliased outputs' versions at the call
 
 
 @dataclass
@@ -108,6 +111,19 @@ def _own_arithmetic():
     stack.enter_context(torch.no_grad())
     stack.enter_context(precision({}))
     return stack
+
+
+def _hook_target(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose gradient hook sees the gradient of a layer's output ``t`` even where the
+    model modifies ``t`` in place afterwards: ``t``, or the product ``t`` reshapes. A Linear's
+    output on three or more axes is a view of its two-axis product, and autograd routes the
+    gradient of a view modified in place (Longformer's ``query /= sqrt(d)``, a residual added in
+    place) around the view's own node, where a hook on ``t`` sits: it never ran, and that call's
+    squares were missing without an error. The product's node stays on the path."""
+    b = t._base
+    if b is not None and b.requires_grad and b.numel() == t.numel() and b.is_contiguous() and t.is_contiguous():
+        return b
+    return t
 
 
 def _shapes(values) -> tuple:
@@ -324,8 +340,10 @@ class _StepHooks(_LossChecks):
             if output.requires_grad:
                 calls = p.calls[key]
                 mine = A.detach().movedim(axis, 0) if fold == 1 else A.detach().unflatten(0, (p.n, fold))
-                calls.append(_Call(mine, None, A._version, axis=axis, fold=fold))
-                output.register_hook(partial(self._on_grad, p, key, len(calls) - 1, 0))
+                hooked = output if handed is not None else _hook_target(output)
+                calls.append(_Call(mine, None, A._version, axis=axis, fold=fold,
+                                   shapes={0: tuple(output.shape)} if hooked is not output else {}))
+                hooked.register_hook(partial(self._on_grad, p, key, len(calls) - 1, 0))
             else:
                 self._refuse_frozen(site)
             return handed
@@ -510,10 +528,16 @@ class _StepHooks(_LossChecks):
                     leaves[k] = t if to_module is None else to_module(slot, t)
                 handed = tree_unflatten(leaves, spec)
             calls = p.calls[key]
-            calls.append(_Call(None, rec, 0, [None] * len(rec.outputs), observed))
+            call = _Call(None, rec, 0, [None] * len(rec.outputs), observed)
+            calls.append(call)
             for slot, t in enumerate(rec.outputs):
                 if t.requires_grad:
-                    t.register_hook(partial(self._on_grad, p, key, len(calls) - 1, slot))
+                    hooked = t if handed is not None else _hook_target(t)
+                    if hooked is not t:
+                        call.shapes[slot] = tuple(t.shape)
+                    hooked.register_hook(partial(self._on_grad, p, key, len(calls) - 1, slot))
+            if handed is not None:  # aliases: one modified in place would hide its gradient (_finish)
+                call.versions = [t._version for t in rec.outputs]
             return handed
         return hook
 
@@ -620,6 +644,8 @@ class _StepHooks(_LossChecks):
             self._begin(p)
             call = p.calls[key][c]
             site = self._sites[key]
+            if slot in call.shapes:  # received on the product the output reshapes (_hook_target)
+                G = G.view(call.shapes[slot])
             if call.A is not None and call.axis:
                 G = G.movedim(call.axis, 0)
             elif call.A is not None and call.fold > 1:
@@ -719,11 +745,26 @@ class _StepHooks(_LossChecks):
         # which replays nothing, skips it.
         replays = any(calls and self._sites[key].rule is None for key, calls in p.calls.items())
         try:
+            self._refuse_modified_aliases(p)
             with _own_arithmetic(), plain_attention() if replays else contextlib.nullcontext():
                 self._shared(p)
                 self._fold(p)
         finally:
             p.end()
+
+    def _refuse_modified_aliases(self, p: _Pass) -> None:
+        """A module-local site's outputs reach the model as aliases (views) whose gradients are
+        hooked; one modified in place after the call has its gradient routed around the alias's
+        node, so the hook never ran and that output's share would read as zero. Refused by name."""
+        for key, calls in p.calls.items():
+            for call in calls:
+                if call.versions and any(t._version != v for t, v in zip(call.rec.outputs, call.versions)):
+                    site = self._sites[key]
+                    raise EWCInputError(
+                        f"FisherTracker: an output of {site.module_name} ({type(site.module).__name__}) is modified in "
+                        f"place after the module returns it, which hides its gradient from the tracker; compute "
+                        f"that step out of place (x = x * s rather than x *= s), or leave the module's parameters "
+                        f"out with params=")
 
     def _shared(self, p: _Pass) -> None:
         users = [(key, c) for key, calls in p.calls.items() for c, call in enumerate(calls)

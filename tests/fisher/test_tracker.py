@@ -1418,6 +1418,82 @@ def test_a_table_with_as_many_rows_as_samples_is_refused_not_summed_as_samples(o
                         **TOL)
 
 
+class _InPlaceAfter(nn.Module):
+    """Outputs modified in place after their layer: a query scaled (Longformer's ``query /=
+    sqrt(d)``) and a residual added to a projection (``out += h``), on ``[N, T, d]``."""
+
+    def __init__(self, d=6, bias=True):
+        super().__init__()
+        self.emb = nn.Embedding(9, d)
+        self.q, self.proj = nn.Linear(d, d, bias=bias), nn.Linear(d, d, bias=bias)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        q = self.q(h)
+        q /= 2.0
+        out = self.proj(torch.tanh(q))
+        out += h
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_outputs_modified_in_place_afterwards_are_summed(bias):
+    """A Linear's output on three axes is a view of its two-axis product; modified in place, its
+    gradient went around the view's node where the tracker's hook sat: q's and proj's sums stayed
+    0 without an error (Longformer's queries, 100% off). The hook sits on the product now."""
+    torch.manual_seed(0)
+    model = _InPlaceAfter(bias=bias).to(D)
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randint(0, 9, (3, 5), generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
+    tracker = _train(model, data, FisherTracker(model))
+    assert_fisher_close(tracker.fisher(), _reference(model, data), **TOL)
+
+
+class _OwnProduct(nn.Module):
+    """No hand rule: a product with its own weight, returned as a view of it (and, with
+    ``pair``, beside a second output)."""
+
+    def __init__(self, d, pair=False):
+        super().__init__()
+        self.pair = pair
+        self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
+
+    def forward(self, h):
+        out = (h.reshape(-1, h.shape[-1]) @ self.w).view(h.shape)
+        return (out, torch.tanh(out)) if self.pair else out
+
+
+class _ModifiesLocal(nn.Module):
+    def __init__(self, pair, d=6):
+        super().__init__()
+        self.emb, self.own, self.head = nn.Embedding(9, d), _OwnProduct(d, pair), nn.Linear(d, 3)
+
+    def forward(self, x):
+        got = self.own(self.emb(x))
+        o = got[0] if isinstance(got, tuple) else got
+        o *= 2.0
+        return self.head(torch.tanh(o).mean(1) + (got[1].mean(1) if isinstance(got, tuple) else 0))
+
+
+def test_a_module_local_output_modified_in_place_afterwards_is_summed_or_refused():
+    """A module without a hand rule returning a view that the model scales in place: its sums
+    stayed 0 without an error; hooked on the product now, exact. With two outputs the model gets
+    aliases, whose in-place change is refused by name at the end of the backward."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randint(0, 9, (3, 5), generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
+    model = _ModifiesLocal(pair=False).to(D)
+    tracker = _train(model, data, FisherTracker(model))
+    assert_fisher_close(tracker.fisher(), _reference(model, data), **TOL)
+    model = _ModifiesLocal(pair=True).to(D)
+    tracker = FisherTracker(model)
+    with pytest.raises(EWCInputError, match=r"an output of own \(_OwnProduct\) is modified in place after the module "
+                                            r"returns it, which hides its gradient .* params="):
+        _train(model, data, tracker)
+    assert tracker.samples_seen == 0
+
+
 def test_a_convolution_on_a_batch_folded_into_rows_is_refused_saying_what_covers_it():
     """A video model's frames as rows ``[N*frames, C, H, W]``: a convolution's rule takes no axes
     between the samples and the channels."""
