@@ -9,7 +9,8 @@ table gathered into its mask (causal or not), broadcast positional additions, tw
 added to the same sum, a parameter used twice, one block called at two places, a block taking
 ``[T, B, d]`` with a mask (XLNet's layout), parameters joined and split again, a table's scores
 masked in place through a view, a batch norm whose output becomes tokens into a residual, the
-batch folded into rows sample by sample, of single tokens or of windows),
+batch folded into rows sample by sample, of single tokens or of windows, layer outputs modified
+in place afterwards),
 after an Embedding or a Linear stem and
 before a mean-pooled, first-token or per-token head, the head's weight sometimes tied to the
 embedding. Everything is drawn from the seed; the global RNG is left as it was.
@@ -272,6 +273,23 @@ class Folded(nn.Module):
         return h + torch.tanh(self.norm(self.lin(rows))).reshape(b, T, d)
 
 
+class InPlaceAfter(nn.Module):
+    """Layer outputs modified in place afterwards: a query scaled (Longformer's ``query /=
+    sqrt(d)``) and a residual added to a projection (``out += h``)."""
+
+    def __init__(self, d, bias):
+        super().__init__()
+        self.q = nn.Linear(d, d, bias=bias)
+        self.proj = nn.Linear(d, d, bias=bias)
+
+    def forward(self, h):
+        q = self.q(h)
+        q /= 2.0
+        out = self.proj(torch.tanh(q))
+        out += h
+        return out
+
+
 class RandomModel(nn.Module):
     def __init__(self, stem, chain, head, pool):
         super().__init__()
@@ -295,7 +313,7 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
     """One random block and the sequence length after it."""
     kind = rng.choice(["dense", "conv1d", "conv2d", "layernorm", "batchnorm", "groupnorm", "attention",
                        "encoder", "cls", "pos", "pair", "twice", "token", "relbias", "seqfirst", "split",
-                       "masked", "normtokens", "folded"])
+                       "masked", "normtokens", "folded", "inplace"])
     bias = rng.random() < 0.7
     if kind == "dense":
         return Dense(d, bias), T
@@ -339,6 +357,8 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
         return NormTokens(d), T
     if kind == "folded":
         return Folded(d, rng.choice([0, 1, 2]), bias), T
+    if kind == "inplace":
+        return InPlaceAfter(d, bias), T
     return UsedTwice(d), T
 
 
