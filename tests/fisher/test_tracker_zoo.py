@@ -104,6 +104,45 @@ def test_tracked_matches_the_reference_loop(case, padded, scale):
     assert len(got) >= 0.8 * len(truth), (len(got), len(truth))
 
 
+def _square_batches(case):
+    """The case's kind of text batches with as many tokens as samples (4 and 4, source and target),
+    or None for a case that takes no token ids: every sequence layer's input ``[N, T, d]`` then
+    has the batch's size on two axes, and tables on ``[T, T]`` or ``arange(T)`` have as many rows
+    as the batch has samples."""
+    _, data = case.build(True)
+    b = data[0]
+    if not isinstance(b, dict) or "input_ids" not in b:
+        return None
+    if b["labels"].shape[1:] != b["input_ids"].shape[1:] or case.name in ("t5", "bart", "marian"):
+        return zoo.seq2seq(True, n=8, batch_size=4, seq=4, tgt=4) if b["labels"].dim() == 2 else \
+            zoo.text("cls", True, n=8, seq=4, batch_size=4)
+    lm = bool(((b["labels"] == b["input_ids"]) | (b["labels"] == -100)).all())
+    return zoo.text("lm" if lm else "tok", True, n=8, seq=4, batch_size=4)
+
+
+SQUARE = [c for c, p in CASES if p and _square_batches(c) is not None]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in SQUARE])
+def test_tracked_with_as_many_positions_as_samples_matches_the_reference_loop(case):
+    """Batches of 4 sequences of 4 tokens at every step (T = N): shapes cannot tell samples from
+    positions there; each layer's layout is read from an earlier step or the first step's probe,
+    and a table with as many rows as samples is refused (left out here by name)."""
+    model, _ = zoo.build_scaled(case, True)
+    data = _square_batches(case)
+    _fp64_loss(model)
+    skip = LEFT_OUT.get(case.name, ((), ""))[0]
+    keep = (lambda n, p: p.requires_grad and not any(s in n for s in skip)) if skip else None
+    tracker = _track(model, data, keep)
+    got = tracker.fisher()
+    truth = _truth(model, data)
+    errs = zoo.relative_errors(got, {n: truth[n] for n in got})
+    tol = zoo.TOL_FP32 if case.name in FP32 else case.tol("empirical")[0]
+    off = {n: f"{e:.2e}" for n, e in errs.items() if not e <= tol}
+    assert not off, f"{case.name}: {len(off)} of {len(got)} tensors off by more than {tol:g}: {off}"
+    assert tracker.samples_seen == 8
+
+
 @pytest.mark.parametrize("name", sorted(LEFT_OUT) + sorted(NOT_TRACKED))
 def test_what_the_tracker_cannot_take_is_refused_by_name(name):
     """Without ``params=``, the first step names a parameter it cannot track."""
