@@ -76,10 +76,12 @@ def _weighted(per: torch.Tensor, weights: torch.Tensor) -> float:
 
 def own_loss_matches(per: torch.Tensor, weights: torch.Tensor, loss: torch.Tensor) -> bool:
     """Whether the model's batch loss is ``sum_n w_n loss_n`` with these weights and the samples'
-    own losses ``per`` (to the float32 rounding the heads compute their loss in: causal LM and
-    token classification upcast with ``.float()``)."""
+    own losses ``per``, to the rounding the head computes its loss in: float32 at least (causal LM
+    and token classification upcast with ``.float()``), a few steps of the loss's own precision in
+    a bfloat16 or float16 model, whose classification heads keep the logits' dtype."""
     got = float(loss.detach())
-    return abs(_weighted(per, weights) - got) <= 1e-4 * max(abs(got), 1e-6)
+    rtol = max(1e-4, 4 * torch.finfo(loss.dtype).eps) if loss.is_floating_point() else 1e-4
+    return abs(_weighted(per, weights) - got) <= rtol * max(abs(got), 1e-6)
 
 
 def check_own_loss(model, head: str, per: torch.Tensor, weights: torch.Tensor, loss: torch.Tensor) -> None:

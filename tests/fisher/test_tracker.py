@@ -330,6 +330,25 @@ def test_hf_encoder_decoder_tables_at_as_many_positions_as_samples_are_refused(c
         _hf_train(model.to(D).eval(), data, FisherTracker(model))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hf_own_loss_of_a_half_precision_model_is_read(dtype):
+    """A model trained in bfloat16 or float16 throughout: BERT's classification head computes its
+    loss in that precision, which the check of the own loss's weights (to float32 rounding) took
+    for another loss and refused. Within a few of the loss's own rounding steps now; the tracked
+    Fisher is the float64 one on the same rounded weights to that precision."""
+    pytest.importorskip("transformers")
+    model, data = _hf("bert")
+    low = hf_model("bert").to(dtype)
+    low.load_state_dict(model.state_dict())
+    high = hf_model("bert")
+    high.load_state_dict(low.state_dict())  # the rounded weights, in float64
+    got = _hf_train(low, data, FisherTracker(low)).fisher()
+    want = _hf_train(high, data, FisherTracker(high)).fisher()
+    for n, w in want.items():
+        assert got[n].dtype == torch.float32
+        assert float((got[n].double() - w).abs().max()) <= 0.1 * float(w.abs().max()) + 1e-12, n
+
+
 def test_hf_loss_of_an_unknown_head_is_refused_by_name():
     transformers = pytest.importorskip("transformers")
     model = transformers.BertForMultipleChoice(transformers.BertConfig(
