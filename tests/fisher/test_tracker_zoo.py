@@ -81,13 +81,9 @@ def _truth(model, data):
         return R.estimate_fisher(model, data, loss_fn=lambda o, y: _declared_loss(o, y))
 
 
-@pytest.mark.parametrize("scale", [1.0, zoo.TRAINED], ids=["init", "trained"])
-@pytest.mark.parametrize("case,padded", [pytest.param(c, p, id=f"{c.name}-{'padded' if p else 'unpadded'}")
-                                         for c, p in CASES])
-def test_tracked_matches_the_reference_loop(case, padded, scale):
-    """``scale``: every weight matrix times ``zoo.TRAINED`` first, so that attention is away from
-    uniform and the query and key projections' Fisher is within the comparison's scale."""
-    model, data = zoo.build_scaled(case, padded, scale)
+def _check(case, model, data):
+    """``(tracker, its Fisher, the reference's)`` over ``data``, the family's tables left out by
+    name, every tracked tensor held to the case's tolerance."""
     _fp64_loss(model)
     skip = LEFT_OUT.get(case.name, ((), ""))[0]
     keep = (lambda n, p: p.requires_grad and not any(s in n for s in skip)) if skip else None
@@ -98,7 +94,19 @@ def test_tracked_matches_the_reference_loop(case, padded, scale):
     tol = zoo.TOL_FP32 if case.name in FP32 else case.tol("empirical")[0]
     off = {n: f"{e:.2e}" for n, e in errs.items() if not e <= tol}
     assert not off, f"{case.name}: {len(off)} of {len(got)} tensors off by more than {tol:g}: {off}"
+    return tracker, got, truth
+
+
+@pytest.mark.parametrize("scale", [1.0, zoo.TRAINED], ids=["init", "trained"])
+@pytest.mark.parametrize("case,padded", [pytest.param(c, p, id=f"{c.name}-{'padded' if p else 'unpadded'}")
+                                         for c, p in CASES])
+def test_tracked_matches_the_reference_loop(case, padded, scale):
+    """``scale``: every weight matrix times ``zoo.TRAINED`` first, so that attention is away from
+    uniform and the query and key projections' Fisher is within the comparison's scale."""
+    model, data = zoo.build_scaled(case, padded, scale)
+    tracker, got, truth = _check(case, model, data)
     assert tracker.samples_seen == zoo.N
+    skip = LEFT_OUT.get(case.name, ((), ""))[0]
     left = [n for n in truth if n not in got]
     assert all(any(s in n for s in skip) for n in left), left
     assert len(got) >= 0.8 * len(truth), (len(got), len(truth))
@@ -129,17 +137,7 @@ def test_tracked_with_as_many_positions_as_samples_matches_the_reference_loop(ca
     positions there; each layer's layout is read from an earlier step or the first step's probe,
     and a table with as many rows as samples is refused (left out here by name)."""
     model, _ = zoo.build_scaled(case, True)
-    data = _square_batches(case)
-    _fp64_loss(model)
-    skip = LEFT_OUT.get(case.name, ((), ""))[0]
-    keep = (lambda n, p: p.requires_grad and not any(s in n for s in skip)) if skip else None
-    tracker = _track(model, data, keep)
-    got = tracker.fisher()
-    truth = _truth(model, data)
-    errs = zoo.relative_errors(got, {n: truth[n] for n in got})
-    tol = zoo.TOL_FP32 if case.name in FP32 else case.tol("empirical")[0]
-    off = {n: f"{e:.2e}" for n, e in errs.items() if not e <= tol}
-    assert not off, f"{case.name}: {len(off)} of {len(got)} tensors off by more than {tol:g}: {off}"
+    tracker, _, _ = _check(case, model, _square_batches(case))
     assert tracker.samples_seen == 8
 
 
