@@ -102,6 +102,7 @@ class _LossChecks:
         p = self._pass
         if p is None or not torch.is_grad_enabled():
             return None
+        self._tables_met(p)
         if p.weights is None:  # a loss of the user's own, declared
             self._watch_outputs(p, output)
             return None

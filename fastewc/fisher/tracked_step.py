@@ -45,6 +45,7 @@ from .rules.tied_head import head_and_rows_sq_sum, tied_uses
 from .sample_weights import declared_factor, inverse, own_loss_weights
 from .sums import all_finite, squares_of_uses
 from .tracked_loss import _LossChecks
+from .tracked_tables import Table, Watched, sample_cotangent, table_of, watch
 from .tracked_uses import UseCheck
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -84,6 +85,7 @@ class _Pass:
     autocast: dict = field(default_factory=dict)   # the forward's autocast state, for replays
     inputs: tuple = ((), {})               # the model's arguments, for the probe of the layers' layouts
     probe: dict | None = None              # what the probe saw on this pass's first sample (_probe)
+    tables: list = field(default_factory=list)  # the tables watched in this forward (tracked_tables.Table)
 
     @property
     def k(self) -> int:
@@ -218,7 +220,7 @@ class _StepHooks(_LossChecks):
         self._pass = _Pass(n, idx, weights, {key: [] for key in self._sites}, autocast=autocast_state(),
                            inputs=(args, kwargs), weights_without_num_items=without)
         if flags not in self._uses_checked:  # the first tracked forward of these modes' plan
-            self._probe(self._pass)  # each site's first call is checked against it (_batch_free)
+            self._probe(self._pass)  # each site's first call is checked against it (_is_table)
             UseCheck(self.model, self.selected, {n: [self._sites[k].module for k in keys] for n, keys in self._uses.items()},
                      partial(self._used_outside, self._pass, flags))
         return None
@@ -256,7 +258,7 @@ class _StepHooks(_LossChecks):
         batch alone: ``{site key: (input shape, its rows' fingerprints)}`` for a rule site, ``{site
         key: (its tensor arguments' shapes, its outputs' shapes)}`` for a module-local one. Run at
         most once a pass: at the first tracked forward of each set of modules' modes (before it, so
-        that each site's first call there is checked against it: :meth:`_batch_free`), and by a
+        that each site's first call there is checked against it: :meth:`_is_table`), and by a
         layer whose layout its shapes cannot tell: an input with as many positions as samples (T =
         N: ``[T, N, d]`` or ``[N, T, d]``), or one whose first axis is not the batch's (sequence
         first, or the batch folded into rows). On one sample the samples' axis is the one of size
@@ -335,6 +337,8 @@ class _StepHooks(_LossChecks):
                     and p.n != 1):
                 A = A.expand(p.n, *A.shape[1:])
                 output = handed = output.expand(p.n, *output.shape[1:])
+            elif isinstance(A, Watched) or self._is_table(key, [A], [output]):
+                return self._watch_table(p, key, output, table_of([A]))
             else:
                 axis, fold = self._sample_axis(key, module, A, output, p.n)
             if output.requires_grad:
@@ -368,7 +372,6 @@ class _StepHooks(_LossChecks):
         site = self._sites[key]
         known = self._axes.get(key)
         if A.dim() > 0 and A.shape[0] == n:
-            self._batch_free(key, [A], [output])
             if not (site.rule.sequence and A.dim() >= 3 and n in A.shape[1:-1]):
                 axis = 0                      # unambiguous
             else:
@@ -412,34 +415,126 @@ class _StepHooks(_LossChecks):
         self._axes[key] = axis
         return axis, 1
 
-    def _batch_free(self, key: str, inputs: list, outputs: list) -> list[int]:
-        """Which of a site's ``inputs`` (tensors, or None) hold the samples on dim 0 only by
-        coincidence: the positions of those the probe saw with the same shape on one sample as
-        here (a table the model calls without the batch, with as many rows as the batch has
-        samples: T5's relative position buckets ``[T, S]`` at T = N). Read on the site's first
-        call in a pass that ran the probe. Where every output also has its shape there, the site
-        is refused by name: its gradient arrives summed over the samples (it was summed as
-        per-sample rows, the table's Fisher 70-75% off on T5 at T = N, without an error)."""
+    def _seen(self, key: str):
+        """``(input shapes, output shapes or None)`` the probe's one sample gave this site's first
+        call, where this is the site's first call in a forward that ran the probe; else None."""
         p = self._pass
         seen = None if p.probe is None or p.n == 1 or p.calls[key] else p.probe.get(key)
         if seen is None:
-            return []
-        site = self._sites[key]
-        # the probe's one sample: a rule site's input shape; a module-local call's arguments' and outputs'
-        one_in, one_out = ((seen[0],), None) if site.rule is not None else seen
+            return None
+        return ((seen[0],), None) if self._sites[key].rule is not None else seen
+
+    def _batch_free(self, key: str, inputs: list) -> list[int]:
+        """Which of a module-local call's ``inputs`` (tensors, or None) hold the samples on dim 0
+        only by coincidence: the probe saw them with the same shape on one sample (a table with
+        as many rows as the batch has samples, rotary angles ``[T, d]`` at T = N); not taken to
+        hold the samples."""
+        seen = self._seen(key)
         here = _shapes(inputs)
-        if len(one_in) != len(here):  # a call of another structure
+        if seen is None or len(seen[0]) != len(here):  # no probe, or a call of another structure
             return []
-        same = [k for k, (a, b) in enumerate(zip(here, one_in)) if a is not None and a == b and a[:1] == (p.n,)]
-        outs = [o for o in _shapes(outputs) if o and o[0] == p.n]
-        if same and (site.rule is not None or (one_out is not None and outs and all(o in one_out for o in outs))):
+        return [k for k, (a, b) in enumerate(zip(here, seen[0])) if a is not None and a == b and a[:1] == (self._pass.n,)]
+
+    def _is_table(self, key: str, inputs: list, outputs: list) -> bool:
+        """Whether a site is a table the model calls without the batch: decided on its first call
+        in a forward that ran the probe, where every tensor argument (and output) has the shape it
+        has on one sample (T5's relative position buckets ``[T, S]``, a position table's
+        ``arange(T)``, also where T = N), then kept. Its output is then watched until it meets the
+        batch (:meth:`_watch_table`)."""
+        if key in self._tables:
+            return True
+        seen = self._seen(key)
+        here, outs = _shapes(inputs), _shapes(outputs)
+        if seen is None or len(seen[0]) != len(here) or not any(h is not None for h in here + outs):
+            return False
+        changed = [x for x, a, b in zip(inputs, here, seen[0]) if a != b]
+        if seen[1] is None:  # a rule site: its one input
+            table = not changed
+        else:  # a module: outputs of the same shapes; an input that changed only token ids read for their shape
+            table = tuple(seen[1]) == outs and all(not x.is_floating_point() for x in changed)
+        if table:
+            self._tables.add(key)
+        return table
+
+    def _watch_table(self, p: _Pass, key: str, output, upstream: Table | None):
+        """Hand the model a table's output as a :class:`.tracked_tables.Watched` tensor, followed
+        until it meets the batch, where :meth:`_table_met` hooks the result's gradient. A site fed
+        a watched table (``upstream``) joins that table: its output must still be one (no batch
+        met inside it), and its parameters' gradients are read with the table's."""
+        site = self._sites[key]
+        what = f"{site.module_name} ({type(site.module).__name__})"
+        if upstream is not None:
+            if not isinstance(output, Watched) or output._table is not upstream:
+                raise EWCInputError(
+                    f"FisherTracker: {what} is fed a table the model calls without the batch ({upstream.name}) and "
+                    f"gives what the tracker does not follow (the batch met inside it, or several outputs). Leave "
+                    f"both's parameters out with params= (estimate_fisher covers them after training)")
+            if key not in upstream.keys:
+                upstream.keys.append(key)
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise EWCInputError(f"FisherTracker: {what} is a table the model calls without the batch, with several "
+                                f"outputs; leave its parameters out with params= (estimate_fisher covers them after "
+                                f"training)")
+        if not output.requires_grad:
+            self._refuse_frozen(site)
+            return None
+        table = Table(what, p.n, partial(self._table_met, p), [key])
+        p.tables.append(table)
+        return watch(output, table)
+
+    def _table_met(self, p: _Pass, table: Table, Z: torch.Tensor, R: torch.Tensor, share) -> None:
+        """A watched table's output ``Z`` (or a result of it alone) is broadcast into ``R``, which
+        has the batch on dim 0: each sample's gradient of the table's parameters is read from
+        ``R``'s gradient in the backward (:meth:`_table_grads`)."""
+        if p is not self._pass or p.dropped or not torch.is_grad_enabled():
+            return
+        if table.met:
             raise EWCInputError(
-                f"FisherTracker: {site.module_name} ({type(site.module).__name__}) is called on a tensor of shape "
-                f"{here[same[0]]} whose first axis has the batch's size ({p.n}), but run on one sample the model "
-                f"calls it with the same shape: it is a table called without the batch, whose gradient is summed "
-                f"over the samples. Leave its parameters out with params= (estimate_fisher covers them after "
-                f"training)")
-        return same
+                f"FisherTracker: {table.name} is a table the model calls without the batch, and its output meets "
+                f"the batch in two places of one forward; each sample's gradient would have to be added up from "
+                f"both before it is squared, which the tracker does not do. Leave its parameters out with params= "
+                f"(estimate_fisher covers them after training)")
+        table.met = True
+        R.register_hook(partial(self._table_grads, p, table, Z, share))
+
+    def _tables_met(self, p: _Pass) -> None:
+        """The end of a tracked forward: a watched table that never met the batch where the tracker
+        follows it (its output used otherwise, or not at all) would have no sums; refused by name
+        before the backward adds anything."""
+        for table in p.tables:
+            if not table.met:
+                p.end(dropped=True)
+                if self._pass is p:
+                    self._pass = None
+                raise EWCInputError(
+                    f"FisherTracker: {table.name} is a table the model calls without the batch, and its output does not "
+                    f"meet the batch in the forward where the tracker can follow it (an addition, subtraction, where "
+                    f"or expand to the batch, or the mask of scaled_dot_product_attention, with the samples on dim 0). "
+                    f"Leave its parameters out with params= (estimate_fisher covers them after training)")
+
+    def _table_grads(self, p: _Pass, table: Table, Z: torch.Tensor, share, G: torch.Tensor):
+        """Each tracked sample's gradient of a table's parameters: its share of ``G`` (the gradient
+        of the result the table met the batch in) carried back through the table alone, one
+        sample at a time (the table's graph is kept for the step's own backward), scaled by the
+        sample's factor and squared into the sums."""
+        if p.dropped:
+            return None
+        with _own_arithmetic():
+            self._begin(p)
+            names = list(dict.fromkeys(n for key in table.keys for n in self._sites[key].params.values()))
+            params = [self.selected[n] for n in names]
+            samples = range(p.n) if p.idx is None else p.idx.tolist()
+            f = p.factor
+            G = share(G.detach())
+            for j, i in enumerate(samples):
+                grads = torch.autograd.grad(Z, params, sample_cotangent(G, i, Z.shape), retain_graph=True,
+                                            allow_unused=True)
+                fj = f[j] if isinstance(f, torch.Tensor) and f.dim() == 1 else f
+                for name, g in zip(names, grads):
+                    if g is not None:
+                        self._add(p, name, (g * fj).square())
+        return None
 
     def _not_first(self, key: str, A: torch.Tensor, output, n: int) -> tuple[int, int] | None:
         """``(axis, fold)`` of a sequence layer's input whose first axis is not the batch's (see
@@ -505,9 +600,11 @@ class _StepHooks(_LossChecks):
                     f"is called on a batch of {x.shape[0 if module.batch_first else 1]}, but the tracker took {p.n} "
                     f"samples from dim 0 of the model's first tensor argument: the model's inputs must hold the "
                     f"samples on dim 0 (a sequence-first input [T, N, ...] is taken as T samples)")
+            inputs = tree_flatten((args, kwargs))[0]
+            if table_of(inputs) is not None or self._is_table(key, inputs, tree_flatten(output)[0]):
+                return self._watch_table(p, key, output, table_of(inputs))
             if rec.per_sample is None:  # a generic record: which arguments hold the samples is proven
-                rec.per_sample = self._sample_arguments(key, module, rec, self._batch_free(key, rec.leaves,
-                                                                                          rec.outputs))
+                rec.per_sample = self._sample_arguments(key, module, rec, self._batch_free(key, rec.leaves))
             if not rec.batched or not rec.outputs:
                 raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
                                     f"the batch of {p.n} samples on dim 0 of its inputs and outputs: a table the "

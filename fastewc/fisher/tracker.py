@@ -191,6 +191,7 @@ class FisherTracker(_StepHooks):
         self._folds: set[str] = set()    # rule sites proven fed the batch folded into rows, sample by sample
         self._probed = False             # a one-sample forward (_probe) has read the layers' layouts
         self._shapes_seen: dict[str, tuple] = {}  # rule site -> its first input's shape in that forward
+        self._tables: set[str] = set()   # sites the probe showed to be tables called without the batch
         self._probing: dict | None = None  # while it runs: rule site -> what its first call gets
         self._uses_checked: set = set()  # the modules' modes under which a forward showed every
                                          # parameter used only at its plan's sites (tracked_uses)

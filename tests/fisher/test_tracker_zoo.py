@@ -6,8 +6,9 @@ A model's own loss is back-propagated where its batches carry labels (a causal L
 ``models.causal_lm_loss_fp64``), else a cross-entropy declared as a mean over the samples (a
 per-token head's: each sample's mean over its own tokens). What the tracker cannot take is named
 per family below and left out with ``params=``: tables the model calls without the batch on dim
-0, whose gradient arrives summed over the samples. Without ``params=`` each of those families is
-refused by name, never summed wrong."""
+0 that meet the batch where the tracker cannot take each sample's share (T5's and BART's tables,
+met in an addition or the attention's mask, are tracked). Without ``params=`` each of those
+families is refused by name, never summed wrong."""
 
 import warnings
 
@@ -24,10 +25,9 @@ from models import causal_lm_loss_fp64  # noqa: E402
 from fastewc import EWCInputError, FisherTracker  # noqa: E402
 from fastewc import reference as R  # noqa: E402
 
-# family -> (parameter names containing any of these are left out, why)
+# family -> (parameter names containing any of these are left out, why): tables the model calls
+# without the batch that meet it where the tracker does not follow (the windows folded into rows)
 LEFT_OUT = {
-    "t5": (("relative_attention_bias",), "T5's relative position bias, on [T, S] buckets"),
-    "bart": (("decoder.embed_positions",), "BART's decoder positions, on [T]"),
     "swin": (("relative_position_bias",), "Swin's position-bias tables"),
     "swinv2": (("continuous_position_bias_mlp", "logit_scale"), "SwinV2's position-bias MLP, on a grid of offsets"),
     "deberta": (("rel_embeddings", "pos_key_proj", "pos_query_proj", "pos_proj", "pos_q_proj"),
