@@ -6,8 +6,10 @@ The rule engine of :func:`~fastewc.estimate_fisher` turns a layer's input ``A`` 
 so the tracker records ``A`` with forward hooks, receives ``G`` through a hook on the layer's output
 during the user's own backward, and applies the same rules (:mod:`.rules`). Nothing the training
 step computes changes: the hooks only read, so parameter gradients, the optimizer and AMP see the
-same numbers (one exception, documented at :meth:`FisherTracker._rule_hook`: a position table
-called without a batch axis hands on a broadcast view of its own output).
+same numbers (two exceptions, which change no value: a position table called without a batch
+axis hands on a broadcast view of its own output, documented at :meth:`FisherTracker._rule_hook`,
+and a table called without the batch at all hands on its output as a watched alias, followed to
+where it meets the batch: :mod:`.tracked_tables`).
 
 This file holds what the user holds: the class, its arguments, ``start`` / ``stop``,
 ``fisher()``, the saved state, and the plan (which module's rule covers which parameter,
@@ -122,9 +124,11 @@ class FisherTracker(_StepHooks):
     folded into rows, OPT's ``[N*T, d]`` and Swin's ``[N*windows, ...]``), run the model once more on
     the batch's first sample, without gradients and with the random state restored: the samples'
     axis is the one of size 1 there, a batch folded into rows sample by sample begins with that
-    sample's rows, and a table called without the batch keeps its shape (one with as many rows as
-    samples, T5's position buckets at T = N, is refused by name). A layout it does not show is
-    refused by name.
+    sample's rows, and a table called without the batch keeps its shape (also one with as many
+    rows as samples, T5's position buckets at T = N). A table's per-sample gradients are read where
+    its output meets the batch in a broadcast (an addition, ``where``, ``expand``, the attention's
+    additive mask; :mod:`.tracked_tables`); one meeting it otherwise is refused by name. A layout
+    the probe does not show is refused by name.
     """
 
     def __init__(self, model: nn.Module, *, params=None, reduction: str = "mean", accumulation_steps: int = 1,
