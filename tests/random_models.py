@@ -10,7 +10,7 @@ added to the same sum, a parameter used twice, one block called at two places, a
 ``[T, B, d]`` with a mask (XLNet's layout), parameters joined and split again, a table's scores
 masked in place through a view, a batch norm whose output becomes tokens into a residual, the
 batch folded into rows sample by sample, of single tokens or of windows, layer outputs modified
-in place afterwards),
+in place afterwards, a position table on ``arange(T)`` added, directly or through a Linear),
 after an Embedding or a Linear stem and
 before a mean-pooled, first-token or per-token head, the head's weight sometimes tied to the
 embedding. Everything is drawn from the seed; the global RNG is left as it was.
@@ -290,6 +290,22 @@ class InPlaceAfter(nn.Module):
         return out
 
 
+class TableAdd(nn.Module):
+    """A position table looked up on ``arange(T)``, without a batch axis, added to the sequence
+    (BART's positions), or through a Linear first (SwinV2's position-bias MLP, in one layer)."""
+
+    def __init__(self, T, d, through):
+        super().__init__()
+        self.table = nn.Embedding(T + 2, d)
+        self.mix = nn.Linear(d, d) if through else None
+
+    def forward(self, h):
+        t = self.table(torch.arange(h.shape[1], device=h.device))
+        if self.mix is not None:
+            t = self.mix(torch.tanh(t))
+        return h + t
+
+
 class RandomModel(nn.Module):
     def __init__(self, stem, chain, head, pool):
         super().__init__()
@@ -313,7 +329,7 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
     """One random block and the sequence length after it."""
     kind = rng.choice(["dense", "conv1d", "conv2d", "layernorm", "batchnorm", "groupnorm", "attention",
                        "encoder", "cls", "pos", "pair", "twice", "token", "relbias", "seqfirst", "split",
-                       "masked", "normtokens", "folded", "inplace"])
+                       "masked", "normtokens", "folded", "inplace", "tableadd"])
     bias = rng.random() < 0.7
     if kind == "dense":
         return Dense(d, bias), T
@@ -359,6 +375,8 @@ def _block(rng: random.Random, d: int, T: int, heads: int):
         return Folded(d, rng.choice([0, 1, 2]), bias), T
     if kind == "inplace":
         return InPlaceAfter(d, bias), T
+    if kind == "tableadd":
+        return TableAdd(T, d, rng.random() < 0.5), T
     return UsedTwice(d), T
 
 
@@ -378,7 +396,8 @@ def make_random(seed: int, n: int = 5, dtype=torch.float64):
         for _ in range(rng.randint(1, 4)):
             if chain and rng.random() < 0.15:  # a block called again later: its parameters shared
                 block = rng.choice(chain)
-                if isinstance(block, (ClsToken, TokenBefore, PosAdd, PairAdd, RelBiasAttention, MaskedAfter)):
+                if isinstance(block, (ClsToken, TokenBefore, PosAdd, PairAdd, RelBiasAttention, MaskedAfter,
+                                      TableAdd)):
                     continue  # would change the length or meet a table of another length
             else:
                 block, T = _block(rng, d, T, heads)
