@@ -100,6 +100,7 @@ class _Pass:
         self.calls = {}
         self.inputs = ((), {})
         self.probe = None
+        self.tables = []
 
 
 def _own_arithmetic():
@@ -141,6 +142,11 @@ def _fingerprint(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat @ v, flat.abs() @ v.abs()
 
 
+# Relative tolerance of a value computed on the batch against the same on one sample alone (the
+# products' summation orders differ), by dtype; 1e-2 for half precision.
+_ONE_SAMPLE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
 def _first_rows(A: torch.Tensor, k: int, seen: tuple) -> bool:
     """Whether the step's input ``A`` (a batch folded into rows) begins with the ``k`` rows that the
     probe's first sample got (``seen``: their :func:`_fingerprint`), to the rounding of a batched
@@ -149,7 +155,7 @@ def _first_rows(A: torch.Tensor, k: int, seen: tuple) -> bool:
     if want.numel() != k or bool((want == want[0]).all()):
         return False
     got, _ = _fingerprint(A[:k])
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(A.dtype, 0.0 if not A.is_floating_point() else 1e-2)
+    tol = _ONE_SAMPLE_RTOL.get(A.dtype, 1e-2) if A.is_floating_point() else 0.0
     return bool(((got - want).abs() <= tol * scale).all())
 
 
@@ -692,10 +698,9 @@ class _StepHooks(_LossChecks):
         got = [got[k] for k in rec.out_index] if len(got) > max(rec.out_index, default=-1) else []
         if len(got) != len(want):
             return False
-        tol = {torch.float64: 1e-9, torch.float32: 1e-4}
+        tol = lambda w: _ONE_SAMPLE_RTOL.get(w.dtype, 1e-2)  # noqa: E731
         return all(isinstance(g, torch.Tensor) and g.shape == w.shape
-                   and (w.numel() == 0 or torch.allclose(g, w, rtol=tol.get(w.dtype, 1e-2),
-                                                         atol=tol.get(w.dtype, 1e-2) * float(w.abs().max())))
+                   and (w.numel() == 0 or torch.allclose(g, w, rtol=tol(w), atol=tol(w) * float(w.abs().max())))
                    for g, w in zip(got, want))
 
     # -- backward ------------------------------------------------------------------------------

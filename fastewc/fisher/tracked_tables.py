@@ -9,10 +9,10 @@ that involves no tensor with the batch on dim 0 (``permute``, ``unsqueeze``, sli
 hands on another watched result; the first that does is recorded where it is a broadcast (an
 addition or subtraction with a batched tensor, ``where`` with a batched condition, ``expand`` to
 the batch, or the additive mask of ``scaled_dot_product_attention``, passed in expanded to the
-batch), and the gradient of its result gives each sample's gradient of the watched
-operand by summing that sample's slice over the broadcast axes (:func:`sample_cotangent`). Any other operation meeting the batch is
-refused by name, as is a table meeting it twice in one forward (its samples' gradients would have
-to be added before squaring).
+batch), and the gradient of its result gives each sample's gradient of the watched operand by
+summing that sample's slice over the broadcast axes (:func:`sample_cotangent`). Any other
+operation meeting the batch is refused by name, as is a table meeting it twice in one forward
+(its samples' gradients would have to be added before squaring) or not at all.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Watched(torch.Tensor):
             table.meet(table, _plain(mine[0]), out, lambda G: G)
             return out
         if not batched:
-            return tree_map(lambda t: _watch(t, table) if isinstance(t, torch.Tensor) else t, out)
+            return tree_map(lambda t: watch(t, table) if isinstance(t, torch.Tensor) else t, out)
         share = _share(func, args, kwargs) if len(mine) == 1 else None
         if share is None or not isinstance(out, torch.Tensor) or out.shape[:1] != (table.n,) \
                 or (mine[0].dim() >= out.dim() and mine[0].shape[0] != 1):
@@ -92,8 +92,8 @@ def _attention_with_bias(args, kwargs, bias):
     sample's share (the same values; the kernel sums a broadcast mask's gradient otherwise)."""
     table = bias._table
     query = args[0] if args else kwargs["query"]
+    Z = _plain(bias)
     with torch._C.DisableTorchFunctionSubclass():
-        Z = bias.as_subclass(torch.Tensor)
         if not (query.dim() == Z.dim() and query.shape[0] == table.n and Z.shape[0] == 1 and Z.is_floating_point()):
             raise EWCInputError(
                 f"FisherTracker: {table.name} is a table the model calls without the batch, and its output meets "
@@ -129,17 +129,13 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
         return t.as_subclass(torch.Tensor)
 
 
-def _watch(t: torch.Tensor, table: Table) -> torch.Tensor:
+def watch(t: torch.Tensor, table: Table) -> torch.Tensor:
+    """``t`` as the model should get it: a :class:`Watched` alias of it (the same tensor in the
+    autograd graph)."""
     with torch._C.DisableTorchFunctionSubclass():
         w = t.as_subclass(Watched)
     w._table = table
     return w
-
-
-def watch(output: torch.Tensor, table: Table) -> torch.Tensor:
-    """``output`` as the model should get it: a :class:`Watched` alias of it (the same tensor in
-    the autograd graph)."""
-    return _watch(output, table)
 
 
 def table_of(values) -> Table | None:

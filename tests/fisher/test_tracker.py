@@ -335,6 +335,43 @@ def test_hf_encoder_decoder_tables_are_tracked_also_at_as_many_positions_as_samp
     assert_fisher_close(tracker.fisher(), want, **(dict(rtol=1e-6, atol_rel=1e-8) if case == "t5" else TOL))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hf_own_loss_of_a_half_precision_model_is_read(dtype):
+    """A model trained in bfloat16 or float16 throughout: BERT's classification head computes its
+    loss in that precision, which the check of the own loss's weights (to float32 rounding) took
+    for another loss and refused. Within a few of the loss's own rounding steps now, and a loss
+    10% off is still refused; the tracked Fisher is the float64 one on the same rounded weights
+    to that precision."""
+    pytest.importorskip("transformers")
+    import transformers as T
+
+    model, data = _hf("bert")
+    low = hf_model("bert").to(dtype)
+    low.load_state_dict(model.state_dict())
+    high = hf_model("bert")
+    high.load_state_dict(low.state_dict())  # the rounded weights, in float64
+    got = _hf_train(low, data, FisherTracker(low)).fisher()
+    want = _hf_train(high, data, FisherTracker(high)).fisher()
+    # five rounding steps of the model's precision (measured: 1.4e-2 in bfloat16, 1.9e-3 in float16),
+    # each tensor against its own largest entry, floored where its Fisher is rounding noise (key biases)
+    largest = max(float(w.abs().max()) for w in want.values())
+    for n, w in want.items():
+        assert got[n].dtype == torch.float32
+        scale = max(float(w.abs().max()), 1e-6 * largest)
+        assert float((got[n].double() - w).abs().max()) <= 5 * torch.finfo(dtype).eps * scale, n
+
+    class ScaledBertForSequenceClassification(T.BertForSequenceClassification):
+        def forward(self, **kwargs):
+            out = super().forward(**kwargs)
+            out.loss = out.loss * 1.1
+            return out
+
+    low.__class__ = ScaledBertForSequenceClassification
+    with pytest.raises(EWCInputError, match=r"own loss \(.*\) is not the weighted mean of its per-sample "
+                                            r"sequence_classification losses the tracker assumes"):
+        _hf_train(low, data, FisherTracker(low))
+
+
 def test_hf_loss_of_an_unknown_head_is_refused_by_name():
     transformers = pytest.importorskip("transformers")
     model = transformers.BertForMultipleChoice(transformers.BertConfig(

@@ -11,6 +11,7 @@ met in an addition or the attention's mask, are tracked). Without ``params=`` ea
 families is refused by name, never summed wrong."""
 
 import warnings
+from functools import lru_cache
 
 import pytest
 import torch
@@ -112,11 +113,13 @@ def test_tracked_matches_the_reference_loop(case, padded, scale):
     assert len(got) >= 0.8 * len(truth), (len(got), len(truth))
 
 
-def _square_batches(case):
+@lru_cache(maxsize=None)
+def _square_batches(name):
     """The case's kind of text batches with as many tokens as samples (4 and 4, source and target),
     or None for a case that takes no token ids: every sequence layer's input ``[N, T, d]`` then
     has the batch's size on two axes, and tables on ``[T, T]`` or ``arange(T)`` have as many rows
-    as the batch has samples."""
+    as the batch has samples. Read once per case (collection asks first)."""
+    case = zoo.BY_NAME[name]
     _, data = case.build(True)
     b = data[0]
     if not isinstance(b, dict) or "input_ids" not in b:
@@ -128,7 +131,7 @@ def _square_batches(case):
     return zoo.text("lm" if lm else "tok", True, n=8, seq=4, batch_size=4)
 
 
-SQUARE = [c for c, p in CASES if p and _square_batches(c) is not None]
+SQUARE = [c for c, p in CASES if p and _square_batches(c.name) is not None]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in SQUARE])
@@ -137,7 +140,7 @@ def test_tracked_with_as_many_positions_as_samples_matches_the_reference_loop(ca
     positions there; each layer's layout is read from an earlier step or the first step's probe,
     and a table with as many rows as samples is refused (left out here by name)."""
     model, _ = zoo.build_scaled(case, True)
-    tracker, _, _ = _check(case, model, _square_batches(case))
+    tracker, _, _ = _check(case, model, _square_batches(case.name))
     assert tracker.samples_seen == 8
 
 
