@@ -12,9 +12,8 @@
  * Why C: the same sum in PyTorch forms every sample's [O, I] gradient in memory (a batched
  * product whose inner dimension T is too short for the BLAS to run at speed), then reads it back
  * to square it. Here each 6 x 2W tile of one sample's gradient is built in registers over the T
- * positions, squared and added into the total while still in registers, from packed copies of a
- * block of the sample's inputs and of a panel of its output gradients that stay in cache while
- * the block's tiles are visited. Over long sequences the batched product
+ * positions, squared and added into the total while still in registers; the sample's inputs and
+ * gradients stay in cache while its tiles are visited. Over long sequences the batched product
  * is efficient and the caller keeps it. A bias's gradient is the weight's against an input of
  * ones; its sums are formed from each sample's gradients while they are in cache too.
  *
@@ -40,45 +39,41 @@
  */
 
 #include <stdint.h>
-#include <stdlib.h>
 
 #define ROWS 6 /* rows of a register tile: 6 x 2 accumulators + 2 input vectors + 1 broadcast */
-#define L1_INPUT_BYTES 16384 /* a column block's packed inputs: half a typical L1 data cache */
-#define PANEL_BYTES 262144 /* packed output gradients of the row tiles packed at once */
+#define L1_INPUT_BYTES 16384 /* a column block's inputs: half a typical L1 data cache */
 #define BIAS_ROWS 64 /* a bias's rows summed at once, in a local array */
 
 /* One dtype's kernel: V is its vector type of W lanes (32 or 64 bytes, below), aligned as S is (unaligned
  * loads and stores; the GCC and Clang vector extension), SPLAT(x) the vector of W copies of x
- * (written out: compilers turn that into one broadcast, a loop over lanes into W inserts).
- *
- * Why the tiles read packed copies: a sample's inputs and output gradients are rows of the
- * layer's [T, I] and [T, O] tensors, so the T values one tile reads are a row length apart. With
- * rows a multiple of a few kilobytes long (768 or 1536 floats) they all fall in a few sets of the
- * L1 cache, evict each other, and each tile fetches them again from further out. Packing a block
- * of columns of the inputs into consecutive rows, and the output gradients of as many row tiles as fit
- * PANEL_BYTES (all a thread's rows but for the widest layers)
- * into one panel per tile (position after position, ROWS values each), makes every tile read
- * consecutive memory, at the cost of one copy of each that every tile of the block reuses. */
+ * (written out: compilers turn that into one broadcast, a loop over lanes into W inserts). */
 #define DEFINE_OUTER_SQ(NAME, S, V, W, SPLAT)                                                            \
+    /* One sample's element (o, i) of the gradient, for the columns the tiles do not cover. */   \
+    static inline S NAME##_dot(const S *g, int64_t sgt, const S *a, int64_t sat, int64_t T) {     \
+        S s = 0;                                                                                  \
+        for (int64_t t = 0; t < T; t++)                                                           \
+            s += g[t * sgt] * a[t * sat];                                                         \
+        return s;                                                                                 \
+    }                                                                                             \
+                                                                                                  \
     /* One tile: rows [o, o + R) and columns [i, i + C W) of one sample's gradient (C = 2 vectors   \
-     * per row, or 1 for leftover columns), built in registers over the T positions from the       \
-     * packed panel pg (ROWS gradients per position) and packed inputs pa (lda per position),      \
-     * squared and added into total. R and C are constants in each caller, so the loops over rows  \
-     * and vectors unroll and the accumulators stay in registers. */                               \
+     * per row, or 1 for leftover columns), built in registers over the T positions, squared and    \
+     * added into total. R and C are constants in each caller, so the loops over rows and vectors  \
+     * unroll and the accumulators stay in registers. */                                          \
     static inline __attribute__((always_inline)) void NAME##_tile(                                \
-        int R, int C, int64_t T, int64_t I, const S *pg, const S *pa, int64_t lda, S *total,      \
-        S alpha, int64_t o, int64_t i) {                                                          \
+        int R, int C, int64_t T, int64_t I, const S *Gs, int64_t sgt, int64_t sgo, const S *As,   \
+        int64_t sat, S *total, S alpha, int64_t o, int64_t i) {                                   \
         V acc[ROWS][2];                                                                           \
         for (int r = 0; r < R; r++)                                                               \
             for (int c = 0; c < C; c++)                                                           \
                 acc[r][c] = (V){0};                                                               \
         for (int64_t t = 0; t < T; t++) {                                                         \
-            const S *at = pa + t * lda, *gt = pg + t * ROWS;                                      \
+            const S *at = As + t * sat + i, *gt = Gs + t * sgt + o * sgo;                         \
             V a[2];                                                                               \
             for (int c = 0; c < C; c++)                                                           \
                 a[c] = *(const V *)(at + c * W);                                                  \
             for (int r = 0; r < R; r++) {                                                         \
-                V g = SPLAT(gt[r]);                                                               \
+                V g = SPLAT(gt[r * sgo]);                                                         \
                 for (int c = 0; c < C; c++)                                                       \
                     acc[r][c] += g * a[c];                                                        \
             }                                                                                     \
@@ -93,46 +88,27 @@
     /* The tiles of rows [o, o + rows) and C vectors of columns from i: a constant row count per  \
      * call of NAME##_tile. */                                                                    \
     static inline __attribute__((always_inline)) void NAME##_tiles(                               \
-        int rows, int C, int64_t T, int64_t I, const S *pg, const S *pa, int64_t lda, S *total,   \
-        S alpha, int64_t o, int64_t i) {                                                          \
+        int rows, int C, int64_t T, int64_t I, const S *Gs, int64_t sgt, int64_t sgo,             \
+        const S *As, int64_t sat, S *total, S alpha, int64_t o, int64_t i) {                      \
         switch (rows) {                                                                           \
-        case 6: NAME##_tile(6, C, T, I, pg, pa, lda, total, alpha, o, i); break;                  \
-        case 5: NAME##_tile(5, C, T, I, pg, pa, lda, total, alpha, o, i); break;                  \
-        case 4: NAME##_tile(4, C, T, I, pg, pa, lda, total, alpha, o, i); break;                  \
-        case 3: NAME##_tile(3, C, T, I, pg, pa, lda, total, alpha, o, i); break;                  \
-        case 2: NAME##_tile(2, C, T, I, pg, pa, lda, total, alpha, o, i); break;                  \
-        default: NAME##_tile(1, C, T, I, pg, pa, lda, total, alpha, o, i); break;                 \
+        case 6: NAME##_tile(6, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 5: NAME##_tile(5, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 4: NAME##_tile(4, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 3: NAME##_tile(3, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        case 2: NAME##_tile(2, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;        \
+        default: NAME##_tile(1, C, T, I, Gs, sgt, sgo, As, sat, total, alpha, o, i); break;       \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
-    /* Columns per packed block: T x block inputs fill L1_INPUT_BYTES, a whole number of tiles. */ \
-    static int64_t NAME##_block(int64_t T) {                                                      \
-        int64_t block = L1_INPUT_BYTES / ((int64_t)sizeof(S) * (T > 0 ? T : 1)) / (2 * W) * (2 * W); \
-        return block < 2 * W ? 2 * W : block;                                                     \
-    }                                                                                             \
-                                                                                                  \
-    /* k elements rounded up to whole 64-byte lines: packed rows placed after them stay aligned. */ \
-    static int64_t NAME##_lines(int64_t k) {                                                      \
-        const int64_t line = 64 / (int64_t)sizeof(S);                                             \
-        return (k + line - 1) / line * line;                                                      \
-    }                                                                                             \
-                                                                                                  \
-    /* Rows of total packed at once: a whole number of tiles whose T positions fill PANEL_BYTES. */ \
-    static int64_t NAME##_panel_rows(int64_t T) {                                                 \
-        int64_t rows = PANEL_BYTES / ((int64_t)sizeof(S) * (T > 0 ? T : 1)) / ROWS * ROWS;        \
-        return rows < ROWS ? ROWS : rows;                                                         \
-    }                                                                                             \
-                                                                                                  \
-    /* Rows [o0, o1) of total, every sample, with work: room for the panels of min(o1 - o0,       \
-     * NAME##_panel_rows) rows and one block of inputs. */                                        \
+    /* Rows [o0, o1) of total, every sample. A sample's columns are visited in blocks whose      \
+     * inputs (T x block) stay in the L1 cache while every row tile passes over them. */          \
     static void NAME##_rows(int64_t n, int64_t T, int64_t I, const S *G, int64_t sgn,             \
                             int64_t sgt, int64_t sgo, const S *A, int64_t san, int64_t sat,       \
                             S *total, S *bias, S alpha, const int64_t *picks, const S *weights,   \
-                            int64_t o0, int64_t o1, S *work) {                                    \
-        const int64_t block = NAME##_block(T);                                                    \
-        const int64_t step = NAME##_panel_rows(T);                                                \
-        const int64_t packed = o1 - o0 < step ? (o1 - o0 + ROWS - 1) / ROWS * ROWS : step;        \
-        S *pg = work, *pa = work + NAME##_lines(packed * T);                                      \
+                            int64_t o0, int64_t o1) {                                             \
+        int64_t block = L1_INPUT_BYTES / ((int64_t)sizeof(S) * (T > 0 ? T : 1)) / (2 * W) * (2 * W); \
+        if (block < 2 * W)                                                                        \
+            block = 2 * W;                                                                        \
         for (int64_t s = 0; s < n; s++) {                                                         \
             const int64_t at = picks ? picks[s] : s;                                              \
             const S *Gs = G + at * sgn, *As = A + at * san;                                       \
@@ -153,72 +129,40 @@
                 }                                                                                 \
             if (!total)                                                                           \
                 continue;                                                                         \
-            for (int64_t b0 = o0; b0 < o1; b0 += step) {                                          \
-                const int64_t b1 = o1 - b0 < step ? o1 : b0 + step;                               \
-                const int64_t panels = (b1 - b0 + ROWS - 1) / ROWS;                               \
-                /* panel p, position t, row r: rows past b1 are zeros no tile stores */           \
-                for (int64_t p = 0; p < panels; p++)                                              \
-                    for (int64_t t = 0; t < T; t++) {                                             \
-                        const S *g = Gs + t * sgt + (b0 + p * ROWS) * sgo;                        \
-                        S *dst = pg + (p * T + t) * ROWS;                                         \
-                        const int64_t m = b1 - b0 - p * ROWS < ROWS ? b1 - b0 - p * ROWS : ROWS;  \
-                        for (int64_t r = 0; r < ROWS; r++)                                        \
-                            dst[r] = r < m ? g[r * sgo] : 0;                                      \
+            for (int64_t i0 = 0; i0 < I; i0 += block) {                                           \
+                int64_t i1 = I - i0 < block ? I : i0 + block;                                     \
+                for (int64_t o = o0; o < o1; o += ROWS) {                                         \
+                    int64_t i = i0;                                                               \
+                    int rows = o1 - o < ROWS ? (int)(o1 - o) : ROWS;                              \
+                    for (; i + 2 * W <= i1; i += 2 * W)                                           \
+                        NAME##_tiles(rows, 2, T, I, Gs, sgt, sgo, As, sat, total, a, o, i);       \
+                    if (i + W <= i1) { /* leftover columns: a tile one vector wide */             \
+                        NAME##_tiles(rows, 1, T, I, Gs, sgt, sgo, As, sat, total, a, o, i);       \
+                        i += W;                                                                   \
                     }                                                                             \
-                for (int64_t i0 = 0; i0 < I; i0 += block) {                                       \
-                    /* rows of whole vectors (lda), each starting aligned */                      \
-                    const int64_t cols = I - i0 < block ? I - i0 : block;                         \
-                    const int64_t lda = (cols + W - 1) / W * W;                                   \
-                    for (int64_t t = 0; t < T; t++)                                               \
-                        for (int64_t c = 0; c < cols; c++)                                        \
-                            pa[t * lda + c] = As[t * sat + i0 + c];                               \
-                    for (int64_t p = 0; p < panels; p++) {                                        \
-                        const int64_t o = b0 + p * ROWS;                                          \
-                        const int rows = b1 - o < ROWS ? (int)(b1 - o) : ROWS;                    \
-                        const S *panel = pg + p * T * ROWS;                                       \
-                        int64_t c = 0;                                                            \
-                        for (; c + 2 * W <= cols; c += 2 * W)                                     \
-                            NAME##_tiles(rows, 2, T, I, panel, pa + c, lda, total, a, o, i0 + c); \
-                        if (c + W <= cols) { /* leftover columns: a tile one vector wide */       \
-                            NAME##_tiles(rows, 1, T, I, panel, pa + c, lda, total, a, o, i0 + c); \
-                            c += W;                                                               \
+                    for (; i < i1; i++)                                                           \
+                        for (int r = 0; r < rows; r++) {                                          \
+                            S v = NAME##_dot(Gs + (o + r) * sgo, sgt, As + i, sat, T);            \
+                            total[(o + r) * I + i] += a * v * v;                                  \
                         }                                                                         \
-                        for (; c < cols; c++) /* the last few columns, one at a time */           \
-                            for (int r = 0; r < rows; r++) {                                      \
-                                S v = 0;                                                          \
-                                for (int64_t t = 0; t < T; t++)                                   \
-                                    v += panel[t * ROWS + r] * pa[t * lda + c];                   \
-                                total[(o + r) * I + i0 + c] += a * v * v;                         \
-                            }                                                                     \
-                    }                                                                             \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
-    /* Returns 0, or 1 where the packing room could not be allocated (nothing added then: the    \
-     * caller raises). */                                                                         \
-    int64_t NAME(int64_t n, int64_t T, int64_t O, int64_t I, const S *G, int64_t sgn, int64_t sgt, \
-                 int64_t sgo, const S *A, int64_t san, int64_t sat, S *total, S *bias,            \
-                 double alpha, const int64_t *picks, const S *weights, int64_t threads) {         \
+    void NAME(int64_t n, int64_t T, int64_t O, int64_t I, const S *G, int64_t sgn, int64_t sgt,   \
+              int64_t sgo, const S *A, int64_t san, int64_t sat, S *total, S *bias,               \
+              double alpha, const int64_t *picks, const S *weights, int64_t threads) {            \
         int64_t tiles = (O + ROWS - 1) / ROWS;                                                    \
         int64_t parts = threads < tiles ? threads : tiles;                                        \
         if (parts < 1)                                                                            \
             parts = 1;                                                                            \
-        const int64_t share = (tiles + parts - 1) / parts * ROWS, step = NAME##_panel_rows(T);    \
-        const int64_t T1 = T > 0 ? T : 1;                                                         \
-        const int64_t room = total ? NAME##_lines(NAME##_lines((share < step ? share : step) * T1) + NAME##_block(T) * T1) : 0; \
-        S *work = 0;                                                                              \
-        if (room && posix_memalign((void **)&work, 64, sizeof(S) * room * parts))                 \
-            return 1;                                                                             \
         _Pragma("omp parallel for num_threads(parts) schedule(static) if(parts > 1)")             \
         for (int64_t k = 0; k < parts; k++) {                                                     \
             int64_t lo = tiles * k / parts * ROWS, hi = tiles * (k + 1) / parts * ROWS;           \
             NAME##_rows(n, T, I, G, sgn, sgt, sgo, A, san, sat, total, bias, (S)alpha, picks,     \
-                        weights, lo, hi < O ? hi : O, work ? work + k * room : 0);                \
+                        weights, lo, hi < O ? hi : O);                                            \
         }                                                                                         \
-        free(work);                                                                               \
-        return 0;                                                                                 \
     }
 
 #if defined(__AVX512F__)

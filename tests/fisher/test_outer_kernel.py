@@ -50,8 +50,7 @@ def assert_close(got, want, dtype):
 # two-vector tiles, for the one-vector tile and for the scalar loop, with 32-byte vectors (8 float32
 # or 4 float64 lanes) and 64-byte ones (16 or 8; I = 59 takes all three), empty and one-element
 # tensors, and a sequence long enough that one sample's columns are split into several cache
-# blocks (T = 64, I = 100), and rows more than one thread packs at once (T = 64: 512 rows in
-# float64, 1024 in float32; O = 2100 is several packs in either, ending in a partial tile).
+# blocks (T = 64, I = 100), and a tall layer whose rows end in a partial tile (O = 2100).
 SHAPES = [(3, 5, 13, 7), (1, 1, 1, 1), (0, 4, 6, 16), (4, 0, 6, 16), (2, 3, 12, 32), (2, 2, 7, 17),
           (2, 2, 8, 33), (3, 2, 9, 48), (2, 3, 10, 5), (2, 3, 11, 40), (2, 64, 14, 100), (5, 17, 30, 24),
           (2, 3, 7, 59), (2, 64, 2100, 20)]

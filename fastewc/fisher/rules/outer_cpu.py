@@ -41,7 +41,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_double, ptr, ptr,
                        i64]
-        fn.restype = i64
+        fn.restype = None
 
 
 def openmp_libraries(maps: str | None = None) -> set[str] | None:
@@ -120,14 +120,9 @@ class OuterKernel:
         if threads is None:
             threads = torch.get_num_threads() if self.threaded else 1
         fn = getattr(self.library.lib, FUNCTIONS[G.dtype])
-        failed = fn(n, T, O, I, G.data_ptr(), G.stride(0), G.stride(1), G.stride(2), A.data_ptr(), A.stride(0),
-                    A.stride(1), None if total is None else total.data_ptr(),
-                    None if bias is None else bias.data_ptr(), float(alpha),
-                    None if picks is None else picks.data_ptr(), None if weights is None else weights.data_ptr(),
-                    threads)
-        if failed:
-            raise MemoryError(f"outer_sq: no memory for the kernel's packed copies of a block of inputs and "
-                              f"{threads} panels of output gradients ({T} positions); nothing was added")
+        fn(n, T, O, I, G.data_ptr(), G.stride(0), G.stride(1), G.stride(2), A.data_ptr(), A.stride(0), A.stride(1),
+           None if total is None else total.data_ptr(), None if bias is None else bias.data_ptr(), float(alpha),
+           None if picks is None else picks.data_ptr(), None if weights is None else weights.data_ptr(), threads)
 
 
 def load(*, cc: list[str] | None = None, folder: Path | None = None, features: str | None = None,
