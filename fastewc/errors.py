@@ -7,3 +7,14 @@ class EWCInputError(ValueError):
 
 class ModelMismatchError(EWCInputError):
     """The model no longer matches what the regularizer was registered or bound with."""
+
+
+class UntrackableParameters(EWCInputError):
+    """``FisherTracker`` cannot read these parameters' per-sample gradients from the training step
+    (``params``: their names, as ``model.named_parameters()`` gives them). The others can be
+    tracked with ``params=`` leaving these out; ``fastewc.check_tracking`` finds every such
+    parameter of a model on one step."""
+
+    def __init__(self, message: str, params):
+        super().__init__(message)
+        self.params = tuple(params)

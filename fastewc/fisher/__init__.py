@@ -8,7 +8,8 @@ per-sample sums of squares), :mod:`.probe` (prove the plan on the first samples,
 loop, for what no rule covers) -> :mod:`.estimate` (:func:`estimate_fisher`, which strings them
 together, with its arguments checked in :mod:`.arguments` and its :class:`FisherReport` in
 :mod:`.report`). :class:`FisherTracker` (:mod:`.tracker`, its per-step hooks in
-:mod:`.tracked_step`) applies the same rules inside the user's own training steps.
+:mod:`.tracked_step`) applies the same rules inside the user's own training steps;
+:func:`check_tracking` (:mod:`.tracked_check`) finds on one step which parameters it can track.
 """
 
 from .arguments import select_parameters
@@ -16,7 +17,8 @@ from .estimate import estimate_fisher
 from .probe import clear_plan_cache
 from .report import FisherReport
 from .rules import register_rule, unregister_rule
+from .tracked_check import TrackingCheck, check_tracking
 from .tracker import FisherTracker
 
 __all__ = ["estimate_fisher", "FisherReport", "select_parameters", "register_rule", "unregister_rule",
-           "clear_plan_cache", "FisherTracker"]
+           "clear_plan_cache", "FisherTracker", "check_tracking", "TrackingCheck"]

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._utils import AUTOCAST_DEVICES, autocast_state, precision
-from ..errors import EWCInputError
+from ..errors import EWCInputError, UntrackableParameters
 from .problem import plain_attention, untouched_rng
 from .rules import add_sq_sums
 from .rules.registry import factor_terms
@@ -178,8 +178,8 @@ class _StepHooks(_LossChecks):
             self._site_handles.append(site.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
 
     def _pre_hook(self, module, args, kwargs):
-        if not torch.is_grad_enabled():
-            return None  # evaluation: nothing to track
+        if not torch.is_grad_enabled() or self._replaying:
+            return None  # evaluation, or the tracker's own replay of a model that holds parameters itself
         if torch._C._current_graph_task_id() != -1:
             raise EWCInputError("FisherTracker: the model's forward runs inside a backward (gradient checkpointing "
                                 "recomputes it): the tracker cannot tell that forward from a training one; turn "
@@ -242,13 +242,13 @@ class _StepHooks(_LossChecks):
             self._pass = None
         names = sorted(outside)
         where = "; ".join(f"{n!r} by {outside[n]}" for n in names[:4])
-        raise EWCInputError(
+        raise UntrackableParameters(
             f"FisherTracker: {names[:6]} are used in the model's forward outside the modules whose hooks read their "
             f"per-sample gradients ({where}): e.g. a layer's weight passed to F.linear in its parent's forward, or "
             f"a child module never called whose parameters its parent reads. That use's share of each sample's "
             f"gradient passes no hook, so their tracked Fisher would be wrong. Leave them out: params=lambda n, p: "
             f"p.requires_grad and n not in {names[:6]}, and estimate them with estimate_fisher (which finds such "
-            f"uses); or use each parameter only through the module that holds it")
+            f"uses); or use each parameter only through the module that holds it", names)
 
     def _tracks_this_forward(self) -> bool:
         """Whether this training forward is the one of its run of ``one_in`` that is tracked (its
@@ -336,8 +336,9 @@ class _StepHooks(_LossChecks):
             if p is None or not torch.is_grad_enabled():
                 return None
             if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called with keyword, "
-                                    f"several or non-tensor arguments; its rule reads one input tensor")
+                raise self._untrackable([key], f"FisherTracker: {site.module_name} ({type(module).__name__}) is called "
+                                            f"with keyword, several or non-tensor arguments; its rule reads one input "
+                                            f"tensor")
             A, handed, axis, fold = args[0], None, 0, 1
             if (isinstance(module, nn.Embedding) and A.dim() > 0 and A.shape[0] == 1 and output.shape[0] == 1
                     and p.n != 1):
@@ -396,7 +397,7 @@ class _StepHooks(_LossChecks):
                 return 0, fold
         else:
             folded = A.dim() > 0 and A.shape[0] > n and A.shape[0] % n == 0
-            raise EWCInputError(
+            raise self._untrackable([key],
                 f"FisherTracker: {site.module_name} ({type(module).__name__}) is called on a tensor of shape "
                 f"{tuple(A.shape)} whose first axis is not the batch of {n} samples"
                 + ("; its rule needs the samples on dim 0" if not site.rule.sequence else
@@ -471,7 +472,7 @@ class _StepHooks(_LossChecks):
         what = f"{site.module_name} ({type(site.module).__name__})"
         if upstream is not None:
             if not isinstance(output, Watched) or output._table is not upstream:
-                raise EWCInputError(
+                raise self._untrackable(upstream.keys[:1],
                     f"FisherTracker: {what} is fed a table the model calls without the batch ({upstream.name}) and "
                     f"gives what the tracker does not follow (the batch met inside it, or several outputs). Leave "
                     f"both's parameters out with params= (estimate_fisher covers them after training)")
@@ -479,13 +480,16 @@ class _StepHooks(_LossChecks):
                 upstream.keys.append(key)
             return None
         if not isinstance(output, torch.Tensor):
-            raise EWCInputError(f"FisherTracker: {what} is a table the model calls without the batch, with several "
-                                f"outputs; leave its parameters out with params= (estimate_fisher covers them after "
-                                f"training)")
+            raise self._untrackable([key], f"FisherTracker: {what} is a table the model calls without the batch, with "
+                                           f"several outputs; leave its parameters out with params= (estimate_fisher "
+                                           f"covers them after training)")
         if not output.requires_grad:
             self._refuse_frozen(site)
             return None
-        table = Table(what, p.n, partial(self._table_met, p), [key])
+        # a refusal names the table's own parameters: the layers it was fed through may track once
+        # it is left out (a table's flow can reach the batch's layers where it is not seen to meet it)
+        table = Table(what, p.n, partial(self._table_met, p),
+                      lambda t, message: self._untrackable(t.keys[:1], message), [key])
         p.tables.append(table)
         return watch(output, table)
 
@@ -496,7 +500,7 @@ class _StepHooks(_LossChecks):
         if p is not self._pass or p.dropped or not torch.is_grad_enabled():
             return
         if table.met:
-            raise EWCInputError(
+            raise table.refuse(table,
                 f"FisherTracker: {table.name} is a table the model calls without the batch, and its output meets "
                 f"the batch in two places of one forward; each sample's gradient would have to be added up from "
                 f"both before it is squared, which the tracker does not do. Leave its parameters out with params= "
@@ -513,7 +517,7 @@ class _StepHooks(_LossChecks):
                 p.end(dropped=True)
                 if self._pass is p:
                     self._pass = None
-                raise EWCInputError(
+                raise table.refuse(table,
                     f"FisherTracker: {table.name} is a table the model calls without the batch, and its output does not "
                     f"meet the batch in the forward where the tracker can follow it (an addition, subtraction, where "
                     f"or expand to the batch, or the mask of scaled_dot_product_attention, with the samples on dim 0). "
@@ -590,7 +594,7 @@ class _StepHooks(_LossChecks):
                                          or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and not alone)
                                          or (isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1))]
             if active:
-                raise EWCInputError(
+                raise self._untrackable([key],
                     f"FisherTracker: {site.module_name} ({type(module).__name__}) has no hand rule, so its parameters' "
                     f"per-sample gradients come from replaying it, and its dropout "
                     f"({site.module_name + ('.' + active[0] if active[0] else '')}) is active: a replay draws other "
@@ -612,10 +616,11 @@ class _StepHooks(_LossChecks):
             if rec.per_sample is None:  # a generic record: which arguments hold the samples is proven
                 rec.per_sample = self._sample_arguments(key, module, rec, self._batch_free(key, rec.leaves))
             if not rec.batched or not rec.outputs:
-                raise EWCInputError(f"FisherTracker: {site.module_name} ({type(module).__name__}) is called without "
-                                    f"the batch of {p.n} samples on dim 0 of its inputs and outputs: a table the "
-                                    f"model calls without the batch gets its gradient summed over the samples. Leave "
-                                    f"its parameters out with params= (estimate_fisher covers them after training)")
+                raise self._untrackable([key], f"FisherTracker: {site.module_name} ({type(module).__name__}) is called "
+                                               f"without the batch of {p.n} samples on dim 0 of its inputs and outputs: "
+                                               f"a table the model calls without the batch gets its gradient summed over "
+                                               f"the samples. Leave its parameters out with params= (estimate_fisher "
+                                               f"covers them after training)")
             outs = [t for t in rec.outputs if t.requires_grad]
             if not outs:
                 self._refuse_frozen(site)
@@ -643,6 +648,12 @@ class _StepHooks(_LossChecks):
                 call.versions = [t._version for t in rec.outputs]
             return handed
         return hook
+
+    def _untrackable(self, keys, message: str) -> UntrackableParameters:
+        """The refusal of sites whose parameters the tracker cannot read from the training step,
+        naming those parameters (which ``params=`` may leave out)."""
+        names = dict.fromkeys(n for key in keys for n in self._sites[key].params.values())
+        return UntrackableParameters(message, names)
 
     def _refuse_frozen(self, site) -> None:
         """A site's output needs no gradient in a tracked step. Where that is because its
@@ -678,7 +689,7 @@ class _StepHooks(_LossChecks):
             if option and self._reproduces(module, rec, option, want):
                 self._layouts[shape] = tuple(option)
                 return list(option)
-        raise EWCInputError(
+        raise self._untrackable([key],
             f"FisherTracker: {self._sites[key].module_name} ({type(module).__name__}) has no hand rule, and run on "
             f"one sample it does not reproduce its batched output however its arguments with the batch's size "
             f"are split, so which of them hold the samples is unknown; leave its parameters out with params=")
@@ -848,10 +859,12 @@ class _StepHooks(_LossChecks):
         replays = any(calls and self._sites[key].rule is None for key, calls in p.calls.items())
         try:
             self._refuse_modified_aliases(p)
+            self._replaying = True
             with _own_arithmetic(), plain_attention() if replays else contextlib.nullcontext():
                 self._shared(p)
                 self._fold(p)
         finally:
+            self._replaying = False
             p.end()
 
     def _refuse_modified_aliases(self, p: _Pass) -> None:
@@ -862,7 +875,7 @@ class _StepHooks(_LossChecks):
             for call in calls:
                 if call.versions and any(t._version != v for t, v in zip(call.rec.outputs, call.versions)):
                     site = self._sites[key]
-                    raise EWCInputError(
+                    raise self._untrackable([key],
                         f"FisherTracker: an output of {site.module_name} ({type(site.module).__name__}) is modified in "
                         f"place after the module returns it, which hides its gradient from the tracker; compute "
                         f"that step out of place (x = x * s rather than x *= s), or leave the module's parameters "

@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import EWCInputError
-
 T = torch.Tensor
 # operation -> the sign of the watched operand in its result, by position (0: self / input, 1: other)
 _ADDS = {torch.add: (1, 1), T.add: (1, 1), T.add_: (1, 1), T.__add__: (1, 1), T.__radd__: (1, 1),
@@ -38,13 +36,16 @@ _EXPANDS = (T.expand, T.expand_as)
 class Table:
     """A watched table: the site it comes from, the batch size, and what to call where it meets
     the batch (``meet(table, operand, result, share)``, ``share(G)`` the operand's gradient before
-    the broadcast is summed away, from the result's gradient ``G``). ``keys``: the sites whose
-    parameters it was computed with (a table fed through further layers: SwinV2's position-bias
-    MLP); ``met``: whether it has met the batch in this forward."""
+    the broadcast is summed away, from the result's gradient ``G``) and where it meets it in a way
+    the tracker does not follow (``refuse(table, message)``: the exception to raise, naming the
+    table's parameters). ``keys``: the sites whose parameters it was computed with (a table fed
+    through further layers: SwinV2's position-bias MLP); ``met``: whether it has met the batch in
+    this forward."""
 
     name: str
     n: int
     meet: Callable
+    refuse: Callable
     keys: list = field(default_factory=list)
     met: bool = False
 
@@ -77,7 +78,7 @@ class Watched(torch.Tensor):
         share = _share(func, args, kwargs) if len(mine) == 1 else None
         if share is None or not isinstance(out, torch.Tensor) or out.shape[:1] != (table.n,) \
                 or (mine[0].dim() >= out.dim() and mine[0].shape[0] != 1):
-            raise EWCInputError(
+            raise table.refuse(table,
                 f"FisherTracker: {table.name} is a table the model calls without the batch, and its output meets "
                 f"the batch in {getattr(func, '__name__', func)}, where the tracker cannot take each sample's share "
                 f"(it follows additions, subtractions, where and expand to the batch). Leave its parameters out "
@@ -95,7 +96,7 @@ def _attention_with_bias(args, kwargs, bias):
     Z = _plain(bias)
     with torch._C.DisableTorchFunctionSubclass():
         if not (query.dim() == Z.dim() and query.shape[0] == table.n and Z.shape[0] == 1 and Z.is_floating_point()):
-            raise EWCInputError(
+            raise table.refuse(table,
                 f"FisherTracker: {table.name} is a table the model calls without the batch, and its output meets "
                 f"the batch as the mask of scaled_dot_product_attention in a layout the tracker does not follow. "
                 f"Leave its parameters out with params= (estimate_fisher covers them after training)")

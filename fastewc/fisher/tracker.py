@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import unwrap_model
-from ..errors import EWCInputError
+from ..errors import EWCInputError, UntrackableParameters
 from .arguments import select_parameters
 from .plan import OPS, make_plan
 from .problem import model_head
@@ -197,6 +197,7 @@ class FisherTracker(_StepHooks):
         self._shapes_seen: dict[str, tuple] = {}  # rule site -> its first input's shape in that forward
         self._tables: set[str] = set()   # sites the probe showed to be tables called without the batch
         self._probing: dict | None = None  # while it runs: rule site -> what its first call gets
+        self._replaying = False          # the end of a backward replays module-local sites (the model too)
         self._uses_checked: set = set()  # the modules' modes under which a forward showed every
                                          # parameter used only at its plan's sites (tracked_uses)
         self.rules: dict[str, str] = {}
@@ -301,11 +302,11 @@ class FisherTracker(_StepHooks):
         outside = sorted(plan.sites[OPS].params.values()) if OPS in plan.sites else []
         outside += [p for p in plan.leftover if p not in outside]
         if outside:
-            raise EWCInputError(
+            raise UntrackableParameters(
                 f"FisherTracker: {outside[:6]} are used outside any module's forward (a bare nn.Parameter the model's "
                 f"forward uses, e.g. a class token or position table): no hook sees a per-sample input and output "
                 f"gradient for them. Leave them out: params=lambda n, p: p.requires_grad and n not in {outside[:6]}, "
-                f"and estimate them with estimate_fisher")
+                f"and estimate them with estimate_fisher", outside)
         self._sites = plan.sites
         self.rules = plan.method_of
         self._uses = {}

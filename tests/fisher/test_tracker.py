@@ -1600,3 +1600,28 @@ def test_a_convolution_on_a_batch_folded_into_rows_is_refused_saying_what_covers
                                                                   r"sequence axes on a batch folded into rows is not "
                                                                   r"tracked; estimate_fisher covers it after training"):
         F.cross_entropy(model(torch.randn(3, 2, 2, 5, 5, dtype=D)), torch.tensor([0, 1, 0])).backward()
+
+
+def test_a_model_that_holds_its_parameters_itself_is_tracked():
+    """A model with no submodules whose forward uses its own parameters: its module-local replay
+    at the end of the backward calls the model itself, which the tracker's hook on the model must
+    not take for a forward inside a backward (gradient checkpointing), as it did."""
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, dtype=D))
+            self.b = nn.Parameter(torch.randn(3, dtype=D))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w) + self.b
+
+    torch.manual_seed(0)
+    model = Bare()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(5, 4, generator=g, dtype=D), torch.randint(0, 3, (5,), generator=g)) for _ in range(3)]
+    tracker = FisherTracker(model)
+    with tracker:
+        for x, y in data:
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+    assert_fisher_close(tracker.fisher(), estimate_fisher(model, data, kind="empirical"), **TOL)
