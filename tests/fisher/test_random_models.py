@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastewc
-from fastewc import EWCInputError, FisherTracker
+from fastewc import EWCInputError, FisherTracker, check_tracking
 from fastewc import reference as R
 
 from random_models import Folded, InPlaceAfter, NormTokens, TableAdd, make_random
@@ -119,3 +119,35 @@ def test_random_models_tracked_match_reference():
         tables += any(isinstance(m, TableAdd) for m in model.modules())
     assert compared >= 0.6 * len(TRACKED_SEEDS) and min(folded, in_place, tables) >= 5, \
         (compared, folded, in_place, tables, refused)
+
+
+# Seeds whose Folded block meets a first sample with rows all alike (which the tracker refuses to
+# order), and a run of others.
+CHECKED_SEEDS = [*range(40), 473, 584]
+
+
+def test_random_models_every_parameter_checked_then_tracked_match_reference():
+    """Every parameter (bare ones too), ``check_tracking`` on the first batch deciding what to
+    leave out, then the tracker on the rest against the reference loop: left out only where the
+    tracker cannot order a folded batch (seeds 473 and 584), exact everywhere else."""
+    left = {}
+    for seed in CHECKED_SEEDS:
+        model, data, desc = make_random(seed)
+        x, y = data[0]
+
+        def step():
+            out = model(x)
+            return F.cross_entropy(out.flatten(0, 1), y.flatten()) if out.dim() == 3 else F.cross_entropy(out, y)
+
+        check = check_tracking(model, step)
+        if check.left_out:
+            left[seed] = sorted(check.left_out)
+            assert any(isinstance(m, Folded) for m in model.modules()), (seed, desc, str(check))
+        if any(isinstance(m, NormTokens) for m in model.modules()) and any(len(x) == 1 for x, _ in data):
+            continue  # PyTorch's own backward is wrong there (above)
+        got = _train_tracked(model, data, FisherTracker(model, params=check.params)).fisher()
+        ref = R.estimate_fisher(model, data)
+        err = relative_errors(got, {n: ref[n] for n in check.params})
+        bad = {n: f"{e:.2e}" for n, e in err.items() if not e <= TOL}
+        assert not bad, f"seed {seed} ({desc}): {bad}"
+    assert set(left) == {473, 584}, left
