@@ -13,8 +13,9 @@ from .workflow import consolidate
 __version__ = "0.1.0"
 
 __all__ = [
-    "EWCRegularizer", "OnlineEWC", "reference", "consolidate", "FisherReport", "FisherTracker",
-    "estimate_fisher", "register_rule", "compute_fisher", "compute_true_fisher", "FisherInformation", "EWCTrainer",
-    "EWCInputError", "ModelMismatchError", "UntrackableParameters", "check_tracking", "TrackingCheck", "save_regularizer", "load_regularizer", "save_fisher", "load_fisher",
-    "FisherDict", "fisher_merge", "fisher_merge_files", "MergeReport", "StreamingEWC", "__version__",
+    "EWCRegularizer", "OnlineEWC", "reference", "consolidate", "FisherReport", "FisherTracker", "check_tracking",
+    "TrackingCheck", "estimate_fisher", "register_rule", "compute_fisher", "compute_true_fisher",
+    "FisherInformation", "EWCTrainer", "EWCInputError", "ModelMismatchError", "UntrackableParameters",
+    "save_regularizer", "load_regularizer", "save_fisher", "load_fisher", "FisherDict", "fisher_merge",
+    "fisher_merge_files", "MergeReport", "StreamingEWC", "__version__",
 ]
