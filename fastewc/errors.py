@@ -16,5 +16,6 @@ class UntrackableParameters(EWCInputError):
     parameter of a model on one step."""
 
     def __init__(self, message: str, params):
-        super().__init__(message)
+        super().__init__(f"{message}. fastewc.check_tracking(model, step) finds every parameter to leave out in "
+                         f"one call")
         self.params = tuple(params)
