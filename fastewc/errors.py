@@ -11,11 +11,11 @@ class ModelMismatchError(EWCInputError):
 
 class UntrackableParameters(EWCInputError):
     """``FisherTracker`` cannot read these parameters' per-sample gradients from the training step
-    (``params``: their names, as ``model.named_parameters()`` gives them). The others can be
-    tracked with ``params=`` leaving these out; ``fastewc.check_tracking`` finds every such
-    parameter of a model on one step."""
+    (``params``: their names, as ``model.named_parameters()`` gives them; ``reason``: why). The
+    others can be tracked with ``params=`` leaving these out; ``fastewc.check_tracking`` finds
+    every such parameter of a model on one step."""
 
     def __init__(self, message: str, params):
         super().__init__(f"{message}. fastewc.check_tracking(model, step) finds every parameter to leave out in "
                          f"one call")
-        self.params = tuple(params)
+        self.params, self.reason = tuple(params), message

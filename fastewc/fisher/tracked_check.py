@@ -90,7 +90,7 @@ def check_tracking(model: nn.Module, step, *, params=None, reduction: str = "mea
                 new = [n for n in e.params if n in keep]
                 if not new:  # nothing left to leave out: the refusal stands
                     raise
-                left_out.update(dict.fromkeys(new, str(e)))
+                left_out.update(dict.fromkeys(new, e.reason))
             finally:
                 saved.restore()
     finally:
