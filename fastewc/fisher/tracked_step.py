@@ -278,7 +278,6 @@ class _StepHooks(_LossChecks):
         key-value cache)."""
         if p.probe is not None:
             return p.probe
-        self._probed = True
         p.probe = {}
         n = p.n
         args, kwargs = p.inputs
@@ -382,9 +381,7 @@ class _StepHooks(_LossChecks):
             if not (site.rule.sequence and A.dim() >= 3 and n in A.shape[1:-1]):
                 axis = 0                      # unambiguous
             else:
-                if known is None:
-                    if not self._probed:
-                        self._probe(self._pass)
+                if known is None:  # the first tracked forward of these modes ran the probe (_pre_hook)
                     known = self._axis_shown(key, A)
                     if known is not None:
                         self._axes[key] = known

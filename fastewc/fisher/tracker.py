@@ -193,7 +193,6 @@ class FisherTracker(_StepHooks):
         self._axes: dict[str, int] = {}  # rule site -> the axis holding its samples, where that was unambiguous
         self._assumed: set[str] = set()  # rule sites taken samples first while that was ambiguous (T = N)
         self._folds: set[str] = set()    # rule sites proven fed the batch folded into rows, sample by sample
-        self._probed = False             # a one-sample forward (_probe) has read the layers' layouts
         self._shapes_seen: dict[str, tuple] = {}  # rule site -> its first input's shape in that forward
         self._tables: set[str] = set()   # sites the probe showed to be tables called without the batch
         self._probing: dict | None = None  # while it runs: rule site -> what its first call gets
