@@ -202,12 +202,15 @@ def outer_sq_table(d: dict, source: str) -> str:
     lines = [f"N = {d['samples']} samples, float32, kernel on PyTorch's OpenMP threads: {d['threaded']}; "
              f"{d['repeats']} round-robin repeats, medians; {_where(m)}, torch {m['torch']}, {m['date']}. "
              f"Sequences up to {d['kernel_max_t']} positions go to the kernel by default. Source: `{source}`.", "",
-             "| positions | in | out | batched products ms | kernel ms | GFLOP/s products / kernel | kernel speed-up |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| positions | in | out | batched products ms | kernel ms | GFLOP/s products / kernel | GFLOP/s one mm "
+             "| kernel speed-up |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in d["rows"]:
         flop = 2 * d["samples"] * r["T"] * r["in"] * r["out"]
+        mm = f"{flop / r['mm_s'] / 1e9:.0f}" if "mm_s" in r else "-"
         lines.append(f"| {r['T']} | {r['in']} | {r['out']} | {r['products_s'] * 1e3:.3f} | {r['kernel_s'] * 1e3:.3f} | "
-                     f"{flop / r['products_s'] / 1e9:.0f} / {flop / r['kernel_s'] / 1e9:.0f} | {r['speedup']:.2f}x |")
+                     f"{flop / r['products_s'] / 1e9:.0f} / {flop / r['kernel_s'] / 1e9:.0f} | {mm} | "
+                     f"{r['speedup']:.2f}x |")
     return "\n".join(lines)
 
 
