@@ -21,7 +21,9 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-TOL = {torch.float64: dict(rtol=1e-9, atol_rel=1e-10), torch.float32: dict(rtol=2e-3, atol_rel=1e-5)}
+# float32: two summation orders of the same products (on the CPU the two agree to 4e-7; PyTorch's
+# float32 matmuls on CUDA use no TF32 unless asked to, and these models have no convolution)
+TOL = {torch.float64: dict(rtol=1e-9, atol_rel=1e-10), torch.float32: dict(rtol=1e-4, atol_rel=1e-6)}
 
 
 def _on_device(data):
